@@ -1,0 +1,72 @@
+"""Pure-torch TIES-Merging engine: task vectors, trim, elect sign, disjoint merge, baselines.
+
+Nothing here imports Lightning or reads files; see :mod:`lightning_ties.io` for file sources.
+"""
+
+from .engine import (
+    MergeReport,
+    MergeResult,
+    MergeSpec,
+    TaskVector,
+    TaskVectorMerger,
+    apply_task_vector,
+    merged_task_vector,
+)
+from .methods import (
+    METHODS,
+    TA_LAM_GRID,
+    TIES_LAM_GRID,
+    MergeMethod,
+    average_merge,
+    describe_methods,
+    get_method,
+    merge,
+    method_task_vector,
+    register_method,
+    task_arithmetic,
+    ties_merge,
+)
+from .plan import MergePlan, plan_merge
+from .select import MagnitudeSelector, MagnitudeThreshold, keep_count, top_magnitude_threshold
+from .sources import StateDictSource, TensorSource, TensorSpec, as_source, register_path_opener
+from .steps import disjoint_components, disjoint_merge, elect_sign, sign_score, task_vector, trim, trim_mask
+
+__all__ = [
+    "METHODS",
+    "TA_LAM_GRID",
+    "TIES_LAM_GRID",
+    "MagnitudeSelector",
+    "MagnitudeThreshold",
+    "MergeMethod",
+    "MergePlan",
+    "MergeReport",
+    "MergeResult",
+    "MergeSpec",
+    "StateDictSource",
+    "TaskVector",
+    "TaskVectorMerger",
+    "TensorSource",
+    "TensorSpec",
+    "apply_task_vector",
+    "as_source",
+    "average_merge",
+    "describe_methods",
+    "disjoint_components",
+    "disjoint_merge",
+    "elect_sign",
+    "get_method",
+    "keep_count",
+    "merge",
+    "merged_task_vector",
+    "method_task_vector",
+    "plan_merge",
+    "register_method",
+    "register_path_opener",
+    "sign_score",
+    "task_arithmetic",
+    "task_vector",
+    "ties_merge",
+    "top_magnitude_threshold",
+    "trim",
+    "trim_mask",
+]

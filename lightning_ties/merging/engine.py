@@ -1,0 +1,432 @@
+"""The streaming merge engine: models in, merged task vector out, one tensor at a time.
+
+Data path (see ARCHITECTURE.md): for the paper's global trim, pass 1 streams each task's
+|tau| to find its exact top-k threshold (:class:`~lightning_ties.merging.select.MagnitudeSelector`);
+pass 2 walks the keys, and for each key reads base and the N models, forms the task vectors
+chunk by chunk, trims, elects and disjoint-merges them with the functions of
+:mod:`lightning_ties.merging.steps`, and yields tau_m for that key. Extra memory is
+O(N x chunk) plus one output tensor, never O(N x model).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .plan import MergePlan, Patterns, plan_merge
+from .select import MagnitudeSelector, MagnitudeThreshold, keep_count
+from .sources import TensorSource, as_source
+from .steps import MERGE_FNS, SIGN_METHODS, check_density, disjoint_components, disjoint_merge, sign_score
+
+Scope = Literal["global", "per_tensor"]
+Sparsify = Literal["magnitude", "dare"] | None
+DEFAULT_CHUNK = 1 << 18
+_SMALL_TENSOR = 1 << 16  # per-tensor thresholds below this size use one batched kthvalue
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How task vectors are combined into tau_m (everything except lam).
+
+    Attributes:
+        sparsify: ``"magnitude"`` (TIES trim: keep the top-``k`` magnitudes), ``"dare"``
+            (drop each entry with probability ``p``, rescale survivors by 1/(1-p)), or None.
+        k: fraction kept by the magnitude trim, in (0, 1].
+        p: DARE drop probability, in [0, 1).
+        scope: ``"global"`` (one trim threshold per task over all merged entries, as the
+            paper's code) or ``"per_tensor"`` (one per tensor, as PEFT and mergekit).
+        sign: sign election method (``"mass"``, ``"count"``, ``"normfrac"``, ``"normmass"``) or
+            None for no election.
+        merge: ``"mean"`` (disjoint mean), ``"sum"``, ``"max"`` or ``"task_mean"``.
+        seed: DARE's random seed (masks depend on seed, task index and key, not on chunking).
+    """
+
+    sparsify: Sparsify = "magnitude"
+    k: float = 0.2
+    p: float = 0.0
+    scope: Scope = "global"
+    sign: str | None = "mass"
+    merge: str = "mean"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sparsify not in (None, "magnitude", "dare"):
+            raise ValueError(f"unknown sparsify {self.sparsify!r}; choose 'magnitude', 'dare' or None")
+        if self.sparsify == "magnitude":
+            check_density(self.k)
+        if self.sparsify == "dare" and not (isinstance(self.p, (int, float)) and 0.0 <= self.p < 1.0):
+            raise ValueError(f"p (DARE drop probability) must be in [0, 1), got {self.p!r}")
+        if self.scope not in ("global", "per_tensor"):
+            raise ValueError(f"unknown scope {self.scope!r}; choose 'global' or 'per_tensor'")
+        if self.sign is not None and self.sign not in SIGN_METHODS:
+            raise ValueError(f"unknown sign method {self.sign!r}; choose one of {', '.join(SIGN_METHODS)} or None")
+        if self.merge not in MERGE_FNS:
+            raise ValueError(f"unknown merge {self.merge!r}; choose one of {', '.join(MERGE_FNS)}")
+
+    @property
+    def trims(self) -> bool:
+        return self.sparsify == "magnitude" and self.k < 1.0
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: recipe, keys merged and skipped (with reasons), trim thresholds."""
+
+    method: str
+    params: dict[str, Any]
+    sources: list[str]
+    merged_keys: list[str]
+    skipped: dict[str, str]
+    thresholds: list[float] | None = None
+    lam: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TaskVector(dict):
+    """A merged task vector tau_m (name -> float tensor) that can be applied for any lam.
+
+    Example:
+        >>> base = {"w": torch.zeros(3)}
+        >>> tau = merged_task_vector(base, [{"w": torch.tensor([1.0, -2.0, 0.5])}], MergeSpec(k=1.0))
+        >>> tau.apply(base, lam=0.5)["w"]
+        tensor([ 0.5000, -1.0000,  0.2500])
+    """
+
+    report: MergeReport
+
+    def apply(self, base: Any, lam: float, out: nn.Module | None = None) -> MergeResult:
+        return apply_task_vector(base, self, lam, out=out, report=self.report)
+
+
+class MergeResult(dict):
+    """A merged state dict (base's keys and dtypes) with the :class:`MergeReport` in ``.report``."""
+
+    report: MergeReport
+
+
+class TaskVectorMerger:
+    """Stream tau_m out of a base and N models, key by key.
+
+    Iterating yields ``(key, tau_m)`` for every merged key, float tensors of base's shape in
+    ``compute_dtype``. With the global scope, a tensor whose merge had an exact tie in the
+    sign election (score exactly 0 with non-zero candidates) is held back until the whole
+    model's majority sign is known; all others are yielded as soon as they are computed.
+
+    Example:
+        >>> merger = TaskVectorMerger({"w": torch.zeros(4)}, [{"w": torch.arange(4.0)}], MergeSpec(k=0.5))
+        >>> dict(merger)["w"]
+        tensor([0., 0., 2., 3.])
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        models: Sequence[Any],
+        spec: MergeSpec | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        compute_dtype: torch.dtype = torch.float32,
+        chunk_size: int = DEFAULT_CHUNK,
+        plan: MergePlan | None = None,
+    ) -> None:
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+        if isinstance(models, (Mapping, nn.Module, str)) or not isinstance(models, Sequence) or not models:
+            raise ValueError("models must be a non-empty list of fine-tuned models (modules, state dicts or paths)")
+        self.spec = spec or MergeSpec()
+        self.base = as_source(base, "base")
+        self.models = [as_source(m, f"model[{i}]") for i, m in enumerate(models)]
+        self.plan = plan or plan_merge(self.base, self.models, include, exclude)
+        self.compute_dtype = compute_dtype
+        self.chunk_size = chunk_size
+        self.thresholds: list[MagnitudeThreshold] | None = None
+        self._norms: torch.Tensor | None = None
+
+    # ---- reading task vectors -------------------------------------------------------------
+    def _chunks(self, key: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, taus)``: the N task vectors of ``key`` over one flat chunk, [N, c].
+
+        The buffer is reused between chunks: consumers must not keep it.
+        """
+        cd = self.compute_dtype
+        base = self.base.get(key).reshape(-1)
+        fts = [m.get(key).reshape(-1) for m in self.models]
+        n = base.numel()
+        buf = torch.empty(len(fts), min(self.chunk_size, n), dtype=cd)
+        for start in range(0, n, self.chunk_size):
+            end = min(n, start + self.chunk_size)
+            b = base[start:end].to(cd)
+            taus = buf[:, : end - start]
+            for i, ft in enumerate(fts):
+                if ft.dtype == cd:
+                    torch.sub(ft[start:end], b, out=taus[i])
+                else:  # subtract in compute precision, not in the stored (e.g. bf16) one
+                    taus[i].copy_(ft[start:end]).sub_(b)
+            yield start, taus
+
+    def _select(self, keys: Sequence[str], m: int) -> list[MagnitudeThreshold]:
+        """Exact threshold of every task over ``keys`` taken together (radix select passes)."""
+        selectors = [MagnitudeSelector(m, self.compute_dtype) for _ in self.models]
+        while not all(s.done for s in selectors):
+            for key in keys:
+                for _, taus in self._chunks(key):
+                    for sel, model, tau in zip(selectors, self.models, taus):
+                        sel.observe(tau, name=f"task vector of {model.label} at {key!r}")
+            for sel in selectors:
+                sel.next_pass()
+        return [s.result() for s in selectors]
+
+    def _tensor_thresholds(self, key: str) -> list[MagnitudeThreshold]:
+        n = self.base.spec(key).numel
+        m = keep_count(self.spec.k, n)
+        if m == 0:
+            return [MagnitudeThreshold.keep_none() for _ in self.models]
+        if n > _SMALL_TENSOR:
+            return self._select([key], m)
+        ((_, taus),) = list(self._chunks(key))
+        _check_finite(taus, key, self.models)
+        mags = taus.abs()
+        values = mags.kthvalue(n - m + 1, dim=1).values
+        out = []
+        for row, v in zip(mags, values):
+            out.append(MagnitudeThreshold(v.item(), kept=m, n_greater=int((row > v).sum()), n_equal=int((row == v).sum())))
+        return out
+
+    # ---- the steps on one chunk -----------------------------------------------------------
+    def _sparsify(self, key: str, start: int, taus: torch.Tensor, trim: _Trim | None, dare: torch.Tensor | None) -> torch.Tensor:
+        if trim is not None:  # the selector has already refused non-finite task vectors
+            return trim.apply(taus)
+        _check_finite_sum(taus, key, self.models)
+        if dare is not None:
+            keep = dare[:, start : start + taus.shape[1]]
+            return taus * keep / (1.0 - self.spec.p)
+        return taus
+
+    def _dare_masks(self, key: str) -> torch.Tensor:
+        n = self.base.spec(key).numel
+        masks = []
+        for i in range(len(self.models)):
+            g = torch.Generator().manual_seed((self.spec.seed * 1_000_003 + i * 7919 + zlib.crc32(key.encode())) % (2**63))
+            masks.append(torch.rand(n, generator=g) >= self.spec.p)
+        return torch.stack(masks)
+
+    # ---- the main loop --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._merge_keys(disjoint_merge)
+
+    def components(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, deltas)`` with ``deltas[t]`` task t's share of tau_m (``[N, *shape]``).
+
+        ``deltas.sum(0)`` equals the merged tau_m up to float rounding; learned merging
+        coefficients scale each share separately.
+        """
+        return self._merge_keys(disjoint_components)
+
+    def _merge_keys(self, combine: Callable[..., torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        spec = self.spec
+        n_tasks = len(self.models)
+        per_task = combine is disjoint_components
+        global_trim = spec.trims and spec.scope == "global"
+        if global_trim and self.thresholds is None:
+            self.thresholds = self._select(self.plan.merge_keys, keep_count(spec.k, self.plan.numel))
+        if spec.sign in ("normfrac", "normmass") and spec.scope == "global":
+            self._norms = self._trimmed_norms()
+        ties = _TieState(self.thresholds) if global_trim else None
+        held: list[tuple[str, torch.Tensor, _Contested]] = []
+        sign_total = 0.0
+        for key in self.plan.merge_keys:
+            if spec.trims and not global_trim:
+                ties = _TieState(self._tensor_thresholds(key))
+            dare = self._dare_masks(key) if spec.sparsify == "dare" else None
+            norms = self._norms
+            if norms is None and spec.sign in ("normfrac", "normmass"):
+                norms = self._trimmed_norms([key], ties)
+                ties = _TieState(ties.thresholds) if ties is not None else None
+            trim = _Trim(ties, self.compute_dtype) if ties else None
+            shape = self.base.spec(key).shape
+            numel = self.base.spec(key).numel
+            out = torch.empty((n_tasks, numel) if per_task else (numel,), dtype=self.compute_dtype)
+            contested = _Contested(combine, spec.merge)
+            key_sign_total = 0.0
+            for start, taus in self._chunks(key):
+                trimmed = self._sparsify(key, start, taus, trim, dare)
+                end = start + taus.shape[1]
+                if spec.sign is None:
+                    out[..., start:end] = combine(trimmed, None, spec.merge)
+                    continue
+                score = sign_score(trimmed, spec.sign, norms)
+                gamma = torch.where(score >= 0, 1.0, -1.0).to(self.compute_dtype)  # zero -> +1 for now
+                out[..., start:end] = combine(trimmed, gamma, spec.merge)
+                key_sign_total += float(score.sign().sum())
+                contested.collect(start, score, trimmed)
+            result = out.view((n_tasks, *shape) if per_task else shape)
+            if spec.sign is None or not contested:
+                sign_total += key_sign_total
+                yield key, result
+            elif spec.scope == "per_tensor":
+                contested.resolve(out, key_sign_total)
+                yield key, result
+            else:
+                sign_total += key_sign_total
+                held.append((key, result, contested))
+        for key, result, contested in held:
+            contested.resolve(result.view(*result.shape[: 1 if per_task else 0], -1), sign_total)
+            yield key, result
+
+    def _trimmed_norms(self, keys: Sequence[str] | None = None, ties: _TieState | None = None) -> torch.Tensor:
+        """L2 norm of each task's trimmed vector over ``keys`` (normfrac/normmass need them)."""
+        keys = self.plan.merge_keys if keys is None else keys
+        if ties is None and self.thresholds is not None:
+            ties = _TieState(self.thresholds)
+        sq = torch.zeros(len(self.models), dtype=torch.float64)
+        for key in keys:
+            for _, taus in self._chunks(key):
+                trimmed = _Trim(ties, self.compute_dtype).apply(taus) if ties else taus
+                sq += trimmed.double().square().sum(1)
+        return sq.sqrt()
+
+
+class _TieState:
+    """Per-task thresholds plus how many threshold ties each task may still keep (stream order)."""
+
+    def __init__(self, thresholds: list[MagnitudeThreshold]) -> None:
+        self.thresholds = thresholds
+        self.remaining = [t.ties_to_keep if not t.keeps_all_ties else 0 for t in thresholds]
+
+
+class _Trim:
+    def __init__(self, state: _TieState, dtype: torch.dtype) -> None:
+        self.state = state
+        self.bounds = torch.tensor([t.effective_bound(dtype) for t in state.thresholds], dtype=dtype).unsqueeze(1)
+
+    def apply(self, taus: torch.Tensor) -> torch.Tensor:
+        mags = taus.abs()
+        keep = mags >= self.bounds
+        for i, left in enumerate(self.state.remaining):
+            if left > 0:  # rare: more ties at the threshold than entries left to keep
+                t = self.state.thresholds[i]
+                idx = torch.nonzero(mags[i] == t.value).squeeze(1)[:left]
+                keep[i, idx] = True
+                self.state.remaining[i] -= idx.numel()
+        return taus * keep
+
+
+class _Contested:
+    """Entries whose sign score is exactly 0 although some candidate is non-zero.
+
+    They were merged with +1; if the scope's majority sign turns out negative, they are
+    re-merged with -1 (the reference code's majority fallback).
+    """
+
+    def __init__(self, combine: Callable[..., torch.Tensor], merge: str) -> None:
+        self.combine = combine
+        self.merge = merge
+        self.index: list[torch.Tensor] = []
+        self.negative: list[torch.Tensor] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.index)
+
+    def collect(self, start: int, score: torch.Tensor, trimmed: torch.Tensor) -> None:
+        zero = score == 0
+        if not bool(zero.any()):
+            return
+        cols = torch.nonzero(zero & (torch.count_nonzero(trimmed, dim=0) > 0)).squeeze(1)
+        if cols.numel():
+            sub = trimmed[:, cols]
+            self.index.append(cols + start)
+            self.negative.append(self.combine(sub, torch.full((cols.numel(),), -1.0, dtype=sub.dtype), self.merge))
+
+    def resolve(self, flat_out: torch.Tensor, sign_total: float) -> None:
+        """Re-merge the contested entries of ``flat_out`` (``[numel]`` or ``[N, numel]``) with -1 if needed."""
+        if sign_total < 0:
+            for idx, values in zip(self.index, self.negative):
+                flat_out[..., idx] = values
+
+
+def _check_finite(taus: torch.Tensor, key: str, models: Sequence[TensorSource]) -> None:
+    bad = [m.label for m, row in zip(models, taus) if not bool(torch.isfinite(row).all())]
+    if bad:
+        raise ValueError(f"task vector of {', '.join(bad)} at {key!r} holds NaN or Inf values; fix or exclude it")
+
+
+def _check_finite_sum(taus: torch.Tensor, key: str, models: Sequence[TensorSource]) -> None:
+    # One reduction catches NaN/Inf (and overflow); the exact culprit is found only then.
+    if not bool(torch.isfinite(taus.sum())):
+        _check_finite(taus, key, models)
+
+
+def merged_task_vector(
+    base: Any,
+    models: Sequence[Any],
+    spec: MergeSpec | None = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    compute_dtype: torch.dtype = torch.float32,
+    method: str = "custom",
+    params: dict[str, Any] | None = None,
+) -> TaskVector:
+    """Compute tau_m once; apply it for many lam with :meth:`TaskVector.apply`.
+
+    Example:
+        >>> base = {"w": torch.zeros(2)}
+        >>> fts = [{"w": torch.tensor([1.0, -1.0])}, {"w": torch.tensor([3.0, 1.0])}]
+        >>> merged_task_vector(base, fts, MergeSpec(k=1.0))["w"]
+        tensor([2., 1.])
+    """
+    merger = TaskVectorMerger(base, models, spec, include, exclude, compute_dtype)
+    tau = TaskVector()
+    for key, t in merger:
+        tau[key] = t
+    tau.report = MergeReport(
+        method=method,
+        params=dict(params if params is not None else asdict(merger.spec)),
+        sources=[m.label for m in merger.models],
+        merged_keys=list(merger.plan.merge_keys),
+        skipped=dict(merger.plan.skipped),
+        thresholds=[t.value for t in merger.thresholds] if merger.thresholds else None,
+    )
+    return tau
+
+
+def apply_task_vector(
+    base: Any,
+    tau_m: Mapping[str, torch.Tensor],
+    lam: float,
+    out: nn.Module | None = None,
+    report: MergeReport | None = None,
+) -> MergeResult:
+    """theta = theta_base + lam * tau_m, in base's dtypes; every other entry is a copy of base's.
+
+    With ``out`` (a module whose state dict has base's keys), the merged values are written
+    into its parameters in place, so a lam search reuses one module and allocates nothing
+    per candidate; the returned dict then holds views of ``out``'s tensors.
+
+    Example:
+        >>> apply_task_vector({"w": torch.ones(2)}, {"w": torch.tensor([1.0, -1.0])}, lam=2.0)["w"]
+        tensor([ 3., -1.])
+    """
+    src = as_source(base, "base")
+    result = MergeResult()
+    targets = out.state_dict(keep_vars=True) if out is not None else None
+    for key in src.keys():
+        b = src.get(key)
+        value = b + lam * tau_m[key].to(b.device) if key in tau_m else b
+        if targets is None:
+            result[key] = value.to(b.dtype) if key in tau_m else b.clone()
+        else:
+            if key not in targets:
+                raise KeyError(f"module has no entry {key!r} to write the merged value into")
+            with torch.no_grad():
+                targets[key].data.copy_(value)
+            result[key] = targets[key].data
+    if report is not None:
+        result.report = MergeReport(**{**report.to_dict(), "lam": lam})
+    return result

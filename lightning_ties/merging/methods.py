@@ -1,0 +1,275 @@
+"""One registry of merge methods: name -> parameters -> function.
+
+Every method is TIES's pipeline with some steps switched (sparsify, elect, merge), so one
+:class:`~lightning_ties.merging.engine.MergeSpec` describes each of them. The CLI, the configs
+and the searches read this registry; adding a method here needs no change anywhere else.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .engine import MergeResult, MergeSpec, TaskVector, merged_task_vector
+from .plan import Patterns
+
+
+def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
+    n = int(round((hi - lo) / step))
+    return tuple(round(lo + i * step, 10) for i in range(n + 1))
+
+
+#: lam grids of the paper's code: TIES 0.8..2.5, task arithmetic 0.1..1.0 (step 0.1).
+TIES_LAM_GRID = _grid(0.8, 2.5, 0.1)
+TA_LAM_GRID = _grid(0.1, 1.0, 0.1)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: registry key (``method=`` in configs and the CLI).
+        description: one line for ``--help`` and docs.
+        spec: builds the :class:`MergeSpec` from the method's parameters.
+        lam: the default lam (the paper's no-validation recipe where it has one).
+        lam_grid: the ``lam="paper"`` search grid.
+        searchable: whether lam may be searched (averaging has no lam).
+    """
+
+    name: str
+    description: str
+    spec: Callable[..., MergeSpec]
+    lam: float
+    lam_grid: tuple[float, ...]
+    searchable: bool = True
+
+    def parameters(self) -> dict[str, Any]:
+        """The method's parameters (beyond lam) with their defaults."""
+        return {
+            p.name: p.default for p in inspect.signature(self.spec).parameters.values() if p.default is not p.empty
+        }
+
+    def build_spec(self, **params: Any) -> MergeSpec:
+        unknown = set(params) - set(self.parameters())
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r} has no parameter(s) {sorted(unknown)}; "
+                f"its parameters are {sorted(self.parameters())} and lam"
+            )
+        return self.spec(**params)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register_method(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry (name must be new)."""
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
+
+
+def _ties(k: float = 0.2, scope: str = "global", sign: str = "mass", merge: str = "mean") -> MergeSpec:
+    return MergeSpec("magnitude", k=k, scope=scope, sign=sign, merge=merge)  # type: ignore[arg-type]
+
+
+def _average() -> MergeSpec:
+    return MergeSpec(None, sign=None, merge="task_mean")
+
+
+def _task_arithmetic() -> MergeSpec:
+    return MergeSpec(None, sign=None, merge="sum")
+
+
+def _ties_no_trim(sign: str = "mass", merge: str = "mean") -> MergeSpec:
+    return MergeSpec(None, sign=sign, merge=merge)
+
+
+def _ties_no_elect(k: float = 0.2, scope: str = "global", merge: str = "mean") -> MergeSpec:
+    return MergeSpec("magnitude", k=k, scope=scope, sign=None, merge=merge)  # type: ignore[arg-type]
+
+
+def _ties_plain_mean(k: float = 0.2, scope: str = "global", sign: str = "mass") -> MergeSpec:
+    return MergeSpec("magnitude", k=k, scope=scope, sign=sign, merge="task_mean")  # type: ignore[arg-type]
+
+
+def _magnitude_prune(k: float = 0.2, scope: str = "per_tensor") -> MergeSpec:
+    return MergeSpec("magnitude", k=k, scope=scope, sign=None, merge="sum")  # type: ignore[arg-type]
+
+
+def _dare(p: float = 0.9, seed: int = 0) -> MergeSpec:
+    return MergeSpec("dare", p=p, sign=None, merge="sum", seed=seed)
+
+
+def _dare_ties(p: float = 0.8, seed: int = 0, sign: str = "mass", merge: str = "mean") -> MergeSpec:
+    return MergeSpec("dare", p=p, sign=sign, merge=merge, seed=seed)
+
+
+for _m in (
+    MergeMethod("ties", "TIES-Merging: trim to top-k, elect sign, disjoint mean", _ties, 1.0, TIES_LAM_GRID),
+    MergeMethod("task_arithmetic", "sum of task vectors scaled by lam", _task_arithmetic, 0.4, TA_LAM_GRID),
+    MergeMethod("average", "plain mean of the fine-tuned weights", _average, 1.0, (1.0,), searchable=False),
+    MergeMethod("ties_no_trim", "TIES ablation: keep every entry (k=1)", _ties_no_trim, 1.0, TIES_LAM_GRID),
+    MergeMethod("ties_no_elect", "TIES ablation: mean of all non-zero trimmed values", _ties_no_elect, 1.0, TIES_LAM_GRID),
+    MergeMethod(
+        "ties_plain_mean", "TIES ablation: sign-agreeing values summed / N tasks", _ties_plain_mean, 1.0, TIES_LAM_GRID
+    ),
+    MergeMethod("magnitude_prune", "task arithmetic of top-k trimmed task vectors", _magnitude_prune, 0.4, TA_LAM_GRID),
+    MergeMethod("dare", "DARE: random drop p, rescale by 1/(1-p), then sum", _dare, 0.4, TA_LAM_GRID),
+    MergeMethod("dare_ties", "DARE drop and rescale, then TIES elect and disjoint mean", _dare_ties, 1.0, TIES_LAM_GRID),
+):
+    register_method(_m)
+
+
+def method_task_vector(
+    base: Any,
+    models: Sequence[Any],
+    method: str = "ties",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    compute_dtype: torch.dtype = torch.float32,
+    **params: Any,
+) -> TaskVector:
+    """tau_m of a registered method (without lam), to apply for many lam.
+
+    Example:
+        >>> base = {"w": torch.zeros(2)}
+        >>> tau = method_task_vector(base, [{"w": torch.ones(2)}], "task_arithmetic")
+        >>> tau.apply(base, lam=0.5)["w"]
+        tensor([0.5000, 0.5000])
+    """
+    m = get_method(method)
+    spec = m.build_spec(**params)
+    merge_params = {**m.parameters(), **params}
+    return merged_task_vector(base, models, spec, include, exclude, compute_dtype, method=method, params=merge_params)
+
+
+def merge(
+    base: Any,
+    models: Sequence[Any],
+    method: str = "ties",
+    lam: float | None = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    compute_dtype: torch.dtype = torch.float32,
+    **params: Any,
+) -> MergeResult:
+    """Merge with any registered method: theta = base + lam * tau_m(method, params).
+
+    Example:
+        >>> base = {"w": torch.zeros(2)}
+        >>> merge(base, [{"w": torch.ones(2)}, {"w": -torch.ones(2)}], "average")["w"]
+        tensor([0., 0.])
+    """
+    m = get_method(method)
+    lam = m.lam if lam is None else lam
+    if not m.searchable and lam != m.lam:
+        raise ValueError(f"method {method!r} has no lam to set (got lam={lam})")
+    tau = method_task_vector(base, models, method, include, exclude, compute_dtype, **params)
+    return tau.apply(base, lam)
+
+
+_merge_with = merge  # ties_merge's ``merge`` argument shadows the function's name
+
+
+def ties_merge(
+    base: Any,
+    models: Sequence[Any],
+    k: float = 0.2,
+    lam: float = 1.0,
+    scope: str = "global",
+    sign: str = "mass",
+    merge: str = "mean",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> MergeResult:
+    """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge, scale by lam.
+
+    Args:
+        base: the pretrained model (module, state dict, path or source).
+        models: the fine-tuned models, all from ``base``.
+        k: fraction of each task vector kept by the trim (paper: 0.2).
+        lam: scale of the merged task vector (paper's no-validation recipe: 1.0).
+        scope: ``"global"`` (one threshold per task over the whole model, as the paper's
+            code) or ``"per_tensor"`` (as PEFT and mergekit).
+        sign: ``"mass"`` (paper), ``"count"``, ``"normfrac"`` or ``"normmass"``.
+        merge: ``"mean"`` (disjoint mean, paper), ``"sum"``, ``"max"`` or ``"task_mean"``.
+        include, exclude: regexes choosing the keys to merge; others come from base.
+        compute_dtype: ``torch.float32`` (default) or ``torch.float64``.
+
+    Returns:
+        A state dict with base's keys and dtypes; ``.report`` says what was merged and skipped.
+
+    Example:
+        >>> base = {"w": torch.zeros(5)}
+        >>> fts = [{"w": torch.tensor([1.0, -2.0, 0.0, 3.0, 0.5])}]
+        >>> ties_merge(base, fts, k=0.4)["w"].tolist()
+        [0.0, -2.0, 0.0, 3.0, 0.0]
+    """
+    return _merge_with(
+        base, models, "ties", lam, include, exclude, compute_dtype, k=k, scope=scope, sign=sign, merge=merge
+    )
+
+
+def task_arithmetic(
+    base: Any, models: Sequence[Any], lam: float = 0.4, include: Patterns = None, exclude: Patterns = None
+) -> MergeResult:
+    """Task arithmetic (Ilharco et al., 2023): theta = base + lam * sum_t tau_t.
+
+    Example:
+        >>> task_arithmetic({"w": torch.zeros(1)}, [{"w": torch.ones(1)}] * 2, lam=0.5)["w"]
+        tensor([1.])
+    """
+    return merge(base, models, "task_arithmetic", lam, include, exclude)
+
+
+def average_merge(models: Sequence[Any], include: Patterns = None, exclude: Patterns = None) -> MergeResult:
+    """Plain average of the fine-tuned weights (unmerged entries come from the first model).
+
+    Example:
+        >>> average_merge([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])["w"]
+        tensor([0.5000, 0.5000])
+    """
+    if not models:
+        raise ValueError("no models to merge: pass at least one fine-tuned model")
+    return merge(models[0], models, "average", None, include, exclude)
+
+
+def describe_methods() -> str:
+    """A table of registered methods and their parameters (for ``--help`` and docs)."""
+    rows = []
+    for m in METHODS.values():
+        params = ", ".join(f"{k}={v!r}" for k, v in m.parameters().items())
+        lam = f"lam={m.lam}" if m.searchable else "no lam"
+        rows.append(f"  {m.name:<16} {m.description} ({', '.join(filter(None, [params, lam]))})")
+    return "\n".join(rows)
+
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "TA_LAM_GRID",
+    "TIES_LAM_GRID",
+    "average_merge",
+    "describe_methods",
+    "get_method",
+    "merge",
+    "method_task_vector",
+    "register_method",
+    "task_arithmetic",
+    "ties_merge",
+]

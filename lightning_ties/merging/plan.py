@@ -1,0 +1,129 @@
+"""Which keys get merged, which come from base, and why: decided from shapes and dtypes only."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .sources import TensorSource
+
+Patterns = str | Sequence[str] | None
+
+
+@dataclass
+class MergePlan:
+    """The outcome of matching a base against N models, before any tensor is read.
+
+    Attributes:
+        keys: the output's keys, in base order.
+        merge_keys: keys merged from the task vectors (floating, present everywhere, same shape).
+        skipped: every key that is *not* merged, with the reason (taken from base, or dropped
+            when base lacks it).
+        numel: number of merged entries (the size of the "whole vector" of the global trim).
+    """
+
+    keys: list[str]
+    merge_keys: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    numel: int = 0
+
+    @property
+    def mismatched(self) -> dict[str, str]:
+        """Skipped keys that differ across models (task heads, missing entries): worth a warning."""
+        return {k: r for k, r in self.skipped.items() if r.startswith(("missing", "shape", "not in base"))}
+
+
+def _compile(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {err}") from None
+    return compiled
+
+
+def plan_merge(
+    base: TensorSource,
+    models: Sequence[TensorSource],
+    include: Patterns = None,
+    exclude: Patterns = None,
+    warn: bool = True,
+) -> MergePlan:
+    """Decide, from specs only, which keys are merged.
+
+    A key is merged when it matches ``include`` (regex search; all keys when ``None``), does not
+    match ``exclude``, is floating point in base, and every model has it with base's shape.
+    Keys that differ across models (typically task-specific heads) are taken from base and
+    reported with a warning; when ``include`` names such a key explicitly, it is an error.
+
+    Example:
+        >>> from lightning_ties.merging.sources import StateDictSource
+        >>> import torch
+        >>> b = StateDictSource({"w": torch.zeros(2), "n": torch.zeros((), dtype=torch.long)})
+        >>> plan_merge(b, [b]).merge_keys
+        ['w']
+    """
+    if not models:
+        raise ValueError("no models to merge: pass at least one fine-tuned model")
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    model_keys = [set(m.keys()) for m in models]
+    plan = MergePlan(keys=list(base.keys()), merge_keys=[])
+    asked_but_unmergeable: list[str] = []
+    for key in plan.keys:
+        if (inc and not any(p.search(key) for p in inc)) or any(p.search(key) for p in exc):
+            plan.skipped[key] = "not selected by include/exclude (from base)"
+            continue
+        spec = base.spec(key)
+        if not spec.is_floating:
+            plan.skipped[key] = f"not floating point ({spec.dtype}; from base)"
+            continue
+        missing = [m.label for m, ks in zip(models, model_keys) if key not in ks]
+        if missing:
+            plan.skipped[key] = f"missing from {', '.join(missing)} (from base)"
+        else:
+            reason = _shape_or_dtype_problem(key, base, models)
+            if reason is None:
+                plan.merge_keys.append(key)
+                plan.numel += spec.numel
+                continue
+            plan.skipped[key] = reason
+        if inc:
+            asked_but_unmergeable.append(f"{key}: {plan.skipped[key]}")
+    base_keys = set(plan.keys)
+    for m, ks in zip(models, model_keys):
+        for key in sorted(ks - base_keys):
+            plan.skipped.setdefault(key, f"not in base (dropped; present in {m.label})")
+    if asked_but_unmergeable:
+        raise ValueError("keys selected by include cannot be merged:\n  " + "\n  ".join(asked_but_unmergeable))
+    if not plan.merge_keys:
+        raise ValueError(
+            "nothing to merge: no floating-point key is shared by base and every model with the same "
+            "shape (check include/exclude and that the models come from this base)"
+        )
+    if warn and plan.mismatched:
+        shown = "; ".join(f"{k} ({r})" for k, r in list(plan.mismatched.items())[:10])
+        more = len(plan.mismatched) - 10
+        warnings.warn(
+            f"{len(plan.mismatched)} key(s) differ across models and are not merged: {shown}"
+            + (f"; and {more} more (see the result's report)" if more > 0 else ""),
+            stacklevel=3,
+        )
+    return plan
+
+
+def _shape_or_dtype_problem(key: str, base: TensorSource, models: Sequence[TensorSource]) -> str | None:
+    base_spec = base.spec(key)
+    for m in models:
+        spec = m.spec(key)
+        if spec.shape != base_spec.shape:
+            return f"shape differs: base {tuple(base_spec.shape)} vs {m.label} {tuple(spec.shape)} (from base)"
+        if not spec.is_floating:
+            return f"not floating point in {m.label} ({spec.dtype}; from base)"
+    return None

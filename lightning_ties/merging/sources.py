@@ -1,0 +1,112 @@
+"""Lazy tensor sources: the one interface the merge engine reads models through.
+
+The engine never asks for a whole model. It asks a source for its key names, for a key's
+shape and dtype (readable without loading data, so validation is cheap), and then for one
+tensor at a time. In-memory state dicts and modules are wrapped here; file formats live in
+:mod:`lightning_ties.io`, which registers an opener for paths so that this package stays
+pure torch and knows nothing of files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one entry, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """A model's weights, readable one tensor at a time.
+
+    Implementations must return the same values for the same key on every call, since the
+    engine may read a key more than once (the global trim reads each task twice).
+    """
+
+    label: str
+
+    def keys(self) -> Sequence[str]: ...
+
+    def spec(self, key: str) -> TensorSpec: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class StateDictSource:
+    """A source over an in-memory mapping name -> tensor (a state dict)."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "state_dict") -> None:
+        bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"{label}: entries {bad[:5]} are not tensors; pass a state dict of tensors")
+        self._tensors = dict(state_dict)
+        self.label = label
+
+    def keys(self) -> Sequence[str]:
+        return list(self._tensors)
+
+    def spec(self, key: str) -> TensorSpec:
+        t = self._tensors[key]
+        return TensorSpec(tuple(t.shape), t.dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key].detach()
+
+
+PathOpener = Callable[..., TensorSource]
+_path_opener: PathOpener | None = None
+
+
+def register_path_opener(opener: PathOpener) -> None:
+    """Let ``as_source`` open ``str``/``Path`` arguments (``lightning_ties.io`` registers itself)."""
+    global _path_opener
+    _path_opener = opener
+
+
+def as_source(obj: Any, label: str | None = None, **open_kwargs: Any) -> TensorSource:
+    """Turn a module, state dict, path or existing source into a :class:`TensorSource`.
+
+    Example:
+        >>> src = as_source({"w": torch.zeros(2)}, label="base")
+        >>> src.spec("w").shape
+        (2,)
+    """
+    if isinstance(obj, TensorSource) and not isinstance(obj, Mapping):
+        return obj
+    if isinstance(obj, nn.Module):
+        return StateDictSource(obj.state_dict(), label or type(obj).__name__)
+    if isinstance(obj, Mapping):
+        return StateDictSource(obj, label or "state_dict")
+    if isinstance(obj, (str, os.PathLike)):
+        if _path_opener is None:
+            raise TypeError(
+                f"cannot open path {os.fspath(obj)!r}: import lightning_ties (or lightning_ties.io) "
+                "to enable file sources"
+            )
+        return _path_opener(obj, **open_kwargs)
+    raise TypeError(
+        f"{label or 'model'}: expected an nn.Module, a state dict, a path or a TensorSource, "
+        f"got {type(obj).__name__}"
+    )

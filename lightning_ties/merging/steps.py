@@ -1,0 +1,178 @@
+"""The three steps of TIES-Merging as small pure functions (Yadav et al., NeurIPS 2023).
+
+Each function works on task vectors stacked on dimension 0 (``[N, ...]`` for N tasks) and
+reads like the paper: **trim** each task vector to its top-k magnitudes, **elect** a sign
+per parameter, **disjoint-merge** the values that agree with it. The engine
+(:mod:`lightning_ties.merging.engine`) streams models through these same functions chunk by
+chunk; here they are also usable on their own, e.g. to reuse one merged task vector for many
+scaling factors::
+
+    taus = torch.stack([task_vector(base, ft) for ft in fine_tuned])   # [N, ...]
+    trimmed = trim(taus, k=0.2)
+    gamma = elect_sign(trimmed)                                         # "mass"
+    tau_m = disjoint_merge(trimmed, gamma)                              # "mean"
+    theta = base + lam * tau_m
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .select import MagnitudeThreshold, top_magnitude_threshold
+
+SignMethod = Literal["mass", "count", "normfrac", "normmass"]
+MergeFn = Literal["mean", "sum", "max", "task_mean"]
+SIGN_METHODS: tuple[str, ...] = ("mass", "count", "normfrac", "normmass")
+MERGE_FNS: tuple[str, ...] = ("mean", "sum", "max", "task_mean")
+
+
+def task_vector(base: torch.Tensor, fine_tuned: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """tau = theta_t - theta_base, computed in ``dtype`` whatever the stored dtypes are.
+
+    Example:
+        >>> task_vector(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0]))
+        tensor([ 0.5000, -1.0000])
+    """
+    return fine_tuned.to(dtype) - base.to(dtype)
+
+
+def trim_mask(magnitudes: torch.Tensor, threshold: MagnitudeThreshold) -> torch.Tensor:
+    """Boolean mask of the entries a threshold keeps, ties resolved in flat order.
+
+    ``magnitudes`` is ``|tau|`` of one task (any shape). All entries above the threshold are
+    kept; of those equal to it, the first ``threshold.ties_to_keep`` in flat order.
+    """
+    keep = magnitudes >= threshold.effective_bound(magnitudes.dtype)
+    if threshold.ties_to_keep > 0 and not threshold.keeps_all_ties:
+        ties = torch.nonzero((magnitudes == threshold.value).reshape(-1)).squeeze(1)
+        keep.view(-1)[ties[: threshold.ties_to_keep]] = True
+    return keep
+
+
+def trim(taus: torch.Tensor, k: float) -> torch.Tensor:
+    """Keep the top-``k`` fraction of magnitudes of each task vector (row), zero the rest.
+
+    ``taus`` is ``[N, ...]``; each row keeps exactly ``int(k * row.numel())`` entries (ties at
+    the threshold broken by flat position). ``k=1`` keeps everything.
+
+    Example:
+        >>> trim(torch.tensor([[0.1, -0.5, 0.3, 0.0, 0.2]]), k=0.4)
+        tensor([[ 0.0000, -0.5000,  0.3000,  0.0000,  0.0000]])
+    """
+    check_density(k)
+    out = torch.zeros_like(taus)
+    for i, row in enumerate(taus):
+        threshold = top_magnitude_threshold(row, k)
+        keep = trim_mask(row.abs(), threshold)
+        out[i] = torch.where(keep, row, torch.zeros((), dtype=row.dtype))
+    return out
+
+
+def check_density(k: float, name: str = "k") -> None:
+    if not isinstance(k, (int, float)) or not 0.0 < float(k) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1] (the fraction of each task vector kept), got {k!r}")
+
+
+def sign_score(trimmed: torch.Tensor, method: SignMethod = "mass", norms: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantity whose sign is elected, per parameter (the reference code's ``resolve_sign``).
+
+    - ``"mass"``: sum of trimmed values (the paper's default);
+    - ``"count"``: sum of signs (PEFT's "frequency");
+    - ``"normfrac"``: the value of the task whose entry holds the largest share of its own
+      squared norm; ``"normmass"``: the sum of signs weighted by those shares.
+      ``norms`` are the tasks' trimmed-vector L2 norms over the whole scope (shape ``[N]``).
+    """
+    if method == "mass":
+        return trimmed.sum(0)
+    if method == "count":
+        return trimmed.sign().sum(0)
+    if method in ("normfrac", "normmass"):
+        if norms is None:
+            norms = trimmed.reshape(trimmed.shape[0], -1).norm(dim=1)
+        shape = (-1,) + (1,) * (trimmed.dim() - 1)
+        fracs = trimmed.square() / norms.to(trimmed.dtype).square().clamp(min=torch.finfo(trimmed.dtype).tiny).reshape(shape)
+        if method == "normfrac":
+            return trimmed.gather(0, fracs.argmax(0, keepdim=True)).squeeze(0)
+        return (trimmed.sign() * fracs).sum(0)
+    raise ValueError(f"unknown sign method {method!r}; choose one of {', '.join(SIGN_METHODS)}")
+
+
+def majority_sign(gamma: torch.Tensor) -> float:
+    """Sign of the sum of elected signs over the whole vector; +1 when that sum is zero."""
+    return -1.0 if float(gamma.sum()) < 0 else 1.0
+
+
+def elect_sign(trimmed: torch.Tensor, method: SignMethod = "mass", norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Elect one sign per parameter: ``gamma = sign(sign_score)``, in {-1, +1}.
+
+    A zero score falls back to the majority sign of the whole input (the reference code's
+    ``resolve_zero_signs(..., "majority")``); a zero majority falls back to +1.
+
+    Example:
+        >>> elect_sign(torch.tensor([[1.0, -2.0], [-0.5, 1.0]]))
+        tensor([ 1., -1.])
+    """
+    gamma = sign_score(trimmed, method, norms).sign()
+    return torch.where(gamma == 0, torch.full_like(gamma, majority_sign(gamma)), gamma)
+
+
+def disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor | None, merge: MergeFn = "mean") -> torch.Tensor:
+    """Merge, per parameter, the non-zero trimmed values that agree with the elected sign.
+
+    - ``"mean"``: their mean (divide by their count, clamped to 1): the paper's disjoint mean;
+    - ``"sum"``: their sum; ``"max"``: the largest magnitude, with sign ``gamma``;
+    - ``"task_mean"``: their sum divided by the number of tasks (the "plain mean" ablation).
+
+    ``gamma=None`` skips the election: every non-zero value takes part (with ``"max"`` the
+    value of largest magnitude is taken with its own sign).
+
+    Example:
+        >>> trimmed = torch.tensor([[1.0, -2.0], [3.0, 1.0]])
+        >>> disjoint_merge(trimmed, torch.tensor([1.0, -1.0]))
+        tensor([ 2., -2.])
+    """
+    if merge not in MERGE_FNS:
+        raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGE_FNS)}")
+    n_tasks = trimmed.shape[0]
+    if gamma is None:
+        if merge == "max":
+            return trimmed.gather(0, trimmed.abs().argmax(0, keepdim=True)).squeeze(0)
+        total = trimmed.sum(0)
+        if merge == "mean":
+            return total / torch.count_nonzero(trimmed, dim=0).clamp(min=1)
+        return total / n_tasks if merge == "task_mean" else total
+    # |value| where the value agrees with gamma, 0 elsewhere
+    agreeing = (trimmed * gamma).clamp_(min=0)
+    if merge == "max":
+        magnitude = agreeing.amax(0)
+    elif merge == "mean":
+        magnitude = agreeing.sum(0) / torch.count_nonzero(agreeing, dim=0).clamp(min=1)
+    elif merge == "task_mean":
+        magnitude = agreeing.sum(0) / n_tasks
+    else:
+        magnitude = agreeing.sum(0)
+    return magnitude * gamma
+
+
+def disjoint_components(trimmed: torch.Tensor, gamma: torch.Tensor | None, merge: MergeFn = "mean") -> torch.Tensor:
+    """Each task's share of the disjoint merge: ``[N, ...]`` summing over dim 0 to tau_m.
+
+    delta_t keeps task t's trimmed values that agree with ``gamma`` (all non-zero values when
+    ``gamma`` is None), divided by the agreeing count (``"mean"``) or by N (``"task_mean"``).
+    Learned merging coefficients scale these components one by one. ``"max"`` is not a sum of
+    per-task parts and is refused.
+
+    Example:
+        >>> disjoint_components(torch.tensor([[1.0, -2.0], [3.0, 1.0]]), torch.tensor([1.0, -1.0]))
+        tensor([[ 0.5000, -2.0000],
+                [ 1.5000,  0.0000]])
+    """
+    if merge not in ("mean", "sum", "task_mean"):
+        raise ValueError(f"merge {merge!r} has no per-task components; use 'mean', 'sum' or 'task_mean'")
+    agree = trimmed != 0 if gamma is None else trimmed * gamma > 0
+    selected = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype))
+    if merge == "mean":
+        return selected / agree.sum(0).clamp(min=1)
+    return selected / trimmed.shape[0] if merge == "task_mean" else selected
