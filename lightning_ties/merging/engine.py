@@ -142,7 +142,7 @@ class TaskVectorMerger:
             raise ValueError("models must be a non-empty list of fine-tuned models (modules, state dicts or paths)")
         self.spec = spec or MergeSpec()
         self.base = as_source(base, "base")
-        self.models = [as_source(m, f"model[{i}]") for i, m in enumerate(models)]
+        self.models = [as_source(m, f"model[{i}]", base=self.base) for i, m in enumerate(models)]
         self.plan = plan or plan_merge(self.base, self.models, include, exclude)
         self.compute_dtype = compute_dtype
         self.chunk_size = chunk_size

@@ -88,6 +88,10 @@ def register_path_opener(opener: PathOpener) -> None:
 def as_source(obj: Any, label: str | None = None, **open_kwargs: Any) -> TensorSource:
     """Turn a module, state dict, path or existing source into a :class:`TensorSource`.
 
+    Paths go to the registered opener with ``open_kwargs`` (the engine passes ``base=`` for
+    fine-tuned models, so that e.g. a LoRA adapter can be read as full weights); a path
+    source is labelled by its path.
+
     Example:
         >>> src = as_source({"w": torch.zeros(2)}, label="base")
         >>> src.spec("w").shape
