@@ -1,3 +1,60 @@
-"""Checkpoints in, merged model out (filled in by the I/O work)."""
+"""Checkpoints in, merged model out: lazy file sources, atomic sinks and the streaming merge.
 
-__all__: list[str] = []
+Importing this package lets every merge function take paths: ``ties_merge("base/", ["a.ckpt",
+"b.safetensors"])`` opens them with :func:`open_source`.
+
+Example:
+    >>> import tempfile, torch
+    >>> from lightning_ties import ties_merge
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = save_safetensors({"w": torch.zeros(2)}, folder + "/base.safetensors")
+    >>> _ = save_safetensors({"w": torch.tensor([1.0, -3.0])}, folder + "/ft.safetensors")
+    >>> ties_merge(folder + "/base.safetensors", [folder + "/ft.safetensors"], k=0.5)["w"]
+    tensor([ 0., -3.])
+"""
+
+from ..merging import register_path_opener
+from .atomic import atomic_dir, atomic_file
+from .card import sha256_file
+from .errors import CheckpointError
+from .lora import LoraSource
+from .safetensors_file import SafetensorsFile, SafetensorsWriter
+from .sinks import (
+    LoadReport,
+    ShardedWriter,
+    load_into,
+    parse_size,
+    save_hf_folder,
+    save_lightning_checkpoint,
+    save_safetensors,
+)
+from .sources import SafetensorsSource, TorchFileSource, load_torch_file, open_source
+from .stream import merge_to
+from .validate import CommonRowsSource, MergeInputError, check_compatible
+
+register_path_opener(open_source)
+
+__all__ = [
+    "CheckpointError",
+    "CommonRowsSource",
+    "LoadReport",
+    "LoraSource",
+    "MergeInputError",
+    "SafetensorsFile",
+    "SafetensorsSource",
+    "SafetensorsWriter",
+    "ShardedWriter",
+    "TorchFileSource",
+    "atomic_dir",
+    "atomic_file",
+    "check_compatible",
+    "load_into",
+    "load_torch_file",
+    "merge_to",
+    "open_source",
+    "parse_size",
+    "save_hf_folder",
+    "save_lightning_checkpoint",
+    "save_safetensors",
+    "sha256_file",
+]

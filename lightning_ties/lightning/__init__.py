@@ -1,3 +1,28 @@
-"""Lightning integration: the only subpackage that imports lightning."""
+"""Lightning integration: the only subpackage that imports lightning.
 
-__all__: list[str] = []
+- :class:`TiesMerging`: a Trainer callback that merges this run with other tasks at fit end.
+- :class:`MultiTaskMergeModule`: merge checkpoints, evaluate and search k/lam without training.
+- :class:`SearchResult`: every candidate's per-task scores, the chosen one, ``.table``, ``.to_csv/.to_json``.
+- :class:`TaskMetrics`, :class:`ArgmaxAccuracy`, :func:`summarize`: per-task metrics and their summaries.
+"""
+
+from .callback import TiesMerging
+from .metrics import ArgmaxAccuracy, TaskMetrics, normalized, summarize
+from .module import MultiTaskMergeModule
+from .search import DEFAULT_K_GRID, Candidate, SearchResult, k_grid, lam_grid, run_search
+
+__all__: list[str] = [
+    "ArgmaxAccuracy",
+    "Candidate",
+    "DEFAULT_K_GRID",
+    "MultiTaskMergeModule",
+    "SearchResult",
+    "TaskMetrics",
+    "TiesMerging",
+    "k_grid",
+    "lam_grid",
+    "normalized",
+    "run_search",
+    "summarize",
+    # learned merging (lightning/learned.py): the lead adds its public names here
+]

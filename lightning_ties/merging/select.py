@@ -100,6 +100,7 @@ class MagnitudeSelector:
         self._prefix = 0  # digits found so far (high bits of the threshold's bit pattern)
         self._greater = 0  # entries known to be strictly above the prefix
         self._hist = torch.zeros(_BINS, dtype=torch.int64)
+        self._buffers: dict[str, torch.Tensor] = {}
         # first top-16-bit digit of +Inf; NaNs lie above it
         self._nonfinite_bin = int(torch.tensor(float("inf"), dtype=dtype).view(self._int).item()) >> (self._width - _DIGIT_BITS)
         self._result: MagnitudeThreshold | None = MagnitudeThreshold.keep_none() if m <= 0 else None
@@ -116,18 +117,28 @@ class MagnitudeSelector:
         """
         if self.done:
             return
-        bits = x.reshape(-1).abs().view(self._int)
+        flat = x.reshape(-1)
+        bits = torch.abs(flat, out=self._scratch("magnitudes", flat.numel(), self.dtype)).view(self._int)
         shift = self._width - _DIGIT_BITS * (self._level + 1)
+        digits = torch.bitwise_right_shift(bits, shift, out=self._scratch("digits", flat.numel(), self._int))
         if self._level == 0:
-            digits = bits >> shift
+            counts = torch.bincount(digits, minlength=_BINS)
+            if bool(counts[self._nonfinite_bin :].any()):
+                raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
         else:
-            above = bits >> (shift + _DIGIT_BITS)
-            digits = bits[above == self._prefix]
-            digits = (digits >> shift) & (_BINS - 1)
-        counts = torch.bincount(digits.to(torch.int32), minlength=_BINS)
-        if self._level == 0 and bool(counts[self._nonfinite_bin :].any()):
-            raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
+            # Candidates (high digits == prefix) land in bins 1.._BINS, all others in 0 or _BINS + 1:
+            # integer arithmetic on every entry is cheaper than a boolean mask and a gather.
+            digits.sub_((self._prefix << _DIGIT_BITS) - 1).clamp_(0, _BINS + 1)
+            counts = torch.bincount(digits, minlength=_BINS + 2)[1 : _BINS + 1]
         self._hist += counts
+
+    def _scratch(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable flat buffer: allocating fresh large tensors per call costs page faults."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            self._buffers[name] = buf
+        return buf[:numel]
 
     def next_pass(self) -> None:
         """Close the current pass: fix one more digit of the threshold."""

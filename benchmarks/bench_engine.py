@@ -1,0 +1,216 @@
+"""The merge engine vs the paper's flatten-and-kthvalue path and PEFT's per-tensor ``ties``.
+
+N task vectors of P float32 parameters are merged with TIES (k=0.2, sign "mass", disjoint
+mean) by four competitors, side by side in one run, each in a fresh subprocess:
+
+- ``paper``: the paper code's path written from its formulas: flatten every model into one
+  vector, stack the N task vectors into an [N, P] matrix, ``kthvalue`` per row, keep
+  ``|x| >= kth`` (int(k*P) + 1 entries), sign of the sum, majority fallback, disjoint mean;
+- ``ours-global``: :class:`lightning_ties.merging.TaskVectorMerger`, scope="global" (same
+  maths, int(k*P) entries kept, exact radix-select threshold, streamed key by key);
+- ``peft``: ``peft.utils.merge_utils.ties`` applied tensor by tensor (per-tensor trim);
+- ``ours-per-tensor``: the engine with scope="per_tensor" (PEFT's maths).
+
+Two model shapes: ``flat`` (one tensor of P entries) and ``model`` (transformer-like
+embedding, attention, MLP and LayerNorm tensors totalling about P). For each competitor it
+prints the wall time of the merge (inputs already in memory; output: tau_m for every key),
+the peak resident memory above the inputs (VmHWM reset before the merge), and the ratios.
+It also checks the outputs: ours-global against the paper path (which keeps one more entry
+per task, so a few entries differ) and against the paper path with the kept count aligned to
+int(k*P) (must be bit-identical), and ours-per-tensor against PEFT (max abs difference).
+
+Run (about a minute at the default size; ``--params 2e6`` for a quick look)::
+
+    .venv/bin/python benchmarks/bench_engine.py --params 20e6 --tasks 8 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+COMPETITORS = ("paper", "ours-global", "peft", "ours-per-tensor")
+SCALE = 0.02  # weight scale of the synthetic base model; fine-tuning moves it by ~SCALE / 2
+
+
+# ---- inputs -------------------------------------------------------------------------------
+def model_shapes(params: int, case: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of one model: one flat tensor, or a transformer-like stack of about ``params``."""
+    if case == "flat":
+        return {"flat": (params,)}
+    d = max(64, 64 * round(math.sqrt(params / 80) / 64))
+    vocab = 16 * d
+    per_layer = 12 * d * d + 13 * d
+    layers = max(1, (params - vocab * d) // per_layer)
+    shapes: dict[str, tuple[int, ...]] = {"embeddings.word": (vocab, d), "embeddings.norm.weight": (d,)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        for name in ("q", "k", "v", "o"):
+            shapes[p + f"attn.{name}.weight"] = (d, d)
+            shapes[p + f"attn.{name}.bias"] = (d,)
+        shapes.update({p + "mlp.up.weight": (4 * d, d), p + "mlp.up.bias": (4 * d,)})
+        shapes.update({p + "mlp.down.weight": (d, 4 * d), p + "mlp.down.bias": (d,)})
+        for norm in ("norm1", "norm2"):
+            shapes.update({p + f"{norm}.weight": (d,), p + f"{norm}.bias": (d,)})
+    return shapes
+
+
+def make_models(params: int, tasks: int, case: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = model_shapes(params, case)
+    base = {k: SCALE * torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = [{k: v + (SCALE / 2) * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(tasks)]
+    return base, fts
+
+
+# ---- competitors (each returns tau_m: key -> float32 tensor) -------------------------------
+def paper_path(base, fts, k: float, aligned: bool = False) -> dict[str, torch.Tensor]:
+    """The reference code's flat path: [N, P] matrix, kthvalue per row, sign of sum, disjoint mean.
+
+    ``aligned=True`` thresholds at the int(k*P)-th largest |x| instead (the engine's count).
+    """
+    keys = list(base)
+    flat_base = torch.cat([base[key].reshape(-1) for key in keys])
+    taus = torch.stack([torch.cat([ft[key].reshape(-1) for key in keys]) - flat_base for ft in fts])
+    n = taus.shape[1]
+    m = int(k * n)
+    kth = n - m + 1 if aligned else n - m  # paper: kthvalue(n - int(k*n)) keeps int(k*n) + 1
+    magnitudes = taus.abs()
+    thresholds = magnitudes.kthvalue(kth, dim=1, keepdim=True).values
+    trimmed = taus * (magnitudes >= thresholds)
+    del magnitudes
+    gamma = trimmed.sum(0).sign()
+    gamma[gamma == 0] = 1.0 if gamma.sum() >= 0 else -1.0
+    selected = trimmed * torch.where(gamma > 0, trimmed > 0, trimmed < 0)
+    del trimmed
+    merged = selected.sum(0) / (selected != 0).sum(0).float().clamp(min=1)
+    return dict(zip(keys, (t.view(base[key].shape) for t, key in zip(merged.split([base[k].numel() for k in keys]), keys))))
+
+
+def peft_per_tensor(base, fts, k: float) -> dict[str, torch.Tensor]:
+    from peft.utils.merge_utils import ties
+
+    weights = torch.ones(len(fts))
+    return {key: ties([ft[key] - b for ft in fts], weights, density=k, majority_sign_method="total") for key, b in base.items()}
+
+
+def ours(base, fts, k: float, scope: str) -> dict[str, torch.Tensor]:
+    from lightning_ties.merging import MergeSpec, TaskVectorMerger
+
+    return dict(TaskVectorMerger(base, fts, MergeSpec(k=k, scope=scope)))
+
+
+def run_competitor(name: str, base, fts, k: float) -> dict[str, torch.Tensor]:
+    if name == "paper":
+        return paper_path(base, fts, k)
+    if name == "peft":
+        return peft_per_tensor(base, fts, k)
+    return ours(base, fts, k, "global" if name == "ours-global" else "per_tensor")
+
+
+# ---- measuring ----------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one competitor in this (fresh) process; print a JSON line; save its output."""
+    torch.set_num_threads(args.threads)
+    base, fts = make_models(int(args.params), args.tasks, args.case)
+    warnings.simplefilter("ignore")
+    run_competitor(args.worker, {k: v[:16] for k, v in base.items()}, [{k: v[:16] for k, v in ft.items()} for ft in fts], args.k)
+    times = []
+    rss_before = _status_kb("VmRSS")
+    _reset_peak_rss()
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        out = run_competitor(args.worker, base, fts, args.k)
+        times.append(time.perf_counter() - start)
+        if len(times) < args.repeats:
+            del out
+    peak_mb = (_status_kb("VmHWM") - rss_before) / 1024
+    outputs = {args.worker: out}
+    if args.worker == "paper":
+        outputs["paper-aligned"] = paper_path(base, fts, args.k, aligned=True)
+    for label, tensors in outputs.items():
+        torch.save({k: v.contiguous() for k, v in tensors.items()}, Path(args.out) / f"{label}.pt")
+    inputs_mb = sum(v.numel() * v.element_size() for sd in [base, *fts] for v in sd.values()) / 2**20
+    print(json.dumps({"name": args.worker, "seconds": min(times), "peak_mb": peak_mb, "inputs_mb": inputs_mb}))
+
+
+def spawn(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--out", str(out_dir), "--case", args.case]
+    cmd += ["--params", str(args.params), "--tasks", str(args.tasks), "--k", str(args.k)]
+    cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(out_dir: Path) -> list[str]:
+    load = lambda label: torch.load(out_dir / f"{label}.pt", weights_only=True)  # noqa: E731
+    paper, aligned, ours_g = load("paper"), load("paper-aligned"), load("ours-global")
+    peft_out, ours_t = load("peft"), load("ours-per-tensor")
+    differ = sum(int((paper[k] != ours_g[k]).sum()) for k in paper)
+    identical = all(torch.equal(aligned[k], ours_g[k]) for k in aligned)
+    max_diff = max(float((peft_out[k] - ours_t[k]).abs().max()) for k in peft_out)
+    differ_t = sum(int((peft_out[k] != ours_t[k]).sum()) for k in peft_out)
+    return [
+        f"ours-global vs paper (paper keeps int(k*P)+1 per task): {differ} differing entries",
+        f"ours-global vs paper with the count aligned to int(k*P): {'bit-identical' if identical else 'DIFFERENT'}",
+        f"ours-per-tensor vs peft: {differ_t} differing entries, max abs diff {max_diff:.3g} "
+        "(entries tied at a tensor's threshold: PEFT's topk keeps an arbitrary one, we keep the first)",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, default=20e6, help="parameters per model (default 20e6)")
+    parser.add_argument("--tasks", type=int, default=8, help="number of fine-tuned models (default 8)")
+    parser.add_argument("--k", type=float, default=0.2, help="fraction kept by the trim (default 0.2)")
+    parser.add_argument("--case", choices=["flat", "model", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=1, help="merges per competitor; the fastest is reported")
+    parser.add_argument("--worker", choices=COMPETITORS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    cases = ["flat", "model"] if args.case == "both" else [args.case]
+    print(f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, {args.threads} thread(s), torch {torch.__version__}")
+    for case in cases:
+        args.case = case
+        n_tensors = len(model_shapes(int(args.params), case))
+        with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
+            results = {name: spawn(name, args, Path(tmp)) for name in COMPETITORS}
+            checks = compare(Path(tmp))
+        inputs_mb = results["paper"]["inputs_mb"]
+        print(f"\n[{case}: {n_tensors} tensor(s); inputs {inputs_mb:,.0f} MB]")
+        print(f"{'competitor':<17}{'wall s':>9}{'peak MB over inputs':>22}{'speed-up':>10}{'memory ratio':>14}")
+        for name in COMPETITORS:
+            ref = results["paper" if name in ("paper", "ours-global") else "peft"]
+            r = results[name]
+            speed = ref["seconds"] / r["seconds"]
+            memory = ref["peak_mb"] / max(r["peak_mb"], 1.0)
+            print(f"{name:<17}{r['seconds']:>9.2f}{r['peak_mb']:>22,.0f}{speed:>9.1f}x{memory:>13.1f}x")
+        for line in checks:
+            print("  " + line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""Typed configs for every workflow of the ``lightning-ties`` command (omegaconf YAML + dotlist overrides).
+
+One dataclass per workflow (:class:`MergeConfig`, :class:`SearchConfig`, :class:`EvaluateConfig`,
+:class:`DemoConfig`) is the schema: :func:`load_config` layers the schema's defaults, then the
+YAML file, then each ``key=value`` override, and checks every layer as it is applied, so an
+unknown key, a wrong type or a missing required value is one :class:`ConfigError` line naming
+the key and the file (or the override) before any work starts.
+
+The ``method`` section is not a dataclass: it is read from the engine's registry
+(:data:`lightning_ties.merging.METHODS`), so a method added there is usable here with no change.
+``method=task_arithmetic`` (in a file or on the command line) replaces the whole section with
+that method's defaults (from ``methods/<name>.yaml`` beside the config when present, else from
+the registry); ``method.k=0.3`` changes one parameter.
+
+Example:
+    >>> cfg = load_config(MergeConfig, overrides=["base=b.safetensors", "models=[a.safetensors]",
+    ...                                           "output=out.safetensors", "method=task_arithmetic"])
+    >>> cfg.method["name"], cfg.method["lam"]
+    ('task_arithmetic', 0.4)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .merging import METHODS, get_method
+
+#: The method name that trains per-task/per-layer coefficients (lightning_ties.lightning.learned).
+LEARNED = "learned"
+LOGGERS = ("csv", "tensorboard", "none")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file (or override) and the key."""
+
+
+# ---- schemas ----------------------------------------------------------------------------------
+@dataclass
+class TargetConfig:
+    """A Python callable named by import path (``package.module:function``) and its keyword arguments."""
+
+    target: str = MISSING
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where the per-task dataloaders come from: ``target(split=<split>, **args) -> {task: DataLoader}``."""
+
+    target: str = MISSING
+    args: Dict[str, Any] = field(default_factory=dict)
+    val_split: str = "val"
+    test_split: Optional[str] = "test"
+
+
+@dataclass
+class SearchGrid:
+    """What the lam/k search tries: ``lam="paper"`` is the method's grid from the paper's code."""
+
+    k: Any = field(default_factory=lambda: [0.1, 0.2, 0.3])
+    lam: Any = "paper"
+    strategy: str = "grid"
+    objective: str = "mean"
+
+
+@dataclass
+class MergeConfig:
+    """``lightning-ties merge``: merge checkpoint files into one output (folder, .safetensors or .ckpt)."""
+
+    base: str = MISSING
+    models: List[str] = MISSING
+    output: str = MISSING
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "ties"})
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    output_format: Optional[str] = None
+    overwrite: bool = False
+    common_rows: bool = False
+    on_mismatch: str = "error"
+    max_shard_size: str = "5GB"
+    prefix: Optional[str] = None
+    trust_pickle: bool = False
+    compute_dtype: str = "float32"
+
+
+@dataclass
+class SearchConfig:
+    """``lightning-ties search``: pick lam (and k) on validation data, write the best model and the report."""
+
+    base: str = MISSING
+    tasks: Dict[str, str] = MISSING
+    model: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = MISSING
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "ties"})
+    search: SearchGrid = field(default_factory=SearchGrid)
+    heads: Optional[List[str]] = None
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    save_model: Optional[str] = "merged.safetensors"
+    overwrite: bool = False
+    logger: str = "csv"
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    """``lightning-ties evaluate``: per-task metrics of the base, each fine-tuned model and given checkpoints."""
+
+    base: str = MISSING
+    tasks: Dict[str, str] = MISSING
+    model: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = MISSING
+    checkpoints: Dict[str, str] = field(default_factory=dict)
+    split: str = "test"
+    heads: Optional[List[str]] = None
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    overwrite: bool = False
+    logger: str = "csv"
+    seed: int = 0
+
+
+@dataclass
+class DemoModel:
+    hidden: int = 64
+    depth: int = 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass
+class DemoData:
+    val_fraction: float = 0.2
+    test_fraction: float = 0.3
+    train_limit: Optional[int] = None
+
+
+@dataclass
+class DemoConfig:
+    """``lightning-ties demo``: the offline digits suite, end to end (the README's main command).
+
+    ``continual=true`` runs tasks one at a time: after each new fine-tune, the merge of every
+    task so far is searched and scored on the tasks seen so far.
+    """
+
+    tasks: List[str] = field(
+        default_factory=lambda: ["digit_rot90", "parity_flip", "ge5_invert", "mod3_rot180", "loop_transpose", "digit_invert"]
+    )
+    methods: List[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "learned"])
+    seed: int = 0
+    data: DemoData = field(default_factory=DemoData)
+    model: DemoModel = field(default_factory=DemoModel)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=3e-4))
+    search: SearchGrid = field(default_factory=SearchGrid)
+    learned: Dict[str, Any] = field(
+        default_factory=lambda: {"granularity": "layer", "max_epochs": 10, "lr": 0.01, "holdout": 0.3}
+    )
+    continual: bool = False
+    output_dir: str = "runs/demo"
+    overwrite: bool = True
+    logger: str = "csv"
+    fast: bool = False
+
+
+WORKFLOWS: dict[str, type] = {
+    "merge": MergeConfig,
+    "search": SearchConfig,
+    "evaluate": EvaluateConfig,
+    "demo": DemoConfig,
+}
+
+#: What ``fast=true`` changes in the demo: the reduced mode the tests run (seconds).
+DEMO_FAST = {
+    "data": {"train_limit": 300},
+    "model": {"hidden": 32},
+    "pretrain": {"epochs": 4},
+    "finetune": {"epochs": 2},
+    "search": {"k": [0.2], "lam": [0.4, 1.0], "strategy": "grid"},
+    "learned": {"max_epochs": 1},
+}
+
+
+# ---- the method section -------------------------------------------------------------------------
+def method_defaults(name: str, config_dir: Path | None = None) -> dict[str, Any]:
+    """The full ``method`` section for ``name``: ``methods/<name>.yaml`` beside the config, else the registry.
+
+    Example:
+        >>> method_defaults("ties")
+        {'name': 'ties', 'k': 0.2, 'scope': 'global', 'sign': 'mass', 'merge': 'mean', 'lam': 1.0}
+    """
+    if config_dir is not None:
+        path = config_dir / "methods" / f"{name}.yaml"
+        if path.is_file():
+            section = _load_yaml(path)
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"{path}: expected a mapping of method parameters, got {type(section).__name__}")
+            return {"name": name, **{k: v for k, v in section.items() if k != "name"}}
+    return {"name": name, **registry_parameters(name)}
+
+
+def registry_parameters(name: str) -> dict[str, Any]:
+    """Parameters (with defaults, and ``lam`` where the method has one) of a registered method or ``learned``."""
+    if name == LEARNED:
+        return learned_parameters()
+    try:
+        method = get_method(name)
+    except ValueError:
+        raise ConfigError(
+            f"unknown merge method {name!r}; choose one of {', '.join(sorted([*METHODS, LEARNED]))}"
+        ) from None
+    params = dict(method.parameters())
+    if method.searchable:
+        params["lam"] = method.lam
+    return params
+
+
+def learned_parameters() -> dict[str, Any]:
+    """Defaults of ``learn_coefficients`` that a config may set (read from its signature)."""
+    from .lightning.learned import learn_coefficients  # imports Lightning: only when asked for
+
+    skip = {"base", "tasks", "dataloaders", "model", "heads", "trainer_kwargs", "seed", "groups"}
+    out = {}
+    for p in inspect.signature(learn_coefficients).parameters.values():
+        if p.name not in skip and p.default is not p.empty and isinstance(p.default, (int, float, str, type(None))):
+            out[p.name] = p.default
+    return out
+
+
+def check_method(section: Mapping[str, Any], where: str, allow_learned: bool = False) -> dict[str, Any]:
+    """Validate a ``method`` section against the registry; raise :class:`ConfigError` naming the key."""
+    section = dict(section)
+    name = section.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: method.name must be a method name, got {name!r}")
+    if name == LEARNED and not allow_learned:
+        raise ConfigError(
+            f"{where}: method.name=learned trains coefficients on validation data: use `lightning-ties search`"
+        )
+    defaults = registry_parameters(name)
+    for key, value in section.items():
+        if key == "name":
+            continue
+        if key not in defaults:
+            raise ConfigError(
+                f"{where}: method.{key} is not a parameter of method {name!r}; its parameters are "
+                f"{', '.join(defaults) or '(none)'}"
+            )
+        _check_type(f"method.{key}", value, defaults[key], where)
+    return section
+
+
+def _check_type(key: str, value: Any, default: Any, where: str) -> None:
+    if default is None or value is None:
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where}: {key}={value!r} has the wrong type: expected {type(default).__name__}")
+
+
+def _apply_method_layer(current: dict[str, Any], layer: Any, config_dir: Path | None, where: str) -> dict[str, Any]:
+    if isinstance(layer, str):
+        return method_defaults(layer, config_dir)
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"{where}: method must be a method name or a mapping, got {layer!r}")
+    layer = dict(layer)
+    name = layer.get("name", current.get("name"))
+    base = method_defaults(name, config_dir) if name != current.get("name") else dict(current)
+    base.update(layer)
+    return base
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def _load_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; pass a YAML config file") from None
+    except Exception as err:  # yaml.YAMLError and friends: name the file, not the parser internals
+        raise ConfigError(f"{path}: not a valid YAML config: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _merge_layer(cfg: DictConfig, layer: Mapping[str, Any], where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        msg = _first_line(err)
+        raise ConfigError(f"{where}: key {key!r}: {msg}" if key else f"{where}: {msg}") from None
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r}: expected key=value (e.g. method.k=0.3)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([text]), resolve=False)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override {text!r}: {_first_line(err)}") from None
+
+
+def load_config(
+    schema: type,
+    path: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    presets: Sequence[tuple[str, Mapping[str, Any]]] = (),
+) -> Any:
+    """Build a checked config object: schema defaults, then ``presets``, the YAML file, the overrides.
+
+    Args:
+        schema: one of the workflow dataclasses (e.g. :class:`SearchConfig`).
+        path: a YAML file, or None for the schema's defaults (the demo's embedded default).
+        overrides: ``key=value`` dotlist items (``method=task_arithmetic`` replaces the method section).
+        presets: named layers applied before the file (the demo's ``fast`` mode).
+
+    Returns:
+        An instance of ``schema`` (``method`` is a plain dict, validated against the registry).
+
+    Raises:
+        ConfigError: one line naming the file or override and the key, before any work.
+
+    Example:
+        >>> load_config(DemoConfig, overrides=["seed=3"]).seed
+        3
+    """
+    cfg: DictConfig = OmegaConf.structured(schema)
+    has_method = "method" in cfg
+    method: dict[str, Any] = dict(cfg.method) if has_method else {}
+    config_dir = Path(path).parent if path is not None else None
+    layers: list[tuple[str, Any]] = list(presets)
+    if path is not None:
+        raw = _load_yaml(Path(path))
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+        layers.append((str(path), raw))
+    layers += [(f"override {o!r}", _parse_override(o)) for o in overrides]
+    for where, layer in layers:
+        layer = dict(layer)
+        if has_method and "method" in layer:
+            method = _apply_method_layer(method, layer.pop("method"), config_dir, where)
+            check_method(method, where, allow_learned=schema is not MergeConfig)
+        cfg = _merge_layer(cfg, layer, where)
+    sources = " + ".join(w for w, _ in layers) or "defaults"
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{sources}: missing required value for key {missing[0]!r}; set it in the file or as {missing[0]}=...")
+    if has_method:
+        cfg.method = method
+        check_method(method, sources, allow_learned=schema is not MergeConfig)
+    obj = OmegaConf.to_object(cfg)
+    _check_choices(obj, sources)
+    return obj
+
+
+def _check_choices(cfg: Any, where: str) -> None:
+    logger = getattr(cfg, "logger", None)
+    if logger is not None and logger not in LOGGERS:
+        raise ConfigError(f"{where}: logger={logger!r}: choose one of {', '.join(LOGGERS)}")
+    if isinstance(cfg, MergeConfig):
+        if cfg.on_mismatch not in ("error", "base"):
+            raise ConfigError(f"{where}: on_mismatch={cfg.on_mismatch!r}: choose 'error' or 'base'")
+        if cfg.output_format not in (None, "folder", "safetensors", "ckpt"):
+            raise ConfigError(f"{where}: output_format={cfg.output_format!r}: choose folder, safetensors or ckpt")
+        if cfg.compute_dtype not in ("float32", "float64"):
+            raise ConfigError(f"{where}: compute_dtype={cfg.compute_dtype!r}: choose float32 or float64")
+        if not cfg.models:
+            raise ConfigError(f"{where}: models is empty; list at least one fine-tuned checkpoint")
+    grid = getattr(cfg, "search", None)
+    if isinstance(grid, SearchGrid):
+        _check_grid(grid, where)
+    if isinstance(cfg, (SearchConfig, EvaluateConfig)) and not cfg.tasks:
+        raise ConfigError(f"{where}: tasks is empty; map each task name to its fine-tuned checkpoint")
+    if isinstance(cfg, DemoConfig):
+        unknown = [m for m in cfg.methods if m != LEARNED and m not in METHODS]
+        if unknown:
+            raise ConfigError(f"{where}: methods: unknown method(s) {unknown}; choose from {sorted([*METHODS, LEARNED])}")
+        if len(cfg.tasks) < 2:
+            raise ConfigError(f"{where}: tasks: the demo needs at least two tasks to merge, got {cfg.tasks}")
+
+
+def _check_grid(grid: SearchGrid, where: str) -> None:
+    for name in ("k", "lam"):
+        value = getattr(grid, name)
+        values = value if isinstance(value, list) else [value]
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or value in ("paper", "search")
+        if name == "k" and value is None:
+            ok = True
+        if not ok or (isinstance(value, list) and not value):
+            raise ConfigError(f"{where}: search.{name}={value!r}: expected a number, a non-empty list of numbers or 'paper'")
+    if grid.strategy not in ("grid", "coarse_to_fine"):
+        raise ConfigError(f"{where}: search.strategy={grid.strategy!r}: choose 'grid' or 'coarse_to_fine'")
+
+
+def to_yaml(cfg: Any) -> str:
+    """The fully resolved config as YAML text (what is saved next to every output)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def resolve_target(path: str, key: str) -> Callable[..., Any]:
+    """Import ``package.module:attr`` (or ``package.module.attr``); errors name the config key.
+
+    Example:
+        >>> resolve_target("lightning_ties.demo.data:dataloaders", "data.target").__name__
+        'dataloaders'
+    """
+    import importlib
+
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(f"{key}={path!r}: expected an import path 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{key}={path!r}: cannot import module {module_name!r}: {err}") from None
+    obj = getattr(module, attr, None)
+    if obj is None or not callable(obj):
+        raise ConfigError(f"{key}={path!r}: module {module_name!r} has no callable {attr!r}")
+    return obj
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DemoConfig",
+    "EvaluateConfig",
+    "MergeConfig",
+    "SearchConfig",
+    "SearchGrid",
+    "TargetConfig",
+    "WORKFLOWS",
+    "check_method",
+    "load_config",
+    "method_defaults",
+    "resolve_target",
+    "to_yaml",
+]

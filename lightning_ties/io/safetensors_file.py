@@ -1,0 +1,227 @@
+"""The safetensors format, read and written one tensor at a time with positional file I/O.
+
+We read tensors with ``os.preadv`` into fresh buffers instead of ``safe_open``'s memory map:
+pages of a mapped file stay in the process's resident set for as long as the map lives, so
+streaming four 642 MB checkpoints through ``safe_open`` grows RSS by their whole size, while
+a read into a buffer that is freed after the tensor is merged keeps memory at a few tensors.
+The header is parsed and checked against the file size first, so a truncated or corrupt
+file is reported by name before any work starts.
+
+Writing, the layout (every tensor's offsets) is fixed from shapes and dtypes alone, so the
+header is written first and each tensor is written at its offset whenever it arrives; the
+merged model is never held in memory. Files written here are read back by ``safe_open``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..merging.sources import TensorSpec
+from .errors import CheckpointError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def _nbytes(spec: TensorSpec) -> int:
+    return spec.numel * torch.empty((), dtype=spec.dtype).element_size()
+
+
+class SafetensorsFile:
+    """The header of one ``.safetensors`` file, and positional reads of its tensors.
+
+    Example:
+        >>> import tempfile, safetensors.torch
+        >>> path = tempfile.mkdtemp() + "/m.safetensors"
+        >>> safetensors.torch.save_file({"w": torch.ones(2)}, path)
+        >>> SafetensorsFile(path).get("w")
+        tensor([1., 1.])
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.specs: dict[str, TensorSpec] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        header, data_start, size = self._read_header()
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = data_start
+        for name, entry in header.items():
+            self._add_entry(name, entry, size)
+
+    def _read_header(self) -> tuple[dict, int, int]:
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{self.path}: not a safetensors file ({size} bytes, too short for a header)")
+                (n,) = struct.unpack("<Q", prefix)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise CheckpointError(
+                        f"{self.path}: corrupt or truncated safetensors file (header of {n} bytes, file of {size})"
+                    )
+                raw = f.read(n)
+        except OSError as err:
+            raise CheckpointError(f"{self.path}: cannot read ({err.strerror or err})") from None
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        return header, 8 + n, size
+
+    def _add_entry(self, name: str, entry: object, size: int) -> None:
+        try:
+            dtype = _DTYPES[entry["dtype"]]  # type: ignore[index]
+            shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+            start, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: corrupt header entry for {name!r}: {entry!r}") from None
+        spec = TensorSpec(shape, dtype)
+        if end - start != _nbytes(spec) or start < 0:
+            raise CheckpointError(f"{self.path}: corrupt header entry for {name!r} (offsets do not fit its shape)")
+        if self._data_start + end > size:
+            raise CheckpointError(
+                f"{self.path}: truncated file ({size} bytes, but {name!r} ends at byte {self._data_start + end}); "
+                "re-download or re-save it"
+            )
+        self.specs[name] = spec
+        self._offsets[name] = (start, end)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into a new buffer (nothing stays mapped)."""
+        spec = self.specs[name]
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        start, end = self._offsets[name]
+        if end > start:
+            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                _pread_into(fd, buf, self._data_start + start, self.path)
+            finally:
+                os.close(fd)
+        return out
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{path}: file ended early (truncated while reading?)")
+        done += n
+
+
+def layout_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (length prefix included) and each tensor's absolute file offset.
+
+    Tensors are laid out in the given order; the header is padded with spaces to a multiple
+    of 8 bytes, as the safetensors library does, so that data is aligned.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for name, spec in specs.items():
+        n = _nbytes(spec)
+        header[name] = {"dtype": dtype_name(spec.dtype), "shape": list(spec.shape), "data_offsets": [pos, pos + n]}
+        offsets[name] = pos
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: start + v for k, v in offsets.items()}
+
+
+class SafetensorsWriter:
+    """Write a safetensors file whose layout is fixed up front, tensors in any order.
+
+    Example:
+        >>> import tempfile
+        >>> path = tempfile.mkdtemp() + "/m.safetensors"
+        >>> with SafetensorsWriter(path, {"w": TensorSpec((2,), torch.float32)}) as w:
+        ...     w.write("w", torch.ones(2))
+        >>> SafetensorsFile(path).get("w")
+        tensor([1., 1.])
+    """
+
+    def __init__(self, path: str | os.PathLike[str], specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.specs = dict(specs)
+        header, self._offsets = layout_header(self.specs, {"format": "pt", **(metadata or {})})
+        total = len(header) + sum(_nbytes(s) for s in self.specs.values())
+        self._missing = set(self.specs)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, header)
+        os.ftruncate(self._fd, total)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"{self.path}: {name!r} is not part of this file's layout")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"{self.path}: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, layout says {spec.shape} {spec.dtype}"
+            )
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], self._offsets[name] + done)
+        self._missing.discard(name)
+
+    def close(self) -> None:
+        """fsync and close; every tensor of the layout must have been written."""
+        if self._fd < 0:
+            return
+        try:
+            if self._missing:
+                raise ValueError(f"{self.path}: tensors never written: {sorted(self._missing)[:10]}")
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,282 @@
+"""Sinks: a merged model written as safetensors, a Hugging Face folder, a Lightning checkpoint,
+or loaded into a module. Every file output is atomic (temporary sibling, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..merging.sources import TensorSource, TensorSpec, as_source
+from .atomic import atomic_dir, atomic_file, check_output
+from .safetensors_file import SafetensorsWriter
+from .sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+
+#: Files copied from the base model's folder next to the merged weights.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10**9) or ``"500MiB"`` (2**20).
+
+    Example:
+        >>> parse_size("2GB"), parse_size("1MiB"), parse_size(100)
+        (2000000000, 1048576, 100)
+    """
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"max_shard_size must be a positive size like 5GB or 500MiB, got {size!r}")
+    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
+
+
+def _nbytes(spec: TensorSpec) -> int:
+    return spec.numel * torch.empty((), dtype=spec.dtype).element_size()
+
+
+def plan_shards(specs: Mapping[str, TensorSpec], max_shard_size: int) -> list[dict[str, TensorSpec]]:
+    """Split keys, in order, into shards of at most ``max_shard_size`` bytes (a bigger tensor gets its own)."""
+    shards: list[dict[str, TensorSpec]] = [{}]
+    size = 0
+    for key, spec in specs.items():
+        n = _nbytes(spec)
+        if shards[-1] and size + n > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = spec
+        size += n
+    return shards
+
+
+class ShardedWriter:
+    """Write a Hugging Face weights layout (``model.safetensors`` or shards + index) in any tensor order.
+
+    Every shard's header is written up front from the specs, so tensors go straight to disk
+    as they arrive and the merged model is never held in memory.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> specs = {"a": TensorSpec((2,), torch.float32), "b": TensorSpec((2,), torch.float32)}
+        >>> with ShardedWriter(folder, specs, max_shard_size=8) as w:
+        ...     w.write("b", torch.ones(2)); w.write("a", torch.zeros(2))
+        >>> sorted(p.name for p in folder.iterdir())
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
+    """
+
+    def __init__(self, folder: Path, specs: Mapping[str, TensorSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+        self.folder = Path(folder)
+        shards = plan_shards(specs, parse_size(max_shard_size))
+        n = len(shards)
+        names = [SAFETENSORS_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._writers: list[SafetensorsWriter] = []
+        self._where: dict[str, SafetensorsWriter] = {}
+        self.weight_map: dict[str, str] = {}
+        try:
+            for name, shard in zip(names, shards):
+                writer = SafetensorsWriter(self.folder / name, shard)
+                self._writers.append(writer)
+                for key in shard:
+                    self._where[key] = writer
+                    self.weight_map[key] = name
+        except BaseException:
+            self.abort()
+            raise
+        self.total_size = sum(_nbytes(s) for s in specs.values())
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._where[key].write(key, tensor)
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if len(self._writers) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def copy_model_files(source_folder: str | os.PathLike[str] | None, folder: Path) -> list[str]:
+    """Copy config and tokenizer/processor files of the base folder (those that exist)."""
+    if source_folder is None:
+        return []
+    copied = []
+    for name in MODEL_FILES:
+        src = Path(source_folder) / name
+        if src.is_file():
+            shutil.copy2(src, folder / name)
+            copied.append(name)
+    return copied
+
+
+def _specs(source: TensorSource) -> dict[str, TensorSpec]:
+    return {k: source.spec(k) for k in source.keys()}
+
+
+def save_safetensors(
+    state_dict: Any, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None, overwrite: bool = True
+) -> Path:
+    """Write a state dict (or module, or any source) to one ``.safetensors`` file, atomically.
+
+    Example:
+        >>> import tempfile
+        >>> path = save_safetensors({"w": torch.ones(2)}, tempfile.mkdtemp() + "/m.safetensors")
+        >>> path.name
+        'm.safetensors'
+    """
+    path = check_output(path, overwrite)
+    source = as_source(state_dict, "state_dict")
+    with atomic_file(path) as tmp, SafetensorsWriter(tmp, _specs(source), metadata) as writer:
+        for key in source.keys():
+            writer.write(key, source.get(key))
+    return path
+
+
+def save_hf_folder(
+    state_dict: Any,
+    folder: str | os.PathLike[str],
+    config_from: str | os.PathLike[str] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face model folder: sharded safetensors (+ index) and the base's config files.
+
+    ``config_from`` is the folder whose ``config.json`` and tokenizer/processor files are
+    copied, so ``AutoModel.from_pretrained(folder)`` works.
+
+    Example:
+        >>> import tempfile
+        >>> out = save_hf_folder({"w": torch.ones(2)}, tempfile.mkdtemp() + "/merged")
+        >>> sorted(p.name for p in out.iterdir())
+        ['model.safetensors']
+    """
+    folder = check_output(folder, overwrite)
+    source = as_source(state_dict, "state_dict")
+    with atomic_dir(folder) as tmp:
+        with ShardedWriter(tmp, _specs(source), max_shard_size) as writer:
+            for key in source.keys():
+                writer.write(key, source.get(key))
+        copy_model_files(config_from, tmp)
+    return folder
+
+
+def lightning_version() -> str:
+    """The installed Lightning version, read from package metadata (io does not import Lightning)."""
+    return importlib.metadata.version("pytorch-lightning")
+
+
+def save_lightning_checkpoint(
+    state_dict: Any,
+    path: str | os.PathLike[str],
+    hyper_parameters: Mapping[str, Any] | None = None,
+    prefix: str = "",
+    overwrite: bool = True,
+) -> Path:
+    """Write a ``.ckpt`` that ``YourModule.load_from_checkpoint(path)`` loads, atomically.
+
+    ``prefix`` is the module attribute holding the weights (``"model."`` for a LightningModule
+    that stores its network in ``self.model``); ``hyper_parameters`` are the module's
+    ``__init__`` arguments. The file holds only tensors and plain types, so it loads with
+    ``weights_only=True``.
+
+    Example:
+        >>> import tempfile
+        >>> path = save_lightning_checkpoint({"w": torch.ones(1)}, tempfile.mkdtemp() + "/m.ckpt", prefix="net.")
+        >>> list(torch.load(path, weights_only=True)["state_dict"])
+        ['net.w']
+    """
+    path = check_output(path, overwrite)
+    source = as_source(state_dict, "state_dict")
+    checkpoint = {
+        "state_dict": {prefix + k: source.get(k).contiguous() for k in source.keys()},
+        "pytorch-lightning_version": lightning_version(),
+        "hyper_parameters": dict(hyper_parameters or {}),
+        "epoch": 0,
+        "global_step": 0,
+    }
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint, tmp)
+    return path
+
+
+@dataclass
+class LoadReport:
+    """What ``load_into`` did: keys loaded, and those missing from / unexpected by the module."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def load_into(module: nn.Module, weights: Any, strict: bool = True, **open_kwargs: Any) -> LoadReport:
+    """Load merged weights (a path, state dict or source) into ``module`` and report the key match.
+
+    With ``strict=True`` a mismatch raises one error listing the missing and unexpected keys
+    before anything is copied; with ``strict=False`` the matching keys are loaded.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> load_into(net, {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}).missing
+        []
+    """
+    source = as_source(weights, "weights", **open_kwargs)
+    own = module.state_dict()
+    keys = list(source.keys())
+    report = LoadReport(
+        loaded=[k for k in keys if k in own],
+        missing=[k for k in own if k not in set(keys)],
+        unexpected=[k for k in keys if k not in own],
+    )
+    bad_shapes = [f"{k}: module {tuple(own[k].shape)} vs {tuple(source.spec(k).shape)}" for k in report.loaded if tuple(own[k].shape) != source.spec(k).shape]
+    if bad_shapes or (strict and (report.missing or report.unexpected)):
+        raise ValueError(
+            f"cannot load {source.label} into {type(module).__name__}:"
+            + (f"\n  missing from the weights: {report.missing}" if report.missing else "")
+            + (f"\n  not in the module: {report.unexpected}" if report.unexpected else "")
+            + (f"\n  shapes differ: {bad_shapes}" if bad_shapes else "")
+            + ("\npass strict=False to load the keys that match" if not bad_shapes else "")
+        )
+    module.load_state_dict({k: source.get(k) for k in report.loaded}, strict=False)
+    return report

@@ -1,0 +1,227 @@
+"""An on-disk store of task vectors for continual merging (safetensors, trimmed vectors stored sparsely).
+
+Tasks arrive one at a time. Each fit's task vector tau_t = theta_t - theta_base is trimmed to the
+top-k magnitudes with the engine's exact global threshold and stored in its own safetensors file,
+sparse (flat int32 indices + float32 values) where that is smaller, so a store of t tasks holds
+about 2k of t models on disk, and merging reads one tensor of one task at a time: task t never
+needs t full checkpoints in memory. Per-task heads (float keys not merged) are kept whole.
+
+Because the trim keeps exactly the top-k entries, trimming a stored vector again at the same k
+(or a smaller one) keeps the same entries: merging the stored tasks with TIES at k equals
+``ties_merge`` of the fine-tuned models (up to float rounding of base + tau - base).
+
+Layout::
+
+    root/index.json          {"format": "lightning-ties-task-store", "version": 1, "tasks": [...]}
+    root/base.safetensors    the pretrained weights (written once)
+    root/tasks/<name>.safetensors
+
+Example:
+    >>> import tempfile, torch
+    >>> store = TaskVectorStore(tempfile.mkdtemp(), k=0.5)
+    >>> store.save_base({"w": torch.zeros(4)})
+    >>> store.add("a", {"w": torch.tensor([1.0, -3.0, 0.5, 2.0])})["stored"]
+    2
+    >>> store.task_vector("a")["w"].tolist()
+    [0.0, -3.0, 0.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..merging import MergeResult, MergeSpec, TensorSource, TensorSpec, as_source, merge, merged_task_vector
+from .atomic import atomic_file
+
+FORMAT = "lightning-ties-task-store"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class TaskVectorStore:
+    """Task vectors on disk, added one task at a time and merged lazily.
+
+    Args:
+        root: the store's folder (created if missing).
+        k: trim density applied when a task is added (``None``: store dense, untrimmed vectors).
+            Later merges may use this k or a smaller one exactly.
+        exclude: regexes of keys never merged (per-task heads); they are stored whole.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], k: float | None = 0.2, exclude: str | Sequence[str] | None = None):
+        self.root = Path(root)
+        self.k = k
+        self.exclude = exclude
+        (self.root / "tasks").mkdir(parents=True, exist_ok=True)
+        index = self.root / "index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"{index} is not a {FORMAT} index (format={data.get('format')!r})")
+
+    # ---- index and base ----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Stored task names, in the order they were added."""
+        index = self.root / "index.json"
+        return list(json.loads(index.read_text())["tasks"]) if index.exists() else []
+
+    def _write_index(self, names: list[str]) -> None:
+        with atomic_file(self.root / "index.json") as tmp:
+            tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "tasks": names}, indent=1))
+
+    @property
+    def base_path(self) -> Path:
+        return self.root / "base.safetensors"
+
+    def has_base(self) -> bool:
+        return self.base_path.exists()
+
+    def save_base(self, base: Any) -> None:
+        """Write the pretrained weights once (every task vector is relative to them)."""
+        src = as_source(base, "base")
+        _write(self.base_path, {k: src.get(k).detach().cpu() for k in src.keys()}, {"format": FORMAT})
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        if not self.has_base():
+            raise FileNotFoundError(f"{self.base_path} does not exist; call save_base(base) first")
+        with safe_open(str(self.base_path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    def _base(self, base: Any) -> TensorSource:
+        return as_source(base if base is not None else self.base_state(), "base")
+
+    # ---- tasks -----------------------------------------------------------------------------------
+    def task_path(self, name: str) -> Path:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"task name {name!r} must be letters, digits, '_', '-' or '.'")
+        return self.root / "tasks" / f"{name}.safetensors"
+
+    def add(self, name: str, finetuned: Any, base: Any = None, overwrite: bool = False) -> dict[str, int]:
+        """Store tau = finetuned - base (trimmed at the store's k); returns entry counts.
+
+        Returns:
+            ``{"numel": merged entries, "stored": non-zero entries kept, "bytes": file size}``.
+        """
+        path = self.task_path(name)
+        names = self.names()
+        if name in names and not overwrite:
+            raise FileExistsError(f"task {name!r} is already in the store {self.root}; pass overwrite=True")
+        base_src = self._base(base)
+        spec = MergeSpec("magnitude", k=self.k, sign=None, merge="sum") if self.k is not None and self.k < 1 else (
+            MergeSpec(None, sign=None, merge="sum")
+        )
+        tau = merged_task_vector(base_src, [finetuned], spec, exclude=self.exclude)
+        ft = as_source(finetuned, name, base=base_src)
+        tensors: dict[str, torch.Tensor] = {}
+        shapes: dict[str, list[int]] = {}
+        stored = numel = 0
+        for key, t in tau.items():
+            flat = t.reshape(-1)
+            shapes[key] = list(t.shape)
+            numel += flat.numel()
+            idx = torch.nonzero(flat).squeeze(1)
+            stored += idx.numel()
+            if idx.numel() * 2 < flat.numel() and flat.numel() < 2**31:  # int32 index + value beats dense
+                tensors[f"idx/{key}"] = idx.to(torch.int32)
+                tensors[f"val/{key}"] = flat[idx].contiguous()
+            else:
+                tensors[f"tau/{key}"] = t.contiguous()
+        for key in ft.keys():
+            if key not in tau and ft.spec(key).is_floating:
+                tensors[f"full/{key}"] = ft.get(key).detach().cpu().contiguous()
+        meta = {"format": FORMAT, "k": json.dumps(self.k), "shapes": json.dumps(shapes)}
+        _write(path, tensors, meta)
+        if name not in names:
+            self._write_index([*names, name])
+        return {"numel": numel, "stored": stored, "bytes": path.stat().st_size}
+
+    def source(self, name: str, base: Any = None) -> TaskVectorSource:
+        """Task ``name`` as fine-tuned weights (base + stored tau), read lazily one key at a time."""
+        if name not in self.names():
+            raise KeyError(f"task {name!r} is not in the store {self.root}; stored: {self.names()}")
+        return TaskVectorSource(self.task_path(name), self._base(base), label=f"{self.root}/{name}")
+
+    def task_vector(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored (trimmed) task vector of ``name``, dense."""
+        src = self.source(name, base=None) if self.has_base() else None
+        if src is None:
+            raise FileNotFoundError(f"{self.base_path} does not exist; call save_base(base) first")
+        return {k: src.tau(k) for k in src.merged_keys}
+
+    def merge(self, method: str = "ties", lam: float | None = None, base: Any = None, **params: Any) -> MergeResult:
+        """Merge every stored task (``method``, ``lam`` and parameters as :func:`lightning_ties.merge`)."""
+        names = self.names()
+        if not names:
+            raise ValueError(f"the store {self.root} holds no task yet")
+        base_src = self._base(base)
+        return merge(base_src, [self.source(n, base_src) for n in names], method, lam, exclude=self.exclude, **params)
+
+
+class TaskVectorSource:
+    """A stored task as a :class:`~lightning_ties.merging.TensorSource`: base + tau per key, on demand."""
+
+    def __init__(self, path: Path, base: TensorSource, label: str) -> None:
+        self.path = path
+        self.base = base
+        self.label = label
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a task vector of a {FORMAT} (format={meta.get('format')!r})")
+            self._shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+            self._full = {n[len("full/"):]: TensorSpec(tuple(f.get_slice(n).get_shape()), _dtype(f.get_slice(n).get_dtype()))
+                          for n in names if n.startswith("full/")}
+        self.merged_keys = list(self._shapes)
+        missing = [k for k in self.merged_keys if k not in base.keys()]
+        if missing:
+            raise ValueError(f"{path}: keys {missing[:5]} are not in the base; was this task stored against another base?")
+
+    def keys(self) -> list[str]:
+        return [*self.merged_keys, *(k for k in self._full if k not in self._shapes)]
+
+    def spec(self, key: str) -> TensorSpec:
+        if key in self._shapes:
+            return TensorSpec(self._shapes[key], self.base.spec(key).dtype)
+        return self._full[key]
+
+    def tau(self, key: str) -> torch.Tensor:
+        shape = self._shapes[key]
+        with safe_open(str(self.path), framework="pt") as f:
+            if f"tau/{key}" in f.keys():
+                return f.get_tensor(f"tau/{key}")
+            idx, val = f.get_tensor(f"idx/{key}"), f.get_tensor(f"val/{key}")
+        dense = torch.zeros(math.prod(shape), dtype=val.dtype)
+        dense[idx.long()] = val
+        return dense.reshape(shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._shapes:
+            b = self.base.get(key)
+            if b.dtype == torch.float64:
+                return b + self.tau(key).double()
+            return (b.float() + self.tau(key)).to(b.dtype)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(f"full/{key}")
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    return table.get(name, torch.float32)
+
+
+def _write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    with atomic_file(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=metadata)
+
+
+__all__ = ["TaskVectorSource", "TaskVectorStore"]

@@ -1,0 +1,133 @@
+"""Up-front checks from headers only, and the opt-in that merges the rows two vocabularies share.
+
+A merge of several large files should fail in the first second, with every problem listed
+at once, rather than after minutes on the first bad key. Everything here reads shapes and
+dtypes only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from ..merging.plan import Patterns
+from ..merging.sources import TensorSource, TensorSpec
+
+
+class MergeInputError(ValueError):
+    """The models cannot be merged as given; the message lists every offending key."""
+
+
+def _patterns(patterns: Patterns) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    return [re.compile(p) for p in ([patterns] if isinstance(patterns, str) else patterns)]
+
+
+def _rows_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) >= 1 and a[0] != b[0] and a[1:] == b[1:]
+
+
+def check_compatible(
+    base: TensorSource, models: Sequence[TensorSource], include: Patterns = None, exclude: Patterns = None
+) -> None:
+    """Raise one :class:`MergeInputError` listing every selected key the models cannot merge.
+
+    A key is checked when ``include``/``exclude`` select it and it is floating point in base;
+    every model must then have it, with base's shape, as a floating-point tensor. Reads
+    headers only.
+
+    Example:
+        >>> from lightning_ties.merging import StateDictSource
+        >>> base = StateDictSource({"emb": torch.zeros(4, 2)}, "base")
+        >>> check_compatible(base, [StateDictSource({"emb": torch.zeros(5, 2)}, "ft.safetensors")])
+        Traceback (most recent call last):
+        ...
+        lightning_ties.io.validate.MergeInputError: 1 key(s) cannot be merged:
+          emb: base (4, 2) vs ft.safetensors (5, 2): row counts differ (vocabulary size?); pass common_rows=True to merge the rows they share
+        Fix the inputs, exclude these keys (exclude=[...]), or pass on_mismatch='base' to take them from base.
+    """
+    inc, exc = _patterns(include), _patterns(exclude)
+    model_keys = [set(m.keys()) for m in models]
+    problems: list[str] = []
+    for key in base.keys():
+        if (inc and not any(p.search(key) for p in inc)) or any(p.search(key) for p in exc):
+            continue
+        want = base.spec(key)
+        if not want.is_floating:
+            continue
+        for model, keys in zip(models, model_keys):
+            problem = _problem(key, want, model, keys)
+            if problem:
+                problems.append(f"{key}: {problem}")
+    if problems:
+        raise MergeInputError(
+            f"{len(problems)} key(s) cannot be merged:\n  "
+            + "\n  ".join(problems)
+            + "\nFix the inputs, exclude these keys (exclude=[...]), or pass on_mismatch='base' to take them from base."
+        )
+
+
+def _problem(key: str, want: TensorSpec, model: TensorSource, keys: set[str]) -> str | None:
+    if key not in keys:
+        return f"missing from {model.label}"
+    got = model.spec(key)
+    if got.shape != want.shape:
+        hint = (
+            ": row counts differ (vocabulary size?); pass common_rows=True to merge the rows they share"
+            if _rows_only(got.shape, want.shape)
+            else ""
+        )
+        return f"base {want.shape} vs {model.label} {got.shape}{hint}"
+    if not got.is_floating:
+        return f"{model.label} stores it as {got.dtype}, not floating point"
+    return None
+
+
+class CommonRowsSource:
+    """A model seen with base's row count wherever the two differ only in rows (vocabulary size).
+
+    Extra rows of the model are dropped; rows it lacks are filled with base's, so its task
+    vector there is zero and the merge keeps base's values (the paper's code merges the
+    shared rows of T5 vocabularies the same way). ``aligned`` lists the adjusted keys.
+
+    Example:
+        >>> from lightning_ties.merging import StateDictSource
+        >>> base = StateDictSource({"emb": torch.zeros(3, 2)})
+        >>> ft = CommonRowsSource(StateDictSource({"emb": torch.ones(4, 2)}, "ft"), base)
+        >>> ft.get("emb").shape, ft.aligned
+        (torch.Size([3, 2]), ['emb'])
+    """
+
+    def __init__(self, model: TensorSource, base: TensorSource) -> None:
+        self.model = model
+        self.base = base
+        self.label = model.label
+        base_keys = set(base.keys())
+        self.aligned = [
+            k for k in model.keys() if k in base_keys and _rows_only(model.spec(k).shape, base.spec(k).shape)
+        ]
+        self._aligned = set(self.aligned)
+
+    def __getattr__(self, name: str) -> object:  # files, prefix, folder... of the wrapped source
+        return getattr(self.__dict__["model"], name)
+
+    def keys(self) -> Sequence[str]:
+        return self.model.keys()
+
+    def spec(self, key: str) -> TensorSpec:
+        spec = self.model.spec(key)
+        if key in self._aligned:
+            return TensorSpec(self.base.spec(key).shape, spec.dtype)
+        return spec
+
+    def get(self, key: str) -> torch.Tensor:
+        value = self.model.get(key)
+        if key not in self._aligned:
+            return value
+        rows = self.base.spec(key).shape[0]
+        if value.shape[0] >= rows:
+            return value[:rows]
+        return torch.cat([value, self.base.get(key)[value.shape[0]:].to(value.dtype)])

@@ -1,0 +1,429 @@
+"""TiesMerging: a Trainer callback that merges this run's fine-tuned model with other tasks' models.
+
+Life cycle (each hook short, like Lightning's WeightAveraging):
+
+- ``setup("fit")``: refuse sharded strategies; check tasks, dataloaders, grids and the base's keys
+  (every bad input fails here, before any training step).
+- ``on_fit_start``: capture the base (the module's weights before any step), unless given or restored.
+- ``on_validation_epoch_end``: every ``every_n_val_epochs``, swap in the merge (fixed k, lam), score
+  it on every task, log ``merge/...``, swap the fine-tuned weights back.
+- ``on_fit_end``: merge, search k/lam on the validation dataloaders (or use the paper's k=0.2,
+  lam=1.0 when there are none), and leave the merged model in the module (``apply="merged"``) or
+  write it to ``save_dir`` and keep the fine-tuned weights (``apply="keep"``).
+- ``state_dict``/``load_state_dict``: the base, the search progress and the result travel in
+  checkpoints; with ``save_dir`` the progress is also written after every candidate, so a search
+  interrupted and resumed re-evaluates nothing it finished.
+
+``merging.merge(trainer, pl_module)`` runs the fit-end merge on demand (after fit, from a notebook,
+or from another callback during fit, where a plain loop replaces the Trainer's).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info
+
+from ..merging import as_source, get_method
+from .metrics import MetricsArg, summarize
+from .module import ForwardFn, MultiTaskMergeModule
+from .search import PAPER_DEFAULT_K, PAPER_DEFAULT_LAM, SearchResult, k_grid, lam_grid
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+PROGRESS_FILE = "search_progress.json"
+
+
+class TiesMerging(Callback):
+    """Merge this run's fine-tuned model with other tasks' models at fit end (TIES by default).
+
+    Args:
+        tasks: other tasks, name -> fine-tuned model path (or module / state dict / source).
+        task: the name of this run's task.
+        base: the pretrained model (path or source); ``None`` captures the module at fit start.
+        method: merge method of the registry.
+        k: trim density, a list of them to search, or ``"search"`` (0.1, 0.2, 0.3).
+        lam: a number, a list, or ``"search"``/``"paper"`` (the method's paper grid).
+        val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
+            validation dataloaders evaluate ``task``.
+        metrics: metric template or ``{task: metric}`` (default arg-max accuracy).
+        heads: regexes naming per-task head keys (keys that differ across tasks are heads anyway).
+        objective, mode, strategy, normalize: as in :meth:`MultiTaskMergeModule.search`.
+        every_n_val_epochs: also score the merge every n validation epochs during fit.
+        apply: ``"merged"`` (the module ends holding the merged model) or ``"keep"`` (keep the
+            fine-tuned weights; the merged model is written to ``save_dir``).
+        save_dir: where results (``search.json``, ``search.csv``), progress and (``apply="keep"``)
+            ``merged.safetensors`` go.
+        store: a :class:`~lightning_ties.io.task_store.TaskVectorStore` folder for continual
+            merging: this run's task vector is added there and every stored task is merged.
+        start_from: ``"base"`` or ``"merged"``: with a store, start fitting from the merge so far.
+        method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
+
+    Example:
+        >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
+        >>> merging.lams[:3]
+        [0.8, 0.9, 1.0]
+    """
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Any] | None = None,
+        task: str = "current",
+        base: Any = None,
+        method: str = "ties",
+        k: float | Sequence[float] | str = 0.2,
+        lam: float | Sequence[float] | str = 1.0,
+        val_dataloaders: Mapping[str, Any] | None = None,
+        metrics: MetricsArg = None,
+        heads: str | Sequence[str] | None = None,
+        objective: Any = "mean",
+        mode: str = "max",
+        strategy: str = "grid",
+        normalize: bool = True,
+        every_n_val_epochs: int | None = None,
+        apply: str = "merged",
+        save_dir: str | None = None,
+        store: str | None = None,
+        start_from: str = "base",
+        method_params: Mapping[str, Any] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        forward_fn: ForwardFn | None = None,
+    ) -> None:
+        self.tasks = dict(tasks or {})
+        self.task = task
+        if task in self.tasks:
+            raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
+        if not self.tasks and store is None:
+            raise ValueError("nothing to merge with: give tasks={name: checkpoint} or a store for continual merging")
+        get_method(method)
+        self.method = method
+        self.has_k = "k" in get_method(method).parameters()
+        self.ks: list[float | None] = k_grid(k) if self.has_k else [None]
+        self.lams = lam_grid(method, lam)
+        self.val_dataloaders = dict(val_dataloaders or {})
+        unknown = sorted(set(self.val_dataloaders) - set(self.tasks) - {task})
+        if unknown:
+            raise ValueError(f"val_dataloaders given for unknown task(s) {unknown}; tasks are {sorted(self.tasks)} "
+                             f"and this run's {task!r}")
+        if apply not in ("merged", "keep"):
+            raise ValueError(f"apply must be 'merged' or 'keep', got {apply!r}")
+        if apply == "keep" and save_dir is None:
+            raise ValueError("apply='keep' writes the merged model to save_dir; pass save_dir")
+        if start_from not in ("base", "merged"):
+            raise ValueError(f"start_from must be 'base' or 'merged', got {start_from!r}")
+        if every_n_val_epochs is not None and every_n_val_epochs < 1:
+            raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
+        self.base = base
+        self.metrics, self.heads, self.objective, self.mode = metrics, heads, objective, mode
+        self.strategy, self.normalize, self.every_n_val_epochs = strategy, normalize, every_n_val_epochs
+        self.apply, self.save_dir, self.start_from = apply, save_dir, start_from
+        self.store_dir = store
+        self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
+        self.forward_fn = forward_fn
+        self.result: SearchResult | None = None
+        self._progress: SearchResult | None = None
+        self._base_state: dict[str, torch.Tensor] | None = None
+        self._in_fit_loop = False
+
+    @property
+    def searching(self) -> bool:
+        return len(self.ks) > 1 or len(self.lams) > 1
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(trainer.strategy).__name__
+        if name in _SHARDED:
+            raise RuntimeError(
+                f"TiesMerging does not support the sharded strategy {name}: it reads every parameter whole. "
+                "Use a single device or strategy='ddp'."
+            )
+        self._check_data(trainer)
+        self._check_sources(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._base_state is None:
+            self._base_state = self._capture_base(pl_module)
+        store = self._store()
+        if store is not None:
+            if not store.has_base():
+                store.save_base(self._base_state)
+            if self.start_from == "merged" and store.names():
+                self._load_stored_merge(store, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_fit_loop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_fit_loop = False
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.every_n_val_epochs
+        if n is None or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        if (trainer.current_epoch + 1) % n == 0:
+            self._score_merge_inline(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.merge(trainer, pl_module)
+
+    # ---- merging ------------------------------------------------------------------------------
+    def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SearchResult:
+        """Merge now: search (or fix) k and lam, apply per ``apply``; returns and keeps ``self.result``."""
+        if self._base_state is None:
+            self._base_state = self._capture_base(pl_module)
+        finetuned = _clone_state(pl_module)
+        evaluator = self._evaluator(pl_module, finetuned)
+        loaders = self._dataloaders(trainer)
+        runner = None if self._in_fit_loop else trainer
+        try:
+            if set(loaders) != set(evaluator.tasks):
+                result = self._without_scoring(evaluator, bool(loaders))
+            else:
+                evaluator.fingerprint_extra = {"step": trainer.global_step, "weights": _checksum(finetuned)}
+                evaluator.search_result = self._resume_point(evaluator)
+                result = evaluator.search(
+                    runner, loaders, k=self.ks, lam=self.lams, strategy=self.strategy, objective=self.objective,
+                    mode=self.mode, normalize=self.normalize, on_candidate=lambda _: self._save_progress(evaluator),
+                )
+                result.reason = "search" if self.searching else "fixed k and lam"
+        finally:
+            if runner is not None:
+                _reconnect(trainer, pl_module)
+        self._progress = evaluator.search_result
+        evaluator.use_task(self.task)
+        self.result = result
+        self._log_choice(trainer, result)
+        self._finish(pl_module, finetuned)
+        return result
+
+    def _without_scoring(self, evaluator: MultiTaskMergeModule, some_data: bool) -> SearchResult:
+        """Apply a fixed (k, lam): the paper's recipe when a search had no data, else the given values."""
+        if self.searching:
+            k = PAPER_DEFAULT_K if self.has_k else None
+            lam = PAPER_DEFAULT_LAM if get_method(self.method).searchable else get_method(self.method).lam
+            reason = f"no validation data: paper recipe k={k}, lam={lam}"
+        else:
+            k, lam = self.ks[0], self.lams[0]
+            why = "validation data for some tasks only" if some_data else "no validation data"
+            reason = f"{why}: fixed k={k}, lam={lam}, not scored"
+        rank_zero_info(f"TiesMerging: {reason}")
+        evaluator.apply_merge(k, lam)
+        return SearchResult(method=self.method, reason=reason, chosen=(k, lam))
+
+    def _evaluator(
+        self, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor], add_to_store: bool = True
+    ) -> MultiTaskMergeModule:
+        """The merge of the other tasks (and the store's) with this run's fine-tuned weights."""
+        tasks: dict[str, Any] = dict(self.tasks)
+        store = self._store()
+        if store is not None:
+            if add_to_store:
+                store.add(self.task, finetuned, self._base_state, overwrite=True)
+            for name in store.names():
+                if name != self.task and name not in tasks:
+                    tasks[name] = store.source(name, self._base_state)
+        tasks[self.task] = finetuned
+        return MultiTaskMergeModule(
+            self._base_state, tasks, model=pl_module, heads=self.heads, metrics=self.metrics, method=self.method,
+            k=self.ks[0] if self.ks[0] is not None else PAPER_DEFAULT_K, lam=None,
+            method_params=self.method_params, include=self.include, exclude=self.exclude, forward_fn=self.forward_fn,
+        )
+
+    def _finish(self, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor]) -> None:
+        if self.save_dir is not None and self.result is not None:
+            os.makedirs(self.save_dir, exist_ok=True)
+            self.result.to_json(Path(self.save_dir) / "search.json")
+            self.result.to_csv(Path(self.save_dir) / "search.csv")
+        if self.apply == "keep":
+            _save_merged(pl_module, Path(self.save_dir) / "merged.safetensors")  # type: ignore[arg-type]
+            _load_state(pl_module, finetuned)
+
+    def _score_merge_inline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Score the merge with the first k and the method's lam, then restore the fine-tuned weights."""
+        if self._base_state is None:
+            return
+        finetuned = _clone_state(pl_module)
+        loaders = self._dataloaders(trainer)
+        if not loaders:
+            return
+        evaluator = self._evaluator(pl_module, finetuned, add_to_store=False)
+        try:
+            evaluator.apply_merge(self.ks[0], None)
+            scores = evaluator.validate(None, evaluator.check_dataloaders(loaders))
+        finally:
+            _load_state(pl_module, finetuned)
+        for name, value in summarize(scores).items():
+            pl_module.log(name, value, add_dataloader_idx=False)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def _dataloaders(self, trainer: pl.Trainer) -> dict[str, Any]:
+        loaders = dict(self.val_dataloaders)
+        own = trainer.val_dataloaders
+        if own is not None and self.task not in loaders:
+            loaders[self.task] = own
+        return loaders
+
+    def _check_data(self, trainer: pl.Trainer) -> None:
+        names = set(self.tasks) | {self.task}
+        if self.store_dir is not None:
+            names |= set(self._store().names())  # type: ignore[union-attr]
+        has_own = self.task in self.val_dataloaders or _fit_has_val_data(trainer)
+        given = set(self.val_dataloaders) | ({self.task} if has_own else set())
+        if given and given != names and self.searching:
+            missing = sorted(names - given)
+            raise ValueError(
+                f"task(s) {missing} have no validation dataloader; pass val_dataloaders for every task "
+                f"{sorted(names)} (this run's own val dataloaders evaluate {self.task!r}), or none at all "
+                "to use the paper's recipe k=0.2, lam=1.0"
+            )
+        if not given and self.searching:
+            rank_zero_info(
+                "TiesMerging: no validation data, so k/lam are not searched: the paper's recipe "
+                "k=0.2, lam=1.0 will be used"
+            )
+
+    def _check_sources(self, pl_module: pl.LightningModule) -> None:
+        """Open every source and plan the merge against the module's keys (specs only, no tensors)."""
+        module_state = pl_module.state_dict()
+        base = as_source(self.base, "base") if self.base is not None else as_source(module_state, "module")
+        if self.base is not None:
+            extra = [k for k in base.keys() if k not in module_state]
+            if extra:
+                raise ValueError(
+                    f"base {base.label} has {len(extra)} key(s) the module lacks, e.g. {extra[:5]}; "
+                    f"module keys start with {sorted(module_state)[:5]}"
+                )
+        from ..merging import plan_merge
+
+        sources = [as_source(v, name, base=base) for name, v in self.tasks.items()]
+        if sources:
+            plan_merge(base, sources, self.include, self.exclude, warn=False)
+
+    def _capture_base(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        store = self._store()
+        if store is not None and store.has_base():
+            return store.base_state()
+        if self.base is not None:
+            src = as_source(self.base, "base")
+            return {k: src.get(k).detach().cpu().clone() for k in src.keys()}
+        return _clone_state(pl_module)
+
+    def _load_stored_merge(self, store: Any, pl_module: pl.LightningModule) -> None:
+        """Start this fit from the merge of the stored tasks (with the last chosen k and lam)."""
+        last = self.result
+        k = last.k if last is not None and last.k is not None else (self.ks[0] or PAPER_DEFAULT_K)
+        tasks = {name: store.source(name, self._base_state) for name in store.names()}
+        evaluator = MultiTaskMergeModule(
+            self._base_state, tasks, model=pl_module, heads=self.heads, method=self.method, k=k,
+            method_params=self.method_params, include=self.include, exclude=self.exclude,
+        )
+        evaluator.apply_merge(k, last.lam if last is not None else None)
+
+    def _store(self) -> Any:
+        if self.store_dir is None:
+            return None
+        from ..io.task_store import TaskVectorStore
+
+        return TaskVectorStore(self.store_dir, k=max(k for k in self.ks if k is not None) if self.has_k else None,
+                               exclude=self.heads)
+
+    # ---- progress and state ----------------------------------------------------------------------
+    def _resume_point(self, evaluator: MultiTaskMergeModule) -> SearchResult | None:
+        if self._progress is None and self.save_dir is not None:
+            path = Path(self.save_dir) / PROGRESS_FILE
+            if path.exists():
+                import json
+
+                self._progress = SearchResult.from_dict(json.loads(path.read_text()))
+        return self._progress
+
+    def _save_progress(self, evaluator: MultiTaskMergeModule) -> None:
+        self._progress = evaluator.search_result
+        if self.save_dir is not None and self._progress is not None and _is_rank_zero():
+            os.makedirs(self.save_dir, exist_ok=True)
+            self._progress.to_json(Path(self.save_dir) / PROGRESS_FILE)
+
+    def _log_choice(self, trainer: pl.Trainer, result: SearchResult) -> None:
+        values = {"merge/best/lam": float(result.lam)} if result.lam is not None else {}
+        if result.k is not None:
+            values["merge/best/k"] = float(result.k)
+        if result.best is not None:
+            values["merge/best/objective"] = float(result.best.objective)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        rank_zero_info(f"TiesMerging: {result.reason}; chose k={result.k}, lam={result.lam}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "base": self._base_state if self.store_dir is None else None,
+            "progress": self._progress.to_dict() if self._progress is not None else None,
+            "result": self.result.to_dict() if self.result is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("base") is not None:
+            self._base_state = dict(state_dict["base"])
+        if state_dict.get("progress"):
+            self._progress = SearchResult.from_dict(state_dict["progress"])
+        if state_dict.get("result"):
+            self.result = SearchResult.from_dict(state_dict["result"])
+
+
+def _fit_has_val_data(trainer: pl.Trainer) -> bool:
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    try:
+        return bool(source is not None and source.is_defined())
+    except AttributeError:  # private Lightning API moved: fall back to the fit-end check
+        return trainer.val_dataloaders is not None
+
+
+def _checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """A cheap identity of the fine-tuned weights: cached scores are reused only for the same weights."""
+    total = sum(float(v.double().abs().sum()) for v in state.values() if v.is_floating_point())
+    return f"{total:.12e}"
+
+
+def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _load_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    targets = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in state.items():
+            t = targets[key]
+            if t.shape == value.shape:
+                t.data.copy_(value)
+            else:  # a head swapped to another task's shape
+                t.data = value.to(device=t.device, dtype=t.dtype).clone()
+
+
+def _reconnect(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Give the fit back its module after evaluation ran ``trainer.validate`` on the evaluator."""
+    if trainer.lightning_module is not pl_module:
+        trainer.strategy.connect(pl_module)
+        trainer.state.fn = TrainerFn.FITTING
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _save_merged(module: torch.nn.Module, path: Path) -> None:
+    from ..io.sinks import save_safetensors
+
+    if _is_rank_zero():  # every rank holds the same merge; one writes it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(_clone_state(module), path)
+
+
+__all__ = ["TiesMerging"]

@@ -1,0 +1,95 @@
+"""Continual merging: the on-disk task-vector store, alone and driven by TiesMerging over three fits."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from test_lightning_helpers import Recorder, pretrained, quiet_trainer, task_data
+
+from lightning_ties import TiesMerging, ties_merge
+from lightning_ties.io.task_store import TaskVectorStore
+
+
+def test_a_trimmed_vector_is_stored_sparsely_and_read_back_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(100, 50, generator=g), "b": torch.randn(50, generator=g)}
+    ft = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    store = TaskVectorStore(tmp_path, k=0.1)
+    store.save_base(base)
+    counts = store.add("a", ft)
+    assert counts == {"numel": 5050, "stored": 505, "bytes": counts["bytes"]}
+    dense_bytes = 5050 * 4
+    assert counts["bytes"] < 0.25 * dense_bytes  # 10% kept, index + value each
+    tau = store.task_vector("a")
+    expected = ties_merge(base, [ft], k=0.1, lam=1.0)  # one task: base + its trimmed vector
+    for key in base:
+        torch.testing.assert_close(base[key] + tau[key], expected[key])
+
+
+def test_store_errors_name_the_problem(tmp_path):
+    store = TaskVectorStore(tmp_path)
+    with pytest.raises(FileNotFoundError, match="save_base"):
+        store.add("a", {"w": torch.ones(2)})
+    store.save_base({"w": torch.zeros(2)})
+    store.add("a", {"w": torch.ones(2)})
+    with pytest.raises(FileExistsError, match="already in the store"):
+        store.add("a", {"w": torch.ones(2)})
+    with pytest.raises(ValueError, match="task name 'a/b'"):
+        store.add("a/b", {"w": torch.ones(2)})
+    with pytest.raises(KeyError, match="'zzz' is not in the store"):
+        store.source("zzz")
+    assert store.names() == ["a"]
+
+
+@pytest.mark.parametrize("merge_k", [0.2, 0.1])
+def test_merging_stored_tasks_equals_ties_merge_of_the_fine_tuned_models(tmp_path, merge_k):
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(40, 30, generator=g), "v": torch.randn(30, generator=g)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    store = TaskVectorStore(tmp_path, k=0.2)
+    store.save_base(base)
+    for i, ft in enumerate(fts):
+        store.add(f"t{i}", ft)
+    merged = store.merge("ties", lam=1.3, k=merge_k)
+    oracle = ties_merge(base, fts, k=merge_k, lam=1.3)
+    for key in base:
+        torch.testing.assert_close(merged[key], oracle[key], atol=1e-6, rtol=1e-6)
+
+
+def test_three_fits_with_the_callback_equal_ties_merge_of_the_three_fine_tuned_models(tmp_path):
+    base = {k: v.clone() for k, v in pretrained().state_dict().items()}
+    finetuned = []
+    for i, name in enumerate(["t1", "t2", "t3"]):
+        merging = TiesMerging(task=name, store=str(tmp_path / "store"), k=0.2, lam=1.0)
+        model = pretrained()  # each fit starts from the pretrained base
+        trainer = quiet_trainer(max_epochs=1, callbacks=[merging])
+        recorder = Recorder()
+        trainer.callbacks.insert(0, recorder)
+        trainer.fit(model, task_data(10 + i))
+        finetuned.append(recorder.state)
+        assert TaskVectorStore(tmp_path / "store").names() == ["t1", "t2", "t3"][: i + 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = ties_merge(base, finetuned, k=0.2, lam=1.0)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, oracle[key], atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_start_from_merged_begins_the_next_fit_at_the_merge_so_far(tmp_path):
+    store_dir = str(tmp_path / "store")
+    first = TiesMerging(task="t1", store=store_dir)
+    quiet_trainer(max_epochs=1, callbacks=[first]).fit(pretrained(), task_data(10))
+    merged_so_far = TaskVectorStore(store_dir).merge("ties", lam=1.0, k=0.2)
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    second = TiesMerging(task="t2", store=store_dir, start_from="merged")
+    at_start = AtStart()
+    quiet_trainer(max_epochs=1, callbacks=[second, at_start]).fit(pretrained(), task_data(11))
+    for key, value in merged_so_far.items():
+        torch.testing.assert_close(at_start.state[key], value, msg=key)

@@ -1,0 +1,82 @@
+"""The exact streaming threshold equals the sort/kthvalue one, whatever the data holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_ties.merging import MagnitudeSelector, keep_count, top_magnitude_threshold
+
+
+def awkward_values(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values with many exact ties, zeros (both signs) and denormals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    x[torch.rand(n, generator=g) < 0.3] = 0.0
+    x[torch.rand(n, generator=g) < 0.1] = -0.0
+    tied = torch.rand(n, generator=g) < 0.3
+    x[tied] = torch.tensor([0.5, -0.5, 1.25])[torch.randint(0, 3, (int(tied.sum()),), generator=g)].double()
+    x = x.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    denormal = torch.rand(n, generator=g) < 0.1
+    steps = torch.randint(1, 50, (int(denormal.sum()),), generator=g).to(dtype)
+    x[denormal] = steps * (tiny / 2**20) * torch.where(torch.rand(steps.shape, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    assert bool((x[denormal] != 0).all()) and bool((x[denormal].abs() < tiny).all())
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [0.01, 0.05, 0.2, 0.5, 0.65, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_threshold_equals_kthvalue(dtype: torch.dtype, k: float, seed: int) -> None:
+    x = awkward_values(5003, dtype, seed)
+    n = x.numel()
+    m = keep_count(k, n)
+    expected = x.abs().kthvalue(n - m + 1).values  # the m-th largest magnitude
+    got = top_magnitude_threshold(x, k)
+    assert got.value == expected.item()
+    assert got.n_greater == int((x.abs() > expected).sum())
+    assert got.n_equal == int((x.abs() == expected).sum())
+    assert got.kept == m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_threshold_over_a_stream_of_tensors_equals_the_flattened_one(dtype: torch.dtype) -> None:
+    parts = [awkward_values(n, dtype, seed) for seed, n in enumerate([1, 700, 33, 4000])]
+    flat = torch.cat(parts)
+    m = keep_count(0.3, flat.numel())
+    expected = flat.abs().kthvalue(flat.numel() - m + 1).values.item()
+    assert top_magnitude_threshold(parts, 0.3).value == expected
+
+
+def test_threshold_of_denormals_only() -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]) * tiny / 8
+    assert top_magnitude_threshold(x, 0.5).value == x[2].item()
+
+
+def test_keep_count_is_int_k_n() -> None:
+    assert keep_count(0.2, 10) == 2
+    assert keep_count(0.2, 9) == 1
+    assert keep_count(1.0, 7) == 7
+
+
+def test_selector_refuses_nan_and_inf_naming_the_tensor() -> None:
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        sel = MagnitudeSelector(m=1)
+        with pytest.raises(ValueError, match="layer.weight holds NaN or Inf"):
+            sel.observe(torch.tensor([1.0, bad]), name="layer.weight")
+
+
+def test_selector_result_before_the_end_is_an_error() -> None:
+    sel = MagnitudeSelector(m=1)
+    sel.observe(torch.tensor([1.0]))
+    with pytest.raises(RuntimeError, match="not finished"):
+        sel.result()
+
+
+def test_selector_refuses_more_than_it_saw() -> None:
+    sel = MagnitudeSelector(m=3)
+    sel.observe(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="3-th largest of 2"):
+        sel.next_pass()

@@ -1,0 +1,140 @@
+"""The steps of TIES-Merging on a 3-task x 5-entry example small enough to check by hand.
+
+Given base = 1 everywhere and three fine-tuned models whose task vectors are
+
+    tau_1 = [ 1.5, -2.0,  0.1,  1.0,  0.0]
+    tau_2 = [-1.0,  0.3,  0.2, -3.0, -0.05]
+    tau_3 = [ 2.0, -0.2, -0.6,  0.9, -0.1]
+
+trim with k=0.4 keeps int(0.4 * 5) = 2 entries of each task (its two largest |tau|):
+
+    trimmed_1 = [ 1.5, -2.0, 0, 0,    0]
+    trimmed_2 = [-1.0,  0,   0, -3.0, 0]
+    trimmed_3 = [ 2.0,  0,   0,  0.9, 0]
+
+elect ("mass"): sums [2.5, -2.0, 0, -2.1, 0] -> signs [+, -, 0, -, 0]; the zeros have no
+candidate, and the majority (sum of signs = -1) makes them -1: gamma = [+1, -1, -1, -1, -1].
+
+disjoint mean: entry 0 averages the agreeing 1.5 and 2.0 (drops -1.0) -> 1.75; entry 1 -> -2.0;
+entry 3 keeps only -3.0 (drops 0.9) -> -3.0: tau_m = [1.75, -2.0, 0, -3.0, 0].
+lam = 0.5: theta = 1 + 0.5 * tau_m = [1.875, 0.0, 1.0, -0.5, 1.0].
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_ties import ties_merge
+from lightning_ties.merging import (
+    disjoint_components,
+    disjoint_merge,
+    elect_sign,
+    sign_score,
+    task_vector,
+    trim,
+    trim_mask,
+    top_magnitude_threshold,
+)
+
+BASE = torch.ones(5)
+TAUS = torch.tensor(
+    [
+        [1.5, -2.0, 0.1, 1.0, 0.0],
+        [-1.0, 0.3, 0.2, -3.0, -0.05],
+        [2.0, -0.2, -0.6, 0.9, -0.1],
+    ]
+)
+TRIMMED = torch.tensor(
+    [
+        [1.5, -2.0, 0.0, 0.0, 0.0],
+        [-1.0, 0.0, 0.0, -3.0, 0.0],
+        [2.0, 0.0, 0.0, 0.9, 0.0],
+    ]
+)
+GAMMA = torch.tensor([1.0, -1.0, -1.0, -1.0, -1.0])
+TAU_M = torch.tensor([1.75, -2.0, 0.0, -3.0, 0.0])
+
+
+def fine_tuned_models() -> list[dict[str, torch.Tensor]]:
+    return [{"w": BASE + tau} for tau in TAUS]
+
+
+def test_task_vector_is_fine_tuned_minus_base_in_float32() -> None:
+    ft = torch.tensor([1.5, 0.0], dtype=torch.bfloat16)
+    tau = task_vector(torch.tensor([1.0, 1.0], dtype=torch.bfloat16), ft)
+    assert tau.dtype == torch.float32
+    assert tau.tolist() == [0.5, -1.0]
+
+
+def test_trim_keeps_the_two_largest_magnitudes_of_each_task() -> None:
+    assert torch.equal(trim(TAUS, k=0.4), TRIMMED)
+
+
+def test_trim_with_k_one_keeps_everything() -> None:
+    assert torch.equal(trim(TAUS, k=1.0), TAUS)
+
+
+def test_trim_mask_keeps_first_ties_in_flat_order() -> None:
+    # given four entries tied at |x| = 1 and k asking for two of them
+    x = torch.tensor([1.0, -1.0, 0.5, 1.0, -1.0])
+    threshold = top_magnitude_threshold(x, k=0.4)
+    # then the first two ties (flat positions 0 and 1) are kept, the later ones dropped
+    assert threshold.value == 1.0 and threshold.n_equal == 4 and threshold.ties_to_keep == 2
+    assert trim_mask(x.abs(), threshold).tolist() == [True, True, False, False, False]
+
+
+def test_elect_sign_mass_uses_majority_for_zero_sums() -> None:
+    assert sign_score(TRIMMED).tolist() == pytest.approx([2.5, -2.0, 0.0, -2.1, 0.0])
+    assert torch.equal(elect_sign(TRIMMED), GAMMA)
+
+
+def test_elect_sign_count_is_the_sign_of_the_vote() -> None:
+    # votes per entry: [+1 -1 +1, -1, 0, -1 +1, 0] = [1, -1, 0, 0, 0]; majority 0 -> +1
+    assert sign_score(TRIMMED, "count").tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]
+    assert elect_sign(TRIMMED, "count").tolist() == [1.0, -1.0, 1.0, 1.0, 1.0]
+
+
+def test_disjoint_merge_variants() -> None:
+    assert torch.allclose(disjoint_merge(TRIMMED, GAMMA, "mean"), TAU_M)
+    assert torch.allclose(disjoint_merge(TRIMMED, GAMMA, "sum"), torch.tensor([3.5, -2.0, 0.0, -3.0, 0.0]))
+    assert torch.allclose(disjoint_merge(TRIMMED, GAMMA, "max"), torch.tensor([2.0, -2.0, 0.0, -3.0, 0.0]))
+    assert torch.allclose(
+        disjoint_merge(TRIMMED, GAMMA, "task_mean"), torch.tensor([3.5 / 3, -2.0 / 3, 0.0, -1.0, 0.0])
+    )
+
+
+def test_disjoint_merge_without_election_averages_every_non_zero_value() -> None:
+    # entry 0: (1.5 - 1 + 2) / 3; entry 3: (-3 + 0.9) / 2
+    expected = torch.tensor([2.5 / 3, -2.0, 0.0, -2.1 / 2, 0.0])
+    assert torch.allclose(disjoint_merge(TRIMMED, None, "mean"), expected)
+
+
+def test_disjoint_components_are_each_tasks_share() -> None:
+    deltas = disjoint_components(TRIMMED, GAMMA, "mean")
+    expected = torch.tensor(
+        [
+            [0.75, -2.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, -3.0, 0.0],
+            [1.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    assert torch.allclose(deltas, expected)
+    assert torch.allclose(deltas.sum(0), TAU_M)
+
+
+def test_disjoint_components_refuse_max() -> None:
+    with pytest.raises(ValueError, match="'max' has no per-task components"):
+        disjoint_components(TRIMMED, GAMMA, "max")
+
+
+def test_ties_merge_end_to_end_applies_lam() -> None:
+    merged = ties_merge({"w": BASE}, fine_tuned_models(), k=0.4, lam=0.5)
+    assert torch.allclose(merged["w"], torch.tensor([1.875, 0.0, 1.0, -0.5, 1.0]))
+    assert merged.report.merged_keys == ["w"]
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_engine_matches_the_hand_computed_steps(scope: str) -> None:
+    merged = ties_merge({"w": BASE}, fine_tuned_models(), k=0.4, lam=1.0, scope=scope)
+    assert torch.allclose(merged["w"] - BASE, TAU_M)
