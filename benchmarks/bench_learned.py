@@ -269,12 +269,13 @@ def main() -> None:
     parser.add_argument("--grid-stride", type=int, default=2, help="use every n-th lam of the paper's grids")
     parser.add_argument("--objective", default="ce", choices=["ce", "entropy"])
     parser.add_argument("--finetune-only", action="store_true", help="only build the fine-tuned cache")
+    parser.add_argument("--tasks", nargs="+", default=list(TASK_LOADERS), choices=list(TASK_LOADERS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(SEED)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-    tasks = {name: load() for name, load in TASK_LOADERS.items()}
+    tasks = {name: TASK_LOADERS[name]() for name in args.tasks}
     data = {name: loaders(t, args.val_cap, args.test_cap) for name, t in tasks.items()}
     for t in tasks.values():
         sizes = {p: len(dl.dataset) for p, dl in data[t.name].items()}

@@ -168,14 +168,17 @@ class TaskScorer:
     Args:
         module: the multitask module (base, tasks, per-task heads).
         trainer: runs Lightning's validation loop (loggers, progress).
+        tasks: the task name -> fine-tuned model mapping the module was built from (to score
+            other weights with the same per-task heads).
     """
 
-    def __init__(self, module: Any, trainer: Any) -> None:
+    def __init__(self, module: Any, trainer: Any, tasks: Mapping[str, Any]) -> None:
         self.module = module
         self.trainer = trainer
+        self.tasks = dict(tasks)
 
-    def _validate(self, loaders: Mapping[str, Any]) -> dict[str, float]:
-        scores = self.module.validate(self.trainer, {t: [dl] for t, dl in loaders.items()})
+    @staticmethod
+    def _first(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         return {t: float(next(iter(v.values()))) for t, v in scores.items()}
 
     def metric_name(self) -> str:
@@ -183,49 +186,38 @@ class TaskScorer:
 
     def base(self, loaders: Mapping[str, Any]) -> dict[str, float]:
         """The pretrained weights with each task's head (lam = 0)."""
-        method = self.module.method
-        self.module.method = "task_arithmetic"  # lam=0 of any method is the base; this one computes no trim
-        try:
-            self.module.apply_merge(lam=0.0)
-        finally:
-            self.module.method = method
-        return self._validate(loaders)
+        return self.merged(loaders, "task_arithmetic", None, 0.0)  # lam=0 of any method is the base
 
     def finetuned(self, loaders: Mapping[str, Any]) -> dict[str, float]:
-        """Each fine-tuned model on its own task."""
-        out = {}
-        for task, dl in loaders.items():
-            self.module.load_task(task)
-            out.update(self._validate({task: dl}))
-        return out
+        """Each fine-tuned model on its own task (on ``loaders``, not the module's cached reference)."""
+        cached = self.module.reference
+        self.module.reference = {}
+        try:
+            return self._first(self.module.measure_finetuned(self.trainer, dict(loaders)))
+        finally:
+            self.module.reference = cached
 
     def merged(self, loaders: Mapping[str, Any], method: str, k: float | None, lam: float | None) -> dict[str, float]:
         """``method`` at fixed (k, lam)."""
         self.module.method = method
-        self.module.apply_merge(k=k, lam=lam)
-        return self._validate(loaders)
+        return self._first(self.module.evaluate(self.trainer, dict(loaders), k=k, lam=lam))
 
     def weights(self, loaders: Mapping[str, Any], weights: Any) -> dict[str, float]:
-        """Given merged weights (path, state dict or source): their merged keys, each task with its own head."""
-        import torch
+        """Given merged weights (path, state dict or source), each task with its own head.
 
-        from .merging import as_source
+        The weights become the base of a second module over the same tasks, scored at lam = 0,
+        so they run through the same validation loop and head swapping as every merge.
+        """
+        import copy
 
-        src = as_source(weights, "weights")
-        have = set(src.keys())
-        missing = [k for k in self.module.plan.merge_keys if k not in have]
-        if missing:
-            raise CommandError(f"{getattr(src, 'label', 'weights')}: lacks merged key(s) {missing[:5]} of the base")
-        targets = self.module.model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for key in self.module.plan.merge_keys:
-                t = targets[key]
-                value = src.get(key)
-                if tuple(value.shape) != tuple(t.shape):
-                    raise CommandError(f"{src.label}: {key} has shape {tuple(value.shape)}, the model {tuple(t.shape)}")
-                t.data.copy_(value)
-        self.module.current = None
-        return self._validate(loaders)
+        from .lightning import MultiTaskMergeModule
+
+        # its own copy of the architecture: the main module tracks which head its model holds
+        module = MultiTaskMergeModule(
+            weights, self.tasks, model=copy.deepcopy(self.module.model), heads=_exact(self.module.head_keys) or None,
+            method="task_arithmetic",
+        )
+        return self._first(module.evaluate(self.trainer, dict(loaders), lam=0.0))
 
     def search(self, loaders: Mapping[str, Any], method: str, grid: Any, on_candidate: Callable[[Any], None] | None = None) -> Any:
         """Search (k, lam) on ``loaders``; the chosen merge is left applied."""
@@ -340,7 +332,7 @@ def _module_for(cfg: SearchConfig | EvaluateConfig, model: Any, method: Mapping[
 
     name, lam, params = _method_args(method or {"name": "ties"})
     k = params.pop("k", 0.2)
-    return MultiTaskMergeModule(
+    module = MultiTaskMergeModule(
         cfg.base,
         dict(cfg.tasks),
         model=model,
@@ -352,6 +344,7 @@ def _module_for(cfg: SearchConfig | EvaluateConfig, model: Any, method: Mapping[
         include=cfg.include,
         exclude=cfg.exclude,
     )
+    return module
 
 
 def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
@@ -373,7 +366,7 @@ def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
         pl.seed_everything(cfg.seed, verbose=False)
         learned = name == LEARNED
         module = _module_for(cfg, model, None if learned else cfg.method)
-        scorer = TaskScorer(module, make_trainer(logger))
+        scorer = TaskScorer(module, make_trainer(logger), cfg.tasks)
         split = cfg.data.test_split or cfg.data.val_split
         report = RunReport(f"lightning-ties search: {name}", list(cfg.tasks), metric=scorer.metric_name(), split=split)
         report.config = {"file": config_path}
@@ -458,7 +451,7 @@ def run_evaluate(cfg: EvaluateConfig, console: Console, config_path: str) -> int
         import pytorch_lightning as pl
 
         pl.seed_everything(cfg.seed, verbose=False)
-        scorer = TaskScorer(_module_for(cfg, model), make_trainer(logger))
+        scorer = TaskScorer(_module_for(cfg, model), make_trainer(logger), cfg.tasks)
         report = RunReport("lightning-ties evaluate", list(cfg.tasks), metric=scorer.metric_name(), split=cfg.split)
         report.config = {"file": config_path}
         report.add_row(ResultRow("base (pretrained)", "base", "reference", scorer.base(loaders)))

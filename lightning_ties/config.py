@@ -132,7 +132,7 @@ class EvaluateConfig:
 
 @dataclass
 class DemoModel:
-    hidden: int = 64
+    hidden: int = 32
     depth: int = 2
 
 
@@ -148,6 +148,7 @@ class DemoData:
     val_fraction: float = 0.2
     test_fraction: float = 0.3
     train_limit: Optional[int] = None
+    source_digits: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
 
 
 @dataclass
@@ -159,14 +160,14 @@ class DemoConfig:
     """
 
     tasks: List[str] = field(
-        default_factory=lambda: ["digit_rot90", "parity_flip", "ge5_invert", "mod3_rot180", "loop_transpose", "digit_invert"]
+        default_factory=lambda: ["digit", "parity", "ge5", "mod3", "loop"]
     )
     methods: List[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "learned"])
     seed: int = 0
     data: DemoData = field(default_factory=DemoData)
     model: DemoModel = field(default_factory=DemoModel)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3))
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=3e-4))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
     search: SearchGrid = field(default_factory=SearchGrid)
     learned: Dict[str, Any] = field(
         default_factory=lambda: {"granularity": "layer", "max_epochs": 10, "lr": 0.01, "holdout": 0.3}
@@ -188,7 +189,7 @@ WORKFLOWS: dict[str, type] = {
 #: What ``fast=true`` changes in the demo: the reduced mode the tests run (seconds).
 DEMO_FAST = {
     "data": {"train_limit": 300},
-    "model": {"hidden": 32},
+    "model": {"hidden": 16},
     "pretrain": {"epochs": 4},
     "finetune": {"epochs": 2},
     "search": {"k": [0.2], "lam": [0.4, 1.0], "strategy": "grid"},
@@ -351,7 +352,7 @@ def load_config(
     """
     cfg: DictConfig = OmegaConf.structured(schema)
     has_method = "method" in cfg
-    method: dict[str, Any] = dict(cfg.method) if has_method else {}
+    method: dict[str, Any] = method_defaults(cfg.method["name"]) if has_method else {}
     config_dir = Path(path).parent if path is not None else None
     layers: list[tuple[str, Any]] = list(presets)
     if path is not None:
@@ -402,6 +403,11 @@ def _check_choices(cfg: Any, where: str) -> None:
         unknown = [m for m in cfg.methods if m != LEARNED and m not in METHODS]
         if unknown:
             raise ConfigError(f"{where}: methods: unknown method(s) {unknown}; choose from {sorted([*METHODS, LEARNED])}")
+        if LEARNED in cfg.methods:
+            try:
+                check_method({"name": LEARNED, **cfg.learned}, where, allow_learned=True)
+            except ConfigError as err:
+                raise ConfigError(str(err).replace("method.", "learned.")) from None
         if len(cfg.tasks) < 2:
             raise ConfigError(f"{where}: tasks: the demo needs at least two tasks to merge, got {cfg.tasks}")
 

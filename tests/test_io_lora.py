@@ -27,6 +27,10 @@ def adapt(model, folder, seed: int, **lora):
     """Wrap ``model`` with a LoRA adapter with random (non-zero) A and B, save it, return merged weights."""
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():  # "train" the saved copies of modules_to_save, so that they differ from base
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param))
     peft_model.save_pretrained(folder)
     return {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
 

@@ -139,6 +139,18 @@ def test_first_forward_equals_ties_merge(setup, granularity):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_separate_base_is_written_into_the_model_architecture(setup):
+    base, tasks, loaders = setup
+    architecture = Net(n_out=3)  # other random weights
+    module = LearnedMergeModule(architecture, tasks, loaders, base=base.state_dict(), holdout=0.0)
+    expected = ties_merge(base, list(tasks.values()), k=0.2, lam=1.0, exclude=r"^head\.")
+    merged = module.merged_state_dict()
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="has no parameter"):
+        LearnedMergeModule(Net(), tasks, loaders, method="task_arithmetic", k=0.3)
+
+
 def test_first_forward_equals_task_arithmetic_and_scaled_ties(setup):
     base, tasks, loaders = setup
     module = LearnedMergeModule(base, tasks, loaders, method="task_arithmetic", holdout=0.0)
@@ -203,7 +215,7 @@ def test_training_moves_coefficients_towards_the_helpful_task():
     y = (x @ u > 0).long()
     loaders = {t: DataLoader(TensorDataset(x, y), batch_size=16) for t in tasks}
     result = learn_coefficients(base, tasks, loaders, method="task_arithmetic", lam=0.5, granularity="task",
-                                lr=0.05, max_epochs=15, trainer_kwargs=QUIET)
+                                lr=0.1, max_epochs=6, trainer_kwargs=QUIET)
     lam_a, lam_b = result.coefficients[:, 0].tolist()
     assert lam_a > 0.8 and lam_b < 0.2, (lam_a, lam_b)
     assert result.history[0]["stage"] == "init"
@@ -305,6 +317,34 @@ def test_shared_output_model_uses_one_merged_model_for_every_task():
     torch.testing.assert_close(module.task_forward("a", (x, None), params), module.task_forward("b", (x, None), params))
 
 
+def test_result_saves_through_the_io_sinks_with_its_coefficients(setup, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from lightning_ties.io import load_torch_file
+    from lightning_ties.lightning.learned import plot_coefficients
+
+    base, tasks, loaders = setup
+    result = learn_coefficients(base, tasks, loaders, lr=0.05, max_epochs=1, trainer_kwargs=QUIET)
+    want = result.task_state_dict("a")
+    path = result.save(tmp_path / "a.safetensors", task="a")
+    with safe_open(str(path), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in want.items())
+        assert json.loads(f.metadata()["lightning_ties.learned"])["coefficients"] == result.coefficient_table()
+    ckpt = load_torch_file(result.save(tmp_path / "a.ckpt", task="a"))
+    assert torch.equal(ckpt["state_dict"]["head.weight"], want["head.weight"])
+    assert ckpt["hyper_parameters"]["learned_merge"]["groups"] == result.groups
+    folder = result.save(tmp_path / "merged", task="b")
+    card = (folder / "README.md").read_text()
+    assert "| task | layers.0 | layers.2 |" in card and f"{result.coefficients[1, 0]:.3f}" in card
+    assert json.loads((folder / "learned_merge.json").read_text())["head_of"] == "b"
+    with pytest.raises(FileExistsError):
+        result.save(folder)
+    png = plot_coefficients(result.coefficient_table(), tmp_path / "lam.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
 # ---- checkpoints ----------------------------------------------------------------------------
 class CoefficientsAtStart(Callback):
     def on_train_start(self, trainer, pl_module):
@@ -319,7 +359,7 @@ def test_resume_from_checkpoint_continues_training(setup, tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     opts = {**QUIET, "enable_checkpointing": True}
     pl.Trainer(max_epochs=2, callbacks=[ckpt], **opts).fit(first)
-    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert set(saved["state_dict"]) == {"coefficients", "initial_coefficients", "best_coefficients", "best_score"}
     torch.testing.assert_close(saved["state_dict"]["coefficients"], first.coefficients.detach())
 

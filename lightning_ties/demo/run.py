@@ -62,10 +62,10 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def pretrain(cfg: DemoConfig, suite: DigitsSuite) -> DigitsNet:
-    """The shared starting point: a DigitsNet trained on the source task (upright digits, identity)."""
+    """The shared starting point: a DigitsNet trained on the source task (identity of ``data.source_digits``)."""
     torch.manual_seed(cfg.seed)
     base = DigitsNet(num_classes=10, hidden=cfg.model.hidden, depth=cfg.model.depth)
-    x, y = suite.split(SOURCE_TASK, "train")
+    x, y = suite.split(SOURCE_TASK, "train", digits=cfg.data.source_digits)
     return fit_classifier(base, x, y, cfg.pretrain.epochs, cfg.pretrain.lr, True, cfg.seed, cfg.pretrain.batch_size)
 
 
@@ -79,6 +79,17 @@ def finetune(cfg: DemoConfig, suite: DigitsSuite, base: DigitsNet, index: int) -
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads: the demo's tiny matrices run fastest on one, and share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_models(
     cfg: DemoConfig, suite: DigitsSuite, say: Progress
 ) -> tuple[DigitsNet, dict[str, dict[str, torch.Tensor]], dict[str, float]]:
@@ -87,7 +98,7 @@ def train_models(
     t0 = time.perf_counter()
     base = pretrain(cfg, suite)
     timings["pretrain_s"] = time.perf_counter() - t0
-    say(f"pretrained the base on {SOURCE_TASK!r} ({timings['pretrain_s']:.1f}s)")
+    say(f"pretrained the base on digits {list(cfg.data.source_digits)} ({timings['pretrain_s']:.1f}s)")
     finetuned = {}
     t1 = time.perf_counter()
     for i, name in enumerate(cfg.tasks):
@@ -118,7 +129,7 @@ def build_scorer(
 
     arch = DigitsNet(num_classes=10, hidden=cfg.model.hidden, depth=cfg.model.depth)
     module = MultiTaskMergeModule(base.state_dict(), dict(finetuned), model=arch, heads=[HEAD_PATTERN])
-    return TaskScorer(module, make_trainer(logger))
+    return TaskScorer(module, make_trainer(logger), finetuned)
 
 
 def learn(cfg: DemoConfig, base: DigitsNet, finetuned: Mapping[str, Any], val: Mapping[str, Any]) -> Any:
@@ -181,7 +192,7 @@ def run_demo(
 
     t_start = time.perf_counter()
     suite = make_suite(cfg)
-    with quiet_lightning():
+    with quiet_lightning(), torch_threads(1):
         base, finetuned, timings = train_models(cfg, suite, say)
         ckpts = save_checkpoints(Path(out_dir), base, finetuned) if out_dir is not None else {}
         val = {t: suite.dataloader(t, "val") for t in cfg.tasks}
@@ -249,7 +260,7 @@ def run_continual(
     if not methods:
         raise ValueError(f"continual merging needs a method with lam in methods, got {cfg.methods}")
     report = RunReport("lightning-ties continual merging: digits suite", list(cfg.tasks), split="test")
-    with quiet_lightning():
+    with quiet_lightning(), torch_threads(1):
         base = pretrain(cfg, suite)
         store = TaskVectorStore(Path(out_dir) / "task_store", k=None, exclude=[HEAD_PATTERN])
         if store.has_base():  # a rerun into the same folder starts a fresh sequence
@@ -272,7 +283,7 @@ def run_continual(
             module = MultiTaskMergeModule(
                 store.base_state(), {t: store.source(t) for t in seen}, model=arch, heads=[HEAD_PATTERN]
             )
-            scorer = TaskScorer(module, trainer)
+            scorer = TaskScorer(module, trainer, {t: store.source(t) for t in seen})
             seen_val = {t: val[t] for t in seen}
             seen_test = {t: test[t] for t in seen}
             finetuned_scores.update(scorer.finetuned({t: test[t] for t in seen if t not in finetuned_scores}))

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -330,6 +331,11 @@ def _check_loaders(loaders: Any, tasks: Sequence[str], what: str) -> dict[str, D
 class LearnedMergeModule(pl.LightningModule):
     """A LightningModule whose only trainable parameters are the merging coefficients lam[task, group].
 
+    Train it with ``Trainer.fit(module)`` (its own ``train_dataloader``/``val_dataloader`` serve
+    the fit part and the hold-out of ``dataloaders``); the frozen model stays in eval mode, so
+    Lightning's note about modules in eval mode is expected. Checkpoints hold only the
+    coefficients: to resume, build the module with the same arguments and pass ``ckpt_path``.
+
     Example:
         >>> base = nn.Linear(2, 2)
         >>> fts = {"a": {k: v + 1 for k, v in base.state_dict().items()}, "b": base.state_dict()}
@@ -349,7 +355,8 @@ class LearnedMergeModule(pl.LightningModule):
         heads: regexes naming per-task keys (never merged; each task runs with its own). Keys
             whose shape or presence differs across tasks are heads too.
         method: registry method whose components are learned (``"ties"``, ``"task_arithmetic"``,
-            any method with a linear per-task merge); ``k`` and ``params`` go to it.
+            any method with a linear per-task merge); ``k`` (default: the method's, 0.2 for
+            TIES) and ``params`` go to it.
         lam: initial coefficient (default: the method's, 1.0 for TIES: the first forward is
             ``ties_merge(k, lam=1)``).
         granularity: ``"task"``, ``"layer"`` or ``"tensor"``; ``groups``: regexes for ``"layer"``.
@@ -368,14 +375,14 @@ class LearnedMergeModule(pl.LightningModule):
         base: Any = None,
         heads: Patterns = None,
         method: str = "ties",
-        k: float | None = 0.2,
+        k: float | None = None,
         lam: float | None = None,
         granularity: str = "layer",
         groups: Patterns = None,
         objective: Objective = "ce",
         l2: float = 0.0,
         holdout: float | Mapping[str, DataLoader] = 0.2,
-        lr: float = 5e-3,
+        lr: float = 1e-2,
         seed: int = 0,
         include: Patterns = None,
         exclude: Patterns = None,
@@ -391,21 +398,22 @@ class LearnedMergeModule(pl.LightningModule):
         loaders = _check_loaders(dataloaders, self.tasks, "dataloaders")
         self._fit_loaders, self._holdout_loaders = self._split(loaders, holdout, seed)
         self.strict_loading = False  # checkpoints hold the coefficients, not the frozen weights
-        self.model = model.requires_grad_(False).eval()
-        if base is not None and base is not model:
-            _write_base_into(model, base)
         self.method = get_method(method)
-        if k is not None and "k" in self.method.parameters():
-            params["k"] = k
+        if k is not None:
+            params["k"] = k  # a method without k refuses it below, by name
         spec = self.method.build_spec(**params)
         self.merge_params = {**self.method.parameters(), **params}
-        base_src = as_source(model, "base")
+        # Everything is checked on specs before any tensor is read or model is changed.
+        base_src = as_source(base if base is not None else model, "base")
         sources = [as_source(tasks[t], t, base=base_src) for t in self.tasks]
         self.plan = plan_merge(base_src, sources, include, _merge_patterns(exclude, heads), warn=False)
-        self.head_keys = self._head_keys(base_src, sources, heads)
+        self.head_keys = self._head_keys(model, base_src, sources, heads)
         self.groups, self.key_group = group_keys(self.plan.merge_keys, granularity, groups)
+        self.model = model.requires_grad_(False).eval()
+        if base is not None and base is not model:
+            _write_base_into(model, base_src)
         self.heads = _HeadStore({t: {key: src.get(key) for key in self.head_keys} for t, src in zip(self.tasks, sources)})
-        merger = TaskVectorMerger(base_src, sources, spec, plan=self.plan)
+        merger = TaskVectorMerger(as_source(model, "base"), sources, spec, plan=self.plan)
         self.components = TaskComponents.from_iterable(merger.components(), len(self.tasks))
         self.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
         init = float(self.method.lam if lam is None else lam)
@@ -449,10 +457,10 @@ class LearnedMergeModule(pl.LightningModule):
             fit[t], hold[t] = split_holdout(dl, float(holdout), seed, t)
         return fit, hold
 
-    def _head_keys(self, base_src, sources, heads: Patterns) -> list[str]:
+    def _head_keys(self, model: nn.Module, base_src, sources, heads: Patterns) -> list[str]:
         """User-named heads plus keys that differ across tasks; each task must have them all."""
         named = _compile(heads, "heads")
-        model_keys = list(self.model.state_dict().keys())
+        model_keys = list(model.state_dict().keys())
         out = []
         for key in model_keys:
             reason = self.plan.skipped.get(key, "")
@@ -689,9 +697,8 @@ def _merge_patterns(exclude: Patterns, heads: Patterns) -> list[str]:
 
 
 @torch.no_grad()
-def _write_base_into(model: nn.Module, base: Any) -> None:
+def _write_base_into(model: nn.Module, src: Any) -> None:
     """Copy base's values into ``model``'s matching entries in place (one copy of the base)."""
-    src = as_source(base, "base")
     targets = model.state_dict(keep_vars=True)
     for key in src.keys():
         if key in targets and tuple(targets[key].shape) == tuple(src.spec(key).shape):
@@ -823,7 +830,7 @@ def learn_coefficients(
     dataloaders: Mapping[str, DataLoader],
     model: nn.Module | None = None,
     heads: Patterns = None,
-    k: float = 0.2,
+    k: float | None = None,
     method: str = "ties",
     lam: float | None = None,
     granularity: str = "layer",
@@ -831,7 +838,7 @@ def learn_coefficients(
     objective: Objective = "ce",
     l2: float = 0.0,
     holdout: float | Mapping[str, DataLoader] = 0.2,
-    lr: float = 5e-3,
+    lr: float = 1e-2,
     max_epochs: int = 10,
     max_time_s: float | None = None,
     patience: int | None = None,
@@ -873,9 +880,12 @@ def learn_coefficients(
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), EarlyStopping("learned/val/loss", patience=patience)]
     trainer = pl.Trainer(**kwargs)
     t0 = time.perf_counter()
-    if module._holdout_loaders:
-        trainer.validate(module, verbose=False)
-    trainer.fit(module)
+    with warnings.catch_warnings():
+        # the frozen model is kept in eval mode on purpose (LearnedMergeModule.train)
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        if module._holdout_loaders:
+            trainer.validate(module, verbose=False)
+        trainer.fit(module)
     seconds = time.perf_counter() - t0
     final = module.final_coefficients().detach().clone()
     return LearnedMergeResult(

@@ -1,0 +1,180 @@
+"""Configs: the typed schema, overrides, the registry-driven method section, and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_ties.cli import build_parser, main
+from lightning_ties.config import (
+    ConfigError,
+    DemoConfig,
+    EvaluateConfig,
+    MergeConfig,
+    SearchConfig,
+    load_config,
+    method_defaults,
+    to_yaml,
+)
+from lightning_ties.merging import METHODS
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MERGE_REQUIRED = ["base=b.safetensors", "models=[a.safetensors]", "output=o.safetensors"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---- errors name the key and where it came from ---------------------------------------------------
+def test_unknown_key_in_a_file_names_the_key_and_the_file(tmp_path):
+    cfg = write(tmp_path / "bad.yaml", "base: b\nmodels: [a]\noutput: o\nlamda: 0.3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(MergeConfig, cfg)
+    assert str(cfg) in str(err.value) and "'lamda'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_type_in_an_override_names_the_key_and_the_override():
+    with pytest.raises(ConfigError, match=r"override 'seed=abc': key 'seed'"):
+        load_config(DemoConfig, overrides=["seed=abc"])
+    with pytest.raises(ConfigError, match=r"key 'pretrain.epochs'"):
+        load_config(DemoConfig, overrides=["pretrain.epochs=many"])
+
+
+def test_missing_required_value_names_the_key_and_the_file(tmp_path):
+    cfg = write(tmp_path / "m.yaml", "base: b\nmodels: [a]\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml.*missing required value for key 'output'"):
+        load_config(MergeConfig, cfg)
+
+
+def test_unknown_method_and_unknown_method_parameter_are_named():
+    with pytest.raises(ConfigError, match=r"unknown merge method 'tiez'"):
+        load_config(MergeConfig, overrides=[*MERGE_REQUIRED, "method=tiez"])
+    with pytest.raises(ConfigError, match=r"method\.p is not a parameter of method 'ties'"):
+        load_config(MergeConfig, overrides=[*MERGE_REQUIRED, "method.p=0.5"])
+    with pytest.raises(ConfigError, match=r"method\.k=.*wrong type"):
+        load_config(MergeConfig, overrides=[*MERGE_REQUIRED, "method.k=high"])
+
+
+def test_learned_method_is_refused_by_merge_with_a_pointer_to_search():
+    with pytest.raises(ConfigError, match="use `lightning-ties search`"):
+        load_config(MergeConfig, overrides=[*MERGE_REQUIRED, "method=learned"])
+
+
+def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
+    bad = write(tmp_path / "broken.yaml", "base: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not a valid YAML"):
+        load_config(MergeConfig, bad)
+    with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
+        load_config(MergeConfig, tmp_path / "nope.yaml")
+
+
+def test_bad_search_grid_and_logger_are_refused():
+    with pytest.raises(ConfigError, match=r"search\.lam="):
+        load_config(DemoConfig, overrides=["search.lam=[]"])
+    with pytest.raises(ConfigError, match=r"search\.k="):
+        load_config(DemoConfig, overrides=["search.k=lots"])
+    with pytest.raises(ConfigError, match=r"logger='wandb'"):
+        load_config(DemoConfig, overrides=["logger=wandb"])
+
+
+# ---- overrides and the method section ---------------------------------------------------------------
+def test_method_override_replaces_the_whole_section_with_the_registry_defaults(tmp_path):
+    cfg = write(tmp_path / "m.yaml", "base: b\nmodels: [a]\noutput: o\nmethod: {name: ties, k: 0.1}\n")
+    ties = load_config(MergeConfig, cfg)
+    assert ties.method == {**method_defaults("ties"), "k": 0.1}
+    ta = load_config(MergeConfig, cfg, ["method=task_arithmetic"])
+    assert ta.method == {"name": "task_arithmetic", "lam": 0.4}  # no stale k from the file
+    tuned = load_config(MergeConfig, cfg, ["method.lam=1.5", "method.sign=count"])
+    assert (tuned.method["k"], tuned.method["lam"], tuned.method["sign"]) == (0.1, 1.5, "count")
+
+
+def test_a_method_named_by_string_reads_methods_yaml_beside_the_config(tmp_path):
+    (tmp_path / "methods").mkdir()
+    write(tmp_path / "methods" / "dare.yaml", "p: 0.5\nseed: 7\nlam: 0.3\n")
+    cfg = write(tmp_path / "m.yaml", "base: b\nmodels: [a]\noutput: o\nmethod: dare\n")
+    assert load_config(MergeConfig, cfg).method == {"name": "dare", "p": 0.5, "seed": 7, "lam": 0.3}
+
+
+def test_every_registered_method_is_reachable_without_cli_changes():
+    for name, method in METHODS.items():
+        cfg = load_config(MergeConfig, overrides=[*MERGE_REQUIRED, f"method={name}"])
+        assert cfg.method["name"] == name
+        assert set(cfg.method) - {"name", "lam"} == set(method.parameters())
+
+
+def test_dotlist_overrides_reach_nested_dataclass_fields():
+    cfg = load_config(DemoConfig, overrides=["finetune.lr=0.01", "tasks=[parity_flip,ge5_invert]", "search.k=[0.3]"])
+    assert cfg.finetune.lr == 0.01 and cfg.tasks == ["parity_flip", "ge5_invert"] and cfg.search.k == [0.3]
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(DemoConfig, overrides=["seed=5", "methods=[ties]"])
+    saved = write(tmp_path / "config.yaml", to_yaml(cfg))
+    assert load_config(DemoConfig, saved) == cfg
+
+
+# ---- the shipped configs --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name,schema",
+    [("merge", MergeConfig), ("search", SearchConfig), ("evaluate", EvaluateConfig), ("demo", DemoConfig),
+     ("continual", DemoConfig)],
+)
+def test_shipped_configs_load_with_their_schema(name, schema):
+    cfg = load_config(schema, CONFIGS / f"{name}.yaml")
+    assert isinstance(cfg, schema)
+
+
+def test_demo_yaml_is_the_embedded_default_that_make_demo_runs():
+    assert load_config(DemoConfig, CONFIGS / "demo.yaml") == DemoConfig()
+
+
+def test_there_is_one_method_yaml_per_registry_method_with_its_parameters():
+    files = {p.stem for p in (CONFIGS / "methods").glob("*.yaml")}
+    assert set(METHODS) <= files
+    for name in METHODS:
+        section = yaml.safe_load((CONFIGS / "methods" / f"{name}.yaml").read_text()) or {}
+        assert set(section) == set(method_defaults(name)) - {"name"}, name
+
+
+# ---- the command's error handling ------------------------------------------------------------------------
+def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path, capsys):
+    cfg = write(tmp_path / "bad.yaml", "base: b\nmodels: [a]\noutput: o\nlamda: 0.3\n")
+    assert main(["merge", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lightning-ties: error:") and "lamda" in err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_exception(tmp_path):
+    cfg = write(tmp_path / "bad.yaml", "base: b\nmodels: [a]\noutput: o\nlamda: 0.3\n")
+    with pytest.raises(ConfigError):
+        main(["merge", str(cfg), "--debug"])
+
+
+def test_missing_checkpoint_is_named_before_any_work(tmp_path, capsys):
+    cfg = write(tmp_path / "m.yaml", f"base: {tmp_path}/nope.safetensors\nmodels: [a]\noutput: {tmp_path}/o.safetensors\n")
+    assert main(["merge", str(cfg)]) == 2
+    assert "base=" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "search", "evaluate", "demo"])
+def test_help_of_every_subcommand_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"lightning-ties {command}" in out
+
+
+def test_top_level_help_lists_the_registry_methods(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in METHODS) and "learned" in out
+
