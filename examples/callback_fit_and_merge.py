@@ -83,16 +83,16 @@ def main(out: Path) -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.manual_seed(0)
     base_model = DigitsNet(10)
-    trainer(max_epochs=3).fit(base_model, *digits_loaders(None))
+    trainer(max_epochs=1).fit(base_model, digits_loaders(None)[0])
     pretrained = {k: v.clone() for k, v in base_model.state_dict().items()}
 
     # tasks fine-tuned earlier, saved in two formats the merge reads
     model_a = task_model(pretrained, "a")
-    fit_a = trainer(max_epochs=4)
-    fit_a.fit(model_a, *digits_loaders("a"))
+    fit_a = trainer(max_epochs=2)
+    fit_a.fit(model_a, digits_loaders("a")[0])
     fit_a.save_checkpoint(out / "a.ckpt")
     model_b = task_model(pretrained, "b")
-    trainer(max_epochs=4).fit(model_b, *digits_loaders("b"))
+    trainer(max_epochs=2).fit(model_b, digits_loaders("b")[0])
     save_safetensors(model_b, out / "b.safetensors")
 
     # this run: task c, merged with a and b at fit end
@@ -106,7 +106,7 @@ def main(out: Path) -> None:
         save_dir=str(out / "merge"),
     )
     model_c = task_model(pretrained, "c")
-    trainer(max_epochs=4, callbacks=[merging]).fit(model_c, *digits_loaders("c"))
+    trainer(max_epochs=2, callbacks=[merging]).fit(model_c, *digits_loaders("c"))
 
     result = merging.result
     print(result.table)

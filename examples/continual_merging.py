@@ -72,7 +72,7 @@ def main(out: Path, start_from: str) -> None:
     warnings.filterwarnings("ignore", ".*differ across models.*")
     torch.manual_seed(0)
     pretrained = DigitsNet(10)
-    quiet(max_epochs=2).fit(pretrained, digits_loaders(None)[0])
+    quiet(max_epochs=1).fit(pretrained, digits_loaders(None)[0])
     store_dir = out / "store"
     seen: list[str] = []
     for task in TASKS:
@@ -91,7 +91,7 @@ def main(out: Path, start_from: str) -> None:
             start_from=start_from,
         )
         train, val = digits_loaders(task)
-        quiet(max_epochs=3, callbacks=[merging]).fit(model, train, val)
+        quiet(max_epochs=2, callbacks=[merging]).fit(model, train, val)
         seen.append(task)
         result = merging.result
         scores = ", ".join(f"{t}: {s['acc']:.3f}" for t, s in result.best.scores.items())

@@ -71,14 +71,14 @@ def make_checkpoints(out: Path) -> dict[str, Path]:
     """What a user would already have: a pretrained model and three fine-tuned ones, on disk."""
     torch.manual_seed(0)
     pretrained = DigitsNet(10)
-    quiet(max_epochs=2).fit(pretrained, digits_loaders(None)[0])
+    quiet(max_epochs=1).fit(pretrained, digits_loaders(None)[0])
     paths = {"base": save_safetensors(pretrained, out / "pretrained.safetensors")}
     for task in TASKS:
         torch.manual_seed(1)
         model = DigitsNet(CLASSES[task])
         model.load_state_dict({k: v for k, v in pretrained.state_dict().items() if k.startswith("body.")},
                               strict=False)
-        quiet(max_epochs=3).fit(model, digits_loaders(task)[0])
+        quiet(max_epochs=2).fit(model, digits_loaders(task)[0])
         paths[task] = save_safetensors(model, out / f"{task}.safetensors")
     return paths
 

@@ -186,7 +186,7 @@ class TaskScorer:
 
     def base(self, loaders: Mapping[str, Any]) -> dict[str, float]:
         """The pretrained weights with each task's head (lam = 0)."""
-        return self.merged(loaders, "task_arithmetic", None, 0.0)  # lam=0 of any method is the base
+        return self._first(self.module.evaluate(self.trainer, dict(loaders), lam=0.0))  # lam=0: base, any method
 
     def finetuned(self, loaders: Mapping[str, Any]) -> dict[str, float]:
         """Each fine-tuned model on its own task (on ``loaders``, not the module's cached reference)."""
@@ -199,8 +199,14 @@ class TaskScorer:
 
     def merged(self, loaders: Mapping[str, Any], method: str, k: float | None, lam: float | None) -> dict[str, float]:
         """``method`` at fixed (k, lam)."""
-        self.module.method = method
+        self.use_method(method)
         return self._first(self.module.evaluate(self.trainer, dict(loaders), k=k, lam=lam))
+
+    def use_method(self, method: str) -> None:
+        """Switch the module to another registry method, with that method's default parameters."""
+        if method != self.module.method:
+            self.module.method = method
+            self.module.method_params = {}
 
     def weights(self, loaders: Mapping[str, Any], weights: Any) -> dict[str, float]:
         """Given merged weights (path, state dict or source), each task with its own head.
@@ -222,6 +228,7 @@ class TaskScorer:
     def search(self, loaders: Mapping[str, Any], method: str, grid: Any, on_candidate: Callable[[Any], None] | None = None) -> Any:
         """Search (k, lam) on ``loaders``; the chosen merge is left applied."""
         m = get_method(method)
+        self.use_method(method)
         result = self.module.search(
             self.trainer,
             dict(loaders),
@@ -349,15 +356,15 @@ def _module_for(cfg: SearchConfig | EvaluateConfig, model: Any, method: Mapping[
 
 def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
     """Search lam (and k) on the validation split, score on test, save the best model and the reports."""
-    from .demo.run import quiet_lightning
-    from .report import ResultRow, RunReport, log_report, print_table, summary_lines, write_report
+    from .demo.run import learned_row, quiet_lightning
+    from .report import ResultRow, RunReport, log_report, write_report
 
     check_paths(cfg)
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    save_resolved_config(cfg, out / RESOLVED_CONFIG)
     model = build_model(cfg)
     val = build_loaders(cfg, cfg.data.val_split)
     test = build_loaders(cfg, cfg.data.test_split) if cfg.data.test_split else None
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
+    save_resolved_config(cfg, out / RESOLVED_CONFIG)
     logger = make_logger(cfg.logger, out)
     name, _, _ = _method_args(cfg.method)
     with quiet_lightning():
@@ -377,8 +384,7 @@ def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
         if learned:
             result = _learn(cfg, model, val)
             scores = scorer.weights(eval_loaders, result.state_dict)
-            report.add_row(ResultRow(f"learned ({cfg.method.get('granularity')})", LEARNED, "trained on val", scores,
-                                     k=cfg.method.get("k")))
+            report.add_row(learned_row(result, scores))
             report.extra["learned"] = result.to_dict()
             merged_state = result.state_dict
         else:
@@ -442,10 +448,10 @@ def run_evaluate(cfg: EvaluateConfig, console: Console, config_path: str) -> int
     from .report import ResultRow, RunReport, log_report, write_report
 
     check_paths(cfg)
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    save_resolved_config(cfg, out / RESOLVED_CONFIG)
     model = build_model(cfg)
     loaders = build_loaders(cfg, cfg.split)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
+    save_resolved_config(cfg, out / RESOLVED_CONFIG)
     logger = make_logger(cfg.logger, out)
     with quiet_lightning():
         import pytorch_lightning as pl
@@ -556,6 +562,24 @@ def _split_demo_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+_FLAGS = ("--debug", "--quiet", "-q", "--fast")
+_COMMANDS = ("merge", "search", "evaluate", "demo")
+
+
+def _flags_first(argv: list[str]) -> list[str]:
+    """Move flags given among the ``key=value`` overrides to just after the subcommand.
+
+    argparse stops filling a ``nargs="*"`` positional at the first option, so
+    ``demo tasks=[a,b] --quiet seed=1`` would otherwise reject ``seed=1``.
+    """
+    at = next((i for i, a in enumerate(argv) if a in _COMMANDS), None)
+    if at is None:
+        return argv
+    head, rest = argv[: at + 1], argv[at + 1 :]
+    flags = [a for a in rest if a in _FLAGS]
+    return head + flags + [a for a in rest if a not in _FLAGS]
+
+
 def dispatch(ns: argparse.Namespace) -> int:
     console = Console(quiet=getattr(ns, "quiet", False))
     if ns.command == "demo":
@@ -587,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _flags_first(list(sys.argv[1:] if argv is None else argv))
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()

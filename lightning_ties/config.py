@@ -403,6 +403,13 @@ def _check_choices(cfg: Any, where: str) -> None:
         unknown = [m for m in cfg.methods if m != LEARNED and m not in METHODS]
         if unknown:
             raise ConfigError(f"{where}: methods: unknown method(s) {unknown}; choose from {sorted([*METHODS, LEARNED])}")
+        from .demo.data import DigitsTask
+
+        for task in cfg.tasks:
+            try:
+                DigitsTask.parse(task)
+            except ValueError as err:
+                raise ConfigError(f"{where}: tasks: {err}") from None
         if LEARNED in cfg.methods:
             try:
                 check_method({"name": LEARNED, **cfg.learned}, where, allow_learned=True)

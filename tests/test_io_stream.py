@@ -161,5 +161,7 @@ def test_progress_bar_only_when_asked(checkpoints, tmp_path, capsys):
     root, _, _ = checkpoints
     merge_to(tmp_path / "quiet.safetensors", root / "base", [root / "ft1"], k=K, progress=False)
     assert "merging" not in capsys.readouterr().err
+    merge_to(tmp_path / "auto.safetensors", root / "base", [root / "ft1"], k=K)  # stderr is not a terminal here
+    assert "merging" not in capsys.readouterr().err
     merge_to(tmp_path / "loud.safetensors", root / "base", [root / "ft1"], k=K, progress=True)
     assert "merging" in capsys.readouterr().err

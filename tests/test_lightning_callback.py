@@ -19,7 +19,7 @@ from test_lightning_helpers import (
     task_data,
 )
 
-from lightning_ties import TiesMerging, ties_merge
+from lightning_ties import TiesMerging, task_arithmetic, ties_merge
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,16 @@ def test_fit_end_merge_equals_ties_merge_of_the_three_models(shared_tasks):
     assert_state_close(model.state_dict(), oracle)  # apply="merged": the module holds the merge
     assert result.best.objective == max(c.objective for c in result.candidates)
     assert "lam" in result.table and result.best.scores["c"]["acc"] >= 0
+
+
+def test_other_registry_methods_work_through_the_callback(shared_tasks):
+    base, tasks = shared_tasks
+    merging = TiesMerging(tasks=tasks, task="c", method="task_arithmetic", lam=[0.3, 0.5],
+                          val_dataloaders={"a": task_data(1), "b": task_data(2)}, normalize=False)
+    model, finetuned, _ = fit_task_c(merging)
+    assert merging.result.k is None and merging.result.lam in (0.3, 0.5)
+    oracle = task_arithmetic(base, [tasks["a"], tasks["b"], finetuned], lam=merging.result.lam)
+    assert_state_close(model.state_dict(), oracle)
 
 
 def test_base_is_captured_before_any_step(shared_tasks):
@@ -114,7 +124,9 @@ def test_on_demand_merge_after_fit_and_from_a_callback_during_fit(shared_tasks):
 
         def on_train_epoch_end(self, trainer, pl_module):
             if trainer.current_epoch == 0:
+                before = {k: v.clone() for k, v in pl_module.state_dict().items()}
                 self.result = self.merging.merge(trainer, pl_module)
+                assert_state_close(pl_module.state_dict(), before)  # training goes on from fine-tuned weights
 
     merging = TiesMerging(tasks=tasks, task="c", lam=[1.0], val_dataloaders=loaders, apply="merged")
     midway = MergeMidway(merging)

@@ -80,9 +80,10 @@ def test_three_fits_with_the_callback_equal_ties_merge_of_the_three_fine_tuned_m
 
 def test_start_from_merged_begins_the_next_fit_at_the_merge_so_far(tmp_path):
     store_dir = str(tmp_path / "store")
-    first = TiesMerging(task="t1", store=store_dir)
+    first = TiesMerging(task="t1", store=store_dir, lam=1.3)
     quiet_trainer(max_epochs=1, callbacks=[first]).fit(pretrained(), task_data(10))
-    merged_so_far = TaskVectorStore(store_dir).merge("ties", lam=1.0, k=0.2)
+    assert TaskVectorStore(store_dir).choice == {"k": 0.2, "lam": 1.3}
+    merged_so_far = TaskVectorStore(store_dir).merge("ties", lam=1.3, k=0.2)
 
     class AtStart(pl.Callback):
         def on_train_start(self, trainer, pl_module):

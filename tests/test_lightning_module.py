@@ -207,3 +207,16 @@ def test_trainer_validate_with_a_dict_routes_by_task_name_and_applies_the_defaul
     # k=1, lam=1: disjoint mean [2, 0.1] (0.1 only from a) -> output 2.1
     assert module.last_scores["b"]["MeanSquaredError"] == pytest.approx(0.1**2, rel=1e-4)
     assert module.last_scores["a"]["MeanSquaredError"] == pytest.approx(1.1**2, rel=1e-4)
+
+
+def test_heads_may_be_named_by_pattern_or_by_submodule():
+    base_model = pretrained(classes=3)
+    base = {k: v.clone() for k, v in base_model.state_dict().items()}
+    same_shape = {t: {k: v + 0.1 * (i + 1) for k, v in base.items()} for i, t in enumerate("ab")}
+    assert MultiTaskMergeModule(base_model, same_shape).head_keys == []  # nothing differs: all merged
+    by_pattern = MultiTaskMergeModule(base_model, same_shape, heads=r"^head\.")
+    by_module = MultiTaskMergeModule(base_model, same_shape, heads=base_model.head)
+    assert by_pattern.head_keys == by_module.head_keys == ["head.bias", "head.weight"]
+    assert "head.weight" not in by_module.task_vector(0.2)
+    with pytest.raises(ValueError, match="not a submodule of the model"):
+        MultiTaskMergeModule(base_model, same_shape, heads=torch.nn.Linear(2, 2))

@@ -191,3 +191,37 @@ def test_zero_sign_fallback_components_follow_the_same_sign() -> None:
     deltas = dict(merger.components())
     assert deltas["a"].tolist() == [[0.0, 1.0], [-1.0, 0.25]]
     assert torch.equal(deltas["b"].sum(0), torch.tensor([-1.5, -1.5, -1.5]))
+
+
+def test_sampled_brackets_change_no_global_threshold(monkeypatch) -> None:
+    # given task vectors whose magnitudes lie a few bit patterns apart (so a sampled bracket
+    # fits the one-pass histogram), with ties, and limits lowered so that the engine samples
+    from lightning_ties.merging import MagnitudeSelector, engine
+
+    g = torch.Generator().manual_seed(30)
+    eps = torch.finfo(torch.float32).eps
+    base = {k: torch.zeros(s) for k, s in SHAPES.items()}
+
+    def dense(shape):
+        signs = (torch.rand(shape, generator=g) - 0.5).sign()
+        return (1 + torch.randint(0, 3000, shape, generator=g) * 4 * eps) * signs
+
+    fts = [{k: dense(v.shape) for k, v in base.items()} for _ in range(4)]
+    expected = TaskVectorMerger(base, fts, MergeSpec(k=0.3))
+    tau_expected = dict(expected)
+    monkeypatch.setattr(engine, "_MIN_BRACKETED", 100)
+    monkeypatch.setattr(engine, "_SAMPLE", 300)
+    selectors: list[MagnitudeSelector] = []
+
+    class RecordingSelector(MagnitudeSelector):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            selectors.append(self)
+
+    monkeypatch.setattr(engine, "MagnitudeSelector", RecordingSelector)
+    bracketed = TaskVectorMerger(base, fts, MergeSpec(k=0.3))
+    tau = dict(bracketed)
+    # then every task's threshold came from its bracket, equal to the radix passes' result
+    assert len(selectors) == 4 and all(s.used_bracket for s in selectors)
+    assert bracketed.thresholds == expected.thresholds
+    assert all(torch.equal(tau[key], tau_expected[key]) for key in tau_expected)

@@ -80,3 +80,60 @@ def test_selector_refuses_more_than_it_saw() -> None:
     sel.observe(torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="3-th largest of 2"):
         sel.next_pass()
+
+
+def bracket_around(x: torch.Tensor, k: float, below: int, above: int) -> tuple[float, float]:
+    """Magnitudes ``below`` ranks under and ``above`` ranks over the exact threshold's rank."""
+    ranked = x.abs().sort(descending=True).values
+    m = keep_count(k, x.numel())
+    return ranked[min(x.numel() - 1, m - 1 + below)].item(), ranked[max(0, m - 1 - above)].item()
+
+
+def select(x: torch.Tensor, k: float, bracket) -> tuple[MagnitudeSelector, int]:
+    sel = MagnitudeSelector(keep_count(k, x.numel()), x.dtype, bracket)
+    passes = 0
+    while not sel.done:
+        for part in x.split(777):
+            sel.observe(part)
+        sel.next_pass()
+        passes += 1
+    return sel, passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [0.05, 0.2, 0.65])
+@pytest.mark.parametrize(("below", "above"), [(0, 0), (3, 40), (200, 1)])
+def test_a_bracket_holding_the_threshold_finds_it_in_one_pass(dtype, k, below, above) -> None:
+    # given values a few bit patterns apart (a bracket spans at most 2**19 of them), with ties and zeros
+    g = torch.Generator().manual_seed(7)
+    step = 4 * torch.finfo(dtype).eps
+    x = (1 + torch.randint(0, 3000, (5003,), generator=g).to(dtype) * step) * (torch.rand(5003, generator=g) - 0.5).sign().to(dtype)
+    x[:400] = 0.0
+    sel, passes = select(x, k, bracket_around(x, k, below, above))
+    assert sel.result() == top_magnitude_threshold(x, k)
+    assert passes == 1 and sel.used_bracket
+
+
+@pytest.mark.parametrize(
+    "bracket",
+    [(10.0, 10.00001), (0.0, 1e-40), (1e-3, 1.0001e-3)],
+    ids=["above-the-threshold", "zeros-and-denormals", "below-the-threshold"],
+)
+def test_a_bracket_that_misses_falls_back_to_the_exact_radix_passes(bracket) -> None:
+    x = awkward_values(5003, torch.float32, seed=8)
+    sel, passes = select(x, 0.2, bracket)
+    assert sel.bracketed is False and passes > 1
+    assert sel.result() == top_magnitude_threshold(x, 0.2)
+    assert passes == 3 and not sel.used_bracket
+
+
+def test_a_bracket_wider_than_the_histogram_is_ignored() -> None:
+    sel = MagnitudeSelector(m=1, bracket=(1e-30, 1e30))
+    assert not sel.bracketed
+
+
+def test_the_bracket_pass_refuses_nan_and_inf() -> None:
+    sel = MagnitudeSelector(m=1, bracket=(0.5, 0.50001))
+    assert sel.bracketed
+    with pytest.raises(ValueError, match="w holds NaN or Inf"):
+        sel.observe(torch.tensor([0.7, float("inf")]), name="w")

@@ -158,12 +158,12 @@ class DigitsSuite:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         task = task if isinstance(task, DigitsTask) else DigitsTask.parse(task)
-        images, digits = self._images_and_digits
+        images, all_digits = self._images_and_digits
         idx = self._indices[split]
         if digits is not None:
-            idx = idx[np.isin(self._images_and_digits[1][idx], list(digits))]
+            idx = idx[np.isin(all_digits[idx], list(digits))]
         x = TRANSFORMS[task.transform](images[idx]).reshape(len(idx), -1)
-        y = LABELS[task.label][0](digits[idx])
+        y = LABELS[task.label][0](all_digits[idx])
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     def dataloader(self, task: str | DigitsTask, split: str, batch_size: int = 256, shuffle: bool = False) -> DataLoader:

@@ -148,6 +148,12 @@ def learn(cfg: DemoConfig, base: DigitsNet, finetuned: Mapping[str, Any], val: M
     )
 
 
+def learned_row(result: Any, scores: dict[str, float]) -> ResultRow:
+    """The table row of a learned merge (its k is the trim density its components used)."""
+    params = result.report.params
+    return ResultRow(f"learned ({params.get('granularity')})", LEARNED, "trained on val", scores, k=params.get("k"))
+
+
 def learned_available() -> bool:
     """Whether the learned-coefficients method (issue 6) is installed with its one-call entry point."""
     try:
@@ -215,8 +221,7 @@ def run_demo(
                 scores = ev.weights(test, result.state_dict)
                 timings["learned_s"] = time.perf_counter() - t_l
                 learned_info = result.to_dict()
-                report.add_row(ResultRow(f"learned ({cfg.learned.get('granularity', 'layer')})", LEARNED,
-                                         "trained on val", scores, k=cfg.learned.get("k", 0.2)))
+                report.add_row(learned_row(result, scores))
                 say(f"learned coefficients ({timings['learned_s']:.1f}s)")
                 continue
             m = get_method(method)

@@ -43,7 +43,11 @@ class RecentTensorCache:
         self._value: torch.Tensor | None = None
 
     def __getattr__(self, name: str) -> object:  # files, folder, prefix... of the wrapped source
-        return getattr(self.__dict__["source"], name)
+        try:
+            wrapped = self.__dict__["source"]
+        except KeyError:  # not initialised yet (copy, pickle)
+            raise AttributeError(name) from None
+        return getattr(wrapped, name)
 
     def keys(self) -> Sequence[str]:
         return self.source.keys()

@@ -69,14 +69,27 @@ class TaskVectorStore:
                 raise ValueError(f"{index} is not a {FORMAT} index (format={data.get('format')!r})")
 
     # ---- index and base ----------------------------------------------------------------------
+    def _index(self) -> dict[str, Any]:
+        index = self.root / "index.json"
+        return json.loads(index.read_text()) if index.exists() else {"format": FORMAT, "version": 1, "tasks": []}
+
+    def _write_index(self, **changes: Any) -> None:
+        data = {**self._index(), **changes}
+        with atomic_file(self.root / "index.json") as tmp:
+            tmp.write_text(json.dumps(data, indent=1))
+
     def names(self) -> list[str]:
         """Stored task names, in the order they were added."""
-        index = self.root / "index.json"
-        return list(json.loads(index.read_text())["tasks"]) if index.exists() else []
+        return list(self._index()["tasks"])
 
-    def _write_index(self, names: list[str]) -> None:
-        with atomic_file(self.root / "index.json") as tmp:
-            tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "tasks": names}, indent=1))
+    @property
+    def choice(self) -> dict[str, float | None] | None:
+        """The (k, lam) last chosen for the stored tasks (``{"k": ..., "lam": ...}``), if recorded."""
+        return self._index().get("choice")
+
+    def record_choice(self, k: float | None, lam: float) -> None:
+        """Remember the merge chosen for the stored tasks (the next fit may start from it)."""
+        self._write_index(choice={"k": k, "lam": lam})
 
     @property
     def base_path(self) -> Path:
@@ -141,7 +154,7 @@ class TaskVectorStore:
         meta = {"format": FORMAT, "k": json.dumps(self.k), "shapes": json.dumps(shapes)}
         _write(path, tensors, meta)
         if name not in names:
-            self._write_index([*names, name])
+            self._write_index(tasks=[*names, name])
         return {"numel": numel, "stored": stored, "bytes": path.stat().st_size}
 
     def source(self, name: str, base: Any = None) -> TaskVectorSource:

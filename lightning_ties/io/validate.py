@@ -112,7 +112,11 @@ class CommonRowsSource:
         self._aligned = set(self.aligned)
 
     def __getattr__(self, name: str) -> object:  # files, prefix, folder... of the wrapped source
-        return getattr(self.__dict__["model"], name)
+        try:
+            wrapped = self.__dict__["model"]
+        except KeyError:  # not initialised yet (copy, pickle)
+            raise AttributeError(name) from None
+        return getattr(wrapped, name)
 
     def keys(self) -> Sequence[str]:
         return self.model.keys()

@@ -14,12 +14,15 @@ Life cycle (each hook short, like Lightning's WeightAveraging):
   checkpoints; with ``save_dir`` the progress is also written after every candidate, so a search
   interrupted and resumed re-evaluates nothing it finished.
 
-``merging.merge(trainer, pl_module)`` runs the fit-end merge on demand (after fit, from a notebook,
-or from another callback during fit, where a plain loop replaces the Trainer's).
+``merging.merge(trainer, pl_module)`` runs the fit-end merge on demand: after fit (e.g. from a
+notebook) it applies like the fit-end merge; from another callback during fit, a plain loop
+replaces the Trainer's validation loop and the fine-tuned weights are restored afterwards, so
+training continues unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +34,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
-from ..merging import as_source, get_method
+from ..io.sinks import save_safetensors
+from ..io.task_store import TaskVectorStore
+from ..merging import as_source, get_method, plan_merge
 from .metrics import MetricsArg, summarize
 from .module import ForwardFn, MultiTaskMergeModule
 from .search import PAPER_DEFAULT_K, PAPER_DEFAULT_LAM, SearchResult, k_grid, lam_grid
@@ -108,10 +113,8 @@ class TiesMerging(Callback):
         self.ks: list[float | None] = k_grid(k) if self.has_k else [None]
         self.lams = lam_grid(method, lam)
         self.val_dataloaders = dict(val_dataloaders or {})
-        unknown = sorted(set(self.val_dataloaders) - set(self.tasks) - {task})
-        if unknown:
-            raise ValueError(f"val_dataloaders given for unknown task(s) {unknown}; tasks are {sorted(self.tasks)} "
-                             f"and this run's {task!r}")
+        if store is None:  # with a store, its tasks are known at setup
+            _check_known(self.val_dataloaders, set(self.tasks) | {task})
         if apply not in ("merged", "keep"):
             raise ValueError(f"apply must be 'merged' or 'keep', got {apply!r}")
         if apply == "keep" and save_dir is None:
@@ -154,7 +157,7 @@ class TiesMerging(Callback):
             self._base_state = self._capture_base(pl_module)
         store = self._store()
         if store is not None:
-            if not store.has_base():
+            if not store.has_base() and _is_rank_zero():  # ranks hold the same weights; one writes
                 store.save_base(self._base_state)
             if self.start_from == "merged" and store.names():
                 self._load_stored_merge(store, pl_module)
@@ -191,7 +194,7 @@ class TiesMerging(Callback):
                 evaluator.fingerprint_extra = {"step": trainer.global_step, "weights": _checksum(finetuned)}
                 evaluator.search_result = self._resume_point(evaluator)
                 result = evaluator.search(
-                    runner, loaders, k=self.ks, lam=self.lams, strategy=self.strategy, objective=self.objective,
+                    runner, loaders, k=self.ks if self.has_k else None, lam=self.lams, strategy=self.strategy, objective=self.objective,
                     mode=self.mode, normalize=self.normalize, on_candidate=lambda _: self._save_progress(evaluator),
                 )
                 result.reason = "search" if self.searching else "fixed k and lam"
@@ -201,6 +204,9 @@ class TiesMerging(Callback):
         self._progress = evaluator.search_result
         evaluator.use_task(self.task)
         self.result = result
+        store = self._store()
+        if store is not None and result.lam is not None and _is_rank_zero():
+            store.record_choice(result.k, result.lam)
         self._log_choice(trainer, result)
         self._finish(pl_module, finetuned)
         return result
@@ -226,7 +232,7 @@ class TiesMerging(Callback):
         tasks: dict[str, Any] = dict(self.tasks)
         store = self._store()
         if store is not None:
-            if add_to_store:
+            if add_to_store and _is_rank_zero():
                 store.add(self.task, finetuned, self._base_state, overwrite=True)
             for name in store.names():
                 if name != self.task and name not in tasks:
@@ -245,6 +251,7 @@ class TiesMerging(Callback):
             self.result.to_csv(Path(self.save_dir) / "search.csv")
         if self.apply == "keep":
             _save_merged(pl_module, Path(self.save_dir) / "merged.safetensors")  # type: ignore[arg-type]
+        if self.apply == "keep" or self._in_fit_loop:  # a merge asked for mid-fit must not change training
             _load_state(pl_module, finetuned)
 
     def _score_merge_inline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -276,6 +283,7 @@ class TiesMerging(Callback):
         names = set(self.tasks) | {self.task}
         if self.store_dir is not None:
             names |= set(self._store().names())  # type: ignore[union-attr]
+        _check_known(self.val_dataloaders, names)
         has_own = self.task in self.val_dataloaders or _fit_has_val_data(trainer)
         given = set(self.val_dataloaders) | ({self.task} if has_own else set())
         if given and given != names and self.searching:
@@ -302,8 +310,6 @@ class TiesMerging(Callback):
                     f"base {base.label} has {len(extra)} key(s) the module lacks, e.g. {extra[:5]}; "
                     f"module keys start with {sorted(module_state)[:5]}"
                 )
-        from ..merging import plan_merge
-
         sources = [as_source(v, name, base=base) for name, v in self.tasks.items()]
         if sources:
             plan_merge(base, sources, self.include, self.exclude, warn=False)
@@ -317,22 +323,20 @@ class TiesMerging(Callback):
             return {k: src.get(k).detach().cpu().clone() for k in src.keys()}
         return _clone_state(pl_module)
 
-    def _load_stored_merge(self, store: Any, pl_module: pl.LightningModule) -> None:
-        """Start this fit from the merge of the stored tasks (with the last chosen k and lam)."""
-        last = self.result
-        k = last.k if last is not None and last.k is not None else (self.ks[0] or PAPER_DEFAULT_K)
+    def _load_stored_merge(self, store: TaskVectorStore, pl_module: pl.LightningModule) -> None:
+        """Start this fit from the merge of the stored tasks, with the (k, lam) last chosen for them."""
+        choice = store.choice or {}
+        k = choice.get("k") or self.ks[0] or PAPER_DEFAULT_K
         tasks = {name: store.source(name, self._base_state) for name in store.names()}
         evaluator = MultiTaskMergeModule(
             self._base_state, tasks, model=pl_module, heads=self.heads, method=self.method, k=k,
             method_params=self.method_params, include=self.include, exclude=self.exclude,
         )
-        evaluator.apply_merge(k, last.lam if last is not None else None)
+        evaluator.apply_merge(k, choice.get("lam"))
 
-    def _store(self) -> Any:
+    def _store(self) -> TaskVectorStore | None:
         if self.store_dir is None:
             return None
-        from ..io.task_store import TaskVectorStore
-
         return TaskVectorStore(self.store_dir, k=max(k for k in self.ks if k is not None) if self.has_k else None,
                                exclude=self.heads)
 
@@ -341,8 +345,6 @@ class TiesMerging(Callback):
         if self._progress is None and self.save_dir is not None:
             path = Path(self.save_dir) / PROGRESS_FILE
             if path.exists():
-                import json
-
                 self._progress = SearchResult.from_dict(json.loads(path.read_text()))
         return self._progress
 
@@ -376,6 +378,12 @@ class TiesMerging(Callback):
             self._progress = SearchResult.from_dict(state_dict["progress"])
         if state_dict.get("result"):
             self.result = SearchResult.from_dict(state_dict["result"])
+
+
+def _check_known(val_dataloaders: Mapping[str, Any], names: set[str]) -> None:
+    unknown = sorted(set(val_dataloaders) - names)
+    if unknown:
+        raise ValueError(f"val_dataloaders given for unknown task(s) {unknown}; tasks are {sorted(names)}")
 
 
 def _fit_has_val_data(trainer: pl.Trainer) -> bool:
@@ -419,8 +427,6 @@ def _is_rank_zero() -> bool:
 
 
 def _save_merged(module: torch.nn.Module, path: Path) -> None:
-    from ..io.sinks import save_safetensors
-
     if _is_rank_zero():  # every rank holds the same merge; one writes it
         path.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors(_clone_state(module), path)

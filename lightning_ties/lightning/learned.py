@@ -843,12 +843,16 @@ def learn_coefficients(
     max_time_s: float | None = None,
     patience: int | None = None,
     seed: int = 0,
+    include: Patterns = None,
+    exclude: Patterns = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> LearnedMergeResult:
     """Learn merging coefficients with a ``Trainer`` and return the merged model (see module docs).
 
     The initial coefficients are evaluated on the hold-out first, so the result is never worse
-    on the hold-out than the merge it starts from.
+    on the hold-out than the merge it starts from. ``include``/``exclude`` (regexes) choose the
+    merged keys as in ``ties_merge``; ``train_seconds`` counts the Trainer's work (validation of
+    the initial coefficients and fit), not the one-off computation of the components.
 
     Example:
         >>> base = nn.Linear(2, 2)
@@ -868,7 +872,8 @@ def learn_coefficients(
     pl.seed_everything(seed, verbose=False)
     module = LearnedMergeModule(
         model, tasks, dataloaders, base=base, heads=heads, method=method, k=k, lam=lam, granularity=granularity,
-        groups=groups, objective=objective, l2=l2, holdout=holdout, lr=lr, seed=seed,
+        groups=groups, objective=objective, l2=l2, holdout=holdout, lr=lr, seed=seed, include=include,
+        exclude=exclude,
     )
     kwargs: dict[str, Any] = {"max_epochs": max_epochs, "enable_checkpointing": False, "logger": False,
                               "num_sanity_val_steps": 0, **(trainer_kwargs or {})}
@@ -879,7 +884,7 @@ def learn_coefficients(
 
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), EarlyStopping("learned/val/loss", patience=patience)]
     trainer = pl.Trainer(**kwargs)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the components are computed: from here on it is training
     with warnings.catch_warnings():
         # the frozen model is kept in eval mode on purpose (LearnedMergeModule.train)
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")

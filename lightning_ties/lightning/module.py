@@ -58,7 +58,8 @@ class MultiTaskMergeModule(pl.LightningModule):
         tasks: task name -> fine-tuned model (module, state dict, path or source).
         model: the module to run; default ``base`` when it is an ``nn.Module``. Its weights are
             overwritten by the merge; ``base``'s values are snapshotted first.
-        heads: regexes (or one regex) naming head keys, in addition to the detected ones.
+        heads: regexes (or one regex) naming head keys, or submodules of ``model``, in addition to
+            the detected ones (keys whose shape or presence differs across tasks).
         metrics: ``None`` (arg-max accuracy), a template metric cloned per task, or ``{task: metric}``.
         method: merge method of the registry (``lightning_ties.describe_methods()``).
         k: default k (trim density) for methods that have one.
@@ -85,7 +86,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         base: Any,
         tasks: Mapping[str, Any],
         model: nn.Module | None = None,
-        heads: str | Sequence[str] | None = None,
+        heads: str | nn.Module | Sequence[str | nn.Module] | None = None,
         metrics: MetricsArg = None,
         method: str = "ties",
         k: float = 0.2,
@@ -132,9 +133,10 @@ class MultiTaskMergeModule(pl.LightningModule):
 
     # ---- construction checks -----------------------------------------------------------------
     def _plan_with_heads(
-        self, heads: str | Sequence[str] | None, exclude: str | Sequence[str] | None
+        self, heads: str | nn.Module | Sequence[str | nn.Module] | None, exclude: str | Sequence[str] | None
     ) -> tuple[MergePlan, list[str]]:
-        patterns = [heads] if isinstance(heads, str) else list(heads or [])
+        items = [heads] if isinstance(heads, (str, nn.Module)) else list(heads or [])
+        patterns = [h if isinstance(h, str) else self._module_pattern(h) for h in items]
         compiled = []
         for p in patterns:
             try:
@@ -149,6 +151,13 @@ class MultiTaskMergeModule(pl.LightningModule):
         plan = plan_merge(self._base_src, self._task_srcs, self.include, _exact_patterns(named, exclude), warn=False)
         detected = [k for k in plan.mismatched if k in model_keys]
         return plan, sorted(set(named) | set(detected))
+
+    def _module_pattern(self, head: nn.Module) -> str:
+        """The key prefix of a head given as a submodule of the model."""
+        for name, sub in self.model.named_modules():
+            if sub is head and name:
+                return f"^{re.escape(name)}\\."
+        raise ValueError(f"heads: the {type(head).__name__} given is not a submodule of the model")
 
     def _check_model_keys(self) -> None:
         targets = self.model.state_dict()
@@ -416,6 +425,8 @@ class MultiTaskMergeModule(pl.LightningModule):
             ``best = module.search(trainer, {"a": dl_a, "b": dl_b}, k=[0.1, 0.2, 0.3], lam="paper")``
         """
         loaders = self.check_dataloaders(dataloaders)
+        if isinstance(objective, str) and objective.startswith("normalized") and not normalize:
+            raise ValueError("objective 'normalized' needs the fine-tuned scores: leave normalize=True")
         if method is not None and method != self.method:
             get_method(method)
             self.method, self._tau = method, None

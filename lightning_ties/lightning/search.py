@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io.atomic import atomic_file
 from ..merging import TIES_LAM_GRID, get_method
 from .metrics import Objective, Scores, metric_names, normalized, objective_value
 
@@ -240,8 +241,6 @@ def _fmt(v: Any) -> str:
 
 
 def _write_atomic(path: str | Path, text: str) -> None:
-    from ..io.atomic import atomic_file  # io writes files; search only formats them
-
     with atomic_file(path) as tmp:
         tmp.write_text(text)
 

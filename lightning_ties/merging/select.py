@@ -8,6 +8,11 @@ the next pass histograms the following 16 bits of only those entries whose prefi
 and so on (2 passes for float32, 4 for float64). Memory is one 65536-bin histogram; the
 result is bit-exact, equal to a full sort.
 
+With a *bracket* (a magnitude range that very likely holds the threshold, e.g. from a sample),
+one pass suffices: it counts the entries above the bracket and histograms every bit pattern
+inside it. When the counts show that the threshold is not inside (an unlucky sample), the
+selector falls back to the radix passes: the bracket changes the cost, never the result.
+
 Ties at the threshold are resolved deterministically: every |x| > t is kept, and of the
 entries with |x| == t only the first ``ties_to_keep`` in stream order (key order, then flat
 index) are kept, so exactly ``m`` entries survive.
@@ -23,6 +28,8 @@ _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 _FLOAT_OF = {torch.int32: torch.float32, torch.int64: torch.float64}
+# Widest bracket, in bit patterns, histogrammed in one pass (a 4 MB int64 histogram).
+MAX_BRACKET_BINS = 1 << 19
 
 
 def keep_count(k: float, n: int) -> int:
@@ -76,7 +83,10 @@ class MagnitudeSelector:
     """Find the m-th largest |x| over a stream of tensors, exactly, in a few passes.
 
     Feed every tensor of the stream to :meth:`observe` once per pass, calling
-    :meth:`next_pass` between passes, until :attr:`done`.
+    :meth:`next_pass` between passes, until :attr:`done`. ``bracket=(lo, hi)``, magnitudes
+    that likely enclose the result, makes one pass enough when they do (and costs one pass
+    when they do not); ranges wider than :data:`MAX_BRACKET_BINS` bit patterns are ignored.
+    Selectors fed one after the other may share one ``scratch`` dict of buffers.
 
     Example:
         >>> sel = MagnitudeSelector(m=2, dtype=torch.float32)
@@ -88,7 +98,13 @@ class MagnitudeSelector:
         2.0
     """
 
-    def __init__(self, m: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        m: int,
+        dtype: torch.dtype = torch.float32,
+        bracket: tuple[float, float] | None = None,
+        scratch: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         if dtype not in _INT_VIEW:
             raise ValueError(f"selection runs in float32 or float64, got {dtype}")
         self.m = m
@@ -100,10 +116,26 @@ class MagnitudeSelector:
         self._prefix = 0  # digits found so far (high bits of the threshold's bit pattern)
         self._greater = 0  # entries known to be strictly above the prefix
         self._hist = torch.zeros(_BINS, dtype=torch.int64)
-        self._buffers: dict[str, torch.Tensor] = {}
+        # selectors observing one after the other may share their scratch buffers
+        self._buffers: dict[str, torch.Tensor] = {} if scratch is None else scratch
         # first top-16-bit digit of +Inf; NaNs lie above it
         self._nonfinite_bin = int(torch.tensor(float("inf"), dtype=dtype).view(self._int).item()) >> (self._width - _DIGIT_BITS)
         self._result: MagnitudeThreshold | None = MagnitudeThreshold.keep_none() if m <= 0 else None
+        self._bracket_hit = False
+        self._inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(self._int).item())
+        self._bracket = self._bracket_bits(bracket) if m > 0 else None
+        if self._bracket is not None:
+            lo, hi = self._bracket
+            self._hist = torch.zeros(hi - lo + 3, dtype=torch.int64)
+
+    def _bracket_bits(self, bracket: tuple[float, float] | None) -> tuple[int, int] | None:
+        """Bit patterns of a usable bracket ``(lo, hi)`` of magnitudes, or None."""
+        if bracket is None:
+            return None
+        lo, hi = (int(torch.tensor(abs(v), dtype=self.dtype).view(self._int).item()) for v in bracket)
+        if not lo <= hi < self._inf_bits or hi - lo + 1 > MAX_BRACKET_BINS:
+            return None
+        return lo, hi
 
     @property
     def done(self) -> bool:
@@ -119,6 +151,9 @@ class MagnitudeSelector:
             return
         flat = x.reshape(-1)
         bits = torch.abs(flat, out=self._scratch("magnitudes", flat.numel(), self.dtype)).view(self._int)
+        if self._bracket is not None:
+            self._observe_bracket(bits, name)
+            return
         shift = self._width - _DIGIT_BITS * (self._level + 1)
         digits = torch.bitwise_right_shift(bits, shift, out=self._scratch("digits", flat.numel(), self._int))
         if self._level == 0:
@@ -132,6 +167,45 @@ class MagnitudeSelector:
             counts = torch.bincount(digits, minlength=_BINS + 2)[1 : _BINS + 1]
         self._hist += counts
 
+    def _observe_bracket(self, bits: torch.Tensor, name: str) -> None:
+        if bits.numel() and int(bits.max()) >= self._inf_bits:
+            raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
+        lo, hi = self._bracket
+        # below the bracket -> bin 0, inside -> 1 + (bits - lo), above -> the last bin
+        digits = torch.sub(bits, lo - 1, out=self._scratch("digits", bits.numel(), self._int))
+        digits.clamp_(0, hi - lo + 2)
+        self._hist += torch.bincount(digits, minlength=hi - lo + 3)
+
+    def _close_bracket_pass(self) -> None:
+        """Read the threshold off the bracket's histogram, or fall back to the radix passes."""
+        lo, _ = self._bracket
+        hist = self._hist
+        total = int(hist.sum())
+        if total < self.m:
+            raise ValueError(f"selector asked for the {self.m}-th largest of {total} entries")
+        above, inside = int(hist[-1]), hist[1:-1]
+        rank = self.m - above  # the threshold is the rank-th largest entry inside the bracket
+        if 0 < rank <= int(inside.sum()):
+            from_top = torch.cumsum(inside.flip(0), 0)
+            j = int(torch.searchsorted(from_top, rank))
+            index = inside.numel() - 1 - j
+            n_equal = int(inside[index])
+            value = torch.tensor(lo + index, dtype=self._int).view(self.dtype).item()
+            n_greater = above + int(from_top[j]) - n_equal
+            self._result = MagnitudeThreshold(value, kept=self.m, n_greater=n_greater, n_equal=n_equal)
+        self._bracket = None  # on a miss the next passes are the radix ones
+        self._hist = torch.zeros(_BINS, dtype=torch.int64)
+
+    @property
+    def bracketed(self) -> bool:
+        """Whether the current pass is the one-pass bracket."""
+        return self._bracket is not None
+
+    @property
+    def used_bracket(self) -> bool:
+        """Whether the result came from the one-pass bracket (False: radix passes)."""
+        return self._bracket_hit
+
     def _scratch(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable flat buffer: allocating fresh large tensors per call costs page faults."""
         buf = self._buffers.get(name)
@@ -143,6 +217,10 @@ class MagnitudeSelector:
     def next_pass(self) -> None:
         """Close the current pass: fix one more digit of the threshold."""
         if self.done:
+            return
+        if self._bracket is not None:
+            self._close_bracket_pass()
+            self._bracket_hit = self.done
             return
         hist = self._hist
         rank = self.m - self._greater  # we need the rank-th largest among the candidates

@@ -1,0 +1,88 @@
+"""The demo end to end in its reduced mode (seconds): table, reports, plots, the learned row, continual merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_ties.cli import main
+from lightning_ties.demo.run import learned_available
+from lightning_ties.report import RunReport
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["demo", "--fast", "--quiet", "tasks=[parity,ge5,mod3]",
+                     "methods=[average,task_arithmetic,ties,learned]", f"output_dir={out}"])
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def test_demo_prints_the_table_with_reference_rows_and_every_method(demo_run):
+    _, printed = demo_run
+    for row in ("base (pretrained)", "fine-tuned (own task)", "average", "task_arithmetic (paper recipe)",
+                "task_arithmetic (searched)", "ties (paper recipe)", "ties (searched)"):
+        assert row in printed, row
+    assert "reports written to" in printed
+
+
+def test_demo_writes_reports_plots_checkpoints_and_the_resolved_config(demo_run):
+    out, _ = demo_run
+    for name in ("report.json", "report.md", "results.csv", "config.yaml"):
+        assert (out / name).is_file(), name
+    for name in ("search.png", "per_task.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "base.safetensors", "ge5.safetensors", "mod3.safetensors", "parity.safetensors"]
+    assert "fast: true" in (out / "config.yaml").read_text()
+
+
+def test_demo_report_round_trips_and_its_numbers_are_consistent(demo_run):
+    out, _ = demo_run
+    report = RunReport.from_json((out / "report.json").read_text())
+    assert RunReport.from_json(report.to_json()) == report
+    by_name = {r.name: r for r in report.rows}
+    finetuned = by_name["fine-tuned (own task)"]
+    assert finetuned.normalized == pytest.approx(1.0)
+    assert all(0.0 <= v <= 1.0 for r in report.rows for v in r.scores.values())
+    # the paper recipe is TIES's k=0.2, lam=1 and task arithmetic's lam=0.4
+    assert (by_name["ties (paper recipe)"].k, by_name["ties (paper recipe)"].lam) == (0.2, 1.0)
+    assert by_name["task_arithmetic (paper recipe)"].lam == 0.4
+    # the searched row is the best validation candidate of its curve
+    curve = next(c for c in report.searches if c.method == "ties")
+    top = max(p["objective"] for p in curve.points)
+    assert (curve.chosen_k, curve.chosen_lam) in [(p["k"], p["lam"]) for p in curve.points if p["objective"] == top]
+
+
+@pytest.mark.skipif(not learned_available(), reason="the learned-coefficients module is not installed")
+def test_demo_table_has_the_learned_row_when_that_method_is_installed(demo_run):
+    out, printed = demo_run
+    report = RunReport.from_json((out / "report.json").read_text())
+    assert any(r.method == "learned" for r in report.rows)
+    assert "coefficients" in str(report.extra["learned"])
+
+
+def test_continual_demo_scores_the_growing_merge_after_each_task(tmp_path, capsys):
+    assert main(["demo", str(CONFIGS / "continual.yaml"), "--fast", "--quiet", "tasks=[parity,ge5,mod3]",
+                 "methods=[ties]", f"output_dir={tmp_path}"]) == 0
+    report = RunReport.from_json((tmp_path / "report.json").read_text())
+    merged = [r for r in report.rows if r.method == "ties"]
+    assert [sorted(r.scores) for r in merged] == [["ge5", "parity"], ["ge5", "mod3", "parity"]]
+    assert (tmp_path / "task_store" / "index.json").is_file()
+    assert "ties after 3 tasks" in capsys.readouterr().out
+
+
+def test_demo_refuses_an_unknown_task_before_training(tmp_path, capsys):
+    assert main(["demo", "--fast", "tasks=[parity,spin]", f"output_dir={tmp_path}"]) == 2
+    assert "tasks: unknown demo task 'spin'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
