@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -31,6 +30,7 @@ from .config import (
     SearchConfig,
     load_config,
     resolve_target,
+    to_dict,
     to_yaml,
 )
 from .merging import describe_methods, get_method
@@ -52,7 +52,7 @@ EXAMPLES = {
   lightning-ties evaluate configs/evaluate.yaml
   lightning-ties evaluate configs/evaluate.yaml checkpoints.ties=runs/search/merged.safetensors split=val""",
     "demo": """examples:
-  lightning-ties demo                      # the full demo (about 2 minutes on 2 CPU cores)
+  lightning-ties demo                      # the full demo (well under a minute on 2 CPU cores)
   lightning-ties demo --fast               # reduced mode, seconds
   lightning-ties demo configs/demo.yaml methods=[average,ties] output_dir=runs/demo2
   lightning-ties demo configs/continual.yaml""",
@@ -124,7 +124,9 @@ def build_model(cfg: SearchConfig | EvaluateConfig) -> Any:
     try:
         model = factory(**cfg.model.args)
     except TypeError as err:
-        raise ConfigError(f"model.args: {cfg.model.target} rejected the arguments {dict(cfg.model.args)}: {err}") from None
+        raise ConfigError(
+            f"model.args: {cfg.model.target} rejected the arguments {dict(cfg.model.args)}: {err}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.target={cfg.model.target!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -136,13 +138,18 @@ def build_loaders(cfg: SearchConfig | EvaluateConfig, split: str) -> dict[str, A
     try:
         loaders = factory(split=split, **cfg.data.args)
     except TypeError as err:
-        raise ConfigError(f"data.args: {cfg.data.target} rejected split={split!r} and {dict(cfg.data.args)}: {err}") from None
+        raise ConfigError(
+            f"data.args: {cfg.data.target} rejected split={split!r} and {dict(cfg.data.args)}: {err}"
+        ) from None
     if not isinstance(loaders, Mapping):
-        raise ConfigError(f"data.target={cfg.data.target!r} must return a dict task -> DataLoader, got {type(loaders).__name__}")
+        raise ConfigError(
+            f"data.target={cfg.data.target!r} must return a dict task -> DataLoader, got {type(loaders).__name__}"
+        )
     missing = [t for t in cfg.tasks if t not in loaders]
     if missing:
         raise ConfigError(
-            f"data.target={cfg.data.target!r} gave no {split!r} dataloader for task(s) {missing}; it gave {sorted(loaders)}"
+            f"data.target={cfg.data.target!r} gave no {split!r} dataloader for task(s) {missing}; "
+            f"it gave {sorted(loaders)}"
         )
     return {t: loaders[t] for t in cfg.tasks}
 
@@ -220,12 +227,17 @@ class TaskScorer:
 
         # its own copy of the architecture: the main module tracks which head its model holds
         module = MultiTaskMergeModule(
-            weights, self.tasks, model=copy.deepcopy(self.module.model), heads=_exact(self.module.head_keys) or None,
+            weights,
+            self.tasks,
+            model=copy.deepcopy(self.module.model),
+            heads=_exact(self.module.head_keys) or None,
             method="task_arithmetic",
         )
         return self._first(module.evaluate(self.trainer, dict(loaders), lam=0.0))
 
-    def search(self, loaders: Mapping[str, Any], method: str, grid: Any, on_candidate: Callable[[Any], None] | None = None) -> Any:
+    def search(
+        self, loaders: Mapping[str, Any], method: str, grid: Any, on_candidate: Callable[[Any], None] | None = None
+    ) -> Any:
         """Search (k, lam) on ``loaders``; the chosen merge is left applied."""
         m = get_method(method)
         self.use_method(method)
@@ -328,7 +340,8 @@ def run_merge(cfg: MergeConfig, console: Console) -> int:
     config_path = out / RESOLVED_CONFIG if out.is_dir() else out.with_name(out.name + ".config.yaml")
     save_resolved_config(cfg, config_path)
     print(
-        f"merged {len(cfg.models)} model(s) with {name} (lam={report.lam}) into {out} in {time.perf_counter() - t0:.1f}s: "
+        f"merged {len(cfg.models)} model(s) with {name} (lam={report.lam}) into {out} "
+        f"in {time.perf_counter() - t0:.1f}s: "
         f"{len(report.merged_keys)} keys merged, {len(report.skipped)} taken from base; config: {config_path}"
     )
     return 0
@@ -363,9 +376,9 @@ def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
     model = build_model(cfg)
     val = build_loaders(cfg, cfg.data.val_split)
     test = build_loaders(cfg, cfg.data.test_split) if cfg.data.test_split else None
+    logger = make_logger(cfg.logger, Path(cfg.output_dir))
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
     save_resolved_config(cfg, out / RESOLVED_CONFIG)
-    logger = make_logger(cfg.logger, out)
     name, _, _ = _method_args(cfg.method)
     with quiet_lightning():
         import pytorch_lightning as pl
@@ -376,7 +389,7 @@ def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
         scorer = TaskScorer(module, make_trainer(logger), cfg.tasks)
         split = cfg.data.test_split or cfg.data.val_split
         report = RunReport(f"lightning-ties search: {name}", list(cfg.tasks), metric=scorer.metric_name(), split=split)
-        report.config = {"file": config_path}
+        report.config = {"file": config_path, **to_dict(cfg)}
         eval_loaders = test or val
         report.add_row(ResultRow("base (pretrained)", "base", "reference", scorer.base(eval_loaders)))
         report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", scorer.finetuned(eval_loaders)))
@@ -436,8 +449,17 @@ def _save_best(cfg: SearchConfig, out: Path, module: Any, method: str, result: A
         params["k"] = result.k
     exclude = [*_exact(module.head_keys), *(cfg.exclude or [])]
     merge_to(
-        path, cfg.base, list(cfg.tasks.values()), method, result.lam, include=cfg.include, exclude=exclude or None,
-        on_mismatch="base", progress=False, overwrite=True, **params,
+        path,
+        cfg.base,
+        list(cfg.tasks.values()),
+        method,
+        result.lam,
+        include=cfg.include,
+        exclude=exclude or None,
+        on_mismatch="base",
+        progress=False,
+        overwrite=True,
+        **params,
     )
     return path
 
@@ -450,16 +472,16 @@ def run_evaluate(cfg: EvaluateConfig, console: Console, config_path: str) -> int
     check_paths(cfg)
     model = build_model(cfg)
     loaders = build_loaders(cfg, cfg.split)
+    logger = make_logger(cfg.logger, Path(cfg.output_dir))
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
     save_resolved_config(cfg, out / RESOLVED_CONFIG)
-    logger = make_logger(cfg.logger, out)
     with quiet_lightning():
         import pytorch_lightning as pl
 
         pl.seed_everything(cfg.seed, verbose=False)
         scorer = TaskScorer(_module_for(cfg, model), make_trainer(logger), cfg.tasks)
         report = RunReport("lightning-ties evaluate", list(cfg.tasks), metric=scorer.metric_name(), split=cfg.split)
-        report.config = {"file": config_path}
+        report.config = {"file": config_path, **to_dict(cfg)}
         report.add_row(ResultRow("base (pretrained)", "base", "reference", scorer.base(loaders)))
         report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", scorer.finetuned(loaders)))
         for name, path in cfg.checkpoints.items():
@@ -477,9 +499,9 @@ def run_demo_command(cfg: DemoConfig, console: Console, config_path: str | None)
     from .demo.run import run_continual, run_demo
     from .report import log_report, write_report
 
+    logger = make_logger(cfg.logger, Path(cfg.output_dir))
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
     save_resolved_config(cfg, out / RESOLVED_CONFIG)
-    logger = make_logger(cfg.logger, out)
     if cfg.continual:
         report = run_continual(cfg, out, logger=logger, say=console.say)
     else:
@@ -487,7 +509,7 @@ def run_demo_command(cfg: DemoConfig, console: Console, config_path: str | None)
         bar = console.progress(total, "searching lam/k")
         with bar:
             report = run_demo(cfg, out, logger=logger, say=console.say, tick=bar.update)
-    report.config = {"file": config_path or "(embedded default)"}
+    report.config = {"file": config_path or "(embedded default)", **to_dict(cfg)}
     paths = write_report(report, out)
     log_report(report, logger)
     _show(report, paths, console)
@@ -524,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         epilog="merge methods (method=<name>, parameters as method.<param>=<value>):\n"
         + describe_methods()
-        + f"\n  {LEARNED:<16} learned per-task/per-layer coefficients (search only)\n\n"
+        + f"\n  {LEARNED:<16} learned per-task/per-layer coefficients (search and demo)\n\n"
         + "\n\n".join(EXAMPLES.values()),
     )
     sub = parser.add_subparsers(dest="command", metavar="{merge,search,evaluate,demo}")
@@ -536,13 +558,23 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         p = sub.add_parser(
-            name, help=text, description=text, parents=[common], epilog=EXAMPLES[name],
+            name,
+            help=text,
+            description=text,
+            parents=[common],
+            epilog=EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name == "demo":
-            p.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
-                           help="optional config file (default: the embedded demo config), then overrides")
-            p.add_argument("--fast", action="store_true", help="reduced mode (seconds): fewer samples, epochs, candidates")
+            p.add_argument(
+                "args",
+                nargs="*",
+                metavar="[CONFIG] key=value",
+                help="optional config file (default: the embedded demo config), then overrides",
+            )
+            p.add_argument(
+                "--fast", action="store_true", help="reduced mode (seconds): fewer samples, epochs, candidates"
+            )
         else:
             p.add_argument("config", metavar="CONFIG", help=f"YAML config (see configs/{name}.yaml)")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. method.k=0.3")
@@ -584,11 +616,9 @@ def dispatch(ns: argparse.Namespace) -> int:
     console = Console(quiet=getattr(ns, "quiet", False))
     if ns.command == "demo":
         config, overrides = _split_demo_args(ns.args)
-        fast = ns.fast or any(o.replace(" ", "") in ("fast=true", "fast=True") for o in overrides)
-        presets = [("fast mode", DEMO_FAST)] if fast else []
-        cfg = load_config(DemoConfig, config, overrides, presets=presets)
-        if fast:
-            cfg.fast = True
+        cfg = load_config(DemoConfig, config, overrides)
+        if ns.fast or cfg.fast:  # the reduced mode's settings, under the command line's own overrides
+            cfg = load_config(DemoConfig, config, overrides, presets=[("fast mode", DEMO_FAST)])
         return run_demo_command(cfg, console, config)
     schema = {"merge": MergeConfig, "search": SearchConfig, "evaluate": EvaluateConfig}[ns.command]
     cfg = load_config(schema, ns.config, ns.overrides)

@@ -159,9 +159,7 @@ class DemoConfig:
     task so far is searched and scored on the tasks seen so far.
     """
 
-    tasks: List[str] = field(
-        default_factory=lambda: ["digit", "parity", "ge5", "mod3", "loop"]
-    )
+    tasks: List[str] = field(default_factory=lambda: ["digit", "parity", "ge5", "mod3", "loop"])
     methods: List[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "learned"])
     seed: int = 0
     data: DemoData = field(default_factory=DemoData)
@@ -186,8 +184,9 @@ WORKFLOWS: dict[str, type] = {
     "demo": DemoConfig,
 }
 
-#: What ``fast=true`` changes in the demo: the reduced mode the tests run (seconds).
+#: What ``fast=true`` (or ``--fast``) changes in the demo: the reduced mode the tests run (seconds).
 DEMO_FAST = {
+    "fast": True,
     "data": {"train_limit": 300},
     "model": {"hidden": 16},
     "pretrain": {"epochs": 4},
@@ -332,13 +331,13 @@ def load_config(
     overrides: Sequence[str] = (),
     presets: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> Any:
-    """Build a checked config object: schema defaults, then ``presets``, the YAML file, the overrides.
+    """Build a checked config object: schema defaults, then the YAML file, ``presets``, the overrides.
 
     Args:
         schema: one of the workflow dataclasses (e.g. :class:`SearchConfig`).
         path: a YAML file, or None for the schema's defaults (the demo's embedded default).
         overrides: ``key=value`` dotlist items (``method=task_arithmetic`` replaces the method section).
-        presets: named layers applied before the file (the demo's ``fast`` mode).
+        presets: named layers applied after the file and before the overrides (the demo's ``fast`` mode).
 
     Returns:
         An instance of ``schema`` (``method`` is a plain dict, validated against the registry).
@@ -354,7 +353,7 @@ def load_config(
     has_method = "method" in cfg
     method: dict[str, Any] = method_defaults(cfg.method["name"]) if has_method else {}
     config_dir = Path(path).parent if path is not None else None
-    layers: list[tuple[str, Any]] = list(presets)
+    layers: list[tuple[str, Any]] = []
     if path is not None:
         raw = _load_yaml(Path(path))
         if raw is None:
@@ -362,6 +361,7 @@ def load_config(
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
         layers.append((str(path), raw))
+    layers += list(presets)  # a mode (the demo's fast one) beats the file, the command line beats both
     layers += [(f"override {o!r}", _parse_override(o)) for o in overrides]
     for where, layer in layers:
         layer = dict(layer)
@@ -372,7 +372,9 @@ def load_config(
     sources = " + ".join(w for w, _ in layers) or "defaults"
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{sources}: missing required value for key {missing[0]!r}; set it in the file or as {missing[0]}=...")
+        raise ConfigError(
+            f"{sources}: missing required value for key {missing[0]!r}; set it in the file or as {missing[0]}=..."
+        )
     if has_method:
         cfg.method = method
         check_method(method, sources, allow_learned=schema is not MergeConfig)
@@ -402,7 +404,9 @@ def _check_choices(cfg: Any, where: str) -> None:
     if isinstance(cfg, DemoConfig):
         unknown = [m for m in cfg.methods if m != LEARNED and m not in METHODS]
         if unknown:
-            raise ConfigError(f"{where}: methods: unknown method(s) {unknown}; choose from {sorted([*METHODS, LEARNED])}")
+            raise ConfigError(
+                f"{where}: methods: unknown method(s) {unknown}; choose from {sorted([*METHODS, LEARNED])}"
+            )
         from .demo.data import DigitsTask
 
         for task in cfg.tasks:
@@ -423,11 +427,16 @@ def _check_grid(grid: SearchGrid, where: str) -> None:
     for name in ("k", "lam"):
         value = getattr(grid, name)
         values = value if isinstance(value, list) else [value]
-        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or value in ("paper", "search")
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or value in (
+            "paper",
+            "search",
+        )
         if name == "k" and value is None:
             ok = True
         if not ok or (isinstance(value, list) and not value):
-            raise ConfigError(f"{where}: search.{name}={value!r}: expected a number, a non-empty list of numbers or 'paper'")
+            raise ConfigError(
+                f"{where}: search.{name}={value!r}: expected a number, a non-empty list of numbers or 'paper'"
+            )
     if grid.strategy not in ("grid", "coarse_to_fine"):
         raise ConfigError(f"{where}: search.strategy={grid.strategy!r}: choose 'grid' or 'coarse_to_fine'")
 
@@ -435,6 +444,11 @@ def _check_grid(grid: SearchGrid, where: str) -> None:
 def to_yaml(cfg: Any) -> str:
     """The fully resolved config as YAML text (what is saved next to every output)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The fully resolved config as plain dicts and lists (what report.json records)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
 def resolve_target(path: str, key: str) -> Callable[..., Any]:
@@ -475,5 +489,6 @@ __all__ = [
     "load_config",
     "method_defaults",
     "resolve_target",
+    "to_dict",
     "to_yaml",
 ]

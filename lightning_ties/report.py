@@ -8,7 +8,8 @@ round-trips through JSON (``RunReport.from_json(report.to_json()) == report``) a
 - ``report.json``: the table, every search candidate, the resolved config, timings;
 - ``report.md``: the table as Markdown; ``results.csv``: one line per row and task;
 - ``search.png``: mean validation score vs lam for each k, the chosen point marked;
-- ``per_task.png``: per-task bars for each row.
+- ``per_task.png``: per-task bars for each row;
+- ``coefficients.png``: the learned method's coefficients (task x parameter group), when it ran.
 
 Example:
     >>> row = ResultRow("ties", "ties", "paper recipe", {"a": 0.9, "b": 0.7}, k=0.2, lam=1.0)
@@ -166,7 +167,10 @@ class RunReport:
     def plain_table(self) -> str:
         header, rows = self.table_cells()
         widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+        def fmt(cells: Sequence[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
         return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
 
     def csv(self) -> str:
@@ -178,7 +182,9 @@ class RunReport:
                 score = r.mean if t == "mean" else r.scores[t]
                 writer.writerow([r.name, r.method, r.recipe, _blank(r.k), _blank(r.lam), t, f"{score:.6f}"])
             if r.normalized is not None:
-                writer.writerow([r.name, r.method, r.recipe, _blank(r.k), _blank(r.lam), "normalized", f"{r.normalized:.6f}"])
+                writer.writerow(
+                    [r.name, r.method, r.recipe, _blank(r.k), _blank(r.lam), "normalized", f"{r.normalized:.6f}"]
+                )
         return buf.getvalue()
 
 
@@ -235,6 +241,8 @@ def write_report(report: RunReport, out_dir: str | os.PathLike[str], plots: bool
             paths.append(plot_search(report, out / "search.png"))
         if report.rows:
             paths.append(plot_per_task(report, out / "per_task.png"))
+        if learned_coefficients(report):
+            paths.append(plot_coefficients(report, out / "coefficients.png"))
     return paths
 
 
@@ -264,12 +272,17 @@ def plot_search(report: RunReport, path: str | os.PathLike[str]) -> Path:
             pts = sorted((p["lam"], p["objective"]) for p in curve.points if p["k"] == k)
             label = "no k" if k is None else f"k={k}"
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", markersize=3, label=label)
-        chosen = next(
-            (p for p in curve.points if p["k"] == curve.chosen_k and p["lam"] == curve.chosen_lam), None
-        )
+        chosen = next((p for p in curve.points if p["k"] == curve.chosen_k and p["lam"] == curve.chosen_lam), None)
         if chosen is not None:
-            ax.plot([chosen["lam"]], [100 * chosen["objective"]], marker="*", markersize=14, color="crimson",
-                    linestyle="none", label="chosen")
+            ax.plot(
+                [chosen["lam"]],
+                [100 * chosen["objective"]],
+                marker="*",
+                markersize=14,
+                color="crimson",
+                linestyle="none",
+                label="chosen",
+            )
         ax.set_title(curve.method)
         ax.set_xlabel("lam")
         ax.set_ylabel(f"validation {curve.objective} {report.metric} (%)")
@@ -288,7 +301,7 @@ def plot_per_task(report: RunReport, path: str | os.PathLike[str]) -> Path:
     groups = [*report.tasks, "mean"]
     n = len(report.rows)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 0.25 * n), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 0.25 * n) + 2.0, 3.8))
     for i, row in enumerate(report.rows):
         values = [100 * row.scores.get(t, float("nan")) for t in report.tasks] + [100 * row.mean]
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
@@ -298,9 +311,41 @@ def plot_per_task(report: RunReport, path: str | os.PathLike[str]) -> Path:
     ax.set_ylabel(f"{report.split} {report.metric} (%)")
     lows = [min(r.scores.values()) for r in report.rows if r.scores]
     ax.set_ylim(max(0.0, 100 * min(lows) - 10) if lows else 0.0, 100.5)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars stay visible
     ax.set_title(report.title)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    try:
+        return _save_figure(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def learned_coefficients(report: RunReport) -> dict[str, dict[str, float]]:
+    """The learned method's coefficients ``{task: {group: lam}}`` recorded in ``extra``, or empty."""
+    learned = report.extra.get("learned") or {}
+    table = learned.get("coefficients") if isinstance(learned, Mapping) else None
+    return dict(table) if isinstance(table, Mapping) else {}
+
+
+def plot_coefficients(report: RunReport, path: str | os.PathLike[str]) -> Path:
+    """Heat map of the learned coefficients: one row per task, one column per parameter group."""
+    plt = _pyplot()
+    table = learned_coefficients(report)
+    tasks = list(table)
+    groups = list(dict.fromkeys(g for row in table.values() for g in row))
+    values = [[table[t].get(g, float("nan")) for g in groups] for t in tasks]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) + 2.5), 0.45 * len(tasks) + 1.6))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g.rstrip(".") for g in groups], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)))
+    ax.set_yticklabels(tasks, fontsize=8)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
+    fig.colorbar(image, ax=ax, label="lam")
+    ax.set_title("learned merging coefficients")
     fig.tight_layout()
     try:
         return _save_figure(fig, Path(path))
@@ -364,6 +409,7 @@ __all__ = [
     "RunReport",
     "SearchCurve",
     "log_report",
+    "plot_coefficients",
     "plot_per_task",
     "plot_search",
     "print_table",

@@ -121,8 +121,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 # ---- the shipped configs --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name,schema",
-    [("merge", MergeConfig), ("search", SearchConfig), ("evaluate", EvaluateConfig), ("demo", DemoConfig),
-     ("continual", DemoConfig)],
+    [
+        ("merge", MergeConfig),
+        ("search", SearchConfig),
+        ("evaluate", EvaluateConfig),
+        ("demo", DemoConfig),
+        ("continual", DemoConfig),
+    ],
 )
 def test_shipped_configs_load_with_their_schema(name, schema):
     cfg = load_config(schema, CONFIGS / f"{name}.yaml")
@@ -157,7 +162,9 @@ def test_debug_shows_the_exception(tmp_path):
 
 
 def test_missing_checkpoint_is_named_before_any_work(tmp_path, capsys):
-    cfg = write(tmp_path / "m.yaml", f"base: {tmp_path}/nope.safetensors\nmodels: [a]\noutput: {tmp_path}/o.safetensors\n")
+    cfg = write(
+        tmp_path / "m.yaml", f"base: {tmp_path}/nope.safetensors\nmodels: [a]\noutput: {tmp_path}/o.safetensors\n"
+    )
     assert main(["merge", str(cfg)]) == 2
     assert "base=" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
@@ -178,3 +185,32 @@ def test_top_level_help_lists_the_registry_methods(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in METHODS) and "learned" in out
 
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "lightning_ties.config",
+        "lightning_ties.report",
+        "lightning_ties.demo",
+        "lightning_ties.demo.data",
+        "lightning_ties.demo.models",
+    ],
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_fast_mode_beats_the_file_and_the_command_line_beats_fast_mode(tmp_path, monkeypatch):
+    import lightning_ties.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_demo_command", lambda cfg, console, path: seen.append(cfg) or 0)
+    assert main(["demo", str(CONFIGS / "demo.yaml"), "--fast", "finetune.epochs=3"]) == 0
+    assert main(["demo", "fast=true"]) == 0
+    file_fast, flag_fast = seen
+    assert file_fast.fast and file_fast.pretrain.epochs == 4 and file_fast.finetune.epochs == 3
+    assert flag_fast.fast and flag_fast.search.k == [0.2] and flag_fast.model.hidden == 16

@@ -20,8 +20,12 @@ def small_report() -> RunReport:
     report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", {"a": 1.0, "b": 0.8}))
     report.add_row(ResultRow("ties (searched)", "ties", "searched on val", {"a": 0.75, "b": 0.8}, k=0.2, lam=1.1))
     report.searches.append(
-        SearchCurve("ties", [{"k": 0.2, "lam": lam, "objective": 0.7 + 0.01 * i} for i, lam in enumerate([0.9, 1.0, 1.1])],
-                    chosen_k=0.2, chosen_lam=1.1)
+        SearchCurve(
+            "ties",
+            [{"k": 0.2, "lam": lam, "objective": 0.7 + 0.01 * i} for i, lam in enumerate([0.9, 1.0, 1.1])],
+            chosen_k=0.2,
+            chosen_lam=1.1,
+        )
     )
     report.fill_normalized()
     return report
@@ -91,3 +95,16 @@ def test_terminal_table_shows_every_row(capsys):
     print_table(small_report())
     out = capsys.readouterr().out
     assert "ties (searched)" in out and "fine-tuned (own task)" in out and "77.5" in out
+
+
+def test_learned_coefficients_are_drawn_as_a_heat_map(tmp_path):
+    from matplotlib.image import imread
+
+    report = small_report()
+    report.extra["learned"] = {
+        "coefficients": {"a": {"body.0.": 1.0, "body.2.": 0.8}, "b": {"body.0.": 1.2, "body.2.": 0.9}}
+    }
+    paths = write_report(report, tmp_path)
+    assert tmp_path / "coefficients.png" in paths
+    assert imread(tmp_path / "coefficients.png").ndim == 3
+    assert not (write_report(small_report(), tmp_path / "plain") and (tmp_path / "plain" / "coefficients.png").exists())

@@ -70,10 +70,16 @@ def as_dict(path: Path) -> dict[str, torch.Tensor]:
 # ---- merge ---------------------------------------------------------------------------------------------
 def test_merge_writes_what_the_engine_computes_and_saves_the_resolved_config(tmp_path, checkpoints, capsys):
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base": str(checkpoints["base"]), "models": [str(checkpoints[t]) for t in TASKS],
-        "exclude": [HEAD], "output": str(tmp_path / "out.safetensors"),
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(checkpoints["base"]),
+                "models": [str(checkpoints[t]) for t in TASKS],
+                "exclude": [HEAD],
+                "output": str(tmp_path / "out.safetensors"),
+            }
+        )
+    )
     assert main(["merge", str(cfg), "method=task_arithmetic", "method.lam=0.7", "--quiet"]) == 0
     merged = as_dict(tmp_path / "out.safetensors")
     base = as_dict(checkpoints["base"])
@@ -96,9 +102,16 @@ def test_merge_refuses_to_overwrite_unless_asked(tmp_path, checkpoints, capsys):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
     args = ["merge", str(tmp_path / "m.yaml")]
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump({
-        "base": str(checkpoints["base"]), "models": [str(checkpoints["parity"])], "exclude": [HEAD], "output": str(out),
-    }))
+    (tmp_path / "m.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": str(checkpoints["base"]),
+                "models": [str(checkpoints["parity"])],
+                "exclude": [HEAD],
+                "output": str(out),
+            }
+        )
+    )
     assert main(args) == 1
     assert out.read_bytes() == b"keep me"
     assert "exists" in capsys.readouterr().err
@@ -108,16 +121,23 @@ def test_merge_refuses_to_overwrite_unless_asked(tmp_path, checkpoints, capsys):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "lightning_ties", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_ties", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
 
 
 def test_merge_as_a_subprocess_and_its_one_line_errors(tmp_path, checkpoints):
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base": str(checkpoints["base"]), "models": [str(checkpoints[t]) for t in TASKS],
-        "exclude": [HEAD], "output": str(tmp_path / "merged"),
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(checkpoints["base"]),
+                "models": [str(checkpoints[t]) for t in TASKS],
+                "exclude": [HEAD],
+                "output": str(tmp_path / "merged"),
+            }
+        )
+    )
     ok = run_cli("merge", str(cfg), "method.k=0.5", "--quiet")
     assert ok.returncode == 0, ok.stderr
     expected = ties_merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in TASKS], k=0.5, exclude=HEAD)
@@ -140,8 +160,15 @@ def searched(tmp_path_factory, checkpoints) -> tuple[Path, str]:
 
 def test_search_writes_every_report_file_the_config_and_the_model(searched):
     out, _ = searched
-    for name in ("report.json", "report.md", "results.csv", "search.png", "per_task.png", "config.yaml",
-                 "merged.safetensors"):
+    for name in (
+        "report.json",
+        "report.md",
+        "results.csv",
+        "search.png",
+        "per_task.png",
+        "config.yaml",
+        "merged.safetensors",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "logs").rglob("metrics.csv"))  # the CSV logger of the evaluation Trainer
     report = RunReport.from_json((out / "report.json").read_text())
@@ -155,8 +182,9 @@ def test_searched_model_file_is_the_chosen_ties_merge(searched, checkpoints):
     out, _ = searched
     report = json.loads((out / "report.json").read_text())
     row = report["rows"][2]
-    expected = ties_merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in TASKS],
-                          k=row["k"], lam=row["lam"], exclude=HEAD)
+    expected = ties_merge(
+        as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in TASKS], k=row["k"], lam=row["lam"], exclude=HEAD
+    )
     merged = as_dict(out / "merged.safetensors")
     for key, value in expected.items():
         assert torch.allclose(merged[key], value, atol=1e-6), key
@@ -172,8 +200,13 @@ def test_evaluate_scores_the_saved_merge_like_the_search_did(searched, checkpoin
     cfg = yaml.safe_load(Path(out.parent / "search.yaml").read_text())
     for key in ("method", "search"):
         cfg.pop(key)
-    cfg.update({"checkpoints": {"best": str(out / "merged.safetensors")}, "output_dir": str(tmp_path / "eval"),
-                "split": "test"})
+    cfg.update(
+        {
+            "checkpoints": {"best": str(out / "merged.safetensors")},
+            "output_dir": str(tmp_path / "eval"),
+            "split": "test",
+        }
+    )
     (tmp_path / "evaluate.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["evaluate", str(tmp_path / "evaluate.yaml"), "--quiet", "logger=none"]) == 0
     evaluated = RunReport.from_json((tmp_path / "eval" / "report.json").read_text())

@@ -78,8 +78,16 @@ def test_training_is_reproducible_with_the_same_seed():
     from lightning_ties.config import DemoConfig, load_config
     from lightning_ties.demo.run import make_suite, quiet_lightning, train_models
 
-    cfg = load_config(DemoConfig, overrides=["tasks=[parity,ge5]", "model.hidden=8", "pretrain.epochs=1",
-                                             "finetune.epochs=1", "data.train_limit=200"])
+    cfg = load_config(
+        DemoConfig,
+        overrides=[
+            "tasks=[parity,ge5]",
+            "model.hidden=8",
+            "pretrain.epochs=1",
+            "finetune.epochs=1",
+            "data.train_limit=200",
+        ],
+    )
     with quiet_lightning():
         base_a, fts_a, _ = train_models(cfg, make_suite(cfg), lambda _: None)
         base_b, fts_b, _ = train_models(cfg, make_suite(cfg), lambda _: None)

@@ -22,16 +22,31 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["demo", "--fast", "--quiet", "tasks=[parity,ge5,mod3]",
-                     "methods=[average,task_arithmetic,ties,learned]", f"output_dir={out}"])
+        code = main(
+            [
+                "demo",
+                "--fast",
+                "--quiet",
+                "tasks=[parity,ge5,mod3]",
+                "methods=[average,task_arithmetic,ties,learned]",
+                f"output_dir={out}",
+            ]
+        )
     assert code == 0
     return out, stdout.getvalue()
 
 
 def test_demo_prints_the_table_with_reference_rows_and_every_method(demo_run):
     _, printed = demo_run
-    for row in ("base (pretrained)", "fine-tuned (own task)", "average", "task_arithmetic (paper recipe)",
-                "task_arithmetic (searched)", "ties (paper recipe)", "ties (searched)"):
+    for row in (
+        "base (pretrained)",
+        "fine-tuned (own task)",
+        "average",
+        "task_arithmetic (paper recipe)",
+        "task_arithmetic (searched)",
+        "ties (paper recipe)",
+        "ties (searched)",
+    ):
         assert row in printed, row
     assert "reports written to" in printed
 
@@ -43,8 +58,14 @@ def test_demo_writes_reports_plots_checkpoints_and_the_resolved_config(demo_run)
     for name in ("search.png", "per_task.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "base.safetensors", "ge5.safetensors", "mod3.safetensors", "parity.safetensors"]
+        "base.safetensors",
+        "ge5.safetensors",
+        "mod3.safetensors",
+        "parity.safetensors",
+    ]
     assert "fast: true" in (out / "config.yaml").read_text()
+    recorded = RunReport.from_json((out / "report.json").read_text()).config
+    assert recorded["tasks"] == ["parity", "ge5", "mod3"] and recorded["fast"] is True
 
 
 def test_demo_report_round_trips_and_its_numbers_are_consistent(demo_run):
@@ -69,12 +90,25 @@ def test_demo_table_has_the_learned_row_when_that_method_is_installed(demo_run):
     out, printed = demo_run
     report = RunReport.from_json((out / "report.json").read_text())
     assert any(r.method == "learned" for r in report.rows)
-    assert "coefficients" in str(report.extra["learned"])
+    assert set(report.extra["learned"]["coefficients"]) == {"parity", "ge5", "mod3"}
+    assert (out / "coefficients.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_continual_demo_scores_the_growing_merge_after_each_task(tmp_path, capsys):
-    assert main(["demo", str(CONFIGS / "continual.yaml"), "--fast", "--quiet", "tasks=[parity,ge5,mod3]",
-                 "methods=[ties]", f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                str(CONFIGS / "continual.yaml"),
+                "--fast",
+                "--quiet",
+                "tasks=[parity,ge5,mod3]",
+                "methods=[ties]",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     report = RunReport.from_json((tmp_path / "report.json").read_text())
     merged = [r for r in report.rows if r.method == "ties"]
     assert [sorted(r.scores) for r in merged] == [["ge5", "parity"], ["ge5", "mod3", "parity"]]
@@ -86,3 +120,15 @@ def test_demo_refuses_an_unknown_task_before_training(tmp_path, capsys):
     assert main(["demo", "--fast", "tasks=[parity,spin]", f"output_dir={tmp_path}"]) == 2
     assert "tasks: unknown demo task 'spin'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_full_demo_suite_fine_tuned_models_clearly_beat_the_base_on_their_own_tasks(tmp_path):
+    # the full mode's training (what `make demo` runs), scored without the searches to stay quick
+    assert main(["demo", "--quiet", "methods=[average]", "logger=none", f"output_dir={tmp_path}"]) == 0
+    report = RunReport.from_json((tmp_path / "report.json").read_text())
+    base, finetuned, average = report.rows
+    for task in report.tasks:
+        assert finetuned.scores[task] >= base.scores[task] + 0.02, task
+    assert finetuned.mean >= base.mean + 0.05
+    assert report.extra["timings"]["total_s"] < 120

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_lightning_helpers import (
     Classifier,
     CountValidations,
@@ -220,3 +222,24 @@ def test_heads_may_be_named_by_pattern_or_by_submodule():
     assert "head.weight" not in by_module.task_vector(0.2)
     with pytest.raises(ValueError, match="not a submodule of the model"):
         MultiTaskMergeModule(base_model, same_shape, heads=torch.nn.Linear(2, 2))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_tasks=st.integers(1, 4),
+    k=st.sampled_from([0.1, 0.2, 0.5, 1.0]),
+    lam=st.floats(0.0, 3.0),
+)
+def test_apply_merge_writes_exactly_ties_merge_into_the_model(seed, n_tasks, k, lam):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    base = {key: torch.randn(v.shape, generator=g) for key, v in model.state_dict().items()}
+    model.load_state_dict(base)
+    tasks = {f"t{i}": {key: v + torch.randn(v.shape, generator=g) for key, v in base.items()} for i in range(n_tasks)}
+    module = MultiTaskMergeModule(model, tasks, k=k)
+    module.apply_merge(k, lam)
+    module.apply_merge(k, lam)  # applying twice is idempotent: always base + lam * tau_m
+    oracle = ties_merge(base, list(tasks.values()), k=k, lam=lam)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, oracle[key])

@@ -4,8 +4,8 @@
 
 Example:
     >>> from lightning_ties.demo import DEFAULT_TASKS
-    >>> len(DEFAULT_TASKS)
-    6
+    >>> DEFAULT_TASKS
+    ('digit', 'parity', 'ge5', 'mod3', 'loop')
 """
 
 from .data import DEFAULT_TASKS, SOURCE_TASK, DigitsSuite, DigitsTask, dataloaders

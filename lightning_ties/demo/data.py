@@ -166,7 +166,9 @@ class DigitsSuite:
         y = LABELS[task.label][0](all_digits[idx])
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
-    def dataloader(self, task: str | DigitsTask, split: str, batch_size: int = 256, shuffle: bool = False) -> DataLoader:
+    def dataloader(
+        self, task: str | DigitsTask, split: str, batch_size: int = 256, shuffle: bool = False
+    ) -> DataLoader:
         x, y = self.split(task, split)
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)

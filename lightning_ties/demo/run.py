@@ -75,7 +75,9 @@ def finetune(cfg: DemoConfig, suite: DigitsSuite, base: DigitsNet, index: int) -
     x, y = suite.split(task, "train")
     net = copy.deepcopy(base)
     net.head = linear_probe(base, x, y, task.num_classes)
-    fit_classifier(net, x, y, cfg.finetune.epochs, cfg.finetune.lr, False, cfg.seed + 1 + index, cfg.finetune.batch_size)
+    fit_classifier(
+        net, x, y, cfg.finetune.epochs, cfg.finetune.lr, False, cfg.seed + 1 + index, cfg.finetune.batch_size
+    )
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -108,7 +110,9 @@ def train_models(
     return base, finetuned, timings
 
 
-def save_checkpoints(out_dir: Path, base: DigitsNet, finetuned: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
+def save_checkpoints(
+    out_dir: Path, base: DigitsNet, finetuned: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, str]:
     """Write base and fine-tuned weights as .safetensors (what merge/search/evaluate configs read)."""
     from ..io import save_safetensors
 
@@ -229,7 +233,9 @@ def run_demo(
                 report.add_row(ResultRow(method, method, "no parameters", ev.merged(test, method, None, None)))
                 continue
             k, lam = _paper_recipe(method)
-            report.add_row(ResultRow(f"{method} (paper recipe)", method, "paper recipe", ev.merged(test, method, k, lam), k, lam))
+            report.add_row(
+                ResultRow(f"{method} (paper recipe)", method, "paper recipe", ev.merged(test, method, k, lam), k, lam)
+            )
             result = ev.search(val, method, cfg.search, on_candidate=lambda _c: tick())
             scores = ev.merged(test, method, result.k, result.lam)
             report.add_row(ResultRow(f"{method} (searched)", method, "searched on val", scores, result.k, result.lam))
@@ -296,8 +302,11 @@ def run_continual(
             for method in methods:
                 result = scorer.search(seen_val, method, cfg.search)
                 scores = scorer.merged(seen_test, method, result.k, result.lam)
-                report.add_row(ResultRow(f"{method} after {len(seen)} tasks", method, "searched on val", scores,
-                                         result.k, result.lam))
+                report.add_row(
+                    ResultRow(
+                        f"{method} after {len(seen)} tasks", method, "searched on val", scores, result.k, result.lam
+                    )
+                )
                 report.searches.append(search_curve(f"{method} ({len(seen)} tasks)", result, cfg.search.objective))
             say(f"task {i + 1}/{len(cfg.tasks)} ({name}): merged {len(seen)} tasks from the store")
     report.rows[:0] = [
