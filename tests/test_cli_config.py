@@ -194,6 +194,7 @@ def test_top_level_help_lists_the_registry_methods(capsys):
         "lightning_ties.demo",
         "lightning_ties.demo.data",
         "lightning_ties.demo.models",
+        "lightning_ties.cli",
     ],
 )
 def test_docstring_examples_run(module):

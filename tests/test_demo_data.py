@@ -76,7 +76,7 @@ def test_dataloaders_entry_point_returns_one_loader_per_task():
 
 def test_training_is_reproducible_with_the_same_seed():
     from lightning_ties.config import DemoConfig, load_config
-    from lightning_ties.demo.run import make_suite, quiet_lightning, train_models
+    from lightning_ties.demo.run import make_suite, quiet_lightning, torch_threads, train_models
 
     cfg = load_config(
         DemoConfig,
@@ -88,7 +88,7 @@ def test_training_is_reproducible_with_the_same_seed():
             "data.train_limit=200",
         ],
     )
-    with quiet_lightning():
+    with quiet_lightning(), torch_threads(1):
         base_a, fts_a, _ = train_models(cfg, make_suite(cfg), lambda _: None)
         base_b, fts_b, _ = train_models(cfg, make_suite(cfg), lambda _: None)
     for key, value in base_a.state_dict().items():

@@ -1,18 +1,17 @@
 """The demo's multitask suite: real handwritten digits (scikit-learn ships them), several tasks.
 
 Every task reads the same 1797 8x8 digit images (``sklearn.datasets.load_digits``, no download),
-through its own input transform (rotated, flipped, inverted...) and with its own label function
-(digit identity, parity, >= 5, mod 3...). The pretrained starting point is trained on the
-*source* task (upright digits, identity), so every other task asks the fine-tune to adapt both
-what it sees and what it answers.
+through an input transform (identity, rotated, flipped, inverted...) and with its own label
+function (digit identity, parity, >= 5, mod 3, closed loop). Task names are
+``"<label>_<transform>"`` (``"parity_flip"``), or just ``"<label>"`` for upright digits.
 
 The default suite asks five questions (identity, parity, >= 5, mod 3, closed loop) about the
-upright digits, while the base is pretrained on the digits 0-4 only: every fine-tune learns
-to tell the unseen digits apart (a skill the tasks share, which merging can keep) and to
-answer its own question (where task vectors conflict, which TIES's trim and sign election
-address). The fine-tuned models clearly beat the base on their own task, so merging has
-something to preserve. Transformed variants (``"parity_flip"``, ``"digit_rot90"``...) make
-input domains differ too, a harder setting where merges keep less.
+upright digits, while the base is pretrained to tell the digits 0-4 apart only: every
+fine-tune learns to tell the unseen digits 5-9 apart (a skill the tasks share, which merging
+can keep) and to answer its own question (where task vectors conflict, which TIES's trim and
+sign election address). The fine-tuned models clearly beat the base on their own task, so
+merging has something to preserve. Transformed variants make the input domains differ too,
+a harder setting where every merge keeps less.
 
 Example:
     >>> suite = DigitsSuite(seed=0)

@@ -2,7 +2,7 @@
 
 Steps (all seeded, CPU, offline):
 
-1. pretrain a :class:`DigitsNet` on the source task (upright digits, identity);
+1. pretrain a :class:`DigitsNet` on the source task (identity of the digits 0-4);
 2. for each task: fit a linear-probe head on the frozen pretrained features (the task's head,
    kept fixed), then fine-tune the body with a Lightning ``Trainer``;
 3. wire the checkpoints into :class:`~lightning_ties.lightning.MultiTaskMergeModule` (per-task
@@ -12,10 +12,12 @@ Steps (all seeded, CPU, offline):
 4. when :mod:`lightning_ties.lightning.learned` is importable, learn per-task, per-layer
    coefficients on the validation split (``learn_coefficients``) and score them too.
 
-Example:
-    >>> from lightning_ties.config import DemoConfig, load_config
-    >>> cfg = load_config(DemoConfig, overrides=["fast=true", "methods=[ties]"])  # doctest: +SKIP
-    >>> report = run_demo(cfg, out_dir="runs/demo")                                  # doctest: +SKIP
+Example (what ``lightning-ties demo --fast`` runs, without printing)::
+
+    from lightning_ties.config import DEMO_FAST, DemoConfig, load_config
+    cfg = load_config(DemoConfig, presets=[("fast", DEMO_FAST)])
+    report = run_demo(cfg, out_dir="runs/demo")
+    print(report.plain_table())
 """
 
 from __future__ import annotations
