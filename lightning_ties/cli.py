@@ -427,6 +427,8 @@ def _learn(cfg: SearchConfig, model: Any, val: Mapping[str, Any]) -> Any:
         dict(val),
         model=model,
         heads=cfg.heads,
+        include=cfg.include,
+        exclude=cfg.exclude,
         seed=cfg.seed,
         trainer_kwargs={"enable_progress_bar": False, "enable_model_summary": False, "logger": False},
         **options,

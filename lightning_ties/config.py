@@ -234,7 +234,8 @@ def learned_parameters() -> dict[str, Any]:
     """Defaults of ``learn_coefficients`` that a config may set (read from its signature)."""
     from .lightning.learned import learn_coefficients  # imports Lightning: only when asked for
 
-    skip = {"base", "tasks", "dataloaders", "model", "heads", "trainer_kwargs", "seed", "groups"}
+    # set elsewhere in the config (base, tasks, data, heads, include/exclude, seed) or not plain values
+    skip = {"base", "tasks", "dataloaders", "model", "heads", "trainer_kwargs", "seed", "groups", "include", "exclude"}
     out = {}
     for p in inspect.signature(learn_coefficients).parameters.values():
         if p.name not in skip and p.default is not p.empty and isinstance(p.default, (int, float, str, type(None))):

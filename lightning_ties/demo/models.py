@@ -88,8 +88,7 @@ def fit_classifier(
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
-        deterministic=True,
-    )
+    )  # CPU kernels are deterministic; ``deterministic=True`` would flip a process-wide torch flag
     trainer.fit(DigitsClassifier(net, lr=lr, train_head=train_head), loader)
     net.eval()
     return net
