@@ -23,4 +23,4 @@ demo: setup-demo
 	$(VENV)/bin/lightning-ties demo
 
 test: setup-test
-	$(PY) -m pytest -q --timeout=900 tests lightning_ties/merging --doctest-modules
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=900 tests lightning_ties --doctest-modules

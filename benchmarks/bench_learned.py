@@ -267,13 +267,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the coefficient training")
-    parser.add_argument("--val-cap", type=int, default=256, help="validation examples per task")
-    parser.add_argument("--test-cap", type=int, default=400, help="test examples per task")
-    parser.add_argument("--grid-stride", type=int, default=2, help="use every n-th lam of the paper's grids")
+    parser.add_argument("--val-cap", type=int, default=128, help="validation examples per task")
+    parser.add_argument("--test-cap", type=int, default=300, help="test examples per task")
+    parser.add_argument("--grid-stride", type=int, default=3, help="use every n-th lam of the paper's grids")
     parser.add_argument("--objective", default="ce", choices=["ce", "entropy"])
     parser.add_argument("--finetune-only", action="store_true", help="only build the fine-tuned cache")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_LOADERS), choices=list(TASK_LOADERS))
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", type=Path, help="also draw the learned coefficients (task x layer heat map) here")
     args = parser.parse_args()
     torch.manual_seed(SEED)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -328,6 +329,10 @@ def main() -> None:
     print(f"\ncoefficient training: {train_s:.0f}s wall ({total_s - train_s:.0f}s more to compute the components); "
           f"{result.epochs_run} epochs, best epoch {result.best_epoch}; "
           f"gap TIES -> individual closed: {100 * closed:.0f}% (target >= 67% within 300 s)")
+    if args.plot:
+        from lightning_ties.lightning.learned import plot_coefficients
+
+        plot_coefficients(result.coefficient_table(), args.plot)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "train_seconds": train_s, "total_seconds": total_s, "gap_closed": closed,
                                          "coefficients": result.coefficient_table()}, indent=2))

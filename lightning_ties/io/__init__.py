@@ -30,6 +30,7 @@ from .sinks import (
 )
 from .sources import SafetensorsSource, TorchFileSource, load_torch_file, open_source
 from .stream import merge_to
+from .task_store import TaskVectorSource, TaskVectorStore
 from .validate import CommonRowsSource, MergeInputError, check_compatible
 
 register_path_opener(open_source)
@@ -44,6 +45,8 @@ __all__ = [
     "SafetensorsSource",
     "SafetensorsWriter",
     "ShardedWriter",
+    "TaskVectorSource",
+    "TaskVectorStore",
     "TorchFileSource",
     "atomic_dir",
     "atomic_file",
