@@ -27,7 +27,6 @@ import torch
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
-_FLOAT_OF = {torch.int32: torch.float32, torch.int64: torch.float64}
 # Widest bracket, in bit patterns, histogrammed in one pass (a 4 MB int64 histogram).
 MAX_BRACKET_BINS = 1 << 19
 
