@@ -357,7 +357,7 @@ def test_resume_from_checkpoint_continues_training(setup, tmp_path):
     make = lambda: LearnedMergeModule(base, tasks, loaders, k=0.2, lr=0.05)  # noqa: E731
     first = make()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    opts = {**QUIET, "enable_checkpointing": True}
+    opts = {**QUIET, "enable_checkpointing": True, "default_root_dir": tmp_path}
     pl.Trainer(max_epochs=2, callbacks=[ckpt], **opts).fit(first)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert set(saved["state_dict"]) == {"coefficients", "initial_coefficients", "best_coefficients", "best_score"}

@@ -549,11 +549,12 @@ class LearnedMergeModule(pl.LightningModule):
             if task_batch is not None:
                 losses[task] = self.task_loss(task, task_batch, params, batch_idx)[0]
         loss = torch.stack(list(losses.values())).mean()
+        # one step = one batch per task: epoch means weigh steps equally (batch_size=1)
         for task, value in losses.items():
-            self.log(f"learned/train/{task}/loss", value.detach(), on_step=True, on_epoch=True)
+            self.log(f"learned/train/{task}/loss", value.detach(), on_step=True, on_epoch=True, batch_size=1)
         if self.l2 > 0:
             loss = loss + self.l2 * (self.coefficients - self.initial_coefficients).square().sum()
-        self.log("learned/train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
+        self.log("learned/train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=1)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -794,7 +795,7 @@ def model_card(summary: Mapping[str, Any]) -> str:
 
 
 def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
-    """Draw the coefficients as a task x group heat map (PNG/SVG/PDF by suffix), atomically.
+    """Draw the coefficients as a heat map, groups down and tasks across (PNG/SVG/PDF by suffix), atomically.
 
     Example:
         >>> import tempfile
@@ -810,11 +811,14 @@ def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.P
 
     tasks = list(table)
     groups = list(next(iter(table.values())))
-    values = [[table[t][g] for g in groups] for t in tasks]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(groups) + 2), max(2.0, 0.5 * len(tasks) + 1)))
+    labels = [g.rstrip(".") for g in groups]
+    # groups as rows: there may be hundreds (granularity "tensor") with long names
+    values = [[table[t][g] for t in tasks] for g in groups]
+    width = 3.0 + 0.8 * len(tasks) + 0.07 * max(len(label) for label in labels)
+    fig, ax = plt.subplots(figsize=(width, 1.5 + 0.22 * len(groups)))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(groups)), [g.rstrip(".") for g in groups], rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(groups)), labels, fontsize=7)
     fig.colorbar(image, ax=ax, label="lam")
     fig.tight_layout()
     path = Path(path)
