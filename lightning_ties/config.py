@@ -168,7 +168,7 @@ class DemoConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-3))
     search: SearchGrid = field(default_factory=SearchGrid)
     learned: Dict[str, Any] = field(
-        default_factory=lambda: {"granularity": "layer", "max_epochs": 10, "lr": 0.01, "holdout": 0.3}
+        default_factory=lambda: {"granularity": "layer", "max_epochs": 40, "lr": 0.05, "holdout": 0.3}
     )
     continual: bool = False
     output_dir: str = "runs/demo"
