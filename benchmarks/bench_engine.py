@@ -190,7 +190,7 @@ def compare(out_dir: Path, extra_ties: int) -> list[str]:
     differ_t = sum(int((peft_out[k] != ours_t[k]).sum()) for k in peft_out)
     return [
         f"ours-global vs paper (paper keeps int(k*P)+1 per task): {differ} differing entries",
-        f"ours-global vs paper with the count aligned to int(k*P): "
+        "ours-global vs paper with the count aligned to int(k*P): "
         + ("bit-identical" if differ_aligned == 0 else f"{differ_aligned} differing entries")
         + f" (the aligned path also keeps every entry tied at a task's threshold: {extra_ties} extra here;"
         " ours keeps exactly int(k*P), the first ties in key then flat order)",

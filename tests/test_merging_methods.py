@@ -18,7 +18,6 @@ from lightning_ties.merging import (
     disjoint_merge,
     elect_sign,
     get_method,
-    merged_task_vector,
     method_task_vector,
     trim,
 )

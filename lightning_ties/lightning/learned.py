@@ -38,11 +38,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -56,12 +55,11 @@ from torch.utils.data import DataLoader, IterableDataset, random_split
 from torchmetrics import MeanMetric
 
 from ..merging import MergeReport, TaskVectorMerger, as_source, get_method, plan_merge
-from ..merging.plan import MergePlan
+from ..merging.plan import Patterns, compile_patterns
 
 GRANULARITIES = ("task", "layer", "tensor")
 OBJECTIVES = ("ce", "entropy", "validation_step")
 Objective = str | Callable[[Any, Any], torch.Tensor]
-Patterns = str | Sequence[str] | None
 _LOG_EACH_COEFFICIENT = 64  # above this many coefficients, log one mean per task
 
 
@@ -100,7 +98,7 @@ def group_keys(keys: Sequence[str], granularity: str, patterns: Patterns = None)
         return ["all"], [0] * len(keys)
     if granularity == "tensor":
         return list(keys), list(range(len(keys)))
-    compiled = _compile(patterns, "group")
+    compiled = compile_patterns(patterns, "group")
     used = [False] * len(compiled)
     labels = []
     for key in keys:
@@ -124,20 +122,6 @@ def group_keys(keys: Sequence[str], granularity: str, patterns: Patterns = None)
 def check_granularity(granularity: str) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-
-
-def _compile(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as err:
-            raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {err}") from None
-    return out
 
 
 # ---- compact components -------------------------------------------------------------------
@@ -459,7 +443,7 @@ class LearnedMergeModule(pl.LightningModule):
 
     def _head_keys(self, model: nn.Module, base_src, sources, heads: Patterns) -> list[str]:
         """User-named heads plus keys that differ across tasks; each task must have them all."""
-        named = _compile(heads, "heads")
+        named = compile_patterns(heads, "heads")
         model_keys = list(model.state_dict().keys())
         out = []
         for key in model_keys:

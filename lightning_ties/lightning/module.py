@@ -36,6 +36,7 @@ from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from ..merging import MergePlan, TaskVector, apply_task_vector, as_source, get_method, method_task_vector, plan_merge
+from ..merging.plan import compile_patterns
 from ..merging.sources import TensorSource
 from .metrics import MetricsArg, Scores, TaskMetrics, summarize
 from .search import Candidate, SearchResult, k_grid, lam_grid, run_search
@@ -137,12 +138,7 @@ class MultiTaskMergeModule(pl.LightningModule):
     ) -> tuple[MergePlan, list[str]]:
         items = [heads] if isinstance(heads, (str, nn.Module)) else list(heads or [])
         patterns = [h if isinstance(h, str) else self._module_pattern(h) for h in items]
-        compiled = []
-        for p in patterns:
-            try:
-                compiled.append(re.compile(p))
-            except re.error as err:
-                raise ValueError(f"heads pattern {p!r} is not a valid regular expression: {err}") from None
+        compiled = compile_patterns(patterns, "heads")
         model_keys = set(self.model.state_dict())
         named = sorted(k for k in model_keys if any(p.search(k) for p in compiled))
         if compiled and not named:

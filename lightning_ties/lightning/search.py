@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import atomic_file
-from ..merging import TIES_LAM_GRID, get_method
+from ..merging import get_method
 from .metrics import Objective, Scores, metric_names, normalized, objective_value
 
 #: k values searched when ``k`` is asked to be searched without a list (the paper's neighbourhood).

@@ -35,7 +35,8 @@ class MergePlan:
         return {k: r for k, r in self.skipped.items() if r.startswith(("missing", "shape", "not in base"))}
 
 
-def _compile(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
+def compile_patterns(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
+    """Compile one regex or a list of them; a bad one is a ValueError naming ``what`` and the pattern."""
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -72,7 +73,7 @@ def plan_merge(
     """
     if not models:
         raise ValueError("no models to merge: pass at least one fine-tuned model")
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     model_keys = [set(m.keys()) for m in models]
     plan = MergePlan(keys=list(base.keys()), merge_keys=[])
     asked_but_unmergeable: list[str] = []
