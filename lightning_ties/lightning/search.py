@@ -15,6 +15,7 @@ Ties between candidates break deterministically: the earlier candidate in grid o
 k, then smaller lam) wins.
 
 Example:
+    >>> from lightning_ties import TIES_LAM_GRID
     >>> result = run_search(lambda k, lam: {"a": {"acc": -abs(lam - 1.2)}}, [0.2], list(TIES_LAM_GRID))
     >>> result.best.lam, len(result.candidates)
     (1.2, 18)
