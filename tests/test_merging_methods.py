@@ -265,3 +265,11 @@ def test_non_finite_task_vectors_are_refused_naming_tensor_and_model(method: str
     params = {"scope": "per_tensor"} if method == "ties_per_tensor" else {}
     with pytest.raises(ValueError, match=r"model\[2\].*'b'.*NaN or Inf"):
         merge(base, fts, method.replace("_per_tensor", ""), **params)
+
+
+def test_a_method_without_lam_refuses_one_and_defaults_apply() -> None:
+    base, fts = {"w": torch.zeros(2)}, [{"w": torch.ones(2)}, {"w": -torch.ones(2)}]
+    with pytest.raises(ValueError, match="'average' has no lam to set"):
+        merge(base, fts, "average", lam=0.5)
+    assert get_method("task_arithmetic").resolve_lam(None) == 0.4
+    assert get_method("ties").resolve_lam(1.7) == 1.7

@@ -179,9 +179,7 @@ def merge_to(
     """
     merge_method = get_method(method)
     spec = merge_method.build_spec(**params)
-    lam = merge_method.lam if lam is None else lam
-    if not merge_method.searchable and lam != merge_method.lam:
-        raise ValueError(f"method {method!r} has no lam to set (got lam={lam})")
+    lam = merge_method.resolve_lam(lam)
     if on_mismatch not in ("error", "base"):
         raise ValueError(f"on_mismatch must be 'error' or 'base', got {on_mismatch!r}")
     output = check_output(output, overwrite)

@@ -54,6 +54,14 @@ class MergeMethod:
             p.name: p.default for p in inspect.signature(self.spec).parameters.values() if p.default is not p.empty
         }
 
+    def resolve_lam(self, lam: float | None) -> float:
+        """The lam to use: the method's default when None; methods without a lam refuse another."""
+        if lam is None:
+            return self.lam
+        if not self.searchable and lam != self.lam:
+            raise ValueError(f"method {self.name!r} has no lam to set (got lam={lam})")
+        return lam
+
     def build_spec(self, **params: Any) -> MergeSpec:
         unknown = set(params) - set(self.parameters())
         if unknown:
@@ -174,10 +182,7 @@ def merge(
         >>> merge(base, [{"w": torch.ones(2)}, {"w": -torch.ones(2)}], "average")["w"]
         tensor([0., 0.])
     """
-    m = get_method(method)
-    lam = m.lam if lam is None else lam
-    if not m.searchable and lam != m.lam:
-        raise ValueError(f"method {method!r} has no lam to set (got lam={lam})")
+    lam = get_method(method).resolve_lam(lam)
     tau = method_task_vector(base, models, method, include, exclude, compute_dtype, **params)
     return tau.apply(base, lam)
 
