@@ -24,6 +24,17 @@ int(k*P) (must be bit-identical), and ours-per-tensor against PEFT (max abs diff
 Run (about a minute at the default size; ``--params 2e6`` for a quick look)::
 
     .venv/bin/python benchmarks/bench_engine.py --params 20e6 --tasks 8 --threads 1
+
+On a GPU (``--device cuda``; inputs generated on the GPU, everything runs in this process)
+it times global TIES three ways with CUDA events: ``paper`` (the flatten + kthvalue path
+above, on the same GPU), ``ours-global`` (the engine, merging on the inputs' device) and
+``floor`` (two reads of every input: two ``torch.sum`` passes over all of them, the least
+any exact global trim can do, one pass to find the thresholds and one to merge). It prints
+the times, the ratios to the floor and to the paper path, and the peak GPU memory above the
+inputs (``torch.cuda.max_memory_allocated``); then it checks, on a smaller size that still
+takes the sampled-bracket path, that the GPU output equals the CPU engine's bit for bit::
+
+    python benchmarks/bench_engine.py --device cuda --params 200e6 --tasks 8 --case flat
 """
 
 from __future__ import annotations
@@ -199,6 +210,102 @@ def compare(out_dir: Path, extra_ties: int) -> list[str]:
     ]
 
 
+# ---- GPU: in-process, CUDA events ---------------------------------------------------------------
+GPU_COMPETITORS = ("floor", "paper", "ours-global")
+_CHECK_PARAMS = 6_000_000  # above the engine's 4M-entry bracketing threshold, quick on the CPU
+
+
+def make_models_on(params: int, tasks: int, case: str, device: str, seed: int = 0):
+    """The same kind of inputs as :func:`make_models`, generated directly on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = model_shapes(params, case)
+    base = {k: SCALE * torch.randn(s, generator=g, device=device) for k, s in shapes.items()}
+    fts = []
+    for _ in range(tasks):
+        fts.append({k: v + (SCALE / 2) * torch.randn(v.shape, generator=g, device=device) for k, v in base.items()})
+    return base, fts
+
+
+def two_reads(base, fts) -> torch.Tensor:
+    """The floor: read every input twice (a threshold pass and a merge pass), nothing else."""
+    total = torch.zeros((), device=next(iter(base.values())).device)
+    for _ in range(2):
+        for sd in (base, *fts):
+            for v in sd.values():
+                total += v.sum()
+    return total
+
+
+def run_gpu_competitor(name: str, base, fts, k: float):
+    if name == "floor":
+        return two_reads(base, fts)
+    if name == "paper":
+        return paper_path(base, fts, k)
+    return ours(base, fts, k, "global")
+
+
+def time_gpu(name: str, base, fts, k: float, repeats: int) -> dict:
+    """Fastest of ``repeats`` runs (CUDA events around a synchronised run) and peak memory."""
+    warm_up = [{key: v[:4096] for key, v in sd.items()} for sd in (base, *fts)]
+    run_gpu_competitor(name, warm_up[0], warm_up[1:], k)
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = run_gpu_competitor(name, base, fts, k)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+        del out
+    peak_mb = (torch.cuda.max_memory_allocated() - allocated) / 2**20
+    return {"name": name, "seconds": min(times), "peak_mb": peak_mb}
+
+
+def check_gpu_equals_cpu(tasks: int, k: float, case: str) -> list[str]:
+    """The engine on the GPU against the engine on the CPU (and the aligned paper path) on one input."""
+    base, fts = make_models_on(_CHECK_PARAMS, tasks, case, "cuda", seed=1)
+    gpu = ours(base, fts, k, "global")
+    cpu = ours({kk: v.cpu() for kk, v in base.items()}, [{kk: v.cpu() for kk, v in ft.items()} for ft in fts], k, "global")
+    aligned = paper_path(base, fts, k, aligned=True)
+    on_gpu = all(v.device.type == "cuda" for v in gpu.values())
+    differ = sum(int((gpu[key].cpu() != cpu[key]).sum()) for key in cpu)
+    differ_paper = sum(int((gpu[key] != aligned[key]).sum()) for key in aligned)
+    return [
+        f"check at {_CHECK_PARAMS:,} params x {tasks}: outputs on the GPU: {on_gpu}; "
+        + ("bit-identical to the CPU engine" if differ == 0 else f"{differ} entries differ from the CPU engine (BUG)"),
+        f"ours-global (GPU) vs the aligned paper path (GPU): {differ_paper} differing entries (ties at a threshold only)",
+    ]
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to this torch")
+    props = torch.cuda.get_device_properties(0)
+    print(f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, global trim, on {props.name}, torch {torch.__version__}")
+    for case in ["flat", "model"] if args.case == "both" else [args.case]:
+        base, fts = make_models_on(int(args.params), args.tasks, case, "cuda")
+        torch.cuda.synchronize()
+        inputs_mb = sum(v.numel() * v.element_size() for sd in (base, *fts) for v in sd.values()) / 2**20
+        results = {name: time_gpu(name, base, fts, args.k, args.repeats) for name in GPU_COMPETITORS}
+        del base, fts
+        torch.cuda.empty_cache()
+        print(f"\n[{case}: {len(model_shapes(int(args.params), case))} tensor(s); inputs {inputs_mb:,.0f} MB on the GPU]")
+        print(f"{'competitor':<14}{'ms':>10}{'x floor':>10}{'speed-up vs paper':>19}{'peak MB over inputs':>21}")
+        floor, paper = results["floor"]["seconds"], results["paper"]["seconds"]
+        for name in GPU_COMPETITORS:
+            r = results[name]
+            print(
+                f"{name:<14}{r['seconds'] * 1000:>10.1f}{r['seconds'] / floor:>9.1f}x"
+                f"{paper / r['seconds']:>18.1f}x{r['peak_mb']:>21,.0f}"
+            )
+        for line in check_gpu_equals_cpu(args.tasks, args.k, case):
+            print("  " + line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=20e6, help="parameters per model (default 20e6)")
@@ -207,11 +314,14 @@ def main() -> None:
     parser.add_argument("--case", choices=["flat", "model", "both"], default="both")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=1, help="merges per competitor; the fastest is reported")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where inputs live and merges run")
     parser.add_argument("--worker", choices=COMPETITORS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.device == "cuda":
+        return gpu_main(args)
     cases = ["flat", "model"] if args.case == "both" else [args.case]
     print(
         f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, "

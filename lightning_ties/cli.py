@@ -532,6 +532,11 @@ def _common(debug_default: bool = False) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="print only the results")
+    common.add_argument(
+        "--allow-env", action="store_true", default=argparse.SUPPRESS,
+        help="let the config read environment variables with ${oc.env:NAME} (off by default; the saved "
+        "config keeps the ${oc.env:...} form, not the value)",
+    )
     return common
 
 
@@ -593,7 +598,7 @@ def _split_demo_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-_FLAGS = ("--debug", "--quiet", "-q", "--fast")
+_FLAGS = ("--debug", "--quiet", "-q", "--fast", "--allow-env")
 _COMMANDS = ("merge", "search", "evaluate", "demo")
 
 
@@ -613,14 +618,15 @@ def _flags_first(argv: list[str]) -> list[str]:
 
 def dispatch(ns: argparse.Namespace) -> int:
     console = Console(quiet=getattr(ns, "quiet", False))
+    allow_env = getattr(ns, "allow_env", False)
     if ns.command == "demo":
         config, overrides = _split_demo_args(ns.args)
-        cfg = load_config(DemoConfig, config, overrides)
+        cfg = load_config(DemoConfig, config, overrides, allow_env=allow_env)
         if ns.fast or cfg.fast:  # the reduced mode's settings, under the command line's own overrides
-            cfg = load_config(DemoConfig, config, overrides, presets=[("fast mode", DEMO_FAST)])
+            cfg = load_config(DemoConfig, config, overrides, presets=[("fast mode", DEMO_FAST)], allow_env=allow_env)
         return run_demo_command(cfg, console, config)
     schema = {"merge": MergeConfig, "search": SearchConfig, "evaluate": EvaluateConfig}[ns.command]
-    cfg = load_config(schema, ns.config, ns.overrides)
+    cfg = load_config(schema, ns.config, ns.overrides, allow_env=allow_env)
     if ns.command == "merge":
         return run_merge(cfg, console)
     if ns.command == "search":
@@ -653,14 +659,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         if debug:
             raise
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError, ImportError) as err:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError, ImportError, re.error) as err:
         if debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{PROG}: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def one_line(err: BaseException, max_items: int = 3) -> str:
+    r"""An error message as one line that says what is wrong.
+
+    Multi-line messages (``2 key(s) cannot be merged:`` followed by one line per key and a hint)
+    are joined, so the line names the keys and what to do; long lists keep their first
+    ``max_items`` entries and the closing hint.
+
+    Example:
+        >>> one_line(ValueError("2 key(s) cannot be merged:\n  a: missing\n  b: missing\nExclude them."))
+        '2 key(s) cannot be merged: a: missing; b: missing. Exclude them.'
+    """
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    raw = [line for line in text.strip().splitlines() if line.strip()]
+    if not raw:
+        return type(err).__name__
+    head = raw[0].strip()
+    # a list introduced by "...:" (indented lines), then (usually) a closing hint that is not indented
+    items = [line.strip() for line in raw[1:] if line[:1] in (" ", "\t")]
+    hint = [line.strip() for line in raw[1:] if line[:1] not in (" ", "\t")]
+    if not items and not hint:
+        return head
+    if len(items) > max_items:
+        items = [*items[:max_items], f"and {len(items) - max_items} more"]
+    body = "; ".join(items)
+    out = f"{head} {body}" if head.endswith(":") else f"{head}; {body}" if body else head
+    if hint:
+        out = f"{out.rstrip('.')}. {' '.join(hint)}"
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

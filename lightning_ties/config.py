@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,15 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .merging import METHODS, get_method
+from .merging import METHODS, check_lam, get_method
 
 #: The method name that trains per-task/per-layer coefficients (lightning_ties.lightning.learned).
 LEARNED = "learned"
 LOGGERS = ("csv", "tensorboard", "none")
+#: ``${oc.env:NAME}`` (possibly nested in another interpolation) reads the environment: off unless allowed.
+_ENV_INTERPOLATION = re.compile(r"\$\{[^\n]*\boc\.env\s*:")
+_INTERPOLATION = re.compile(r"\$\{")
+ALLOW_ENV_HINT = "pass --allow-env (load_config(..., allow_env=True)) to let configs read environment variables"
 
 
 class ConfigError(ValueError):
@@ -262,8 +267,20 @@ def check_method(section: Mapping[str, Any], where: str, allow_learned: bool = F
                 f"{where}: method.{key} is not a parameter of method {name!r}; its parameters are "
                 f"{', '.join(defaults) or '(none)'}"
             )
+        if key == "lam" and value is not None:
+            _check_lam(value, "method.lam", where)
         _check_type(f"method.{key}", value, defaults[key], where)
     return section
+
+
+def _check_lam(value: Any, key: str, where: str) -> None:
+    """lam must be a finite number with a sane magnitude (the engine's own rule, checked before any work)."""
+    if isinstance(value, str) and _INTERPOLATION.search(value):
+        return  # checked once resolved
+    try:
+        check_lam(value, key)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _check_type(key: str, value: Any, default: Any, where: str) -> None:
@@ -300,7 +317,28 @@ def _load_yaml(path: Path) -> Any:
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder; pass a YAML config file") from None
     except Exception as err:  # yaml.YAMLError and friends: name the file, not the parser internals
-        raise ConfigError(f"{path}: not a valid YAML config: {_first_line(err)}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(err, lines=True)}") from None
+
+
+def _yaml_problem(err: BaseException, lines: bool) -> str:
+    """One line saying what is wrong in a YAML text (duplicate key, tag, syntax) and what to do."""
+    problem = str(getattr(err, "problem", None) or "")
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if lines and mark is not None else ""
+    duplicate = re.match(r"found duplicate key (.*)", problem)
+    if duplicate:
+        return f"key {duplicate.group(1)!r} is given twice (again{at or ' in the same mapping'}); keep only one of them"
+    tag = re.search(r"for the tag '(?:tag:yaml\.org,2002:)?([^']*)'", problem)
+    if tag:
+        return (
+            f"YAML tags such as !!{tag.group(1)}{at} are not allowed in configs (plain values only); "
+            "remove the tag or quote the value"
+        )
+    if problem:
+        context = str(getattr(err, "context", None) or "").strip()
+        where = f" ({context})" if context else ""
+        return f"not a valid YAML config{at}: {problem}{where}; check brackets, quotes and indentation"
+    return f"not a valid YAML config: {_first_line(err)}"
 
 
 def _first_line(err: BaseException) -> str:
@@ -324,6 +362,16 @@ def _parse_override(text: str) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.from_dotlist([text]), resolve=False)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(f"override {text!r}: {_first_line(err)}") from None
+    except Exception as err:  # the value is parsed as YAML: a syntax error or a tag
+        problem = str(getattr(err, "problem", None) or _first_line(err))
+        if "tag" in problem:
+            problem = _yaml_problem(err, lines=False)
+        else:
+            problem = (
+                f"the value after '=' is not valid YAML ({problem}); close its brackets and quotes "
+                "(e.g. models=[a.safetensors,b.safetensors]) or quote the whole value"
+            )
+        raise ConfigError(f"override {text!r}: {problem}") from None
 
 
 def load_config(
@@ -331,6 +379,7 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
     presets: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    allow_env: bool = False,
 ) -> Any:
     """Build a checked config object: schema defaults, then the YAML file, ``presets``, the overrides.
 
@@ -339,6 +388,9 @@ def load_config(
         path: a YAML file, or None for the schema's defaults (the demo's embedded default).
         overrides: ``key=value`` dotlist items (``method=task_arithmetic`` replaces the method section).
         presets: named layers applied after the file and before the overrides (the demo's ``fast`` mode).
+        allow_env: resolve ``${oc.env:NAME}`` interpolations. Off by default, so a config from
+            elsewhere cannot read secrets from the environment into output names; when on, the saved
+            config (:func:`to_yaml`, :func:`to_dict`) keeps the ``${oc.env:...}`` form, not the value.
 
     Returns:
         An instance of ``schema`` (``method`` is a plain dict, validated against the registry).
@@ -364,6 +416,15 @@ def load_config(
         layers.append((str(path), raw))
     layers += list(presets)  # a mode (the demo's fast one) beats the file, the command line beats both
     layers += [(f"override {o!r}", _parse_override(o)) for o in overrides]
+    uses_env = False
+    for where, layer in layers:
+        for key in _env_keys(layer):
+            if not allow_env:
+                raise ConfigError(
+                    f"{where}: key {key!r} reads an environment variable (${{oc.env:...}}), which is off by "
+                    f"default; {ALLOW_ENV_HINT}"
+                )
+            uses_env = True
     for where, layer in layers:
         layer = dict(layer)
         if has_method and "method" in layer:
@@ -379,12 +440,40 @@ def load_config(
     if has_method:
         cfg.method = method
         check_method(method, sources, allow_learned=schema is not MergeConfig)
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)  # resolves interpolations
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        what = f"key {key!r}: {_first_line(err)}" if key else _first_line(err)
+        raise ConfigError(f"{sources}: {what}") from None
+    if uses_env:  # what is saved next to outputs keeps ${oc.env:...}, never the value it resolved to
+        obj._unresolved = OmegaConf.to_container(cfg, resolve=False)
     _check_choices(obj, sources)
     return obj
 
 
+def _env_keys(layer: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``layer`` whose value uses ``${oc.env:...}``."""
+    if isinstance(layer, Mapping):
+        return [k for key, v in layer.items() for k in _env_keys(v, f"{prefix}{key}.")]
+    if isinstance(layer, (list, tuple)):
+        return [k for i, v in enumerate(layer) for k in _env_keys(v, f"{prefix[:-1]}[{i}].")]
+    return [prefix[:-1]] if isinstance(layer, str) and _ENV_INTERPOLATION.search(layer) else []
+
+
 def _check_choices(cfg: Any, where: str) -> None:
+    for name in ("include", "exclude", "heads"):
+        for i, pattern in enumerate(getattr(cfg, name, None) or []):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(
+                    f"{where}: {name}[{i}]={pattern!r} is not a valid regular expression ({err}); escape "
+                    "special characters such as ( [ . + * with a backslash"
+                ) from None
+    method = getattr(cfg, "method", None)
+    if isinstance(method, Mapping) and method.get("lam") is not None:
+        _check_lam(method["lam"], "method.lam", where)  # again once interpolations are resolved
     logger = getattr(cfg, "logger", None)
     if logger is not None and logger not in LOGGERS:
         raise ConfigError(f"{where}: logger={logger!r}: choose one of {', '.join(LOGGERS)}")
@@ -438,17 +527,34 @@ def _check_grid(grid: SearchGrid, where: str) -> None:
             raise ConfigError(
                 f"{where}: search.{name}={value!r}: expected a number, a non-empty list of numbers or 'paper'"
             )
+    lams = grid.lam if isinstance(grid.lam, list) else [grid.lam]
+    for lam in lams:
+        if not isinstance(lam, str):
+            _check_lam(lam, "search.lam", where)
+    ks = grid.k if isinstance(grid.k, list) else [grid.k]
+    bad = [k for k in ks if isinstance(k, (int, float)) and not 0.0 < k <= 1.0]  # nan fails this test too
+    if bad:
+        raise ConfigError(f"{where}: search.k={grid.k!r}: k is the fraction of each task vector kept, in (0, 1]")
     if grid.strategy not in ("grid", "coarse_to_fine"):
         raise ConfigError(f"{where}: search.strategy={grid.strategy!r}: choose 'grid' or 'coarse_to_fine'")
 
 
 def to_yaml(cfg: Any) -> str:
-    """The fully resolved config as YAML text (what is saved next to every output)."""
+    """The fully resolved config as YAML text (what is saved next to every output).
+
+    Values read from the environment (``allow_env``) stay in their ``${oc.env:...}`` form.
+    """
+    unresolved = getattr(cfg, "_unresolved", None)
+    if unresolved is not None:
+        return OmegaConf.to_yaml(OmegaConf.create(unresolved))
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The fully resolved config as plain dicts and lists (what report.json records)."""
+    """The fully resolved config as plain dicts and lists (what report.json records); ``${oc.env:...}`` kept."""
+    unresolved = getattr(cfg, "_unresolved", None)
+    if unresolved is not None:
+        return dict(unresolved)
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 

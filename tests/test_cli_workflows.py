@@ -115,8 +115,15 @@ def test_merge_refuses_to_overwrite_unless_asked(tmp_path, checkpoints, capsys):
     assert main(args) == 1
     assert out.read_bytes() == b"keep me"
     assert "exists" in capsys.readouterr().err
-    assert main([*args, "overwrite=true", "--quiet"]) == 0
-    assert out.read_bytes() != b"keep me"
+    # a file lightning-ties did not write is never replaced, even with overwrite=true
+    assert main([*args, "overwrite=true", "--quiet"]) == 1
+    assert out.read_bytes() == b"keep me"
+    assert "not written by lightning-ties" in capsys.readouterr().err
+    out.unlink()
+    assert main(args + ["--quiet"]) == 0
+    first = out.read_bytes()
+    assert main([*args, "overwrite=true", "--quiet"]) == 0  # our own output is replaced
+    assert out.read_bytes() == first
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

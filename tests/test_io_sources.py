@@ -86,12 +86,14 @@ def test_plain_state_dict_files_keep_their_keys(tmp_path):
         assert sorted(open_source(tmp_path / f"sd{suffix}").keys()) == ["model.a", "model.b"]
 
 
-def test_lightning_checkpoint_prefix_is_detected_given_or_kept(tmp_path):
+def test_lightning_checkpoint_keeps_its_keys_unless_a_prefix_is_given_or_auto(tmp_path):
     sd = {"model.enc.weight": torch.ones(2, 2), "model.enc.bias": torch.zeros(2)}
     torch.save({"state_dict": sd, "epoch": 3, "hyper_parameters": {"lr": 0.1}}, tmp_path / "run.ckpt")
-    detected = open_source(tmp_path / "run.ckpt")
+    kept = open_source(tmp_path / "run.ckpt")
+    assert sorted(kept.keys()) == ["model.enc.bias", "model.enc.weight"] and kept.prefix == ""
+    assert kept.hyper_parameters == {"lr": 0.1}
+    detected = open_source(tmp_path / "run.ckpt", prefix="auto")
     assert sorted(detected.keys()) == ["enc.bias", "enc.weight"] and detected.prefix == "model."
-    assert detected.hyper_parameters == {"lr": 0.1}
     assert sorted(open_source(tmp_path / "run.ckpt", prefix="").keys()) == ["model.enc.bias", "model.enc.weight"]
     assert sorted(open_source(tmp_path / "run.ckpt", prefix="model.enc.").keys()) == ["bias", "weight"]
     with pytest.raises(CheckpointError, match=r"run\.ckpt.*no key starts with prefix 'net\.'.*'model\.'"):
@@ -102,6 +104,7 @@ def test_checkpoint_with_two_attributes_keeps_keys(tmp_path):
     sd = {"backbone.w": torch.ones(2), "head.w": torch.zeros(1)}
     torch.save({"state_dict": sd}, tmp_path / "two.ckpt")
     assert sorted(open_source(tmp_path / "two.ckpt").keys()) == ["backbone.w", "head.w"]
+    assert sorted(open_source(tmp_path / "two.ckpt", prefix="auto").keys()) == ["backbone.w", "head.w"]
 
 
 # ---- safety and broken files ------------------------------------------------------------------
@@ -180,7 +183,8 @@ def test_ties_merge_from_files_equals_in_memory_bit_for_bit(tmp_path, scope):
     for i, ft in enumerate(fts):
         torch.save({"state_dict": {f"model.{k}": v for k, v in ft.items()}}, tmp_path / f"ft{i}.ckpt")
         paths.append(tmp_path / f"ft{i}.ckpt")
-    from_files = ties_merge(str(tmp_path / "base.safetensors"), paths, k=0.2, scope=scope)
+    # a .ckpt keeps its "model." keys as saved: strip them to match the base's
+    from_files = ties_merge(str(tmp_path / "base.safetensors"), [open_source(p, prefix="model.") for p in paths], k=0.2, scope=scope)
     in_memory = ties_merge(base, fts, k=0.2, scope=scope)
     same_tensors(dict(from_files), dict(in_memory))
 

@@ -223,8 +223,9 @@ class Stepped(Classifier):
     [
         (lambda t: TiesMerging(tasks=t, task="c", lam="search", val_dataloaders={"a": task_data(1)}),
          r"task\(s\) \['b'\] have no validation dataloader"),
-        (lambda t: TiesMerging(tasks=t, task="c", base={"other.weight": torch.zeros(2)}), "the module lacks"),
-        (lambda t: TiesMerging(tasks={"a": {"x.weight": torch.zeros(2)}}, task="c"), "nothing to merge"),
+        (lambda t: TiesMerging(tasks=t, task="c", base={"other.weight": torch.zeros(2)}),
+         r"base: its keys do not match the module's.*'other\.weight'.*'body\.0\.bias'"),
+        (lambda t: TiesMerging(tasks={"a": {"x.weight": torch.zeros(2)}}, task="c"), r"a: its keys do not match the module's"),
     ],
 )
 def test_bad_input_is_refused_before_any_training_step(shared_tasks, make, message):

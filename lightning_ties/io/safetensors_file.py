@@ -74,10 +74,14 @@ class SafetensorsFile:
         self.specs: dict[str, TensorSpec] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         header, data_start, size = self._read_header()
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ must map names to strings)")
+        self.metadata: dict[str, str] = metadata
         self._data_start = data_start
         for name, entry in header.items():
             self._add_entry(name, entry, size)
+        self._check_coverage(size - data_start)
 
     def _read_header(self) -> tuple[dict, int, int]:
         try:
@@ -103,15 +107,23 @@ class SafetensorsFile:
         return header, 8 + n, size
 
     def _add_entry(self, name: str, entry: object, size: int) -> None:
-        try:
-            dtype = _DTYPES[entry["dtype"]]  # type: ignore[index]
-            shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-            start, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.path}: corrupt header entry for {name!r}: {entry!r}") from None
-        spec = TensorSpec(shape, dtype)
-        if end - start != _nbytes(spec) or start < 0:
-            raise CheckpointError(f"{self.path}: corrupt header entry for {name!r} (offsets do not fit its shape)")
+        def corrupt(why: str) -> CheckpointError:
+            return CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r} ({why}): {entry!r}"[:500])
+
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise corrupt("needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise corrupt(f"unknown dtype; expected one of {sorted(_DTYPES)}")
+        # bool is an int subclass in Python; JSON true/false or 2.0 are not dimensions.
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise corrupt("shape must be a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
+            raise corrupt("data_offsets must be two non-negative integers")
+        start, end = offsets
+        spec = TensorSpec(tuple(shape), _DTYPES[dtype])
+        if end < start or end - start != _nbytes(spec):
+            raise corrupt(f"its byte range [{start}, {end}) does not hold shape {tuple(shape)} of {dtype}")
         if self._data_start + end > size:
             raise CheckpointError(
                 f"{self.path}: truncated file ({size} bytes, but {name!r} ends at byte {self._data_start + end}); "
@@ -119,6 +131,27 @@ class SafetensorsFile:
             )
         self.specs[name] = spec
         self._offsets[name] = (start, end)
+
+    def _check_coverage(self, data_size: int) -> None:
+        """Tensors must tile the data exactly, as the safetensors library requires: no overlap
+        (two tensors aliasing the same bytes), no gap, nothing after the last tensor."""
+        pos, previous = 0, None
+        for name, (start, end) in sorted(self._offsets.items(), key=lambda item: item[1]):
+            if start < pos:
+                raise CheckpointError(
+                    f"{self.path}: corrupt file: tensor {name!r} (bytes {start}-{end}) overlaps tensor {previous!r} "
+                    f"(ends at {pos}); re-download or re-save it"
+                )
+            if start > pos:
+                raise CheckpointError(
+                    f"{self.path}: corrupt file: {start - pos} unused bytes before tensor {name!r} (offset {start}); "
+                    "re-download or re-save it"
+                )
+            pos, previous = end, name
+        if pos != data_size:
+            raise CheckpointError(
+                f"{self.path}: corrupt file: {data_size - pos} bytes after the last tensor; re-download or re-save it"
+            )
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into a new buffer (nothing stays mapped)."""
@@ -142,6 +175,12 @@ def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
         if n == 0:
             raise CheckpointError(f"{path}: file ended early (truncated while reading?)")
         done += n
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def layout_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
@@ -182,9 +221,14 @@ class SafetensorsWriter:
         header, self._offsets = layout_header(self.specs, {"format": "pt", **(metadata or {})})
         total = len(header) + sum(_nbytes(s) for s in self.specs.values())
         self._missing = set(self.specs)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self._fd, header)
-        os.ftruncate(self._fd, total)
+        # 0o666 masked by the umask, like any new file.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(self._fd, header, 0)
+            os.ftruncate(self._fd, total)
+        except BaseException:
+            self.abort()  # a full disk here must not leave the descriptor open
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
@@ -195,9 +239,7 @@ class SafetensorsWriter:
                 f"{self.path}: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, layout says {spec.shape} {spec.dtype}"
             )
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._fd, data[done:], self._offsets[name] + done)
+        _write_all(self._fd, data, self._offsets[name])
         self._missing.discard(name)
 
     def close(self) -> None:

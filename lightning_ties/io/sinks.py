@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..merging.sources import TensorSource, TensorSpec, as_source
-from .atomic import atomic_dir, atomic_file, check_output
+from .atomic import OWNER_KEY, atomic_dir, atomic_file, check_output, library_version, owner_metadata
 from .safetensors_file import SafetensorsWriter
 from .sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
@@ -160,15 +160,19 @@ def save_safetensors(
 ) -> Path:
     """Write a state dict (or module, or any source) to one ``.safetensors`` file, atomically.
 
+    The file's metadata carries ``{"lightning_ties": <version>}``: ``overwrite`` replaces only
+    files that carry it (never an input, never a file another tool wrote).
+
     Example:
         >>> import tempfile
         >>> path = save_safetensors({"w": torch.ones(2)}, tempfile.mkdtemp() + "/m.safetensors")
         >>> path.name
         'm.safetensors'
     """
-    path = check_output(path, overwrite)
+    path = check_output(path, overwrite, inputs=[state_dict], kind="file")
     source = as_source(state_dict, "state_dict")
-    with atomic_file(path) as tmp, SafetensorsWriter(tmp, _specs(source), metadata) as writer:
+    check_output(path, overwrite, inputs=getattr(source, "files", []), kind="file")  # shards an index named
+    with atomic_file(path) as tmp, SafetensorsWriter(tmp, _specs(source), {**owner_metadata(), **(metadata or {})}) as writer:
         for key in source.keys():
             writer.write(key, source.get(key))
     return path
@@ -184,16 +188,18 @@ def save_hf_folder(
     """Write a Hugging Face model folder: sharded safetensors (+ index) and the base's config files.
 
     ``config_from`` is the folder whose ``config.json`` and tokenizer/processor files are
-    copied, so ``AutoModel.from_pretrained(folder)`` works.
+    copied, so ``AutoModel.from_pretrained(folder)`` works. The folder gets a
+    ``.lightning-ties.json`` marker listing its files: ``overwrite`` replaces only such folders.
 
     Example:
         >>> import tempfile
         >>> out = save_hf_folder({"w": torch.ones(2)}, tempfile.mkdtemp() + "/merged")
         >>> sorted(p.name for p in out.iterdir())
-        ['model.safetensors']
+        ['.lightning-ties.json', 'model.safetensors']
     """
-    folder = check_output(folder, overwrite)
+    folder = check_output(folder, overwrite, inputs=[state_dict, config_from], kind="folder")
     source = as_source(state_dict, "state_dict")
+    check_output(folder, overwrite, inputs=getattr(source, "files", []), kind="folder")
     with atomic_dir(folder) as tmp:
         with ShardedWriter(tmp, _specs(source), max_shard_size) as writer:
             for key in source.keys():
@@ -219,7 +225,8 @@ def save_lightning_checkpoint(
     ``prefix`` is the module attribute holding the weights (``"model."`` for a LightningModule
     that stores its network in ``self.model``); ``hyper_parameters`` are the module's
     ``__init__`` arguments. The file holds only tensors and plain types, so it loads with
-    ``weights_only=True``.
+    ``weights_only=True``; its top-level ``"lightning_ties"`` entry (the version) lets
+    ``overwrite`` recognise it as lightning-ties' own.
 
     Example:
         >>> import tempfile
@@ -227,18 +234,50 @@ def save_lightning_checkpoint(
         >>> list(torch.load(path, weights_only=True)["state_dict"])
         ['net.w']
     """
-    path = check_output(path, overwrite)
+    path = check_output(path, overwrite, inputs=[state_dict], kind="file")
     source = as_source(state_dict, "state_dict")
+    check_output(path, overwrite, inputs=getattr(source, "files", []), kind="file")
     checkpoint = {
         "state_dict": {prefix + k: source.get(k).contiguous() for k in source.keys()},
         "pytorch-lightning_version": lightning_version(),
         "hyper_parameters": dict(hyper_parameters or {}),
         "epoch": 0,
         "global_step": 0,
+        OWNER_KEY: library_version(),
     }
-    with atomic_file(path) as tmp:
-        torch.save(checkpoint, tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        _torch_save(checkpoint, f)
     return path
+
+
+def _torch_save(obj: Any, f: Any) -> None:
+    """``torch.save`` into a file object we close ourselves, reporting the OS error of a failed write.
+
+    Given a path, torch's zip writer keeps the (deleted) temporary open when a write fails,
+    holding its disk space; and either way it reports a full disk only as ``RuntimeError:
+    [enforce fail at inline_container.cc] unexpected pos``. Writing through this shim keeps
+    the first ``OSError`` (ENOSPC, EFBIG...) and raises it instead.
+    """
+    failures: list[OSError] = []
+
+    class _Recording:
+        def write(self, data: bytes) -> int:
+            try:
+                return f.write(data)
+            except OSError as err:
+                failures.append(err)
+                raise
+
+        def flush(self) -> None:
+            f.flush()
+
+    try:
+        torch.save(obj, _Recording())
+        f.flush()
+    except RuntimeError as err:
+        if failures:
+            raise failures[0] from err
+        raise
 
 
 @dataclass

@@ -33,6 +33,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+#: ``prefix`` value asking to strip the first dotted part every key of a checkpoint shares.
+AUTO_PREFIX = "auto"
 
 
 class SafetensorsSource:
@@ -125,15 +127,22 @@ def load_torch_file(path: str | os.PathLike[str], trust_pickle: bool = False) ->
 
 
 def split_prefix(keys: Sequence[str], prefix: str | None) -> str:
-    """The prefix to strip: ``prefix`` when given, else the first dotted part every key shares.
+    """The prefix to strip from a checkpoint's keys: none by default, ``prefix`` when given.
+
+    ``prefix="auto"`` asks for the first dotted part every key shares (a LightningModule that
+    keeps its network in one attribute, ``self.model``), ``""`` when they share none.
 
     Example:
         >>> split_prefix(["model.a.weight", "model.b.bias"], None)
+        ''
+        >>> split_prefix(["model.a.weight", "model.b.bias"], "auto")
         'model.'
-        >>> split_prefix(["a.weight", "b.bias"], None)
+        >>> split_prefix(["a.weight", "b.bias"], "auto")
         ''
     """
-    if prefix is not None:
+    if prefix is None:
+        return ""
+    if prefix != AUTO_PREFIX:
         return prefix
     heads = {k.split(".", 1)[0] for k in keys if "." in k}
     if len(heads) == 1 and all("." in k for k in keys):
@@ -169,26 +178,50 @@ def open_torch_file(
 ) -> TorchFileSource:
     """Open a ``.pt``/``.pth``/``.bin`` state dict or a Lightning ``.ckpt`` (its ``state_dict``).
 
-    For a checkpoint, the LightningModule attribute prefix (``model.``...) is stripped: the
-    given ``prefix``, or the one every key shares when ``prefix`` is None. Pass
-    ``prefix=""`` to keep keys as they are. Plain state dicts keep their keys unless a
-    ``prefix`` is given.
+    Keys are kept as saved (a ``.ckpt`` of a LightningModule keeps its attribute prefix,
+    ``model.``...), so a checkpoint matches the module that wrote it. ``prefix`` strips a
+    prefix (keys without it are left out), and ``prefix="auto"`` strips the first dotted
+    part every key shares, if any. (Inside Lightning, sources are matched to the module's
+    own keys instead: :mod:`lightning_ties.lightning.keys`.)
+
+    Example:
+        >>> import tempfile
+        >>> path = tempfile.mkdtemp() + "/run.ckpt"
+        >>> torch.save({"state_dict": {"model.w": torch.ones(1)}}, path)
+        >>> list(open_torch_file(path).keys()), list(open_torch_file(path, prefix="auto").keys())
+        (['model.w'], ['w'])
     """
     path = Path(path)
     obj = load_torch_file(path, trust_pickle)
     tensors, hparams = _state_dict_of(obj, path)
-    is_checkpoint = tensors is not obj
-    chosen = split_prefix(list(tensors), prefix) if is_checkpoint else (prefix or "")
+    chosen = split_prefix(list(tensors), prefix)
     return TorchFileSource(_strip(tensors, chosen, path), label or str(path), [path], chosen, hparams)
 
 
 def _read_index(path: Path) -> list[Path]:
+    """The shard files an index names, each a plain file name inside the index's folder.
+
+    A ``weight_map`` entry such as ``../other/x.safetensors`` or ``/abs/x.safetensors`` would
+    make opening a folder read files outside it, so it is refused, as is any entry that is
+    not a string.
+    """
     try:
         index = json.loads(path.read_text())
-        files = sorted(set(index["weight_map"].values()))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}, not a mapping of tensor name -> file")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: corrupt shard index ({type(err).__name__}: {err})") from None
-    shards = [path.parent / f for f in files]
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: weight_map entry {key!r} -> {name!r} is not a file name; re-save the model")
+        # Only a plain name: no separators (either kind), no '..', not absolute, not empty.
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name):
+            raise CheckpointError(
+                f"{path}: weight_map entry {key!r} -> {name!r} is not a plain file name inside {path.parent}; "
+                "refused (an index may only name shard files next to it)"
+            )
+    shards = [path.parent / f for f in sorted(set(weight_map.values()))]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(f"{path}: shard file(s) missing: {', '.join(missing)}")
@@ -239,8 +272,8 @@ def open_source(
 
     Accepts a ``.safetensors`` file, a Hugging Face folder (``model.safetensors``, sharded
     ``model-*.safetensors`` + index, ``pytorch_model.bin`` (+ index)), a Lightning ``.ckpt``
-    (its ``state_dict``; the module attribute prefix such as ``model.`` is detected and
-    stripped, or set with ``prefix``), a ``.pt``/``.pth``/``.bin`` state dict, or a PEFT LoRA
+    (its ``state_dict``, keys as saved: ``prefix="model."`` strips that prefix, ``prefix="auto"``
+    the first dotted part all keys share), a ``.pt``/``.pth``/``.bin`` state dict, or a PEFT LoRA
     adapter folder, read as full weights ``base + scaling * B @ A`` (needs ``base``).
     Pickled files load with ``weights_only=True`` unless ``trust_pickle=True``.
 

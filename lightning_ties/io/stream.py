@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..merging import MergePlan, MergeReport, TaskVectorMerger, get_method, plan_merge
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
-from .atomic import atomic_dir, atomic_file, check_output
+from .atomic import atomic_dir, atomic_file, check_output, owner_metadata
 from .card import SourceDigests, library_version, write_merge_config, write_model_card
 from .safetensors_file import SafetensorsWriter
 from .sinks import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, copy_model_files, parse_size, save_lightning_checkpoint
@@ -104,6 +104,16 @@ def _open(obj: Any, label: str, base: TensorSource | None, prefix: str | None, t
     return as_source(obj, label)
 
 
+def _source_paths(sources: Sequence[Any]) -> list[Path]:
+    paths: list[Path] = []
+    for source in sources:
+        inner = source.model if isinstance(source, CommonRowsSource) else source
+        paths += [Path(f) for f in getattr(inner, "files", None) or []]
+        if getattr(inner, "folder", None) is not None:
+            paths.append(Path(inner.folder))
+    return paths
+
+
 def _output_format(output: Path, output_format: str | None) -> OutputFormat:
     fmt = output_format or {".safetensors": "safetensors", ".ckpt": "ckpt"}.get(output.suffix, "folder")
     if fmt not in ("folder", "safetensors", "ckpt"):
@@ -141,6 +151,7 @@ def merge_to(
     progress: bool | None = None,
     overwrite: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
     **params: Any,
 ) -> MergeReport:
     """Merge checkpoints into ``output`` tensor by tensor, never holding a whole model in memory.
@@ -163,8 +174,13 @@ def merge_to(
         prefix, trust_pickle: passed to :func:`open_source` for ``.ckpt``/pickled inputs.
         hash_sources: record each source file's sha256 in the card (hashed in the background).
         progress: a tqdm bar over tensors; None shows it only on a terminal.
-        overwrite: replace an existing output (atomically; on failure it is left as it was).
+        overwrite: replace an existing output (atomically; on failure it is left as it was),
+            only if lightning-ties wrote it (its marker) and, for a folder, every file in it.
+            An output that is, contains or lies inside an input is always refused, before any work.
         compute_dtype: ``torch.float32`` or ``torch.float64`` for the merge arithmetic.
+        device: where to merge (``"cuda"``: tensors read from disk are moved to the GPU and
+            merged there, the global threshold too); None: the base's device (CPU for files).
+            The file written is the same on every device.
 
     Returns:
         The :class:`MergeReport` (method, params, sources, merged and skipped keys, lam).
@@ -182,8 +198,9 @@ def merge_to(
     lam = merge_method.resolve_lam(lam)
     if on_mismatch not in ("error", "base"):
         raise ValueError(f"on_mismatch must be 'error' or 'base', got {on_mismatch!r}")
-    output = check_output(output, overwrite)
-    fmt = _output_format(output, output_format)
+    fmt = _output_format(Path(output), output_format)
+    kind: Literal["file", "folder"] = "folder" if fmt == "folder" else "file"
+    output = check_output(output, overwrite, inputs=[base, *models, config_from], kind=kind)
     if fmt == "folder":
         parse_size(max_shard_size)
 
@@ -195,12 +212,15 @@ def merge_to(
         model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
     if on_mismatch == "error":
         check_compatible(base_src, model_srcs, include, exclude)
+    # The files the sources read (shards an index names, an adapter's folder) are inputs too.
+    check_output(output, overwrite, inputs=_source_paths([base_src, *model_srcs]), kind=kind)
     plan = plan_merge(base_src, model_srcs, include, exclude)
 
     digests = SourceDigests([base_src, *model_srcs]) if hash_sources and fmt == "folder" else None
     base_cached = RecentTensorCache(base_src)
     merger = TaskVectorMerger(
-        base_cached, [RecentTensorCache(m) for m in model_srcs], spec, compute_dtype=compute_dtype, plan=plan
+        base_cached, [RecentTensorCache(m) for m in model_srcs], spec, compute_dtype=compute_dtype, plan=plan,
+        device=device,
     )
     report = MergeReport(
         method=method,
@@ -227,7 +247,9 @@ def merge_to(
                 write_merge_config(tmp, recipe)
                 write_model_card(tmp, recipe)
         elif fmt == "safetensors":
-            with atomic_file(output) as tmp, SafetensorsWriter(tmp, specs, {"merge_method": method}) as writer:
+            with atomic_file(output) as tmp, SafetensorsWriter(
+                tmp, specs, {**owner_metadata(), "merge_method": method}
+            ) as writer:
                 stream.run(writer.write)
         else:
             merged: dict[str, torch.Tensor] = {}
@@ -280,16 +302,25 @@ class _MergedStream:
 
     def _run(self, put: Callable[[str, torch.Tensor], None]) -> None:
         merged = set(self.plan.merge_keys)
+        # tied weights (one tensor under two names) get the merged value under both names
+        tied: dict[str, list[str]] = {}
+        for alias, first in self.plan.aliases.items():
+            if first in merged:
+                tied.setdefault(first, []).append(alias)
+        written_later = {alias for aliases in tied.values() for alias in aliases}
         for key in self.plan.keys:
-            if key not in merged:
+            if key not in merged and key not in written_later:
                 put(key, self.base.get(key))
         disable = None if self.progress is None else not self.progress
         with tqdm(total=len(self.plan.merge_keys), desc="merging", unit="tensor", disable=disable) as bar:
             for key, tau in self.merger:
-                b = self.base.get(key)
+                b = self.base.get(key).to(tau.device)  # tau is on the merge device
                 # Same arithmetic as apply_task_vector (b + lam * tau), in place in tau's buffer;
                 # multiplying by 1.0 changes no bit, so that pass over the model is skipped.
                 if self.lam != 1.0:
                     tau.mul_(self.lam)
-                put(key, tau.add_(b).to(b.dtype))
+                value = tau.add_(b).to("cpu", b.dtype)  # writers take CPU tensors
+                put(key, value)
+                for alias in tied.get(key, ()):
+                    put(alias, value)
                 bar.update()

@@ -32,16 +32,16 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..merging import MergeResult, MergeSpec, TensorSource, TensorSpec, as_source, merge, merged_task_vector
-from .atomic import atomic_file
+from .atomic import atomic_file, clean_stale_in
+from .errors import CheckpointError
+from .safetensors_file import SafetensorsFile, SafetensorsWriter
 
 FORMAT = "lightning-ties-task-store"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -62,16 +62,58 @@ class TaskVectorStore:
         self.k = k
         self.exclude = exclude
         (self.root / "tasks").mkdir(parents=True, exist_ok=True)
-        index = self.root / "index.json"
-        if index.exists():
-            data = json.loads(index.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"{index} is not a {FORMAT} index (format={data.get('format')!r})")
+        # Temporaries of an add() or save_base() killed mid-write (their process is gone).
+        clean_stale_in(self.root)
+        clean_stale_in(self.root / "tasks")
+        self._index()  # a damaged index is reported now, not at the first merge
 
     # ---- index and base ----------------------------------------------------------------------
     def _index(self) -> dict[str, Any]:
         index = self.root / "index.json"
-        return json.loads(index.read_text()) if index.exists() else {"format": FORMAT, "version": 1, "tasks": []}
+        if not index.exists():
+            return {"format": FORMAT, "version": 1, "tasks": []}
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise CheckpointError(
+                f"{index}: unreadable task store index ({type(err).__name__}: {err}); restore it from a backup, "
+                "or delete the store folder to start over"
+            ) from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise CheckpointError(f"{index} is not a {FORMAT} index (format={found!r}); is {self.root} a task store?")
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not all(isinstance(t, str) and _NAME.match(t) for t in tasks):
+            raise CheckpointError(
+                f"{index}: corrupt task list {tasks!r}; restore it from a backup, or delete the store folder to start over"
+            )
+        return data
+
+    def check(self) -> None:
+        """Check the whole store cheaply (index, and the headers and metadata of every file).
+
+        Reads no tensor data: a truncated or corrupt base or task file, or a task stored
+        against another base, raises :class:`CheckpointError` naming the file. Call it before
+        training (the callback does, at ``setup``) so a damaged store fails before the fit.
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = TaskVectorStore(tempfile.mkdtemp())
+            >>> store.save_base({"w": torch.zeros(2)})
+            >>> store.check()
+        """
+        names = self.names()
+        if not self.has_base():
+            if names:
+                raise CheckpointError(f"{self.base_path} is missing but the store holds tasks {names}; restore it")
+            return
+        base = _open_file(self.base_path)
+        base_source = _HeaderOnly(base)
+        for name in names:
+            path = self.task_path(name)
+            if not path.exists():
+                raise CheckpointError(f"{path}: task {name!r} is in {self.root / 'index.json'} but its file is missing")
+            TaskVectorSource(path, base_source, label=f"{self.root}/{name}")
 
     def _write_index(self, **changes: Any) -> None:
         data = {**self._index(), **changes}
@@ -99,15 +141,19 @@ class TaskVectorStore:
         return self.base_path.exists()
 
     def save_base(self, base: Any) -> None:
-        """Write the pretrained weights once (every task vector is relative to them)."""
+        """Write the pretrained weights once (every task vector is relative to them).
+
+        Tied parameters (one tensor under two names) are written once per name, streamed
+        tensor by tensor (safetensors' own ``save_file`` refuses shared storage).
+        """
         src = as_source(base, "base")
-        _write(self.base_path, {k: src.get(k).detach().cpu() for k in src.keys()}, {"format": FORMAT})
+        _write(self.base_path, src, {"format": FORMAT})
 
     def base_state(self) -> dict[str, torch.Tensor]:
         if not self.has_base():
             raise FileNotFoundError(f"{self.base_path} does not exist; call save_base(base) first")
-        with safe_open(str(self.base_path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        base = _open_file(self.base_path)
+        return {k: base.get(k) for k in base.specs}
 
     def _base(self, base: Any) -> TensorSource:
         return as_source(base if base is not None else self.base_state(), "base")
@@ -152,7 +198,7 @@ class TaskVectorStore:
             if key not in tau and ft.spec(key).is_floating:
                 tensors[f"full/{key}"] = ft.get(key).detach().cpu().contiguous()
         meta = {"format": FORMAT, "k": json.dumps(self.k), "shapes": json.dumps(shapes)}
-        _write(path, tensors, meta)
+        _write(path, as_source(tensors, name), meta)
         if name not in names:
             self._write_index(tasks=[*names, name])
         return {"numel": numel, "stored": stored, "bytes": path.stat().st_size}
@@ -186,18 +232,37 @@ class TaskVectorSource:
         self.path = path
         self.base = base
         self.label = label
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            names = list(f.keys())
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a task vector of a {FORMAT} (format={meta.get('format')!r})")
-            self._shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
-            self._full = {n[len("full/"):]: TensorSpec(tuple(f.get_slice(n).get_shape()), _dtype(f.get_slice(n).get_dtype()))
-                          for n in names if n.startswith("full/")}
+        self.files = [path]
+        self._file = _open_file(path)
+        meta = self._file.metadata
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a task vector of a {FORMAT} (format={meta.get('format')!r})")
+        try:
+            shapes = json.loads(meta["shapes"])
+            self._shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise CheckpointError(
+                f"{path}: corrupt task metadata 'shapes' ({type(err).__name__}: {err}); add the task again"
+            ) from None
+        names = self._file.specs
+        self._full = {n[len("full/"):]: names[n] for n in names if n.startswith("full/")}
+        for key, shape in self._shapes.items():
+            stored = [n for n in (f"tau/{key}", f"idx/{key}", f"val/{key}") if n in names]
+            if stored not in ([f"tau/{key}"], [f"idx/{key}", f"val/{key}"]):
+                raise CheckpointError(f"{path}: task vector of {key!r} is missing or incomplete; add the task again")
+            if f"tau/{key}" in names and names[f"tau/{key}"].shape != shape:
+                raise CheckpointError(f"{path}: {key!r} is stored as {names[f'tau/{key}'].shape}, metadata says {shape}")
         self.merged_keys = list(self._shapes)
         missing = [k for k in self.merged_keys if k not in base.keys()]
         if missing:
-            raise ValueError(f"{path}: keys {missing[:5]} are not in the base; was this task stored against another base?")
+            raise CheckpointError(
+                f"{path}: keys {missing[:5]} are not in the base; was this task stored against another base?"
+            )
+        wrong = [k for k in self.merged_keys if tuple(base.spec(k).shape) != self._shapes[k]]
+        if wrong:
+            raise CheckpointError(
+                f"{path}: shapes of {wrong[:5]} differ from the base's; was this task stored against another base?"
+            )
 
     def keys(self) -> list[str]:
         return [*self.merged_keys, *(k for k in self._full if k not in self._shapes)]
@@ -209,12 +274,14 @@ class TaskVectorSource:
 
     def tau(self, key: str) -> torch.Tensor:
         shape = self._shapes[key]
-        with safe_open(str(self.path), framework="pt") as f:
-            if f"tau/{key}" in f.keys():
-                return f.get_tensor(f"tau/{key}")
-            idx, val = f.get_tensor(f"idx/{key}"), f.get_tensor(f"val/{key}")
-        dense = torch.zeros(math.prod(shape), dtype=val.dtype)
-        dense[idx.long()] = val
+        if f"tau/{key}" in self._file.specs:
+            return self._file.get(f"tau/{key}")
+        idx, val = self._file.get(f"idx/{key}").long(), self._file.get(f"val/{key}")
+        n = math.prod(shape)
+        if idx.numel() != val.numel() or (idx.numel() and (idx.min() < 0 or idx.max() >= n)):
+            raise CheckpointError(f"{self.path}: corrupt sparse task vector of {key!r} (indices out of range); add the task again")
+        dense = torch.zeros(n, dtype=val.dtype)
+        dense[idx] = val
         return dense.reshape(shape)
 
     def get(self, key: str) -> torch.Tensor:
@@ -223,18 +290,40 @@ class TaskVectorSource:
             if b.dtype == torch.float64:
                 return b + self.tau(key).double()
             return (b.float() + self.tau(key)).to(b.dtype)
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(f"full/{key}")
+        return self._file.get(f"full/{key}")
 
 
-def _dtype(name: str) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    return table.get(name, torch.float32)
+def _open_file(path: Path) -> SafetensorsFile:
+    """A store file's header, checked (size, offsets) before any tensor is read."""
+    try:
+        return SafetensorsFile(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. This task store file is damaged: add the task (or save the base) again") from None
 
 
-def _write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    with atomic_file(path) as tmp:
-        save_file(dict(tensors), str(tmp), metadata=metadata)
+class _HeaderOnly:
+    """A stored base seen through its header (keys and specs), for :meth:`TaskVectorStore.check`."""
+
+    def __init__(self, file: SafetensorsFile) -> None:
+        self._file = file
+
+    def keys(self) -> list[str]:
+        return list(self._file.specs)
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._file.specs[key]
+
+
+def _write(path: Path, source: TensorSource, metadata: dict[str, str]) -> None:
+    """Stream ``source`` into ``path`` atomically (a temporary beside it, removed on any failure).
+
+    Tensors are written one at a time at offsets fixed up front, so tied tensors (shared
+    storage) need no copy and memory does not grow with the file.
+    """
+    specs = {k: source.spec(k) for k in source.keys()}
+    with atomic_file(path) as tmp, SafetensorsWriter(tmp, specs, metadata) as writer:
+        for key in specs:
+            writer.write(key, source.get(key))
 
 
 __all__ = ["TaskVectorSource", "TaskVectorStore"]

@@ -11,8 +11,10 @@ Life cycle (each hook short, like Lightning's WeightAveraging):
   lam=1.0 when there are none), and leave the merged model in the module (``apply="merged"``) or
   write it to ``save_dir`` and keep the fine-tuned weights (``apply="keep"``).
 - ``state_dict``/``load_state_dict``: the base, the search progress and the result travel in
-  checkpoints; with ``save_dir`` the progress is also written after every candidate, so a search
-  interrupted and resumed re-evaluates nothing it finished.
+  checkpoints; after every candidate the progress is written to ``save_dir`` or, without one, into
+  ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``, so a search interrupted and resumed
+  re-evaluates nothing it finished. ``on_save_checkpoint``: a checkpoint taken mid-merge (another
+  callback, ``OnExceptionCheckpoint``) holds the fine-tuned weights, not the candidate being scored.
 
 ``merging.merge(trainer, pl_module)`` runs the fit-end merge on demand: after fit (e.g. from a
 notebook) it applies like the fit-end merge; from another callback during fit, a plain loop
@@ -26,19 +28,17 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_info
 
 from ..io.sinks import save_safetensors
+from ._compat import Callback, TrainerFn, pl, rank_zero_info
 from ..io.task_store import TaskVectorStore
 from ..merging import as_source, get_method, plan_merge
 from .metrics import MetricsArg, summarize
-from .module import ForwardFn, MultiTaskMergeModule
+from .keys import match_to_module
+from .module import ForwardFn, MultiTaskMergeModule, module_device
 from .search import PAPER_DEFAULT_K, PAPER_DEFAULT_LAM, SearchResult, k_grid, lam_grid
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -69,6 +69,16 @@ class TiesMerging(Callback):
             merging: this run's task vector is added there and every stored task is merged.
         start_from: ``"base"`` or ``"merged"``: with a store, start fitting from the merge so far.
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
+        base_device: where the base captured at fit start (or read from ``base``) is kept until the
+            merge: ``"cpu"`` (default: host memory, no GPU memory spent on a second copy of the model),
+            any torch device (``"cuda:0"``), or ``"module"`` (the module's device at fit start).
+            The merge itself runs on the Trainer's device (tau_m computed and kept there, lam applied
+            in place in float32 and written in the module's dtype, so bf16/fp16 modules round once).
+
+    Task and base sources are matched to the module's own ``state_dict`` keys (see
+    :mod:`lightning_ties.lightning.keys`): a ``.ckpt`` of the same LightningModule as is, the inner
+    model's ``save_pretrained`` folder or safetensors under its attribute (``model.``). Give
+    ``{"path": ..., "prefix": "model."}`` (or ``"strip"``) as a task value to choose by hand.
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -100,6 +110,7 @@ class TiesMerging(Callback):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         forward_fn: ForwardFn | None = None,
+        base_device: str = "cpu",
     ) -> None:
         self.tasks = dict(tasks or {})
         self.task = task
@@ -130,10 +141,17 @@ class TiesMerging(Callback):
         self.store_dir = store
         self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
         self.forward_fn = forward_fn
+        if base_device != "module":
+            try:  # a bad device name fails here, not at fit start
+                torch.device(base_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"base_device must be 'cpu', 'module' or a torch device such as 'cuda:0', got {base_device!r}") from None
+        self.base_device = base_device
         self.result: SearchResult | None = None
         self._progress: SearchResult | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
         self._in_fit_loop = False
+        self._merging: _MergeInProgress | None = None
 
     @property
     def searching(self) -> bool:
@@ -149,6 +167,9 @@ class TiesMerging(Callback):
                 f"TiesMerging does not support the sharded strategy {name}: it reads every parameter whole. "
                 "Use a single device or strategy='ddp'."
             )
+        store = self._store()
+        if store is not None:
+            store.check()  # a damaged store fails here, not after every epoch has run
         self._check_data(trainer)
         self._check_sources(pl_module)
 
@@ -187,6 +208,9 @@ class TiesMerging(Callback):
         evaluator = self._evaluator(pl_module, finetuned)
         loaders = self._dataloaders(trainer)
         runner = None if self._in_fit_loop else trainer
+        # While the module holds candidates, a checkpoint written by anyone (another callback, Lightning's
+        # on-exception checkpoint) must carry the fine-tuned weights and the live progress: see on_save_checkpoint.
+        self._merging = _MergeInProgress(pl_module, finetuned, evaluator)
         try:
             if set(loaders) != set(evaluator.tasks):
                 result = self._without_scoring(evaluator, bool(loaders))
@@ -195,13 +219,20 @@ class TiesMerging(Callback):
                 evaluator.search_result = self._resume_point(evaluator)
                 result = evaluator.search(
                     runner, loaders, k=self.ks if self.has_k else None, lam=self.lams, strategy=self.strategy, objective=self.objective,
-                    mode=self.mode, normalize=self.normalize, on_candidate=lambda _: self._save_progress(evaluator),
+                    mode=self.mode, normalize=self.normalize,
+                    on_candidate=lambda _: self._save_progress(evaluator, trainer),
                 )
                 result.reason = "search" if self.searching else "fixed k and lam"
+        except BaseException:
+            # a failed merge leaves the fine-tuned weights, not a half-searched candidate: a checkpoint
+            # written after this (Lightning's on-exception one) resumes the same search on the same weights
+            _load_state(pl_module, finetuned)
+            raise
         finally:
             if runner is not None:
                 _reconnect(trainer, pl_module)
-        self._progress = evaluator.search_result
+            self._progress = self._live_progress()
+            self._merging = None
         evaluator.use_task(self.task)
         self.result = result
         store = self._store()
@@ -238,11 +269,14 @@ class TiesMerging(Callback):
                 if name != self.task and name not in tasks:
                     tasks[name] = store.source(name, self._base_state)
         tasks[self.task] = finetuned
-        return MultiTaskMergeModule(
+        evaluator = MultiTaskMergeModule(
             self._base_state, tasks, model=pl_module, heads=self.heads, metrics=self.metrics, method=self.method,
             k=self.ks[0] if self.ks[0] is not None else PAPER_DEFAULT_K, lam=None,
             method_params=self.method_params, include=self.include, exclude=self.exclude, forward_fn=self.forward_fn,
         )
+        if pl_module._trainer is not None:  # after fit Lightning has moved the module to CPU: merge where it ran
+            evaluator.merge_device = pl_module.trainer.strategy.root_device
+        return evaluator
 
     def _finish(self, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor]) -> None:
         if self.save_dir is not None and self.result is not None:
@@ -302,15 +336,9 @@ class TiesMerging(Callback):
     def _check_sources(self, pl_module: pl.LightningModule) -> None:
         """Open every source and plan the merge against the module's keys (specs only, no tensors)."""
         module_state = pl_module.state_dict()
-        base = as_source(self.base, "base") if self.base is not None else as_source(module_state, "module")
-        if self.base is not None:
-            extra = [k for k in base.keys() if k not in module_state]
-            if extra:
-                raise ValueError(
-                    f"base {base.label} has {len(extra)} key(s) the module lacks, e.g. {extra[:5]}; "
-                    f"module keys start with {sorted(module_state)[:5]}"
-                )
-        sources = [as_source(v, name, base=base) for name, v in self.tasks.items()]
+        keys = list(module_state)
+        base = match_to_module(self.base, keys, label="base") if self.base is not None else as_source(module_state, "module")
+        sources = [match_to_module(v, keys, label=name, base=base) for name, v in self.tasks.items()]
         if sources:
             plan_merge(base, sources, self.include, self.exclude, warn=False)
 
@@ -318,10 +346,13 @@ class TiesMerging(Callback):
         store = self._store()
         if store is not None and store.has_base():
             return store.base_state()
+        device = module_device(pl_module) if self.base_device == "module" else torch.device(self.base_device)
+        if store is not None:
+            device = torch.device("cpu")  # it is written to the store and subtracted from CPU copies there
         if self.base is not None:
-            src = as_source(self.base, "base")
-            return {k: src.get(k).detach().cpu().clone() for k in src.keys()}
-        return _clone_state(pl_module)
+            src = match_to_module(self.base, list(pl_module.state_dict()), label="base")
+            return {k: src.get(k).detach().to(device, copy=True) for k in src.keys()}
+        return _clone_state(pl_module, device)
 
     def _load_stored_merge(self, store: TaskVectorStore, pl_module: pl.LightningModule) -> None:
         """Start this fit from the merge of the stored tasks, with the (k, lam) last chosen for them."""
@@ -348,11 +379,30 @@ class TiesMerging(Callback):
                 self._progress = SearchResult.from_dict(json.loads(path.read_text()))
         return self._progress
 
-    def _save_progress(self, evaluator: MultiTaskMergeModule) -> None:
+    def _save_progress(self, evaluator: MultiTaskMergeModule, trainer: pl.Trainer | None = None) -> None:
+        """Record the finished candidates: in ``save_dir`` when there is one, else in the Trainer's ``last.ckpt``."""
         self._progress = evaluator.search_result
-        if self.save_dir is not None and self._progress is not None and _is_rank_zero():
-            os.makedirs(self.save_dir, exist_ok=True)
-            self._progress.to_json(Path(self.save_dir) / PROGRESS_FILE)
+        if self._progress is None:
+            return
+        if self.save_dir is not None:
+            if _is_rank_zero():
+                os.makedirs(self.save_dir, exist_ok=True)
+                self._progress.to_json(Path(self.save_dir) / PROGRESS_FILE)
+        elif trainer is not None and not self._in_fit_loop:
+            # without save_dir the checkpoint is the only record: ModelCheckpoint wrote last.ckpt before the
+            # fit-end search started, so a crash now would resume with no candidate finished unless it is
+            # rewritten (a merge asked for mid-fit leaves last.ckpt to ModelCheckpoint's own schedule)
+            _resave_last_checkpoints(trainer)
+
+    def _live_progress(self) -> SearchResult | None:
+        """The search progress as of now: the running search's finished candidates and measured references."""
+        running = self._merging.evaluator if self._merging is not None else None
+        if running is None or running.search_result is None:
+            return self._progress
+        progress = SearchResult.from_dict(running.search_result.to_dict())
+        # fine-tuned reference scores enter the result only once every task is measured; keep the finished ones
+        progress.reference = {**running.reference, **progress.reference}
+        return progress
 
     def _log_choice(self, trainer: pl.Trainer, result: SearchResult) -> None:
         values = {"merge/best/lam": float(result.lam)} if result.lam is not None else {}
@@ -365,9 +415,10 @@ class TiesMerging(Callback):
         rank_zero_info(f"TiesMerging: {result.reason}; chose k={result.k}, lam={result.lam}")
 
     def state_dict(self) -> dict[str, Any]:
+        progress = self._live_progress()
         return {
             "base": self._base_state if self.store_dir is None else None,
-            "progress": self._progress.to_dict() if self._progress is not None else None,
+            "progress": progress.to_dict() if progress is not None else None,
             "result": self.result.to_dict() if self.result is not None else None,
         }
 
@@ -378,6 +429,56 @@ class TiesMerging(Callback):
             self._progress = SearchResult.from_dict(state_dict["progress"])
         if state_dict.get("result"):
             self.result = SearchResult.from_dict(state_dict["result"])
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Mid-merge, write the fine-tuned module into the checkpoint, not the candidate being scored.
+
+        The search's progress is only valid for the fine-tuned weights it started from (its fingerprint
+        holds their checksum), so a checkpoint taken while the module holds a candidate (by another
+        callback, ``trainer.save_checkpoint`` or Lightning's ``OnExceptionCheckpoint``) stores those, and
+        the module's own keys and hyper-parameters even when the search's evaluator is attached.
+        """
+        merging = self._merging
+        if merging is None:
+            return
+        checkpoint["state_dict"] = dict(merging.finetuned)
+        module = merging.module
+        if pl_module is not module:  # saved from inside the search's validation loop
+            for key in (module.CHECKPOINT_HYPER_PARAMS_NAME, module.CHECKPOINT_HYPER_PARAMS_KEY,
+                        module.CHECKPOINT_HYPER_PARAMS_TYPE):
+                checkpoint.pop(key, None)
+            if module.hparams:
+                if getattr(module, "_hparams_name", None):
+                    checkpoint[module.CHECKPOINT_HYPER_PARAMS_NAME] = module._hparams_name
+                checkpoint[module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(module.hparams)
+
+
+class _MergeInProgress(NamedTuple):
+    """What a checkpoint written during a merge needs: the module, its fine-tuned weights, the running search."""
+
+    module: pl.LightningModule
+    finetuned: dict[str, torch.Tensor]
+    evaluator: MultiTaskMergeModule
+
+
+def _resave_last_checkpoints(trainer: pl.Trainer) -> None:
+    """Rewrite every ``ModelCheckpoint(save_last=True)``'s last checkpoint with the current state, atomically.
+
+    A kill during the write leaves the previous ``last.ckpt`` whole (the new one is written beside it and
+    renamed over it). Symlinked last checkpoints (``save_last="link"``) point at other checkpoints and are
+    left alone.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        path = getattr(callback, "last_model_path", "") or ""
+        if getattr(callback, "save_last", None) is not True or not path or os.path.islink(path):
+            continue
+        if "://" in str(path):  # remote storage: no rename; write in place as ModelCheckpoint itself does
+            trainer.save_checkpoint(path)
+            continue
+        tmp = Path(path).with_name(f".{Path(path).name}.ties-progress.tmp")
+        trainer.save_checkpoint(tmp)  # every rank calls it (a collective under DDP); rank zero writes
+        if _is_rank_zero():
+            os.replace(tmp, path)
 
 
 def _check_known(val_dataloaders: Mapping[str, Any], names: set[str]) -> None:
@@ -400,8 +501,9 @@ def _checksum(state: Mapping[str, torch.Tensor]) -> str:
     return f"{total:.12e}"
 
 
-def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+def _clone_state(module: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A copy of the module's state on ``device`` (CPU by default: the copy costs no GPU memory)."""
+    return {k: v.detach().to(device, copy=True) for k, v in module.state_dict().items()}
 
 
 def _load_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -46,7 +46,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -56,6 +55,9 @@ from torchmetrics import MeanMetric
 
 from ..merging import MergeReport, TaskVectorMerger, as_source, get_method, plan_merge
 from ..merging.plan import Patterns, compile_patterns
+from ._compat import EarlyStopping, pl
+from .keys import match_to_module
+from .module import module_device
 
 GRANULARITIES = ("task", "layer", "tensor")
 OBJECTIVES = ("ce", "entropy", "validation_step")
@@ -332,7 +334,9 @@ class LearnedMergeModule(pl.LightningModule):
     Args:
         model: the architecture the merged weights run in (an ``nn.Module`` whose state dict has
             base's keys); by default it holds the base weights itself. Kept frozen in eval mode.
-        tasks: task name -> fine-tuned model (module, state dict, path or source) from base.
+        tasks: task name -> fine-tuned model (module, state dict, path or source) from base, matched
+            to ``model``'s keys like base (:mod:`lightning_ties.lightning.keys`). The components live
+            in this module's buffers, so the Trainer puts them (and the coefficients) on its device.
         dataloaders: task name -> DataLoader of validation batches to learn from.
         base: the pretrained weights when they are not ``model``'s own (they are written into
             ``model`` in place, so one copy is kept).
@@ -388,8 +392,10 @@ class LearnedMergeModule(pl.LightningModule):
         spec = self.method.build_spec(**params)
         self.merge_params = {**self.method.parameters(), **params}
         # Everything is checked on specs before any tensor is read or model is changed.
-        base_src = as_source(base if base is not None else model, "base")
-        sources = [as_source(tasks[t], t, base=base_src) for t in self.tasks]
+        # sources are matched to the model's own keys (an inner model's folder under its attribute...)
+        model_keys = list(model.state_dict())
+        base_src = match_to_module(base, model_keys, label="base") if base is not None else as_source(model, "base")
+        sources = [match_to_module(tasks[t], model_keys, label=t, base=base_src) for t in self.tasks]
         self.plan = plan_merge(base_src, sources, include, _merge_patterns(exclude, heads), warn=False)
         self.head_keys = self._head_keys(model, base_src, sources, heads)
         self.groups, self.key_group = group_keys(self.plan.merge_keys, granularity, groups)
@@ -397,7 +403,9 @@ class LearnedMergeModule(pl.LightningModule):
         if base is not None and base is not model:
             _write_base_into(model, base_src)
         self.heads = _HeadStore({t: {key: src.get(key) for key in self.head_keys} for t, src in zip(self.tasks, sources)})
-        merger = TaskVectorMerger(as_source(model, "base"), sources, spec, plan=self.plan)
+        # components are computed where the model is (the GPU when it already lives there) and move
+        # with this module: the Trainer puts them, the heads and the coefficients on its device
+        merger = TaskVectorMerger(as_source(model, "base"), sources, spec, plan=self.plan, device=module_device(model))
         self.components = TaskComponents.from_iterable(merger.components(), len(self.tasks))
         self.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
         init = float(self.method.lam if lam is None else lam)
@@ -868,8 +876,6 @@ def learn_coefficients(
     if max_time_s is not None:
         kwargs["max_time"] = timedelta(seconds=max_time_s)
     if patience is not None and module._holdout_loaders:
-        from pytorch_lightning.callbacks import EarlyStopping
-
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), EarlyStopping("learned/val/loss", patience=patience)]
     trainer = pl.Trainer(**kwargs)
     t0 = time.perf_counter()  # the components are computed: from here on it is training

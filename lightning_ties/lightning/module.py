@@ -30,14 +30,14 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from ..merging import MergePlan, TaskVector, apply_task_vector, as_source, get_method, method_task_vector, plan_merge
 from ..merging.plan import compile_patterns
 from ..merging.sources import TensorSource
+from ._compat import move_data_to_device, pl
+from .keys import match_to_module
 from .metrics import MetricsArg, Scores, TaskMetrics, summarize
 from .search import Candidate, SearchResult, k_grid, lam_grid, run_search
 
@@ -56,7 +56,10 @@ class MultiTaskMergeModule(pl.LightningModule):
 
     Args:
         base: the pretrained model (theta_init): module, state dict, path or source.
-        tasks: task name -> fine-tuned model (module, state dict, path or source).
+        tasks: task name -> fine-tuned model (module, state dict, path or source). Base and tasks are
+            matched to ``model``'s own keys (:mod:`lightning_ties.lightning.keys`): a ``.ckpt`` of the
+            same LightningModule as is, an inner model's ``save_pretrained`` folder under its attribute
+            (``model.``); ``{"path": ..., "prefix": "model."}`` chooses by hand.
         model: the module to run; default ``base`` when it is an ``nn.Module``. Its weights are
             overwritten by the merge; ``base``'s values are snapshotted first.
         heads: regexes (or one regex) naming head keys, or submodules of ``model``, in addition to
@@ -113,8 +116,15 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.method_params = dict(method_params or {})
         self.include = include
         self.forward_fn = forward_fn
-        self._base_src = _snapshot_source(base, model)
-        self._task_srcs = [as_source(tasks[t], t, base=self._base_src) for t in self.tasks]
+        model_keys = list(model.state_dict())
+        # sources are matched to the model's own keys: a .ckpt of the same module as is, an inner
+        # model's save_pretrained folder under its attribute (model.), see lightning.keys
+        self._base_src = match_to_module(_snapshot_source(base, model), model_keys, label="base")
+        self._task_srcs = [match_to_module(tasks[t], model_keys, label=t, base=self._base_src) for t in self.tasks]
+        #: where tau_m is computed and kept (the Trainer's device when one runs the evaluation);
+        #: None: the model's device
+        self.merge_device: torch.device | None = None
+        self._pending: tuple[float | None, float | None] | None = None
         self.plan, self.head_keys = self._plan_with_heads(heads, exclude)
         self._exclude = _exact_patterns(self.head_keys, exclude)
         self._check_model_keys()
@@ -187,25 +197,35 @@ class MultiTaskMergeModule(pl.LightningModule):
         params = dict(self.method_params)
         if k is not None:
             params["k"] = k
+        device = self.compute_device
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_MISMATCH_WARNING)  # heads are reported by the module
             tau = method_task_vector(
-                self._base_src, self._task_srcs, self.method, include=self.include, exclude=self._exclude, **params
+                self._base_src, self._task_srcs, self.method, include=self.include, exclude=self._exclude,
+                device=device, **params,
             )
-        self._tau = (key, tau)
+        self._tau = (key, tau)  # on ``device``: a lam search applies it there, in place
         return tau
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where tau_m is computed and kept: ``merge_device``, else the model's device."""
+        return self.merge_device if self.merge_device is not None else module_device(self.model)
 
     def apply_merge(self, k: float | None = None, lam: float | None = None) -> None:
         """Write theta = base + lam * tau_m(k) into ``model``'s merged parameters, in place.
 
-        Only merged keys are written; heads are put in place per task by :meth:`use_task`.
+        Only merged keys are written; heads are put in place per task by :meth:`use_task`. The
+        sum is computed in float32 on the model's device (tau_m stays there between calls; the
+        base is kept where it was given, CPU for files, and moved one tensor at a time) and
+        written in the model's dtype (bf16/fp16 modules round once, as ``ties_merge`` does).
         """
         if lam is None:
             lam = get_method(self.method).lam if self.lam is None else self.lam
         tau = self.task_vector(k)
         if self._base_merged is None:
             self._base_merged = {key: self._base_src.get(key) for key in self.plan.merge_keys}
-        apply_task_vector(self._base_merged, tau, float(lam), out=self.model)
+        apply_task_vector(self._base_merged, tau, float(lam), out=self.model, device=module_device(self.model))
         self.current = ((self.k if k is None else k) if self.searches_k else None, float(lam))
 
     def load_task(self, task: str) -> None:
@@ -277,13 +297,32 @@ class MultiTaskMergeModule(pl.LightningModule):
         preds, target = self.predict_and_target(batch)
         self.task_metrics.update(task, preds, target)
 
+    def merge_then_validate(
+        self, trainer: pl.Trainer | None, loaders: Mapping[str, list[Any]], k: float | None, lam: float | None
+    ) -> Scores:
+        """Score the merge (k, lam). With a trainer the merge is applied in ``on_validation_start``,
+        once Lightning has moved the model to its device, so it is computed there."""
+        if trainer is None:
+            self.apply_merge(k, lam)
+        else:
+            self.merge_device = trainer.strategy.root_device
+            self._pending = (k, lam)
+        try:
+            return self.validate(trainer, loaders)
+        finally:
+            self._pending = None
+
     def on_validation_start(self) -> None:
         # ``trainer.validate(module, dataloaders={"a": dl_a, ...})`` names the tasks by the dict's keys
         loaders = self.trainer.val_dataloaders
         if isinstance(loaders, Mapping):
             routed = self.check_dataloaders(loaders, require_all=False)
             self.tasks_by_index = [t for t in loaders if t in routed for _ in routed[t]]
-        if self.current is None and self._log_prefix == "merge":
+        if self._pending is not None:
+            k, lam = self._pending
+            self._pending = None
+            self.apply_merge(k, lam)
+        elif self.current is None and self._log_prefix == "merge":
             self.apply_merge()  # a direct ``trainer.validate`` scores the default merge
 
     def on_validation_epoch_start(self) -> None:
@@ -382,8 +421,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         loaders = self.check_dataloaders(dataloaders)
         if normalize:
             self.measure_finetuned(trainer, dataloaders)
-        self.apply_merge(k, lam)
-        return self.validate(trainer, loaders)
+        return self.merge_then_validate(trainer, loaders, k, lam)
 
     def search(
         self,
@@ -442,9 +480,11 @@ class MultiTaskMergeModule(pl.LightningModule):
         if normalize:
             result.reference = self.measure_finetuned(trainer, dataloaders)
 
+        if trainer is not None:
+            self.merge_device = trainer.strategy.root_device  # tau_m is computed there (before_k)
+
         def evaluate(kv: float | None, lv: float) -> Scores:
-            self.apply_merge(kv, lv)
-            return self.validate(trainer, loaders)
+            return self.merge_then_validate(trainer, loaders, kv, lv)
 
         run_search(evaluate, ks, lams, strategy, objective, mode, result, on_candidate, before_k=self.task_vector)
         self.apply_merge(result.k, result.lam)
@@ -497,6 +537,14 @@ def _snapshot_source(base: Any, model: nn.Module) -> TensorSource:
     if isinstance(base, Mapping):  # may alias the model's own tensors (model.state_dict())
         return as_source({k: v.detach().clone() for k, v in base.items()}, "base")
     return as_source(base, "base")
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first floating-point tensor (CPU for a module without one)."""
+    for t in module.state_dict().values():
+        if t.is_floating_point():
+            return t.device
+    return torch.device("cpu")
 
 
 def _exact_patterns(keys: Sequence[str], extra: str | Sequence[str] | None) -> list[str] | None:

@@ -29,9 +29,20 @@ from .methods import (
 from .plan import MergePlan, plan_merge
 from .select import MagnitudeSelector, MagnitudeThreshold, keep_count, top_magnitude_threshold
 from .sources import StateDictSource, TensorSource, TensorSpec, as_source, register_path_opener
-from .steps import disjoint_components, disjoint_merge, elect_sign, sign_score, task_vector, trim, trim_mask
+from .steps import (
+    MAX_LAM,
+    check_lam,
+    disjoint_components,
+    disjoint_merge,
+    elect_sign,
+    sign_score,
+    task_vector,
+    trim,
+    trim_mask,
+)
 
 __all__ = [
+    "MAX_LAM",
     "METHODS",
     "TA_LAM_GRID",
     "TIES_LAM_GRID",
@@ -50,6 +61,7 @@ __all__ = [
     "apply_task_vector",
     "as_source",
     "average_merge",
+    "check_lam",
     "describe_methods",
     "disjoint_components",
     "disjoint_merge",

@@ -6,6 +6,12 @@ pass 2 walks the keys, and for each key reads base and the N models, forms the t
 chunk by chunk, trims, elects and disjoint-merges them with the functions of
 :mod:`lightning_ties.merging.steps`, and yields tau_m for that key. Extra memory is
 O(N x chunk) plus one output tensor, never O(N x model).
+
+Devices: the engine merges on one device, by default the base's (a module or state dict on
+a GPU merges there; files are read to the CPU unless ``device=`` says otherwise). Every
+tensor read is moved there once per read, every buffer, histogram and mask lives there, and
+tau_m comes out there; the results are bit-identical across devices. On a GPU the per-chunk
+Python overhead dominates, so chunks are whole tensors up to a memory bound.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -22,7 +28,7 @@ from torch import nn
 from .plan import MergePlan, Patterns, plan_merge
 from .select import MagnitudeSelector, MagnitudeThreshold, keep_count
 from .sources import TensorSource, as_source
-from .steps import MERGE_FNS, SIGN_METHODS, check_density, disjoint_components, disjoint_merge, sign_score
+from .steps import MERGE_FNS, SIGN_METHODS, check_density, check_lam, disjoint_components, disjoint_merge, sign_score
 
 Scope = Literal["global", "per_tensor"]
 Sparsify = Literal["magnitude", "dare"] | None
@@ -37,6 +43,20 @@ _SAMPLE = 1 << 17
 # The bracket's histogram has up to MAX_BRACKET_BINS bins, a cost per observed tensor: larger chunks.
 _BRACKET_CHUNK_FACTOR = 16
 _SMALL_TENSOR = 1 << 16  # per-tensor thresholds below this size use one batched kthvalue
+# Off the CPU each chunk costs a few kernel launches and host syncs whatever its size, so the
+# chunk is as large as this many entries over all tasks allow ([N, chunk] scratch buffers of
+# 1 GiB each in float32): whole tensors in practice.
+_DEVICE_CHUNK_ENTRIES = 1 << 28
+
+DeviceLike = str | torch.device | None
+
+
+def _resolve_device(device: DeviceLike, base: TensorSource) -> torch.device:
+    """``device`` as a torch.device; None: where base's tensors live (CPU for file sources)."""
+    if device is not None:
+        return torch.device(device)
+    found = getattr(base, "device", None)
+    return torch.device(found) if found is not None else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,7 @@ class MergeReport:
     skipped: dict[str, str]
     thresholds: list[float] | None = None
     lam: float | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,8 +132,9 @@ class TaskVector(dict):
 
     report: MergeReport
 
-    def apply(self, base: Any, lam: float, out: nn.Module | None = None) -> MergeResult:
-        return apply_task_vector(base, self, lam, out=out, report=self.report)
+    def apply(self, base: Any, lam: float, out: nn.Module | None = None, device: DeviceLike = None) -> MergeResult:
+        """theta = base + lam * tau_m (see :func:`apply_task_vector`)."""
+        return apply_task_vector(base, self, lam, out=out, report=self.report, device=device)
 
 
 class MergeResult(dict):
@@ -125,7 +147,8 @@ class TaskVectorMerger:
     """Stream tau_m out of a base and N models, key by key.
 
     Iterating yields ``(key, tau_m)`` for every merged key, float tensors of base's shape in
-    ``compute_dtype``. With the global scope, a tensor whose merge had an exact tie in the
+    ``compute_dtype`` on ``device`` (None: base's device, see :func:`_resolve_device`; tensors
+    read from the models are moved there). With the global scope, a tensor whose merge had an exact tie in the
     sign election (score exactly 0 with non-zero candidates) is held back until the whole
     model's majority sign is known; all others are yielded as soon as they are computed.
 
@@ -143,8 +166,9 @@ class TaskVectorMerger:
         include: Patterns = None,
         exclude: Patterns = None,
         compute_dtype: torch.dtype = torch.float32,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int | None = None,
         plan: MergePlan | None = None,
+        device: DeviceLike = None,
     ) -> None:
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
@@ -155,6 +179,10 @@ class TaskVectorMerger:
         self.models = [as_source(m, f"model[{i}]", base=self.base) for i, m in enumerate(models)]
         self.plan = plan or plan_merge(self.base, self.models, include, exclude)
         self.compute_dtype = compute_dtype
+        self.device = _resolve_device(device, self.base)
+        self.on_cpu = self.device.type == "cpu"
+        if chunk_size is None:
+            chunk_size = DEFAULT_CHUNK if self.on_cpu else max(DEFAULT_CHUNK, _DEVICE_CHUNK_ENTRIES // len(self.models))
         self.chunk_size = chunk_size
         self.thresholds: list[MagnitudeThreshold] | None = None
         self._norms: torch.Tensor | None = None
@@ -164,19 +192,25 @@ class TaskVectorMerger:
         """A reusable ``[N, columns]`` scratch tensor: fresh large tensors per chunk cost page faults."""
         buf = self._buffers.get(name)
         if buf is None or buf.shape[1] < columns:
-            buf = torch.empty(len(self.models), max(columns, min(self.chunk_size, 1 << 16)), dtype=self.compute_dtype)
+            buf = torch.empty(
+                len(self.models), max(columns, min(self.chunk_size, 1 << 16)), dtype=self.compute_dtype, device=self.device
+            )
             self._buffers[name] = buf
         return buf[:, :columns]
 
     # ---- reading task vectors -------------------------------------------------------------
+    def _get(self, source: TensorSource, key: str) -> torch.Tensor:
+        """One tensor of a source, flat, on the merge device (no copy when already there)."""
+        return source.get(key).reshape(-1).to(self.device)
+
     def _chunks(self, key: str, chunk_size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, taus)``: the N task vectors of ``key`` over one flat chunk, [N, c].
 
         The buffer is reused between chunks: consumers must not keep it.
         """
         cd = self.compute_dtype
-        base = self.base.get(key).reshape(-1)
-        fts = [m.get(key).reshape(-1) for m in self.models]
+        base = self._get(self.base, key)
+        fts = [self._get(m, key) for m in self.models]
         n = base.numel()
         size = chunk_size or self.chunk_size
         for start in range(0, n, size):
@@ -192,8 +226,8 @@ class TaskVectorMerger:
 
     def _task_vectors(self, key: str) -> torch.Tensor:
         """The N task vectors of ``key`` as one fresh ``[N, numel]`` tensor (for small tensors)."""
-        base = self.base.get(key).reshape(-1).to(self.compute_dtype)
-        return torch.stack([m.get(key).reshape(-1).to(self.compute_dtype) - base for m in self.models])
+        base = self._get(self.base, key).to(self.compute_dtype)
+        return torch.stack([self._get(m, key).to(self.compute_dtype) - base for m in self.models])
 
     def _select(self, keys: Sequence[str], m: int) -> list[MagnitudeThreshold]:
         """Exact threshold of every task over ``keys`` taken together.
@@ -206,7 +240,9 @@ class TaskVectorMerger:
         selectors = [MagnitudeSelector(m, self.compute_dtype, bracket, scratch) for bracket in brackets]
         while not all(s.done for s in selectors):
             bracketed = any(s.bracketed for s in selectors)
-            size = self.chunk_size * (_BRACKET_CHUNK_FACTOR if bracketed else _SELECT_CHUNK_FACTOR)
+            size = self.chunk_size
+            if self.on_cpu:  # off the CPU chunks are already whole tensors
+                size *= _BRACKET_CHUNK_FACTOR if bracketed else _SELECT_CHUNK_FACTOR
             for key in keys:
                 for _, taus in self._chunks(key, size):
                     for sel, model, tau in zip(selectors, self.models, taus):
@@ -230,9 +266,11 @@ class TaskVectorMerger:
         offset = 0
         for key in keys:
             first = (-offset) % stride
-            base = self.base.get(key).reshape(-1)[first::stride].to(self.compute_dtype)
+            # strided on the source's device, then moved: only the sample travels
+            base = self.base.get(key).reshape(-1)[first::stride].to(self.device, self.compute_dtype)
             for part, model in zip(parts, self.models):
-                part.append((model.get(key).reshape(-1)[first::stride].to(self.compute_dtype) - base).abs_())
+                sample = model.get(key).reshape(-1)[first::stride].to(self.device, self.compute_dtype)
+                part.append((sample - base).abs_())
             offset += self.base.spec(key).numel
         brackets: list[tuple[float, float] | None] = []
         for part in parts:
@@ -259,11 +297,14 @@ class TaskVectorMerger:
         taus = self._task_vectors(key)
         _check_finite(taus, key, self.models)
         mags = taus.abs()
-        values = mags.kthvalue(n - m + 1, dim=1).values
-        out = []
-        for row, v in zip(mags, values):
-            out.append(MagnitudeThreshold(v.item(), kept=m, n_greater=int((row > v).sum()), n_equal=int((row == v).sum())))
-        return out
+        values = mags.kthvalue(n - m + 1, dim=1, keepdim=True).values
+        # three host syncs per tensor, not three per task (they dominate off the CPU)
+        greater = (mags > values).sum(1).tolist()
+        equal = (mags == values).sum(1).tolist()
+        return [
+            MagnitudeThreshold(v, kept=m, n_greater=g, n_equal=e)
+            for v, g, e in zip(values.squeeze(1).tolist(), greater, equal)
+        ]
 
     # ---- the steps on one chunk -----------------------------------------------------------
     def _sparsify(self, key: str, start: int, taus: torch.Tensor, trim: _Trim | None, dare: torch.Tensor | None) -> torch.Tensor:
@@ -276,12 +317,17 @@ class TaskVectorMerger:
         return taus
 
     def _dare_masks(self, key: str) -> torch.Tensor:
+        """DARE's keep masks of ``key``, ``[N, numel]`` on the merge device.
+
+        Drawn by a CPU generator and then moved, so that a seed gives the same masks (and
+        the same merge) on every device: GPU generators draw other numbers.
+        """
         n = self.base.spec(key).numel
         masks = []
         for i in range(len(self.models)):
             g = torch.Generator().manual_seed((self.spec.seed * 1_000_003 + i * 7919 + zlib.crc32(key.encode())) % (2**63))
             masks.append(torch.rand(n, generator=g) >= self.spec.p)
-        return torch.stack(masks)
+        return torch.stack(masks).to(self.device)
 
     # ---- the main loop --------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -318,7 +364,7 @@ class TaskVectorMerger:
             trim = _Trim(ties, self.compute_dtype) if ties else None
             shape = self.base.spec(key).shape
             numel = self.base.spec(key).numel
-            out = torch.empty((n_tasks, numel) if per_task else (numel,), dtype=self.compute_dtype)
+            out = torch.empty((n_tasks, numel) if per_task else (numel,), dtype=self.compute_dtype, device=self.device)
             contested = _Contested(combine, spec.merge)
             key_sign_total = 0.0
             fast = trim is not None and spec.sign in ("mass", "count") and not per_task
@@ -382,7 +428,7 @@ class TaskVectorMerger:
         keys = self.plan.merge_keys if keys is None else keys
         if ties is None and self.thresholds is not None:
             ties = _TieState(self.thresholds)
-        sq = torch.zeros(len(self.models), dtype=torch.float64)
+        sq = torch.zeros(len(self.models), dtype=torch.float64, device=self.device)
         for key in keys:
             for _, taus in self._chunks(key):
                 trimmed = _Trim(ties, self.compute_dtype).apply(taus) if ties else taus
@@ -451,7 +497,8 @@ class _Contested:
         if cols.numel():
             sub = trimmed[:, cols]
             self.index.append(cols + start)
-            self.negative.append(self.combine(sub, torch.full((cols.numel(),), -1.0, dtype=sub.dtype), self.merge))
+            minus = torch.full((cols.numel(),), -1.0, dtype=sub.dtype, device=sub.device)
+            self.negative.append(self.combine(sub, minus, self.merge))
 
     def resolve(self, flat_out: torch.Tensor, sign_total: float) -> None:
         """Re-merge the contested entries of ``flat_out`` (``[numel]`` or ``[N, numel]``) with -1 if needed."""
@@ -481,8 +528,11 @@ def merged_task_vector(
     compute_dtype: torch.dtype = torch.float32,
     method: str = "custom",
     params: dict[str, Any] | None = None,
+    device: DeviceLike = None,
 ) -> TaskVector:
     """Compute tau_m once; apply it for many lam with :meth:`TaskVector.apply`.
+
+    ``device``: where to merge and where tau_m lives (None: the base's device; CPU for files).
 
     Example:
         >>> base = {"w": torch.zeros(2)}
@@ -490,7 +540,7 @@ def merged_task_vector(
         >>> merged_task_vector(base, fts, MergeSpec(k=1.0))["w"]
         tensor([2., 1.])
     """
-    merger = TaskVectorMerger(base, models, spec, include, exclude, compute_dtype)
+    merger = TaskVectorMerger(base, models, spec, include, exclude, compute_dtype, device=device)
     tau = TaskVector()
     for key, t in merger:
         tau[key] = t
@@ -501,8 +551,14 @@ def merged_task_vector(
         merged_keys=list(merger.plan.merge_keys),
         skipped=dict(merger.plan.skipped),
         thresholds=[t.value for t in merger.thresholds] if merger.thresholds else None,
+        aliases=dict(merger.plan.aliases),
     )
     return tau
+
+
+def _identity(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors one (tied weights): same memory, same layout."""
+    return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def apply_task_vector(
@@ -511,31 +567,53 @@ def apply_task_vector(
     lam: float,
     out: nn.Module | None = None,
     report: MergeReport | None = None,
+    device: DeviceLike = None,
 ) -> MergeResult:
     """theta = theta_base + lam * tau_m, in base's dtypes; every other entry is a copy of base's.
 
+    ``lam`` must pass :func:`~lightning_ties.merging.steps.check_lam` (finite, |lam| <= 100).
+    Results live on base's device, or on ``device`` when given (tau_m is moved to them).
+    Tied weights of base (two names, one tensor) stay tied: the second name gets the very
+    tensor of the first.
+
     With ``out`` (a module whose state dict has base's keys), the merged values are written
-    into its parameters in place, so a lam search reuses one module and allocates nothing
-    per candidate; the returned dict then holds views of ``out``'s tensors.
+    into its parameters in place (across devices if need be: base on the CPU, ``out`` on a
+    GPU, or the reverse), so a lam search reuses one module and allocates nothing per
+    candidate; a tensor that ``out`` holds under several names is written once. The returned
+    dict then holds views of ``out``'s tensors.
 
     Example:
         >>> apply_task_vector({"w": torch.ones(2)}, {"w": torch.tensor([1.0, -1.0])}, lam=2.0)["w"]
         tensor([ 3., -1.])
     """
+    lam = check_lam(lam)
     src = as_source(base, "base")
+    aliases: dict[str, str] = dict(getattr(src, "aliases", None) or {})
+    target_device = torch.device(device) if device is not None else None
     result = MergeResult()
     targets = out.state_dict(keep_vars=True) if out is not None else None
+    written: set[tuple[Any, ...]] = set()
     for key in src.keys():
-        b = src.get(key)
-        value = b + lam * tau_m[key].to(b.device) if key in tau_m else b
+        first = aliases.get(key)
+        if targets is None and first is not None and first in result:
+            result[key] = result[first]  # one tensor under both names, as in base
+            continue
+        raw = src.get(key)
+        b = raw.to(target_device) if target_device is not None else raw  # ``raw`` itself when already there
+        source_key = first if first is not None and first in tau_m else key
+        merged = source_key in tau_m
+        value = b + lam * tau_m[source_key].to(b.device) if merged else b
         if targets is None:
-            result[key] = value.to(b.dtype) if key in tau_m else b.clone()
-        else:
-            if key not in targets:
-                raise KeyError(f"module has no entry {key!r} to write the merged value into")
+            result[key] = value.to(b.dtype) if merged else (b.clone() if b is raw else b)
+            continue
+        if key not in targets:
+            raise KeyError(f"module has no entry {key!r} to write the merged value into")
+        target = targets[key].data
+        if _identity(target) not in written:  # a tied tensor of ``out`` is written once
             with torch.no_grad():
-                targets[key].data.copy_(value)
-            result[key] = targets[key].data
+                target.copy_(value)
+            written.add(_identity(target))
+        result[key] = target
     if report is not None:
         result.report = MergeReport(**{**report.to_dict(), "lam": lam})
     return result

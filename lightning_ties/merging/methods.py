@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .engine import MergeResult, MergeSpec, TaskVector, merged_task_vector
+from .engine import DeviceLike, MergeResult, MergeSpec, TaskVector, merged_task_vector
 from .plan import Patterns
+from .steps import check_lam
 
 
 def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
@@ -55,9 +56,13 @@ class MergeMethod:
         }
 
     def resolve_lam(self, lam: float | None) -> float:
-        """The lam to use: the method's default when None; methods without a lam refuse another."""
+        """The lam to use: the method's default when None; methods without a lam refuse another.
+
+        Any other value must pass :func:`~lightning_ties.merging.steps.check_lam`.
+        """
         if lam is None:
             return self.lam
+        lam = check_lam(lam)
         if not self.searchable and lam != self.lam:
             raise ValueError(f"method {self.name!r} has no lam to set (got lam={lam})")
         return lam
@@ -149,9 +154,12 @@ def method_task_vector(
     include: Patterns = None,
     exclude: Patterns = None,
     compute_dtype: torch.dtype = torch.float32,
+    device: DeviceLike = None,
     **params: Any,
 ) -> TaskVector:
     """tau_m of a registered method (without lam), to apply for many lam.
+
+    ``device``: where to merge and where tau_m lives (None: the base's device; CPU for files).
 
     Example:
         >>> base = {"w": torch.zeros(2)}
@@ -162,7 +170,9 @@ def method_task_vector(
     m = get_method(method)
     spec = m.build_spec(**params)
     merge_params = {**m.parameters(), **params}
-    return merged_task_vector(base, models, spec, include, exclude, compute_dtype, method=method, params=merge_params)
+    return merged_task_vector(
+        base, models, spec, include, exclude, compute_dtype, method=method, params=merge_params, device=device
+    )
 
 
 def merge(
@@ -173,9 +183,14 @@ def merge(
     include: Patterns = None,
     exclude: Patterns = None,
     compute_dtype: torch.dtype = torch.float32,
+    device: DeviceLike = None,
     **params: Any,
 ) -> MergeResult:
     """Merge with any registered method: theta = base + lam * tau_m(method, params).
+
+    Computes in ``compute_dtype`` whatever the stored dtypes (bf16/fp16 inputs merge in
+    float32); the result has base's keys and dtypes, on base's device, or on ``device``
+    when given (the merge then runs there: ``device="cuda"`` merges files on the GPU).
 
     Example:
         >>> base = {"w": torch.zeros(2)}
@@ -183,8 +198,8 @@ def merge(
         tensor([0., 0.])
     """
     lam = get_method(method).resolve_lam(lam)
-    tau = method_task_vector(base, models, method, include, exclude, compute_dtype, **params)
-    return tau.apply(base, lam)
+    tau = method_task_vector(base, models, method, include, exclude, compute_dtype, device, **params)
+    return tau.apply(base, lam, device=device)
 
 
 _merge_with = merge  # ties_merge's ``merge`` argument shadows the function's name
@@ -201,6 +216,7 @@ def ties_merge(
     include: Patterns = None,
     exclude: Patterns = None,
     compute_dtype: torch.dtype = torch.float32,
+    device: DeviceLike = None,
 ) -> MergeResult:
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge, scale by lam.
 
@@ -214,10 +230,14 @@ def ties_merge(
         sign: ``"mass"`` (paper), ``"count"``, ``"normfrac"`` or ``"normmass"``.
         merge: ``"mean"`` (disjoint mean, paper), ``"sum"``, ``"max"`` or ``"task_mean"``.
         include, exclude: regexes choosing the keys to merge; others come from base.
-        compute_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        compute_dtype: ``torch.float32`` (default) or ``torch.float64``, whatever the stored
+            dtypes (bf16/fp16 weights are merged in float32 and written back in their dtype).
+        device: where to merge (``"cuda"``, ``"cpu"``, a ``torch.device``); None: the base's
+            device (CUDA tensors in, CUDA tensors out). Tensors read from files are moved there.
 
     Returns:
-        A state dict with base's keys and dtypes; ``.report`` says what was merged and skipped.
+        A state dict with base's keys and dtypes, on base's device (on ``device`` when given);
+        ``.report`` says what was merged and skipped.
 
     Example:
         >>> base = {"w": torch.zeros(5)}
@@ -226,24 +246,35 @@ def ties_merge(
         [0.0, -2.0, 0.0, 3.0, 0.0]
     """
     return _merge_with(
-        base, models, "ties", lam, include, exclude, compute_dtype, k=k, scope=scope, sign=sign, merge=merge
+        base, models, "ties", lam, include, exclude, compute_dtype, device, k=k, scope=scope, sign=sign, merge=merge
     )
 
 
 def task_arithmetic(
-    base: Any, models: Sequence[Any], lam: float = 0.4, include: Patterns = None, exclude: Patterns = None
+    base: Any,
+    models: Sequence[Any],
+    lam: float = 0.4,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    device: DeviceLike = None,
 ) -> MergeResult:
     """Task arithmetic (Ilharco et al., 2023): theta = base + lam * sum_t tau_t.
+
+    ``device`` as in :func:`ties_merge`.
 
     Example:
         >>> task_arithmetic({"w": torch.zeros(1)}, [{"w": torch.ones(1)}] * 2, lam=0.5)["w"]
         tensor([1.])
     """
-    return merge(base, models, "task_arithmetic", lam, include, exclude)
+    return merge(base, models, "task_arithmetic", lam, include, exclude, device=device)
 
 
-def average_merge(models: Sequence[Any], include: Patterns = None, exclude: Patterns = None) -> MergeResult:
+def average_merge(
+    models: Sequence[Any], include: Patterns = None, exclude: Patterns = None, device: DeviceLike = None
+) -> MergeResult:
     """Plain average of the fine-tuned weights (unmerged entries come from the first model).
+
+    ``device`` as in :func:`ties_merge`.
 
     Example:
         >>> average_merge([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])["w"]
@@ -251,7 +282,7 @@ def average_merge(models: Sequence[Any], include: Patterns = None, exclude: Patt
     """
     if not models:
         raise ValueError("no models to merge: pass at least one fine-tuned model")
-    return merge(models[0], models, "average", None, include, exclude)
+    return merge(models[0], models, "average", None, include, exclude, device=device)
 
 
 def describe_methods() -> str:

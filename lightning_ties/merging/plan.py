@@ -22,12 +22,15 @@ class MergePlan:
         skipped: every key that is *not* merged, with the reason (taken from base, or dropped
             when base lacks it).
         numel: number of merged entries (the size of the "whole vector" of the global trim).
+        aliases: tied weights of base, second name -> first name (one tensor under two
+            names): only the first is merged, and the second gets the same merged tensor.
     """
 
     keys: list[str]
     merge_keys: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
     numel: int = 0
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def mismatched(self) -> dict[str, str]:
@@ -62,7 +65,11 @@ def plan_merge(
     A key is merged when it matches ``include`` (regex search; all keys when ``None``), does not
     match ``exclude``, is floating point in base, and every model has it with base's shape.
     Keys that differ across models (typically task-specific heads) are taken from base and
-    reported with a warning; when ``include`` names such a key explicitly, it is an error.
+    reported with a warning naming them (``warn=False`` for callers that report heads
+    themselves); when ``include`` names such a key explicitly, it is an error. A model whose
+    shapes differ from base's on more than half of the floating keys they share is refused:
+    that is a checkpoint of another architecture, not a model with a few task heads. Tied
+    weights of base (``base.aliases``) are merged once under their first name.
 
     Example:
         >>> from lightning_ties.merging.sources import StateDictSource
@@ -75,9 +82,15 @@ def plan_merge(
         raise ValueError("no models to merge: pass at least one fine-tuned model")
     inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     model_keys = [set(m.keys()) for m in models]
-    plan = MergePlan(keys=list(base.keys()), merge_keys=[])
+    plan = MergePlan(keys=list(base.keys()), merge_keys=[], aliases=dict(getattr(base, "aliases", None) or {}))
     asked_but_unmergeable: list[str] = []
+    shared = [0] * len(models)  # per model: selected floating keys of base it also has
+    reshaped: list[list[str]] = [[] for _ in models]  # ... and those it has with another shape
     for key in plan.keys:
+        if key in plan.aliases:
+            first = plan.aliases[key]
+            plan.skipped[key] = f"tied to {first!r} (one tensor under two names: merged once, same value)"
+            continue
         if (inc and not any(p.search(key) for p in inc)) or any(p.search(key) for p in exc):
             plan.skipped[key] = "not selected by include/exclude (from base)"
             continue
@@ -85,6 +98,11 @@ def plan_merge(
         if not spec.is_floating:
             plan.skipped[key] = f"not floating point ({spec.dtype}; from base)"
             continue
+        for i, (m, ks) in enumerate(zip(models, model_keys)):
+            if key in ks:
+                shared[i] += 1
+                if m.spec(key).shape != spec.shape:
+                    reshaped[i].append(key)
         missing = [m.label for m, ks in zip(models, model_keys) if key not in ks]
         if missing:
             plan.skipped[key] = f"missing from {', '.join(missing)} (from base)"
@@ -97,6 +115,18 @@ def plan_merge(
             plan.skipped[key] = reason
         if inc:
             asked_but_unmergeable.append(f"{key}: {plan.skipped[key]}")
+    foreign = [
+        f"{m.label}: {len(bad)} of the {n} floating keys it shares with base differ in shape "
+        f"(e.g. {', '.join(repr(k) for k in bad[:3])})"
+        for m, n, bad in zip(models, shared, reshaped)
+        if 2 * len(bad) > n
+    ]
+    if foreign:
+        raise ValueError(
+            "is this checkpoint of another architecture? most shared keys differ in shape from base's: "
+            + "; ".join(foreign)
+            + ". Merge only checkpoints fine-tuned from this base (or exclude the differing keys)"
+        )
     base_keys = set(plan.keys)
     for m, ks in zip(models, model_keys):
         for key in sorted(ks - base_keys):

@@ -85,7 +85,14 @@ class MagnitudeSelector:
     :meth:`next_pass` between passes, until :attr:`done`. ``bracket=(lo, hi)``, magnitudes
     that likely enclose the result, makes one pass enough when they do (and costs one pass
     when they do not); ranges wider than :data:`MAX_BRACKET_BINS` bit patterns are ignored.
-    Selectors fed one after the other may share one ``scratch`` dict of buffers.
+    Selectors fed one after the other may share one ``scratch`` dict of buffers. Histogram and
+    scratch live on the device of the observed tensors.
+
+    ``gather`` (default: on any device but the CPU) histograms only the entries that can hold
+    the threshold (inside the bracket, or matching the digits found so far) and counts the
+    others by reductions. The histogram, hence the result, is the same; but a GPU's
+    histogram is built with atomic adds, and mapping the ~99% of entries outside the range
+    onto two bins would serialise them on those two counters.
 
     Example:
         >>> sel = MagnitudeSelector(m=2, dtype=torch.float32)
@@ -103,11 +110,13 @@ class MagnitudeSelector:
         dtype: torch.dtype = torch.float32,
         bracket: tuple[float, float] | None = None,
         scratch: dict[str, torch.Tensor] | None = None,
+        gather: bool | None = None,
     ) -> None:
         if dtype not in _INT_VIEW:
             raise ValueError(f"selection runs in float32 or float64, got {dtype}")
         self.m = m
         self.dtype = dtype
+        self.gather = gather
         self._int = _INT_VIEW[dtype]
         self._width = torch.finfo(dtype).bits
         self._levels = self._width // _DIGIT_BITS
@@ -149,12 +158,21 @@ class MagnitudeSelector:
         if self.done:
             return
         flat = x.reshape(-1)
-        bits = torch.abs(flat, out=self._scratch("magnitudes", flat.numel(), self.dtype)).view(self._int)
+        if self._hist.device != flat.device:
+            self._hist = self._hist.to(flat.device)
+        gather = self.gather if self.gather is not None else flat.device.type != "cpu"
+        bits = torch.abs(flat, out=self._scratch("magnitudes", flat.numel(), self.dtype, flat.device)).view(self._int)
         if self._bracket is not None:
-            self._observe_bracket(bits, name)
+            self._observe_bracket(bits, name, gather)
             return
         shift = self._width - _DIGIT_BITS * (self._level + 1)
-        digits = torch.bitwise_right_shift(bits, shift, out=self._scratch("digits", flat.numel(), self._int))
+        if gather and self._level > 0:
+            # only the candidates (high digits == prefix) are histogrammed; the others never count
+            candidates = bits[torch.bitwise_right_shift(bits, shift + _DIGIT_BITS) == self._prefix]
+            digits = torch.bitwise_right_shift(candidates, shift).bitwise_and_(_BINS - 1)
+            self._hist += torch.bincount(digits, minlength=_BINS)
+            return
+        digits = torch.bitwise_right_shift(bits, shift, out=self._scratch("digits", flat.numel(), self._int, flat.device))
         if self._level == 0:
             counts = torch.bincount(digits, minlength=_BINS)
             if bool(counts[self._nonfinite_bin :].any()):
@@ -166,12 +184,19 @@ class MagnitudeSelector:
             counts = torch.bincount(digits, minlength=_BINS + 2)[1 : _BINS + 1]
         self._hist += counts
 
-    def _observe_bracket(self, bits: torch.Tensor, name: str) -> None:
+    def _observe_bracket(self, bits: torch.Tensor, name: str, gather: bool = False) -> None:
         if bits.numel() and int(bits.max()) >= self._inf_bits:
             raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
         lo, hi = self._bracket
+        if gather:
+            inside = bits[(bits >= lo) & (bits <= hi)]
+            above = (bits > hi).sum()
+            self._hist[-1] += above
+            self._hist[0] += bits.numel() - inside.numel() - above
+            self._hist[1:-1] += torch.bincount(inside.sub_(lo), minlength=hi - lo + 1)
+            return
         # below the bracket -> bin 0, inside -> 1 + (bits - lo), above -> the last bin
-        digits = torch.sub(bits, lo - 1, out=self._scratch("digits", bits.numel(), self._int))
+        digits = torch.sub(bits, lo - 1, out=self._scratch("digits", bits.numel(), self._int, bits.device))
         digits.clamp_(0, hi - lo + 2)
         self._hist += torch.bincount(digits, minlength=hi - lo + 3)
 
@@ -193,7 +218,7 @@ class MagnitudeSelector:
             n_greater = above + int(from_top[j]) - n_equal
             self._result = MagnitudeThreshold(value, kept=self.m, n_greater=n_greater, n_equal=n_equal)
         self._bracket = None  # on a miss the next passes are the radix ones
-        self._hist = torch.zeros(_BINS, dtype=torch.int64)
+        self._hist = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
 
     @property
     def bracketed(self) -> bool:
@@ -205,11 +230,11 @@ class MagnitudeSelector:
         """Whether the result came from the one-pass bracket (False: radix passes)."""
         return self._bracket_hit
 
-    def _scratch(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _scratch(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reusable flat buffer: allocating fresh large tensors per call costs page faults."""
         buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:numel]
 
@@ -235,7 +260,7 @@ class MagnitudeSelector:
         if self._level == self._levels:
             value = torch.tensor(self._prefix, dtype=self._int).view(self.dtype).item()
             self._result = MagnitudeThreshold(value, kept=self.m, n_greater=self._greater, n_equal=int(hist[digit]))
-        self._hist = torch.zeros(_BINS, dtype=torch.int64)
+        self._hist = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
 
     def result(self) -> MagnitudeThreshold:
         if self._result is None:

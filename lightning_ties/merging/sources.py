@@ -55,7 +55,14 @@ class TensorSource(Protocol):
 
 
 class StateDictSource:
-    """A source over an in-memory mapping name -> tensor (a state dict)."""
+    """A source over an in-memory mapping name -> tensor (a state dict).
+
+    Tied weights (two names for one tensor, e.g. ``out.weight`` is ``emb.weight``) are
+    detected by storage identity (device, data pointer, shape, strides, dtype): ``aliases``
+    maps each later name to the first one, so the engine merges the tensor once and gives
+    both names the same result. ``device`` is where the tensors live (the first floating
+    one's device; CPU for an empty dict): the engine merges there unless told otherwise.
+    """
 
     def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "state_dict") -> None:
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
@@ -63,6 +70,18 @@ class StateDictSource:
             raise TypeError(f"{label}: entries {bad[:5]} are not tensors; pass a state dict of tensors")
         self._tensors = dict(state_dict)
         self.label = label
+        self.aliases: dict[str, str] = {}
+        first: dict[tuple[Any, ...], str] = {}
+        for key, t in self._tensors.items():
+            if t.numel() == 0:  # empty tensors may all share a null pointer without being tied
+                continue
+            identity = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+            if identity in first:
+                self.aliases[key] = first[identity]
+            else:
+                first[identity] = key
+        floating = [t for t in self._tensors.values() if t.is_floating_point()]
+        self.device = floating[0].device if floating else torch.device("cpu")
 
     def keys(self) -> Sequence[str]:
         return list(self._tensors)

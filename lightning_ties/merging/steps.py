@@ -16,6 +16,8 @@ scaling factors::
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Literal
 
 import torch
@@ -66,8 +68,41 @@ def trim(taus: torch.Tensor, k: float) -> torch.Tensor:
     for i, row in enumerate(taus):
         threshold = top_magnitude_threshold(row, k)
         keep = trim_mask(row.abs(), threshold)
-        out[i] = torch.where(keep, row, torch.zeros((), dtype=row.dtype))
+        out[i] = torch.where(keep, row, torch.zeros((), dtype=row.dtype, device=row.device))
     return out
+
+
+#: Largest |lam| accepted. The paper searches 0.8..2.5 and task arithmetic 0.1..1.0; a scale of
+#: 100 on a task vector already leaves the fine-tuned basin, and larger values are typos
+#: (``1e39`` turns float32 weights into Inf).
+MAX_LAM = 100.0
+
+
+def check_lam(value: object, name: str = "lam") -> float:
+    """``value`` as a float when it is a usable lam: a finite real number with |lam| <= :data:`MAX_LAM`.
+
+    The one check every layer uses (engine, registry, searches, configs), so that ``nan``,
+    ``inf``, ``1e39``, ``True`` or the string ``"1.0"`` are refused up front with a message
+    naming the value, instead of producing non-finite weights or failing deep inside torch.
+
+    Example:
+        >>> check_lam(0.5)
+        0.5
+        >>> check_lam("1.0")
+        Traceback (most recent call last):
+        ...
+        ValueError: lam must be a real number (a float such as 1.0), got '1.0' of type str
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        value = value.item()  # a 0-d tensor (e.g. a learned or searched coefficient)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a real number (a float such as 1.0), got {value!r} of type {type(value).__name__}")
+    lam = float(value)
+    if not math.isfinite(lam):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if abs(lam) > MAX_LAM:
+        raise ValueError(f"{name}={value!r} is out of range: |{name}| must be at most {MAX_LAM:g} (the paper uses 0.1-2.5)")
+    return lam
 
 
 def check_density(k: float, name: str = "k") -> None:
@@ -172,7 +207,7 @@ def disjoint_components(trimmed: torch.Tensor, gamma: torch.Tensor | None, merge
     if merge not in ("mean", "sum", "task_mean"):
         raise ValueError(f"merge {merge!r} has no per-task components; use 'mean', 'sum' or 'task_mean'")
     agree = trimmed != 0 if gamma is None else trimmed * gamma > 0
-    selected = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype))
+    selected = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype, device=trimmed.device))
     if merge == "mean":
         return selected / agree.sum(0).clamp(min=1)
     return selected / trimmed.shape[0] if merge == "task_mean" else selected
