@@ -1,8 +1,9 @@
 """lightning-ties: TIES-Merging for PyTorch Lightning.
 
-The merge engine (pure torch) and the file sources/sinks load eagerly; the Lightning parts
-(``TiesMerging``, ``MultiTaskMergeModule``, ...) load on first use, so merging alone never
-pays Lightning's import time, and they come built on the Lightning package the process uses
+The merge engine (pure torch) loads eagerly; file sources and sinks (``lightning_ties.io``) load
+on first use (the first path given to a merge, or any of their names), and so do the Lightning
+parts (``TiesMerging``, ``MultiTaskMergeModule``, ...), so merging alone never pays Lightning's
+import time. The Lightning parts come built on the Lightning package the process uses
 (``pytorch_lightning`` or the unified ``lightning``; see :func:`lightning_layer`).
 
 Example:
@@ -22,10 +23,23 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import io as io  # registers file sources with the engine
-from .io import __all__ as _io_all
 from .merging import *  # noqa: F401,F403
 from .merging import __all__ as _merging_all
+from .merging import register_path_opener
+
+
+def _open_path(path: Any, **kwargs: Any) -> Any:
+    """Open a checkpoint path for the engine (``ties_merge("base/", ["a.ckpt"])``).
+
+    The engine knows nothing of files; io loads here, on the first path, so that importing
+    the engine (``lightning_ties.merging``) never loads io.
+    """
+    from .io import open_source
+
+    return open_source(path, **kwargs)
+
+
+register_path_opener(_open_path)
 
 __version__ = "0.1.0"
 
@@ -67,10 +81,13 @@ def lightning_layer() -> ModuleType:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _io_all:
-        return getattr(io, name)
     if name in LIGHTNING_NAMES:
         return getattr(lightning_layer(), name)
+    io = importlib.import_module("lightning_ties.io")  # no Lightning there: cheap to look in
+    if name == "io":
+        return io
+    if name in io.__all__:
+        return getattr(io, name)
     raise AttributeError(f"module 'lightning_ties' has no attribute {name!r}")
 
 

@@ -35,6 +35,9 @@ from lightning_ties.lightning.keys import KeyMatchError, match_to_module  # noqa
 K = 0.2
 LAMS = [0.6, 1.2]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# the device tests run here on the CPU too (same code, device "cpu"); "gpu" is marked ``cuda``
+ACCELERATORS = pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=[cuda, pytest.mark.cuda])])
+DEVICE_TYPE = {"cpu": "cpu", "gpu": "cuda"}
 
 
 # ---- three module layouts ------------------------------------------------------------------------
@@ -324,32 +327,32 @@ def test_two_copies_of_the_architecture_is_one_error_naming_the_prefix_to_pass(r
 class DeviceProbe(Callback):
     """Where the merged weights and tau_m live while the evaluator's validation runs."""
 
-    devices: set
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if isinstance(pl_module, MultiTaskMergeModule) and pl_module.current is not None:
-            self.devices = getattr(self, "devices", set())
             self.devices.add(next(pl_module.model.parameters()).device.type)
             self.devices.update(v.device.type for v in pl_module.task_vector().values())
 
 
-@cuda
-@pytest.mark.cuda
+@ACCELERATORS
 @pytest.mark.parametrize(("layout", "source", "precision", "apply"), [
     ("one", "save_checkpoint", "32", "merged"), ("hf", "inner_folder", "bf16", "merged"), ("hf", "save_checkpoint", "32", "keep"),
     ("several", "module_safetensors", "16-mixed", "merged"),
 ])
-def test_callback_on_a_gpu_trainer_merges_there(tmp_path, root, layout, source, precision, apply):
+def test_callback_on_a_gpu_trainer_merges_there(tmp_path, root, layout, source, precision, apply, accelerator):
     device_probe = DeviceProbe()
-    tasks = fitted_tasks(layout, PRECISIONS[precision], root)
+    # mixed precision keeps float32 weights: its tasks are plain float32 fits (fp16 autocast is a GPU thing)
+    tasks = fitted_tasks(layout, "32-true" if "mixed" in precision else PRECISIONS[precision], root)
     merging = TiesMerging(tasks={t: tasks[t].source(source) for t in ("a", "b")}, task="c", k=K, lam=LAMS,
                           val_dataloaders={"a": data(layout, 11), "b": data(layout, 12)}, apply=apply,
                           save_dir=str(tmp_path / "merge"))
     probe = Probe()
     module = start_from(layout, pretrained(layout))
-    trainer(PRECISIONS[precision], accelerator="gpu", callbacks=[probe, merging, device_probe]).fit(
+    trainer(PRECISIONS[precision], accelerator=accelerator, callbacks=[probe, merging, device_probe]).fit(
         module, data(layout, 3), data(layout, 13))
-    assert device_probe.devices == {"cuda"}  # candidates applied on the GPU with tau_m kept there
+    assert device_probe.devices == {DEVICE_TYPE[accelerator]}  # candidates applied on the GPU with tau_m kept there
     assert {v.device.type for v in merging._base_state.values()} == {"cpu"}  # base_device="cpu" by default
     expected = ties_merge(probe.base, [tasks["a"].state, tasks["b"].state, probe.finetuned], k=K, lam=merging.result.lam)
     atol = 1e-2 if precision in ("bf16", "16") else 1e-5  # the GPU sums in another order; 16-bit rounds once more
@@ -357,16 +360,15 @@ def test_callback_on_a_gpu_trainer_merges_there(tmp_path, root, layout, source, 
     assert_same_floats(merged, expected, atol=atol)
 
 
-@cuda
-@pytest.mark.cuda
-def test_multitask_module_search_on_gpu_keeps_tau_on_gpu(root):
+@ACCELERATORS
+def test_multitask_module_search_on_gpu_keeps_tau_on_gpu(root, accelerator):
     tasks = fitted_tasks("hf", "32-true", root)
     base = pretrained("hf")
     model = start_from("hf", base)
     module = MultiTaskMergeModule(base, {t: tasks[t].source("inner_folder") for t in ("a", "b")}, model=model, k=K)
     loaders = {t: data("hf", 20 + i) for i, t in enumerate(("a", "b"))}
-    result = module.search(trainer(accelerator="gpu"), loaders, lam=LAMS, normalize=False)
-    assert {v.device.type for v in module.task_vector().values()} == {"cuda"}
+    result = module.search(trainer(accelerator=accelerator), loaders, lam=LAMS, normalize=False)
+    assert {v.device.type for v in module.task_vector().values()} == {DEVICE_TYPE[accelerator]}
     expected = ties_merge(base, [tasks["a"].state, tasks["b"].state], k=K, lam=result.lam)
     assert_same_floats(model.state_dict(), expected, atol=1e-5)
 
@@ -376,18 +378,17 @@ class CoefficientDevice(Callback):
         self.devices = {pl_module.coefficients.device.type, *(b.device.type for b in pl_module.components.buffers())}
 
 
-@cuda
-@pytest.mark.cuda
-def test_learn_coefficients_trains_on_the_gpu(root):
+@ACCELERATORS
+def test_learn_coefficients_trains_on_the_gpu(root, accelerator):
     tasks = fitted_tasks("hf", "32-true", root)
     base = pretrained("hf")
     probe = CoefficientDevice()
     result = learn_coefficients(
         start_from("hf", base), {t: tasks[t].source("inner_folder") for t in ("a", "b")},
         {t: data("hf", 30 + i) for i, t in enumerate(("a", "b"))}, k=K, granularity="task", max_epochs=1, lr=1e-9,
-        holdout=0.0, trainer_kwargs={"accelerator": "gpu", "devices": 1, "callbacks": [probe],
+        holdout=0.0, trainer_kwargs={"accelerator": accelerator, "devices": 1, "callbacks": [probe],
                                      "enable_progress_bar": False, "enable_model_summary": False},
     )
-    assert probe.devices == {"cuda"}
+    assert probe.devices == {DEVICE_TYPE[accelerator]}
     expected = ties_merge(base, [tasks["a"].state, tasks["b"].state], k=K, lam=1.0)
     assert_same_floats(result.state_dict, expected, atol=1e-5)

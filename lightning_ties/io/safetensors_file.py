@@ -54,7 +54,8 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
-def _nbytes(spec: TensorSpec) -> int:
+def nbytes(spec: TensorSpec) -> int:
+    """Bytes a tensor of this shape and dtype takes in a safetensors file (stored packed)."""
     return spec.numel * torch.empty((), dtype=spec.dtype).element_size()
 
 
@@ -122,7 +123,7 @@ class SafetensorsFile:
             raise corrupt("data_offsets must be two non-negative integers")
         start, end = offsets
         spec = TensorSpec(tuple(shape), _DTYPES[dtype])
-        if end < start or end - start != _nbytes(spec):
+        if end < start or end - start != nbytes(spec):
             raise corrupt(f"its byte range [{start}, {end}) does not hold shape {tuple(shape)} of {dtype}")
         if self._data_start + end > size:
             raise CheckpointError(
@@ -193,7 +194,7 @@ def layout_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] |
     offsets: dict[str, int] = {}
     pos = 0
     for name, spec in specs.items():
-        n = _nbytes(spec)
+        n = nbytes(spec)
         header[name] = {"dtype": dtype_name(spec.dtype), "shape": list(spec.shape), "data_offsets": [pos, pos + n]}
         offsets[name] = pos
         pos += n
@@ -219,7 +220,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.specs = dict(specs)
         header, self._offsets = layout_header(self.specs, {"format": "pt", **(metadata or {})})
-        total = len(header) + sum(_nbytes(s) for s in self.specs.values())
+        total = len(header) + sum(nbytes(s) for s in self.specs.values())
         self._missing = set(self.specs)
         # 0o666 masked by the umask, like any new file.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)

@@ -4,8 +4,11 @@ Data path (see ARCHITECTURE.md): for the paper's global trim, pass 1 streams eac
 |tau| to find its exact top-k threshold (:class:`~lightning_ties.merging.select.MagnitudeSelector`);
 pass 2 walks the keys, and for each key reads base and the N models, forms the task vectors
 chunk by chunk, trims, elects and disjoint-merges them with the functions of
-:mod:`lightning_ties.merging.steps`, and yields tau_m for that key. Extra memory is
-O(N x chunk) plus one output tensor, never O(N x model).
+:mod:`lightning_ties.merging.steps` (its in-place kernel ``ties_chunk_`` for TIES's recipe),
+and yields tau_m for that key. Extra memory is O(N x chunk) plus one output tensor, never
+O(N x model). This module holds the streaming only: reading, thresholds, chunking, devices,
+and the contested entries held back until the scope's majority sign is known; the maths is
+all in ``steps.py``.
 
 Devices: the engine merges on one device, by default the base's (a module or state dict on
 a GPU merges there; files are read to the CPU unless ``device=`` says otherwise). Every
@@ -28,7 +31,18 @@ from torch import nn
 from .plan import MergePlan, Patterns, plan_merge
 from .select import MagnitudeSelector, MagnitudeThreshold, keep_count
 from .sources import TensorSource, as_source
-from .steps import MERGE_FNS, SIGN_METHODS, check_density, check_lam, disjoint_components, disjoint_merge, sign_score
+from .steps import (
+    MERGE_FNS,
+    SIGN_METHODS,
+    ThresholdTrim,
+    check_density,
+    check_lam,
+    disjoint_components,
+    disjoint_merge,
+    scale,
+    sign_score,
+    ties_chunk_,
+)
 
 Scope = Literal["global", "per_tensor"]
 Sparsify = Literal["magnitude", "dare"] | None
@@ -307,9 +321,11 @@ class TaskVectorMerger:
         ]
 
     # ---- the steps on one chunk -----------------------------------------------------------
-    def _sparsify(self, key: str, start: int, taus: torch.Tensor, trim: _Trim | None, dare: torch.Tensor | None) -> torch.Tensor:
-        if trim is not None:  # the selector has already refused non-finite task vectors
-            return trim.apply(taus)
+    def _sparsify(
+        self, key: str, start: int, taus: torch.Tensor, trim_step: ThresholdTrim | None, dare: torch.Tensor | None
+    ) -> torch.Tensor:
+        if trim_step is not None:  # the selector has already refused non-finite task vectors
+            return trim_step(taus)
         _check_finite_sum(taus, key, self.models)
         if dare is not None:
             keep = dare[:, start : start + taus.shape[1]]
@@ -350,30 +366,34 @@ class TaskVectorMerger:
             self.thresholds = self._select(self.plan.merge_keys, keep_count(spec.k, self.plan.numel))
         if spec.sign in ("normfrac", "normmass") and spec.scope == "global":
             self._norms = self._trimmed_norms()
-        ties = _TieState(self.thresholds) if global_trim else None
+        # global scope: one trim (thresholds and tie budget) streamed over every key, in order
+        trim_step = ThresholdTrim(self.thresholds, self.compute_dtype) if global_trim else None
         held: list[tuple[str, torch.Tensor, _Contested]] = []
         sign_total = 0.0
         for key in self.plan.merge_keys:
             if spec.trims and not global_trim:
-                ties = _TieState(self._tensor_thresholds(key))
+                trim_step = ThresholdTrim(self._tensor_thresholds(key), self.compute_dtype)
             dare = self._dare_masks(key) if spec.sparsify == "dare" else None
             norms = self._norms
             if norms is None and spec.sign in ("normfrac", "normmass"):
-                norms = self._trimmed_norms([key], ties)
-                ties = _TieState(ties.thresholds) if ties is not None else None
-            trim = _Trim(ties, self.compute_dtype) if ties else None
+                norms = self._trimmed_norms([key], trim_step)
+                trim_step = trim_step.restart() if trim_step is not None else None
             shape = self.base.spec(key).shape
             numel = self.base.spec(key).numel
             out = torch.empty((n_tasks, numel) if per_task else (numel,), dtype=self.compute_dtype, device=self.device)
             contested = _Contested(combine, spec.merge)
             key_sign_total = 0.0
-            fast = trim is not None and spec.sign in ("mass", "count") and not per_task
+            fast = trim_step is not None and spec.sign in ("mass", "count") and not per_task
             for start, taus in self._chunks(key):
                 end = start + taus.shape[1]
-                if fast:
-                    key_sign_total += self._ties_chunk(start, taus, trim, out[start:end], contested)
+                if fast:  # the in-place kernel of steps.py (same values as the three calls below)
+                    trimmed = self._buffer("trimmed", taus.shape[1])
+                    chunk_signs, cols = ties_chunk_(taus, trim_step, out[start:end], trimmed, spec.sign, spec.merge)
+                    key_sign_total += chunk_signs
+                    if cols is not None:
+                        contested.collect_columns(start, cols, trimmed)
                     continue
-                trimmed = self._sparsify(key, start, taus, trim, dare)
+                trimmed = self._sparsify(key, start, taus, trim_step, dare)
                 if spec.sign is None:
                     out[..., start:end] = combine(trimmed, None, spec.merge)
                     continue
@@ -396,78 +416,17 @@ class TaskVectorMerger:
             contested.resolve(result.view(*result.shape[: 1 if per_task else 0], -1), sign_total)
             yield key, result
 
-    def _ties_chunk(self, start: int, taus: torch.Tensor, trim: _Trim, out: torch.Tensor, contested: _Contested) -> float:
-        """Trim, elect and disjoint-merge one chunk into ``out``; returns the sum of elected signs.
-
-        The same values as :func:`~lightning_ties.merging.steps.disjoint_merge` on
-        :func:`~lightning_ties.merging.steps.sign_score`, computed in place in two scratch
-        buffers (``taus`` is overwritten): on CPU each avoided temporary of ``[N, chunk]``
-        saves a full pass over memory.
-        """
-        trimmed = trim.apply(taus, out=self._buffer("trimmed", taus.shape[1]))
-        score = trimmed.sum(0) if self.spec.sign == "mass" else torch.sign(trimmed, out=taus).sum(0)
-        # float arithmetic instead of boolean masks (several times faster on CPU):
-        signs = score.sign()
-        tie = 1 - signs.abs()  # 1 where the score is exactly zero
-        gamma = signs + tie  # zero -> +1 for now
-        agreeing = torch.mul(trimmed, gamma, out=taus).clamp_(min=0)
-        merge = self.spec.merge
-        magnitude = agreeing.amax(0) if merge == "max" else agreeing.sum(0)
-        # a zero score with a positive candidate has a negative one too: an exact tie, rare
-        if float(torch.dot(tie, magnitude)) > 0:
-            contested.collect_columns(start, torch.nonzero(tie * magnitude).squeeze(1), trimmed)
-        if merge == "mean":
-            magnitude /= agreeing.sign_().sum(0).clamp_(min=1)
-        elif merge == "task_mean":
-            magnitude /= trimmed.shape[0]
-        torch.mul(magnitude, gamma, out=out)
-        return float(signs.sum())
-
-    def _trimmed_norms(self, keys: Sequence[str] | None = None, ties: _TieState | None = None) -> torch.Tensor:
+    def _trimmed_norms(self, keys: Sequence[str] | None = None, trim_step: ThresholdTrim | None = None) -> torch.Tensor:
         """L2 norm of each task's trimmed vector over ``keys`` (normfrac/normmass need them)."""
         keys = self.plan.merge_keys if keys is None else keys
-        if ties is None and self.thresholds is not None:
-            ties = _TieState(self.thresholds)
+        if trim_step is None and self.thresholds is not None:
+            trim_step = ThresholdTrim(self.thresholds, self.compute_dtype)
         sq = torch.zeros(len(self.models), dtype=torch.float64, device=self.device)
         for key in keys:
             for _, taus in self._chunks(key):
-                trimmed = _Trim(ties, self.compute_dtype).apply(taus) if ties else taus
+                trimmed = trim_step(taus) if trim_step is not None else taus
                 sq += trimmed.double().square().sum(1)
         return sq.sqrt()
-
-
-class _TieState:
-    """Per-task thresholds plus how many threshold ties each task may still keep (stream order)."""
-
-    def __init__(self, thresholds: list[MagnitudeThreshold]) -> None:
-        self.thresholds = thresholds
-        self.remaining = [t.ties_to_keep if not t.keeps_all_ties else 0 for t in thresholds]
-
-
-class _Trim:
-    """Apply per-task thresholds to ``[N, c]`` task vectors, keeping ties in stream order."""
-
-    def __init__(self, state: _TieState, dtype: torch.dtype) -> None:
-        self.state = state
-        # |tau| >= bound  <=>  |tau| > the float just below bound (torch.threshold keeps x > cut)
-        self.cuts = [
-            torch.nextafter(torch.tensor(t.effective_bound(dtype), dtype=dtype), torch.tensor(-1.0, dtype=dtype)).item()
-            for t in state.thresholds
-        ]
-
-    def apply(self, taus: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The trimmed task vectors (zeros where not kept), written to ``out`` when given."""
-        mags = torch.abs(taus, out=torch.empty_like(taus) if out is None else out)
-        for i, (row, cut) in enumerate(zip(mags, self.cuts)):
-            left = self.state.remaining[i]
-            # rare: more ties at the threshold than entries to keep; keep the first ones seen
-            tied = row == self.state.thresholds[i].value if left > 0 else None
-            torch.nn.functional.threshold_(row, cut, 0.0)
-            if tied is not None and bool(tied.any()):
-                idx = torch.nonzero(tied).squeeze(1)[:left]
-                row[idx] = self.state.thresholds[i].value
-                self.state.remaining[i] -= idx.numel()
-        return torch.copysign(mags, taus, out=mags)
 
 
 class _Contested:
@@ -602,7 +561,7 @@ def apply_task_vector(
         b = raw.to(target_device) if target_device is not None else raw  # ``raw`` itself when already there
         source_key = first if first is not None and first in tau_m else key
         merged = source_key in tau_m
-        value = b + lam * tau_m[source_key].to(b.device) if merged else b
+        value = scale(b, tau_m[source_key], lam) if merged else b
         if targets is None:
             result[key] = value.to(b.dtype) if merged else (b.clone() if b is raw else b)
             continue

@@ -211,3 +211,111 @@ def disjoint_components(trimmed: torch.Tensor, gamma: torch.Tensor | None, merge
     if merge == "mean":
         return selected / agree.sum(0).clamp(min=1)
     return selected / trimmed.shape[0] if merge == "task_mean" else selected
+
+
+def scale(base: torch.Tensor, tau_m: torch.Tensor, lam: float) -> torch.Tensor:
+    """The last step: theta = theta_base + lam * tau_m (tau_m moved to base's device, result in float).
+
+    Example:
+        >>> scale(torch.ones(2), torch.tensor([1.0, -1.0]), lam=0.5)
+        tensor([1.5000, 0.5000])
+    """
+    return base + lam * tau_m.to(base.device)
+
+
+# ---- the same steps, in place, on chunks of a stream ----------------------------------------
+# The engine cannot hold a whole model: it sees each task vector as [N, chunk] slices, knows
+# each task's trim threshold in advance (pass 1), and must not allocate per chunk (on CPU each
+# avoided [N, chunk] temporary saves a full pass over memory). The two functions below are the
+# kernel it runs; ``tests/test_merging_steps.py`` pins them to ``trim`` / ``elect_sign`` /
+# ``disjoint_merge`` above by direct equality.
+
+
+class ThresholdTrim:
+    """The trim step with known per-task thresholds, applied to ``[N, c]`` chunks in stream order.
+
+    Task i keeps every entry with ``|tau| > thresholds[i].value`` and, of the entries equal to
+    it, the first ``thresholds[i].ties_to_keep`` it meets: :attr:`tie_budget` is what each task
+    may still keep, spent across calls, so that chunk by chunk exactly as many entries survive
+    as :func:`trim` keeps on the whole vector (same ones: ties go in flat order).
+
+    Example:
+        >>> taus = torch.tensor([[0.1, -0.5, 0.3, 0.0, 0.2]])
+        >>> trim_step = ThresholdTrim([top_magnitude_threshold(taus[0], 0.4)], torch.float32)
+        >>> trim_step(taus)
+        tensor([[ 0.0000, -0.5000,  0.3000,  0.0000,  0.0000]])
+    """
+
+    def __init__(self, thresholds: list[MagnitudeThreshold], dtype: torch.dtype) -> None:
+        self.thresholds = list(thresholds)
+        self.dtype = dtype
+        self.tie_budget = [t.ties_to_keep if not t.keeps_all_ties else 0 for t in self.thresholds]
+        # |tau| >= bound  <=>  |tau| > the float just below bound (torch.threshold keeps x > cut)
+        self.cuts = [
+            torch.nextafter(torch.tensor(t.effective_bound(dtype), dtype=dtype), torch.tensor(-1.0, dtype=dtype)).item()
+            for t in self.thresholds
+        ]
+
+    def restart(self) -> ThresholdTrim:
+        """The same thresholds with a full tie budget (to stream the same entries again)."""
+        return ThresholdTrim(self.thresholds, self.dtype)
+
+    def __call__(self, taus: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The trimmed task vectors (zeros where not kept), written to ``out`` when given."""
+        mags = torch.abs(taus, out=torch.empty_like(taus) if out is None else out)
+        for i, (row, cut) in enumerate(zip(mags, self.cuts)):
+            left = self.tie_budget[i]
+            # rare: more entries at the threshold than it keeps; keep the first ones seen
+            at_threshold = row == self.thresholds[i].value if left > 0 else None
+            torch.nn.functional.threshold_(row, cut, 0.0)
+            if at_threshold is not None and bool(at_threshold.any()):
+                idx = torch.nonzero(at_threshold).squeeze(1)[:left]
+                row[idx] = self.thresholds[i].value
+                self.tie_budget[i] -= idx.numel()
+        return torch.copysign(mags, taus, out=mags)
+
+
+def ties_chunk_(
+    taus: torch.Tensor,
+    trim_step: ThresholdTrim,
+    out: torch.Tensor,
+    trimmed: torch.Tensor,
+    sign: SignMethod = "mass",
+    merge: MergeFn = "mean",
+) -> tuple[float, torch.Tensor | None]:
+    """Trim, elect and disjoint-merge one ``[N, c]`` chunk in place; tau_m's chunk goes to ``out`` (``[c]``).
+
+    The values of ``disjoint_merge(trim, elect_sign(trim, sign), merge)`` with two scratch
+    buffers: ``trimmed`` (``[N, c]``, holds the trimmed task vectors on return) and ``taus``
+    itself (overwritten). Float arithmetic instead of boolean masks: several times faster on CPU.
+
+    The election's fallback needs the whole scope: an entry whose sign score is exactly 0
+    although some candidate is not ("contested") is merged here with +1, and its column
+    returned, so the caller can re-merge it with -1 if the scope's majority sign
+    (the sign of the summed elected signs) turns out negative.
+
+    Returns:
+        ``(sum of the chunk's elected signs, contested columns or None)``.
+    """
+    if sign not in ("mass", "count"):
+        raise ValueError(f"the in-place kernel elects with 'mass' or 'count', got sign={sign!r}")
+    # 1. trim: top-k magnitudes of each task vector
+    trimmed = trim_step(taus, out=trimmed)
+    # 2. elect: gamma = sign of the summed mass (or of the summed signs); zero -> +1 for now
+    score = trimmed.sum(0) if sign == "mass" else torch.sign(trimmed, out=taus).sum(0)
+    signs = score.sign()
+    zero_score = 1 - signs.abs()
+    gamma = signs + zero_score
+    # 3. disjoint merge: combine only the values that agree with gamma
+    agreeing = torch.mul(trimmed, gamma, out=taus).clamp_(min=0)  # |value| where it agrees, else 0
+    magnitude = agreeing.amax(0) if merge == "max" else agreeing.sum(0)
+    # a zero score with a positive candidate has a negative one too: an exact tie, rare
+    contested = torch.nonzero(zero_score * magnitude).squeeze(1) if float(torch.dot(zero_score, magnitude)) > 0 else None
+    if merge == "mean":
+        magnitude /= agreeing.sign_().sum(0).clamp_(min=1)
+    elif merge == "task_mean":
+        magnitude /= trimmed.shape[0]
+    elif merge not in ("sum", "max"):
+        raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGE_FNS)}")
+    torch.mul(magnitude, gamma, out=out)
+    return float(signs.sum()), contested
