@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -36,7 +37,6 @@ from .merging import METHODS, check_lam, get_method
 
 #: The method name that trains per-task/per-layer coefficients (lightning_ties.lightning.learned).
 LEARNED = "learned"
-LOGGERS = ("csv", "tensorboard", "none")
 #: ``${oc.env:NAME}`` (possibly nested in another interpolation) reads the environment: off unless allowed.
 _ENV_INTERPOLATION = re.compile(r"\$\{[^\n]*\boc\.env\s*:")
 _INTERPOLATION = re.compile(r"\$\{")
@@ -45,6 +45,58 @@ ALLOW_ENV_HINT = "pass --allow-env (load_config(..., allow_env=True)) to let con
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file (or override) and the key."""
+
+
+# ---- fixed choices: omegaconf checks these fields (an unknown value is an error naming the key) ----
+class Choice(str, Enum):
+    """A config value from a fixed set; compares equal to, prints as and is saved as its plain string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Logger(Choice):
+    """Where the evaluation Trainer logs: ``csv`` (default), ``tensorboard`` or ``none``."""
+
+    csv = "csv"
+    tensorboard = "tensorboard"
+    none = "none"
+
+
+class SearchStrategy(Choice):
+    """How the lam/k search walks its grid (:func:`lightning_ties.lightning.run_search`)."""
+
+    grid = "grid"
+    coarse_to_fine = "coarse_to_fine"
+
+
+class OnMismatch(Choice):
+    """What ``merge`` does with keys that differ across models: stop (``error``) or keep ``base``'s value."""
+
+    error = "error"
+    base = "base"
+
+
+class OutputFormat(Choice):
+    """What ``merge`` writes (None: chosen from the output's name)."""
+
+    folder = "folder"
+    safetensors = "safetensors"
+    ckpt = "ckpt"
+
+
+class ComputeDtype(Choice):
+    """The dtype the merge is computed in (the output keeps each tensor's own dtype)."""
+
+    float32 = "float32"
+    float64 = "float64"
+
+
+#: The logger choices (kept for callers of the former tuple).
+LOGGERS = tuple(c.value for c in Logger)
 
 
 # ---- schemas ----------------------------------------------------------------------------------
@@ -72,7 +124,7 @@ class SearchGrid:
 
     k: Any = field(default_factory=lambda: [0.1, 0.2, 0.3])
     lam: Any = "paper"
-    strategy: str = "grid"
+    strategy: SearchStrategy = SearchStrategy.grid
     objective: str = "mean"
 
 
@@ -86,14 +138,14 @@ class MergeConfig:
     method: Dict[str, Any] = field(default_factory=lambda: {"name": "ties"})
     include: Optional[List[str]] = None
     exclude: Optional[List[str]] = None
-    output_format: Optional[str] = None
+    output_format: Optional[OutputFormat] = None
     overwrite: bool = False
     common_rows: bool = False
-    on_mismatch: str = "error"
+    on_mismatch: OnMismatch = OnMismatch.error
     max_shard_size: str = "5GB"
     prefix: Optional[str] = None
     trust_pickle: bool = False
-    compute_dtype: str = "float32"
+    compute_dtype: ComputeDtype = ComputeDtype.float32
 
 
 @dataclass
@@ -112,7 +164,7 @@ class SearchConfig:
     exclude: Optional[List[str]] = None
     save_model: Optional[str] = "merged.safetensors"
     overwrite: bool = False
-    logger: str = "csv"
+    logger: Logger = Logger.csv
     seed: int = 0
 
 
@@ -131,7 +183,7 @@ class EvaluateConfig:
     include: Optional[List[str]] = None
     exclude: Optional[List[str]] = None
     overwrite: bool = False
-    logger: str = "csv"
+    logger: Logger = Logger.csv
     seed: int = 0
 
 
@@ -178,7 +230,7 @@ class DemoConfig:
     continual: bool = False
     output_dir: str = "runs/demo"
     overwrite: bool = True
-    logger: str = "csv"
+    logger: Logger = Logger.csv
     fast: bool = False
 
 
@@ -474,16 +526,7 @@ def _check_choices(cfg: Any, where: str) -> None:
     method = getattr(cfg, "method", None)
     if isinstance(method, Mapping) and method.get("lam") is not None:
         _check_lam(method["lam"], "method.lam", where)  # again once interpolations are resolved
-    logger = getattr(cfg, "logger", None)
-    if logger is not None and logger not in LOGGERS:
-        raise ConfigError(f"{where}: logger={logger!r}: choose one of {', '.join(LOGGERS)}")
     if isinstance(cfg, MergeConfig):
-        if cfg.on_mismatch not in ("error", "base"):
-            raise ConfigError(f"{where}: on_mismatch={cfg.on_mismatch!r}: choose 'error' or 'base'")
-        if cfg.output_format not in (None, "folder", "safetensors", "ckpt"):
-            raise ConfigError(f"{where}: output_format={cfg.output_format!r}: choose folder, safetensors or ckpt")
-        if cfg.compute_dtype not in ("float32", "float64"):
-            raise ConfigError(f"{where}: compute_dtype={cfg.compute_dtype!r}: choose float32 or float64")
         if not cfg.models:
             raise ConfigError(f"{where}: models is empty; list at least one fine-tuned checkpoint")
     grid = getattr(cfg, "search", None)
@@ -535,8 +578,6 @@ def _check_grid(grid: SearchGrid, where: str) -> None:
     bad = [k for k in ks if isinstance(k, (int, float)) and not 0.0 < k <= 1.0]  # nan fails this test too
     if bad:
         raise ConfigError(f"{where}: search.k={grid.k!r}: k is the fraction of each task vector kept, in (0, 1]")
-    if grid.strategy not in ("grid", "coarse_to_fine"):
-        raise ConfigError(f"{where}: search.strategy={grid.strategy!r}: choose 'grid' or 'coarse_to_fine'")
 
 
 def to_yaml(cfg: Any) -> str:
@@ -555,7 +596,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     unresolved = getattr(cfg, "_unresolved", None)
     if unresolved is not None:
         return dict(unresolved)
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def resolve_target(path: str, key: str) -> Callable[..., Any]:
@@ -583,13 +624,19 @@ def resolve_target(path: str, key: str) -> Callable[..., Any]:
 
 
 __all__ = [
+    "Choice",
+    "ComputeDtype",
     "ConfigError",
     "DataConfig",
     "DemoConfig",
     "EvaluateConfig",
+    "Logger",
     "MergeConfig",
+    "OnMismatch",
+    "OutputFormat",
     "SearchConfig",
     "SearchGrid",
+    "SearchStrategy",
     "TargetConfig",
     "WORKFLOWS",
     "check_method",

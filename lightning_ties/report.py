@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import LEARNED
 from .io.atomic import atomic_file
 
 
@@ -68,6 +69,24 @@ class SearchCurve:
     chosen_k: float | None
     chosen_lam: float | None
     objective: str = "mean"
+
+    @classmethod
+    def from_search(cls, method: str, result: Any, objective: str) -> SearchCurve:
+        """The curve of a :class:`~lightning_ties.lightning.SearchResult` (its candidates and chosen k, lam).
+
+        Example:
+            >>> from types import SimpleNamespace as NS
+            >>> result = NS(candidates=[NS(k=0.2, lam=1.0, objective=0.5)], k=0.2, lam=1.0)
+            >>> SearchCurve.from_search("ties", result, "mean").points
+            [{'k': 0.2, 'lam': 1.0, 'objective': 0.5}]
+        """
+        return cls(
+            method=method,
+            points=[{"k": c.k, "lam": c.lam, "objective": c.objective} for c in result.candidates],
+            chosen_k=result.k,
+            chosen_lam=result.lam,
+            objective=objective,
+        )
 
 
 @dataclass
@@ -211,6 +230,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def learned_row(result: Any, scores: dict[str, float]) -> ResultRow:
+    """The table row of a learned merge (a ``LearnedMergeResult``); its k is the trim density its components used."""
+    params = result.report.params
+    return ResultRow(f"learned ({params.get('granularity')})", LEARNED, "trained on val", scores, k=params.get("k"))
+
+
 # ---- files ----------------------------------------------------------------------------------------
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary sibling, fsync and rename."""
@@ -242,7 +267,7 @@ def write_report(report: RunReport, out_dir: str | os.PathLike[str], plots: bool
         if report.rows:
             paths.append(plot_per_task(report, out / "per_task.png"))
         if learned_coefficients(report):
-            paths.append(plot_coefficients(report, out / "coefficients.png"))
+            paths.append(plot_coefficients(learned_coefficients(report), out / "coefficients.png"))
     return paths
 
 
@@ -328,10 +353,18 @@ def learned_coefficients(report: RunReport) -> dict[str, dict[str, float]]:
     return dict(table) if isinstance(table, Mapping) else {}
 
 
-def plot_coefficients(report: RunReport, path: str | os.PathLike[str]) -> Path:
-    """Heat map of the learned coefficients: one row per task, one column per parameter group."""
+def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
+    """Heat map of learned coefficients ``{task: {group: lam}}``: one row per task, one column per group.
+
+    The same name and arguments as :func:`lightning_ties.lightning.plot_coefficients` (one meaning);
+    a report's table is :func:`learned_coefficients` of it.
+
+    Example:
+        >>> import tempfile
+        >>> plot_coefficients({"a": {"l.0.": 1.0, "l.1.": 0.5}}, tempfile.mkdtemp() + "/lam.png").name
+        'lam.png'
+    """
     plt = _pyplot()
-    table = learned_coefficients(report)
     tasks = list(table)
     groups = list(dict.fromkeys(g for row in table.values() for g in row))
     values = [[table[t].get(g, float("nan")) for g in groups] for t in tasks]
@@ -408,6 +441,7 @@ __all__ = [
     "ResultRow",
     "RunReport",
     "SearchCurve",
+    "learned_row",
     "log_report",
     "plot_coefficients",
     "plot_per_task",

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from lightning_ties.cli import main
-from lightning_ties.demo.run import learned_available
 from lightning_ties.report import RunReport
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -85,8 +84,7 @@ def test_demo_report_round_trips_and_its_numbers_are_consistent(demo_run):
     assert (curve.chosen_k, curve.chosen_lam) in [(p["k"], p["lam"]) for p in curve.points if p["objective"] == top]
 
 
-@pytest.mark.skipif(not learned_available(), reason="the learned-coefficients module is not installed")
-def test_demo_table_has_the_learned_row_when_that_method_is_installed(demo_run):
+def test_demo_table_has_the_learned_row(demo_run):
     out, printed = demo_run
     report = RunReport.from_json((out / "report.json").read_text())
     assert any(r.method == "learned" for r in report.rows)

@@ -19,7 +19,7 @@ from lightning_ties.io import (
     save_lightning_checkpoint,
     save_safetensors,
 )
-from lightning_ties.io.sinks import plan_shards
+from lightning_ties.io.hf_folder import plan_shards
 from lightning_ties.merging import TensorSpec
 
 
@@ -54,7 +54,11 @@ def test_save_safetensors_is_read_back_exactly_by_the_safetensors_library(tmp_pa
 def test_sharded_writer_accepts_tensors_in_any_order_and_respects_the_shard_size(tmp_path):
     specs = {f"t{i}": TensorSpec((10,), torch.float32) for i in range(5)}  # 40 bytes each
     shards = plan_shards(specs, max_shard_size=100)
-    assert [list(s) for s in shards] == [["t0", "t1"], ["t2", "t3"], ["t4"]]
+    assert {name: list(s) for name, s in shards.items()} == {
+        "model-00001-of-00003.safetensors": ["t0", "t1"],
+        "model-00002-of-00003.safetensors": ["t2", "t3"],
+        "model-00003-of-00003.safetensors": ["t4"],
+    }
     with ShardedWriter(tmp_path, specs, max_shard_size=100) as writer:
         for i in reversed(range(5)):
             writer.write(f"t{i}", torch.full((10,), float(i)))
@@ -63,6 +67,38 @@ def test_sharded_writer_accepts_tensors_in_any_order_and_respects_the_shard_size
     assert index["weight_map"]["t4"] == "model-00003-of-00003.safetensors"
     for key, shard in index["weight_map"].items():
         assert torch.equal(read_with_safetensors(tmp_path / shard)[key], torch.full((10,), float(key[1:])))
+
+
+@pytest.mark.parametrize("max_shard_size", [200, "1KB"])
+def test_folder_layout_is_the_one_huggingface_hub_writes(tmp_path, max_shard_size):
+    """Given the same state dict and shard size, save_hf_folder and huggingface_hub's
+    save_torch_state_dict write the same file names, the same index and the same tensors."""
+    from huggingface_hub import save_torch_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    # 120 B, 400 B (over the 200 B limit: a shard of its own), 40 B, 80 B, 16 B of float16
+    state = {"a": torch.randn(30, generator=g), "big": torch.randn(100, generator=g), "b": torch.randn(10, generator=g),
+             "c": torch.randn(4, 5, generator=g), "half": torch.randn(8, generator=g).half()}
+    (tmp_path / "hub").mkdir()
+    save_torch_state_dict(state, tmp_path / "hub", max_shard_size=max_shard_size)
+    save_hf_folder(state, tmp_path / "ours", max_shard_size=max_shard_size)
+    hub_files = sorted(p.name for p in (tmp_path / "hub").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted([*hub_files, ".lightning-ties.json"])
+    # 200 B: [big] alone, [a, b], [c, half] and an index; 1KB: one model.safetensors
+    assert len(hub_files) == (4 if max_shard_size == 200 else 1)
+    if len(hub_files) > 1:
+        index = tmp_path / "ours" / "model.safetensors.index.json"
+        assert json.loads(index.read_text()) == json.loads((tmp_path / "hub" / index.name).read_text())
+    for name in hub_files:
+        if name.endswith(".safetensors"):
+            ours, hub = read_with_safetensors(tmp_path / "ours" / name), read_with_safetensors(tmp_path / "hub" / name)
+            assert list(ours) == list(hub) and all(torch.equal(ours[k], hub[k]) for k in hub), name
+
+
+def test_an_empty_state_dict_is_one_empty_safetensors_file(tmp_path):
+    folder = save_hf_folder({}, tmp_path / "empty")
+    assert sorted(p.name for p in folder.iterdir()) == [".lightning-ties.json", "model.safetensors"]
+    assert read_with_safetensors(folder / "model.safetensors") == {}
 
 
 def test_writer_refuses_a_tensor_that_does_not_fit_its_layout(tmp_path):
@@ -173,6 +209,7 @@ def test_load_into_reports_keys_and_is_strict_by_default():
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("1.5 MiB") == 3 * 2**19 and parse_size(7) == 7
-    for bad in ("lots", "0GB", -3):
+    assert parse_size("2.5 kb") == 2500 and parse_size("1TB") == 10**12 and parse_size("64") == parse_size("64B") == 64
+    for bad in ("lots", "0GB", "-1GB", "5 XB", -3, True, 2.5):
         with pytest.raises(ValueError, match="max_shard_size"):
             parse_size(bad)

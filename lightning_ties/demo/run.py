@@ -9,8 +9,7 @@ Steps (all seeded, CPU, offline):
    heads) and, through Lightning's validation loop, score on the test split: the base, the
    fine-tuned models, and each merge method with the paper's no-validation recipe and with
    lam (and k) searched on the validation split;
-4. when :mod:`lightning_ties.lightning.learned` is importable, learn per-task, per-layer
-   coefficients on the validation split (``learn_coefficients``) and score them too.
+4. when ``learned`` is among the methods, learn per-task, per-layer coefficients on the validation split (``learn_coefficients``) and score them too.
 
 Example (what ``lightning-ties demo --fast`` runs, without printing)::
 
@@ -23,9 +22,8 @@ Example (what ``lightning-ties demo --fast`` runs, without printing)::
 from __future__ import annotations
 
 import copy
-import logging
+import shutil
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,33 +32,22 @@ from typing import Any, Iterator
 import torch
 
 from ..config import LEARNED, DemoConfig
+from ..io import save_safetensors
+from ..io.task_store import TaskVectorStore
+from ..lightning import MultiTaskMergeModule, learn_coefficients
+from ..lightning.scoring import TaskScorer, make_trainer, quiet_lightning
 from ..merging import get_method
-from ..report import ResultRow, RunReport
+from ..report import ResultRow, RunReport, SearchCurve, learned_row
 from .data import SOURCE_TASK, DigitsSuite, DigitsTask
-from .models import HEAD_PATTERN, DigitsNet, fit_classifier, linear_probe
+from .models import HEAD_PATTERN, DigitsNet, linear_probe
+from .training import fit_classifier
+
+__all__ = [
+    "build_scorer", "finetune", "learn", "make_suite", "pretrain",
+    "quiet_lightning", "run_continual", "run_demo", "save_checkpoints", "torch_threads", "train_models",
+]
 
 Progress = Callable[[str], None]
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-Trainer banners (GPU/TPU lines, tips) and expected warnings."""
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*key\(s\) differ across models.*")
-        warnings.filterwarnings("ignore", message=r".*LitLogger.*")
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # Lightning 2.6 vs torch 2.13 pytree notice
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen model, on purpose
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
 
 
 def pretrain(cfg: DemoConfig, suite: DigitsSuite) -> DigitsNet:
@@ -116,8 +103,6 @@ def save_checkpoints(
     out_dir: Path, base: DigitsNet, finetuned: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> dict[str, str]:
     """Write base and fine-tuned weights as .safetensors (what merge/search/evaluate configs read)."""
-    from ..io import save_safetensors
-
     folder = out_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"base": str(save_safetensors(base.state_dict(), folder / "base.safetensors"))}
@@ -129,10 +114,7 @@ def save_checkpoints(
 def build_scorer(
     cfg: DemoConfig, base: DigitsNet, finetuned: Mapping[str, Mapping[str, torch.Tensor]], logger: Any = None
 ) -> Any:
-    """A :class:`~lightning_ties.cli.TaskScorer` over base and the fine-tuned models (heads: ``head.*``)."""
-    from ..cli import TaskScorer, make_trainer
-    from ..lightning import MultiTaskMergeModule
-
+    """A :class:`~lightning_ties.lightning.scoring.TaskScorer` over base and the fine-tuned models (heads: ``head.*``)."""
     arch = DigitsNet(num_classes=10, hidden=cfg.model.hidden, depth=cfg.model.depth)
     module = MultiTaskMergeModule(base.state_dict(), dict(finetuned), model=arch, heads=[HEAD_PATTERN])
     return TaskScorer(module, make_trainer(logger), finetuned)
@@ -140,8 +122,6 @@ def build_scorer(
 
 def learn(cfg: DemoConfig, base: DigitsNet, finetuned: Mapping[str, Any], val: Mapping[str, Any]) -> Any:
     """Per-task/per-layer coefficients trained on the validation split (``learn_coefficients``)."""
-    from ..lightning.learned import learn_coefficients
-
     arch = copy.deepcopy(base)
     return learn_coefficients(
         arch,
@@ -152,21 +132,6 @@ def learn(cfg: DemoConfig, base: DigitsNet, finetuned: Mapping[str, Any], val: M
         trainer_kwargs={"enable_progress_bar": False, "enable_model_summary": False, "logger": False},
         **dict(cfg.learned),
     )
-
-
-def learned_row(result: Any, scores: dict[str, float]) -> ResultRow:
-    """The table row of a learned merge (its k is the trim density its components used)."""
-    params = result.report.params
-    return ResultRow(f"learned ({params.get('granularity')})", LEARNED, "trained on val", scores, k=params.get("k"))
-
-
-def learned_available() -> bool:
-    """Whether the learned-coefficients method (issue 6) is installed with its one-call entry point."""
-    try:
-        from ..lightning import learned
-    except ImportError:
-        return False
-    return callable(getattr(learned, "learn_coefficients", None))
 
 
 def _paper_recipe(method: str) -> tuple[float | None, float]:
@@ -200,8 +165,6 @@ def run_demo(
         say: called with one line per finished stage (progress messages).
         tick: called after each search candidate (a progress bar's update).
     """
-    from ..cli import search_curve
-
     t_start = time.perf_counter()
     suite = make_suite(cfg)
     with quiet_lightning(), torch_threads(1):
@@ -214,17 +177,14 @@ def run_demo(
         )
         ev = build_scorer(cfg, base, finetuned, logger)
         t_eval = time.perf_counter()
-        report.add_row(ResultRow("base (pretrained)", "base", "reference", ev.base(test)))
-        report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", ev.finetuned(test)))
+        report.add_row(ResultRow("base (pretrained)", "base", "reference", ev.score_base(test)))
+        report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", ev.score_finetuned(test)))
         learned_info = None
         for method in cfg.methods:
             if method == LEARNED:
-                if not learned_available():
-                    say("skipping method 'learned': lightning_ties.lightning.learned is not available")
-                    continue
                 t_l = time.perf_counter()
                 result = learn(cfg, base, finetuned, val)
-                scores = ev.weights(test, result.state_dict)
+                scores = ev.score_weights(test, result.state_dict)
                 timings["learned_s"] = time.perf_counter() - t_l
                 learned_info = result.to_dict()
                 report.add_row(learned_row(result, scores))
@@ -232,16 +192,16 @@ def run_demo(
                 continue
             m = get_method(method)
             if not m.searchable:
-                report.add_row(ResultRow(method, method, "no parameters", ev.merged(test, method, None, None)))
+                report.add_row(ResultRow(method, method, "no parameters", ev.score_merged(test, method, None, None)))
                 continue
             k, lam = _paper_recipe(method)
             report.add_row(
-                ResultRow(f"{method} (paper recipe)", method, "paper recipe", ev.merged(test, method, k, lam), k, lam)
+                ResultRow(f"{method} (paper recipe)", method, "paper recipe", ev.score_merged(test, method, k, lam), k, lam)
             )
             result = ev.search(val, method, cfg.search, on_candidate=lambda _c: tick())
-            scores = ev.merged(test, method, result.k, result.lam)
+            scores = ev.score_merged(test, method, result.k, result.lam)
             report.add_row(ResultRow(f"{method} (searched)", method, "searched on val", scores, result.k, result.lam))
-            report.searches.append(search_curve(method, result, cfg.search.objective))
+            report.searches.append(SearchCurve.from_search(method, result, cfg.search.objective))
             say(f"{method}: searched {len(result.candidates)} candidates, chose k={result.k}, lam={result.lam}")
         timings["evaluate_s"] = time.perf_counter() - t_eval
     timings["total_s"] = time.perf_counter() - t_start
@@ -263,10 +223,6 @@ def run_continual(
     method of ``cfg.methods`` is searched on the validation split of the tasks seen so far and
     scored on their test split (the other tasks show "-").
     """
-    from ..cli import TaskScorer, make_trainer, search_curve
-    from ..io.task_store import TaskVectorStore
-    from ..lightning import MultiTaskMergeModule
-
     t_start = time.perf_counter()
     suite = make_suite(cfg)
     methods = [m for m in cfg.methods if m != LEARNED and get_method(m).searchable]
@@ -277,8 +233,6 @@ def run_continual(
         base = pretrain(cfg, suite)
         store = TaskVectorStore(Path(out_dir) / "task_store", k=None, exclude=[HEAD_PATTERN])
         if store.has_base():  # a rerun into the same folder starts a fresh sequence
-            import shutil
-
             shutil.rmtree(store.root)
             store = TaskVectorStore(Path(out_dir) / "task_store", k=None, exclude=[HEAD_PATTERN])
         store.save_base(base.state_dict())
@@ -299,17 +253,17 @@ def run_continual(
             scorer = TaskScorer(module, trainer, {t: store.source(t) for t in seen})
             seen_val = {t: val[t] for t in seen}
             seen_test = {t: test[t] for t in seen}
-            finetuned_scores.update(scorer.finetuned({t: test[t] for t in seen if t not in finetuned_scores}))
-            base_scores.update({t: v for t, v in scorer.base(seen_test).items() if t not in base_scores})
+            finetuned_scores.update(scorer.score_finetuned({t: test[t] for t in seen if t not in finetuned_scores}))
+            base_scores.update({t: v for t, v in scorer.score_base(seen_test).items() if t not in base_scores})
             for method in methods:
                 result = scorer.search(seen_val, method, cfg.search)
-                scores = scorer.merged(seen_test, method, result.k, result.lam)
+                scores = scorer.score_merged(seen_test, method, result.k, result.lam)
                 report.add_row(
                     ResultRow(
                         f"{method} after {len(seen)} tasks", method, "searched on val", scores, result.k, result.lam
                     )
                 )
-                report.searches.append(search_curve(f"{method} ({len(seen)} tasks)", result, cfg.search.objective))
+                report.searches.append(SearchCurve.from_search(f"{method} ({len(seen)} tasks)", result, cfg.search.objective))
             say(f"task {i + 1}/{len(cfg.tasks)} ({name}): merged {len(seen)} tasks from the store")
     report.rows[:0] = [
         ResultRow("base (pretrained)", "base", "reference", base_scores),

@@ -19,16 +19,17 @@ from .card import sha256_file
 from .errors import CheckpointError
 from .lora import LoraSource
 from .safetensors_file import SafetensorsFile, SafetensorsWriter
+from .hf_folder import parse_size
 from .sinks import (
     LoadReport,
     ShardedWriter,
     load_into,
-    parse_size,
     save_hf_folder,
     save_lightning_checkpoint,
     save_safetensors,
 )
-from .sources import SafetensorsSource, TorchFileSource, load_torch_file, open_source
+from .formats import open_source
+from .readers import SafetensorsSource, TorchFileSource, load_torch_file
 from .stream import merge_to
 from .task_store import TaskVectorSource, TaskVectorStore
 from .validate import CommonRowsSource, MergeInputError, check_compatible

@@ -19,7 +19,8 @@ import torch
 
 from ..merging.sources import StateDictSource, TensorSource, TensorSpec
 from .errors import CheckpointError
-from .sources import ADAPTER_CONFIG, SafetensorsSource, load_torch_file
+from .hf_folder import ADAPTER_CONFIG
+from .readers import SafetensorsSource, load_torch_file
 
 _PEFT_PREFIX = "base_model.model."
 _LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")

@@ -5,9 +5,7 @@ or loaded into a module. Every file output is atomic (temporary sibling, fsync, 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,8 +17,9 @@ from torch import nn
 
 from ..merging.sources import TensorSource, TensorSpec, as_source
 from .atomic import OWNER_KEY, atomic_dir, atomic_file, check_output, library_version, owner_metadata
-from .safetensors_file import SafetensorsWriter
-from .sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+# DEFAULT_MAX_SHARD_SIZE, parse_size and plan_shards are also imported from here by older callers.
+from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index  # noqa: F401
+from .safetensors_file import SafetensorsWriter, nbytes
 
 #: Files copied from the base model's folder next to the merged weights.
 MODEL_FILES = (
@@ -41,43 +40,6 @@ MODEL_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
-DEFAULT_MAX_SHARD_SIZE = "5GB"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10**9) or ``"500MiB"`` (2**20).
-
-    Example:
-        >>> parse_size("2GB"), parse_size("1MiB"), parse_size(100)
-        (2000000000, 1048576, 100)
-    """
-    if isinstance(size, int) and size > 0:
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
-    if not match or float(match[1]) <= 0:
-        raise ValueError(f"max_shard_size must be a positive size like 5GB or 500MiB, got {size!r}")
-    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
-
-
-def _nbytes(spec: TensorSpec) -> int:
-    return spec.numel * torch.empty((), dtype=spec.dtype).element_size()
-
-
-def plan_shards(specs: Mapping[str, TensorSpec], max_shard_size: int) -> list[dict[str, TensorSpec]]:
-    """Split keys, in order, into shards of at most ``max_shard_size`` bytes (a bigger tensor gets its own)."""
-    shards: list[dict[str, TensorSpec]] = [{}]
-    size = 0
-    for key, spec in specs.items():
-        n = _nbytes(spec)
-        if shards[-1] and size + n > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][key] = spec
-        size += n
-    return shards
-
-
 class ShardedWriter:
     """Write a Hugging Face weights layout (``model.safetensors`` or shards + index) in any tensor order.
 
@@ -96,14 +58,12 @@ class ShardedWriter:
 
     def __init__(self, folder: Path, specs: Mapping[str, TensorSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
         self.folder = Path(folder)
-        shards = plan_shards(specs, parse_size(max_shard_size))
-        n = len(shards)
-        names = [SAFETENSORS_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        shards = plan_shards(specs, max_shard_size)
         self._writers: list[SafetensorsWriter] = []
         self._where: dict[str, SafetensorsWriter] = {}
         self.weight_map: dict[str, str] = {}
         try:
-            for name, shard in zip(names, shards):
+            for name, shard in shards.items():
                 writer = SafetensorsWriter(self.folder / name, shard)
                 self._writers.append(writer)
                 for key in shard:
@@ -112,7 +72,7 @@ class ShardedWriter:
         except BaseException:
             self.abort()
             raise
-        self.total_size = sum(_nbytes(s) for s in specs.values())
+        self.total_size = sum(nbytes(s) for s in specs.values())
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         self._where[key].write(key, tensor)
@@ -121,8 +81,7 @@ class ShardedWriter:
         for writer in self._writers:
             writer.close()
         if len(self._writers) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            write_index(self.folder, self.weight_map, self.total_size)
 
     def abort(self) -> None:
         for writer in self._writers:

@@ -23,8 +23,9 @@ from ..merging.sources import TensorSource, TensorSpec, as_source
 from .atomic import atomic_dir, atomic_file, check_output, owner_metadata
 from .card import SourceDigests, library_version, write_merge_config, write_model_card
 from .safetensors_file import SafetensorsWriter
-from .sinks import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, copy_model_files, parse_size, save_lightning_checkpoint
-from .sources import open_source
+from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .sinks import ShardedWriter, copy_model_files, save_lightning_checkpoint
+from .formats import open_source
 from .validate import CommonRowsSource, check_compatible
 
 OutputFormat = Literal["folder", "safetensors", "ckpt"]

@@ -1,0 +1,46 @@
+"""``lightning-ties evaluate``: per-task scores of the base, each fine-tuned model and given checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import EvaluateConfig, to_dict
+from ..lightning._compat import pl
+from ..lightning.scoring import TaskScorer, make_trainer, quiet_lightning
+from ..report import ResultRow, RunReport, log_report, write_report
+from .common import (
+    RESOLVED_CONFIG,
+    Console,
+    build_loaders,
+    build_model,
+    check_paths,
+    prepare_output_dir,
+    save_resolved_config,
+    show_report,
+)
+from .runs import make_logger, module_for
+
+
+def run_evaluate(cfg: EvaluateConfig, console: Console, config_path: str) -> int:
+    """Score base, fine-tuned and ``cfg.checkpoints`` on ``cfg.split``; write and print the report."""
+    check_paths(cfg)
+    model = build_model(cfg)
+    loaders = build_loaders(cfg, cfg.split)
+    logger = make_logger(cfg.logger, Path(cfg.output_dir))
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
+    save_resolved_config(cfg, out / RESOLVED_CONFIG)
+    with quiet_lightning():
+        pl.seed_everything(cfg.seed, verbose=False)
+        scorer = TaskScorer(module_for(cfg, model), make_trainer(logger), cfg.tasks)
+        report = RunReport("lightning-ties evaluate", list(cfg.tasks), metric=scorer.metric_name(), split=cfg.split)
+        report.config = {"file": config_path, **to_dict(cfg)}
+        report.add_row(ResultRow("base (pretrained)", "base", "reference", scorer.score_base(loaders)))
+        report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", scorer.score_finetuned(loaders)))
+        for name, path in cfg.checkpoints.items():
+            console.say(f"evaluating {name}: {path}")
+            report.add_row(ResultRow(name, "checkpoint", path, scorer.score_weights(loaders, path)))
+    report.fill_normalized()
+    paths = write_report(report, out)
+    log_report(report, logger)
+    show_report(report, paths)
+    return 0

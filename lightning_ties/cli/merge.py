@@ -1,0 +1,47 @@
+"""``lightning-ties merge``: merge checkpoint files into one output with the I/O layer's streaming ``merge_to``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import MergeConfig
+from ..io import merge_to
+from .common import RESOLVED_CONFIG, Console, check_paths, method_args, save_resolved_config
+
+
+def run_merge(cfg: MergeConfig, console: Console) -> int:
+    """Merge ``cfg.models`` onto ``cfg.base`` into ``cfg.output``; write the resolved config beside it."""
+    check_paths(cfg)
+    name, lam, params = method_args(cfg.method)
+    t0 = time.perf_counter()
+    report = merge_to(
+        cfg.output,
+        cfg.base,
+        list(cfg.models),
+        name,
+        lam,
+        include=cfg.include,
+        exclude=cfg.exclude,
+        common_rows=cfg.common_rows,
+        on_mismatch=str(cfg.on_mismatch),  # type: ignore[arg-type]
+        output_format=None if cfg.output_format is None else str(cfg.output_format),  # type: ignore[arg-type]
+        max_shard_size=cfg.max_shard_size,
+        prefix=cfg.prefix,
+        trust_pickle=cfg.trust_pickle,
+        progress=None if not console.quiet else False,
+        overwrite=cfg.overwrite,
+        compute_dtype=getattr(torch, str(cfg.compute_dtype)),
+        **params,
+    )
+    out = Path(cfg.output)
+    config_path = out / RESOLVED_CONFIG if out.is_dir() else out.with_name(out.name + ".config.yaml")
+    save_resolved_config(cfg, config_path)
+    print(
+        f"merged {len(cfg.models)} model(s) with {name} (lam={report.lam}) into {out} "
+        f"in {time.perf_counter() - t0:.1f}s: "
+        f"{len(report.merged_keys)} keys merged, {len(report.skipped)} taken from base; config: {config_path}"
+    )
+    return 0

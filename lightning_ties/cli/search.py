@@ -1,0 +1,121 @@
+"""``lightning-ties search``: pick lam (and k) on validation data, score on test, save the best model and the reports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import LEARNED, SearchConfig, to_dict
+from ..io import merge_to, save_safetensors
+from ..lightning import MultiTaskMergeModule, learn_coefficients
+from ..lightning._compat import pl
+from ..lightning.scoring import TaskScorer, exact_patterns, make_trainer, quiet_lightning
+from ..report import ResultRow, RunReport, SearchCurve, learned_row, log_report, write_report
+from .common import (
+    RESOLVED_CONFIG,
+    Console,
+    build_loaders,
+    build_model,
+    check_paths,
+    method_args,
+    prepare_output_dir,
+    save_resolved_config,
+    show_report,
+)
+from .runs import count_candidates, make_logger, module_for
+
+
+def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
+    """Search lam (and k) on the validation split, score on test, save the best model and the reports."""
+    check_paths(cfg)
+    model = build_model(cfg)
+    val = build_loaders(cfg, cfg.data.val_split)
+    test = build_loaders(cfg, cfg.data.test_split) if cfg.data.test_split else None
+    logger = make_logger(cfg.logger, Path(cfg.output_dir))
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
+    save_resolved_config(cfg, out / RESOLVED_CONFIG)
+    name, _, _ = method_args(cfg.method)
+    with quiet_lightning():
+        pl.seed_everything(cfg.seed, verbose=False)
+        learned = name == LEARNED
+        module = module_for(cfg, model, None if learned else cfg.method)
+        scorer = TaskScorer(module, make_trainer(logger), cfg.tasks)
+        split = cfg.data.test_split or cfg.data.val_split
+        report = RunReport(f"lightning-ties search: {name}", list(cfg.tasks), metric=scorer.metric_name(), split=split)
+        report.config = {"file": config_path, **to_dict(cfg)}
+        eval_loaders = test or val
+        report.add_row(ResultRow("base (pretrained)", "base", "reference", scorer.score_base(eval_loaders)))
+        report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", scorer.score_finetuned(eval_loaders)))
+        t0 = time.perf_counter()
+        if learned:
+            result = _learn(cfg, model, val)
+            scores = scorer.score_weights(eval_loaders, result.state_dict)
+            report.add_row(learned_row(result, scores))
+            report.extra["learned"] = result.to_dict()
+            merged_state = result.state_dict
+        else:
+            bar = console.progress(count_candidates([name], cfg.search), f"searching {name}")
+            with bar:
+                result = scorer.search(val, name, cfg.search, on_candidate=lambda _c: bar.update())
+            console.say(f"{name}: {len(result.candidates)} candidates, chose k={result.k}, lam={result.lam}")
+            scores = scorer.score_merged(eval_loaders, name, result.k, result.lam)
+            report.add_row(ResultRow(f"{name} (searched)", name, "searched on val", scores, result.k, result.lam))
+            report.searches.append(SearchCurve.from_search(name, result, cfg.search.objective))
+            merged_state = None
+        report.extra["search_s"] = time.perf_counter() - t0
+    report.fill_normalized()
+    saved = _save_best(cfg, out, module, name, result, merged_state) if cfg.save_model else None
+    if saved is not None:
+        report.extra["model"] = str(saved)
+    paths = write_report(report, out)
+    log_report(report, logger)
+    show_report(report, paths, saved)
+    return 0
+
+
+def _learn(cfg: SearchConfig, model: nn.Module, val: Mapping[str, Any]) -> Any:
+    options = {k: v for k, v in cfg.method.items() if k != "name"}
+    return learn_coefficients(
+        cfg.base,
+        dict(cfg.tasks),
+        dict(val),
+        model=model,
+        heads=cfg.heads,
+        include=cfg.include,
+        exclude=cfg.exclude,
+        seed=cfg.seed,
+        trainer_kwargs={"enable_progress_bar": False, "enable_model_summary": False, "logger": False},
+        **options,
+    )
+
+
+def _save_best(
+    cfg: SearchConfig, out: Path, module: MultiTaskMergeModule, method: str, result: Any, merged_state: Any
+) -> Path:
+    """The chosen merge as a file: streamed from the checkpoints by ``merge_to`` (heads come from base)."""
+    path = out / str(cfg.save_model)
+    if merged_state is not None:  # learned coefficients: the weights exist only in memory
+        return save_safetensors(merged_state, path)
+    _, _, params = method_args(cfg.method)
+    params.pop("k", None)
+    if result.k is not None:
+        params["k"] = result.k
+    exclude = [*exact_patterns(module.head_keys), *(cfg.exclude or [])]
+    merge_to(
+        path,
+        cfg.base,
+        list(cfg.tasks.values()),
+        method,
+        result.lam,
+        include=cfg.include,
+        exclude=exclude or None,
+        on_mismatch="base",
+        progress=False,
+        overwrite=True,
+        **params,
+    )
+    return path
