@@ -46,7 +46,7 @@ __version__ = "0.1.0"
 #: Public names of the Lightning layer (``lightning_ties.lightning.__all__``, checked by a test), listed
 #: here so that looking up any other name never imports Lightning.
 LIGHTNING_NAMES = frozenset({
-    "ArgmaxAccuracy", "Candidate", "DEFAULT_K_GRID", "LearnedMergeModule", "LearnedMergeResult",
+    "ArgmaxAccuracy", "Candidate", "ContinualTiesMerging", "DEFAULT_K_GRID", "LearnedMergeModule", "LearnedMergeResult",
     "MultiTaskMergeModule", "SearchResult", "TaskMetrics", "TiesMerging", "k_grid", "lam_grid",
     "learn_coefficients", "normalized", "plot_coefficients", "run_search", "summarize",
 })

@@ -16,6 +16,7 @@ from lightning_ties.config import (
     SearchConfig,
     load_config,
     method_defaults,
+    to_dict,
     to_yaml,
 )
 from lightning_ties.merging import METHODS
@@ -78,8 +79,42 @@ def test_bad_search_grid_and_logger_are_refused():
         load_config(DemoConfig, overrides=["search.lam=[]"])
     with pytest.raises(ConfigError, match=r"search\.k="):
         load_config(DemoConfig, overrides=["search.k=lots"])
-    with pytest.raises(ConfigError, match=r"logger='wandb'"):
+    with pytest.raises(ConfigError, match=r"key 'logger': Invalid value 'wandb', expected one of \[csv, tensorboard, none\]"):
         load_config(DemoConfig, overrides=["logger=wandb"])
+
+
+def _nested(dotted: str, value: str) -> dict:
+    head, _, rest = dotted.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+@pytest.mark.parametrize(
+    "schema, override, choices",
+    [
+        ("demo", "search.strategy=random", "grid, coarse_to_fine"),
+        ("merge", "on_mismatch=skip", "error, base"),
+        ("merge", "output_format=bin", "folder, safetensors, ckpt"),
+        ("merge", "compute_dtype=float16", "float32, float64"),
+    ],
+)
+def test_fixed_choices_are_checked_by_their_enum_type_in_one_line(tmp_path, schema, override, choices):
+    key, _, value = override.partition("=")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_nested(key, value)))
+    merge_keys = ["base=b.safetensors", "models=[a.safetensors]", "output=o.safetensors"]
+    cls, extra = (DemoConfig, []) if schema == "demo" else (MergeConfig, merge_keys)
+    with pytest.raises(ConfigError) as err:  # from the file: the message names the file and the key
+        load_config(cls, path, extra)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path))
+    assert f"key '{key}'" in message and repr(value) in message and f"[{choices}]" in message
+
+
+def test_choices_compare_print_and_save_as_plain_strings():
+    cfg = load_config(MergeConfig, overrides=["base=b", "models=[a]", "output=o", "on_mismatch=base"])
+    assert cfg.on_mismatch == "base" and f"{cfg.on_mismatch}" == "base" and str(cfg.compute_dtype) == "float32"
+    assert to_dict(cfg)["on_mismatch"] == "base" and type(to_dict(cfg)["on_mismatch"]) is str
+    assert "on_mismatch: base" in to_yaml(cfg)
 
 
 # ---- overrides and the method section ---------------------------------------------------------------
@@ -194,7 +229,10 @@ def test_top_level_help_lists_the_registry_methods(capsys):
         "lightning_ties.demo",
         "lightning_ties.demo.data",
         "lightning_ties.demo.models",
-        "lightning_ties.cli",
+        "lightning_ties.cli.main",
+        "lightning_ties.evaluation",
+        "lightning_ties.evaluation.batches",
+        "lightning_ties.evaluation.metrics",
     ],
 )
 def test_docstring_examples_run(module):
@@ -206,12 +244,24 @@ def test_docstring_examples_run(module):
 
 
 def test_fast_mode_beats_the_file_and_the_command_line_beats_fast_mode(tmp_path, monkeypatch):
-    import lightning_ties.cli as cli
+    import lightning_ties.cli.demo as demo_command
 
     seen = []
-    monkeypatch.setattr(cli, "run_demo_command", lambda cfg, console, path: seen.append(cfg) or 0)
+    monkeypatch.setattr(demo_command, "run_demo_command", lambda cfg, console, path: seen.append(cfg) or 0)
     assert main(["demo", str(CONFIGS / "demo.yaml"), "--fast", "finetune.epochs=3"]) == 0
     assert main(["demo", "fast=true"]) == 0
     file_fast, flag_fast = seen
     assert file_fast.fast and file_fast.pretrain.epochs == 4 and file_fast.finetune.epochs == 3
     assert flag_fast.fast and flag_fast.search.k == [0.2] and flag_fast.model.hidden == 16
+
+
+def test_the_command_starts_without_lightning_until_a_workflow_needs_it():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lightning_ties.cli import main; main(['merge', 'no/such.yaml']); "
+        "print(any(m.split('.')[0] in ('pytorch_lightning', 'lightning') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False" and "no/such.yaml" in out.stderr

@@ -124,3 +124,50 @@ def test_evaluation_loads_no_lightning_and_nothing_above_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] []"
+
+
+def _imports_of(package: str) -> dict[str, set[str]]:
+    """Every lightning_ties module each file of ``package`` imports (module level and function level)."""
+    import ast
+    from pathlib import Path
+
+    import lightning_ties
+
+    root = Path(lightning_ties.__file__).parent
+    out: dict[str, set[str]] = {}
+    for path in (root / package).rglob("*.py"):
+        parts = ["lightning_ties", *path.relative_to(root).with_suffix("").parts]
+        pkg = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg[: len(pkg) - node.level + 1]
+                found.add(".".join([*base, *(node.module.split(".") if node.module else [])]))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_ties"):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("lightning_ties"))
+        out[str(path.relative_to(root))] = found
+    return out
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("evaluation", ("lightning_ties.lightning", "lightning_ties.pytorch", "lightning_ties.cli", "lightning_ties.demo",
+                        "lightning_ties.config", "lightning_ties.report")),
+        ("demo", ("lightning_ties.cli",)),
+    ],
+)
+def test_layers_point_down(package, forbidden):
+    bad = {f: sorted(m for m in mods if m.startswith(forbidden)) for f, mods in _imports_of(package).items()}
+    assert not {f: m for f, m in bad.items() if m}
+
+
+def test_the_demo_network_and_data_load_no_lightning():
+    code = (
+        "import sys, lightning_ties.demo, lightning_ties.demo.models; "
+        "print(any(m.split('.')[0] in ('pytorch_lightning', 'lightning') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -95,6 +95,31 @@ def test_folder_layout_is_the_one_huggingface_hub_writes(tmp_path, max_shard_siz
             assert list(ours) == list(hub) and all(torch.equal(ours[k], hub[k]) for k in hub), name
 
 
+def test_save_hf_folder_writes_a_card_and_extra_files_in_the_same_atomic_folder(tmp_path):
+    """What learned coefficients need: the one card writer with extra sections, tags and metadata."""
+    from huggingface_hub import ModelCard
+
+    from lightning_ties.io import build_model_card
+
+    card = build_model_card(
+        title="Merged model (learned coefficients)", method="ties", summary="Tasks: a, b.",
+        sections=[("Coefficients", "| task | l.0 |\n|---|---|\n| a | 0.500 |")],
+        tags=["learned-merging-coefficients"], metadata={"learned_groups": ["l.0"]},
+    )
+    folder = save_hf_folder({"w": torch.ones(2)}, tmp_path / "out", card=card, extra_files={"learned_merge.json": "{}"})
+    loaded = ModelCard.load(folder / "README.md")
+    assert loaded.data.tags == ["merge", "lightning-ties", "ties", "learned-merging-coefficients"]
+    assert loaded.data.base_model is None and loaded.data.learned_groups == ["l.0"]  # in-memory base: no base_model
+    assert "## Coefficients" in loaded.text and "| a | 0.500 |" in loaded.text
+    assert (folder / "learned_merge.json").read_text() == "{}"
+    marker = json.loads((folder / ".lightning-ties.json").read_text())
+    assert {"README.md", "learned_merge.json"} <= set(marker["files"])
+    save_hf_folder({"w": torch.zeros(2)}, folder, overwrite=True, card=card)  # ours, so it may be replaced
+    with pytest.raises(ValueError, match=r"extra_files: '\.\./x' must be a plain file name"):
+        save_hf_folder({"w": torch.ones(2)}, tmp_path / "bad", extra_files={"../x": ""})
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "x").exists()
+
+
 def test_an_empty_state_dict_is_one_empty_safetensors_file(tmp_path):
     folder = save_hf_folder({}, tmp_path / "empty")
     assert sorted(p.name for p in folder.iterdir()) == [".lightning-ties.json", "model.safetensors"]

@@ -83,6 +83,25 @@ def test_card_and_config_record_and_reproduce_the_recipe(checkpoints, tmp_path):
     assert_same(folder_state(tmp_path / "again"), folder_state(tmp_path / "out"))
 
 
+def test_card_is_a_hub_model_card_naming_sources_relatively_with_their_sha256(checkpoints, tmp_path):
+    from huggingface_hub import ModelCard
+
+    root, _, _ = checkpoints
+    out = root.parent / f"{tmp_path.name}-out"  # beside the inputs: they are named relative to it
+    merge_to(out, root / "base", [root / "ft1", str(tmp_path / ".." / root.name / "ft2")], k=K, progress=False)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == f"{root.name}/base"
+    assert card.data.library_name == "lightning-ties" and card.data.tags == ["merge", "lightning-ties", "ties"]
+    digest = hashlib.sha256((root / "ft1" / "model.safetensors").read_bytes()).hexdigest()
+    assert card.data.sources[1] == {"role": "model", "name": f"{root.name}/ft1", "sha256": {"model.safetensors": digest}}
+    assert f"| model | `{root.name}/ft1` | `model.safetensors` | `{digest}` |" in card.text
+    assert card.data.sources[2]["name"] == f"{root.name}/ft2"  # "x/../y" normalised first
+    text = (out / "README.md").read_text()
+    assert str(root.parent) not in text and str(tmp_path) not in text  # no absolute local path
+    # the recipe, which must reproduce the merge, keeps the paths as given
+    assert yaml.safe_load((out / "merge_config.yaml").read_text())["merge"]["base"] == str(root / "base")
+
+
 def test_sharded_inputs_merge_like_unsharded_ones_and_output_shards(checkpoints, tmp_path):
     root, base, fts = checkpoints
     sharded = []

@@ -1,4 +1,4 @@
-"""Continual merging: the on-disk task-vector store, alone and driven by TiesMerging over three fits."""
+"""Continual merging: the on-disk task-vector store, alone and driven by ContinualTiesMerging over three fits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from test_lightning_helpers import Recorder, pretrained, quiet_trainer, task_data
 
-from lightning_ties import TiesMerging, ties_merge
+from lightning_ties import ContinualTiesMerging, TiesMerging, ties_merge
 from lightning_ties.io.task_store import TaskVectorStore
 
 
@@ -63,7 +63,7 @@ def test_three_fits_with_the_callback_equal_ties_merge_of_the_three_fine_tuned_m
     base = {k: v.clone() for k, v in pretrained().state_dict().items()}
     finetuned = []
     for i, name in enumerate(["t1", "t2", "t3"]):
-        merging = TiesMerging(task=name, store=str(tmp_path / "store"), k=0.2, lam=1.0)
+        merging = ContinualTiesMerging(task=name, store=str(tmp_path / "store"), k=0.2, lam=1.0)
         model = pretrained()  # each fit starts from the pretrained base
         trainer = quiet_trainer(max_epochs=1, callbacks=[merging])
         recorder = Recorder()
@@ -80,7 +80,7 @@ def test_three_fits_with_the_callback_equal_ties_merge_of_the_three_fine_tuned_m
 
 def test_start_from_merged_begins_the_next_fit_at_the_merge_so_far(tmp_path):
     store_dir = str(tmp_path / "store")
-    first = TiesMerging(task="t1", store=store_dir, lam=1.3)
+    first = ContinualTiesMerging(task="t1", store=store_dir, lam=1.3)
     quiet_trainer(max_epochs=1, callbacks=[first]).fit(pretrained(), task_data(10))
     assert TaskVectorStore(store_dir).choice == {"k": 0.2, "lam": 1.3}
     merged_so_far = TaskVectorStore(store_dir).merge("ties", lam=1.3, k=0.2)
@@ -89,8 +89,32 @@ def test_start_from_merged_begins_the_next_fit_at_the_merge_so_far(tmp_path):
         def on_train_start(self, trainer, pl_module):
             self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
-    second = TiesMerging(task="t2", store=store_dir, start_from="merged")
+    second = ContinualTiesMerging(task="t2", store=store_dir, start_from="merged")
     at_start = AtStart()
     quiet_trainer(max_epochs=1, callbacks=[second, at_start]).fit(pretrained(), task_data(11))
     for key, value in merged_so_far.items():
         torch.testing.assert_close(at_start.state[key], value, msg=key)
+
+
+def test_tiesmerging_with_a_store_still_works_but_warns_and_builds_the_continual_class(tmp_path):
+    store_dir = str(tmp_path / "store")
+    with pytest.warns(DeprecationWarning, match="ContinualTiesMerging"):
+        merging = TiesMerging(task="t1", store=store_dir, k=0.2, lam=1.0, start_from="merged")
+    assert type(merging) is ContinualTiesMerging
+    assert (merging.store_dir, merging.start_from, merging.task) == (store_dir, "merged", "t1")
+    quiet_trainer(max_epochs=1, callbacks=[merging]).fit(pretrained(), task_data(10))
+    assert TaskVectorStore(store_dir).names() == ["t1"]  # it did continual merging, as before
+
+
+def test_each_class_has_one_behaviour_tiesmerging_has_no_store_arguments_and_needs_tasks(tmp_path):
+    import inspect
+
+    assert not {"store", "start_from"} & set(inspect.signature(TiesMerging.__init__).parameters)
+    with pytest.raises(ValueError, match="nothing to merge with"):
+        TiesMerging(task="b")
+    with pytest.raises(TypeError, match="store"):
+        ContinualTiesMerging(task="b")  # the store is what it is for
+    with pytest.raises(ValueError, match="start_from"):
+        ContinualTiesMerging(task="b", store=str(tmp_path), start_from="middle")
+    state = ContinualTiesMerging(task="b", store=str(tmp_path)).state_dict()
+    assert state["base"] is None  # the base lives in the store, not in every checkpoint

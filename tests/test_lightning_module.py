@@ -190,8 +190,10 @@ def test_a_base_with_different_keys_is_refused():
         MultiTaskMergeModule({"w.weight": torch.zeros(1, 2)}, {"a": {"w.weight": torch.ones(1, 2)}})
     with pytest.raises(ValueError, match="task names"):
         MultiTaskMergeModule(model, {"mean": {"w.weight": torch.ones(1, 2)}})
-    with pytest.raises(ValueError, match="heads patterns"):
+    with pytest.raises(ValueError, match=r"heads pattern\(s\) \['classifier'\] match no key"):
         MultiTaskMergeModule(model, {"a": {"w.weight": torch.ones(1, 2)}}, heads="classifier")
+    with pytest.raises(ValueError, match=r"\['classifier'\] match no key"):  # every pattern must name a key
+        MultiTaskMergeModule(model, {"a": {"w.weight": torch.ones(1, 2)}}, heads=["w", "classifier"])
 
 
 def test_module_and_callback_are_exported_at_top_level():

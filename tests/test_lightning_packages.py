@@ -184,3 +184,30 @@ def test_lightning_cli_builds_the_callback_from_yaml(package: str, tmp_path: Pat
         print(type(cb).__module__, cb.task, cb.ks, cb.lams)
     """, cwd=tmp_path)
     assert out.split("\n")[-1].split() == [PACKAGES[package] + ".callback", "b", "[0.2]", "[1.0]"]
+
+
+@pytest.mark.parametrize("package", list(PACKAGES))
+def test_lightning_cli_builds_the_continual_callback_from_yaml(package: str, tmp_path: Path) -> None:
+    pytest.importorskip("jsonargparse")
+    (tmp_path / "cfg.yaml").write_text(textwrap.dedent("""
+        trainer:
+          logger: false
+          accelerator: cpu
+          callbacks:
+            - class_path: lightning_ties.ContinualTiesMerging
+              init_args:
+                task: b
+                store: runs/store
+                start_from: merged
+                lam: 1.2
+    """))
+    out = _run(f"""
+        import sys
+        from {package}.cli import LightningCLI
+        from {package}.demos.boring_classes import BoringModel
+        sys.argv = ["prog", "--config", "cfg.yaml"]
+        cli = LightningCLI(BoringModel, run=False)
+        cb = [c for c in cli.trainer.callbacks if type(c).__name__ == "ContinualTiesMerging"][0]
+        print(type(cb).__module__, cb.task, cb.store_dir, cb.start_from, cb.lams)
+    """, cwd=tmp_path)
+    assert out.split("\n")[-1].split() == [PACKAGES[package] + ".continual", "b", "runs/store", "merged", "[1.2]"]

@@ -86,6 +86,26 @@ def test_corrupt_task_metadata_is_named(store):
         store.source("b")
 
 
+@pytest.mark.parametrize("file", ["task", "base"])
+def test_an_unknown_dtype_is_an_error_naming_the_file_and_tensor_not_a_silent_float32(store, file):
+    """The store reads its files with the one safetensors reader (one dtype table): a dtype it
+    does not know is refused by name, where an earlier reader of its own read it as float32."""
+    path = store.task_path("a") if file == "task" else store.base_path
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32")
+    header[name]["dtype"] = "Q32"  # same length: offsets stay valid, only the dtype is unknown
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new))
+    path.write_bytes(raw[:8] + new + raw[8 + n :])
+    expected = rf"{path}: corrupt header entry for tensor '{name}' \(unknown dtype"
+    with pytest.raises(CheckpointError, match=expected):
+        store.check()
+    with pytest.raises(CheckpointError, match=expected):
+        store.merge(k=0.25)
+
+
 def test_check_finds_a_missing_task_file_and_a_task_of_another_base(store):
     store.check()  # a healthy store passes
     other = TaskVectorStore(store.root.parent / "other", k=0.25)
@@ -140,7 +160,7 @@ def test_a_failed_add_leaves_no_temporary_and_stale_ones_are_cleaned(store, monk
 def test_a_callback_with_a_damaged_store_fails_at_setup_before_any_training_step(tmp_path):
     from test_lightning_helpers import Classifier, quiet_trainer, task_data
 
-    from lightning_ties.lightning import TiesMerging
+    from lightning_ties.lightning import ContinualTiesMerging
 
     torch.manual_seed(0)
     store = TaskVectorStore(tmp_path / "store", k=0.2)
@@ -155,7 +175,7 @@ def test_a_callback_with_a_damaged_store_fails_at_setup_before_any_training_step
             CountSteps.steps += 1
             return super().training_step(batch, batch_idx)
 
-    merging = TiesMerging(task="b", store=str(tmp_path / "store"), k=0.2, lam=1.0)
+    merging = ContinualTiesMerging(task="b", store=str(tmp_path / "store"), k=0.2, lam=1.0)
     with pytest.raises(CheckpointError, match="a.safetensors|truncated|corrupt"):
         quiet_trainer(max_epochs=1, callbacks=[merging]).fit(CountSteps(), task_data(0))
     assert CountSteps.steps == 0

@@ -15,7 +15,7 @@ Example:
 
 from ..merging import register_path_opener
 from .atomic import atomic_dir, atomic_file
-from .card import sha256_file
+from .card import build_model_card, sha256_file
 from .errors import CheckpointError
 from .lora import LoraSource
 from .safetensors_file import SafetensorsFile, SafetensorsWriter
@@ -51,6 +51,7 @@ __all__ = [
     "TorchFileSource",
     "atomic_dir",
     "atomic_file",
+    "build_model_card",
     "check_compatible",
     "load_into",
     "load_torch_file",

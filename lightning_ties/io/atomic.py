@@ -48,7 +48,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from .errors import CheckpointError, OutputWriteError, UnsafeOutputError
+from .safetensors_file import SafetensorsFile
 
 #: The marker file written into every output folder.
 MARKER = ".lightning-ties.json"
@@ -409,15 +412,11 @@ def _owned_file(path: Path) -> bool:
     except OSError:
         return False
     if magic == b"PK\x03\x04":  # a torch zip checkpoint: look for the top-level key
-        import torch
-
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # unreadable or needs unpickling: not one of ours
             return False
         return isinstance(obj, dict) and OWNER_KEY in obj
-    from .safetensors_file import SafetensorsFile
-
     try:
         metadata = SafetensorsFile(path).metadata
     except CheckpointError:

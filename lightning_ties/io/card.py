@@ -3,21 +3,31 @@
 The YAML holds the arguments of :func:`lightning_ties.io.merge_to` (so
 ``merge_to(out, **yaml.safe_load(f)["merge"])`` reproduces the merge), plus each source's
 sha256 and the library version; the README states the same recipe for people.
+
+Every card lightning-ties writes (``merge_to``, learned coefficients) is built by
+:func:`build_model_card` as a ``huggingface_hub.ModelCard``: Hub metadata (``base_model``,
+``library_name: lightning-ties``, ``tags``) and the sources by name, never by absolute path.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 from ..merging.sources import TensorSource
+
+#: ``library_name`` of every card we write (the Hub shows it and filters on it).
+LIBRARY_NAME = "lightning-ties"
+#: A Hub cache folder (``.../models--org--name/snapshots/<revision>/...``): the repo id is known.
+_HUB_CACHE = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+(?:/|$)")
 
 _HASH_BLOCK = 8 << 20
 
@@ -72,42 +82,114 @@ class SourceDigests:
             future.cancel()
 
 
-def library_version() -> str:
-    return importlib.metadata.version("lightning-ties")
+SourceRecord = Mapping[str, Any]
+"""One source as recorded: ``{"source": label, "files": {path: sha256}}`` (``SourceDigests.describe``)."""
 
 
 def write_merge_config(folder: Path, recipe: dict[str, Any]) -> None:
     (folder / "merge_config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
-def write_model_card(folder: Path, recipe: dict[str, Any]) -> None:
+def source_name(label: str, relative_to: str | os.PathLike[str] | None = None) -> str:
+    """How a card names a source: a Hub repo id, a path relative to ``relative_to``, or the
+    file/folder name; never an absolute local path (it means nothing on another machine).
+
+    Example:
+        >>> source_name("/home/me/runs/ft1", relative_to="/home/me/runs")
+        'ft1'
+        >>> source_name("/elsewhere/ft2.safetensors", relative_to="/home/me/runs")
+        'ft2.safetensors'
+        >>> source_name("/cache/models--google--bert-base/snapshots/abc123")
+        'google/bert-base'
+        >>> source_name("model[0]")  # an in-memory source keeps its label
+        'model[0]'
+    """
+    hub = _HUB_CACHE.search(label.replace(os.sep, "/"))
+    if hub:
+        return hub["repo"].replace("--", "/")
+    if not os.path.isabs(label):
+        return label
+    path = Path(os.path.normpath(label))
+    if relative_to is not None:
+        try:
+            return path.relative_to(Path(os.path.normpath(relative_to))).as_posix()
+        except ValueError:
+            pass
+    return path.name
+
+
+def _file_name(path: str, label: str) -> str:
+    """A source file named within its source (a shard inside a folder: ``model-00001-of-00002.safetensors``)."""
+    try:
+        return Path(path).relative_to(Path(label)).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def build_model_card(
+    *,
+    title: str,
+    method: str,
+    summary: str,
+    base: SourceRecord | None = None,
+    models: Sequence[SourceRecord] = (),
+    sections: Sequence[tuple[str, str]] = (),
+    tags: Sequence[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+    relative_to: str | os.PathLike[str] | None = None,
+) -> ModelCard:
+    """The model card of a merged model: Hub metadata, a summary, its sources and any extra sections.
+
+    Args:
+        title: the card's heading; summary: the paragraph under it (markdown).
+        method: the merge method (a tag, and ``merge_method`` in the metadata).
+        base, models: the sources as recorded (``{"source": label, "files": {path: sha256}}``);
+            named by :func:`source_name` (relative to ``relative_to``), listed with each file's
+            sha256. The base becomes ``base_model`` unless it was an in-memory model.
+        sections: ``(heading, markdown)`` pairs appended in order (a coefficient table, how
+            to reproduce the merge...).
+        tags: tags added after ``merge``, ``lightning-ties`` and ``method``.
+        metadata: more metadata fields for the card's YAML header.
+
+    Example:
+        >>> card = build_model_card(title="Merged", method="ties", summary="Two tasks.",
+        ...     base={"source": "/runs/base", "files": {"/runs/base/model.safetensors": "ab12"}},
+        ...     sections=[("Notes", "k=0.2")], relative_to="/runs")
+        >>> card.data.base_model, card.data.library_name, card.data.tags
+        ('base', 'lightning-ties', ['merge', 'lightning-ties', 'ties'])
+        >>> "| base | `base` | `model.safetensors` | `ab12` |" in card.text
+        True
+    """
+    records = ([("base", base)] if base is not None else []) + [("model", m) for m in models]
+    rows, listed = [], []
+    for role, record in records:
+        name = source_name(str(record["source"]), relative_to)
+        files = {_file_name(f, str(record["source"])): digest for f, digest in (record.get("files") or {}).items()}
+        listed.append({"role": role, "name": name, "sha256": files})
+        for file, digest in (files or {"(in memory)": "-"}).items():
+            rows.append(f"| {role} | `{name}` | `{file}` | `{digest}` |")
+    base_model = listed[0]["name"] if base is not None and listed[0]["sha256"] else None
+    data = ModelCardData(
+        base_model=base_model,
+        library_name=LIBRARY_NAME,
+        tags=list(dict.fromkeys(["merge", LIBRARY_NAME, method, *tags])),
+        merge_method=method,
+        **({"sources": listed} if listed else {}),
+        **dict(metadata or {}),
+    )
+    body = [f"# {title}", "", summary.strip(), ""]
+    if rows:
+        body += ["## Sources", "", "| role | source | file | sha256 |", "|---|---|---|---|", *rows, ""]
+    for heading, text in sections:
+        body += [f"## {heading}", "", text.strip(), ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def merge_model_card(recipe: Mapping[str, Any], relative_to: str | os.PathLike[str] | None = None) -> ModelCard:
+    """The card ``merge_to`` writes: the recipe (method, parameters, lam), sources and how to reproduce."""
     merge = recipe["merge"]
     params = ", ".join(f"{k}={v!r}" for k, v in recipe["params"].items())
-    lines = [
-        "---",
-        "tags:",
-        "- merge",
-        "- lightning-ties",
-        "---",
-        "",
-        f"# Merged model ({merge['method']})",
-        "",
-        f"Made with lightning-ties {recipe['library_version']} by merging {len(merge['models'])} fine-tuned "
-        f"model(s) into their base with `{merge['method']}` ({params}, lam={merge['lam']}).",
-        "",
-        "## Sources",
-        "",
-        "| role | source | file | sha256 |",
-        "|---|---|---|---|",
-    ]
-    for role, entry in [("base", recipe["sources"]["base"])] + [("model", e) for e in recipe["sources"]["models"]]:
-        files = entry["files"] or {"(in memory)": "-"}
-        for name, digest in files.items():
-            lines.append(f"| {role} | `{entry['source']}` | `{Path(name).name}` | `{digest}` |")
-    lines += [
-        "",
-        "## Reproduce",
-        "",
+    reproduce = "\n".join([
         "```python",
         "import yaml",
         "from lightning_ties import merge_to",
@@ -116,6 +198,16 @@ def write_model_card(folder: Path, recipe: dict[str, Any]) -> None:
         "```",
         "",
         f"Keys merged: {recipe['counts']['merged']}; taken from base: {recipe['counts']['from_base']}.",
-        "",
-    ]
-    (folder / "README.md").write_text("\n".join(lines))
+    ])
+    return build_model_card(
+        title=f"Merged model ({merge['method']})",
+        method=merge["method"],
+        summary=(
+            f"Made with lightning-ties {recipe['library_version']} by merging {len(merge['models'])} fine-tuned "
+            f"model(s) into their base with `{merge['method']}` ({params}, lam={merge['lam']})."
+        ),
+        base=recipe["sources"]["base"],
+        models=recipe["sources"]["models"],
+        sections=[("Reproduce", reproduce)],
+        relative_to=relative_to,
+    )

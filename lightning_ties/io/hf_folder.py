@@ -80,6 +80,7 @@ def plan_shards(specs: Mapping[str, TensorSpec], max_shard_size: int | str) -> d
     ``model.safetensors``, several ``model-00001-of-0000N.safetensors``.
 
     Example:
+        >>> import torch
         >>> specs = {k: TensorSpec((10,), torch.float32) for k in ("a", "b", "c")}  # 40 bytes each
         >>> {name: list(shard) for name, shard in plan_shards(specs, 100).items()}
         {'model-00001-of-00002.safetensors': ['a', 'b'], 'model-00002-of-00002.safetensors': ['c']}

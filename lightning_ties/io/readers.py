@@ -11,7 +11,6 @@ needs arbitrary unpickling is refused unless the caller passes ``trust_pickle=Tr
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import zipfile

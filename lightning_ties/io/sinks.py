@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard
 from torch import nn
 
 from ..merging.sources import TensorSource, TensorSpec, as_source
-from .atomic import OWNER_KEY, atomic_dir, atomic_file, check_output, library_version, owner_metadata
+from .atomic import MARKER, OWNER_KEY, atomic_dir, atomic_file, check_output, library_version, owner_metadata
 # DEFAULT_MAX_SHARD_SIZE, parse_size and plan_shards are also imported from here by older callers.
 from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index  # noqa: F401
 from .safetensors_file import SafetensorsWriter, nbytes
@@ -143,12 +144,18 @@ def save_hf_folder(
     config_from: str | os.PathLike[str] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    *,
+    card: ModelCard | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a Hugging Face model folder: sharded safetensors (+ index) and the base's config files.
 
     ``config_from`` is the folder whose ``config.json`` and tokenizer/processor files are
-    copied, so ``AutoModel.from_pretrained(folder)`` works. The folder gets a
-    ``.lightning-ties.json`` marker listing its files: ``overwrite`` replaces only such folders.
+    copied, so ``AutoModel.from_pretrained(folder)`` works. ``card`` is written as
+    ``README.md`` (build it with :func:`~lightning_ties.io.build_model_card`), and
+    ``extra_files`` (file name -> text) next to it; all of it appears at once, atomically.
+    The folder gets a ``.lightning-ties.json`` marker listing its files: ``overwrite``
+    replaces only such folders.
 
     Example:
         >>> import tempfile
@@ -164,6 +171,12 @@ def save_hf_folder(
             for key in source.keys():
                 writer.write(key, source.get(key))
         copy_model_files(config_from, tmp)
+        for name, text in (extra_files or {}).items():
+            if Path(name).name != name or name in (".", "..", MARKER):
+                raise ValueError(f"extra_files: {name!r} must be a plain file name inside the folder")
+            (tmp / name).write_text(text)
+        if card is not None:
+            card.save(tmp / "README.md")
     return folder
 
 

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from ..merging import MergePlan, MergeReport, TaskVectorMerger, get_method, plan_merge
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
-from .atomic import atomic_dir, atomic_file, check_output, owner_metadata
-from .card import SourceDigests, library_version, write_merge_config, write_model_card
-from .safetensors_file import SafetensorsWriter
-from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .sinks import ShardedWriter, copy_model_files, save_lightning_checkpoint
+from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
+from .card import SourceDigests, merge_model_card, write_merge_config
 from .formats import open_source
+from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .safetensors_file import SafetensorsWriter
+from .sinks import ShardedWriter, copy_model_files, save_lightning_checkpoint
 from .validate import CommonRowsSource, check_compatible
 
 OutputFormat = Literal["folder", "safetensors", "ckpt"]
@@ -246,7 +246,7 @@ def merge_to(
                 copy_model_files(config_from or getattr(base_src, "folder", None), tmp)
                 recipe = _recipe(args, report, plan, base_src, model_srcs, digests)
                 write_merge_config(tmp, recipe)
-                write_model_card(tmp, recipe)
+                merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
         elif fmt == "safetensors":
             with atomic_file(output) as tmp, SafetensorsWriter(
                 tmp, specs, {**owner_metadata(), "merge_method": method}

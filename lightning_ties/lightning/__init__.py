@@ -1,6 +1,7 @@
 """Lightning integration: the only subpackage that imports lightning.
 
 - :class:`TiesMerging`: a Trainer callback that merges this run with other tasks at fit end.
+- :class:`ContinualTiesMerging`: the same over a task store that grows by one task per run.
 - :class:`MultiTaskMergeModule`: merge checkpoints, evaluate and search k/lam without training.
 - :class:`SearchResult`: every candidate's per-task scores, the chosen one, ``.table``, ``.to_csv/.to_json``.
 - :class:`LearnedMergeModule`, :func:`learn_coefficients`: per-task (per-layer) merging coefficients
@@ -9,6 +10,7 @@
 """
 
 from .callback import TiesMerging
+from .continual import ContinualTiesMerging
 from .learned import LearnedMergeModule, LearnedMergeResult, learn_coefficients, plot_coefficients
 from .metrics import ArgmaxAccuracy, TaskMetrics, normalized, summarize
 from .module import MultiTaskMergeModule
@@ -17,6 +19,7 @@ from .search import DEFAULT_K_GRID, Candidate, SearchResult, k_grid, lam_grid, r
 __all__: list[str] = [
     "ArgmaxAccuracy",
     "Candidate",
+    "ContinualTiesMerging",
     "DEFAULT_K_GRID",
     "LearnedMergeModule",
     "LearnedMergeResult",

@@ -16,6 +16,9 @@ Life cycle (each hook short, like Lightning's WeightAveraging):
   re-evaluates nothing it finished. ``on_save_checkpoint``: a checkpoint taken mid-merge (another
   callback, ``OnExceptionCheckpoint``) holds the fine-tuned weights, not the candidate being scored.
 
+Continual merging over a task store (add this run's task vector, merge every stored task) is
+:class:`~lightning_ties.lightning.continual.ContinualTiesMerging`, a subclass.
+
 ``merging.merge(trainer, pl_module)`` runs the fit-end merge on demand: after fit (e.g. from a
 notebook) it applies like the fit-end merge; from another callback during fit, a plain loop
 replaces the Trainer's validation loop and the fine-tuned weights are restored afterwards, so
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,9 +38,9 @@ import torch
 
 from ..io.sinks import save_safetensors
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
-from ..io.task_store import TaskVectorStore
 from ..merging import as_source, get_method, plan_merge
 from .metrics import MetricsArg, summarize
+from .heads import load_into
 from .keys import match_to_module
 from .module import ForwardFn, MultiTaskMergeModule, module_device
 from .search import PAPER_DEFAULT_K, PAPER_DEFAULT_LAM, SearchResult, k_grid, lam_grid
@@ -45,7 +49,25 @@ _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFS
 PROGRESS_FILE = "search_progress.json"
 
 
-class TiesMerging(Callback):
+class _StoreIsDeprecated(type(Callback)):  # type: ignore[misc]
+    """``TiesMerging(store=...)`` was continual merging before it had its own class: build that class.
+
+    A metaclass, not ``__new__``: jsonargparse (LightningCLI) reads a class's arguments from
+    ``__new__`` when it has one, and ``TiesMerging``'s are those of ``__init__``.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("store") is not None and not issubclass(cls, _continual_class()):
+            warnings.warn(
+                "TiesMerging(store=...) is deprecated: continual merging is "
+                "lightning_ties.lightning.ContinualTiesMerging(store=..., start_from=...)",
+                DeprecationWarning, stacklevel=2,
+            )
+            return _continual_class()(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
     """Merge this run's fine-tuned model with other tasks' models at fit end (TIES by default).
 
     Args:
@@ -65,9 +87,6 @@ class TiesMerging(Callback):
             fine-tuned weights; the merged model is written to ``save_dir``).
         save_dir: where results (``search.json``, ``search.csv``), progress and (``apply="keep"``)
             ``merged.safetensors`` go.
-        store: a :class:`~lightning_ties.io.task_store.TaskVectorStore` folder for continual
-            merging: this run's task vector is added there and every stored task is merged.
-        start_from: ``"base"`` or ``"merged"``: with a store, start fitting from the merge so far.
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base captured at fit start (or read from ``base``) is kept until the
             merge: ``"cpu"`` (default: host memory, no GPU memory spent on a second copy of the model),
@@ -104,8 +123,6 @@ class TiesMerging(Callback):
         every_n_val_epochs: int | None = None,
         apply: str = "merged",
         save_dir: str | None = None,
-        store: str | None = None,
-        start_from: str = "base",
         method_params: Mapping[str, Any] | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
@@ -116,29 +133,23 @@ class TiesMerging(Callback):
         self.task = task
         if task in self.tasks:
             raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
-        if not self.tasks and store is None:
-            raise ValueError("nothing to merge with: give tasks={name: checkpoint} or a store for continual merging")
         get_method(method)
         self.method = method
         self.has_k = "k" in get_method(method).parameters()
         self.ks: list[float | None] = k_grid(k) if self.has_k else [None]
         self.lams = lam_grid(method, lam)
         self.val_dataloaders = dict(val_dataloaders or {})
-        if store is None:  # with a store, its tasks are known at setup
-            _check_known(self.val_dataloaders, set(self.tasks) | {task})
+        self._check_tasks_given()
         if apply not in ("merged", "keep"):
             raise ValueError(f"apply must be 'merged' or 'keep', got {apply!r}")
         if apply == "keep" and save_dir is None:
             raise ValueError("apply='keep' writes the merged model to save_dir; pass save_dir")
-        if start_from not in ("base", "merged"):
-            raise ValueError(f"start_from must be 'base' or 'merged', got {start_from!r}")
         if every_n_val_epochs is not None and every_n_val_epochs < 1:
             raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
         self.base = base
         self.metrics, self.heads, self.objective, self.mode = metrics, heads, objective, mode
         self.strategy, self.normalize, self.every_n_val_epochs = strategy, normalize, every_n_val_epochs
-        self.apply, self.save_dir, self.start_from = apply, save_dir, start_from
-        self.store_dir = store
+        self.apply, self.save_dir = apply, save_dir
         self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
         self.forward_fn = forward_fn
         if base_device != "module":
@@ -152,6 +163,14 @@ class TiesMerging(Callback):
         self._base_state: dict[str, torch.Tensor] | None = None
         self._in_fit_loop = False
         self._merging: _MergeInProgress | None = None
+
+    def _check_tasks_given(self) -> None:
+        """Fail at construction when there is nothing to merge with or a dataloader names an unknown task."""
+        if not self.tasks:
+            raise ValueError(
+                "nothing to merge with: give tasks={name: checkpoint} (or use ContinualTiesMerging with a store)"
+            )
+        _check_known(self.val_dataloaders, set(self.tasks) | {self.task})
 
     @property
     def searching(self) -> bool:
@@ -167,21 +186,12 @@ class TiesMerging(Callback):
                 f"TiesMerging does not support the sharded strategy {name}: it reads every parameter whole. "
                 "Use a single device or strategy='ddp'."
             )
-        store = self._store()
-        if store is not None:
-            store.check()  # a damaged store fails here, not after every epoch has run
         self._check_data(trainer)
         self._check_sources(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._base_state is None:
             self._base_state = self._capture_base(pl_module)
-        store = self._store()
-        if store is not None:
-            if not store.has_base() and _is_rank_zero():  # ranks hold the same weights; one writes
-                store.save_base(self._base_state)
-            if self.start_from == "merged" and store.names():
-                self._load_stored_merge(store, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._in_fit_loop = True
@@ -205,7 +215,7 @@ class TiesMerging(Callback):
         if self._base_state is None:
             self._base_state = self._capture_base(pl_module)
         finetuned = _clone_state(pl_module)
-        evaluator = self._evaluator(pl_module, finetuned)
+        evaluator = self._evaluator(pl_module, finetuned, self._task_sources(trainer, finetuned, add_this_run=True))
         loaders = self._dataloaders(trainer)
         runner = None if self._in_fit_loop else trainer
         # While the module holds candidates, a checkpoint written by anyone (another callback, Lightning's
@@ -226,7 +236,7 @@ class TiesMerging(Callback):
         except BaseException:
             # a failed merge leaves the fine-tuned weights, not a half-searched candidate: a checkpoint
             # written after this (Lightning's on-exception one) resumes the same search on the same weights
-            _load_state(pl_module, finetuned)
+            load_into(pl_module, finetuned)
             raise
         finally:
             if runner is not None:
@@ -235,12 +245,13 @@ class TiesMerging(Callback):
             self._merging = None
         evaluator.use_task(self.task)
         self.result = result
-        store = self._store()
-        if store is not None and result.lam is not None and _is_rank_zero():
-            store.record_choice(result.k, result.lam)
+        self._on_merged(trainer, result)
         self._log_choice(trainer, result)
-        self._finish(pl_module, finetuned)
+        self._finish(trainer, pl_module, finetuned)
         return result
+
+    def _on_merged(self, trainer: pl.Trainer, result: SearchResult) -> None:
+        """Called once a merge is chosen and applied (continual merging records the choice)."""
 
     def _without_scoring(self, evaluator: MultiTaskMergeModule, some_data: bool) -> SearchResult:
         """Apply a fixed (k, lam): the paper's recipe when a search had no data, else the given values."""
@@ -256,21 +267,16 @@ class TiesMerging(Callback):
         evaluator.apply_merge(k, lam)
         return SearchResult(method=self.method, reason=reason, chosen=(k, lam))
 
+    def _task_sources(self, trainer: pl.Trainer, finetuned: dict[str, torch.Tensor], add_this_run: bool) -> dict[str, Any]:
+        """Every task to merge, name -> source: the other tasks and this run's fine-tuned weights."""
+        return {**self.tasks, self.task: finetuned}
+
     def _evaluator(
-        self, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor], add_to_store: bool = True
+        self, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor], tasks: Mapping[str, Any]
     ) -> MultiTaskMergeModule:
-        """The merge of the other tasks (and the store's) with this run's fine-tuned weights."""
-        tasks: dict[str, Any] = dict(self.tasks)
-        store = self._store()
-        if store is not None:
-            if add_to_store and _is_rank_zero():
-                store.add(self.task, finetuned, self._base_state, overwrite=True)
-            for name in store.names():
-                if name != self.task and name not in tasks:
-                    tasks[name] = store.source(name, self._base_state)
-        tasks[self.task] = finetuned
+        """The merge of ``tasks`` (this run's fine-tuned weights among them) on top of the captured base."""
         evaluator = MultiTaskMergeModule(
-            self._base_state, tasks, model=pl_module, heads=self.heads, metrics=self.metrics, method=self.method,
+            self._base_state, dict(tasks), model=pl_module, heads=self.heads, metrics=self.metrics, method=self.method,
             k=self.ks[0] if self.ks[0] is not None else PAPER_DEFAULT_K, lam=None,
             method_params=self.method_params, include=self.include, exclude=self.exclude, forward_fn=self.forward_fn,
         )
@@ -278,15 +284,16 @@ class TiesMerging(Callback):
             evaluator.merge_device = pl_module.trainer.strategy.root_device
         return evaluator
 
-    def _finish(self, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor]) -> None:
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor]) -> None:
         if self.save_dir is not None and self.result is not None:
             os.makedirs(self.save_dir, exist_ok=True)
             self.result.to_json(Path(self.save_dir) / "search.json")
             self.result.to_csv(Path(self.save_dir) / "search.csv")
         if self.apply == "keep":
-            _save_merged(pl_module, Path(self.save_dir) / "merged.safetensors")  # type: ignore[arg-type]
+            if trainer.is_global_zero:  # every rank holds the same merge; one writes it
+                _save_merged(pl_module, Path(self.save_dir) / "merged.safetensors")  # type: ignore[arg-type]
         if self.apply == "keep" or self._in_fit_loop:  # a merge asked for mid-fit must not change training
-            _load_state(pl_module, finetuned)
+            load_into(pl_module, finetuned)
 
     def _score_merge_inline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Score the merge with the first k and the method's lam, then restore the fine-tuned weights."""
@@ -296,12 +303,12 @@ class TiesMerging(Callback):
         loaders = self._dataloaders(trainer)
         if not loaders:
             return
-        evaluator = self._evaluator(pl_module, finetuned, add_to_store=False)
+        evaluator = self._evaluator(pl_module, finetuned, self._task_sources(trainer, finetuned, add_this_run=False))
         try:
             evaluator.apply_merge(self.ks[0], None)
             scores = evaluator.validate(None, evaluator.check_dataloaders(loaders))
         finally:
-            _load_state(pl_module, finetuned)
+            load_into(pl_module, finetuned)
         for name, value in summarize(scores).items():
             pl_module.log(name, value, add_dataloader_idx=False)
 
@@ -314,9 +321,7 @@ class TiesMerging(Callback):
         return loaders
 
     def _check_data(self, trainer: pl.Trainer) -> None:
-        names = set(self.tasks) | {self.task}
-        if self.store_dir is not None:
-            names |= set(self._store().names())  # type: ignore[union-attr]
+        names = self._task_names()
         _check_known(self.val_dataloaders, names)
         has_own = self.task in self.val_dataloaders or _fit_has_val_data(trainer)
         given = set(self.val_dataloaders) | ({self.task} if has_own else set())
@@ -333,6 +338,10 @@ class TiesMerging(Callback):
                 "k=0.2, lam=1.0 will be used"
             )
 
+    def _task_names(self) -> set[str]:
+        """The names of every task the merge will hold."""
+        return set(self.tasks) | {self.task}
+
     def _check_sources(self, pl_module: pl.LightningModule) -> None:
         """Open every source and plan the merge against the module's keys (specs only, no tensors)."""
         module_state = pl_module.state_dict()
@@ -342,34 +351,14 @@ class TiesMerging(Callback):
         if sources:
             plan_merge(base, sources, self.include, self.exclude, warn=False)
 
-    def _capture_base(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        store = self._store()
-        if store is not None and store.has_base():
-            return store.base_state()
-        device = module_device(pl_module) if self.base_device == "module" else torch.device(self.base_device)
-        if store is not None:
-            device = torch.device("cpu")  # it is written to the store and subtracted from CPU copies there
+    def _capture_base(self, pl_module: pl.LightningModule, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The base's weights on ``device`` (default: per ``base_device``): ``base`` when given, else the module's."""
+        if device is None:
+            device = module_device(pl_module) if self.base_device == "module" else torch.device(self.base_device)
         if self.base is not None:
             src = match_to_module(self.base, list(pl_module.state_dict()), label="base")
             return {k: src.get(k).detach().to(device, copy=True) for k in src.keys()}
         return _clone_state(pl_module, device)
-
-    def _load_stored_merge(self, store: TaskVectorStore, pl_module: pl.LightningModule) -> None:
-        """Start this fit from the merge of the stored tasks, with the (k, lam) last chosen for them."""
-        choice = store.choice or {}
-        k = choice.get("k") or self.ks[0] or PAPER_DEFAULT_K
-        tasks = {name: store.source(name, self._base_state) for name in store.names()}
-        evaluator = MultiTaskMergeModule(
-            self._base_state, tasks, model=pl_module, heads=self.heads, method=self.method, k=k,
-            method_params=self.method_params, include=self.include, exclude=self.exclude,
-        )
-        evaluator.apply_merge(k, choice.get("lam"))
-
-    def _store(self) -> TaskVectorStore | None:
-        if self.store_dir is None:
-            return None
-        return TaskVectorStore(self.store_dir, k=max(k for k in self.ks if k is not None) if self.has_k else None,
-                               exclude=self.heads)
 
     # ---- progress and state ----------------------------------------------------------------------
     def _resume_point(self, evaluator: MultiTaskMergeModule) -> SearchResult | None:
@@ -379,16 +368,16 @@ class TiesMerging(Callback):
                 self._progress = SearchResult.from_dict(json.loads(path.read_text()))
         return self._progress
 
-    def _save_progress(self, evaluator: MultiTaskMergeModule, trainer: pl.Trainer | None = None) -> None:
+    def _save_progress(self, evaluator: MultiTaskMergeModule, trainer: pl.Trainer) -> None:
         """Record the finished candidates: in ``save_dir`` when there is one, else in the Trainer's ``last.ckpt``."""
         self._progress = evaluator.search_result
         if self._progress is None:
             return
         if self.save_dir is not None:
-            if _is_rank_zero():
+            if trainer.is_global_zero:
                 os.makedirs(self.save_dir, exist_ok=True)
                 self._progress.to_json(Path(self.save_dir) / PROGRESS_FILE)
-        elif trainer is not None and not self._in_fit_loop:
+        elif not self._in_fit_loop:
             # without save_dir the checkpoint is the only record: ModelCheckpoint wrote last.ckpt before the
             # fit-end search started, so a crash now would resume with no candidate finished unless it is
             # rewritten (a merge asked for mid-fit leaves last.ckpt to ModelCheckpoint's own schedule)
@@ -417,7 +406,7 @@ class TiesMerging(Callback):
     def state_dict(self) -> dict[str, Any]:
         progress = self._live_progress()
         return {
-            "base": self._base_state if self.store_dir is None else None,
+            "base": self._base_state,
             "progress": progress.to_dict() if progress is not None else None,
             "result": self.result.to_dict() if self.result is not None else None,
         }
@@ -477,7 +466,7 @@ def _resave_last_checkpoints(trainer: pl.Trainer) -> None:
             continue
         tmp = Path(path).with_name(f".{Path(path).name}.ties-progress.tmp")
         trainer.save_checkpoint(tmp)  # every rank calls it (a collective under DDP); rank zero writes
-        if _is_rank_zero():
+        if trainer.is_global_zero:
             os.replace(tmp, path)
 
 
@@ -506,17 +495,6 @@ def _clone_state(module: torch.nn.Module, device: torch.device | str = "cpu") ->
     return {k: v.detach().to(device, copy=True) for k, v in module.state_dict().items()}
 
 
-def _load_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    targets = module.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for key, value in state.items():
-            t = targets[key]
-            if t.shape == value.shape:
-                t.data.copy_(value)
-            else:  # a head swapped to another task's shape
-                t.data = value.to(device=t.device, dtype=t.dtype).clone()
-
-
 def _reconnect(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Give the fit back its module after evaluation ran ``trainer.validate`` on the evaluator."""
     if trainer.lightning_module is not pl_module:
@@ -524,14 +502,21 @@ def _reconnect(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.state.fn = TrainerFn.FITTING
 
 
-def _is_rank_zero() -> bool:
-    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 def _save_merged(module: torch.nn.Module, path: Path) -> None:
-    if _is_rank_zero():  # every rank holds the same merge; one writes it
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(_clone_state(module), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(_clone_state(module), path)
+
+
+def _continual_class() -> type[TiesMerging]:
+    """:class:`ContinualTiesMerging`, which registers itself here when ``continual`` is imported
+    (the layer's ``__init__`` imports it): ``callback`` does not import its own subclass."""
+    if _CONTINUAL is None:
+        raise RuntimeError("lightning_ties.lightning.continual is not imported; import ContinualTiesMerging from it")
+    return _CONTINUAL
+
+
+#: Set by :mod:`.continual` at import (see :func:`_continual_class`).
+_CONTINUAL: type[TiesMerging] | None = None
 
 
 __all__ = ["TiesMerging"]

@@ -189,10 +189,12 @@ def summarize(scores: Scores, reference: Scores | None = None, prefix: str = "me
     return flat
 
 
-Objective = str | Callable[[Scores], float]
+#: What a k/lam search maximises (or minimises): ``"mean"``, ``"normalized"``, ``"mean:<metric>"`` or
+#: ``fn(scores) -> float``. (Not :data:`lightning_ties.lightning.learned.LossObjective`, a training loss.)
+SearchObjective = str | Callable[[Scores], float]
 
 
-def objective_value(objective: Objective, scores: Scores, reference: Scores | None = None) -> float:
+def objective_value(objective: SearchObjective, scores: Scores, reference: Scores | None = None) -> float:
     """The number a search maximises (or minimises): ``"mean"``, ``"normalized"`` or a callable.
 
     ``"mean"`` and ``"normalized"`` average the first metric shared by every task; ``"mean:<name>"``

@@ -25,7 +25,6 @@ the tasks, and the module's default merge (k, lam) is applied first if none is i
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,9 +33,9 @@ import torch
 from torch import nn
 
 from ..merging import MergePlan, TaskVector, apply_task_vector, as_source, get_method, method_task_vector, plan_merge
-from ..merging.plan import compile_patterns
 from ..merging.sources import TensorSource
 from ._compat import move_data_to_device, pl
+from .heads import HeadsArg, HeadStore, differing_keys, exact_patterns, named_head_keys
 from .keys import match_to_module
 from .metrics import MetricsArg, Scores, TaskMetrics, summarize
 from .search import Candidate, SearchResult, k_grid, lam_grid, run_search
@@ -90,7 +89,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         base: Any,
         tasks: Mapping[str, Any],
         model: nn.Module | None = None,
-        heads: str | nn.Module | Sequence[str | nn.Module] | None = None,
+        heads: HeadsArg = None,
         metrics: MetricsArg = None,
         method: str = "ties",
         k: float = 0.2,
@@ -126,7 +125,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.merge_device: torch.device | None = None
         self._pending: tuple[float | None, float | None] | None = None
         self.plan, self.head_keys = self._plan_with_heads(heads, exclude)
-        self._exclude = _exact_patterns(self.head_keys, exclude)
+        self._exclude = exact_patterns(self.head_keys, exclude)
         self._check_model_keys()
         self.task_metrics = TaskMetrics(self.tasks, metrics)
         self.reference: Scores = {}
@@ -136,34 +135,20 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.tasks_by_index: list[str] = list(self.tasks)
         self._base_merged: dict[str, torch.Tensor] | None = None
         self._tau: tuple[tuple[str, float | None], TaskVector] | None = None
-        self._heads_cache: dict[str, dict[str, torch.Tensor]] = {}
+        # each task's head, read on first use and kept where its source gives it (no device memory)
+        self.head_store = HeadStore(self.head_keys, dict(zip(self.tasks, self._task_srcs)))
         self._head_task: str | None = None
         self._log_prefix = "merge"
         #: extra facts a stored search's scores depend on (the callback adds the fine-tuned weights' checksum)
         self.fingerprint_extra: dict[str, Any] = {}
 
     # ---- construction checks -----------------------------------------------------------------
-    def _plan_with_heads(
-        self, heads: str | nn.Module | Sequence[str | nn.Module] | None, exclude: str | Sequence[str] | None
-    ) -> tuple[MergePlan, list[str]]:
-        items = [heads] if isinstance(heads, (str, nn.Module)) else list(heads or [])
-        patterns = [h if isinstance(h, str) else self._module_pattern(h) for h in items]
-        compiled = compile_patterns(patterns, "heads")
-        model_keys = set(self.model.state_dict())
-        named = sorted(k for k in model_keys if any(p.search(k) for p in compiled))
-        if compiled and not named:
-            raise ValueError(f"heads patterns {patterns} match no key of the model; model keys start with "
-                             f"{sorted(model_keys)[:5]}")
-        plan = plan_merge(self._base_src, self._task_srcs, self.include, _exact_patterns(named, exclude), warn=False)
-        detected = [k for k in plan.mismatched if k in model_keys]
+    def _plan_with_heads(self, heads: HeadsArg, exclude: str | Sequence[str] | None) -> tuple[MergePlan, list[str]]:
+        """The merge plan without the named heads, and every head key: named ones plus those that differ."""
+        named = named_head_keys(self.model, heads)  # a pattern naming no key fails here
+        plan = plan_merge(self._base_src, self._task_srcs, self.include, exact_patterns(named, exclude), warn=False)
+        detected = differing_keys(plan, list(self.model.state_dict()))
         return plan, sorted(set(named) | set(detected))
-
-    def _module_pattern(self, head: nn.Module) -> str:
-        """The key prefix of a head given as a submodule of the model."""
-        for name, sub in self.model.named_modules():
-            if sub is head and name:
-                return f"^{re.escape(name)}\\."
-        raise ValueError(f"heads: the {type(head).__name__} given is not a submodule of the model")
 
     def _check_model_keys(self) -> None:
         targets = self.model.state_dict()
@@ -243,20 +228,8 @@ class MultiTaskMergeModule(pl.LightningModule):
         """Swap ``task``'s head into ``model`` (no-op for shared-output models)."""
         if not self.head_keys or self._head_task == task:
             return
-        heads = self._heads_cache.get(task)
-        if heads is None:
-            src = self._task_srcs[self._task_index(task)]
-            names = set(src.keys())
-            heads = {k: src.get(k).detach().clone() for k in self.head_keys if k in names}
-            self._heads_cache[task] = heads
-        targets = self.model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for key, value in heads.items():
-                t = targets[key]
-                if t.shape == value.shape:
-                    t.data.copy_(value)
-                else:  # heads of tasks with different label sets differ in shape
-                    t.data = value.to(device=t.device, dtype=t.dtype).clone()
+        self._task_index(task)  # an unknown task is a KeyError naming the tasks
+        self.head_store.swap_into(self.model, task)
         self._head_task = task
 
     def _task_index(self, task: str) -> int:
@@ -545,15 +518,6 @@ def module_device(module: nn.Module) -> torch.device:
         if t.is_floating_point():
             return t.device
     return torch.device("cpu")
-
-
-def _exact_patterns(keys: Sequence[str], extra: str | Sequence[str] | None) -> list[str] | None:
-    patterns = [f"^{re.escape(k)}$" for k in keys]
-    if isinstance(extra, str):
-        patterns.append(extra)
-    elif extra:
-        patterns.extend(extra)
-    return patterns or None
 
 
 __all__ = ["MultiTaskMergeModule"]

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..io.atomic import atomic_file
 from ..merging import get_method
-from .metrics import Objective, Scores, metric_names, normalized, objective_value
+from .metrics import Scores, SearchObjective, metric_names, normalized, objective_value
 
 #: k values searched when ``k`` is asked to be searched without a list (the paper's neighbourhood).
 DEFAULT_K_GRID = (0.1, 0.2, 0.3)
@@ -254,7 +254,7 @@ def run_search(
     ks: Sequence[float | None],
     lams: Sequence[float],
     strategy: str = "grid",
-    objective: Objective = "mean",
+    objective: SearchObjective = "mean",
     mode: str = "max",
     result: SearchResult | None = None,
     on_candidate: Callable[[Candidate], None] | None = None,

@@ -1,0 +1,138 @@
+"""What a learned merge returns (:class:`LearnedMergeResult`), saving it, its model card and its plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...merging import MergeReport, as_source
+
+
+@dataclass
+class LearnedMergeResult:
+    """What :func:`learn_coefficients` returns: merged weights, each task's head, coefficients, history."""
+
+    state_dict: dict[str, torch.Tensor]
+    heads: dict[str, dict[str, torch.Tensor]]
+    coefficients: torch.Tensor
+    tasks: list[str]
+    groups: list[str]
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    epochs_run: int
+    train_seconds: float
+    report: MergeReport
+    initial_coefficients: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0))
+
+    def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        """The merged weights with ``task``'s own head: a model that runs that task."""
+        if task not in self.heads:
+            raise ValueError(f"unknown task {task!r}; the tasks are {self.tasks}")
+        return {**self.state_dict, **self.heads[task]}
+
+    def coefficient_table(self) -> dict[str, dict[str, float]]:
+        return {t: {g: float(self.coefficients[i, j]) for j, g in enumerate(self.groups)} for i, t in enumerate(self.tasks)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (for model cards and the CLI)."""
+        return {"tasks": self.tasks, "groups": self.groups, "coefficients": self.coefficient_table(),
+                "history": self.history, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
+                "train_seconds": self.train_seconds, "report": self.report.to_dict()}
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        task: str | None = None,
+        config_from: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the merged model (with ``task``'s head if given) through the io sinks, atomically.
+
+        ``*.safetensors``: one file, the coefficients in its metadata; ``*.ckpt``: a Lightning
+        checkpoint, the coefficients in its hyper-parameters; any other path: a Hugging Face
+        folder (``config_from``'s config and tokenizer files copied) with ``README.md``
+        (model card with the coefficient table) and ``learned_merge.json``.
+        """
+        from ...io import save_lightning_checkpoint, save_safetensors
+        from ...io.atomic import atomic_dir, check_output
+        from ...io.sinks import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, copy_model_files
+
+        state = self.task_state_dict(task) if task is not None else self.state_dict
+        summary = {**self.to_dict(), "head_of": task}
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            return save_safetensors(state, path, {"lightning_ties.learned": json.dumps(summary)}, overwrite=overwrite)
+        if path.suffix == ".ckpt":
+            return save_lightning_checkpoint(state, path, {"learned_merge": summary}, overwrite=overwrite)
+        path = check_output(path, overwrite)
+        with atomic_dir(path) as tmp:
+            specs = {k: as_source(state).spec(k) for k in state}
+            with ShardedWriter(tmp, specs, DEFAULT_MAX_SHARD_SIZE) as writer:
+                for key, value in state.items():
+                    writer.write(key, value)
+            copy_model_files(config_from, tmp)
+            (tmp / "learned_merge.json").write_text(json.dumps(summary, indent=2))
+            (tmp / "README.md").write_text(model_card(summary))
+        return path
+
+
+def model_card(summary: Mapping[str, Any]) -> str:
+    """A model card (markdown) recording how the coefficients were learned and their values."""
+    params = summary["report"]["params"]
+    groups = summary["groups"]
+    lines = [
+        "---", "tags:", "- merge", "- lightning-ties", "- learned-merging-coefficients", "---", "",
+        f"# Merged model (learned coefficients over {params['base_method']})", "",
+        f"Tasks: {', '.join(summary['tasks'])}; granularity {params['granularity']}; objective "
+        f"{params['objective']}; best hold-out epoch {summary['best_epoch']}; "
+        f"{summary['train_seconds']:.0f} s of coefficient training."
+        + (f" Head: task {summary['head_of']!r}." if summary.get("head_of") else ""),
+        "", "| task | " + " | ".join(g.rstrip(".") for g in groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    for task, row in summary["coefficients"].items():
+        lines.append(f"| {task} | " + " | ".join(f"{row[g]:.3f}" for g in groups) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
+    """Draw the coefficients as a heat map, groups down and tasks across (PNG/SVG/PDF by suffix), atomically.
+
+    Example:
+        >>> import tempfile
+        >>> plot_coefficients({"a": {"l.0.": 1.0, "l.1.": 0.5}}, tempfile.mkdtemp() + "/lam.png").suffix
+        '.png'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ...io.atomic import atomic_file
+
+    tasks = list(table)
+    groups = list(next(iter(table.values())))
+    labels = [g.rstrip(".") for g in groups]
+    # groups as rows: there may be hundreds (granularity "tensor") with long names
+    values = [[table[t][g] for t in tasks] for g in groups]
+    width = 3.0 + 0.8 * len(tasks) + 0.07 * max(len(label) for label in labels)
+    fig, ax = plt.subplots(figsize=(width, 1.5 + 0.22 * len(groups)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(groups)), labels, fontsize=7)
+    fig.colorbar(image, ax=ax, label="lam")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+__all__ = ["LearnedMergeResult", "model_card", "plot_coefficients"]
