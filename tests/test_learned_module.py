@@ -339,6 +339,11 @@ def test_result_saves_through_the_io_sinks_with_its_coefficients(setup, tmp_path
     card = (folder / "README.md").read_text()
     assert "| task | layers.0 | layers.2 |" in card and f"{result.coefficients[1, 0]:.3f}" in card
     assert json.loads((folder / "learned_merge.json").read_text())["head_of"] == "b"
+    from huggingface_hub import ModelCard
+
+    hub_card = ModelCard.load(folder / "README.md")  # the io layer's one card writer: a Hub card
+    assert "learned-merging-coefficients" in hub_card.data.tags and hub_card.data.library_name == "lightning-ties"
+    assert hub_card.data.learned_groups == result.groups
     with pytest.raises(FileExistsError):
         result.save(folder)
     png = plot_coefficients(result.coefficient_table(), tmp_path / "lam.png")

@@ -239,8 +239,8 @@ def test_bad_input_is_refused_before_any_training_step(shared_tasks, make, messa
     ("kwargs", "message"),
     [
         (dict(val_dataloaders={"zzz": "loader"}), r"unknown task\(s\) \['zzz'\]"),
-        (dict(lam=[]), "lam grid is empty"),
-        (dict(k=[]), "k grid is empty"),
+        (dict(lam=[]), r"lam=\[\]: the grid is empty"),
+        (dict(k=[]), r"k=\[\]: the grid is empty"),
         (dict(apply="both"), "apply must be 'merged' or 'keep'"),
         (dict(apply="keep"), "pass save_dir"),
         (dict(task="a"), "this run's task"),

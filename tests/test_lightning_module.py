@@ -168,8 +168,8 @@ def test_a_different_search_does_not_reuse_old_candidates():
         (dict(dataloaders={"a": None, "b": "x", "zzz": "x"}), r"unknown task\(s\) \['zzz'\]"),
         (dict(dataloaders={"a": "x"}), r"task\(s\) \['b'\] have no validation dataloader"),
         (dict(dataloaders=["x", "y"]), "must be a dict task -> dataloader"),
-        (dict(dataloaders={"a": "x", "b": "y"}, lam=[]), "lam grid is empty"),
-        (dict(dataloaders={"a": "x", "b": "y"}, k=[]), "k grid is empty"),
+        (dict(dataloaders={"a": "x", "b": "y"}, lam=[]), r"lam=\[\]: the grid is empty"),
+        (dict(dataloaders={"a": "x", "b": "y"}, k=[]), r"k=\[\]: the grid is empty"),
     ],
 )
 def test_bad_search_input_fails_before_any_validation(kwargs, message):

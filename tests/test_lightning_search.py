@@ -26,14 +26,15 @@ def test_paper_grids_come_from_the_engine_registry():
     assert lam_grid("ties", None) == [1.0]
     assert lam_grid("ties", [1.5, 0.5, 1.5]) == [0.5, 1.5]
     assert k_grid("search") == [0.1, 0.2, 0.3]
+    assert k_grid("paper") == k_grid("search")  # the config's word is the search's: one validator
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: lam_grid("ties", []), "lam grid is empty"),
-        (lambda: k_grid([]), "k grid is empty"),
-        (lambda: k_grid([0.0, 0.2]), r"k values must be in \(0, 1\]"),
+        (lambda: lam_grid("ties", []), r"lam=\[\]: the grid is empty"),
+        (lambda: k_grid([]), r"k=\[\]: the grid is empty"),
+        (lambda: k_grid([0.0, 0.2]), r"0.0 is outside \(0, 1\]"),
         (lambda: lam_grid("ties", "best"), "'paper' or 'search'"),
         (lambda: lam_grid("ties", [float("nan")]), "finite"),
         (lambda: lam_grid("nope", 1.0), "unknown merge method 'nope'"),

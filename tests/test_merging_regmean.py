@@ -174,6 +174,16 @@ def test_collect_grams_runs_eval_no_grad_and_stops_at_max_examples():
     assert torch.allclose(dict_grams["0.weight"], torch.ones(3, 3, dtype=torch.float64))
 
 
+def test_row_mask_leaves_padding_positions_out():
+    layer = nn.Linear(2, 1)
+    x = torch.tensor([[[1.0, 2.0], [9.0, 9.0]], [[3.0, 0.0], [0.0, 1.0]]])  # [batch 2, seq 2, in 2]
+    mask = torch.tensor([[1, 0], [1, 1]])  # position (0, 1) is padding
+    grams, seen = collect_grams(layer, [(x, mask)], forward=lambda m, b: m(b[0]), row_mask=lambda b: b[1])
+    kept = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert seen == 2
+    assert torch.allclose(grams["weight"], kept.T @ kept / 3)
+
+
 def test_collector_errors_name_the_problem():
     with pytest.raises(ValueError, match="no nn.Linear"):
         GramCollector(nn.ReLU())

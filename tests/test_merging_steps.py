@@ -138,3 +138,88 @@ def test_ties_merge_end_to_end_applies_lam() -> None:
 def test_engine_matches_the_hand_computed_steps(scope: str) -> None:
     merged = ties_merge({"w": BASE}, fine_tuned_models(), k=0.4, lam=1.0, scope=scope)
     assert torch.allclose(merged["w"] - BASE, TAU_M)
+
+
+# ---- the in-place kernel the engine runs, pinned to the plain steps above ---------------------
+from lightning_ties.merging.steps import MERGE_FNS, ThresholdTrim, ties_chunk_, scale  # noqa: E402
+
+
+def _hard_task_vectors(seed: int, n_tasks: int = 5, n: int = 240) -> torch.Tensor:
+    """Task vectors with the awkward cases: ties at the trim threshold (values on a 0.5 grid),
+    exact zeros, and a task that is another's negation (sign scores of exactly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    taus = torch.round(torch.randn(n_tasks, n, generator=g) * 2) / 2
+    taus[torch.rand(n_tasks, n, generator=g) < 0.2] = 0.0
+    taus[-1] = -taus[0]
+    if seed % 2:  # a negative majority, so the contested entries must be re-merged with -1
+        taus[1:-1] = -taus[1:-1].abs()
+    return taus
+
+
+def _run_kernel(taus: torch.Tensor, k: float, sign: str, merge: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's use of the kernel: chunk by chunk, then the majority fallback for contested entries."""
+    n_tasks, n = taus.shape
+    trim_step = ThresholdTrim([top_magnitude_threshold(row, k) for row in taus], torch.float32)
+    out, all_trimmed = torch.empty(n), torch.empty(n_tasks, n)
+    total, contested = 0.0, []
+    for start in range(0, n, chunk):
+        scratch = taus[:, start : start + chunk].clone()  # the kernel overwrites its input
+        trimmed = torch.empty_like(scratch)
+        signs, cols = ties_chunk_(scratch, trim_step, out[start : start + chunk], trimmed, sign, merge)
+        all_trimmed[:, start : start + chunk] = trimmed
+        total += signs
+        if cols is not None:
+            contested.append(cols + start)
+    if total < 0:
+        for cols in contested:
+            out[cols] = disjoint_merge(all_trimmed[:, cols], -torch.ones(cols.numel()), merge)
+    return out, all_trimmed
+
+
+@pytest.mark.parametrize("merge", MERGE_FNS)
+@pytest.mark.parametrize("sign", ["mass", "count"])
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk", [240, 17])
+def test_in_place_kernel_equals_disjoint_merge_of_trim_and_elect_sign(merge: str, sign: str, seed: int, chunk: int) -> None:
+    # given task vectors with threshold ties, zeros and exactly tied elections
+    taus = _hard_task_vectors(seed)
+    k = 0.3
+    # when the kernel runs over the whole vector or over chunks of 17 columns
+    out, trimmed = _run_kernel(taus, k, sign, merge, chunk)
+    # then it equals the paper's three steps on the whole vector, exactly
+    expected_trimmed = trim(taus, k)
+    assert torch.equal(trimmed, expected_trimmed)
+    assert torch.equal(out, disjoint_merge(expected_trimmed, elect_sign(expected_trimmed, sign), merge))
+
+
+def test_hard_task_vectors_do_exercise_ties_and_contested_entries() -> None:
+    # guard for the test above: otherwise it would not test the rare branches
+    for seed in (0, 1):
+        taus = _hard_task_vectors(seed)
+        threshold = top_magnitude_threshold(taus[0], 0.3)
+        assert not threshold.keeps_all_ties  # some entries at the threshold are dropped
+        trimmed = trim(taus, 0.3)
+        score = sign_score(trimmed)
+        assert bool(((score == 0) & (trimmed != 0).any(0)).any())  # contested entries exist
+    assert float(elect_sign(trim(_hard_task_vectors(1), 0.3)).sum()) < 0  # and a negative majority
+
+
+def test_threshold_trim_spends_its_tie_budget_in_stream_order() -> None:
+    # given four entries tied at |x| = 1 of which the trim keeps two, streamed in two chunks
+    x = torch.tensor([[1.0, 0.5, -1.0, 1.0, -1.0]])
+    trim_step = ThresholdTrim([top_magnitude_threshold(x[0], 0.4)], torch.float32)
+    first, second = trim_step(x[:, :2].clone()), trim_step(x[:, 2:].clone())
+    # then the first two ties met are kept (positions 0 and 2), the later ones dropped
+    assert torch.cat([first, second], 1).tolist() == [[1.0, 0.0, -1.0, 0.0, 0.0]]
+    assert trim_step.tie_budget == [0] and trim_step.restart().tie_budget == [2]
+
+
+def test_in_place_kernel_refuses_an_election_it_does_not_implement() -> None:
+    taus = TAUS.clone()
+    trim_step = ThresholdTrim([top_magnitude_threshold(row, 0.4) for row in taus], torch.float32)
+    with pytest.raises(ValueError, match="'mass' or 'count', got sign='normfrac'"):
+        ties_chunk_(taus, trim_step, torch.empty(5), torch.empty_like(taus), "normfrac")
+
+
+def test_scale_is_base_plus_lam_times_tau_m() -> None:
+    assert torch.equal(scale(BASE, TAU_M, 0.5), torch.tensor([1.875, 0.0, 1.0, -0.5, 1.0]))

@@ -133,9 +133,8 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         self.task = task
         if task in self.tasks:
             raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
-        get_method(method)
         self.method = method
-        self.has_k = "k" in get_method(method).parameters()
+        self.has_k = get_method(method).has_k
         self.ks: list[float | None] = k_grid(k) if self.has_k else [None]
         self.lams = lam_grid(method, lam)
         self.val_dataloaders = dict(val_dataloaders or {})
@@ -256,8 +255,9 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
     def _without_scoring(self, evaluator: MultiTaskMergeModule, some_data: bool) -> SearchResult:
         """Apply a fixed (k, lam): the paper's recipe when a search had no data, else the given values."""
         if self.searching:
-            k = PAPER_DEFAULT_K if self.has_k else None
-            lam = PAPER_DEFAULT_LAM if get_method(self.method).searchable else get_method(self.method).lam
+            m = get_method(self.method)
+            k = PAPER_DEFAULT_K if m.has_k else None
+            lam = PAPER_DEFAULT_LAM if m.has_lam else m.default_lam
             reason = f"no validation data: paper recipe k={k}, lam={lam}"
         else:
             k, lam = self.ks[0], self.lams[0]
@@ -330,12 +330,12 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
             raise ValueError(
                 f"task(s) {missing} have no validation dataloader; pass val_dataloaders for every task "
                 f"{sorted(names)} (this run's own val dataloaders evaluate {self.task!r}), or none at all "
-                "to use the paper's recipe k=0.2, lam=1.0"
+                f"to use the paper's recipe k={PAPER_DEFAULT_K}, lam={PAPER_DEFAULT_LAM}"
             )
         if not given and self.searching:
             rank_zero_info(
                 "TiesMerging: no validation data, so k/lam are not searched: the paper's recipe "
-                "k=0.2, lam=1.0 will be used"
+                f"k={PAPER_DEFAULT_K}, lam={PAPER_DEFAULT_LAM} will be used"
             )
 
     def _task_names(self) -> set[str]:

@@ -170,7 +170,7 @@ class MultiTaskMergeModule(pl.LightningModule):
     @property
     def searches_k(self) -> bool:
         """Whether the current method has a trim density k."""
-        return "k" in get_method(self.method).parameters()
+        return get_method(self.method).has_k
 
     def task_vector(self, k: float | None = None) -> TaskVector:
         """tau_m of the current method for ``k`` (computed once per (method, k) and cached)."""
@@ -206,7 +206,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         written in the model's dtype (bf16/fp16 modules round once, as ``ties_merge`` does).
         """
         if lam is None:
-            lam = get_method(self.method).lam if self.lam is None else self.lam
+            lam = get_method(self.method).default_lam if self.lam is None else self.lam
         tau = self.task_vector(k)
         if self._base_merged is None:
             self._base_merged = {key: self._base_src.get(key) for key in self.plan.merge_keys}
@@ -440,10 +440,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         ks: list[float | None] = k_grid(self.k if k is None else k) if self.searches_k else [None]
         if k is not None and not self.searches_k:
             raise ValueError(f"method {self.method!r} has no k to search; leave k out")
-        lams = lam_grid(self.method, lam)
-        m = get_method(self.method)
-        if not m.searchable and lams != [m.lam]:
-            raise ValueError(f"method {self.method!r} has no lam to search (it always uses lam={m.lam})")
+        lams = lam_grid(self.method, lam)  # a method without lam (averaging) refuses any but its own here
         fingerprint = self.fingerprint(objective, mode, normalize)
         result = self.search_result if resume else None
         if result is None or result.fingerprint != fingerprint:

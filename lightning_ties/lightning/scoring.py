@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from typing import Any
 
 from ..merging import get_method
 from ._compat import pl
+from . import heads
 from .module import MultiTaskMergeModule
 
 
@@ -76,7 +76,7 @@ def make_trainer(logger: Any = None, **overrides: Any) -> Any:
 
 def exact_patterns(keys: Sequence[str]) -> list[str]:
     """Regexes that match exactly these keys (to hand a module's detected head keys to another)."""
-    return [f"^{re.escape(k)}$" for k in keys]
+    return heads.exact_patterns(keys) or []
 
 
 class TaskScorer:
@@ -154,8 +154,8 @@ class TaskScorer:
             self.trainer,
             dict(loaders),
             method=method,
-            k=grid.k if "k" in m.parameters() else None,
-            lam=grid.lam if m.searchable else None,
+            k=grid.k if m.has_k else None,
+            lam=grid.lam if m.has_lam else None,
             strategy=str(grid.strategy),
             objective=grid.objective,
             normalize=grid.objective.startswith("normalized"),

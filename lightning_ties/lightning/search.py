@@ -33,19 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import atomic_file
-from ..merging import get_method
+from ..merging.grids import DEFAULT_K_GRID, check_k_grid, check_lam_grid
+from ..merging.steps import PAPER_K, PAPER_LAM
 from .metrics import Scores, SearchObjective, metric_names, normalized, objective_value
 
-#: k values searched when ``k`` is asked to be searched without a list (the paper's neighbourhood).
-DEFAULT_K_GRID = (0.1, 0.2, 0.3)
-#: The paper's recipe when there is no validation data.
-PAPER_DEFAULT_K = 0.2
-PAPER_DEFAULT_LAM = 1.0
+#: The paper's recipe when there is no validation data (the registry's numbers, named for this layer).
+PAPER_DEFAULT_K = PAPER_K
+PAPER_DEFAULT_LAM = PAPER_LAM
 STRATEGIES = ("grid", "coarse_to_fine")
 
 
 def lam_grid(method: str, lam: Any) -> list[float]:
-    """The lam values to evaluate: ``"paper"``/``"search"`` -> the method's paper grid; a number or a list as given.
+    """The lam values to evaluate (the registry's one grid validator, :func:`~lightning_ties.merging.check_lam_grid`).
 
     Example:
         >>> lam_grid("task_arithmetic", "paper")[:3]
@@ -53,49 +52,17 @@ def lam_grid(method: str, lam: Any) -> list[float]:
         >>> lam_grid("ties", 1.0)
         [1.0]
     """
-    m = get_method(method)
-    if isinstance(lam, str):
-        if lam not in ("paper", "search"):
-            raise ValueError(f"lam must be a number, a list of numbers, 'paper' or 'search', got {lam!r}")
-        values: list[float] = list(m.lam_grid)
-    elif lam is None:
-        values = [m.lam]
-    elif isinstance(lam, (int, float)):
-        values = [float(lam)]
-    else:
-        values = [float(v) for v in lam]
-    return _check_grid(values, "lam")
+    return check_lam_grid(method, lam)
 
 
 def k_grid(k: Any) -> list[float]:
-    """The k values to evaluate: a number, a list, or ``"search"`` -> ``DEFAULT_K_GRID``.
+    """The k values to evaluate (the registry's one grid validator, :func:`~lightning_ties.merging.check_k_grid`).
 
     Example:
         >>> k_grid("search")
         [0.1, 0.2, 0.3]
     """
-    if isinstance(k, str):
-        if k != "search":
-            raise ValueError(f"k must be a number in (0, 1], a list of numbers or 'search', got {k!r}")
-        values = list(DEFAULT_K_GRID)
-    elif isinstance(k, (int, float)):
-        values = [float(k)]
-    else:
-        values = [float(v) for v in k]
-    values = _check_grid(values, "k")
-    bad = [v for v in values if not 0.0 < v <= 1.0]
-    if bad:
-        raise ValueError(f"k values must be in (0, 1] (fraction of each task vector kept), got {bad}")
-    return values
-
-
-def _check_grid(values: list[float], what: str) -> list[float]:
-    if not values:
-        raise ValueError(f"the {what} grid is empty; give at least one value")
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"{what} values must be finite numbers, got {bad}")
-    return sorted(set(values))
+    return check_k_grid(k)  # type: ignore[return-value]  # without a method every value is a number
 
 
 @dataclass

@@ -3,15 +3,20 @@
 Nothing here imports Lightning or reads files; see :mod:`lightning_ties.io` for file sources.
 """
 
+from typing import Any
+
 from .engine import (
     MergeReport,
     MergeResult,
+    MergedTaskVector,
     MergeSpec,
-    TaskVector,
     TaskVectorMerger,
     apply_task_vector,
     merged_task_vector,
 )
+# DEFAULT_K_GRID is importable from here but left out of __all__: ``lightning_ties`` re-exports
+# __all__, and its top-level DEFAULT_K_GRID is the Lightning search's name for the same grid.
+from .grids import DEFAULT_K_GRID, GRID_WORDS, check_k_grid, check_lam_grid  # noqa: F401
 from .methods import (
     METHODS,
     TA_LAM_GRID,
@@ -53,15 +58,17 @@ __all__ = [
     "MergeReport",
     "MergeResult",
     "MergeSpec",
+    "MergedTaskVector",
     "StateDictSource",
-    "TaskVector",
     "TaskVectorMerger",
     "TensorSource",
     "TensorSpec",
     "apply_task_vector",
     "as_source",
     "average_merge",
+    "check_k_grid",
     "check_lam",
+    "check_lam_grid",
     "describe_methods",
     "disjoint_components",
     "disjoint_merge",
@@ -82,3 +89,12 @@ __all__ = [
     "trim",
     "trim_mask",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names (``TaskVector`` -> ``MergedTaskVector``), with a DeprecationWarning."""
+    from . import engine
+
+    if name in engine._DEPRECATED:
+        return engine._renamed(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,6 +33,7 @@ from .select import MagnitudeSelector, MagnitudeThreshold, keep_count
 from .sources import TensorSource, as_source
 from .steps import (
     MERGE_FNS,
+    PAPER_K,
     SIGN_METHODS,
     ThresholdTrim,
     check_density,
@@ -91,7 +92,7 @@ class MergeSpec:
     """
 
     sparsify: Sparsify = "magnitude"
-    k: float = 0.2
+    k: float = PAPER_K
     p: float = 0.0
     scope: Scope = "global"
     sign: str | None = "mass"
@@ -130,12 +131,52 @@ class MergeReport:
     lam: float | None = None
     aliases: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_plan(
+        cls,
+        plan: MergePlan,
+        method: str,
+        params: Mapping[str, Any],
+        sources: Sequence[str],
+        thresholds: Sequence[float] | None = None,
+        lam: float | None = None,
+    ) -> MergeReport:
+        """The report of a merge of ``sources`` planned by ``plan``: the one way every layer builds one.
+
+        Merged and skipped keys and tied-weight aliases come from the plan (copied, so the
+        report does not change with it).
+
+        Example:
+            >>> from lightning_ties.merging.sources import StateDictSource
+            >>> src = StateDictSource({"w": torch.zeros(2)})
+            >>> report = MergeReport.from_plan(plan_merge(src, [src]), "ties", {"k": 0.2}, ["a"], lam=1.0)
+            >>> report.merged_keys, report.lam
+            (['w'], 1.0)
+        """
+        return cls(
+            method=method,
+            params=dict(params),
+            sources=list(sources),
+            merged_keys=list(plan.merge_keys),
+            skipped=dict(plan.skipped),
+            thresholds=list(thresholds) if thresholds is not None else None,
+            lam=lam,
+            aliases=dict(plan.aliases),
+        )
+
+    def with_lam(self, lam: float | None) -> MergeReport:
+        """A copy of this report for the merge applied with ``lam``."""
+        return MergeReport(**{**self.to_dict(), "lam": lam})
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class TaskVector(dict):
-    """A merged task vector tau_m (name -> float tensor) that can be applied for any lam.
+class MergedTaskVector(dict):
+    """The merged task vector tau_m (name -> float tensor), to apply for any lam.
+
+    Not one task's tau (that is :func:`~lightning_ties.merging.steps.task_vector`): the result
+    of trim, elect and disjoint merge over all tasks. Formerly ``TaskVector`` (deprecated alias).
 
     Example:
         >>> base = {"w": torch.zeros(3)}
@@ -488,8 +529,8 @@ def merged_task_vector(
     method: str = "custom",
     params: dict[str, Any] | None = None,
     device: DeviceLike = None,
-) -> TaskVector:
-    """Compute tau_m once; apply it for many lam with :meth:`TaskVector.apply`.
+) -> MergedTaskVector:
+    """Compute tau_m once; apply it for many lam with :meth:`MergedTaskVector.apply`.
 
     ``device``: where to merge and where tau_m lives (None: the base's device; CPU for files).
 
@@ -500,17 +541,15 @@ def merged_task_vector(
         tensor([2., 1.])
     """
     merger = TaskVectorMerger(base, models, spec, include, exclude, compute_dtype, device=device)
-    tau = TaskVector()
+    tau = MergedTaskVector()
     for key, t in merger:
         tau[key] = t
-    tau.report = MergeReport(
-        method=method,
-        params=dict(params if params is not None else asdict(merger.spec)),
-        sources=[m.label for m in merger.models],
-        merged_keys=list(merger.plan.merge_keys),
-        skipped=dict(merger.plan.skipped),
+    tau.report = MergeReport.from_plan(
+        merger.plan,
+        method,
+        params if params is not None else asdict(merger.spec),
+        [m.label for m in merger.models],
         thresholds=[t.value for t in merger.thresholds] if merger.thresholds else None,
-        aliases=dict(merger.plan.aliases),
     )
     return tau
 
@@ -574,5 +613,29 @@ def apply_task_vector(
             written.add(_identity(target))
         result[key] = target
     if report is not None:
-        result.report = MergeReport(**{**report.to_dict(), "lam": lam})
+        result.report = report.with_lam(lam)
     return result
+
+
+_DEPRECATED = {"TaskVector": "MergedTaskVector"}
+
+
+def _renamed(name: str) -> Any:
+    """The object an old name now stands for, with a DeprecationWarning naming its new name."""
+    import warnings
+
+    new = _DEPRECATED[name]
+    warnings.warn(
+        f"lightning_ties.merging.{name} is deprecated: use {new} (the merged task vector tau_m, "
+        f"not one task's task_vector())",
+        DeprecationWarning,
+        stacklevel=3,  # the line that looked the old name up, through the module's __getattr__
+    )
+    return globals()[new]
+
+
+def __getattr__(name: str) -> Any:
+    """Old names, still importable with a DeprecationWarning that names the new one."""
+    if name in _DEPRECATED:
+        return _renamed(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .engine import DeviceLike, MergeResult, MergeSpec, TaskVector, merged_task_vector
+from .engine import DeviceLike, MergedTaskVector, MergeResult, MergeSpec, merged_task_vector
 from .plan import Patterns
-from .steps import check_lam
+from .steps import PAPER_K, PAPER_LAM, check_lam
 
 
 def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
@@ -39,7 +39,19 @@ class MergeMethod:
         spec: builds the :class:`MergeSpec` from the method's parameters.
         lam: the default lam (the paper's no-validation recipe where it has one).
         lam_grid: the ``lam="paper"`` search grid.
-        searchable: whether lam may be searched (averaging has no lam).
+        searchable: whether the method has a lam to set or search (averaging has none).
+
+    Callers ask the method instead of repeating numbers: :attr:`has_k` / :attr:`default_k`,
+    :attr:`has_lam` / :attr:`default_lam` / :attr:`paper_lam_grid`; grids of k and lam are
+    checked by :func:`~lightning_ties.merging.grids.check_k_grid` and
+    :func:`~lightning_ties.merging.grids.check_lam_grid`.
+
+    Example:
+        >>> ties = get_method("ties")
+        >>> ties.has_k, ties.default_k, ties.default_lam, ties.paper_lam_grid[:3]
+        (True, 0.2, 1.0, (0.8, 0.9, 1.0))
+        >>> get_method("average").has_lam, get_method("task_arithmetic").has_k
+        (False, False)
     """
 
     name: str
@@ -55,6 +67,32 @@ class MergeMethod:
             p.name: p.default for p in inspect.signature(self.spec).parameters.values() if p.default is not p.empty
         }
 
+    @property
+    def has_k(self) -> bool:
+        """Whether the method trims with a density ``k`` (and so whether a k search makes sense)."""
+        return "k" in self.parameters()
+
+    @property
+    def default_k(self) -> float | None:
+        """The method's default k (the paper's 0.2 for TIES), None for a method without k."""
+        k = self.parameters().get("k")
+        return float(k) if k is not None else None
+
+    @property
+    def has_lam(self) -> bool:
+        """Whether lam may be set or searched (``searchable``; averaging has no lam)."""
+        return self.searchable
+
+    @property
+    def default_lam(self) -> float:
+        """The lam used when none is given (the paper's no-validation recipe where it has one)."""
+        return self.lam
+
+    @property
+    def paper_lam_grid(self) -> tuple[float, ...]:
+        """The grid ``lam="paper"`` (or ``"search"``) searches: the paper code's grid for this method."""
+        return self.lam_grid
+
     def resolve_lam(self, lam: float | None) -> float:
         """The lam to use: the method's default when None; methods without a lam refuse another.
 
@@ -63,7 +101,7 @@ class MergeMethod:
         if lam is None:
             return self.lam
         lam = check_lam(lam)
-        if not self.searchable and lam != self.lam:
+        if not self.has_lam and lam != self.lam:
             raise ValueError(f"method {self.name!r} has no lam to set (got lam={lam})")
         return lam
 
@@ -95,7 +133,7 @@ def get_method(name: str) -> MergeMethod:
         raise ValueError(f"unknown merge method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
-def _ties(k: float = 0.2, scope: str = "global", sign: str = "mass", merge: str = "mean") -> MergeSpec:
+def _ties(k: float = PAPER_K, scope: str = "global", sign: str = "mass", merge: str = "mean") -> MergeSpec:
     return MergeSpec("magnitude", k=k, scope=scope, sign=sign, merge=merge)  # type: ignore[arg-type]
 
 
@@ -111,15 +149,15 @@ def _ties_no_trim(sign: str = "mass", merge: str = "mean") -> MergeSpec:
     return MergeSpec(None, sign=sign, merge=merge)
 
 
-def _ties_no_elect(k: float = 0.2, scope: str = "global", merge: str = "mean") -> MergeSpec:
+def _ties_no_elect(k: float = PAPER_K, scope: str = "global", merge: str = "mean") -> MergeSpec:
     return MergeSpec("magnitude", k=k, scope=scope, sign=None, merge=merge)  # type: ignore[arg-type]
 
 
-def _ties_plain_mean(k: float = 0.2, scope: str = "global", sign: str = "mass") -> MergeSpec:
+def _ties_plain_mean(k: float = PAPER_K, scope: str = "global", sign: str = "mass") -> MergeSpec:
     return MergeSpec("magnitude", k=k, scope=scope, sign=sign, merge="task_mean")  # type: ignore[arg-type]
 
 
-def _magnitude_prune(k: float = 0.2, scope: str = "per_tensor") -> MergeSpec:
+def _magnitude_prune(k: float = PAPER_K, scope: str = "per_tensor") -> MergeSpec:
     return MergeSpec("magnitude", k=k, scope=scope, sign=None, merge="sum")  # type: ignore[arg-type]
 
 
@@ -132,17 +170,17 @@ def _dare_ties(p: float = 0.8, seed: int = 0, sign: str = "mass", merge: str = "
 
 
 for _m in (
-    MergeMethod("ties", "TIES-Merging: trim to top-k, elect sign, disjoint mean", _ties, 1.0, TIES_LAM_GRID),
+    MergeMethod("ties", "TIES-Merging: trim to top-k, elect sign, disjoint mean", _ties, PAPER_LAM, TIES_LAM_GRID),
     MergeMethod("task_arithmetic", "sum of task vectors scaled by lam", _task_arithmetic, 0.4, TA_LAM_GRID),
     MergeMethod("average", "plain mean of the fine-tuned weights", _average, 1.0, (1.0,), searchable=False),
-    MergeMethod("ties_no_trim", "TIES ablation: keep every entry (k=1)", _ties_no_trim, 1.0, TIES_LAM_GRID),
-    MergeMethod("ties_no_elect", "TIES ablation: mean of all non-zero trimmed values", _ties_no_elect, 1.0, TIES_LAM_GRID),
+    MergeMethod("ties_no_trim", "TIES ablation: keep every entry (k=1)", _ties_no_trim, PAPER_LAM, TIES_LAM_GRID),
+    MergeMethod("ties_no_elect", "TIES ablation: mean of all non-zero trimmed values", _ties_no_elect, PAPER_LAM, TIES_LAM_GRID),
     MergeMethod(
-        "ties_plain_mean", "TIES ablation: sign-agreeing values summed / N tasks", _ties_plain_mean, 1.0, TIES_LAM_GRID
+        "ties_plain_mean", "TIES ablation: sign-agreeing values summed / N tasks", _ties_plain_mean, PAPER_LAM, TIES_LAM_GRID
     ),
     MergeMethod("magnitude_prune", "task arithmetic of top-k trimmed task vectors", _magnitude_prune, 0.4, TA_LAM_GRID),
     MergeMethod("dare", "DARE: random drop p, rescale by 1/(1-p), then sum", _dare, 0.4, TA_LAM_GRID),
-    MergeMethod("dare_ties", "DARE drop and rescale, then TIES elect and disjoint mean", _dare_ties, 1.0, TIES_LAM_GRID),
+    MergeMethod("dare_ties", "DARE drop and rescale, then TIES elect and disjoint mean", _dare_ties, PAPER_LAM, TIES_LAM_GRID),
 ):
     register_method(_m)
 
@@ -156,7 +194,7 @@ def method_task_vector(
     compute_dtype: torch.dtype = torch.float32,
     device: DeviceLike = None,
     **params: Any,
-) -> TaskVector:
+) -> MergedTaskVector:
     """tau_m of a registered method (without lam), to apply for many lam.
 
     ``device``: where to merge and where tau_m lives (None: the base's device; CPU for files).
@@ -208,8 +246,8 @@ _merge_with = merge  # ties_merge's ``merge`` argument shadows the function's na
 def ties_merge(
     base: Any,
     models: Sequence[Any],
-    k: float = 0.2,
-    lam: float = 1.0,
+    k: float = PAPER_K,
+    lam: float = PAPER_LAM,
     scope: str = "global",
     sign: str = "mass",
     merge: str = "mean",
@@ -290,7 +328,7 @@ def describe_methods() -> str:
     rows = []
     for m in METHODS.values():
         params = ", ".join(f"{k}={v!r}" for k, v in m.parameters().items())
-        lam = f"lam={m.lam}" if m.searchable else "no lam"
+        lam = f"lam={m.lam}" if m.has_lam else "no lam"
         rows.append(f"  {m.name:<16} {m.description} ({', '.join(filter(None, [params, lam]))})")
     return "\n".join(rows)
 

@@ -39,17 +39,35 @@ class MergePlan:
 
 
 def compile_patterns(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
-    """Compile one regex or a list of them; a bad one is a ValueError naming ``what`` and the pattern."""
+    """Compile one regex or a list of them: the one pattern compiler of the package.
+
+    A bad one is a ValueError naming the argument ``what``, the pattern (with its index in a
+    list) and how to fix it, so callers (include/exclude, heads, groups, configs) never let a
+    ``re.error`` traceback escape.
+
+    Example:
+        >>> [p.pattern for p in compile_patterns(["^head", "bias$"], "exclude")]
+        ['^head', 'bias$']
+        >>> compile_patterns(["ok", "("], "include")
+        Traceback (most recent call last):
+        ...
+        ValueError: include[1]='(' is not a valid regular expression (missing ), unterminated subpattern at position 0); escape special characters such as ( [ . + * with a backslash
+    """
     if patterns is None:
         return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
+    single = isinstance(patterns, str)
     compiled = []
-    for p in patterns:
+    for i, p in enumerate([patterns] if single else patterns):
+        if not isinstance(p, str):
+            raise ValueError(f"{what}: expected a regular expression (a string) or a list of them, got {p!r}")
         try:
             compiled.append(re.compile(p))
         except re.error as err:
-            raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {err}") from None
+            where = what if single else f"{what}[{i}]"
+            raise ValueError(
+                f"{where}={p!r} is not a valid regular expression ({err}); escape special characters "
+                "such as ( [ . + * with a backslash"
+            ) from None
     return compiled
 
 

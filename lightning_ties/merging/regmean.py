@@ -127,7 +127,9 @@ class GramCollector:
     """Accumulate ``X^T X`` of the inputs of every ``nn.Linear`` in a module, with forward hooks.
 
     Inputs of any leading shape (``[batch, in]``, ``[batch, seq, in]``) count each row as one
-    input vector. Sums are kept in float64 on the layer's device; :meth:`grams` returns them
+    input vector. Set :attr:`row_mask` (a boolean ``[batch, seq]`` tensor, e.g. a transformer's
+    attention mask) before a forward pass to count only the rows it marks: padding positions
+    are not data. Sums are kept in float64 on the layer's device; :meth:`grams` returns them
     divided by the number of rows seen (the paper's code averages the same way), keyed by the
     layer's weight key in ``module.state_dict()``.
 
@@ -143,6 +145,7 @@ class GramCollector:
     def __init__(self, module: nn.Module, include: Callable[[str, nn.Linear], bool] | None = None) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        self.row_mask: torch.Tensor | None = None
         self._handles: list[Any] = []
         for name, sub in module.named_modules():
             if isinstance(sub, nn.Linear) and (include is None or include(name, sub)):
@@ -154,6 +157,9 @@ class GramCollector:
     def _hook(self, key: str) -> Callable[..., None]:
         def hook(layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             x = inputs[0].detach()
+            mask = self.row_mask
+            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+                x = x[mask.to(device=x.device, dtype=torch.bool)]
             x = x.reshape(-1, x.shape[-1]).to(torch.float64)
             gram = x.T @ x
             if key in self.sums:
@@ -198,6 +204,7 @@ def collect_grams(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     max_examples: int | None = None,
     include: Callable[[str, nn.Linear], bool] | None = None,
+    row_mask: Callable[[Any], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Run ``model`` (in eval mode, no grad) over ``batches`` and return its Gram matrices.
 
@@ -208,6 +215,9 @@ def collect_grams(
             ``model(**batch)`` for dicts, ``model(batch)`` for tensors.
         max_examples: stop once this many examples were seen (whole batches; the paper uses a few hundred to 1000).
         include: which linear layers to hook (``include(name, layer)``), default all.
+        row_mask: ``row_mask(batch)`` -> boolean ``[batch, seq]`` of the positions that count
+            (e.g. ``lambda b: b[0]["attention_mask"]``); layers whose inputs have another
+            leading shape count every row.
 
     Returns:
         ``(grams, examples)``: mean Gram matrix per linear weight key, and the examples seen.
@@ -226,6 +236,7 @@ def collect_grams(
             for batch in batches:
                 if max_examples is not None and seen >= max_examples:
                     break
+                gc.row_mask = row_mask(batch) if row_mask is not None else None
                 if forward is not None:
                     forward(model, batch)
                 elif isinstance(batch, Mapping):

@@ -72,6 +72,13 @@ def trim(taus: torch.Tensor, k: float) -> torch.Tensor:
     return out
 
 
+#: The paper's recipe without validation data: keep the top 20% of each task vector, lam = 1.
+#: Read them through the registry (``get_method("ties").default_k`` / ``.default_lam``); these
+#: constants exist so that :class:`~lightning_ties.merging.engine.MergeSpec` and the registry
+#: share one number.
+PAPER_K = 0.2
+PAPER_LAM = 1.0
+
 #: Largest |lam| accepted. The paper searches 0.8..2.5 and task arithmetic 0.1..1.0; a scale of
 #: 100 on a task vector already leaves the fine-tuned basin, and larger values are typos
 #: (``1e39`` turns float32 weights into Inf).

@@ -132,7 +132,7 @@ class LearnedMergeModule(pl.LightningModule):
         merger = TaskVectorMerger(as_source(model, "base"), sources, spec, plan=self.plan, device=module_device(model))
         self.components = TaskComponents.from_iterable(merger.components(), len(self.tasks))
         self.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
-        init = float(self.method.lam if lam is None else lam)
+        init = float(self.method.default_lam if lam is None else lam)
         shape = (len(self.tasks), len(self.groups))
         self.coefficients = nn.Parameter(torch.full(shape, init))
         self.register_buffer("initial_coefficients", torch.full(shape, init))

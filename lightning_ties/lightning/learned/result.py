@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 
-from ...merging import MergeReport, as_source
+from huggingface_hub import ModelCard
+
+from ...io import build_model_card, save_hf_folder, save_lightning_checkpoint, save_safetensors
+from ...io.atomic import atomic_file
+from ...merging import MergeReport
 
 
 @dataclass
@@ -59,10 +63,6 @@ class LearnedMergeResult:
         folder (``config_from``'s config and tokenizer files copied) with ``README.md``
         (model card with the coefficient table) and ``learned_merge.json``.
         """
-        from ...io import save_lightning_checkpoint, save_safetensors
-        from ...io.atomic import atomic_dir, check_output
-        from ...io.sinks import DEFAULT_MAX_SHARD_SIZE, ShardedWriter, copy_model_files
-
         state = self.task_state_dict(task) if task is not None else self.state_dict
         summary = {**self.to_dict(), "head_of": task}
         path = Path(path)
@@ -70,35 +70,36 @@ class LearnedMergeResult:
             return save_safetensors(state, path, {"lightning_ties.learned": json.dumps(summary)}, overwrite=overwrite)
         if path.suffix == ".ckpt":
             return save_lightning_checkpoint(state, path, {"learned_merge": summary}, overwrite=overwrite)
-        path = check_output(path, overwrite)
-        with atomic_dir(path) as tmp:
-            specs = {k: as_source(state).spec(k) for k in state}
-            with ShardedWriter(tmp, specs, DEFAULT_MAX_SHARD_SIZE) as writer:
-                for key, value in state.items():
-                    writer.write(key, value)
-            copy_model_files(config_from, tmp)
-            (tmp / "learned_merge.json").write_text(json.dumps(summary, indent=2))
-            (tmp / "README.md").write_text(model_card(summary))
-        return path
+        return save_hf_folder(state, path, config_from, overwrite=overwrite, card=learned_model_card(summary),
+                              extra_files={"learned_merge.json": json.dumps(summary, indent=2)})
+
+
+def learned_model_card(summary: Mapping[str, Any]) -> ModelCard:
+    """The Hub model card of a learned merge (the io layer's one card writer): how the coefficients
+    were learned and their table, tasks across, groups along."""
+    params = summary["report"]["params"]
+    groups = summary["groups"]
+    table = ["| task | " + " | ".join(g.rstrip(".") for g in groups) + " |", "|---|" + "---|" * len(groups)]
+    for task, row in summary["coefficients"].items():
+        table.append(f"| {task} | " + " | ".join(f"{row[g]:.3f}" for g in groups) + " |")
+    return build_model_card(
+        title=f"Merged model (learned coefficients over {params['base_method']})",
+        method=params["base_method"],
+        summary=(
+            f"Tasks: {', '.join(summary['tasks'])}; granularity {params['granularity']}; objective "
+            f"{params['objective']}; best hold-out epoch {summary['best_epoch']}; "
+            f"{summary['train_seconds']:.0f} s of coefficient training."
+            + (f" Head: task {summary['head_of']!r}." if summary.get("head_of") else "")
+        ),
+        sections=[("Coefficients", "\n".join(table))],
+        tags=["learned-merging-coefficients"],
+        metadata={"learned_tasks": list(summary["tasks"]), "learned_groups": list(groups)},
+    )
 
 
 def model_card(summary: Mapping[str, Any]) -> str:
-    """A model card (markdown) recording how the coefficients were learned and their values."""
-    params = summary["report"]["params"]
-    groups = summary["groups"]
-    lines = [
-        "---", "tags:", "- merge", "- lightning-ties", "- learned-merging-coefficients", "---", "",
-        f"# Merged model (learned coefficients over {params['base_method']})", "",
-        f"Tasks: {', '.join(summary['tasks'])}; granularity {params['granularity']}; objective "
-        f"{params['objective']}; best hold-out epoch {summary['best_epoch']}; "
-        f"{summary['train_seconds']:.0f} s of coefficient training."
-        + (f" Head: task {summary['head_of']!r}." if summary.get("head_of") else ""),
-        "", "| task | " + " | ".join(g.rstrip(".") for g in groups) + " |",
-        "|---|" + "---|" * len(groups),
-    ]
-    for task, row in summary["coefficients"].items():
-        lines.append(f"| {task} | " + " | ".join(f"{row[g]:.3f}" for g in groups) + " |")
-    return "\n".join(lines) + "\n"
+    """The model card (markdown with its YAML header) of :func:`learned_model_card`."""
+    return str(learned_model_card(summary))
 
 
 def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
@@ -113,8 +114,6 @@ def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ...io.atomic import atomic_file
 
     tasks = list(table)
     groups = list(next(iter(table.values())))
@@ -135,4 +134,4 @@ def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.P
     return path
 
 
-__all__ = ["LearnedMergeResult", "model_card", "plot_coefficients"]
+__all__ = ["LearnedMergeResult", "learned_model_card", "model_card", "plot_coefficients"]
