@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .merging import METHODS, check_lam, get_method
+from .merging import METHODS, check_k_grid, check_lam, check_lam_grid, get_method
+from .merging.plan import compile_patterns
 
 #: The method name that trains per-task/per-layer coefficients (lightning_ties.lightning.learned).
 LEARNED = "learned"
@@ -282,8 +283,8 @@ def registry_parameters(name: str) -> dict[str, Any]:
             f"unknown merge method {name!r}; choose one of {', '.join(sorted([*METHODS, LEARNED]))}"
         ) from None
     params = dict(method.parameters())
-    if method.searchable:
-        params["lam"] = method.lam
+    if method.has_lam:
+        params["lam"] = method.default_lam
     return params
 
 
@@ -515,14 +516,10 @@ def _env_keys(layer: Any, prefix: str = "") -> list[str]:
 
 def _check_choices(cfg: Any, where: str) -> None:
     for name in ("include", "exclude", "heads"):
-        for i, pattern in enumerate(getattr(cfg, name, None) or []):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ConfigError(
-                    f"{where}: {name}[{i}]={pattern!r} is not a valid regular expression ({err}); escape "
-                    "special characters such as ( [ . + * with a backslash"
-                ) from None
+        try:
+            compile_patterns(getattr(cfg, name, None) or [], name)  # the engine's own compiler
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
     method = getattr(cfg, "method", None)
     if isinstance(method, Mapping) and method.get("lam") is not None:
         _check_lam(method["lam"], "method.lam", where)  # again once interpolations are resolved
@@ -531,7 +528,7 @@ def _check_choices(cfg: Any, where: str) -> None:
             raise ConfigError(f"{where}: models is empty; list at least one fine-tuned checkpoint")
     grid = getattr(cfg, "search", None)
     if isinstance(grid, SearchGrid):
-        _check_grid(grid, where)
+        _check_grid(grid, getattr(cfg, "method", None), where)
     if isinstance(cfg, (SearchConfig, EvaluateConfig)) and not cfg.tasks:
         raise ConfigError(f"{where}: tasks is empty; map each task name to its fine-tuned checkpoint")
     if isinstance(cfg, DemoConfig):
@@ -556,28 +553,19 @@ def _check_choices(cfg: Any, where: str) -> None:
             raise ConfigError(f"{where}: tasks: the demo needs at least two tasks to merge, got {cfg.tasks}")
 
 
-def _check_grid(grid: SearchGrid, where: str) -> None:
-    for name in ("k", "lam"):
-        value = getattr(grid, name)
-        values = value if isinstance(value, list) else [value]
-        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or value in (
-            "paper",
-            "search",
-        )
-        if name == "k" and value is None:
-            ok = True
-        if not ok or (isinstance(value, list) and not value):
-            raise ConfigError(
-                f"{where}: search.{name}={value!r}: expected a number, a non-empty list of numbers or 'paper'"
-            )
-    lams = grid.lam if isinstance(grid.lam, list) else [grid.lam]
-    for lam in lams:
-        if not isinstance(lam, str):
-            _check_lam(lam, "search.lam", where)
-    ks = grid.k if isinstance(grid.k, list) else [grid.k]
-    bad = [k for k in ks if isinstance(k, (int, float)) and not 0.0 < k <= 1.0]  # nan fails this test too
-    if bad:
-        raise ConfigError(f"{where}: search.k={grid.k!r}: k is the fraction of each task vector kept, in (0, 1]")
+def _check_grid(grid: SearchGrid, method: Any, where: str) -> None:
+    """The search grids, checked by the same validator the Lightning search uses (before any work)."""
+    name = method.get("name") if isinstance(method, Mapping) else None
+    name = name if name in METHODS else None  # "learned" searches TIES's k; its lam is learned
+    checks = {"k": lambda v: check_k_grid(v, name, "search.k"), "lam": lambda v: check_lam_grid(name or "ties", v, "search.lam")}
+    for key, check in checks.items():
+        value = getattr(grid, key)
+        if any(isinstance(v, str) and _INTERPOLATION.search(v) for v in (value if isinstance(value, list) else [value])):
+            continue  # checked once resolved
+        try:
+            check(value)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
 
 def to_yaml(cfg: Any) -> str:

@@ -188,8 +188,11 @@ def test_a_run_resumed_from_its_checkpoint_continues_an_interrupted_search(share
     trainer.fit(pretrained(seed=5), task_data(3), task_data(3), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert counter.count == len(lams) - 2  # no training epoch left; references and 2 candidates reused
     assert len(resumed.result.candidates) == len(lams)
-    # the base came back from the checkpoint, not from the (differently initialised) new module
-    assert_state_close(resumed.state_dict()["base"], shared_tasks[0])
+    # the base came back through the checkpoint's reference to save_dir/base.safetensors, not from the
+    # (differently initialised) new module; the checkpoint holds the reference, not the tensors
+    assert_state_close(resumed._base_state, shared_tasks[0])
+    state = resumed.state_dict()
+    assert state["base"] is None and state["base_ref"]["path"] == str((tmp_path / "base.safetensors").resolve())
 
 
 def test_state_dict_round_trip():
@@ -241,7 +244,7 @@ def test_bad_input_is_refused_before_any_training_step(shared_tasks, make, messa
         (dict(val_dataloaders={"zzz": "loader"}), r"unknown task\(s\) \['zzz'\]"),
         (dict(lam=[]), r"lam=\[\]: the grid is empty"),
         (dict(k=[]), r"k=\[\]: the grid is empty"),
-        (dict(apply="both"), "apply must be 'merged' or 'keep'"),
+        (dict(apply="both"), "apply must be one of \['merged', 'keep'\]"),
         (dict(apply="keep"), "pass save_dir"),
         (dict(task="a"), "this run's task"),
         (dict(tasks={}), "nothing to merge with"),

@@ -74,3 +74,10 @@ def test_merged_task_vector_is_the_new_name_and_task_vector_a_deprecated_alias()
         import lightning_ties.merging as merging
 
         merging.TaskVectr  # noqa: B018
+
+
+def test_the_top_level_package_keeps_the_deprecated_name_too() -> None:
+    import lightning_ties
+
+    with pytest.warns(DeprecationWarning, match="use MergedTaskVector"):
+        assert lightning_ties.TaskVector is MergedTaskVector

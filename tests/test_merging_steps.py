@@ -159,8 +159,8 @@ def _hard_task_vectors(seed: int, n_tasks: int = 5, n: int = 240) -> torch.Tenso
 def _run_kernel(taus: torch.Tensor, k: float, sign: str, merge: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's use of the kernel: chunk by chunk, then the majority fallback for contested entries."""
     n_tasks, n = taus.shape
-    trim_step = ThresholdTrim([top_magnitude_threshold(row, k) for row in taus], torch.float32)
-    out, all_trimmed = torch.empty(n), torch.empty(n_tasks, n)
+    trim_step = ThresholdTrim([top_magnitude_threshold(row.cpu(), k) for row in taus], torch.float32)
+    out, all_trimmed = torch.empty(n, device=taus.device), torch.empty(n_tasks, n, device=taus.device)
     total, contested = 0.0, []
     for start in range(0, n, chunk):
         scratch = taus[:, start : start + chunk].clone()  # the kernel overwrites its input
@@ -172,7 +172,7 @@ def _run_kernel(taus: torch.Tensor, k: float, sign: str, merge: str, chunk: int)
             contested.append(cols + start)
     if total < 0:
         for cols in contested:
-            out[cols] = disjoint_merge(all_trimmed[:, cols], -torch.ones(cols.numel()), merge)
+            out[cols] = disjoint_merge(all_trimmed[:, cols], -torch.ones(cols.numel(), device=taus.device), merge)
     return out, all_trimmed
 
 
@@ -190,6 +190,19 @@ def test_in_place_kernel_equals_disjoint_merge_of_trim_and_elect_sign(merge: str
     expected_trimmed = trim(taus, k)
     assert torch.equal(trimmed, expected_trimmed)
     assert torch.equal(out, disjoint_merge(expected_trimmed, elect_sign(expected_trimmed, sign), merge))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("merge", MERGE_FNS)
+@pytest.mark.parametrize("sign", ["mass", "count"])
+def test_in_place_kernel_on_the_gpu_equals_the_plain_steps_on_the_cpu(merge: str, sign: str) -> None:
+    # the CPU test above, with the kernel run on the GPU (the engine's device path)
+    taus = _hard_task_vectors(1)
+    out, trimmed = _run_kernel(taus.cuda(), 0.3, sign, merge, 17)
+    expected_trimmed = trim(taus, 0.3)
+    assert torch.equal(trimmed.cpu(), expected_trimmed)
+    assert torch.equal(out.cpu(), disjoint_merge(expected_trimmed, elect_sign(expected_trimmed, sign), merge))
 
 
 def test_hard_task_vectors_do_exercise_ties_and_contested_entries() -> None:

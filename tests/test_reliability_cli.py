@@ -109,7 +109,7 @@ def test_lam_that_is_not_a_sane_number_is_a_config_error(inputs, capsys, where, 
 def test_a_search_grid_with_a_non_finite_or_huge_lam_is_refused(grid):
     with pytest.raises(ConfigError, match=r"override 'search.lam=.*search\.lam"):
         load_config(DemoConfig, overrides=[f"search.lam={grid}"])
-    with pytest.raises(ConfigError, match=r"search\.k=.*in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"search\.k=.*outside \(0, 1\]"):
         load_config(DemoConfig, overrides=["search.k=[0.2,.nan]"])
 
 

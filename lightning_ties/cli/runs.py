@@ -65,6 +65,6 @@ def count_candidates(methods: Sequence[str], grid: SearchGrid) -> int | None:
     for method in methods:
         if method == LEARNED or not get_method(method).searchable:
             continue
-        ks = k_grid(grid.k) if "k" in get_method(method).parameters() else [None]
+        ks = k_grid(grid.k) if get_method(method).has_k else [None]
         total += len(ks) * len(lam_grid(method, grid.lam))
     return total

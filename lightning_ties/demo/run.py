@@ -136,8 +136,7 @@ def learn(cfg: DemoConfig, base: DigitsNet, finetuned: Mapping[str, Any], val: M
 
 def _paper_recipe(method: str) -> tuple[float | None, float]:
     m = get_method(method)
-    k = m.parameters().get("k")
-    return k, m.lam
+    return m.default_k, m.default_lam
 
 
 def make_suite(cfg: DemoConfig) -> DigitsSuite:
@@ -191,7 +190,7 @@ def run_demo(
                 say(f"learned coefficients ({timings['learned_s']:.1f}s)")
                 continue
             m = get_method(method)
-            if not m.searchable:
+            if not m.has_lam:
                 report.add_row(ResultRow(method, method, "no parameters", ev.score_merged(test, method, None, None)))
                 continue
             k, lam = _paper_recipe(method)
@@ -225,7 +224,7 @@ def run_continual(
     """
     t_start = time.perf_counter()
     suite = make_suite(cfg)
-    methods = [m for m in cfg.methods if m != LEARNED and get_method(m).searchable]
+    methods = [m for m in cfg.methods if m != LEARNED and get_method(m).has_lam]
     if not methods:
         raise ValueError(f"continual merging needs a method with lam in methods, got {cfg.methods}")
     report = RunReport("lightning-ties continual merging: digits suite", list(cfg.tasks), split="test")

@@ -45,6 +45,8 @@ class RecentTensorCache:
         self.label = source.label
         self._key: str | None = None
         self._value: torch.Tensor | None = None
+        #: called with each key read (a progress bar follows the passes that come before the merge)
+        self.on_read: Callable[[str], None] | None = None
 
     def __getattr__(self, name: str) -> object:  # files, folder, prefix... of the wrapped source
         try:
@@ -60,6 +62,8 @@ class RecentTensorCache:
         return self.source.spec(key)
 
     def get(self, key: str) -> torch.Tensor:
+        if self.on_read is not None:
+            self.on_read(key)
         if key != self._key:
             self._key, self._value = None, None  # free the old tensor before reading the new one
             self._value = self.source.get(key)
@@ -223,13 +227,8 @@ def merge_to(
         base_cached, [RecentTensorCache(m) for m in model_srcs], spec, compute_dtype=compute_dtype, plan=plan,
         device=device,
     )
-    report = MergeReport(
-        method=method,
-        params={**merge_method.parameters(), **params},
-        sources=[m.label for m in model_srcs],
-        merged_keys=list(plan.merge_keys),
-        skipped=dict(plan.skipped),
-        lam=lam,
+    report = MergeReport.from_plan(
+        plan, method, {**merge_method.parameters(), **params}, [m.label for m in model_srcs], lam=lam
     )
     specs = {k: base_src.spec(k) for k in plan.keys}
     stream = _MergedStream(base_cached, merger, plan, lam, progress)
@@ -313,8 +312,30 @@ class _MergedStream:
             if key not in merged and key not in written_later:
                 put(key, self.base.get(key))
         disable = None if self.progress is None else not self.progress
-        with tqdm(total=len(self.plan.merge_keys), desc="merging", unit="tensor", disable=disable) as bar:
-            for key, tau in self.merger:
+        keys = list(self.plan.merge_keys)
+        spec = self.merger.spec
+        # the global scope reads every tensor once before the first merged one (the trim's thresholds,
+        # the norms of normfrac/normmass): counted too, the bar moves all along and its estimate holds
+        prepass = spec.scope == "global" and (spec.trims or spec.sign in ("normfrac", "normmass"))
+        total = len(keys) * (2 if prepass else 1)
+        desc = "thresholds" if prepass else "merging"
+        with tqdm(total=total, desc=desc, unit="tensor", disable=disable) as bar:
+            if prepass and isinstance(self.base, RecentTensorCache):
+                self.base.on_read = _PassProgress(bar, keys)
+            try:
+                self._merge(put, tied, bar, len(keys) if prepass else 0)
+            finally:
+                if isinstance(self.base, RecentTensorCache):
+                    self.base.on_read = None
+
+    def _merge(self, put: Callable[[str, torch.Tensor], None], tied: dict[str, list[str]], bar: Any, first: int) -> None:
+        for i, (key, tau) in enumerate(self.merger):
+            if i == 0 and first:
+                if isinstance(self.base, RecentTensorCache):
+                    self.base.on_read = None
+                bar.set_description("merging", refresh=False)
+                bar.update(first - bar.n)  # the pre-pass is over, whatever the bar had seen of it
+            if True:
                 b = self.base.get(key).to(tau.device)  # tau is on the merge device
                 # Same arithmetic as apply_task_vector (b + lam * tau), in place in tau's buffer;
                 # multiplying by 1.0 changes no bit, so that pass over the model is skipped.

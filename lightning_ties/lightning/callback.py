@@ -30,23 +30,29 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
+from ..io.card import sha256_file
 from ..io.sinks import save_safetensors
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
 from ..merging import as_source, get_method, plan_merge
+from ..merging.plan import compile_patterns
 from .metrics import MetricsArg, summarize
-from .heads import load_into
+from .heads import load_into, named_head_keys
 from .keys import match_to_module
 from .module import ForwardFn, MultiTaskMergeModule, module_device
-from .search import PAPER_DEFAULT_K, PAPER_DEFAULT_LAM, SearchResult, k_grid, lam_grid
+from .search import PAPER_DEFAULT_K, PAPER_DEFAULT_LAM, STRATEGIES, SearchResult, k_grid, lam_grid
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 PROGRESS_FILE = "search_progress.json"
+#: The captured base (module weights at fit start), written once under ``save_dir`` and referenced by checkpoints.
+BASE_FILE = "base.safetensors"
+#: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
+MERGED_CHECKPOINT = "merged.ckpt"
 
 
 class _StoreIsDeprecated(type(Callback)):  # type: ignore[misc]
@@ -80,13 +86,24 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
             validation dataloaders evaluate ``task``.
         metrics: metric template or ``{task: metric}`` (default arg-max accuracy).
-        heads: regexes naming per-task head keys (keys that differ across tasks are heads anyway).
-        objective, mode, strategy, normalize: as in :meth:`MultiTaskMergeModule.search`.
+        heads: regexes naming per-task head keys (keys that differ across tasks are heads anyway);
+            a regex that names no key of the module fails at ``setup``.
+        objective: what the search maximises: ``"mean"`` (mean of the first metric over tasks),
+            ``"normalized"`` (mean of merged / fine-tuned scores), ``"mean:<metric>"``,
+            ``"normalized:<metric>"``, or (from Python) a callable of the scores.
+        mode: ``"max"`` (higher objective is better) or ``"min"``.
+        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (every k at a coarse lam
+            grid, then the lams around the best).
+        normalize: also score each fine-tuned model on its own task (needed by ``"normalized"``).
         every_n_val_epochs: also score the merge every n validation epochs during fit.
-        apply: ``"merged"`` (the module ends holding the merged model) or ``"keep"`` (keep the
-            fine-tuned weights; the merged model is written to ``save_dir``).
-        save_dir: where results (``search.json``, ``search.csv``), progress and (``apply="keep"``)
-            ``merged.safetensors`` go.
+        apply: ``"merged"`` (the module ends holding the merged model; with ``save_dir`` a
+            ``merged.ckpt`` holding it is written there) or ``"keep"`` (keep the fine-tuned weights;
+            the merged model is written to ``save_dir/merged.safetensors``).
+        save_dir: where results (``search.json``, ``search.csv``), progress, the captured base
+            (``base.safetensors``, referenced from checkpoints by path and sha256) and the merged
+            model go. Without it, checkpoints carry the captured base themselves.
+        strategy: deprecated name of ``search_strategy`` (it clashes with ``trainer.strategy`` in a
+            LightningCLI config).
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base captured at fit start (or read from ``base``) is kept until the
             merge: ``"cpu"`` (default: host memory, no GPU memory spent on a second copy of the model),
@@ -116,19 +133,32 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         val_dataloaders: Mapping[str, Any] | None = None,
         metrics: MetricsArg = None,
         heads: str | Sequence[str] | None = None,
-        objective: Any = "mean",
-        mode: str = "max",
-        strategy: str = "grid",
+        objective: str | Callable[..., float] = "mean",
+        mode: Literal["max", "min"] = "max",
+        search_strategy: Literal["grid", "coarse_to_fine"] = "grid",
         normalize: bool = True,
         every_n_val_epochs: int | None = None,
-        apply: str = "merged",
+        apply: Literal["merged", "keep"] = "merged",
         save_dir: str | None = None,
         method_params: Mapping[str, Any] | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         forward_fn: ForwardFn | None = None,
         base_device: str = "cpu",
+        strategy: str | None = None,
     ) -> None:
+        if strategy is not None:
+            warnings.warn(
+                "TiesMerging(strategy=...) is deprecated (it clashes with trainer.strategy in a LightningCLI config): "
+                "use search_strategy=...", DeprecationWarning, stacklevel=3,
+            )
+            search_strategy = strategy  # type: ignore[assignment]
+        _check_choice("search_strategy", search_strategy, STRATEGIES)
+        _check_choice("mode", mode, ("max", "min"))
+        _check_choice("apply", apply, ("merged", "keep"))
+        _check_objective(objective, normalize)
+        if heads is not None and not isinstance(heads, torch.nn.Module):
+            _compile_heads(heads)  # a malformed regex fails here; one that names no key fails at setup
         self.tasks = dict(tasks or {})
         self.task = task
         if task in self.tasks:
@@ -147,7 +177,7 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
             raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
         self.base = base
         self.metrics, self.heads, self.objective, self.mode = metrics, heads, objective, mode
-        self.strategy, self.normalize, self.every_n_val_epochs = strategy, normalize, every_n_val_epochs
+        self.search_strategy, self.normalize, self.every_n_val_epochs = search_strategy, normalize, every_n_val_epochs
         self.apply, self.save_dir = apply, save_dir
         self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
         self.forward_fn = forward_fn
@@ -160,6 +190,11 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         self.result: SearchResult | None = None
         self._progress: SearchResult | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
+        #: {"path", "sha256"} of the file the base was read from or written to (what checkpoints hold instead of it).
+        self._base_ref: dict[str, Any] | None = None
+        #: The global step at which an ``apply="merged"`` merge was applied (a checkpoint restored from after it
+        #: already holds the merged weights: the fit end of a resumed run must not merge them again).
+        self._merged_at_step: int | None = None
         self._in_fit_loop = False
         self._merging: _MergeInProgress | None = None
 
@@ -175,6 +210,18 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
     def searching(self) -> bool:
         return len(self.ks) > 1 or len(self.lams) > 1
 
+    @property
+    def state_key(self) -> str:
+        """Where a checkpoint keeps this instance's state: one key per (class, method, task, tasks, grids).
+
+        As Lightning's stateful callbacks (``ModelCheckpoint``, ``EarlyStopping``) do, so several instances
+        (TIES and task arithmetic side by side) coexist in one Trainer and each resumes its own state.
+        """
+        return self._generate_state_key(
+            method=self.method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=self.lams,
+            save_dir=self.save_dir,
+        )
+
     # ---- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -185,12 +232,17 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
                 f"TiesMerging does not support the sharded strategy {name}: it reads every parameter whole. "
                 "Use a single device or strategy='ddp'."
             )
+        self._check_siblings(trainer)
         self._check_data(trainer)
         self._check_sources(pl_module)
+        if self.heads is not None:
+            named_head_keys(pl_module, self.heads)  # a regex naming no key of the module fails now, not at fit end
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._base_state is None:
             self._base_state = self._capture_base(pl_module)
+        if self._base_ref is None:
+            self._base_ref = self._record_base(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._in_fit_loop = True
@@ -206,6 +258,19 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
             self._score_merge_inline(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Merge (the search runs Lightning's validation loop, which it can only do once the fit loop is done).
+
+        Why not ``on_train_end``, as ``WeightAveraging`` swaps its average in there: the search validates
+        every candidate with ``trainer.validate``, which must not run inside the fit loop (its teardown would
+        end the fit's). ``ModelCheckpoint`` has written ``last.ckpt`` by then with the fine-tuned weights (the
+        resume point of an interrupted search), so with ``apply="merged"`` the merged weights get their own
+        checkpoint: ``save_dir/merged.ckpt`` (``LightningModule.load_from_checkpoint`` loads it alone), and
+        any ``trainer.save_checkpoint`` after ``fit`` holds them too.
+        """
+        if self._merged_at_step is not None and self._merged_at_step == trainer.global_step:
+            # restored from a checkpoint written after the merge: the module holds the merged weights already
+            rank_zero_info(f"TiesMerging: the merge of step {trainer.global_step} is restored from the checkpoint")
+            return
         self.merge(trainer, pl_module)
 
     # ---- merging ------------------------------------------------------------------------------
@@ -227,7 +292,7 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
                 evaluator.fingerprint_extra = {"step": trainer.global_step, "weights": _checksum(finetuned)}
                 evaluator.search_result = self._resume_point(evaluator)
                 result = evaluator.search(
-                    runner, loaders, k=self.ks if self.has_k else None, lam=self.lams, strategy=self.strategy, objective=self.objective,
+                    runner, loaders, k=self.ks if self.has_k else None, lam=self.lams, strategy=self.search_strategy, objective=self.objective,
                     mode=self.mode, normalize=self.normalize,
                     on_candidate=lambda _: self._save_progress(evaluator, trainer),
                 )
@@ -294,6 +359,10 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
                 _save_merged(pl_module, Path(self.save_dir) / "merged.safetensors")  # type: ignore[arg-type]
         if self.apply == "keep" or self._in_fit_loop:  # a merge asked for mid-fit must not change training
             load_into(pl_module, finetuned)
+            return
+        self._merged_at_step = trainer.global_step
+        if self.save_dir is not None:
+            _save_checkpoint_atomically(trainer, Path(self.save_dir) / MERGED_CHECKPOINT)
 
     def _score_merge_inline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Score the merge with the first k and the method's lam, then restore the fine-tuned weights."""
@@ -351,14 +420,51 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         if sources:
             plan_merge(base, sources, self.include, self.exclude, warn=False)
 
+    def _check_siblings(self, trainer: pl.Trainer) -> None:
+        """Several instances in one Trainer: each merges the module as it is when its turn comes, so at most one
+        may leave its merge in the module, and only the last (the others would merge a merge)."""
+        mine = [c for c in trainer.callbacks if isinstance(c, TiesMerging)]
+        merged = [i for i, c in enumerate(mine) if c.apply == "merged"]
+        if len(mine) > 1 and merged and (len(merged) > 1 or merged[0] != len(mine) - 1):
+            raise ValueError(
+                f"{len(mine)} merging callbacks in one Trainer: at most one may use apply='merged' and it must come "
+                "last in callbacks (the others would merge its merged weights); give the others apply='keep'"
+            )
+
     def _capture_base(self, pl_module: pl.LightningModule, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """The base's weights on ``device`` (default: per ``base_device``): ``base`` when given, else the module's."""
+        """The base's weights on ``device`` (default: per ``base_device``): ``base`` when given, the file a
+        restored checkpoint references, else the module's."""
         if device is None:
             device = module_device(pl_module) if self.base_device == "module" else torch.device(self.base_device)
-        if self.base is not None:
-            src = match_to_module(self.base, list(pl_module.state_dict()), label="base")
+        base = self.base
+        if base is None and self._base_ref is not None:
+            base = self._base_ref["path"]  # checked against its sha256 when the checkpoint was restored
+        if base is not None:
+            src = match_to_module(base, list(pl_module.state_dict()), label="base")
             return {k: src.get(k).detach().to(device, copy=True) for k in src.keys()}
         return _clone_state(pl_module, device)
+
+    def _record_base(self, trainer: pl.Trainer) -> dict[str, Any] | None:
+        """What checkpoints keep instead of the base: ``{"path", "sha256"}`` of the base's file.
+
+        A ``base`` given as a file is referenced as is; a captured base is written once to
+        ``save_dir/base.safetensors`` (atomically). ``None`` when there is no file: a base given as a module
+        or state dict is given again on resume, and a captured one without ``save_dir`` stays in the checkpoint.
+        """
+        if self.base is not None:
+            path = self.base if isinstance(self.base, (str, os.PathLike)) else None
+            if path is None or not Path(path).exists():
+                return None
+            path = Path(path).resolve()
+            return {"path": str(path), "sha256": sha256_file(path) if path.is_file() else None}
+        if self.save_dir is None or self._base_state is None:
+            return None
+        path = (Path(self.save_dir) / BASE_FILE).resolve()
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_safetensors(self._base_state, path)
+        trainer.strategy.barrier("ties_base_written")
+        return {"path": str(path), "sha256": sha256_file(path)}
 
     # ---- progress and state ----------------------------------------------------------------------
     def _resume_point(self, evaluator: MultiTaskMergeModule) -> SearchResult | None:
@@ -404,16 +510,30 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         rank_zero_info(f"TiesMerging: {result.reason}; chose k={result.k}, lam={result.lam}")
 
     def state_dict(self) -> dict[str, Any]:
+        """Small, as ``WeightAveraging``'s: progress, the result and a reference to the base's file.
+
+        The base's tensors travel only when nothing else records them (captured at fit start, no ``save_dir``).
+        """
         progress = self._live_progress()
+        keep_tensors = self._base_ref is None and self.base is None
         return {
-            "base": self._base_state,
+            "base": self._base_state if keep_tensors else None,
+            "base_ref": dict(self._base_ref) if self._base_ref is not None else None,
+            "merged_at_step": self._merged_at_step,
             "progress": progress.to_dict() if progress is not None else None,
             "result": self.result.to_dict() if self.result is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore progress, result and base; a referenced base file that is gone or changed fails here,
+        when ``Trainer.fit(ckpt_path=...)`` restores callbacks (before ``on_fit_start`` and any step)."""
+        ref = state_dict.get("base_ref")
+        if ref is not None:
+            _check_base_file(ref)
+            self._base_ref = dict(ref)
         if state_dict.get("base") is not None:
             self._base_state = dict(state_dict["base"])
+        self._merged_at_step = state_dict.get("merged_at_step")
         if state_dict.get("progress"):
             self._progress = SearchResult.from_dict(state_dict["progress"])
         if state_dict.get("result"):
@@ -468,6 +588,59 @@ def _resave_last_checkpoints(trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(tmp)  # every rank calls it (a collective under DDP); rank zero writes
         if trainer.is_global_zero:
             os.replace(tmp, path)
+
+
+def _save_checkpoint_atomically(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to a file beside ``path``, renamed over it: a kill leaves no half checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(tmp)  # every rank calls it (a collective under DDP); rank zero writes
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+
+
+def _check_base_file(ref: Mapping[str, Any]) -> None:
+    """The base a checkpoint references must be the file it was: present, with the same sha256."""
+    path = Path(ref["path"])
+    if not path.exists():
+        raise FileNotFoundError(
+            f"the checkpoint's TiesMerging state references its base at {path}, which does not exist; restore "
+            "that file (or resume with a fresh TiesMerging and no ckpt_path to start the merge over)"
+        )
+    expected = ref.get("sha256")
+    if expected is not None:
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ValueError(
+                f"the base at {path} changed since the checkpoint was written (sha256 {actual[:12]}..., the "
+                f"checkpoint recorded {expected[:12]}...); merging onto another base gives another model: restore "
+                "the original file"
+            )
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_objective(objective: Any, normalize: bool) -> None:
+    """``"mean"``, ``"normalized"``, ``"<either>:<metric>"`` or a callable; typos fail at construction."""
+    if callable(objective):
+        return
+    kind, _, _ = str(objective).partition(":") if isinstance(objective, str) else ("", "", "")
+    if kind not in ("mean", "normalized"):
+        raise ValueError(
+            f"objective must be 'mean', 'normalized', 'mean:<metric>', 'normalized:<metric>' or a callable, got {objective!r}"
+        )
+    if kind == "normalized" and not normalize:
+        raise ValueError("objective 'normalized' needs the fine-tuned scores: leave normalize=True")
+
+
+def _compile_heads(heads: Any) -> None:
+    items = [heads] if isinstance(heads, str) else list(heads)
+    patterns = [h for h in items if isinstance(h, str)]
+    compile_patterns(patterns, "heads")
 
 
 def _check_known(val_dataloaders: Mapping[str, Any], names: set[str]) -> None:

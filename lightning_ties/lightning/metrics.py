@@ -21,51 +21,21 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
+from torchmetrics.wrappers import MultitaskWrapper
+
+from ..evaluation.metrics import ArgmaxAccuracy
 
 #: Scores of one evaluation: task -> metric name -> value.
 Scores = dict[str, dict[str, float]]
-MetricsArg = Metric | MetricCollection | Mapping[str, Metric | MetricCollection] | None
-
-
-class ArgmaxAccuracy(Metric):
-    """Share of samples whose arg-max prediction equals the target (any number of classes).
-
-    The default task metric: it needs no ``num_classes``, so tasks with different label
-    sets (per-task heads) share the default. Counts are summed across processes.
-
-    Example:
-        >>> m = ArgmaxAccuracy()
-        >>> m.update(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
-        >>> m.compute()
-        tensor(0.5000)
-    """
-
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        labels = preds.argmax(dim=-1) if preds.dim() == target.dim() + 1 else preds
-        if labels.shape != target.shape:
-            raise ValueError(
-                f"ArgmaxAccuracy: predictions of shape {tuple(preds.shape)} do not match targets of shape "
-                f"{tuple(target.shape)}; pass logits [..., classes] or labels shaped like the targets"
-            )
-        self.correct += (labels == target).sum()
-        self.total += target.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
+#: ``metrics=`` of the multitask module: None (accuracy), a template, ``{task: metric}`` or a ``MultitaskWrapper``.
+MetricsArg = Metric | MetricCollection | Mapping[str, Metric | MetricCollection] | MultitaskWrapper | None
 
 
 def _as_collection(metric: Metric | MetricCollection, task: str) -> MetricCollection:
@@ -86,8 +56,9 @@ class TaskMetrics(nn.Module):
     Args:
         tasks: the task names.
         metrics: ``None`` (arg-max accuracy, named ``acc``), one ``Metric``/``MetricCollection``
-            used as a template (cloned per task), or a mapping task -> metric (each cloned, so
-            the same object may be given for several tasks without being shared).
+            used as a template (cloned per task), a mapping task -> metric (each cloned, so
+            the same object may be given for several tasks without being shared), or torchmetrics'
+            ``MultitaskWrapper`` (its per-task metrics, read as that mapping).
 
     Example:
         >>> tm = TaskMetrics(["a"])
@@ -99,6 +70,9 @@ class TaskMetrics(nn.Module):
     def __init__(self, tasks: Iterable[str], metrics: MetricsArg = None) -> None:
         super().__init__()
         self.tasks = list(tasks)
+        if isinstance(metrics, MultitaskWrapper):
+            # the wrapper's update takes dicts of all tasks at once; each task here is updated on its own
+            metrics = dict(metrics.task_metrics.items())
         if isinstance(metrics, Mapping):
             unknown = sorted(set(metrics) - set(self.tasks))
             missing = [t for t in self.tasks if t not in metrics]
@@ -137,10 +111,30 @@ class TaskMetrics(nn.Module):
 
 def _to_float(value: Any, task: str, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value)
+        return shortest_float(value)
     if isinstance(value, (int, float)):
         return float(value)
     raise TypeError(f"metric {name!r} of task {task!r} returned {type(value).__name__}; scores must be scalars")
+
+
+def shortest_float(value: torch.Tensor) -> float:
+    """A one-element tensor as the Python float with the fewest digits that is the same value in its dtype.
+
+    ``float()`` of a float32 2/3 gives 0.6666666865348816 (its exact binary value); this gives
+    0.6666667, which reads back as the same float32, so scores, tables and logs show clean numbers.
+
+    Example:
+        >>> shortest_float(torch.tensor(2 / 3)), shortest_float(torch.tensor(0.3))
+        (0.6666667, 0.3)
+    """
+    exact = float(value)
+    if not value.is_floating_point() or value.dtype == torch.float64 or not math.isfinite(exact):
+        return exact
+    for digits in range(1, 18):
+        short = float(f"{exact:.{digits}g}")
+        if torch.tensor(short, dtype=value.dtype).item() == exact:
+            return short
+    return exact
 
 
 def metric_names(scores: Scores) -> list[str]:

@@ -9,7 +9,7 @@ Entry points (also what the CLI calls; no user-written LightningModule needed)::
         heads=None,                # regexes naming per-task head keys; keys that differ are heads anyway
         metrics=None,              # Metric / MetricCollection template, or {task: metric}; default accuracy
         method="ties", k=0.2, lam=None, method_params=None, include=None, exclude=None,
-        forward_fn=None,           # (model, batch) -> (preds, target); default handles (x, y) and dicts
+        forward_fn=None,           # (model, batch, task) -> (preds, target); default handles (x, y) and dicts
     )
     scores = module.evaluate(trainer, dataloaders={"a": dl_a, ...}, k=0.2, lam=1.0)   # -> {task: {metric: v}}
     result = module.search(trainer, dataloaders={...}, method=None, k=None, lam="paper",
@@ -24,25 +24,29 @@ the tasks, and the module's default merge (k, lam) is applied first if none is i
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..evaluation.batches import predict_and_target
 from ..merging import MergePlan, TaskVector, apply_task_vector, as_source, get_method, method_task_vector, plan_merge
 from ..merging.sources import TensorSource
-from ._compat import move_data_to_device, pl
+from ._compat import move_data_to_device, pl, rank_zero_info
 from .heads import HeadsArg, HeadStore, differing_keys, exact_patterns, named_head_keys
 from .keys import match_to_module
 from .metrics import MetricsArg, Scores, TaskMetrics, summarize
+from .progress import SearchProgress
 from .search import Candidate, SearchResult, k_grid, lam_grid, run_search
 
-ForwardFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+#: ``forward_fn(model, batch, task) -> (preds, target)``; a two-argument ``forward_fn(model, batch)`` works too.
+ForwardFn = Callable[..., tuple[torch.Tensor, Any]]
 Dataloaders = Mapping[str, Any]
-_TARGET_KEYS = ("labels", "label", "y", "target", "targets")
 _MISMATCH_WARNING = r".*key\(s\) differ across models and are not merged.*"
 
 
@@ -69,9 +73,12 @@ class MultiTaskMergeModule(pl.LightningModule):
         lam: default lam; ``None`` -> the method's default.
         method_params: other method parameters (e.g. ``{"scope": "per_tensor"}``).
         include, exclude: regexes choosing the merged keys.
-        forward_fn: ``(model, batch) -> (preds, target)``; default: ``(x, y)`` batches call
-            ``model(x)``, dict batches pop ``labels``/``label``/``y``/``target`` and call ``model(**batch)``;
-            outputs with ``.logits`` use them.
+        forward_fn: ``(model, batch, task) -> (preds, target)``, told which task the batch belongs to
+            (so an encoder-plus-heads model can run ``task``'s own head); a function of two arguments
+            ``(model, batch)`` is called without the task. Default
+            (:func:`lightning_ties.evaluation.predict_and_target`): ``(x, y)`` batches call ``model(x)``,
+            dict batches pop ``labels``/``label``/``y``/``target``/``targets`` and call ``model(**batch)``;
+            the logits are the output tensor, its ``.logits``, ``["logits"]`` or a tuple's first element.
 
     Example:
         >>> import torch
@@ -115,6 +122,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.method_params = dict(method_params or {})
         self.include = include
         self.forward_fn = forward_fn
+        self._forward_takes_task = _takes_task(forward_fn) if forward_fn is not None else False
         model_keys = list(model.state_dict())
         # sources are matched to the model's own keys: a .ckpt of the same module as is, an inner
         # model's save_pretrained folder under its attribute (model.), see lightning.keys
@@ -138,7 +146,12 @@ class MultiTaskMergeModule(pl.LightningModule):
         # each task's head, read on first use and kept where its source gives it (no device memory)
         self.head_store = HeadStore(self.head_keys, dict(zip(self.tasks, self._task_srcs)))
         self._head_task: str | None = None
-        self._log_prefix = "merge"
+        #: where validation passes are logged: ``<log_prefix>/<task>/<metric>``, ``<log_prefix>/mean/<metric>``,
+        #: ``<log_prefix>/k``, ``<log_prefix>/lam`` (``evaluate``/``search`` take their own ``log_prefix``)
+        self.log_prefix = "merge"
+        self._measuring_reference = False
+        self._log_steps: dict[str, int] = {}  # next logger step of each prefix: one step per pass
+        self._candidate_step: int | None = None  # a search logs candidate i at step i
         #: extra facts a stored search's scores depend on (the callback adds the fine-tuned weights' checksum)
         self.fingerprint_extra: dict[str, Any] = {}
 
@@ -242,32 +255,27 @@ class MultiTaskMergeModule(pl.LightningModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def predict_and_target(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model predictions and targets of one batch (``forward_fn`` or the default conventions)."""
+    def predict_and_target(self, batch: Any, task: str | None = None) -> tuple[torch.Tensor, Any]:
+        """Model predictions and targets of one batch of ``task`` (``forward_fn`` or the batch convention)."""
         if self.forward_fn is not None:
+            if self._forward_takes_task:
+                return self.forward_fn(self.model, batch, task)
             return self.forward_fn(self.model, batch)
-        if isinstance(batch, Mapping):
-            inputs = dict(batch)
-            name = next((k for k in _TARGET_KEYS if k in inputs), None)
-            if name is None:
-                raise ValueError(f"dict batch has no target key (one of {_TARGET_KEYS}); pass forward_fn")
-            target = inputs.pop(name)
-            out = self.model(**inputs)
-        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            target = batch[1]
-            out = self.model(batch[0])
-        else:
-            raise ValueError(f"cannot split a {type(batch).__name__} batch into inputs and targets; pass forward_fn")
-        if hasattr(out, "logits"):
-            out = out.logits
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        return out, target
+        hint = "pass forward_fn=(model, batch, task) -> (preds, target) to MultiTaskMergeModule"
+        try:
+            preds, target = predict_and_target(self.model, batch)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (task {task!r}); {hint} to run this model and batch") from err
+        if target is None:
+            raise ValueError(
+                f"a batch of task {task!r} has no target (use (inputs, target) or a dict with 'labels'); {hint}"
+            )
+        return preds, target
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.tasks_by_index[dataloader_idx]
         self.use_task(task)
-        preds, target = self.predict_and_target(batch)
+        preds, target = self.predict_and_target(batch, task)
         self.task_metrics.update(task, preds, target)
 
     def merge_then_validate(
@@ -295,7 +303,7 @@ class MultiTaskMergeModule(pl.LightningModule):
             k, lam = self._pending
             self._pending = None
             self.apply_merge(k, lam)
-        elif self.current is None and self._log_prefix == "merge":
+        elif self.current is None and not self._measuring_reference:
             self.apply_merge()  # a direct ``trainer.validate`` scores the default merge
 
     def on_validation_epoch_start(self) -> None:
@@ -304,13 +312,37 @@ class MultiTaskMergeModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.last_scores = self.task_metrics.compute(dict.fromkeys(self.tasks_by_index))
         self.task_metrics.reset()
-        reference = self.reference if self._log_prefix == "merge" else None
-        for name, value in summarize(self.last_scores, reference, self._log_prefix).items():
-            self.log(name, value, add_dataloader_idx=False)
-        if self.current is not None and self._log_prefix == "merge":
+        if self._measuring_reference:
+            return  # measure_finetuned logs every task's reference once, with the mean over tasks
+        prefix = self.log_prefix
+        values = summarize(self.last_scores, self.reference or None, prefix)
+        if self.current is not None:
             if self.current[0] is not None:
-                self.log("merge/k", float(self.current[0]), add_dataloader_idx=False)
-            self.log("merge/lam", float(self.current[1]), add_dataloader_idx=False)
+                values[f"{prefix}/k"] = self.current[0]
+            values[f"{prefix}/lam"] = self.current[1]
+        step = self._candidate_step
+        for name, value in self.log_values(self.trainer, values, prefix, step).items():
+            # callback_metrics only (trainer.validate's return, monitors): the loggers got them with their step
+            self.log(name, value, add_dataloader_idx=False, logger=False)
+
+    def log_values(
+        self, trainer: pl.Trainer | None, values: Mapping[str, float], prefix: str, step: int | None = None
+    ) -> dict[str, float]:
+        """Send ``values`` to the trainer's loggers as clean Python floats at one step of their own.
+
+        Lightning's ``self.log`` would store float32 tensors (k=0.3 logged as 0.30000001192...) at the
+        Trainer's global step, which ``trainer.validate`` never advances: every pass would share step 0.
+        Each pass logged under ``prefix`` gets the next step instead (a search passes the candidate's
+        index), so a logger plots scores against the candidates.
+        """
+        clean = {name: clean_number(v) for name, v in values.items()}
+        if step is None:
+            step = self._log_steps.get(prefix, 0)
+        self._log_steps[prefix] = max(self._log_steps.get(prefix, 0), step + 1)
+        for logger in trainer.loggers if trainer is not None else []:
+            logger.log_metrics(clean, step=step)
+            logger.save()
+        return clean
 
     # ---- evaluation entry points ---------------------------------------------------------------
     def check_dataloaders(self, dataloaders: Dataloaders, require_all: bool = True) -> dict[str, list[Any]]:
@@ -365,17 +397,27 @@ class MultiTaskMergeModule(pl.LightningModule):
             self.model.train(was_training)
         return self.last_scores
 
-    def measure_finetuned(self, trainer: pl.Trainer | None, dataloaders: Dataloaders) -> Scores:
-        """Each task's own fine-tuned score on its dataloaders (measured once per task, cached)."""
+    def measure_finetuned(
+        self, trainer: pl.Trainer | None, dataloaders: Dataloaders, log_prefix: str | None = None
+    ) -> Scores:
+        """Each task's own fine-tuned score on its dataloaders (measured once per task, cached).
+
+        The new scores are logged once, all tasks and their mean in one step, under ``finetuned``
+        (``log_prefix="merge/val"`` -> ``finetuned/val``: the split of the merge they are compared with).
+        """
         loaders = self.check_dataloaders(dataloaders, require_all=False)
-        self._log_prefix = "finetuned"
+        measured: Scores = {}
+        self._measuring_reference = True
         try:
             for task, dls in loaders.items():
                 if task not in self.reference:
                     self.load_task(task)
-                    self.reference[task] = self.validate(trainer, {task: dls})[task]
+                    self.reference[task] = measured[task] = self.validate(trainer, {task: dls})[task]
         finally:
-            self._log_prefix = "merge"
+            self._measuring_reference = False
+        if measured:
+            prefix = reference_prefix(self.log_prefix if log_prefix is None else log_prefix)
+            self.log_values(trainer, summarize(measured, prefix=prefix), prefix)
         return dict(self.reference)
 
     def evaluate(
@@ -385,16 +427,30 @@ class MultiTaskMergeModule(pl.LightningModule):
         k: float | None = None,
         lam: float | None = None,
         normalize: bool = False,
+        log_prefix: str | None = None,
     ) -> Scores:
-        """Merge with (k, lam) and score every task on its dataloaders; logs ``merge/<task>/<metric>``.
+        """Merge with (k, lam) and score every task on its dataloaders; logs ``<log_prefix>/<task>/<metric>``.
+
+        ``log_prefix`` (default :attr:`log_prefix`, ``"merge"``) names the split in the logs, e.g.
+        ``"merge/test"``; each call is one step of that prefix.
 
         Example:
             ``scores = module.evaluate(pl.Trainer(logger=False), {"a": dl_a, "b": dl_b}, k=0.2, lam=1.0)``
         """
         loaders = self.check_dataloaders(dataloaders)
-        if normalize:
-            self.measure_finetuned(trainer, dataloaders)
-        return self.merge_then_validate(trainer, loaders, k, lam)
+        with self._logging_under(log_prefix):
+            if normalize:
+                self.measure_finetuned(trainer, dataloaders)
+            return self.merge_then_validate(trainer, loaders, k, lam)
+
+    @contextmanager
+    def _logging_under(self, log_prefix: str | None) -> Iterator[None]:
+        previous = self.log_prefix
+        self.log_prefix = previous if log_prefix is None else log_prefix
+        try:
+            yield
+        finally:
+            self.log_prefix = previous
 
     def search(
         self,
@@ -409,6 +465,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         normalize: bool = True,
         resume: bool = True,
         on_candidate: Callable[[Candidate], None] | None = None,
+        log_prefix: str | None = None,
     ) -> SearchResult:
         """Pick k and lam on the validation dataloaders, then leave the best merge applied.
 
@@ -427,6 +484,12 @@ class MultiTaskMergeModule(pl.LightningModule):
             normalize: measure each fine-tuned model's score once, for normalized scores.
             resume: reuse finished candidates of ``self.search_result`` when it is the same search.
             on_candidate: called after each new candidate (e.g. to save progress).
+            log_prefix: where candidates are logged (default :attr:`log_prefix`, ``"merge"``; e.g.
+                ``"merge/val"``): candidate i at logger step i, with its ``k`` and ``lam``.
+
+        Progress: one line per candidate through ``rank_zero_info`` ("candidate i of N: k, lam, score;
+        best so far") and, when the trainer shows a progress bar, one bar over the candidates with
+        the same postfix instead of a validation bar per candidate.
 
         Example:
             ``best = module.search(trainer, {"a": dl_a, "b": dl_b}, k=[0.1, 0.2, 0.3], lam="paper")``
@@ -447,16 +510,28 @@ class MultiTaskMergeModule(pl.LightningModule):
             result = SearchResult(method=self.method, fingerprint=fingerprint)
         self.search_result = result
         self.reference = {**result.reference, **self.reference}  # a resumed search keeps its references
-        if normalize:
-            result.reference = self.measure_finetuned(trainer, dataloaders)
+        with self._logging_under(log_prefix):
+            if normalize:
+                result.reference = self.measure_finetuned(trainer, dataloaders)
+            if trainer is not None:
+                self.merge_device = trainer.strategy.root_device  # tau_m is computed there (before_k)
+            total = len(ks) * len(lams) if strategy == "grid" else None
+            progress = SearchProgress(self.method, total, len(result.candidates), trainer, rank_zero_info)
 
-        if trainer is not None:
-            self.merge_device = trainer.strategy.root_device  # tau_m is computed there (before_k)
+            def evaluate(kv: float | None, lv: float) -> Scores:
+                self._candidate_step = len(result.candidates)  # candidate i is logged at step i
+                try:
+                    return self.merge_then_validate(trainer, loaders, kv, lv)
+                finally:
+                    self._candidate_step = None
 
-        def evaluate(kv: float | None, lv: float) -> Scores:
-            return self.merge_then_validate(trainer, loaders, kv, lv)
+            def finished(candidate: Candidate) -> None:
+                progress.update(result, candidate)
+                if on_candidate is not None:
+                    on_candidate(candidate)
 
-        run_search(evaluate, ks, lams, strategy, objective, mode, result, on_candidate, before_k=self.task_vector)
+            with progress:
+                run_search(evaluate, ks, lams, strategy, objective, mode, result, finished, before_k=self.task_vector)
         self.apply_merge(result.k, result.lam)
         return result
 
@@ -498,6 +573,40 @@ def _check_tasks(tasks: Mapping[str, Any]) -> list[str]:
     if bad:
         raise ValueError(f"task names must be non-empty strings without '/' and not 'mean', got {bad}")
     return list(tasks)
+
+
+def clean_number(value: float) -> float:
+    """``value`` as a Python float without binary noise: 12 significant digits (0.1 + 0.2 -> 0.3).
+
+    Example:
+        >>> clean_number(0.1 + 0.2), clean_number(2)
+        (0.3, 2.0)
+    """
+    return float(f"{float(value):.12g}")
+
+
+def reference_prefix(log_prefix: str) -> str:
+    """Where the fine-tuned reference of a merge logged under ``log_prefix`` is logged.
+
+    Example:
+        >>> reference_prefix("merge"), reference_prefix("merge/val"), reference_prefix("eval")
+        ('finetuned', 'finetuned/val', 'eval/finetuned')
+    """
+    if log_prefix == "merge" or log_prefix.startswith("merge/"):
+        return "finetuned" + log_prefix[len("merge"):]
+    return f"{log_prefix}/finetuned"
+
+
+def _takes_task(fn: Callable[..., Any]) -> bool:
+    """Whether ``forward_fn`` accepts a third argument (the task name); two-argument functions predate it."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: call them the old way
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
 
 
 def _snapshot_source(base: Any, model: nn.Module) -> TensorSource:

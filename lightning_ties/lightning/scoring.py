@@ -87,12 +87,25 @@ class TaskScorer:
         trainer: runs Lightning's validation loop (loggers, progress).
         tasks: the task name -> fine-tuned model mapping the module was built from (to score
             other weights with the same per-task heads).
+        eval_prefix: where the ``score_*`` passes are logged (``merge/test/<task>/<metric>``; their
+            fine-tuned reference under ``finetuned/test``); pass ``"merge/val"`` when they run on
+            validation data.
+        search_prefix: where the search's candidates are logged (``merge/val/...``, one step each).
     """
 
-    def __init__(self, module: MultiTaskMergeModule, trainer: Any, tasks: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        module: MultiTaskMergeModule,
+        trainer: Any,
+        tasks: Mapping[str, Any],
+        eval_prefix: str = "merge/test",
+        search_prefix: str = "merge/val",
+    ) -> None:
         self.module = module
         self.trainer = trainer
         self.tasks = dict(tasks)
+        self.eval_prefix = eval_prefix
+        self.search_prefix = search_prefix
 
     @staticmethod
     def _first(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -104,14 +117,15 @@ class TaskScorer:
 
     def score_base(self, loaders: Mapping[str, Any]) -> dict[str, float]:
         """The pretrained weights with each task's head (lam = 0)."""
-        return self._first(self.module.evaluate(self.trainer, dict(loaders), lam=0.0))  # lam=0: base, any method
+        # lam=0: the base, whatever the method
+        return self._first(self.module.evaluate(self.trainer, dict(loaders), lam=0.0, log_prefix=self.eval_prefix))
 
     def score_finetuned(self, loaders: Mapping[str, Any]) -> dict[str, float]:
         """Each fine-tuned model on its own task (on ``loaders``, not the module's cached reference)."""
         cached = self.module.reference
         self.module.reference = {}
         try:
-            return self._first(self.module.measure_finetuned(self.trainer, dict(loaders)))
+            return self._first(self.module.measure_finetuned(self.trainer, dict(loaders), log_prefix=self.eval_prefix))
         finally:
             self.module.reference = cached
 
@@ -120,7 +134,7 @@ class TaskScorer:
     ) -> dict[str, float]:
         """``method`` at fixed (k, lam)."""
         self.use_method(method)
-        return self._first(self.module.evaluate(self.trainer, dict(loaders), k=k, lam=lam))
+        return self._first(self.module.evaluate(self.trainer, dict(loaders), k=k, lam=lam, log_prefix=self.eval_prefix))
 
     def use_method(self, method: str) -> None:
         """Switch the module to another registry method, with that method's default parameters."""
@@ -142,7 +156,8 @@ class TaskScorer:
             heads=exact_patterns(self.module.head_keys) or None,
             method="task_arithmetic",
         )
-        return self._first(module.evaluate(self.trainer, dict(loaders), lam=0.0))
+        module._log_steps = self.module._log_steps  # noqa: SLF001  one step sequence per prefix in the logs
+        return self._first(module.evaluate(self.trainer, dict(loaders), lam=0.0, log_prefix=self.eval_prefix))
 
     def search(
         self, loaders: Mapping[str, Any], method: str, grid: Any, on_candidate: Callable[[Any], None] | None = None
@@ -161,6 +176,7 @@ class TaskScorer:
             normalize=grid.objective.startswith("normalized"),
             resume=False,
             on_candidate=on_candidate,
+            log_prefix=self.search_prefix,
         )
 
 

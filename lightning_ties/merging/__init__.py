@@ -5,6 +5,7 @@ Nothing here imports Lightning or reads files; see :mod:`lightning_ties.io` for 
 
 from typing import Any
 
+from . import engine
 from .engine import (
     MergeReport,
     MergeResult,
@@ -91,10 +92,12 @@ __all__ = [
 ]
 
 
+#: Old public names -> new ones; looking an old name up warns (``lightning_ties`` forwards these too).
+DEPRECATED_NAMES: dict[str, str] = dict(engine._DEPRECATED)
+
+
 def __getattr__(name: str) -> Any:
     """Deprecated names (``TaskVector`` -> ``MergedTaskVector``), with a DeprecationWarning."""
-    from . import engine
-
-    if name in engine._DEPRECATED:
+    if name in DEPRECATED_NAMES:
         return engine._renamed(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,17 +1,20 @@
-"""The three steps of TIES-Merging as small pure functions (Yadav et al., NeurIPS 2023).
+"""The steps of TIES-Merging as small pure functions (Yadav et al., NeurIPS 2023): all the maths.
 
 Each function works on task vectors stacked on dimension 0 (``[N, ...]`` for N tasks) and
 reads like the paper: **trim** each task vector to its top-k magnitudes, **elect** a sign
-per parameter, **disjoint-merge** the values that agree with it. The engine
-(:mod:`lightning_ties.merging.engine`) streams models through these same functions chunk by
-chunk; here they are also usable on their own, e.g. to reuse one merged task vector for many
-scaling factors::
+per parameter, **disjoint-merge** the values that agree with it, **scale** by lam. The
+engine (:mod:`lightning_ties.merging.engine`) only streams models through this file: chunk
+by chunk through :func:`trim` with known thresholds (:class:`ThresholdTrim`),
+:func:`sign_score` and :func:`disjoint_merge`, or, for TIES's own recipe, through the
+in-place kernel :func:`ties_chunk_`, which the tests pin to the three plain functions by
+exact equality. The functions are also usable on their own, e.g. to reuse one merged task
+vector for many scaling factors::
 
     taus = torch.stack([task_vector(base, ft) for ft in fine_tuned])   # [N, ...]
     trimmed = trim(taus, k=0.2)
     gamma = elect_sign(trimmed)                                         # "mass"
     tau_m = disjoint_merge(trimmed, gamma)                              # "mean"
-    theta = base + lam * tau_m
+    theta = scale(base, tau_m, lam)                                     # base + lam * tau_m
 """
 
 from __future__ import annotations

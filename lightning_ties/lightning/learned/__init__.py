@@ -41,7 +41,7 @@ from .data import split_holdout
 from .groups import GRANULARITIES, check_granularity, default_group, group_keys
 from .learn import learn_coefficients
 from .module import LearnedMergeModule
-from .objectives import OBJECTIVES, LossObjective, correct_count, cross_entropy, logits_of, prediction_entropy, split_batch
+from .objectives import OBJECTIVES, LossObjective, cross_entropy, logits_of, prediction_entropy, split_batch
 from .result import LearnedMergeResult, model_card, plot_coefficients
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "LossObjective",
     "TaskComponents",
     "check_granularity",
-    "correct_count",
     "cross_entropy",
     "default_group",
     "group_keys",

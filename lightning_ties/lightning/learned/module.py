@@ -12,6 +12,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
+from ...evaluation.metrics import ArgmaxAccuracy
 from ...merging import MergeReport, TaskVectorMerger, as_source, get_method, plan_merge
 from ...merging.plan import Patterns
 from .._compat import pl
@@ -25,7 +26,6 @@ from .objectives import (
     OBJECTIVES,
     LossObjective,
     StepCaller,
-    correct_count,
     cross_entropy,
     logits_of,
     prediction_entropy,
@@ -141,7 +141,7 @@ class LearnedMergeModule(pl.LightningModule):
         self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []
         self.val_loss = nn.ModuleList(MeanMetric() for _ in self.tasks)
-        self.val_acc = nn.ModuleList(MeanMetric() for _ in self.tasks)
+        self.val_acc = nn.ModuleList(ArgmaxAccuracy() for _ in self.tasks)  # the package's one accuracy
         self._val_params: dict[str, torch.Tensor] | None = None
 
     # ---- construction helpers --------------------------------------------------------------
@@ -273,9 +273,10 @@ class LearnedMergeModule(pl.LightningModule):
         n = len(target) if target is not None else 1
         self.val_loss[i].update(loss.detach(), weight=n)
         if target is not None and output is not None:
-            correct, count = correct_count(logits_of(output), target)
-            if count:
-                self.val_acc[i].update(torch.tensor(correct / count), weight=count)
+            logits = logits_of(output)
+            # regression targets (float) or outputs that are not per-target logits have no accuracy
+            if not target.dtype.is_floating_point and logits.shape[:-1] == target.shape:
+                self.val_acc[i].update(logits, target)
 
     def on_validation_epoch_end(self) -> None:
         self._val_params = None

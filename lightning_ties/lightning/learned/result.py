@@ -103,7 +103,10 @@ def model_card(summary: Mapping[str, Any]) -> str:
 
 
 def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
-    """Draw the coefficients as a heat map, groups down and tasks across (PNG/SVG/PDF by suffix), atomically.
+    """Draw the coefficients ``{task: {group: lam}}`` as a heat map, groups down and tasks across, atomically.
+
+    The package's one coefficient plot (the run report draws its ``coefficients.png`` with it too):
+    PNG/SVG/PDF by the path's suffix; a group a task lacks is left blank (NaN).
 
     Example:
         >>> import tempfile
@@ -116,10 +119,12 @@ def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.P
     import matplotlib.pyplot as plt
 
     tasks = list(table)
-    groups = list(next(iter(table.values())))
+    if not tasks:
+        raise ValueError("plot_coefficients: the table is empty; pass {task: {group: lam}}")
+    groups = list(dict.fromkeys(g for row in table.values() for g in row))
     labels = [g.rstrip(".") for g in groups]
     # groups as rows: there may be hundreds (granularity "tensor") with long names
-    values = [[table[t][g] for t in tasks] for g in groups]
+    values = [[float(table[t].get(g, float("nan"))) for t in tasks] for g in groups]
     width = 3.0 + 0.8 * len(tasks) + 0.07 * max(len(label) for label in labels)
     fig, ax = plt.subplots(figsize=(width, 1.5 + 0.22 * len(groups)))
     image = ax.imshow(values, cmap="viridis", aspect="auto")

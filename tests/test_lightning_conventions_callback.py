@@ -1,0 +1,266 @@
+"""The merging callback follows Lightning's own callback conventions, under both Lightning packages.
+
+Given a user of ``pytorch_lightning`` or of the unified ``lightning`` package, then: every typo fails
+before the first training step; LightningCLI lists and enforces the string choices; several instances
+coexist in one Trainer and each resumes its own state; checkpoints stay small and reference the base
+by path and sha256; the merged weights get a checkpoint that ``load_from_checkpoint`` loads alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+PACKAGES = {"pytorch_lightning": "lightning_ties.lightning", "lightning.pytorch": "lightning_ties.pytorch"}
+BOTH = pytest.mark.parametrize("package", sorted(PACKAGES))
+
+
+def _data(seed: int, n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x @ torch.randn(6, 3, generator=torch.Generator().manual_seed(100 + seed))).argmax(-1)
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def _load(package: str):
+    return importlib.import_module(package), importlib.import_module(PACKAGES[package])
+
+
+_NETS: dict[str, type] = {}
+
+
+def _net_class(pl):
+    """One LightningModule class per package (module-level name so ``load_from_checkpoint`` finds it)."""
+    if pl.__name__ in _NETS:
+        return _NETS[pl.__name__]
+
+    class Net(pl.LightningModule):
+        def __init__(self, seed: int = 0) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+            self.steps = 0
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            self.steps += 1
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.3)
+
+    _NETS[pl.__name__] = Net
+    return Net
+
+
+def _trainer(pl, tmp_path=None, **kwargs):
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                 accelerator="cpu", devices=1, max_epochs=1, default_root_dir=tmp_path)
+    return pl.Trainer(**{**quiet, **kwargs})
+
+
+def _tasks(pl) -> dict[str, dict[str, torch.Tensor]]:
+    """Two other tasks' fine-tuned weights (one short fit each from the same init as the runs below)."""
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        model = _net_class(pl)()
+        _trainer(pl).fit(model, _data(seed))
+        out[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return out
+
+
+# ---- options are validated before training ---------------------------------------------------------
+@BOTH
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(search_strategy="coarse"), "search_strategy must be one of"),
+    (dict(objective="normalised"), "objective must be"),
+    (dict(mode="maximize"), "mode must be one of"),
+    (dict(apply="merge"), "apply must be one of"),
+    (dict(heads="(unclosed"), "heads"),
+])
+def test_typos_fail_at_construction(package: str, kwargs: dict, message: str) -> None:
+    _, layer = _load(package)
+    with pytest.raises(ValueError, match=message):
+        layer.TiesMerging(tasks={"a": {}}, task="c", **kwargs)
+
+
+@BOTH
+def test_strategy_is_a_deprecated_name_of_search_strategy(package: str) -> None:
+    _, layer = _load(package)
+    with pytest.warns(DeprecationWarning, match="search_strategy"):
+        merging = layer.TiesMerging(tasks={"a": {}}, task="c", strategy="coarse_to_fine")
+    assert merging.search_strategy == "coarse_to_fine"
+    with pytest.raises(ValueError, match="search_strategy must be one of"), pytest.warns(DeprecationWarning):
+        layer.TiesMerging(tasks={"a": {}}, task="c", strategy="coarse")
+
+
+@BOTH
+def test_a_heads_regex_that_names_no_key_fails_at_setup_before_any_step(package: str) -> None:
+    pl, layer = _load(package)
+    tasks = _tasks(pl)
+    model = _net_class(pl)()
+    merging = layer.TiesMerging(tasks=tasks, task="c", heads=r"^classifier\.", val_dataloaders={})
+    with pytest.raises(ValueError, match=r"classifier.*match no key"):
+        _trainer(pl, callbacks=[merging]).fit(model, _data(3))
+    assert model.steps == 0
+
+
+# ---- several instances -----------------------------------------------------------------------------
+@BOTH
+def test_two_instances_coexist_and_each_resumes_its_own_state(package: str, tmp_path: Path) -> None:
+    pl, layer = _load(package)
+    tasks = _tasks(pl)
+
+    def pair():
+        ties = layer.TiesMerging(tasks=tasks, task="c", method="ties", apply="keep", save_dir=str(tmp_path / "ties"))
+        ta = layer.TiesMerging(tasks=tasks, task="c", method="task_arithmetic", lam=0.3)
+        return ties, ta
+
+    ties, ta = pair()
+    assert ties.state_key != ta.state_key
+    trainer = _trainer(pl, tmp_path, callbacks=[ties, ta])
+    trainer.fit(_net_class(pl)(), _data(3))
+    assert ties.result.method == "ties" and ta.result.method == "task_arithmetic"
+    trainer.save_checkpoint(tmp_path / "both.ckpt")
+    states = torch.load(tmp_path / "both.ckpt", weights_only=True)["callbacks"]
+    assert states[ties.state_key]["result"]["method"] == "ties"
+    assert states[ta.state_key]["result"]["method"] == "task_arithmetic"
+
+    class Probe(pl.Callback):  # on_fit_start runs after Lightning restored every callback's state
+        def on_fit_start(self, trainer, pl_module):
+            self.seen = [(c.result.method, c.result.lam) for c in (ties2, ta2)]
+
+    ties2, ta2 = pair()
+    probe = Probe()
+    _trainer(pl, tmp_path, callbacks=[ties2, ta2, probe]).fit(_net_class(pl)(), _data(3), ckpt_path=tmp_path / "both.ckpt")
+    assert probe.seen == [("ties", ties.result.lam), ("task_arithmetic", 0.3)]
+
+
+@BOTH
+def test_only_the_last_instance_may_leave_its_merge_in_the_module(package: str) -> None:
+    pl, layer = _load(package)
+    tasks = _tasks(pl)
+    first = layer.TiesMerging(tasks=tasks, task="c")  # apply="merged" first: the second would merge its merge
+    second = layer.TiesMerging(tasks=tasks, task="c", method="task_arithmetic", apply="keep", save_dir="unused")
+    model = _net_class(pl)()
+    with pytest.raises(ValueError, match="apply='merged'.*last"):
+        _trainer(pl, callbacks=[first, second]).fit(model, _data(3))
+    assert model.steps == 0
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def _fit_with_last(pl, layer, tmp_path: Path, save_dir, epochs: int = 1, ckpt_path=None, seed: int = 0, tasks=None):
+    merging = layer.TiesMerging(tasks=tasks, task="c", save_dir=save_dir)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = _net_class(pl)(seed=seed)
+    trainer = _trainer(pl, tmp_path, callbacks=[merging, ckpt], enable_checkpointing=True, max_epochs=epochs)
+    trainer.fit(model, _data(3), ckpt_path=ckpt_path)
+    return merging, model, tmp_path / "ckpt" / "last.ckpt"
+
+
+@BOTH
+def test_with_save_dir_the_checkpoint_references_the_base_instead_of_holding_it(package: str, tmp_path: Path) -> None:
+    pl, layer = _load(package)
+    tasks = _tasks(pl)
+    kept, _, inline = _fit_with_last(pl, layer, tmp_path / "inline", save_dir=None, tasks=tasks)
+    merging, _, referenced = _fit_with_last(pl, layer, tmp_path / "ref", save_dir=str(tmp_path / "out"), tasks=tasks)
+
+    state = torch.load(referenced, weights_only=True)["callbacks"][merging.state_key]
+    base_file = (tmp_path / "out" / "base.safetensors").resolve()
+    assert state["base"] is None and state["base_ref"]["path"] == str(base_file)
+    from lightning_ties.io import sha256_file
+    assert state["base_ref"]["sha256"] == sha256_file(base_file)
+    inline_state = torch.load(inline, weights_only=True)["callbacks"][kept.state_key]
+    assert set(inline_state["base"]) == set(_net_class(pl)().state_dict())  # no save_dir: the only record
+    assert referenced.stat().st_size < inline.stat().st_size
+
+
+@BOTH
+@pytest.mark.parametrize("damage", ["missing", "changed"])
+def test_a_referenced_base_that_is_gone_or_changed_fails_before_any_step(package: str, damage: str, tmp_path: Path) -> None:
+    pl, layer = _load(package)
+    tasks = _tasks(pl)
+    _, _, last = _fit_with_last(pl, layer, tmp_path, save_dir=str(tmp_path / "out"), tasks=tasks)
+    base_file = tmp_path / "out" / "base.safetensors"
+    if damage == "missing":
+        base_file.unlink()
+    else:
+        from lightning_ties.io import save_safetensors
+        save_safetensors({k: v + 1 for k, v in tasks["a"].items()}, base_file)
+    with pytest.raises((FileNotFoundError, ValueError), match="does not exist" if damage == "missing" else "changed"):
+        _fit_with_last(pl, layer, tmp_path, save_dir=str(tmp_path / "out"), epochs=2, ckpt_path=last, tasks=tasks)
+
+
+@BOTH
+def test_the_merged_checkpoint_loads_with_load_from_checkpoint_alone(package: str, tmp_path: Path) -> None:
+    pl, layer = _load(package)
+    tasks = _tasks(pl)
+    merging, model, last = _fit_with_last(pl, layer, tmp_path, save_dir=str(tmp_path / "out"), tasks=tasks)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    Net = _net_class(pl)
+    loaded = Net.load_from_checkpoint(tmp_path / "out" / "merged.ckpt", map_location="cpu")
+    for key, value in merged.items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    finetuned = torch.load(last, weights_only=True)["state_dict"]  # last.ckpt: the fine-tuned resume point
+    assert any(not torch.equal(finetuned[k], merged[k]) for k in merged)
+
+    # resuming from the merged checkpoint does not merge the merge again
+    again, model2, _ = _fit_with_last(pl, layer, tmp_path / "again", save_dir=str(tmp_path / "out"), seed=7,
+                                      ckpt_path=tmp_path / "out" / "merged.ckpt", tasks=tasks)
+    for key, value in merged.items():
+        torch.testing.assert_close(model2.state_dict()[key], value, msg=key)
+
+
+# ---- LightningCLI ------------------------------------------------------------------------------------
+def _cli(package: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        import sys
+        from {package}.cli import LightningCLI
+        from {package}.demos.boring_classes import BoringModel
+        sys.argv = ["prog", *{list(args)!r}]
+        LightningCLI(BoringModel, run=False)
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+
+
+@BOTH
+def test_lightning_cli_lists_the_choices_and_rejects_a_bad_one_at_parse_time(package: str, tmp_path: Path) -> None:
+    pytest.importorskip("jsonargparse")
+    layer = PACKAGES[package]
+    helped = _cli(package, tmp_path, "--trainer.callbacks.help", f"{layer}.TiesMerging")
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    text = " ".join(helped.stdout.split())
+    for choices in ("{max,min}", "{merged,keep}", "{grid,coarse_to_fine}"):
+        assert choices in text, text[-3000:]
+    assert "--trainer.callbacks.search_strategy" in helped.stdout and "then the lams around the best" in text
+
+    def config(mode: str) -> str:
+        (tmp_path / f"{mode}.yaml").write_text(textwrap.dedent(f"""
+            trainer:
+              logger: false
+              accelerator: cpu
+              callbacks:
+                - class_path: {layer}.TiesMerging
+                  init_args: {{tasks: {{a: a.safetensors}}, task: b, mode: {mode}}}
+        """))
+        return f"{mode}.yaml"
+
+    assert _cli(package, tmp_path, "--config", config("max")).returncode == 0
+    bad = _cli(package, tmp_path, "--config", config("maximize"))
+    assert bad.returncode != 0 and "maximize" in bad.stderr
