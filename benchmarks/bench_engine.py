@@ -281,6 +281,75 @@ def check_gpu_equals_cpu(tasks: int, k: float, case: str) -> list[str]:
     ]
 
 
+def gpu_phases(base, fts, k: float, repeats: int) -> list[str]:
+    """Where ours-global spends its time on the GPU: sample brackets, select pass, merge pass.
+
+    CUDA events around each phase (fastest of ``repeats``), then one more run under
+    ``torch.cuda.set_sync_debug_mode("warn")`` that counts the host syncs of each phase.
+    """
+    import warnings
+
+    from lightning_ties.merging import MergeSpec, TaskVectorMerger
+    from lightning_ties.merging.select import keep_count
+
+    def one_run() -> dict[str, float]:
+        merger = TaskVectorMerger(base, fts, MergeSpec(k=k, scope="global"))
+        keys, events = merger.plan.merge_keys, {}
+        sample = merger._sample_brackets
+
+        def timed_sample(*a, **kw):
+            events["brackets"] = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+            events["brackets"][0].record()
+            out = sample(*a, **kw)
+            events["brackets"][1].record()
+            return out
+
+        merger._sample_brackets = timed_sample
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        torch.cuda.synchronize()
+        marks[0].record()
+        merger.thresholds = merger._select(keys, keep_count(k, merger.plan.numel))
+        marks[1].record()
+        for _ in merger:
+            pass
+        marks[2].record()
+        torch.cuda.synchronize()
+        brackets = events["brackets"][0].elapsed_time(events["brackets"][1]) if "brackets" in events else 0.0
+        return {
+            "sample brackets": brackets,
+            "select pass": marks[0].elapsed_time(marks[1]) - brackets,
+            "merge pass": marks[1].elapsed_time(marks[2]),
+        }
+
+    one_run()  # warm up
+    runs = [one_run() for _ in range(repeats)]
+    best = {phase: min(r[phase] for r in runs) for phase in runs[0]}
+    syncs = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            merger = TaskVectorMerger(base, fts, MergeSpec(k=k, scope="global"))
+            n = len(caught)
+            m = keep_count(k, merger.plan.numel)
+            brackets = merger._sample_brackets(merger.plan.merge_keys, m)
+            syncs["sample brackets"] = len(caught) - n
+            n = len(caught)
+            merger._sample_brackets = lambda *a, **kw: brackets
+            merger.thresholds = merger._select(merger.plan.merge_keys, m)
+            syncs["select pass"] = len(caught) - n
+            n = len(caught)
+            for _ in merger:
+                pass
+            syncs["merge pass"] = len(caught) - n
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [
+        "ours-global phases (CUDA events, fastest of %d): " % repeats
+        + ", ".join(f"{phase} {ms:.1f} ms ({syncs[phase]} host syncs)" for phase, ms in best.items())
+    ]
+
+
 def gpu_main(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to this torch")
@@ -291,6 +360,7 @@ def gpu_main(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         inputs_mb = sum(v.numel() * v.element_size() for sd in (base, *fts) for v in sd.values()) / 2**20
         results = {name: time_gpu(name, base, fts, args.k, args.repeats) for name in GPU_COMPETITORS}
+        phases = gpu_phases(base, fts, args.k, args.repeats)
         del base, fts
         torch.cuda.empty_cache()
         print(f"\n[{case}: {len(model_shapes(int(args.params), case))} tensor(s); inputs {inputs_mb:,.0f} MB on the GPU]")
@@ -302,7 +372,7 @@ def gpu_main(args: argparse.Namespace) -> None:
                 f"{name:<14}{r['seconds'] * 1000:>10.1f}{r['seconds'] / floor:>9.1f}x"
                 f"{paper / r['seconds']:>18.1f}x{r['peak_mb']:>21,.0f}"
             )
-        for line in check_gpu_equals_cpu(args.tasks, args.k, case):
+        for line in [*phases, *check_gpu_equals_cpu(args.tasks, args.k, case)]:
             print("  " + line)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_ties import average_merge, merge, merge_to, task_arithmetic, ties_merge
 from lightning_ties.io import open_source
+from lightning_ties.merging import steps
 from lightning_ties.merging import (
     METHODS,
     MagnitudeSelector,
@@ -152,11 +153,29 @@ def test_gather_selection_falls_back_when_the_bracket_misses() -> None:
     assert sel.result() == expected and not sel.used_bracket
 
 
-def test_gather_selection_refuses_nan() -> None:
-    x = torch.tensor([0.5, float("nan"), 1.0, 2.0])
-    sel = MagnitudeSelector(2, torch.float32, bracket=(0.4, 1.5), gather=True)
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        sel.observe(x, name="task vector of ft at 'w'")
+@pytest.mark.parametrize("bracket", [(0.4, 1.5), None])
+def test_gather_selection_refuses_nan_naming_the_tensor_when_the_pass_closes(bracket) -> None:
+    # the gather strategy does not wait for the device per tensor: the check is read once per pass
+    clean, bad = torch.tensor([0.5, 1.0]), torch.tensor([0.5, float("nan"), 1.0, 2.0])
+    sel = MagnitudeSelector(2, torch.float32, bracket=bracket, gather=True)
+    sel.observe(clean, name="task vector of ft at 'a'")
+    sel.observe(bad, name="task vector of ft at 'w'")
+    with pytest.raises(ValueError, match="task vector of ft at 'w' holds NaN or Inf"):
+        sel.next_pass()
+
+
+@pytest.mark.parametrize("bracket", [(0.5, 0.5), (0.25, 3.0), None])
+def test_gather_selection_counts_ties_and_empty_tensors_like_the_histogram_of_every_entry(bracket) -> None:
+    # many equal magnitudes at the threshold, an empty tensor, entries on both bracket edges
+    tensors = [torch.tensor([0.5, -0.5, 0.25, 3.0, 4.0]), torch.empty(0), torch.tensor([-0.5, 0.5, 0.0, 3.0])]
+    for m in (1, 3, 4, 6, 9):
+        expected = top_magnitude_threshold(tensors, m / 9)
+        sel = MagnitudeSelector(m, torch.float32, bracket=bracket, gather=True)
+        while not sel.done:
+            for t in tensors:
+                sel.observe(t)
+            sel.next_pass()
+        assert sel.result() == expected, m
 
 
 # ---- CUDA: same results on the GPU ----------------------------------------------------------
@@ -240,3 +259,92 @@ def test_cuda_apply_into_a_module_on_another_device(base_device: str, module_dev
     for key, value in module.state_dict().items():
         assert value.device.type == module_device
         assert torch.equal(value.cpu(), expected[key]), key
+
+
+# ---- one summation order on every device ----------------------------------------------------
+def mixed_magnitudes(n_tasks: int, columns: int, seed: int = 0) -> torch.Tensor:
+    # values spread over ~20 binades: any other order of addition rounds differently somewhere
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_tasks, columns, generator=g) * torch.exp(6 * torch.randn(n_tasks, columns, generator=g))
+
+
+def sequential_sum(x: torch.Tensor) -> torch.Tensor:
+    total = x[0].clone()
+    for row in x[1:]:
+        total = total + row
+    return total
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2, 3, 8, 11, 20])
+def test_sum_tasks_adds_rows_in_task_order_bit_for_bit(n_tasks: int) -> None:
+    from lightning_ties.merging.steps import sum_tasks
+
+    x = mixed_magnitudes(n_tasks, 70_001)
+    expected = sequential_sum(x)
+    assert torch.equal(sum_tasks(x).view(torch.int32), expected.view(torch.int32))
+    out = torch.empty(70_001)
+    assert sum_tasks(x, out=out) is out and torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(sum_tasks(x[:, 5:900]), sequential_sum(x[:, 5:900]))  # strided rows of a chunk
+
+
+def test_merges_sum_tasks_in_task_order_not_in_the_order_of_torch_sum() -> None:
+    # Data where torch's own x.sum(0) rounds differently from the sequential order (guarded
+    # below): every method's sums must follow the sequential order, the one CUDA also follows.
+    x = mixed_magnitudes(8, 2000, seed=1)
+    assert not torch.equal(x.sum(0), sequential_sum(x))  # guard: the orders differ on this data
+    base = {"w": torch.zeros(2000)}
+    fts = [{"w": row.clone()} for row in x]
+    assert torch.equal(task_arithmetic(base, fts, lam=1.0)["w"], sequential_sum(x))
+    # TIES without trim, with the "sum" merge: elect by the sequential mass, sum the agreeing values
+    gamma = torch.where(sequential_sum(x) >= 0, 1.0, -1.0)
+    agreeing = (x * gamma).clamp(min=0)
+    assert torch.equal(ties_merge(base, fts, k=1.0, merge="sum", lam=1.0)["w"], sequential_sum(agreeing) * gamma)
+    assert torch.equal(merge(base, fts, "dare", p=0.0, lam=1.0)["w"], sequential_sum(x))
+
+
+def test_engine_through_the_gpu_selection_strategy_equals_the_cpu_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU's sync-free selection (gather), forced on the CPU through the whole engine, with
+    # sampled brackets on a small model: same thresholds, same merge.
+    import functools
+
+    from lightning_ties.merging import engine
+
+    g = torch.Generator().manual_seed(5)
+    base = {f"t{i}": torch.randn(300 + 17 * i, generator=g) for i in range(12)}
+    fts = [{k: v + torch.randn(v.shape, generator=g).round(decimals=1) for k, v in base.items()} for _ in range(3)]
+    monkeypatch.setattr(engine, "_MIN_BRACKETED", 1000)
+    monkeypatch.setattr(engine, "_SAMPLE", 1 << 10)
+    for scope in ("global", "per_tensor"):
+        expected = ties_merge(base, fts, k=0.2, scope=scope)
+        with monkeypatch.context() as m:
+            m.setattr(engine, "MagnitudeSelector", functools.partial(MagnitudeSelector, gather=True))
+            m.setattr(engine, "_SMALL_TENSOR", 100)  # per_tensor: the selector, not kthvalue
+            result = ties_merge(base, fts, k=0.2, scope=scope)
+        assert result.report.thresholds == expected.report.thresholds
+        assert_same(result, expected)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("n_tasks", [2, 8, 20])
+def test_cuda_sum_tasks_equals_the_sequential_cpu_sum(n_tasks: int) -> None:
+    from lightning_ties.merging.steps import sum_tasks
+
+    x = mixed_magnitudes(n_tasks, 1_000_003)
+    assert torch.equal(sum_tasks(x.cuda()).cpu().view(torch.int32), sequential_sum(x).view(torch.int32))
+
+
+def test_division_by_a_number_is_a_true_division() -> None:
+    # CUDA divides by a Python number through its reciprocal; divide_ divides by a 0-d tensor,
+    # which both devices round exactly: on the CPU it equals x / d bit for bit
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(3)) * 1e3
+    for d in (3, 7.0, 0.1, 1 - 0.9):
+        assert torch.equal(steps.divide_(x.clone(), d), x / d)
+
+
+@cuda
+@needs_cuda
+def test_cuda_division_by_a_number_equals_the_cpu_division() -> None:
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(3)) * 1e3
+    for d in (3, 7.0, 0.1, 1 - 0.9):
+        assert torch.equal(steps.divide_(x.cuda(), d).cpu(), x / d)

@@ -285,6 +285,23 @@ def _recipe(
     }
 
 
+class _PassProgress:
+    """Advance a bar through a pass that reads ``keys`` in order (``RecentTensorCache.on_read``).
+
+    The pre-pass may read every key more than once (a sample, then the selection); the bar
+    shows how far into the key order the reading has gone, never moving back.
+    """
+
+    def __init__(self, bar: Any, keys: Sequence[str]) -> None:
+        self.bar = bar
+        self.position = {key: i + 1 for i, key in enumerate(keys)}
+
+    def __call__(self, key: str) -> None:
+        reached = self.position.get(key, 0)
+        if reached > self.bar.n:
+            self.bar.update(reached - self.bar.n)
+
+
 class _MergedStream:
     """Feeds a sink every output tensor: base's unmerged entries first, then base + lam * tau_m."""
 
@@ -335,14 +352,13 @@ class _MergedStream:
                     self.base.on_read = None
                 bar.set_description("merging", refresh=False)
                 bar.update(first - bar.n)  # the pre-pass is over, whatever the bar had seen of it
-            if True:
-                b = self.base.get(key).to(tau.device)  # tau is on the merge device
-                # Same arithmetic as apply_task_vector (b + lam * tau), in place in tau's buffer;
-                # multiplying by 1.0 changes no bit, so that pass over the model is skipped.
-                if self.lam != 1.0:
-                    tau.mul_(self.lam)
-                value = tau.add_(b).to("cpu", b.dtype)  # writers take CPU tensors
-                put(key, value)
-                for alias in tied.get(key, ()):
-                    put(alias, value)
-                bar.update()
+            b = self.base.get(key).to(tau.device)  # tau is on the merge device
+            # Same arithmetic as apply_task_vector (b + lam * tau), in place in tau's buffer;
+            # multiplying by 1.0 changes no bit, so that pass over the model is skipped.
+            if self.lam != 1.0:
+                tau.mul_(self.lam)
+            value = tau.add_(b).to("cpu", b.dtype)  # writers take CPU tensors
+            put(key, value)
+            for alias in tied.get(key, ()):
+                put(alias, value)
+            bar.update()

@@ -10,8 +10,10 @@ Life cycle (each hook short, like Lightning's WeightAveraging):
 - ``on_fit_end``: merge, search k/lam on the validation dataloaders (or use the paper's k=0.2,
   lam=1.0 when there are none), and leave the merged model in the module (``apply="merged"``) or
   write it to ``save_dir`` and keep the fine-tuned weights (``apply="keep"``).
-- ``state_dict``/``load_state_dict``: the base, the search progress and the result travel in
-  checkpoints; after every candidate the progress is written to ``save_dir`` or, without one, into
+- ``state_dict``/``load_state_dict``: the search progress, the result and a reference to the base
+  (path + sha256 of the base file, or of ``save_dir/base.safetensors`` written once at fit start; the
+  base's tensors only when there is no ``save_dir``) travel in checkpoints, under a ``state_key`` of
+  method, task and grids so several instances coexist; a missing or changed base file fails at restore; after every candidate the progress is written to ``save_dir`` or, without one, into
   ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``, so a search interrupted and resumed
   re-evaluates nothing it finished. ``on_save_checkpoint``: a checkpoint taken mid-merge (another
   callback, ``OnExceptionCheckpoint``) holds the fine-tuned weights, not the candidate being scored.

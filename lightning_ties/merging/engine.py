@@ -38,6 +38,7 @@ from .steps import (
     ThresholdTrim,
     check_density,
     check_lam,
+    divide_,
     disjoint_components,
     disjoint_merge,
     scale,
@@ -370,7 +371,7 @@ class TaskVectorMerger:
         _check_finite_sum(taus, key, self.models)
         if dare is not None:
             keep = dare[:, start : start + taus.shape[1]]
-            return taus * keep / (1.0 - self.spec.p)
+            return divide_(taus * keep, 1.0 - self.spec.p)  # the same bits on every device
         return taus
 
     def _dare_masks(self, key: str) -> torch.Tensor:
@@ -410,7 +411,9 @@ class TaskVectorMerger:
         # global scope: one trim (thresholds and tie budget) streamed over every key, in order
         trim_step = ThresholdTrim(self.thresholds, self.compute_dtype) if global_trim else None
         held: list[tuple[str, torch.Tensor, _Contested]] = []
-        sign_total = 0.0
+        # Sums of elected signs stay on the merge device (exact int64): read on the host only
+        # when a contested entry needs the majority sign, never per chunk.
+        sign_total = torch.zeros((), dtype=torch.int64, device=self.device)
         for key in self.plan.merge_keys:
             if spec.trims and not global_trim:
                 trim_step = ThresholdTrim(self._tensor_thresholds(key), self.compute_dtype)
@@ -423,7 +426,7 @@ class TaskVectorMerger:
             numel = self.base.spec(key).numel
             out = torch.empty((n_tasks, numel) if per_task else (numel,), dtype=self.compute_dtype, device=self.device)
             contested = _Contested(combine, spec.merge)
-            key_sign_total = 0.0
+            key_sign_total = torch.zeros((), dtype=torch.int64, device=self.device)
             fast = trim_step is not None and spec.sign in ("mass", "count") and not per_task
             for start, taus in self._chunks(key):
                 end = start + taus.shape[1]
@@ -441,7 +444,7 @@ class TaskVectorMerger:
                 score = sign_score(trimmed, spec.sign, norms)
                 gamma = torch.where(score >= 0, 1.0, -1.0).to(self.compute_dtype)  # zero -> +1 for now
                 out[..., start:end] = combine(trimmed, gamma, spec.merge)
-                key_sign_total += float(score.sign().sum())
+                key_sign_total += score.sign().sum(dtype=torch.int64)
                 contested.collect(start, score, trimmed)
             result = out.view((n_tasks, *shape) if per_task else shape)
             if spec.sign is None or not contested:
@@ -500,9 +503,9 @@ class _Contested:
             minus = torch.full((cols.numel(),), -1.0, dtype=sub.dtype, device=sub.device)
             self.negative.append(self.combine(sub, minus, self.merge))
 
-    def resolve(self, flat_out: torch.Tensor, sign_total: float) -> None:
+    def resolve(self, flat_out: torch.Tensor, sign_total: torch.Tensor | float) -> None:
         """Re-merge the contested entries of ``flat_out`` (``[numel]`` or ``[N, numel]``) with -1 if needed."""
-        if sign_total < 0:
+        if float(sign_total) < 0:
             for idx, values in zip(self.index, self.negative):
                 flat_out[..., idx] = values
 

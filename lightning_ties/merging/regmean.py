@@ -84,7 +84,7 @@ def regmean(weights: torch.Tensor, grams: torch.Tensor, alpha: float = 0.9) -> t
     rhs = torch.einsum("toi,tij->oj", w, g)  # sum_t W_t G~_t, [out, in]
     try:
         merged_t = torch.linalg.solve(lhs, rhs.T)
-    except RuntimeError:  # singular: some input feature is zero for every task
+    except torch.linalg.LinAlgError:  # singular: some input feature is zero for every task
         merged_t = torch.linalg.pinv(lhs, hermitian=True) @ rhs.T
     return merged_t.T.to(out_dtype)
 

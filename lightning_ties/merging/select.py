@@ -29,6 +29,9 @@ _BINS = 1 << _DIGIT_BITS
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 # Widest bracket, in bit patterns, histogrammed in one pass (a 4 MB int64 histogram).
 MAX_BRACKET_BINS = 1 << 19
+# The gather strategy sends the entries that cannot hold the threshold to this many spare bins
+# (picked by their low mantissa bits, so that a GPU's atomic adds do not queue on one counter).
+_SPARE_BINS = 1 << 12
 
 
 def keep_count(k: float, n: int) -> int:
@@ -92,7 +95,10 @@ class MagnitudeSelector:
     the threshold (inside the bracket, or matching the digits found so far) and counts the
     others by reductions. The histogram, hence the result, is the same; but a GPU's
     histogram is built with atomic adds, and mapping the ~99% of entries outside the range
-    onto two bins would serialise them on those two counters.
+    onto two bins would serialise them on those two counters. It also never waits for the
+    device within a pass (no ``bincount``, boolean indexing or ``.item()``: each is a host
+    sync, and a model has hundreds of tensors): the other entries go to spare bins, counts
+    stay device tensors, and a NaN or Inf is reported when the pass closes.
 
     Example:
         >>> sel = MagnitudeSelector(m=2, dtype=torch.float32)
@@ -129,6 +135,11 @@ class MagnitudeSelector:
         # first top-16-bit digit of +Inf; NaNs lie above it
         self._nonfinite_bin = int(torch.tensor(float("inf"), dtype=dtype).view(self._int).item()) >> (self._width - _DIGIT_BITS)
         self._result: MagnitudeThreshold | None = MagnitudeThreshold.keep_none() if m <= 0 else None
+        # gather strategy: entries observed in this pass, device counts of entries above the
+        # bracket, and per observed tensor (name, "holds a NaN or Inf" as a device bool)
+        self._observed = 0
+        self._above: torch.Tensor | int = 0
+        self._nonfinite: list[tuple[str, torch.Tensor]] = []
         self._bracket_hit = False
         self._inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(self._int).item())
         self._bracket = self._bracket_bits(bracket) if m > 0 else None
@@ -162,16 +173,13 @@ class MagnitudeSelector:
             self._hist = self._hist.to(flat.device)
         gather = self.gather if self.gather is not None else flat.device.type != "cpu"
         bits = torch.abs(flat, out=self._scratch("magnitudes", flat.numel(), self.dtype, flat.device)).view(self._int)
+        if gather:
+            self._observe_gather(bits, name)
+            return
         if self._bracket is not None:
-            self._observe_bracket(bits, name, gather)
+            self._observe_bracket(bits, name)
             return
         shift = self._width - _DIGIT_BITS * (self._level + 1)
-        if gather and self._level > 0:
-            # only the candidates (high digits == prefix) are histogrammed; the others never count
-            candidates = bits[torch.bitwise_right_shift(bits, shift + _DIGIT_BITS) == self._prefix]
-            digits = torch.bitwise_right_shift(candidates, shift).bitwise_and_(_BINS - 1)
-            self._hist += torch.bincount(digits, minlength=_BINS)
-            return
         digits = torch.bitwise_right_shift(bits, shift, out=self._scratch("digits", flat.numel(), self._int, flat.device))
         if self._level == 0:
             counts = torch.bincount(digits, minlength=_BINS)
@@ -184,17 +192,63 @@ class MagnitudeSelector:
             counts = torch.bincount(digits, minlength=_BINS + 2)[1 : _BINS + 1]
         self._hist += counts
 
-    def _observe_bracket(self, bits: torch.Tensor, name: str, gather: bool = False) -> None:
+    def _observe_gather(self, bits: torch.Tensor, name: str) -> None:
+        """The gather strategy: histogram the candidates by index_add, without a host sync.
+
+        Candidates (inside the bracket, or with the high digits found so far) go to their bin
+        of ``hist[:bins]``; all other entries to spare bins past it, discarded when the pass
+        closes. Entries above the bracket are counted by a reduction.
+        """
+        if not bits.numel():
+            return
+        self._nonfinite.append((name, bits.max() >= self._inf_bits))
+        self._observed += bits.numel()
+        if self._bracket is not None:
+            lo, hi = self._bracket
+            bins = hi - lo + 1
+            self._above = self._above + (bits > hi).sum()
+            candidate = (bits >= lo) & (bits <= hi)
+            digits = bits - lo
+        else:
+            bins = _BINS
+            shift = self._width - _DIGIT_BITS * (self._level + 1)
+            digits = torch.bitwise_right_shift(bits, shift)
+            if self._level > 0:
+                candidate = torch.bitwise_right_shift(digits, _DIGIT_BITS) == self._prefix
+                digits.bitwise_and_(_BINS - 1)
+            else:
+                candidate = None  # the first digit of every entry is counted
+        if candidate is not None:
+            spare = torch.bitwise_and(bits, _SPARE_BINS - 1).add_(bins)
+            digits = torch.where(candidate, digits, spare)
+        if self._hist.numel() != bins + _SPARE_BINS:
+            self._hist = torch.zeros(bins + _SPARE_BINS, dtype=torch.int64, device=bits.device)
+        self._hist.index_add_(0, digits, torch.ones(1, dtype=torch.int64, device=bits.device).expand(digits.numel()))
+
+    def _close_gather(self) -> None:
+        """End a gather pass: report a NaN/Inf, then lay the counts out as the other strategy does."""
+        if self._nonfinite:
+            flags = torch.stack([flag for _, flag in self._nonfinite]).tolist()  # one host sync per pass
+            bad = [name for (name, _), flag in zip(self._nonfinite, flags) if flag]
+            self._nonfinite = []
+            if bad:
+                raise ValueError(f"{bad[0]} holds NaN or Inf values; fix or exclude it before merging")
+        if not self._observed:  # nothing observed: the histogram is still the empty standard one
+            return
+        if self._bracket is not None:
+            lo, hi = self._bracket
+            inside = self._hist[: hi - lo + 1]
+            above = torch.as_tensor(self._above, dtype=torch.int64, device=self._hist.device).reshape(1)
+            below = self._observed - inside.sum().reshape(1) - above
+            self._hist = torch.cat([below, inside, above])
+        else:
+            self._hist = self._hist[:_BINS]
+        self._observed, self._above = 0, 0
+
+    def _observe_bracket(self, bits: torch.Tensor, name: str) -> None:
         if bits.numel() and int(bits.max()) >= self._inf_bits:
             raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
         lo, hi = self._bracket
-        if gather:
-            inside = bits[(bits >= lo) & (bits <= hi)]
-            above = (bits > hi).sum()
-            self._hist[-1] += above
-            self._hist[0] += bits.numel() - inside.numel() - above
-            self._hist[1:-1] += torch.bincount(inside.sub_(lo), minlength=hi - lo + 1)
-            return
         # below the bracket -> bin 0, inside -> 1 + (bits - lo), above -> the last bin
         digits = torch.sub(bits, lo - 1, out=self._scratch("digits", bits.numel(), self._int, bits.device))
         digits.clamp_(0, hi - lo + 2)
@@ -242,6 +296,8 @@ class MagnitudeSelector:
         """Close the current pass: fix one more digit of the threshold."""
         if self.done:
             return
+        if self._observed or self._nonfinite:
+            self._close_gather()
         if self._bracket is not None:
             self._close_bracket_pass()
             self._bracket_hit = self.done

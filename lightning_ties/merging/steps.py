@@ -43,6 +43,42 @@ def task_vector(base: torch.Tensor, fine_tuned: torch.Tensor, dtype: torch.dtype
     return fine_tuned.to(dtype) - base.to(dtype)
 
 
+def sum_tasks(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over dim 0 (the tasks), adding the rows one by one in task order: ``((x0 + x1) + x2) + ...``.
+
+    Every cross-task sum of the merge goes through here, so that a merge gives the same bits
+    on every device: ``x.sum(0)`` adds rows in an order that depends on the device and the
+    shape (CPU cascade, CUDA's vectorised multi-accumulator reduce), while IEEE addition of
+    two floats is exactly rounded everywhere. ``out`` (shape ``x.shape[1:]``) receives the sum.
+
+    Example:
+        >>> sum_tasks(torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.5, 0.5]]))
+        tensor([4.5000, 6.5000])
+    """
+    n = x.shape[0]
+    if n < 2:
+        total = x[0].clone() if n == 1 else torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
+        return total if out is None else out.copy_(total)
+    total = torch.add(x[0], x[1], out=out) if out is not None else torch.add(x[0], x[1])
+    for row in x[2:]:
+        total.add_(row)
+    return total
+
+
+def divide_(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x /= divisor`` in place, correctly rounded on every device.
+
+    CUDA divides by a Python number by multiplying with its reciprocal (fast, but not the
+    correctly rounded quotient the CPU computes); dividing by a 0-d tensor on ``x``'s device
+    is a true division there too, so a merge gives the same bits on the CPU and the GPU.
+
+    Example:
+        >>> divide_(torch.tensor([1.0, 3.0]), 3.0)
+        tensor([0.3333, 1.0000])
+    """
+    return x.div_(torch.full((), divisor, dtype=x.dtype, device=x.device))
+
+
 def trim_mask(magnitudes: torch.Tensor, threshold: MagnitudeThreshold) -> torch.Tensor:
     """Boolean mask of the entries a threshold keeps, ties resolved in flat order.
 
@@ -130,9 +166,9 @@ def sign_score(trimmed: torch.Tensor, method: SignMethod = "mass", norms: torch.
       ``norms`` are the tasks' trimmed-vector L2 norms over the whole scope (shape ``[N]``).
     """
     if method == "mass":
-        return trimmed.sum(0)
+        return sum_tasks(trimmed)
     if method == "count":
-        return trimmed.sign().sum(0)
+        return sum_tasks(trimmed.sign())
     if method in ("normfrac", "normmass"):
         if norms is None:
             norms = trimmed.reshape(trimmed.shape[0], -1).norm(dim=1)
@@ -140,13 +176,16 @@ def sign_score(trimmed: torch.Tensor, method: SignMethod = "mass", norms: torch.
         fracs = trimmed.square() / norms.to(trimmed.dtype).square().clamp(min=torch.finfo(trimmed.dtype).tiny).reshape(shape)
         if method == "normfrac":
             return trimmed.gather(0, fracs.argmax(0, keepdim=True)).squeeze(0)
-        return (trimmed.sign() * fracs).sum(0)
+        return sum_tasks(trimmed.sign() * fracs)
     raise ValueError(f"unknown sign method {method!r}; choose one of {', '.join(SIGN_METHODS)}")
 
 
 def majority_sign(gamma: torch.Tensor) -> float:
-    """Sign of the sum of elected signs over the whole vector; +1 when that sum is zero."""
-    return -1.0 if float(gamma.sum()) < 0 else 1.0
+    """Sign of the sum of elected signs over the whole vector; +1 when that sum is zero.
+
+    Counted in int64: a float32 sum of more than 2**24 signs is inexact, and device-dependent.
+    """
+    return -1.0 if int(gamma.sum(dtype=torch.int64)) < 0 else 1.0
 
 
 def elect_sign(trimmed: torch.Tensor, method: SignMethod = "mass", norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,20 +223,20 @@ def disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor | None, merge: Mer
     if gamma is None:
         if merge == "max":
             return trimmed.gather(0, trimmed.abs().argmax(0, keepdim=True)).squeeze(0)
-        total = trimmed.sum(0)
+        total = sum_tasks(trimmed)
         if merge == "mean":
             return total / torch.count_nonzero(trimmed, dim=0).clamp(min=1)
-        return total / n_tasks if merge == "task_mean" else total
+        return divide_(total, n_tasks) if merge == "task_mean" else total
     # |value| where the value agrees with gamma, 0 elsewhere
     agreeing = (trimmed * gamma).clamp_(min=0)
     if merge == "max":
         magnitude = agreeing.amax(0)
     elif merge == "mean":
-        magnitude = agreeing.sum(0) / torch.count_nonzero(agreeing, dim=0).clamp(min=1)
+        magnitude = sum_tasks(agreeing) / torch.count_nonzero(agreeing, dim=0).clamp(min=1)
     elif merge == "task_mean":
-        magnitude = agreeing.sum(0) / n_tasks
+        magnitude = divide_(sum_tasks(agreeing), n_tasks)
     else:
-        magnitude = agreeing.sum(0)
+        magnitude = sum_tasks(agreeing)
     return magnitude * gamma
 
 
@@ -220,7 +259,7 @@ def disjoint_components(trimmed: torch.Tensor, gamma: torch.Tensor | None, merge
     selected = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype, device=trimmed.device))
     if merge == "mean":
         return selected / agree.sum(0).clamp(min=1)
-    return selected / trimmed.shape[0] if merge == "task_mean" else selected
+    return divide_(selected, trimmed.shape[0]) if merge == "task_mean" else selected
 
 
 def scale(base: torch.Tensor, tau_m: torch.Tensor, lam: float) -> torch.Tensor:
@@ -292,7 +331,7 @@ def ties_chunk_(
     trimmed: torch.Tensor,
     sign: SignMethod = "mass",
     merge: MergeFn = "mean",
-) -> tuple[float, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Trim, elect and disjoint-merge one ``[N, c]`` chunk in place; tau_m's chunk goes to ``out`` (``[c]``).
 
     The values of ``disjoint_merge(trim, elect_sign(trim, sign), merge)`` with two scratch
@@ -305,27 +344,29 @@ def ties_chunk_(
     (the sign of the summed elected signs) turns out negative.
 
     Returns:
-        ``(sum of the chunk's elected signs, contested columns or None)``.
+        ``(sum of the chunk's elected signs, contested columns or None)``; the sum is a 0-d
+        int64 tensor on the chunk's device (exact, and no host sync: the engine reads the
+        total once per scope). Finding the contested columns costs one host sync per chunk.
     """
     if sign not in ("mass", "count"):
         raise ValueError(f"the in-place kernel elects with 'mass' or 'count', got sign={sign!r}")
     # 1. trim: top-k magnitudes of each task vector
     trimmed = trim_step(taus, out=trimmed)
     # 2. elect: gamma = sign of the summed mass (or of the summed signs); zero -> +1 for now
-    score = trimmed.sum(0) if sign == "mass" else torch.sign(trimmed, out=taus).sum(0)
+    score = sum_tasks(trimmed) if sign == "mass" else sum_tasks(torch.sign(trimmed, out=taus))
     signs = score.sign()
     zero_score = 1 - signs.abs()
     gamma = signs + zero_score
     # 3. disjoint merge: combine only the values that agree with gamma
     agreeing = torch.mul(trimmed, gamma, out=taus).clamp_(min=0)  # |value| where it agrees, else 0
-    magnitude = agreeing.amax(0) if merge == "max" else agreeing.sum(0)
+    magnitude = agreeing.amax(0) if merge == "max" else sum_tasks(agreeing)
     # a zero score with a positive candidate has a negative one too: an exact tie, rare
     contested = torch.nonzero(zero_score * magnitude).squeeze(1) if float(torch.dot(zero_score, magnitude)) > 0 else None
     if merge == "mean":
-        magnitude /= agreeing.sign_().sum(0).clamp_(min=1)
+        magnitude /= sum_tasks(agreeing.sign_()).clamp_(min=1)
     elif merge == "task_mean":
-        magnitude /= trimmed.shape[0]
+        divide_(magnitude, trimmed.shape[0])
     elif merge not in ("sum", "max"):
         raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGE_FNS)}")
     torch.mul(magnitude, gamma, out=out)
-    return float(signs.sum()), contested
+    return signs.sum(dtype=torch.int64), contested

@@ -70,7 +70,7 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     a = matrix.to(dtype)
     try:
         return torch.linalg.svd(a, full_matrices=False)
-    except RuntimeError:  # torch.linalg.LinAlgError (no convergence) is a RuntimeError
+    except torch.linalg.LinAlgError:  # no convergence (not out-of-memory: that would only get worse)
         if dtype == torch.float64:
             raise
     u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
