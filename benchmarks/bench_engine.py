@@ -27,7 +27,9 @@ Run (about a minute at the default size; ``--params 2e6`` for a quick look)::
 
 On a GPU (``--device cuda``; inputs generated on the GPU, everything runs in this process)
 it times global TIES three ways with CUDA events: ``paper`` (the flatten + kthvalue path
-above, on the same GPU), ``ours-global`` (the engine, merging on the inputs' device) and
+above, on the same GPU), ``ours-global`` (the engine, merging on the inputs' device: row
+``eager`` with PyTorch ops only, row ``triton`` with the fused kernels of
+``lightning_ties/merging/kernels.py`` when Triton imports; ``--no-kernels`` drops it) and
 ``floor`` (two reads of every input: two ``torch.sum`` passes over all of them, the least
 any exact global trim can do, one pass to find the thresholds and one to merge). It prints
 the times, the ratios to the floor and to the paper path, and the peak GPU memory above the
@@ -211,7 +213,7 @@ def compare(out_dir: Path, extra_ties: int) -> list[str]:
 
 
 # ---- GPU: in-process, CUDA events ---------------------------------------------------------------
-GPU_COMPETITORS = ("floor", "paper", "ours-global")
+GPU_COMPETITORS = ("floor", "paper", "ours-global eager", "ours-global triton")
 _CHECK_PARAMS = 6_000_000  # above the engine's 4M-entry bracketing threshold, quick on the CPU
 
 
@@ -236,18 +238,47 @@ def two_reads(base, fts) -> torch.Tensor:
     return total
 
 
+class kernels_off:
+    """Within the block the engine runs its eager PyTorch path (``LIGHTNING_TIES_KERNELS=0``)."""
+
+    def __init__(self, off: bool = True) -> None:
+        self.off = off
+
+    def __enter__(self) -> None:
+        import os
+
+        from lightning_ties.merging import kernels
+
+        self.saved = os.environ.get(kernels.ENV_VAR)
+        if self.off:
+            os.environ[kernels.ENV_VAR] = "0"
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        from lightning_ties.merging import kernels
+
+        if self.saved is None:
+            os.environ.pop(kernels.ENV_VAR, None)
+        else:
+            os.environ[kernels.ENV_VAR] = self.saved
+
+
 def run_gpu_competitor(name: str, base, fts, k: float):
     if name == "floor":
         return two_reads(base, fts)
     if name == "paper":
         return paper_path(base, fts, k)
-    return ours(base, fts, k, "global")
+    with kernels_off(name.endswith("eager")):
+        return ours(base, fts, k, "global")
 
 
 def time_gpu(name: str, base, fts, k: float, repeats: int) -> dict:
     """Fastest of ``repeats`` runs (CUDA events around a synchronised run) and peak memory."""
     warm_up = [{key: v[:4096] for key, v in sd.items()} for sd in (base, *fts)]
     run_gpu_competitor(name, warm_up[0], warm_up[1:], k)
+    if name.startswith("ours"):  # Triton compiles per input specialisation: warm up on the real sizes
+        run_gpu_competitor(name, base, fts, k)
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -265,23 +296,32 @@ def time_gpu(name: str, base, fts, k: float, repeats: int) -> dict:
     return {"name": name, "seconds": min(times), "peak_mb": peak_mb}
 
 
-def check_gpu_equals_cpu(tasks: int, k: float, case: str) -> list[str]:
-    """The engine on the GPU against the engine on the CPU (and the aligned paper path) on one input."""
+def check_gpu_equals_cpu(tasks: int, k: float, case: str, modes: tuple[str, ...]) -> list[str]:
+    """The engine on the GPU (each of ``modes``: eager, triton) against the engine on the CPU and the aligned paper path."""
     base, fts = make_models_on(_CHECK_PARAMS, tasks, case, "cuda", seed=1)
-    gpu = ours(base, fts, k, "global")
     cpu = ours({kk: v.cpu() for kk, v in base.items()}, [{kk: v.cpu() for kk, v in ft.items()} for ft in fts], k, "global")
     aligned = paper_path(base, fts, k, aligned=True)
-    on_gpu = all(v.device.type == "cuda" for v in gpu.values())
-    differ = sum(int((gpu[key].cpu() != cpu[key]).sum()) for key in cpu)
-    differ_paper = sum(int((gpu[key] != aligned[key]).sum()) for key in aligned)
-    return [
-        f"check at {_CHECK_PARAMS:,} params x {tasks}: outputs on the GPU: {on_gpu}; "
-        + ("bit-identical to the CPU engine" if differ == 0 else f"{differ} entries differ from the CPU engine (BUG)"),
-        f"ours-global (GPU) vs the aligned paper path (GPU): {differ_paper} differing entries (ties at a threshold only)",
-    ]
+    lines = []
+    for mode in modes:
+        with kernels_off(mode == "eager"):
+            gpu = ours(base, fts, k, "global")
+        on_gpu = all(v.device.type == "cuda" for v in gpu.values())
+        differ = sum(int((gpu[key].cpu() != cpu[key]).sum()) for key in cpu)
+        differ_paper = sum(int((gpu[key] != aligned[key]).sum()) for key in aligned)
+        lines += [
+            f"check ({mode}) at {_CHECK_PARAMS:,} params x {tasks}: outputs on the GPU: {on_gpu}; "
+            + ("bit-identical to the CPU engine" if differ == 0 else f"{differ} entries differ from the CPU engine (BUG)"),
+            f"ours-global {mode} (GPU) vs the aligned paper path (GPU): {differ_paper} differing entries (ties at a threshold only)",
+        ]
+    return lines
 
 
-def gpu_phases(base, fts, k: float, repeats: int) -> list[str]:
+def gpu_phases(base, fts, k: float, repeats: int, mode: str = "eager") -> list[str]:
+    with kernels_off(mode == "eager"):
+        return _gpu_phases(base, fts, k, repeats, mode)
+
+
+def _gpu_phases(base, fts, k: float, repeats: int, mode: str) -> list[str]:
     """Where ours-global spends its time on the GPU: sample brackets, select pass, merge pass.
 
     CUDA events around each phase (fastest of ``repeats``), then one more run under
@@ -345,7 +385,7 @@ def gpu_phases(base, fts, k: float, repeats: int) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return [
-        "ours-global phases (CUDA events, fastest of %d): " % repeats
+        f"ours-global {mode} phases (CUDA events, fastest of {repeats}): "
         + ", ".join(f"{phase} {ms:.1f} ms ({syncs[phase]} host syncs)" for phase, ms in best.items())
     ]
 
@@ -353,26 +393,36 @@ def gpu_phases(base, fts, k: float, repeats: int) -> list[str]:
 def gpu_main(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to this torch")
+    from lightning_ties.merging import kernels
+
+    if args.no_kernels:
+        import os
+
+        os.environ[kernels.ENV_VAR] = "0"
+    modes = ("eager", "triton") if kernels.available("cuda") else ("eager",)
+    if not args.no_kernels and modes == ("eager",):
+        print("note: Triton is not importable here (or the kernels are off): only the eager engine runs")
+    competitors = [c for c in GPU_COMPETITORS if not c.startswith("ours") or c.split()[-1] in modes]
     props = torch.cuda.get_device_properties(0)
     print(f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, global trim, on {props.name}, torch {torch.__version__}")
     for case in ["flat", "model"] if args.case == "both" else [args.case]:
         base, fts = make_models_on(int(args.params), args.tasks, case, "cuda")
         torch.cuda.synchronize()
         inputs_mb = sum(v.numel() * v.element_size() for sd in (base, *fts) for v in sd.values()) / 2**20
-        results = {name: time_gpu(name, base, fts, args.k, args.repeats) for name in GPU_COMPETITORS}
-        phases = gpu_phases(base, fts, args.k, args.repeats)
+        results = {name: time_gpu(name, base, fts, args.k, args.repeats) for name in competitors}
+        phases = [line for mode in modes for line in gpu_phases(base, fts, args.k, args.repeats, mode)]
         del base, fts
         torch.cuda.empty_cache()
         print(f"\n[{case}: {len(model_shapes(int(args.params), case))} tensor(s); inputs {inputs_mb:,.0f} MB on the GPU]")
-        print(f"{'competitor':<14}{'ms':>10}{'x floor':>10}{'speed-up vs paper':>19}{'peak MB over inputs':>21}")
+        print(f"{'competitor':<20}{'ms':>10}{'x floor':>10}{'speed-up vs paper':>19}{'peak MB over inputs':>21}")
         floor, paper = results["floor"]["seconds"], results["paper"]["seconds"]
-        for name in GPU_COMPETITORS:
+        for name in competitors:
             r = results[name]
             print(
-                f"{name:<14}{r['seconds'] * 1000:>10.1f}{r['seconds'] / floor:>9.1f}x"
+                f"{name:<20}{r['seconds'] * 1000:>10.1f}{r['seconds'] / floor:>9.1f}x"
                 f"{paper / r['seconds']:>18.1f}x{r['peak_mb']:>21,.0f}"
             )
-        for line in [*phases, *check_gpu_equals_cpu(args.tasks, args.k, case)]:
+        for line in [*phases, *check_gpu_equals_cpu(args.tasks, args.k, case, modes)]:
             print("  " + line)
 
 
@@ -385,6 +435,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=1, help="merges per competitor; the fastest is reported")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where inputs live and merges run")
+    parser.add_argument(
+        "--no-kernels", action="store_true", help="--device cuda: only the eager engine (as LIGHTNING_TIES_KERNELS=0)"
+    )
     parser.add_argument("--worker", choices=COMPETITORS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()

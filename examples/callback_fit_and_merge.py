@@ -101,7 +101,7 @@ def main(out: Path) -> None:
         task="c",
         heads=r"^head\.",                       # per-task classifiers: never merged
         k=[0.1, 0.2, 0.3], lam="search",        # the paper's lam grid 0.8..2.5
-        strategy="coarse_to_fine",
+        search_strategy="coarse_to_fine",
         val_dataloaders={"a": digits_loaders("a")[1], "b": digits_loaders("b")[1]},
         save_dir=str(out / "merge"),
     )

@@ -2,7 +2,7 @@
 
 On scikit-learn's digits (CPU, well under a minute). Three tasks arrive in turn (t1: is the digit
 even, t2: is it < 5, t3: digit mod 3). Each fit starts from the pretrained base, and at its end
-``TiesMerging`` adds this run's trimmed task vector to an on-disk store (safetensors, sparse: only
+``ContinualTiesMerging`` adds this run's trimmed task vector to an on-disk store (safetensors, sparse: only
 the top-k entries are kept) and merges every stored task, choosing lam on the validation data of
 the tasks seen so far. Memory never holds t full checkpoints: the store is read one tensor of one
 task at a time.
@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ties import TiesMerging
+from lightning_ties import ContinualTiesMerging
 from lightning_ties.io.task_store import TaskVectorStore
 
 TASKS = {"t1": lambda d: d % 2, "t2": lambda d: (d < 5).long(), "t3": lambda d: d % 3}
@@ -80,13 +80,13 @@ def main(out: Path, start_from: str) -> None:
         model = DigitsNet(CLASSES[task])  # the pretrained body, a fresh head for the new task
         model.load_state_dict({k: v for k, v in pretrained.state_dict().items() if k.startswith("body.")},
                               strict=False)
-        merging = TiesMerging(
+        merging = ContinualTiesMerging(
             task=task,
             store=str(store_dir),
             heads=r"^head\.",
             k=0.2,
             lam="search",
-            strategy="coarse_to_fine",
+            search_strategy="coarse_to_fine",
             val_dataloaders={t: digits_loaders(t)[1] for t in seen},
             start_from=start_from,
         )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LEARNED
+from .evaluation.plots import plot_coefficients
 from .io.atomic import atomic_file
 
 
@@ -351,39 +352,6 @@ def learned_coefficients(report: RunReport) -> dict[str, dict[str, float]]:
     learned = report.extra.get("learned") or {}
     table = learned.get("coefficients") if isinstance(learned, Mapping) else None
     return dict(table) if isinstance(table, Mapping) else {}
-
-
-def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
-    """Heat map of learned coefficients ``{task: {group: lam}}``: one row per task, one column per group.
-
-    The same name and arguments as :func:`lightning_ties.lightning.plot_coefficients` (one meaning);
-    a report's table is :func:`learned_coefficients` of it.
-
-    Example:
-        >>> import tempfile
-        >>> plot_coefficients({"a": {"l.0.": 1.0, "l.1.": 0.5}}, tempfile.mkdtemp() + "/lam.png").name
-        'lam.png'
-    """
-    plt = _pyplot()
-    tasks = list(table)
-    groups = list(dict.fromkeys(g for row in table.values() for g in row))
-    values = [[table[t].get(g, float("nan")) for g in groups] for t in tasks]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) + 2.5), 0.45 * len(tasks) + 1.6))
-    image = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([g.rstrip(".") for g in groups], rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(tasks)))
-    ax.set_yticklabels(tasks, fontsize=8)
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
-    fig.colorbar(image, ax=ax, label="lam")
-    ax.set_title("learned merging coefficients")
-    fig.tight_layout()
-    try:
-        return _save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
 
 
 # ---- terminal and loggers -------------------------------------------------------------------------

@@ -108,3 +108,11 @@ def test_learned_coefficients_are_drawn_as_a_heat_map(tmp_path):
     assert tmp_path / "coefficients.png" in paths
     assert imread(tmp_path / "coefficients.png").ndim == 3
     assert not (write_report(small_report(), tmp_path / "plain") and (tmp_path / "plain" / "coefficients.png").exists())
+
+
+def test_there_is_one_coefficient_plot():
+    from lightning_ties import report
+    from lightning_ties.evaluation.plots import plot_coefficients
+    from lightning_ties.lightning import plot_coefficients as from_lightning
+
+    assert report.plot_coefficients is plot_coefficients is from_lightning

@@ -31,7 +31,7 @@ def run_evaluate(cfg: EvaluateConfig, console: Console, config_path: str) -> int
     save_resolved_config(cfg, out / RESOLVED_CONFIG)
     with quiet_lightning():
         pl.seed_everything(cfg.seed, verbose=False)
-        scorer = TaskScorer(module_for(cfg, model), make_trainer(logger), cfg.tasks)
+        scorer = TaskScorer(module_for(cfg, model), make_trainer(logger), cfg.tasks, eval_prefix=f"merge/{cfg.split}")
         report = RunReport("lightning-ties evaluate", list(cfg.tasks), metric=scorer.metric_name(), split=cfg.split)
         report.config = {"file": config_path, **to_dict(cfg)}
         report.add_row(ResultRow("base (pretrained)", "base", "reference", scorer.score_base(loaders)))

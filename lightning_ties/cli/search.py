@@ -43,7 +43,9 @@ def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
         pl.seed_everything(cfg.seed, verbose=False)
         learned = name == LEARNED
         module = module_for(cfg, model, None if learned else cfg.method)
-        scorer = TaskScorer(module, make_trainer(logger), cfg.tasks)
+        # without a test split the reported scores are on validation data: log them as such
+        eval_prefix = "merge/test" if cfg.data.test_split else "merge/val"
+        scorer = TaskScorer(module, make_trainer(logger), cfg.tasks, eval_prefix=eval_prefix)
         split = cfg.data.test_split or cfg.data.val_split
         report = RunReport(f"lightning-ties search: {name}", list(cfg.tasks), metric=scorer.metric_name(), split=split)
         report.config = {"file": config_path, **to_dict(cfg)}

@@ -14,7 +14,10 @@ Devices: the engine merges on one device, by default the base's (a module or sta
 a GPU merges there; files are read to the CPU unless ``device=`` says otherwise). Every
 tensor read is moved there once per read, every buffer, histogram and mask lives there, and
 tau_m comes out there; the results are bit-identical across devices. On a GPU the per-chunk
-Python overhead dominates, so chunks are whole tensors up to a memory bound.
+Python overhead dominates, so chunks are whole tensors up to a memory bound. On CUDA, with
+Triton installed, TIES's bracketed select pass and its merge pass (when no threshold tie is
+left to place and no sign is contested) run as fused kernels (:mod:`.kernels`, same bits);
+``LIGHTNING_TIES_KERNELS=0`` keeps every merge on the PyTorch path.
 """
 
 from __future__ import annotations
@@ -243,6 +246,7 @@ class TaskVectorMerger:
         self.thresholds: list[MagnitudeThreshold] | None = None
         self._norms: torch.Tensor | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._cuts_of: ThresholdTrim | None = None  # the trim whose cuts the fused merge holds
 
     def _buffer(self, name: str, columns: int) -> torch.Tensor:
         """A reusable ``[N, columns]`` scratch tensor: fresh large tensors per chunk cost page faults."""
@@ -294,6 +298,10 @@ class TaskVectorMerger:
         brackets = self._sample_brackets(keys, m)
         scratch: dict[str, torch.Tensor] = {}
         selectors = [MagnitudeSelector(m, self.compute_dtype, bracket, scratch) for bracket in brackets]
+        all_bracketed = all(s.bracket_bits is not None for s in selectors)
+        if all_bracketed and self._use_kernels() and self._fused_bracket_pass(keys, selectors):
+            for sel in selectors:
+                sel.next_pass()  # a miss falls through to the radix passes below
         while not all(s.done for s in selectors):
             bracketed = any(s.bracketed for s in selectors)
             size = self.chunk_size
@@ -306,6 +314,80 @@ class TaskVectorMerger:
             for sel in selectors:
                 sel.next_pass()
         return [s.result() for s in selectors]
+
+    # ---- the fused kernels (optional, CUDA + Triton: see kernels.py) ------------------------
+    def _use_kernels(self) -> bool:
+        """Whether this merge runs the fused Triton kernels (same bits as the eager path)."""
+        if self.on_cpu:
+            return False
+        from . import kernels  # imported here: Triton is only loaded for merges off the CPU
+
+        return kernels.available(self.device, self.compute_dtype)
+
+    def _kernel_inputs(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Base's and the models' flat tensors of ``key`` on the device, in a dtype the kernels read."""
+        from . import kernels
+
+        tensors = [self._get(self.base, key)] + [self._get(m, key) for m in self.models]
+        # other dtypes (float64 inputs) are rounded to float32 first, as the eager path's ``.to``
+        tensors = [t if kernels.readable(t) else t.to(self.compute_dtype).contiguous() for t in tensors]
+        return tensors[0], tensors[1:]
+
+    def _fused_bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector]) -> bool:
+        """The bracketed select pass in one fused kernel per key; False (nothing counted) if it failed.
+
+        Raises the selector's ``ValueError`` (first task, then first key) for a NaN or an Inf.
+        """
+        from . import kernels
+
+        bits = [s.bracket_bits for s in selectors]
+        n_tasks = len(self.models)
+        lo = torch.tensor([b[0] for b in bits], dtype=torch.int32, device=self.device)
+        hi = torch.tensor([b[1] for b in bits], dtype=torch.int32, device=self.device)
+        hist = torch.zeros(n_tasks, max(h - l + 1 for l, h in bits), dtype=torch.int64, device=self.device)
+        above = torch.zeros(n_tasks, dtype=torch.int64, device=self.device)
+        flags = torch.zeros(n_tasks, len(keys), dtype=torch.int32, device=self.device)
+        observed = 0
+        try:
+            for j, key in enumerate(keys):
+                base, fts = self._kernel_inputs(key)
+                kernels.bracket_counts(base, fts, lo, hi, hist, above, flags, j)
+                observed += base.numel()
+            bad = flags.nonzero().tolist()  # the pass's one host sync
+        except Exception as err:  # a compile or launch failure: count on the eager path
+            kernels.disable(f"select pass: {type(err).__name__}: {err}")
+            return False
+        if bad:
+            task, j = min(bad)
+            raise ValueError(
+                f"task vector of {self.models[task].label} at {keys[j]!r} holds NaN or Inf values; "
+                "fix or exclude it before merging"
+            )
+        for sel, (l, h), inside, count in zip(selectors, bits, hist, above):
+            sel.add_bracket_counts(inside[: h - l + 1], count, observed)
+        return True
+
+    def _fused_merge(self, key: str, trim_step: ThresholdTrim, out: torch.Tensor, sign: str, merge: str) -> torch.Tensor | None:
+        """tau_m of ``key`` into ``out`` by the fused kernel; the sum of its elected signs.
+
+        None (``out`` to be redone on the eager path) when an entry is contested (the eager
+        path records it for the majority fallback) or the kernel failed.
+        """
+        from . import kernels
+
+        cached = self._buffers.get("cuts")
+        if cached is None or self._cuts_of is not trim_step:
+            cached = torch.tensor(trim_step.cuts, dtype=torch.float32, device=self.device)
+            self._buffers["cuts"], self._cuts_of = cached, trim_step
+        try:
+            base, fts = self._kernel_inputs(key)
+            signs, contested = kernels.ties_merge(base, fts, cached, out, sign, merge)
+            if bool(contested):  # one host sync per key (the eager path has one per chunk)
+                return None
+        except Exception as err:
+            kernels.disable(f"merge: {type(err).__name__}: {err}")
+            return None
+        return signs
 
     def _sample_brackets(self, keys: Sequence[str], m: int) -> list[tuple[float, float] | None]:
         """Per task, a magnitude range that holds the m-th largest |tau| with near certainty.
@@ -414,6 +496,7 @@ class TaskVectorMerger:
         # Sums of elected signs stay on the merge device (exact int64): read on the host only
         # when a contested entry needs the majority sign, never per chunk.
         sign_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        use_kernels = spec.sign in ("mass", "count") and not per_task and self._use_kernels()
         for key in self.plan.merge_keys:
             if spec.trims and not global_trim:
                 trim_step = ThresholdTrim(self._tensor_thresholds(key), self.compute_dtype)
@@ -428,7 +511,12 @@ class TaskVectorMerger:
             contested = _Contested(combine, spec.merge)
             key_sign_total = torch.zeros((), dtype=torch.int64, device=self.device)
             fast = trim_step is not None and spec.sign in ("mass", "count") and not per_task
-            for start, taus in self._chunks(key):
+            fused = None
+            if fast and use_kernels and not any(trim_step.tie_budget):  # ties left to keep: eager
+                fused = self._fused_merge(key, trim_step, out, spec.sign, spec.merge)
+            if fused is not None:
+                key_sign_total += fused
+            for start, taus in self._chunks(key) if fused is None else ():
                 end = start + taus.shape[1]
                 if fast:  # the in-place kernel of steps.py (same values as the three calls below)
                     trimmed = self._buffer("trimmed", taus.shape[1])

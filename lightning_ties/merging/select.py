@@ -275,6 +275,31 @@ class MagnitudeSelector:
         self._hist = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
 
     @property
+    def bracket_bits(self) -> tuple[int, int] | None:
+        """The current bracket as the bit patterns ``(lo, hi)`` of its magnitudes (None: no bracket pass)."""
+        return None if self.done else self._bracket
+
+    def add_bracket_counts(self, inside: torch.Tensor, above: torch.Tensor | int, observed: int) -> None:
+        """Add counts made elsewhere (the fused kernel of :mod:`.kernels`) to this bracketed pass.
+
+        ``inside[j]`` counts the entries whose ``|x|`` has bit pattern ``lo + j`` (int64,
+        ``hi - lo + 1`` bins), ``above`` those above ``hi``, out of ``observed`` entries in
+        all; the caller has checked them for NaN and Inf. :meth:`next_pass` then reads them
+        as if :meth:`observe` had seen the entries.
+        """
+        if self._bracket is None or self.done:
+            raise RuntimeError("add_bracket_counts needs a selector in its bracketed pass")
+        lo, hi = self._bracket
+        bins = hi - lo + 1
+        if inside.numel() != bins:
+            raise ValueError(f"expected {bins} bracket bins, got {inside.numel()}")
+        if self._hist.numel() != bins + _SPARE_BINS or self._hist.device != inside.device:
+            self._hist = torch.zeros(bins + _SPARE_BINS, dtype=torch.int64, device=inside.device)
+        self._hist[:bins] += inside
+        self._above = self._above + above
+        self._observed += observed
+
+    @property
     def bracketed(self) -> bool:
         """Whether the current pass is the one-pass bracket."""
         return self._bracket is not None

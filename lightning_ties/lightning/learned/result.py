@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from ...io import build_model_card, save_hf_folder, save_lightning_checkpoint, save_safetensors
-from ...io.atomic import atomic_file
+from ...evaluation.plots import plot_coefficients
 from ...merging import MergeReport
 
 
@@ -100,43 +100,6 @@ def learned_model_card(summary: Mapping[str, Any]) -> ModelCard:
 def model_card(summary: Mapping[str, Any]) -> str:
     """The model card (markdown with its YAML header) of :func:`learned_model_card`."""
     return str(learned_model_card(summary))
-
-
-def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
-    """Draw the coefficients ``{task: {group: lam}}`` as a heat map, groups down and tasks across, atomically.
-
-    The package's one coefficient plot (the run report draws its ``coefficients.png`` with it too):
-    PNG/SVG/PDF by the path's suffix; a group a task lacks is left blank (NaN).
-
-    Example:
-        >>> import tempfile
-        >>> plot_coefficients({"a": {"l.0.": 1.0, "l.1.": 0.5}}, tempfile.mkdtemp() + "/lam.png").suffix
-        '.png'
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(table)
-    if not tasks:
-        raise ValueError("plot_coefficients: the table is empty; pass {task: {group: lam}}")
-    groups = list(dict.fromkeys(g for row in table.values() for g in row))
-    labels = [g.rstrip(".") for g in groups]
-    # groups as rows: there may be hundreds (granularity "tensor") with long names
-    values = [[float(table[t].get(g, float("nan"))) for t in tasks] for g in groups]
-    width = 3.0 + 0.8 * len(tasks) + 0.07 * max(len(label) for label in labels)
-    fig, ax = plt.subplots(figsize=(width, 1.5 + 0.22 * len(groups)))
-    image = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_yticks(range(len(groups)), labels, fontsize=7)
-    fig.colorbar(image, ax=ax, label="lam")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
 
 
 __all__ = ["LearnedMergeResult", "learned_model_card", "model_card", "plot_coefficients"]
