@@ -177,6 +177,60 @@ def interp_engine() -> None:
     assert kernels._failed is None
 
 
+def tie_models(n_tasks: int, sizes: tuple[int, ...], seed: int, signed: bool):
+    """Task vectors on quarters 0.25..1 (and zeros): the top 20% ends inside the 1.0 entries, so each
+    task keeps only some of its threshold ties, spread over keys. ``signed=False``: all positive,
+    no sign is contested, and every key runs the fused merge."""
+    g = torch.Generator().manual_seed(seed)
+    base = {f"k{j}": torch.randint(-8, 8, (s,), generator=g).float() for j, s in enumerate(sizes)}
+    fts = []
+    for _ in range(n_tasks):
+        ft = {}
+        for key, b in base.items():
+            step = torch.randint(0, 5, b.shape, generator=g).float() / 4
+            if signed:
+                step = step * (torch.randint(0, 2, b.shape, generator=g) * 2 - 1)
+            ft[key] = b + step
+        fts.append(ft)
+    return base, fts
+
+
+def interp_tie_patch() -> None:
+    """The fused merge with tie budgets (strict kernel + patched tie columns) equals the eager engine."""
+    patched = {"runs": 0}
+    original = TaskVectorMerger._patch_ties
+
+    def counting(self, base, fts, trim_step, *args):
+        before = list(trim_step.tie_budget)
+        result = original(self, base, fts, trim_step, *args)
+        if result is not None and trim_step.tie_budget != before:
+            patched["runs"] += 1
+        return result
+
+    TaskVectorMerger._patch_ties = counting
+    for n_tasks, signed, sizes in ((3, False, (3000, 2000, 1000)), (2, True, (2500, 1500)), (1, False, (4000,))):
+        base, fts = tie_models(n_tasks, sizes, seed=n_tasks, signed=signed)
+        for spec in (
+            MergeSpec(k=0.2),
+            MergeSpec(k=0.2, sign="count", merge="max"),
+            MergeSpec(k=0.2, merge="sum"),
+            MergeSpec(k=0.3, merge="task_mean", scope="per_tensor"),
+        ):
+            expected_merger = TaskVectorMerger(base, fts, spec)
+            expected = dict(expected_merger)
+            fused = TaskVectorMerger(base, fts, spec)
+            fused._use_kernels = lambda: True
+            got = dict(fused)
+            for key in expected:
+                assert same_bits(got[key], expected[key], spec.merge), (n_tasks, signed, spec, key)
+            # the budgets were spent exactly as the eager path spends them
+            assert [t.ties_to_keep for t in fused.thresholds or []] == [t.ties_to_keep for t in expected_merger.thresholds or []]
+            if spec.scope == "global":
+                assert all(0 < t.ties_to_keep < t.n_equal for t in expected_merger.thresholds), spec
+    assert patched["runs"] >= 6, patched
+    assert kernels._failed is None
+
+
 def run_interpreted(check: str) -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
@@ -194,6 +248,10 @@ def test_fused_bracket_pass_counts_equal_the_histogram() -> None:
 
 def test_engine_with_the_kernels_merges_as_without() -> None:
     run_interpreted("interp_engine")
+
+
+def test_fused_merge_places_threshold_ties_as_the_eager_engine() -> None:
+    run_interpreted("interp_tie_patch")
 
 
 # ---- in-process: the kernels stay optional -------------------------------------------------------
@@ -320,6 +378,29 @@ def test_cuda_fused_merge_equals_ties_chunk() -> None:
             got, flag = kernels.ties_merge(base.cuda(), [f.cuda() for f in fts], cuts, out, "mass", merge)
             assert same_bits(out.cpu(), expected, merge), (n_tasks, merge)
             assert int(got) == signs and bool(flag) == contested
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize(("sign", "merge"), [("mass", "mean"), ("count", "max"), ("mass", "sum")])
+def test_cuda_fused_merge_places_threshold_ties_as_the_cpu(sign: str, merge: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    patched = {"runs": 0}
+    original = TaskVectorMerger._patch_ties
+
+    def counting(self, *args):
+        result = original(self, *args)
+        patched["runs"] += result is not None
+        return result
+
+    monkeypatch.setattr(TaskVectorMerger, "_patch_ties", counting)
+    base, fts = tie_models(3, (300_000, 200_001, 7), seed=4, signed=False)
+    spec = MergeSpec(k=0.2, sign=sign, merge=merge)
+    expected = dict(TaskVectorMerger(base, fts, spec))
+    got = dict(TaskVectorMerger(_on(base, "cuda"), [_on(ft, "cuda") for ft in fts], spec))
+    assert patched["runs"] > 0 and kernels._failed is None, (patched, kernels._failed)
+    for key in expected:
+        assert same_bits(got[key].cpu(), expected[key], merge), key
 
 
 if __name__ == "__main__":

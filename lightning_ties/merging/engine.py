@@ -15,8 +15,9 @@ a GPU merges there; files are read to the CPU unless ``device=`` says otherwise)
 tensor read is moved there once per read, every buffer, histogram and mask lives there, and
 tau_m comes out there; the results are bit-identical across devices. On a GPU the per-chunk
 Python overhead dominates, so chunks are whole tensors up to a memory bound. On CUDA, with
-Triton installed, TIES's bracketed select pass and its merge pass (when no threshold tie is
-left to place and no sign is contested) run as fused kernels (:mod:`.kernels`, same bits);
+Triton installed, TIES's bracketed select pass and its merge pass (when no sign is contested;
+threshold ties a task still keeps are patched in on their few columns) run as fused kernels
+(:mod:`.kernels`, same bits);
 ``LIGHTNING_TIES_KERNELS=0`` keeps every merge on the PyTorch path.
 """
 
@@ -370,8 +371,13 @@ class TaskVectorMerger:
     def _fused_merge(self, key: str, trim_step: ThresholdTrim, out: torch.Tensor, sign: str, merge: str) -> torch.Tensor | None:
         """tau_m of ``key`` into ``out`` by the fused kernel; the sum of its elected signs.
 
-        None (``out`` to be redone on the eager path) when an entry is contested (the eager
-        path records it for the majority fallback) or the kernel failed.
+        The kernel keeps ``|tau| > cut`` only; a task with threshold ties left to keep (its
+        tie budget) gets them afterwards: the few columns holding those ties are recomputed
+        eagerly (:meth:`_patch_ties`), so ``out`` and the sign sum are the eager path's and
+        ``trim_step``'s budget is spent as the eager path spends it.
+
+        None (``out`` to be redone on the eager path, budget untouched) when an entry is
+        contested (the eager path records it for the majority fallback) or the kernel failed.
         """
         from . import kernels
 
@@ -384,9 +390,75 @@ class TaskVectorMerger:
             signs, contested = kernels.ties_merge(base, fts, cached, out, sign, merge)
             if bool(contested):  # one host sync per key (the eager path has one per chunk)
                 return None
+            if any(trim_step.tie_budget):
+                return self._patch_ties(base, fts, trim_step, out, signs, sign, merge)
         except Exception as err:
             kernels.disable(f"merge: {type(err).__name__}: {err}")
             return None
+        return signs
+
+    def _patch_ties(
+        self,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+        trim_step: ThresholdTrim,
+        out: torch.Tensor,
+        signs: torch.Tensor,
+        sign: str,
+        merge: str,
+    ) -> torch.Tensor | None:
+        """Put the threshold ties that ``trim_step`` still keeps into a strict fused merge of one key.
+
+        Per task with a tie budget, the ties it keeps here are the first ``tie_budget[i]``
+        entries with ``|tau| == value`` in flat order (as :class:`ThresholdTrim` picks them).
+        Only their columns change: they are gathered (``[N, c']``, c' small), trimmed with and
+        without those ties, merged by ``ties_chunk_`` (the eager bits), written into ``out``,
+        and the sign sum corrected by the difference. Returns the corrected sign sum, or None
+        (nothing spent) when a patched column is contested.
+        """
+        cd = self.compute_dtype
+        kept: dict[int, torch.Tensor] = {}
+        spent: dict[int, int] = {}
+        for i, left in enumerate(trim_step.tie_budget):
+            if left <= 0:
+                continue
+            value = trim_step.thresholds[i].value
+            at_threshold = (fts[i].to(cd) - base.to(cd)).abs_() == value
+            if value == 0.0:  # a kept zero is still a zero: spend the budget, change nothing
+                spent[i] = min(left, int(at_threshold.sum()))
+                continue
+            idx = torch.nonzero(at_threshold).squeeze(1)[:left]
+            spent[i] = idx.numel()
+            if idx.numel():
+                kept[i] = idx
+        if kept:
+            cols = torch.unique(torch.cat(list(kept.values())))  # sorted
+            b = base[cols].to(cd)
+            taus = torch.stack([ft[cols].to(cd) - b for ft in fts])
+            positions = {i: torch.searchsorted(cols, idx) for i, idx in kept.items()}
+
+            def trim_sub(with_ties: bool) -> Callable[..., torch.Tensor]:
+                def apply(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                    # ThresholdTrim's arithmetic on the gathered columns, ties given
+                    mags = torch.abs(t, out=out)
+                    for i, (row, cut) in enumerate(zip(mags, trim_step.cuts)):
+                        torch.nn.functional.threshold_(row, cut, 0.0)
+                        if with_ties and i in positions:
+                            row[positions[i]] = trim_step.thresholds[i].value
+                    return torch.copysign(mags, t, out=mags)
+
+                return apply
+
+            strict_out = torch.empty(cols.numel(), dtype=cd, device=out.device)
+            strict_signs, _ = ties_chunk_(taus.clone(), trim_sub(False), strict_out, torch.empty_like(taus), sign, merge)
+            sub_out = torch.empty_like(strict_out)
+            sub_signs, cols_contested = ties_chunk_(taus, trim_sub(True), sub_out, torch.empty_like(taus), sign, merge)
+            if cols_contested is not None:  # the eager path records contested entries
+                return None
+            out[cols] = sub_out
+            signs = signs - strict_signs + sub_signs
+        for i, count in spent.items():
+            trim_step.tie_budget[i] -= count
         return signs
 
     def _sample_brackets(self, keys: Sequence[str], m: int) -> list[tuple[float, float] | None]:
@@ -410,20 +482,18 @@ class TaskVectorMerger:
                 sample = model.get(key).reshape(-1)[first::stride].to(self.device, self.compute_dtype)
                 part.append((sample - base).abs_())
             offset += self.base.spec(key).numel
-        brackets: list[tuple[float, float] | None] = []
-        for part in parts:
-            sample = torch.cat(part)
-            size = sample.numel()
-            expected = m * size / n  # rank of the threshold in the sample, counted from the top
-            margin = 5 * math.sqrt(expected * (1 - m / n)) + 8
-            top, bottom = math.floor(expected - margin), math.ceil(expected + margin)
-            if top < 1 or bottom > size:
-                brackets.append(None)
-                continue
-            hi = sample.kthvalue(size - top + 1).values.item()
-            lo = sample.kthvalue(size - bottom + 1).values.item()
-            brackets.append((lo, hi) if math.isfinite(hi) else None)
-        return brackets
+        # Every task's sample has the same size and the same ranks around the threshold: one
+        # batched sort for all tasks and one host transfer (not two kthvalue syncs per task).
+        samples = torch.stack([torch.cat(part) for part in parts])
+        size = samples.shape[1]
+        expected = m * size / n  # rank of the threshold in the sample, counted from the top
+        margin = 5 * math.sqrt(expected * (1 - m / n)) + 8
+        top, bottom = math.floor(expected - margin), math.ceil(expected + margin)
+        if top < 1 or bottom > size:
+            return [None] * len(self.models)
+        ordered = samples.sort(dim=1).values  # the k-th smallest is ordered[:, k - 1], as kthvalue(k)
+        ends = ordered[:, [size - bottom, size - top]].tolist()
+        return [(lo, hi) if math.isfinite(hi) else None for lo, hi in ends]
 
     def _tensor_thresholds(self, key: str) -> list[MagnitudeThreshold]:
         n = self.base.spec(key).numel
@@ -512,7 +582,7 @@ class TaskVectorMerger:
             key_sign_total = torch.zeros((), dtype=torch.int64, device=self.device)
             fast = trim_step is not None and spec.sign in ("mass", "count") and not per_task
             fused = None
-            if fast and use_kernels and not any(trim_step.tie_budget):  # ties left to keep: eager
+            if fast and use_kernels:
                 fused = self._fused_merge(key, trim_step, out, spec.sign, spec.merge)
             if fused is not None:
                 key_sign_total += fused

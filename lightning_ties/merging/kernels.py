@@ -5,8 +5,9 @@ tensor; these kernels read base and the N fine-tuned tensors once per pass, stra
 tensors the engine already holds (no ``[N, c]`` task-vector buffer):
 
 - :func:`bracket_counts`: the select pass with a sampled bracket. Per task, counts the
-  entries whose ``|tau|`` bit pattern lies above the bracket, histograms those inside it
-  (atomic adds: ~1% of the entries land there) and flags NaN/Inf, without a host sync.
+  entries whose ``|tau|`` bit pattern lies above the bracket (per-block partials, summed by
+  torch), histograms those inside it (atomic adds: ~1% of the entries land there) and flags
+  NaN/Inf, without a host sync.
 - :func:`ties_merge`: trim by per-task cut values (keep ``|tau| > cut``), elect the sign
   (``mass`` or ``count``), disjoint-merge (``mean``, ``sum``, ``max``, ``task_mean``), write
   tau_m, the per-block sums of elected signs and a "contested" flag (a zero score with a
@@ -139,12 +140,16 @@ if triton is not None:
         tl.store(signs_ptr + pid, tl.sum(tl.where(mask, signs, 0.0).to(tl.int64), axis=0))
         tl.store(contested_ptr + pid, contested.to(tl.int32))
 
-    @triton.jit(do_not_specialize=["flag_index"])  # one compiled kernel for every key index
+    @triton.jit
     def bracket_kernel(
-        base_ptr, ft_ptrs, lo_ptr, hi_ptr, hist_ptr, hist_stride, above_ptr, flags_ptr, flag_index, flag_stride, n,
+        base_ptr, ft_ptrs, lo_ptr, hi_ptr, hist_ptr, hist_stride, above_ptr, bad_ptr, blocks, n,
         N: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # ``above`` and ``bad`` are per-block partials ([N, blocks] int32, reduced by torch
+        # afterwards): one scalar atomic per block and task on a single address serialised
+        # the whole grid (100K blocks x 8 tasks x 2 atomics for 8 x 200M entries).
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         for i in tl.static_range(0, N):
@@ -152,14 +157,11 @@ if triton is not None:
             bits = tau.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |tau|'s bits: ordered like |tau|
             lo = tl.load(lo_ptr + i)
             hi = tl.load(hi_ptr + i)
-            above = tl.sum(tl.where(mask & (bits > hi), 1, 0).to(tl.int64), axis=0)
-            tl.atomic_add(above_ptr + i, above)
+            tl.store(above_ptr + i * blocks + pid, tl.sum(tl.where(mask & (bits > hi), 1, 0), axis=0))
             inside = mask & (bits >= lo) & (bits <= hi)
             ones = tl.full(bits.shape, 1, tl.int64)
             tl.atomic_add(hist_ptr + i * hist_stride + (bits - lo).to(tl.int64), ones, mask=inside)
-            bad = tl.max(tl.where(mask & (bits >= 0x7F800000), 1, 0), axis=0)
-            tl.atomic_max(flags_ptr + i * flag_stride + flag_index, bad.to(tl.int32))
-
+            tl.store(bad_ptr + i * blocks + pid, tl.max(tl.where(mask & (bits >= 0x7F800000), 1, 0), axis=0))
 
 
 def ties_merge(
@@ -175,7 +177,8 @@ def ties_merge(
     ``base`` and each of ``fine_tuned`` are flat ``[n]`` tensors on one device (float32,
     bfloat16 or float16, contiguous); ``cuts`` (float32 ``[N]``, same device) holds each
     task's :attr:`~lightning_ties.merging.steps.ThresholdTrim.cuts`: task i keeps
-    ``|tau| > cuts[i]``. The values are those of ``steps.ties_chunk_`` with no tie budget.
+    ``|tau| > cuts[i]``. The values are those of ``steps.ties_chunk_`` with no tie budget
+    (the engine patches the columns of the threshold ties a task still keeps afterwards).
 
     Returns:
         ``(sum of elected signs, contested)``: a 0-d int64 tensor and a 0-d bool tensor
@@ -222,7 +225,11 @@ def bracket_counts(
     n = base.numel()
     if not n:
         return
-    bracket_kernel[(-(-n // _SELECT_BLOCK),)](
-        base, tuple(fine_tuned), lo, hi, hist, hist.stride(0), above, flags, flag_index, flags.stride(0), n,
+    blocks = -(-n // _SELECT_BLOCK)
+    partial = torch.empty(2, len(fine_tuned), blocks, dtype=torch.int32, device=base.device)
+    bracket_kernel[(blocks,)](
+        base, tuple(fine_tuned), lo, hi, hist, hist.stride(0), partial[0], partial[1], blocks, n,
         N=len(fine_tuned), BLOCK=_SELECT_BLOCK,
     )  # fmt: skip
+    above += partial[0].sum(1, dtype=torch.int64)  # exact integer sums: order does not matter
+    flags[:, flag_index] = torch.maximum(flags[:, flag_index], partial[1].amax(1))
