@@ -48,6 +48,12 @@ def eager_chunk(base, fts, thresholds, sign, merge):
     return out, int(signs), cols is not None, trim_step
 
 
+def trimmed_of(base, fts, trim_step, sign):
+    """The trimmed task vectors (``mass``) or their signs (``count``): the terms of the score."""
+    trimmed = steps.ThresholdTrim(trim_step.thresholds, torch.float32)(torch.stack([ft.float() - base.float() for ft in fts]))
+    return trimmed if sign == "mass" else trimmed.sign()
+
+
 def all_ties_kept(values: list[float]) -> list[MagnitudeThreshold]:
     # keeps every tie (no tie budget): the case the fused kernel runs
     return [MagnitudeThreshold(v, kept=10, n_greater=5, n_equal=5) for v in values]
@@ -77,7 +83,14 @@ def interp_merge() -> None:
                     where = f"N={n_tasks} n={n} {sign}/{merge}"
                     assert same_bits(out, expected, merge), where
                     assert int(got_signs) == signs, where
-                    assert bool(got_contested) == contested, where
+                    assert bool(got_contested.any()) == contested, where
+                    # the per-block flags name exactly the blocks holding a contested entry
+                    score = steps.sum_tasks(trimmed_of(base, fts, trim_step, sign))
+                    mags = torch.stack([ft.float() - base.float() for ft in fts])
+                    kept = steps.ThresholdTrim(ths, torch.float32)(mags).count_nonzero(0) > 0
+                    flat = torch.zeros(got_contested.numel() * kernels.MERGE_BLOCK, dtype=torch.bool)
+                    flat[:n] = (score == 0) & kept
+                    assert torch.equal(got_contested.bool(), flat.view(-1, kernels.MERGE_BLOCK).any(1)), where
                     cases += contested
     assert cases > 10  # the grid does produce exact sign ties
     # bf16 and fp16 inputs are upcast before the subtraction, as the engine does
@@ -231,6 +244,73 @@ def interp_tie_patch() -> None:
     assert kernels._failed is None
 
 
+def contested_models(n_tasks: int, sizes: tuple[int, ...], seed: int):
+    """Task vectors on quarters -1..1, -1 three times as likely as 1: many columns sum to exactly 0
+    (+1 and -1 above the cut, or +q and -q at it), threshold ties at the cut (0.75 for k=0.45),
+    and a negative overall majority."""
+    g = torch.Generator().manual_seed(seed)
+    base = {f"k{j}": torch.randint(-8, 8, (s,), generator=g).float() for j, s in enumerate(sizes)}
+    fts = [
+        {k: b + (torch.randint(-6, 5, b.shape, generator=g).float() / 4).clamp(-1, 1) for k, b in base.items()}
+        for _ in range(n_tasks)
+    ]
+    return base, fts
+
+
+CONTESTED_SPECS = (
+    MergeSpec(k=0.45),
+    MergeSpec(k=0.45, sign="count"),
+    MergeSpec(k=0.45, merge="sum"),
+    MergeSpec(k=0.45, scope="per_tensor"),
+    MergeSpec(k=0.45, sign="count", scope="per_tensor"),
+    MergeSpec(k=0.45, merge="sum", scope="per_tensor"),
+)
+
+
+def check_contested_fused(base, fts, spec, to=lambda sd: sd, chunk_size=None) -> dict[str, int]:
+    """Fused vs eager engine on one model: the same bits, every key fused (no eager redo), and the
+    majority fallback flipped contested entries recorded by the fused path."""
+    seen = {"fused": 0, "eager": 0, "flipped": 0, "tie_runs": 0}
+    fused_merge, resolve = TaskVectorMerger._fused_merge, engine._Contested.resolve
+
+    def counting_merge(self, key, trim_step, *args):
+        before = list(trim_step.tie_budget)
+        result = fused_merge(self, key, trim_step, *args)
+        seen["fused" if result is not None else "eager"] += 1
+        seen["tie_runs"] += trim_step.tie_budget != before
+        return result
+
+    def counting_resolve(self, flat_out, sign_total):
+        seen["flipped"] += bool(self) and float(sign_total) < 0
+        return resolve(self, flat_out, sign_total)
+
+    expected = dict(TaskVectorMerger(base, fts, spec))
+    TaskVectorMerger._fused_merge, engine._Contested.resolve = counting_merge, counting_resolve
+    try:
+        fused = TaskVectorMerger(to(base), [to(ft) for ft in fts], spec, chunk_size=chunk_size)
+        fused._use_kernels = lambda: True
+        got = dict(fused)
+    finally:
+        TaskVectorMerger._fused_merge, engine._Contested.resolve = fused_merge, resolve
+    for key in expected:
+        assert same_bits(got[key].cpu(), expected[key], spec.merge), (len(fts), spec, key)
+    assert seen["eager"] == 0 and seen["fused"] == len(expected), (spec, seen)
+    assert seen["flipped"] > 0, (len(fts), spec, seen)
+    return seen
+
+
+def interp_contested() -> None:
+    """Contested entries (zero score) no longer send a key back to the eager path: same bits."""
+    tie_runs = 0
+    for n_tasks in (2, 3, 4):
+        base, fts = contested_models(n_tasks, (3000, 1100, 700), seed=n_tasks)
+        for spec in CONTESTED_SPECS:
+            # a small chunk size: the patched columns are merged over several chunks
+            tie_runs += check_contested_fused(base, fts, spec, chunk_size=500)["tie_runs"]
+    assert tie_runs > 0  # threshold ties were patched in the same runs
+    assert kernels._failed is None
+
+
 def run_interpreted(check: str) -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
@@ -255,6 +335,10 @@ def test_fused_merge_places_threshold_ties_as_the_eager_engine() -> None:
 
 
 # ---- in-process: the kernels stay optional -------------------------------------------------------
+def test_fused_merge_with_contested_entries_equals_the_eager_engine() -> None:
+    run_interpreted("interp_contested")
+
+
 def test_kernels_run_only_on_cuda_and_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not kernels.available("cpu")
     assert not kernels.available("cuda", torch.float64)
@@ -377,7 +461,7 @@ def test_cuda_fused_merge_equals_ties_chunk() -> None:
             cuts = torch.tensor(trim_step.cuts, device="cuda")
             got, flag = kernels.ties_merge(base.cuda(), [f.cuda() for f in fts], cuts, out, "mass", merge)
             assert same_bits(out.cpu(), expected, merge), (n_tasks, merge)
-            assert int(got) == signs and bool(flag) == contested
+            assert int(got) == signs and bool(flag.any()) == contested
 
 
 @cuda
@@ -401,6 +485,17 @@ def test_cuda_fused_merge_places_threshold_ties_as_the_cpu(sign: str, merge: str
     assert patched["runs"] > 0 and kernels._failed is None, (patched, kernels._failed)
     for key in expected:
         assert same_bits(got[key].cpu(), expected[key], merge), key
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("spec", CONTESTED_SPECS, ids=lambda s: f"{s.sign}-{s.merge}-{s.scope}")
+@pytest.mark.parametrize("n_tasks", [2, 3, 4])
+def test_cuda_fused_merge_with_contested_entries_equals_the_cpu(n_tasks: int, spec: MergeSpec) -> None:
+    pytest.importorskip("triton")
+    base, fts = contested_models(n_tasks, (300_000, 200_001, 7), seed=n_tasks)
+    check_contested_fused(base, fts, spec, to=lambda sd: _on(sd, "cuda"))
+    assert kernels._failed is None, kernels._failed
 
 
 if __name__ == "__main__":

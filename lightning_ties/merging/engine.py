@@ -368,16 +368,19 @@ class TaskVectorMerger:
             sel.add_bracket_counts(inside[: h - l + 1], count, observed)
         return True
 
-    def _fused_merge(self, key: str, trim_step: ThresholdTrim, out: torch.Tensor, sign: str, merge: str) -> torch.Tensor | None:
+    def _fused_merge(
+        self, key: str, trim_step: ThresholdTrim, out: torch.Tensor, sign: str, merge: str, contested: _Contested
+    ) -> torch.Tensor | None:
         """tau_m of ``key`` into ``out`` by the fused kernel; the sum of its elected signs.
 
-        The kernel keeps ``|tau| > cut`` only; a task with threshold ties left to keep (its
-        tie budget) gets them afterwards: the few columns holding those ties are recomputed
-        eagerly (:meth:`_patch_ties`), so ``out`` and the sign sum are the eager path's and
-        ``trim_step``'s budget is spent as the eager path spends it.
+        The kernel keeps ``|tau| > cut`` only and flags the blocks holding a contested entry
+        (zero score, non-zero candidate). The columns of those blocks and of the threshold
+        ties a task's budget still keeps are recomputed eagerly (:meth:`_patch_ties`), so
+        ``out``, the sign sum and the contested entries recorded into ``contested`` are the
+        eager path's, and ``trim_step``'s budget is spent as the eager path spends it.
 
-        None (``out`` to be redone on the eager path, budget untouched) when an entry is
-        contested (the eager path records it for the majority fallback) or the kernel failed.
+        None (``out`` to be redone on the eager path; budget and ``contested`` untouched)
+        when the kernel failed.
         """
         from . import kernels
 
@@ -387,11 +390,10 @@ class TaskVectorMerger:
             self._buffers["cuts"], self._cuts_of = cached, trim_step
         try:
             base, fts = self._kernel_inputs(key)
-            signs, contested = kernels.ties_merge(base, fts, cached, out, sign, merge)
-            if bool(contested):  # one host sync per key (the eager path has one per chunk)
-                return None
-            if any(trim_step.tie_budget):
-                return self._patch_ties(base, fts, trim_step, out, signs, sign, merge)
+            signs, blocks = kernels.ties_merge(base, fts, cached, out, sign, merge)
+            flagged = torch.nonzero(blocks).squeeze(1)  # one host sync per key (the eager path: one per chunk)
+            if flagged.numel() or any(trim_step.tie_budget):
+                return self._patch_ties(base, fts, trim_step, out, signs, sign, merge, flagged, contested)
         except Exception as err:
             kernels.disable(f"merge: {type(err).__name__}: {err}")
             return None
@@ -406,17 +408,25 @@ class TaskVectorMerger:
         signs: torch.Tensor,
         sign: str,
         merge: str,
-    ) -> torch.Tensor | None:
-        """Put the threshold ties that ``trim_step`` still keeps into a strict fused merge of one key.
+        flagged: torch.Tensor,
+        contested: _Contested,
+    ) -> torch.Tensor:
+        """Correct a strict fused merge of one key: threshold ties kept, contested blocks recorded.
 
         Per task with a tie budget, the ties it keeps here are the first ``tie_budget[i]``
         entries with ``|tau| == value`` in flat order (as :class:`ThresholdTrim` picks them).
-        Only their columns change: they are gathered (``[N, c']``, c' small), trimmed with and
-        without those ties, merged by ``ties_chunk_`` (the eager bits), written into ``out``,
-        and the sign sum corrected by the difference. Returns the corrected sign sum, or None
-        (nothing spent) when a patched column is contested.
+        Those columns and the columns of the kernel's ``flagged`` blocks (a contested entry in
+        its strict view) are gathered (``[N, c']`` per engine chunk), trimmed without (the
+        kernel's view) and with those ties, merged by ``ties_chunk_`` (the eager bits), the
+        latter written into ``out``, and the sign sum corrected by the difference. The
+        contested entries of the with-ties merge go into ``contested`` at their flat offsets,
+        for the majority fallback. Returns the corrected sign sum; state (budget,
+        ``contested``) changes only once every column is done.
         """
+        from . import kernels
+
         cd = self.compute_dtype
+        n = base.numel()
         kept: dict[int, torch.Tensor] = {}
         spent: dict[int, int] = {}
         for i, left in enumerate(trim_step.tie_budget):
@@ -431,32 +441,45 @@ class TaskVectorMerger:
             spent[i] = idx.numel()
             if idx.numel():
                 kept[i] = idx
-        if kept:
-            cols = torch.unique(torch.cat(list(kept.values())))  # sorted
-            b = base[cols].to(cd)
-            taus = torch.stack([ft[cols].to(cd) - b for ft in fts])
+        parts = list(kept.values())
+        if flagged.numel():
+            block = kernels.MERGE_BLOCK
+            in_blocks = (flagged[:, None] * block + torch.arange(block, device=flagged.device)).reshape(-1)
+            parts.append(in_blocks[in_blocks < n])
+        found = _Contested(disjoint_merge, merge)
+        if parts:
+            cols = torch.unique(torch.cat(parts))  # sorted
             positions = {i: torch.searchsorted(cols, idx) for i, idx in kept.items()}
+            for start in range(0, cols.numel(), self.chunk_size):
+                end = min(cols.numel(), start + self.chunk_size)
+                part = cols[start:end]
+                ties_here = {i: p[(p >= start) & (p < end)] - start for i, p in positions.items()}
 
-            def trim_sub(with_ties: bool) -> Callable[..., torch.Tensor]:
-                def apply(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-                    # ThresholdTrim's arithmetic on the gathered columns, ties given
-                    mags = torch.abs(t, out=out)
-                    for i, (row, cut) in enumerate(zip(mags, trim_step.cuts)):
-                        torch.nn.functional.threshold_(row, cut, 0.0)
-                        if with_ties and i in positions:
-                            row[positions[i]] = trim_step.thresholds[i].value
-                    return torch.copysign(mags, t, out=mags)
+                def trim_sub(with_ties: bool, ties_here: dict[int, torch.Tensor] = ties_here) -> Callable[..., torch.Tensor]:
+                    def apply(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                        # ThresholdTrim's arithmetic on the gathered columns, ties given
+                        mags = torch.abs(t, out=out)
+                        for i, (row, cut) in enumerate(zip(mags, trim_step.cuts)):
+                            torch.nn.functional.threshold_(row, cut, 0.0)
+                            if with_ties and i in ties_here:
+                                row[ties_here[i]] = trim_step.thresholds[i].value
+                        return torch.copysign(mags, t, out=mags)
 
-                return apply
+                    return apply
 
-            strict_out = torch.empty(cols.numel(), dtype=cd, device=out.device)
-            strict_signs, _ = ties_chunk_(taus.clone(), trim_sub(False), strict_out, torch.empty_like(taus), sign, merge)
-            sub_out = torch.empty_like(strict_out)
-            sub_signs, cols_contested = ties_chunk_(taus, trim_sub(True), sub_out, torch.empty_like(taus), sign, merge)
-            if cols_contested is not None:  # the eager path records contested entries
-                return None
-            out[cols] = sub_out
-            signs = signs - strict_signs + sub_signs
+                b = base[part].to(cd)
+                taus = torch.stack([ft[part].to(cd) - b for ft in fts])
+                strict_out = torch.empty(part.numel(), dtype=cd, device=out.device)
+                strict_signs, _ = ties_chunk_(taus.clone(), trim_sub(False), strict_out, torch.empty_like(taus), sign, merge)
+                sub_out = torch.empty_like(strict_out)
+                trimmed = torch.empty_like(taus)
+                sub_signs, sub_contested = ties_chunk_(taus, trim_sub(True), sub_out, trimmed, sign, merge)
+                if sub_contested is not None:  # as the eager path records them, at their flat offsets
+                    found.collect_columns(0, sub_contested, trimmed, index=part)
+                out[part] = sub_out
+                signs = signs - strict_signs + sub_signs
+        contested.index.extend(found.index)
+        contested.negative.extend(found.negative)
         for i, count in spent.items():
             trim_step.tie_budget[i] -= count
         return signs
@@ -583,7 +606,7 @@ class TaskVectorMerger:
             fast = trim_step is not None and spec.sign in ("mass", "count") and not per_task
             fused = None
             if fast and use_kernels:
-                fused = self._fused_merge(key, trim_step, out, spec.sign, spec.merge)
+                fused = self._fused_merge(key, trim_step, out, spec.sign, spec.merge, contested)
             if fused is not None:
                 key_sign_total += fused
             for start, taus in self._chunks(key) if fused is None else ():
@@ -653,11 +676,17 @@ class _Contested:
             return
         self.collect_columns(start, torch.nonzero(zero & (torch.count_nonzero(trimmed, dim=0) > 0)).squeeze(1), trimmed)
 
-    def collect_columns(self, start: int, cols: torch.Tensor, trimmed: torch.Tensor) -> None:
-        """Remember the -1 merge of the contested columns ``cols`` of a chunk starting at ``start``."""
+    def collect_columns(
+        self, start: int, cols: torch.Tensor, trimmed: torch.Tensor, index: torch.Tensor | None = None
+    ) -> None:
+        """Remember the -1 merge of the contested columns ``cols`` of a chunk starting at ``start``.
+
+        ``index`` (gathered columns, e.g. the fused merge's patch): the flat offset of each
+        column of ``trimmed``, used instead of ``start + cols``.
+        """
         if cols.numel():
             sub = trimmed[:, cols]
-            self.index.append(cols + start)
+            self.index.append(cols + start if index is None else index[cols])
             minus = torch.full((cols.numel(),), -1.0, dtype=sub.dtype, device=sub.device)
             self.negative.append(self.combine(sub, minus, self.merge))
 

@@ -10,8 +10,9 @@ tensors the engine already holds (no ``[N, c]`` task-vector buffer):
   NaN/Inf, without a host sync.
 - :func:`ties_merge`: trim by per-task cut values (keep ``|tau| > cut``), elect the sign
   (``mass`` or ``count``), disjoint-merge (``mean``, ``sum``, ``max``, ``task_mean``), write
-  tau_m, the per-block sums of elected signs and a "contested" flag (a zero score with a
-  non-zero candidate), so that the engine falls back to the eager path exactly as before.
+  tau_m, the per-block sums of elected signs and a per-block "contested" flag (a zero score
+  with a non-zero candidate somewhere in the block), so that the engine recomputes only those
+  blocks' columns eagerly and records their contested entries for the majority fallback.
 
 Both give the bits of the eager path (``steps.ties_chunk_`` and ``MagnitudeSelector``):
 sums over tasks in task order (unrolled), true division (``tl.div_rn``), no FMA contraction.
@@ -38,6 +39,9 @@ ENV_VAR = "LIGHTNING_TIES_KERNELS"
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MERGE_CODES = {"mean": 0, "sum": 1, "max": 2, "task_mean": 3}
 _MERGE_BLOCK = 1024
+#: Columns per block of :func:`ties_merge`: block ``j`` of its contested flags covers entries
+#: ``[j * MERGE_BLOCK, (j + 1) * MERGE_BLOCK)``.
+MERGE_BLOCK = _MERGE_BLOCK
 _SELECT_BLOCK = 2048
 _INF_BITS = 0x7F800000
 
@@ -181,10 +185,11 @@ def ties_merge(
     (the engine patches the columns of the threshold ties a task still keeps afterwards).
 
     Returns:
-        ``(sum of elected signs, contested)``: a 0-d int64 tensor and a 0-d bool tensor
-        (True when some entry had a zero score with a non-zero candidate: the caller then
-        redoes the tensor on the eager path, which records those entries), both on the
-        device, no host sync.
+        ``(sum of elected signs, contested blocks)``: a 0-d int64 tensor and an int32
+        ``[ceil(n / MERGE_BLOCK)]`` tensor (at least one element) whose entry ``j`` is 1 when
+        some entry of columns ``[j * MERGE_BLOCK, (j + 1) * MERGE_BLOCK)`` had a zero score
+        with a non-zero candidate (the caller recomputes those columns eagerly, which records
+        the contested entries), both on the device, no host sync.
     """
     if sign not in ("mass", "count") or merge not in _MERGE_CODES:
         raise ValueError(f"the fused merge runs sign 'mass'/'count' and merge {sorted(_MERGE_CODES)}, got {sign!r}/{merge!r}")
@@ -200,7 +205,7 @@ def ties_merge(
             N=len(fine_tuned), COUNT=sign == "count", MERGE=_MERGE_CODES[merge], BLOCK=_MERGE_BLOCK,
             enable_fp_fusion=False,
         )  # fmt: skip
-    return signs.sum(), contested.any()
+    return signs.sum(), contested
 
 
 def bracket_counts(
