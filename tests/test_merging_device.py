@@ -348,3 +348,23 @@ def test_cuda_division_by_a_number_equals_the_cpu_division() -> None:
     x = torch.randn(100_003, generator=torch.Generator().manual_seed(3)) * 1e3
     for d in (3, 7.0, 0.1, 1 - 0.9):
         assert torch.equal(steps.divide_(x.cuda(), d).cpu(), x / d)
+
+
+def test_zero_signs_do_not_depend_on_the_device(monkeypatch) -> None:
+    # CUDA's clamp turns -0.0 into +0.0 where the CPU's keeps it: a device-dependent sign bit on
+    # equal values. The engine writes +0.0 for every zero, so bits agree wherever values do.
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(4000)}
+    fts = [{"w": torch.randint(-4, 5, (4000,), generator=g).float() / 4} for _ in range(3)]
+    spec = MergeSpec(k=0.45)
+    expected = merged_task_vector(base, fts, spec)["w"]
+    clamp_ = torch.Tensor.clamp_
+
+    def cuda_like_clamp_(self, *args, **kwargs):
+        out = clamp_(self, *args, **kwargs)
+        return out.add_(0.0) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch.Tensor, "clamp_", cuda_like_clamp_)
+    got = merged_task_vector(base, fts, spec)["w"]
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert not bool(torch.signbit(expected[expected == 0]).any())

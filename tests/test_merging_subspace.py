@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ties.merging import subspace
+from lightning_ties import merge
+from lightning_ties.merging import METHODS, MergeSpec, StateDictSource, TaskVectorMerger, get_method, subspace
 from lightning_ties.merging.subspace import (
     iso_c,
     iso_cts,
@@ -292,3 +293,118 @@ def test_cuda_float64_fallback(monkeypatch):
     assert calls[:2] == [torch.float32, torch.float64] and out.is_cuda and out.dtype == torch.float32
     monkeypatch.setattr(torch.linalg, "svd", real_svd)
     assert torch.allclose(out.cpu(), iso_c(d), atol=1e-4)
+
+
+# ---- in the registry: streamed per tensor by the engine ------------------------------------------
+
+
+def _models(n: int = 3, seed: int = 20) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "a.weight": torch.randn(8, 6, generator=g),
+        "a.bias": torch.randn(8, generator=g),
+        "b.weight": torch.randn(5, 8, generator=g),
+        "steps": torch.tensor(7),
+    }
+    models = [
+        {k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in base.items()}
+        for _ in range(n)
+    ]
+    return base, models
+
+
+@pytest.mark.parametrize(("method", "fn", "lam"), [("tsv", tsv_m, 1.0), ("iso_c", iso_c, 1.3), ("iso_cts", iso_cts, 1.3)])
+def test_registry_merge_is_base_plus_lam_times_the_per_tensor_function(method, fn, lam):
+    base, models = _models()
+    merged = merge(base, models, method=method)
+    assert merged.report.lam == lam  # the method's own default scale
+    for key in ("a.weight", "a.bias", "b.weight"):
+        deltas = torch.stack([m[key] - base[key] for m in models])
+        assert torch.allclose(merged[key], base[key] + lam * fn(deltas), atol=1e-5), key
+    assert torch.equal(merged["steps"], base["steps"])  # integer buffers come from base
+    assert torch.allclose(merge(base, models, method=method, lam=0.5)["a.weight"], base["a.weight"] + 0.5 * fn(
+        torch.stack([m["a.weight"] - base["a.weight"] for m in models])), atol=1e-5)
+
+
+def test_registry_declares_defaults_grids_and_decomposition():
+    for name in ("tsv", "iso_c", "iso_cts"):
+        m = get_method(name)
+        assert m.searchable and max(m.lam_grid) == 3.0 and min(m.lam_grid) == 0.1 and len(m.lam_grid) == 30
+    assert get_method("tsv").lam == 1.0
+    assert get_method("iso_cts").parameters() == {"common_fraction": 0.8}
+    assert get_method("tsv").decomposes and get_method("ties").decomposes and get_method("task_arithmetic").decomposes
+    assert not get_method("iso_c").decomposes and not get_method("iso_cts").decomposes
+    assert {"tsv", "iso_c", "iso_cts"} <= set(METHODS)
+
+
+def test_iso_cts_parameter_reaches_the_function_and_is_checked_up_front():
+    base, models = _models()
+    full = merge(base, models, method="iso_cts", common_fraction=1.0)
+    assert torch.allclose(full["a.weight"], merge(base, models, method="iso_c")["a.weight"], atol=1e-5)
+    with pytest.raises(ValueError, match="common_fraction"):
+        merge(base, models, method="iso_cts", common_fraction=2.0)
+
+
+def test_tsv_components_sum_to_its_merge_and_iso_c_refuses_components():
+    base, models = _models()
+    tau = dict(TaskVectorMerger(base, models, get_method("tsv").build_spec()))
+    parts = dict(TaskVectorMerger(base, models, get_method("tsv").build_spec()).components())
+    for key in tau:
+        assert parts[key].shape == (3, *tau[key].shape)
+        assert torch.allclose(parts[key].sum(0), tau[key], atol=1e-5)
+    with pytest.raises(ValueError, match="does not decompose into per-task components"):
+        list(TaskVectorMerger(base, models, get_method("iso_c").build_spec()).components())
+
+
+class _LoggingSource(StateDictSource):
+    def __init__(self, state_dict, label, log):
+        super().__init__(state_dict, label)
+        self.log = log
+
+    def get(self, key):
+        self.log.append((self.label, key))
+        return super().get(key)
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_per_tensor_methods_stream_key_by_key(method):
+    base, models = _models()
+    log: list[tuple[str, str]] = []
+    merger = TaskVectorMerger(
+        _LoggingSource(base, "base", log),
+        [_LoggingSource(m, f"m{i}", log) for i, m in enumerate(models)],
+        get_method(method).build_spec(),
+    )
+    keys = iter(merger)
+    first, _ = next(keys)
+    assert {k for _, k in log} == {first}  # only the first tensor was read when it came out
+    rest = [k for k, _ in keys]
+    assert [first, *rest] == ["a.weight", "a.bias", "b.weight"]
+
+
+def test_per_tensor_merge_in_float64_and_bad_specs():
+    base, models = _models()
+    out = merge(base, models, method="tsv", compute_dtype=torch.float64)
+    deltas = torch.stack([m["b.weight"].double() - base["b.weight"].double() for m in models])
+    assert torch.allclose(out["b.weight"].double(), base["b.weight"].double() + tsv_m(deltas), atol=1e-6)
+    with pytest.raises(ValueError, match="tensor_fn"):
+        MergeSpec("magnitude", tensor_fn=iso_c)
+
+
+def test_non_finite_task_vectors_are_named():
+    base, models = _models()
+    models[1]["b.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\[1\].*'b.weight'"):
+        merge(base, models, method="tsv")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_registry_merge_on_cuda_matches_cpu(method):
+    base, models = _models()
+    on_gpu = merge(base, models, method=method, device="cuda")
+    on_cpu = merge(base, models, method=method)
+    for key in on_cpu:
+        assert on_gpu[key].is_cuda
+        assert torch.allclose(on_gpu[key].cpu(), on_cpu[key], atol=1e-4), key

@@ -94,6 +94,12 @@ class MergeSpec:
             None for no election.
         merge: ``"mean"`` (disjoint mean), ``"sum"``, ``"max"`` or ``"task_mean"``.
         seed: DARE's random seed (masks depend on seed, task index and key, not on chunking).
+        tensor_fn: a per-tensor method (TSV-M, Iso-C: :mod:`~lightning_ties.merging.subspace`)
+            that replaces trim, elect and merge: ``tensor_fn(deltas)`` gets the N task vectors
+            of one tensor, ``[N, *shape]``, and returns its tau_m (``shape``). The engine streams
+            it key by key, like the TIES steps.
+        components_fn: its per-task shares, ``[N, *shape]`` summing to tau_m (None: the method
+            does not decompose into per-task components).
     """
 
     sparsify: Sparsify = "magnitude"
@@ -103,8 +109,12 @@ class MergeSpec:
     sign: str | None = "mass"
     merge: str = "mean"
     seed: int = 0
+    tensor_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    components_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
+        if self.tensor_fn is not None and (self.sparsify is not None or self.sign is not None):
+            raise ValueError("a per-tensor method (tensor_fn) replaces trim, elect and merge: set sparsify=None, sign=None")
         if self.sparsify not in (None, "magnitude", "dare"):
             raise ValueError(f"unknown sparsify {self.sparsify!r}; choose 'magnitude', 'dare' or None")
         if self.sparsify == "magnitude":
@@ -564,7 +574,7 @@ class TaskVectorMerger:
 
     # ---- the main loop --------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self._merge_keys(disjoint_merge)
+        return _positive_zeros(self._merge_keys(disjoint_merge))
 
     def components(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, deltas)`` with ``deltas[t]`` task t's share of tau_m (``[N, *shape]``).
@@ -572,10 +582,13 @@ class TaskVectorMerger:
         ``deltas.sum(0)`` equals the merged tau_m up to float rounding; learned merging
         coefficients scale each share separately.
         """
-        return self._merge_keys(disjoint_components)
+        return _positive_zeros(self._merge_keys(disjoint_components))
 
     def _merge_keys(self, combine: Callable[..., torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         spec = self.spec
+        if spec.tensor_fn is not None:
+            yield from self._per_tensor_keys(combine is disjoint_components)
+            return
         n_tasks = len(self.models)
         per_task = combine is disjoint_components
         global_trim = spec.trims and spec.scope == "global"
@@ -641,6 +654,21 @@ class TaskVectorMerger:
             contested.resolve(result.view(*result.shape[: 1 if per_task else 0], -1), sign_total)
             yield key, result
 
+    def _per_tensor_keys(self, per_task: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """Per-tensor methods: the N task vectors of one key in, its tau_m (or shares) out."""
+        fn = self.spec.components_fn if per_task else self.spec.tensor_fn
+        if fn is None:
+            raise ValueError(
+                "this merge method does not decompose into per-task components (e.g. iso_c mixes the tasks' "
+                "directions); use a method that does (ties, task_arithmetic, tsv) for per-task coefficients"
+            )
+        n_tasks = len(self.models)
+        for key in self.plan.merge_keys:
+            taus = self._task_vectors(key)
+            _check_finite(taus, key, self.models)
+            out = fn(taus.view(n_tasks, *self.base.spec(key).shape))
+            yield key, out.to(self.compute_dtype)
+
     def _trimmed_norms(self, keys: Sequence[str] | None = None, trim_step: ThresholdTrim | None = None) -> torch.Tensor:
         """L2 norm of each task's trimmed vector over ``keys`` (normfrac/normmass need them)."""
         keys = self.plan.merge_keys if keys is None else keys
@@ -695,6 +723,17 @@ class _Contested:
         if float(sign_total) < 0:
             for idx, values in zip(self.index, self.negative):
                 flat_out[..., idx] = values
+
+
+def _positive_zeros(merged: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged tensors with every zero made +0.0 (``x + 0.0``; other values unchanged).
+
+    Devices disagree on the sign of some zeros (CUDA's ``clamp`` turns -0.0 into +0.0, the
+    CPU's keeps it), which changes no value but does change bits; with one kind of zero the
+    CPU and GPU results are bit-identical wherever their values are equal.
+    """
+    for key, tensor in merged:
+        yield key, tensor.add_(0.0)
 
 
 def _check_finite(taus: torch.Tensor, key: str, models: Sequence[TensorSource]) -> None:

@@ -7,6 +7,7 @@ and the searches read this registry; adding a method here needs no change anywhe
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import subspace
 from .engine import DeviceLike, MergedTaskVector, MergeResult, MergeSpec, merged_task_vector
 from .plan import Patterns
 from .steps import PAPER_K, PAPER_LAM, check_lam
@@ -27,6 +29,8 @@ def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
 #: lam grids of the paper's code: TIES 0.8..2.5, task arithmetic 0.1..1.0 (step 0.1).
 TIES_LAM_GRID = _grid(0.8, 2.5, 0.1)
 TA_LAM_GRID = _grid(0.1, 1.0, 0.1)
+#: Scale (alpha) grid of TSV-M, Iso-C and Iso-CTS: their code searches 0.1..3.0 (step 0.1).
+SUBSPACE_LAM_GRID = _grid(0.1, 3.0, 0.1)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class MergeMethod:
         lam: the default lam (the paper's no-validation recipe where it has one).
         lam_grid: the ``lam="paper"`` search grid.
         searchable: whether the method has a lam to set or search (averaging has none).
+        decomposes: whether tau_m splits into per-task shares (``TaskVectorMerger.components``),
+            which learned coefficients and continual merging scale: TIES, task arithmetic and
+            TSV-M do; Iso-C and Iso-CTS mix the tasks' directions and do not.
 
     Callers ask the method instead of repeating numbers: :attr:`has_k` / :attr:`default_k`,
     :attr:`has_lam` / :attr:`default_lam` / :attr:`paper_lam_grid`; grids of k and lam are
@@ -60,6 +67,7 @@ class MergeMethod:
     lam: float
     lam_grid: tuple[float, ...]
     searchable: bool = True
+    decomposes: bool = True
 
     def parameters(self) -> dict[str, Any]:
         """The method's parameters (beyond lam) with their defaults."""
@@ -169,6 +177,21 @@ def _dare_ties(p: float = 0.8, seed: int = 0, sign: str = "mass", merge: str = "
     return MergeSpec("dare", p=p, sign=sign, merge=merge, seed=seed)
 
 
+def _tsv() -> MergeSpec:
+    return MergeSpec(None, sign=None, merge="sum", tensor_fn=subspace.tsv_m, components_fn=subspace.tsv_m_components)
+
+
+def _iso_c() -> MergeSpec:
+    return MergeSpec(None, sign=None, merge="sum", tensor_fn=subspace.iso_c)
+
+
+def _iso_cts(common_fraction: float = 0.8) -> MergeSpec:
+    subspace.iso_cts_ranks((1, 1), 1, common_fraction)  # refuses a fraction outside [0, 1] now, not mid-merge
+    return MergeSpec(
+        None, sign=None, merge="sum", tensor_fn=functools.partial(subspace.iso_cts, common_fraction=common_fraction)
+    )
+
+
 for _m in (
     MergeMethod("ties", "TIES-Merging: trim to top-k, elect sign, disjoint mean", _ties, PAPER_LAM, TIES_LAM_GRID),
     MergeMethod("task_arithmetic", "sum of task vectors scaled by lam", _task_arithmetic, 0.4, TA_LAM_GRID),
@@ -181,6 +204,19 @@ for _m in (
     MergeMethod("magnitude_prune", "task arithmetic of top-k trimmed task vectors", _magnitude_prune, 0.4, TA_LAM_GRID),
     MergeMethod("dare", "DARE: random drop p, rescale by 1/(1-p), then sum", _dare, 0.4, TA_LAM_GRID),
     MergeMethod("dare_ties", "DARE drop and rescale, then TIES elect and disjoint mean", _dare_ties, PAPER_LAM, TIES_LAM_GRID),
+    # scale defaults: TSV-M's data-free alpha = 1.0; Iso-C / Iso-CTS 1.3 (their code searches 0.1..3.0)
+    MergeMethod("tsv", "TSV-M: per-task top singular vectors, orthogonalised", _tsv, 1.0, SUBSPACE_LAM_GRID),
+    MergeMethod(
+        "iso_c", "Iso-C: summed task matrices with a flat spectrum", _iso_c, 1.3, SUBSPACE_LAM_GRID, decomposes=False
+    ),
+    MergeMethod(
+        "iso_cts",
+        "Iso-CTS: common + task-specific subspaces, flat spectrum",
+        _iso_cts,
+        1.3,
+        SUBSPACE_LAM_GRID,
+        decomposes=False,
+    ),
 ):
     register_method(_m)
 
@@ -336,6 +372,7 @@ def describe_methods() -> str:
 __all__ = [
     "METHODS",
     "MergeMethod",
+    "SUBSPACE_LAM_GRID",
     "TA_LAM_GRID",
     "TIES_LAM_GRID",
     "average_merge",
