@@ -218,7 +218,7 @@ class DemoConfig:
     """
 
     tasks: List[str] = field(default_factory=lambda: ["digit", "parity", "ge5", "mod3", "loop"])
-    methods: List[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "learned"])
+    methods: List[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "learned"])
     seed: int = 0
     data: DemoData = field(default_factory=DemoData)
     model: DemoModel = field(default_factory=DemoModel)

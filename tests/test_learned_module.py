@@ -407,3 +407,14 @@ def test_bad_input_is_refused_with_a_clear_message(setup):
         learn_coefficients(base.state_dict(), tasks, loaders)
     with pytest.raises(ValueError, match="cannot be split with holdout"):
         LearnedMergeModule(base, tasks, {"a": labelled(3, 0, n=1)}, holdout=0.2)
+
+
+def test_a_method_without_per_task_shares_is_refused_before_any_work():
+    from torch import nn
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    base = nn.Linear(2, 2)
+    loader = DataLoader(TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    with pytest.raises(ValueError, match="iso_c.*no coefficients to learn.*tsv"):
+        LearnedMergeModule(base, {"a": base.state_dict()}, {"a": loader}, method="iso_c", holdout=0.0)

@@ -131,17 +131,51 @@ def test_result_table_csv_and_json_list_every_candidate():
     assert [line.lstrip().startswith("*") for line in lines[2:5]] == [False, True, False]  # the lam=1.0 row
     assert "a/normalized_acc" in result.table
     csv_lines = result.to_csv().strip().splitlines()
-    assert csv_lines[0].split(",")[:3] == ["k", "lam", "objective"] and len(csv_lines) == 4
+    assert csv_lines[0].split(",")[:4] == ["method", "k", "lam", "objective"] and len(csv_lines) == 4
+    assert all(line.startswith("ties,") for line in csv_lines[1:])
     data = json.loads(result.to_json())
-    assert data["best"]["lam"] == 1.0 and len(data["candidates"]) == 3
+    assert data["best"]["lam"] == 1.0 and data["best"]["method"] == "ties" and len(data["candidates"]) == 3
     assert SearchResult.from_dict(data).best.lam == 1.0
+
+
+def test_a_single_method_result_written_before_method_columns_still_loads():
+    # given a search.json written before candidates carried a method (no "methods", no candidate "method")
+    old = {
+        "method": "task_arithmetic", "mode": "max", "reason": "search", "chosen": None, "fingerprint": "f",
+        "reference": {},
+        "candidates": [{"k": None, "lam": 0.3, "scores": {"a": {"acc": 0.5}}, "objective": 0.5},
+                       {"k": None, "lam": 0.4, "scores": {"a": {"acc": 0.7}}, "objective": 0.7}],
+    }
+    result = SearchResult.from_dict(old)
+    # then every candidate is that method's, found and resumed under it
+    assert result.methods == ["task_arithmetic"] and result.best_method == "task_arithmetic"
+    assert result.best.lam == 0.4 and result.find(None, 0.3, "task_arithmetic") is not None
+    assert result.find(None, 0.3, "tsv") is None
+    assert [r["method"] for r in result.rows()] == ["task_arithmetic"] * 2
+
+
+def test_a_search_over_methods_records_each_candidates_method_and_chooses_across_them():
+    # given two methods whose curves peak at different heights
+    result = SearchResult(method="ties", methods=["ties", "tsv"])
+    run_search(lambda k, lam: {"t": {"acc": -abs(lam - 1.0)}}, [0.2], [0.9, 1.0], result=result, method="ties")
+    run_search(lambda k, lam: {"t": {"acc": 0.5 - abs(lam - 2.0)}}, [None], [1.0, 2.0], result=result, method="tsv")
+    # then the best is tsv's lam=2.0, every row names its method, and a tie goes to the earlier method
+    assert (result.best_method, result.best.k, result.best.lam) == ("tsv", None, 2.0)
+    assert [(r["method"], r["lam"]) for r in result.rows()] == [("ties", 0.9), ("ties", 1.0), ("tsv", 1.0), ("tsv", 2.0)]
+    marked = [line for line in result.table.splitlines() if line.lstrip().startswith("*")]
+    assert len(marked) == 1 and "tsv" in marked[0] and "2.0000" in marked[0]
+    assert SearchResult.from_dict(json.loads(result.to_json())).best_method == "tsv"
+    tie = SearchResult(method="ties", methods=["tsv", "ties"])
+    run_search(lambda k, lam: {"t": {"acc": 1.0}}, [0.2], [1.0], result=tie, method="ties")
+    run_search(lambda k, lam: {"t": {"acc": 1.0}}, [None], [1.0], result=tie, method="tsv")
+    assert tie.best_method == "tsv"
 
 
 def test_result_files_are_written(tmp_path):
     result = run_search(peak_at(1.0), [0.2], [1.0])
     result.to_csv(tmp_path / "r.csv")
     result.to_json(tmp_path / "r.json")
-    assert (tmp_path / "r.csv").read_text().startswith("k,lam")
+    assert (tmp_path / "r.csv").read_text().startswith("method,k,lam")
     assert json.loads((tmp_path / "r.json").read_text())["best"]["k"] == 0.2
 
 

@@ -120,6 +120,9 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.k = k
         self.lam = lam
         self.method_params = dict(method_params or {})
+        # method_params are written for this method; a search over other methods passes each only
+        # the parameters it has (``scope`` reaches TIES, not TSV-M)
+        self._params_method = method
         self.include = include
         self.forward_fn = forward_fn
         self._forward_takes_task = _takes_task(forward_fn) if forward_fn is not None else False
@@ -193,6 +196,9 @@ class MultiTaskMergeModule(pl.LightningModule):
             return self._tau[1]
         self._tau = None  # free the previous tau_m before computing the next one
         params = dict(self.method_params)
+        if self.method != self._params_method:
+            accepted = get_method(self.method).parameters()
+            params = {name: v for name, v in params.items() if name in accepted}
         if k is not None:
             params["k"] = k
         device = self.compute_device
@@ -456,7 +462,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         self,
         trainer: pl.Trainer | None,
         dataloaders: Dataloaders,
-        method: str | None = None,
+        method: str | Sequence[str] | None = None,
         k: Any = None,
         lam: Any = "paper",
         strategy: str = "grid",
@@ -467,17 +473,21 @@ class MultiTaskMergeModule(pl.LightningModule):
         on_candidate: Callable[[Candidate], None] | None = None,
         log_prefix: str | None = None,
     ) -> SearchResult:
-        """Pick k and lam on the validation dataloaders, then leave the best merge applied.
+        """Pick the method, k and lam on the validation dataloaders, then leave the best merge applied.
 
-        tau_m is computed once per k and each lam is applied in place; finished candidates of an
-        earlier interrupted search (``self.search_result``, restored from checkpoints) are reused.
+        tau_m is computed once per (method, k) and each lam is applied in place; finished candidates
+        of an earlier interrupted search (``self.search_result``, restored from checkpoints) are reused.
+        Given several methods, every method's candidates are scored and the best over all of them is
+        applied (:attr:`method` becomes the chosen one; ties go to the method listed first).
 
         Args:
             trainer: runs the validation loop (``None``: a plain loop, for use inside a running fit).
             dataloaders: ``{task: dataloader}`` for every task.
-            method: merge method (default: the module's).
-            k: a number, a list, ``"search"`` (0.1, 0.2, 0.3) or ``None`` (the module's k).
-            lam: ``"paper"`` (the method's paper grid), a number or a list.
+            method: merge method or a list of them (default: the module's).
+            k: a number, a list, ``"search"`` (0.1, 0.2, 0.3) or ``None`` (the module's k); methods
+                without k (task arithmetic, TSV-M, Iso-C) ignore it.
+            lam: ``"paper"`` (each method's own paper grid: TIES 0.8..2.5, task arithmetic 0.1..1.0,
+                the subspace methods 0.1..3.0), a number or a list (the same for every method).
             strategy: ``"grid"`` or ``"coarse_to_fine"``.
             objective: ``"mean"``, ``"normalized"``, ``"mean:<metric>"`` or a callable of the scores.
             mode: ``"max"`` or ``"min"``.
@@ -493,21 +503,17 @@ class MultiTaskMergeModule(pl.LightningModule):
 
         Example:
             ``best = module.search(trainer, {"a": dl_a, "b": dl_b}, k=[0.1, 0.2, 0.3], lam="paper")``
+            ``best = module.search(trainer, loaders, method=["ties", "tsv"], lam="paper")`` (then ``best.method``)
         """
         loaders = self.check_dataloaders(dataloaders)
         if isinstance(objective, str) and objective.startswith("normalized") and not normalize:
             raise ValueError("objective 'normalized' needs the fine-tuned scores: leave normalize=True")
-        if method is not None and method != self.method:
-            get_method(method)
-            self.method, self._tau = method, None
-        ks: list[float | None] = k_grid(self.k if k is None else k) if self.searches_k else [None]
-        if k is not None and not self.searches_k:
-            raise ValueError(f"method {self.method!r} has no k to search; leave k out")
-        lams = lam_grid(self.method, lam)  # a method without lam (averaging) refuses any but its own here
-        fingerprint = self.fingerprint(objective, mode, normalize)
+        methods = self._search_methods(method)
+        grids = self._search_grids(methods, k, lam)
+        fingerprint = self.fingerprint(objective, mode, normalize, methods=methods)
         result = self.search_result if resume else None
         if result is None or result.fingerprint != fingerprint:
-            result = SearchResult(method=self.method, fingerprint=fingerprint)
+            result = SearchResult(method=methods[0], fingerprint=fingerprint, methods=list(methods))
         self.search_result = result
         self.reference = {**result.reference, **self.reference}  # a resumed search keeps its references
         with self._logging_under(log_prefix):
@@ -515,8 +521,8 @@ class MultiTaskMergeModule(pl.LightningModule):
                 result.reference = self.measure_finetuned(trainer, dataloaders)
             if trainer is not None:
                 self.merge_device = trainer.strategy.root_device  # tau_m is computed there (before_k)
-            total = len(ks) * len(lams) if strategy == "grid" else None
-            progress = SearchProgress(self.method, total, len(result.candidates), trainer, rank_zero_info)
+            total = sum(len(ks) * len(lams) for ks, lams in grids.values()) if strategy == "grid" else None
+            progress = SearchProgress(", ".join(methods), total, len(result.candidates), trainer, rank_zero_info)
 
             def evaluate(kv: float | None, lv: float) -> Scores:
                 self._candidate_step = len(result.candidates)  # candidate i is logged at step i
@@ -531,14 +537,54 @@ class MultiTaskMergeModule(pl.LightningModule):
                     on_candidate(candidate)
 
             with progress:
-                run_search(evaluate, ks, lams, strategy, objective, mode, result, finished, before_k=self.task_vector)
+                for m, (ks, lams) in grids.items():
+                    self._use_method(m)
+                    run_search(
+                        evaluate, ks, lams, strategy, objective, mode, result, finished,
+                        before_k=self.task_vector, method=m,
+                    )
+        result.method = result.best_method
+        self._use_method(result.method)
         self.apply_merge(result.k, result.lam)
         return result
 
-    def fingerprint(self, objective: Any = "mean", mode: str = "max", normalize: bool = True) -> str:
-        """What candidate scores depend on; a stored search is reused only when this matches."""
-        spec = {
-            "method": self.method,
+    def _search_methods(self, method: str | Sequence[str] | None) -> list[str]:
+        """The methods to search, each checked against the registry (before any work)."""
+        if method is None:
+            return [self.method]
+        methods = [method] if isinstance(method, str) else list(method)
+        if not methods or not all(isinstance(m, str) for m in methods):
+            raise ValueError(f"method={method!r}: expected a method name or a non-empty list of them")
+        for m in methods:
+            get_method(m)  # an unknown name fails here, naming the registered methods
+        return list(dict.fromkeys(methods))
+
+    def _search_grids(self, methods: list[str], k: Any, lam: Any) -> dict[str, tuple[list[float | None], list[float]]]:
+        """Each method's (k grid, lam grid): k for the methods that trim, lam from each method's own grid."""
+        if k is not None and not any(get_method(m).has_k for m in methods):
+            raise ValueError(f"method(s) {methods} have no k to search; leave k out")
+        grids = {}
+        for m in methods:
+            ks = k_grid(self.k if k is None else k) if get_method(m).has_k else [None]
+            grids[m] = (ks, lam_grid(m, lam))  # a method without lam (averaging) refuses any but its own here
+        return grids
+
+    def _use_method(self, method: str) -> None:
+        """Make ``method`` the one :meth:`task_vector` and :meth:`apply_merge` use."""
+        if method != self.method:
+            self.method, self._tau = method, None
+
+    def fingerprint(
+        self, objective: Any = "mean", mode: str = "max", normalize: bool = True, methods: Sequence[str] | None = None
+    ) -> str:
+        """What candidate scores depend on; a stored search is reused only when this matches.
+
+        ``methods``: the methods searched; one method (the default: the module's) gives the same
+        fingerprint as before multi-method searches, so their stored progress still resumes.
+        """
+        methods = list(methods) if methods else [self.method]
+        spec: dict[str, Any] = {
+            "method": methods[0] if len(methods) == 1 else methods,
             "params": {k: repr(v) for k, v in sorted(self.method_params.items())},
             "tasks": [(t, s.label) for t, s in zip(self.tasks, self._task_srcs)],
             "objective": objective if isinstance(objective, str) else getattr(objective, "__qualname__", "callable"),

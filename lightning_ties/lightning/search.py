@@ -67,12 +67,17 @@ def k_grid(k: Any) -> list[float]:
 
 @dataclass
 class Candidate:
-    """One evaluated (k, lam): its per-task scores and objective value."""
+    """One evaluated (method, k, lam): its per-task scores and objective value.
+
+    ``method`` is None in results written before searches covered several methods: such a
+    candidate belongs to its result's :attr:`SearchResult.method` (``from_dict`` fills it in).
+    """
 
     k: float | None
     lam: float
     scores: Scores
     objective: float
+    method: str | None = None
 
     def key(self) -> tuple[float | None, float]:
         return (self.k, self.lam)
@@ -83,7 +88,8 @@ class SearchResult:
     """Every evaluated candidate, the chosen one, and the fine-tuned reference scores.
 
     Attributes:
-        method: merge method searched.
+        method: the merge method chosen (a single-method search: the method searched).
+        methods: every method searched, in the order given (ties between methods go to the earlier one).
         candidates: evaluated candidates, in evaluation order.
         reference: each task's fine-tuned model's scores (for normalized scores), or empty.
         mode: ``"max"`` or ``"min"`` (direction of the objective).
@@ -100,6 +106,17 @@ class SearchResult:
     reason: str = "search"
     chosen: tuple[float | None, float] | None = None
     fingerprint: str = ""
+    methods: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            self.methods = [self.method]
+
+    def _order(self, c: Candidate) -> tuple[int, float, float]:
+        """Grid order: method (as given), then k, then lam."""
+        m = c.method or self.method
+        rank = self.methods.index(m) if m in self.methods else len(self.methods)
+        return (rank, c.k if c.k is not None else -1.0, c.lam)
 
     @property
     def best(self) -> Candidate | None:
@@ -107,8 +124,14 @@ class SearchResult:
         if not self.candidates:
             return None
         sign = 1.0 if self.mode == "max" else -1.0
-        ordered = sorted(self.candidates, key=lambda c: (c.k if c.k is not None else -1.0, c.lam))
+        ordered = sorted(self.candidates, key=self._order)
         return max(ordered, key=lambda c: sign * _finite(c.objective, sign))
+
+    @property
+    def best_method(self) -> str:
+        """The method of the best candidate (:attr:`method` when nothing was evaluated)."""
+        best = self.best
+        return (best.method or self.method) if best is not None else self.method
 
     @property
     def k(self) -> float | None:
@@ -120,17 +143,19 @@ class SearchResult:
         best = self.best
         return best.lam if best is not None else (self.chosen[1] if self.chosen else None)
 
-    def find(self, k: float | None, lam: float) -> Candidate | None:
+    def find(self, k: float | None, lam: float, method: str | None = None) -> Candidate | None:
+        """The finished candidate (method, k, lam), or None; ``method`` None: this result's :attr:`method`."""
+        method = method or self.method
         for c in self.candidates:
-            if c.k == k and c.lam == lam:
+            if c.k == k and c.lam == lam and (c.method or self.method) == method:
                 return c
         return None
 
     def rows(self) -> list[dict[str, Any]]:
-        """One flat row per candidate: k, lam, objective, ``<task>/<metric>`` (and normalized) columns."""
+        """One flat row per candidate: method, k, lam, objective, ``<task>/<metric>`` (and normalized) columns."""
         rows = []
-        for c in sorted(self.candidates, key=lambda c: (c.k if c.k is not None else -1.0, c.lam)):
-            row: dict[str, Any] = {"k": c.k, "lam": c.lam, "objective": c.objective}
+        for c in sorted(self.candidates, key=self._order):
+            row: dict[str, Any] = {"method": c.method or self.method, "k": c.k, "lam": c.lam, "objective": c.objective}
             for task, values in c.scores.items():
                 for name, v in values.items():
                     row[f"{task}/{name}"] = v
@@ -147,14 +172,17 @@ class SearchResult:
     def table(self) -> str:
         """The candidates as an aligned text table; the chosen row is marked with ``*``."""
         rows = self.rows()
-        head = f"{self.method}: {self.reason}"
+        head = f"{', '.join(self.methods)}: {self.reason}"
+        if len(self.methods) > 1:
+            head += f"; chose {self.best_method}"
         if not rows:
             return f"{head}; applied k={self.k}, lam={self.lam} (no candidate evaluated)"
         cols = list(dict.fromkeys(c for r in rows for c in r))
         best = self.best
         cells = [["", *cols]]
         for r in rows:
-            mark = "*" if best is not None and (r["k"], r["lam"]) == best.key() else ""
+            chosen = best is not None and (r["method"], r["k"], r["lam"]) == (best.method or self.method, *best.key())
+            mark = "*" if chosen else ""
             cells.append([mark, *(_fmt(r.get(c)) for c in cols)])
         widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
         lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
@@ -171,7 +199,12 @@ class SearchResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchResult:
         data = {k: v for k, v in data.items() if k != "best"}
-        data["candidates"] = [Candidate(**c) for c in data.get("candidates", [])]
+        # results written before multi-method searches have no ``methods`` and no candidate method:
+        # every candidate is then the result's one method
+        method = data.get("method", "ties")
+        data["candidates"] = [
+            Candidate(**{**c, "method": c.get("method") or method}) for c in data.get("candidates", [])
+        ]
         if data.get("chosen") is not None:
             data["chosen"] = tuple(data["chosen"])
         return cls(**data)
@@ -187,7 +220,7 @@ class SearchResult:
         """One row per candidate as CSV text; with ``path``, also written there atomically."""
         rows = self.rows()
         buf = io.StringIO()
-        cols = list(dict.fromkeys(c for r in rows for c in r)) or ["k", "lam", "objective"]
+        cols = list(dict.fromkeys(c for r in rows for c in r)) or ["method", "k", "lam", "objective"]
         writer = csv.DictWriter(buf, fieldnames=cols)
         writer.writeheader()
         writer.writerows(rows)
@@ -226,6 +259,7 @@ def run_search(
     result: SearchResult | None = None,
     on_candidate: Callable[[Candidate], None] | None = None,
     before_k: Callable[[float | None], None] | None = None,
+    method: str | None = None,
 ) -> SearchResult:
     """Evaluate candidates (k, lam) with ``strategy``, skipping those already in ``result``.
 
@@ -239,6 +273,8 @@ def run_search(
         result: an earlier (possibly interrupted) result to continue; a new one if None.
         on_candidate: called after each new candidate (e.g. to save progress).
         before_k: called before the first new evaluation of each k (e.g. to compute tau_m once).
+        method: the method ``evaluate`` merges with, recorded in each candidate (default:
+            ``result.method``); a search over several methods calls this once per method on one result.
 
     Example:
         >>> r = run_search(lambda k, lam: {"t": {"acc": lam}}, [None], [0.1, 0.2], mode="min")
@@ -249,8 +285,11 @@ def run_search(
         raise ValueError(f"unknown search strategy {strategy!r}; choose one of {STRATEGIES}")
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    result = result if result is not None else SearchResult()
+    result = result if result is not None else SearchResult(method=method or "ties")
     result.mode = mode
+    method = method or result.method
+    if method not in result.methods:
+        result.methods.append(method)
     sign = 1.0 if mode == "max" else -1.0
     lams = sorted(lams)
     for k in ks:
@@ -258,13 +297,14 @@ def run_search(
 
         def score(i: int, k: float | None = k) -> float:
             nonlocal prepared
-            done = result.find(k, lams[i])
+            done = result.find(k, lams[i], method)
             if done is None:
                 if not prepared and before_k is not None:
                     before_k(k)
                 prepared = True
                 scores = evaluate(k, lams[i])
-                done = Candidate(k, lams[i], scores, objective_value(objective, scores, result.reference or None))
+                value = objective_value(objective, scores, result.reference or None)
+                done = Candidate(k, lams[i], scores, value, method)
                 result.candidates.append(done)
                 if on_candidate is not None:
                     on_candidate(done)

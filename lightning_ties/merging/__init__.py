@@ -20,6 +20,7 @@ from .engine import (
 from .grids import DEFAULT_K_GRID, GRID_WORDS, check_k_grid, check_lam_grid  # noqa: F401
 from .methods import (
     METHODS,
+    SUBSPACE_LAM_GRID,
     TA_LAM_GRID,
     TIES_LAM_GRID,
     MergeMethod,
@@ -33,6 +34,7 @@ from .methods import (
     ties_merge,
 )
 from .plan import MergePlan, plan_merge
+from .regmean import GramCollector, collect_grams, regmean
 from .select import MagnitudeSelector, MagnitudeThreshold, keep_count, top_magnitude_threshold
 from .sources import StateDictSource, TensorSource, TensorSpec, as_source, register_path_opener
 from .steps import (
@@ -46,8 +48,16 @@ from .steps import (
     trim,
     trim_mask,
 )
+from .subspace import iso_c, iso_cts, tsv_m
 
 __all__ = [
+    "GramCollector",
+    "SUBSPACE_LAM_GRID",
+    "collect_grams",
+    "iso_c",
+    "iso_cts",
+    "regmean",
+    "tsv_m",
     "MAX_LAM",
     "METHODS",
     "TA_LAM_GRID",

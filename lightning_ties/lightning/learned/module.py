@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from ...evaluation.metrics import ArgmaxAccuracy
-from ...merging import MergeReport, TaskVectorMerger, as_source, get_method, plan_merge
+from ...merging import METHODS, MergeReport, TaskVectorMerger, as_source, get_method, plan_merge
 from ...merging.plan import Patterns
 from .._compat import pl
 from ..heads import HeadsArg, HeadStore, differing_keys, exact_patterns, named_head_keys, require_heads
@@ -109,6 +109,11 @@ class LearnedMergeModule(pl.LightningModule):
         self._fit_loaders, self._holdout_loaders = self._split(loaders, holdout, seed)
         self.strict_loading = False  # checkpoints hold the coefficients, not the frozen weights
         self.method = get_method(method)
+        if not self.method.decomposes:  # before any component is computed
+            raise ValueError(
+                f"method {method!r} does not split into per-task shares, so it has no coefficients to learn; "
+                f"use one that does: {', '.join(sorted(n for n, m in METHODS.items() if m.decomposes))}"
+            )
         if k is not None:
             params["k"] = k  # a method without k refuses it below, by name
         spec = self.method.build_spec(**params)
