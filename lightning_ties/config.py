@@ -121,12 +121,18 @@ class DataConfig:
 
 @dataclass
 class SearchGrid:
-    """What the lam/k search tries: ``lam="paper"`` is the method's grid from the paper's code."""
+    """What the lam/k search tries: ``lam="paper"`` is each method's grid from its paper's code.
+
+    ``methods`` (``lightning-ties search`` only): registry methods to choose from on validation data
+    (e.g. ``[ties, tsv, iso_c]``), each searched over its own lam grid; ``method.name``'s parameters
+    reach the methods that have them. ``None``: only ``method.name``.
+    """
 
     k: Any = field(default_factory=lambda: [0.1, 0.2, 0.3])
     lam: Any = "paper"
     strategy: SearchStrategy = SearchStrategy.grid
     objective: str = "mean"
+    methods: Optional[List[str]] = None
 
 
 @dataclass
@@ -532,6 +538,8 @@ def _check_choices(cfg: Any, where: str) -> None:
     if isinstance(cfg, (SearchConfig, EvaluateConfig)) and not cfg.tasks:
         raise ConfigError(f"{where}: tasks is empty; map each task name to its fine-tuned checkpoint")
     if isinstance(cfg, DemoConfig):
+        if getattr(cfg.search, "methods", None):
+            raise ConfigError(f"{where}: search.methods: the demo runs every method of `methods` (its own rows); leave search.methods out")
         unknown = [m for m in cfg.methods if m != LEARNED and m not in METHODS]
         if unknown:
             raise ConfigError(
@@ -557,7 +565,20 @@ def _check_grid(grid: SearchGrid, method: Any, where: str) -> None:
     """The search grids, checked by the same validator the Lightning search uses (before any work)."""
     name = method.get("name") if isinstance(method, Mapping) else None
     name = name if name in METHODS else None  # "learned" searches TIES's k; its lam is learned
-    checks = {"k": lambda v: check_k_grid(v, name, "search.k"), "lam": lambda v: check_lam_grid(name or "ties", v, "search.lam")}
+    names: list[Any] = [name]
+    if grid.methods is not None:
+        if isinstance(grid.methods, str) or not list(grid.methods):
+            raise ConfigError(f"{where}: search.methods={grid.methods!r}: expected a non-empty list of method names")
+        unknown = [m for m in grid.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"{where}: search.methods: unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        if method.get("name") == LEARNED if isinstance(method, Mapping) else False:
+            raise ConfigError(f"{where}: search.methods chooses among registry methods; leave it out with method.name=learned")
+        names = list(grid.methods)
+    checks = {
+        "k": lambda v: [check_k_grid(v, n, "search.k") for n in names],
+        "lam": lambda v: [check_lam_grid(n or "ties", v, "search.lam") for n in names],
+    }
     for key, check in checks.items():
         value = getattr(grid, key)
         if any(isinstance(v, str) and _INTERPOLATION.search(v) for v in (value if isinstance(value, list) else [value])):

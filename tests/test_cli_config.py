@@ -278,3 +278,8 @@ def test_the_config_and_the_search_accept_the_same_grids():
     for override in ("search.k=best", "search.lam=best", "search.k=[]"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(DemoConfig, overrides=[override])
+
+
+def test_the_demo_refuses_a_search_over_methods_in_one_line():
+    with pytest.raises(ConfigError, match=r"search\.methods: the demo runs every method of `methods`"):
+        load_config(DemoConfig, overrides=["search.methods=[ties,tsv]"])

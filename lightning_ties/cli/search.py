@@ -11,7 +11,8 @@ from torch import nn
 
 from ..config import LEARNED, SearchConfig, to_dict
 from ..io import merge_to, save_safetensors
-from ..lightning import MultiTaskMergeModule, learn_coefficients
+from ..merging import get_method
+from ..lightning import MultiTaskMergeModule, SearchResult, learn_coefficients
 from ..lightning._compat import pl
 from ..lightning.scoring import TaskScorer, exact_patterns, make_trainer, quiet_lightning
 from ..report import ResultRow, RunReport, SearchCurve, learned_row, log_report, write_report
@@ -60,13 +61,21 @@ def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
             report.extra["learned"] = result.to_dict()
             merged_state = result.state_dict
         else:
-            bar = console.progress(count_candidates([name], cfg.search), f"searching {name}")
+            # search.methods: choose the method on validation data too, each over its own lam grid
+            methods = list(cfg.search.methods or [name])
+            label = ", ".join(methods)
+            bar = console.progress(count_candidates(methods, cfg.search), f"searching {label}")
             with bar:
-                result = scorer.search(val, name, cfg.search, on_candidate=lambda _c: bar.update())
-            console.say(f"{name}: {len(result.candidates)} candidates, chose k={result.k}, lam={result.lam}")
+                result = scorer.search(val, methods, cfg.search, on_candidate=lambda _c: bar.update())
+            console.say(
+                f"{label}: {len(result.candidates)} candidates, chose {result.method} k={result.k}, lam={result.lam}"
+            )
+            name = result.method
             scores = scorer.score_merged(eval_loaders, name, result.k, result.lam)
             report.add_row(ResultRow(f"{name} (searched)", name, "searched on val", scores, result.k, result.lam))
-            report.searches.append(SearchCurve.from_search(name, result, cfg.search.objective))
+            for m in methods:  # one curve per method searched, each marking its own best point
+                part = SearchResult(method=m, candidates=[c for c in result.candidates if c.method == m], mode=result.mode)
+                report.searches.append(SearchCurve.from_search(m, part if len(methods) > 1 else result, cfg.search.objective))
             merged_state = None
         report.extra["search_s"] = time.perf_counter() - t0
     report.fill_normalized()
@@ -102,7 +111,10 @@ def _save_best(
     path = out / str(cfg.save_model)
     if merged_state is not None:  # learned coefficients: the weights exist only in memory
         return save_safetensors(merged_state, path)
-    _, _, params = method_args(cfg.method)
+    configured, _, params = method_args(cfg.method)
+    if method != configured:  # a method chosen from search.methods: method.name's parameters it has
+        accepted = get_method(method).parameters()
+        params = {key: v for key, v in params.items() if key in accepted}
     params.pop("k", None)
     if result.k is not None:
         params["k"] = result.k

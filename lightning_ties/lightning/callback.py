@@ -82,9 +82,13 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         tasks: other tasks, name -> fine-tuned model path (or module / state dict / source).
         task: the name of this run's task.
         base: the pretrained model (path or source); ``None`` captures the module at fit start.
-        method: merge method of the registry.
-        k: trim density, a list of them to search, or ``"search"`` (0.1, 0.2, 0.3).
-        lam: a number, a list, or ``"search"``/``"paper"`` (the method's paper grid).
+        method: merge method of the registry, or a list of them to choose from on validation data
+            (every method's candidates are scored; the best over all is applied, ties go to the
+            method listed first).
+        k: trim density, a list of them to search, or ``"search"`` (0.1, 0.2, 0.3); methods
+            without k (task arithmetic, ``tsv``, ``iso_c``) ignore it.
+        lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid: the
+            subspace methods' 0.1..3.0, TIES's 0.8..2.5); a number or list applies to every method.
         val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
             validation dataloaders evaluate ``task``.
         metrics: metric template or ``{task: metric}`` (default arg-max accuracy).
@@ -129,7 +133,7 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         tasks: Mapping[str, Any] | None = None,
         task: str = "current",
         base: Any = None,
-        method: str = "ties",
+        method: str | Sequence[str] = "ties",
         k: float | Sequence[float] | str = 0.2,
         lam: float | Sequence[float] | str = 1.0,
         val_dataloaders: Mapping[str, Any] | None = None,
@@ -165,10 +169,14 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         self.task = task
         if task in self.tasks:
             raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
-        self.method = method
-        self.has_k = get_method(method).has_k
+        self.methods = _check_methods(method)
+        self.method = self.methods[0]  # the evaluator starts with it; a search ends on the chosen one
+        self.has_k = any(get_method(m).has_k for m in self.methods)
         self.ks: list[float | None] = k_grid(k) if self.has_k else [None]
-        self.lams = lam_grid(method, lam)
+        #: each method's lam grid (``lam="paper"``: its own grid), checked here, before any training step
+        self.lam_grids = {m: lam_grid(m, lam) for m in self.methods}
+        self.lams = self.lam_grids[self.method]
+        self._lam = lam
         self.val_dataloaders = dict(val_dataloaders or {})
         self._check_tasks_given()
         if apply not in ("merged", "keep"):
@@ -210,7 +218,7 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
 
     @property
     def searching(self) -> bool:
-        return len(self.ks) > 1 or len(self.lams) > 1
+        return len(self.methods) > 1 or len(self.ks) > 1 or any(len(g) > 1 for g in self.lam_grids.values())
 
     @property
     def state_key(self) -> str:
@@ -219,9 +227,13 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         As Lightning's stateful callbacks (``ModelCheckpoint``, ``EarlyStopping``) do, so several instances
         (TIES and task arithmetic side by side) coexist in one Trainer and each resumes its own state.
         """
+        if len(self.methods) == 1:  # the key of single-method instances is unchanged: their checkpoints resume
+            method: Any = self.method
+            lams: Any = self.lams
+        else:
+            method, lams = list(self.methods), self.lam_grids
         return self._generate_state_key(
-            method=self.method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=self.lams,
-            save_dir=self.save_dir,
+            method=method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=lams, save_dir=self.save_dir,
         )
 
     # ---- hooks -----------------------------------------------------------------------------
@@ -294,7 +306,8 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
                 evaluator.fingerprint_extra = {"step": trainer.global_step, "weights": _checksum(finetuned)}
                 evaluator.search_result = self._resume_point(evaluator)
                 result = evaluator.search(
-                    runner, loaders, k=self.ks if self.has_k else None, lam=self.lams, strategy=self.search_strategy, objective=self.objective,
+                    runner, loaders, method=self.methods, k=self.ks if self.has_k else None,
+                    lam=self.lams if len(self.methods) == 1 else self._lam, strategy=self.search_strategy, objective=self.objective,
                     mode=self.mode, normalize=self.normalize,
                     on_candidate=lambda _: self._save_progress(evaluator, trainer),
                 )
@@ -509,7 +522,7 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
             values["merge/best/objective"] = float(result.best.objective)
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
-        rank_zero_info(f"TiesMerging: {result.reason}; chose k={result.k}, lam={result.lam}")
+        rank_zero_info(f"TiesMerging: {result.reason}; chose method={result.method}, k={result.k}, lam={result.lam}")
 
     def state_dict(self) -> dict[str, Any]:
         """Small, as ``WeightAveraging``'s: progress, the result and a reference to the base's file.
@@ -619,6 +632,16 @@ def _check_base_file(ref: Mapping[str, Any]) -> None:
                 f"checkpoint recorded {expected[:12]}...); merging onto another base gives another model: restore "
                 "the original file"
             )
+
+
+def _check_methods(method: Any) -> list[str]:
+    """``method`` (a name or a list of names) as a list, every name checked against the registry."""
+    methods = [method] if isinstance(method, str) else list(method) if isinstance(method, Sequence) else None
+    if not methods or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"method={method!r}: expected a registered method name or a non-empty list of them")
+    for m in methods:
+        get_method(m)  # an unknown name fails here, naming the registered methods
+    return list(dict.fromkeys(methods))
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:

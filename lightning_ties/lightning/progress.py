@@ -30,19 +30,22 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _point(candidate: Candidate) -> str:
+def _point(candidate: Candidate, with_method: bool = False) -> str:
+    method = f"{candidate.method} " if with_method and candidate.method else ""
     k = "" if candidate.k is None else f"k={_num(candidate.k)}, "
-    return f"{k}lam={_num(candidate.lam)}"
+    return f"{method}{k}lam={_num(candidate.lam)}"
 
 
 def describe_candidate(result: SearchResult, candidate: Candidate, total: int | None) -> str:
     """One line for a finished candidate: its place, k, lam, objective and the best so far."""
     index = result.candidates.index(candidate) + 1 if candidate in result.candidates else len(result.candidates)
     of = f" of {total}" if total else ""
-    line = f"{result.method} search: candidate {index}{of}: {_point(candidate)}, objective={_num(candidate.objective)}"
+    several = len(result.methods or ()) > 1  # name the method only when there is a choice of them
+    name = "method" if several else result.method
+    line = f"{name} search: candidate {index}{of}: {_point(candidate, several)}, objective={_num(candidate.objective)}"
     best = result.best
     if best is not None:
-        line += f" | best so far {_num(best.objective)} at {_point(best)}"
+        line += f" | best so far {_num(best.objective)} at {_point(best, several)}"
     return line
 
 

@@ -160,17 +160,27 @@ class TaskScorer:
         return self._first(module.evaluate(self.trainer, dict(loaders), lam=0.0, log_prefix=self.eval_prefix))
 
     def search(
-        self, loaders: Mapping[str, Any], method: str, grid: Any, on_candidate: Callable[[Any], None] | None = None
+        self,
+        loaders: Mapping[str, Any],
+        method: str | Sequence[str],
+        grid: Any,
+        on_candidate: Callable[[Any], None] | None = None,
     ) -> Any:
-        """Search (k, lam) on ``loaders`` with ``grid`` (``k``, ``lam``, ``strategy``, ``objective``); the chosen merge is left applied."""
-        m = get_method(method)
-        self.use_method(method)
+        """Search (method,) k and lam on ``loaders`` with ``grid`` (``k``, ``lam``, ``strategy``, ``objective``).
+
+        ``method``: one method, or a list to choose from (the module's method parameters reach the
+        methods that have them). The chosen merge is left applied; ``result.method`` names it.
+        """
+        methods = [method] if isinstance(method, str) else list(method)
+        ms = [get_method(m) for m in methods]
+        if len(methods) == 1:
+            self.use_method(methods[0])
         return self.module.search(
             self.trainer,
             dict(loaders),
-            method=method,
-            k=grid.k if m.has_k else None,
-            lam=grid.lam if m.has_lam else None,
+            method=methods,
+            k=grid.k if any(m.has_k for m in ms) else None,
+            lam=grid.lam if any(m.has_lam for m in ms) else None,
             strategy=str(grid.strategy),
             objective=grid.objective,
             normalize=grid.objective.startswith("normalized"),
