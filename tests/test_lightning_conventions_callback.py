@@ -8,7 +8,6 @@ by path and sha256; the merged weights get a checkpoint that ``load_from_checkpo
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import textwrap
@@ -16,71 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-PACKAGES = {"pytorch_lightning": "lightning_ties.lightning", "lightning.pytorch": "lightning_ties.pytorch"}
-BOTH = pytest.mark.parametrize("package", sorted(PACKAGES))
-
-
-def _data(seed: int, n: int = 64) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    y = (x @ torch.randn(6, 3, generator=torch.Generator().manual_seed(100 + seed))).argmax(-1)
-    return DataLoader(TensorDataset(x, y), batch_size=32)
-
-
-def _load(package: str):
-    return importlib.import_module(package), importlib.import_module(PACKAGES[package])
-
-
-_NETS: dict[str, type] = {}
-
-
-def _net_class(pl):
-    """One LightningModule class per package (module-level name so ``load_from_checkpoint`` finds it)."""
-    if pl.__name__ in _NETS:
-        return _NETS[pl.__name__]
-
-    class Net(pl.LightningModule):
-        def __init__(self, seed: int = 0) -> None:
-            super().__init__()
-            self.save_hyperparameters()
-            torch.manual_seed(seed)
-            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-            self.steps = 0
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            self.steps += 1
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.3)
-
-    _NETS[pl.__name__] = Net
-    return Net
-
-
-def _trainer(pl, tmp_path=None, **kwargs):
-    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                 accelerator="cpu", devices=1, max_epochs=1, default_root_dir=tmp_path)
-    return pl.Trainer(**{**quiet, **kwargs})
+from both_packages import BOTH, PACKAGES, data, load, net_class, trainer
 
 
 def _tasks(pl) -> dict[str, dict[str, torch.Tensor]]:
     """Two other tasks' fine-tuned weights (one short fit each from the same init as the runs below)."""
     out = {}
     for name, seed in (("a", 1), ("b", 2)):
-        model = _net_class(pl)()
-        _trainer(pl).fit(model, _data(seed))
+        model = net_class(pl)()
+        trainer(pl).fit(model, data(seed))
         out[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return out
 
@@ -95,14 +39,14 @@ def _tasks(pl) -> dict[str, dict[str, torch.Tensor]]:
     (dict(heads="(unclosed"), "heads"),
 ])
 def test_typos_fail_at_construction(package: str, kwargs: dict, message: str) -> None:
-    _, layer = _load(package)
+    _, layer = load(package)
     with pytest.raises(ValueError, match=message):
         layer.TiesMerging(tasks={"a": {}}, task="c", **kwargs)
 
 
 @BOTH
 def test_strategy_is_a_deprecated_name_of_search_strategy(package: str) -> None:
-    _, layer = _load(package)
+    _, layer = load(package)
     with pytest.warns(DeprecationWarning, match="search_strategy"):
         merging = layer.TiesMerging(tasks={"a": {}}, task="c", strategy="coarse_to_fine")
     assert merging.search_strategy == "coarse_to_fine"
@@ -112,19 +56,19 @@ def test_strategy_is_a_deprecated_name_of_search_strategy(package: str) -> None:
 
 @BOTH
 def test_a_heads_regex_that_names_no_key_fails_at_setup_before_any_step(package: str) -> None:
-    pl, layer = _load(package)
+    pl, layer = load(package)
     tasks = _tasks(pl)
-    model = _net_class(pl)()
+    model = net_class(pl)()
     merging = layer.TiesMerging(tasks=tasks, task="c", heads=r"^classifier\.", val_dataloaders={})
     with pytest.raises(ValueError, match=r"classifier.*match no key"):
-        _trainer(pl, callbacks=[merging]).fit(model, _data(3))
+        trainer(pl, callbacks=[merging]).fit(model, data(3))
     assert model.steps == 0
 
 
 # ---- several instances -----------------------------------------------------------------------------
 @BOTH
 def test_two_instances_coexist_and_each_resumes_its_own_state(package: str, tmp_path: Path) -> None:
-    pl, layer = _load(package)
+    pl, layer = load(package)
     tasks = _tasks(pl)
 
     def pair():
@@ -134,10 +78,10 @@ def test_two_instances_coexist_and_each_resumes_its_own_state(package: str, tmp_
 
     ties, ta = pair()
     assert ties.state_key != ta.state_key
-    trainer = _trainer(pl, tmp_path, callbacks=[ties, ta])
-    trainer.fit(_net_class(pl)(), _data(3))
+    run = trainer(pl, tmp_path, callbacks=[ties, ta])
+    run.fit(net_class(pl)(), data(3))
     assert ties.result.method == "ties" and ta.result.method == "task_arithmetic"
-    trainer.save_checkpoint(tmp_path / "both.ckpt")
+    run.save_checkpoint(tmp_path / "both.ckpt")
     states = torch.load(tmp_path / "both.ckpt", weights_only=True)["callbacks"]
     assert states[ties.state_key]["result"]["method"] == "ties"
     assert states[ta.state_key]["result"]["method"] == "task_arithmetic"
@@ -148,19 +92,19 @@ def test_two_instances_coexist_and_each_resumes_its_own_state(package: str, tmp_
 
     ties2, ta2 = pair()
     probe = Probe()
-    _trainer(pl, tmp_path, callbacks=[ties2, ta2, probe]).fit(_net_class(pl)(), _data(3), ckpt_path=tmp_path / "both.ckpt")
+    trainer(pl, tmp_path, callbacks=[ties2, ta2, probe]).fit(net_class(pl)(), data(3), ckpt_path=tmp_path / "both.ckpt")
     assert probe.seen == [("ties", ties.result.lam), ("task_arithmetic", 0.3)]
 
 
 @BOTH
 def test_only_the_last_instance_may_leave_its_merge_in_the_module(package: str) -> None:
-    pl, layer = _load(package)
+    pl, layer = load(package)
     tasks = _tasks(pl)
     first = layer.TiesMerging(tasks=tasks, task="c")  # apply="merged" first: the second would merge its merge
     second = layer.TiesMerging(tasks=tasks, task="c", method="task_arithmetic", apply="keep", save_dir="unused")
-    model = _net_class(pl)()
+    model = net_class(pl)()
     with pytest.raises(ValueError, match="apply='merged'.*last"):
-        _trainer(pl, callbacks=[first, second]).fit(model, _data(3))
+        trainer(pl, callbacks=[first, second]).fit(model, data(3))
     assert model.steps == 0
 
 
@@ -168,15 +112,15 @@ def test_only_the_last_instance_may_leave_its_merge_in_the_module(package: str) 
 def _fit_with_last(pl, layer, tmp_path: Path, save_dir, epochs: int = 1, ckpt_path=None, seed: int = 0, tasks=None):
     merging = layer.TiesMerging(tasks=tasks, task="c", save_dir=save_dir)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    model = _net_class(pl)(seed=seed)
-    trainer = _trainer(pl, tmp_path, callbacks=[merging, ckpt], enable_checkpointing=True, max_epochs=epochs)
-    trainer.fit(model, _data(3), ckpt_path=ckpt_path)
+    model = net_class(pl)(seed=seed)
+    run = trainer(pl, tmp_path, callbacks=[merging, ckpt], enable_checkpointing=True, max_epochs=epochs)
+    run.fit(model, data(3), ckpt_path=ckpt_path)
     return merging, model, tmp_path / "ckpt" / "last.ckpt"
 
 
 @BOTH
 def test_with_save_dir_the_checkpoint_references_the_base_instead_of_holding_it(package: str, tmp_path: Path) -> None:
-    pl, layer = _load(package)
+    pl, layer = load(package)
     tasks = _tasks(pl)
     kept, _, inline = _fit_with_last(pl, layer, tmp_path / "inline", save_dir=None, tasks=tasks)
     merging, _, referenced = _fit_with_last(pl, layer, tmp_path / "ref", save_dir=str(tmp_path / "out"), tasks=tasks)
@@ -187,14 +131,14 @@ def test_with_save_dir_the_checkpoint_references_the_base_instead_of_holding_it(
     from lightning_ties.io import sha256_file
     assert state["base_ref"]["sha256"] == sha256_file(base_file)
     inline_state = torch.load(inline, weights_only=True)["callbacks"][kept.state_key]
-    assert set(inline_state["base"]) == set(_net_class(pl)().state_dict())  # no save_dir: the only record
+    assert set(inline_state["base"]) == set(net_class(pl)().state_dict())  # no save_dir: the only record
     assert referenced.stat().st_size < inline.stat().st_size
 
 
 @BOTH
 @pytest.mark.parametrize("damage", ["missing", "changed"])
 def test_a_referenced_base_that_is_gone_or_changed_fails_before_any_step(package: str, damage: str, tmp_path: Path) -> None:
-    pl, layer = _load(package)
+    pl, layer = load(package)
     tasks = _tasks(pl)
     _, _, last = _fit_with_last(pl, layer, tmp_path, save_dir=str(tmp_path / "out"), tasks=tasks)
     base_file = tmp_path / "out" / "base.safetensors"
@@ -209,11 +153,11 @@ def test_a_referenced_base_that_is_gone_or_changed_fails_before_any_step(package
 
 @BOTH
 def test_the_merged_checkpoint_loads_with_load_from_checkpoint_alone(package: str, tmp_path: Path) -> None:
-    pl, layer = _load(package)
+    pl, layer = load(package)
     tasks = _tasks(pl)
     merging, model, last = _fit_with_last(pl, layer, tmp_path, save_dir=str(tmp_path / "out"), tasks=tasks)
     merged = {k: v.clone() for k, v in model.state_dict().items()}
-    Net = _net_class(pl)
+    Net = net_class(pl)
     loaded = Net.load_from_checkpoint(tmp_path / "out" / "merged.ckpt", map_location="cpu")
     for key, value in merged.items():
         torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)

@@ -14,26 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ties.lightning import MultiTaskMergeModule
 from lightning_ties.merging import SUBSPACE_LAM_GRID, TA_LAM_GRID, TIES_LAM_GRID, merge
 
-PACKAGES = {"pytorch_lightning": "lightning_ties.lightning", "lightning.pytorch": "lightning_ties.pytorch"}
+from both_packages import PACKAGES, base_and_tasks, data, net_class, recorder, trainer
+
 METHODS = ["ties", "task_arithmetic", "tsv"]
 
 
-def _data(seed: int, n: int = 64) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    y = (x @ torch.randn(6, 3, generator=torch.Generator().manual_seed(100 + seed))).argmax(-1)
-    return DataLoader(TensorDataset(x, y), batch_size=32)
-
-
-def _trainer(pl, **kwargs):
-    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                 accelerator="cpu", devices=1, max_epochs=2)
-    return pl.Trainer(**{**quiet, **kwargs})
 
 
 def _tiny_tasks() -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
@@ -63,9 +52,9 @@ def test_module_search_chooses_across_methods_and_applies_the_chosen_merge(packa
     layer = importlib.import_module(PACKAGES[package])
     base, base_state, tasks = _tiny_tasks()
     module = layer.MultiTaskMergeModule(base, tasks, method_params={"scope": "per_tensor"})
-    loaders = {"a": _data(0), "b": _data(1)}
+    loaders = {"a": data(0), "b": data(1)}
 
-    result = module.search(_trainer(pl), loaders, method=METHODS, k=[0.2, 0.5], lam=[0.5, 1.0, 1.5])
+    result = module.search(trainer(pl, max_epochs=2), loaders, method=METHODS, k=[0.2, 0.5], lam=[0.5, 1.0, 1.5])
 
     # every method's candidates are reported: ties over k x lam, the others over lam only
     by_method = {m: [(c.k, c.lam) for c in result.candidates if c.method == m] for m in METHODS}
@@ -85,7 +74,7 @@ def test_module_search_chooses_across_methods_and_applies_the_chosen_merge(packa
 def test_lam_paper_gives_each_method_its_own_grid_and_the_fingerprint_names_the_methods() -> None:
     base, _, tasks = _tiny_tasks()
     module = MultiTaskMergeModule(base, tasks)
-    loaders = {"a": _data(0), "b": _data(1)}
+    loaders = {"a": data(0), "b": data(1)}
     seen: list = []
     result = module.search(None, loaders, method=METHODS, lam="paper", normalize=False, on_candidate=seen.append)
     lams = {m: sorted(c.lam for c in result.candidates if c.method == m) for m in METHODS}
@@ -103,7 +92,7 @@ def test_lam_paper_gives_each_method_its_own_grid_and_the_fingerprint_names_the_
 def test_unknown_method_or_k_for_no_method_is_refused_before_any_pass() -> None:
     base, _, tasks = _tiny_tasks()
     module = MultiTaskMergeModule(base, tasks)
-    loaders = {"a": _data(0), "b": _data(1)}
+    loaders = {"a": data(0), "b": data(1)}
     with pytest.raises(ValueError, match="unknown merge method 'tsvm'"):
         module.search(None, loaders, method=["ties", "tsvm"])
     with pytest.raises(ValueError, match=r"have no k to search"):
@@ -116,53 +105,20 @@ def test_callback_chooses_the_method_at_fit_end(package: str, tmp_path: Path) ->
     pl = importlib.import_module(package)
     layer = importlib.import_module(PACKAGES[package])
 
-    class Net(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.3)
-
-    class Recorder(pl.Callback):  # before TiesMerging: sees the fine-tuned weights at fit end
-        state: dict | None = None
-
-        def on_fit_end(self, trainer, pl_module) -> None:
-            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    torch.manual_seed(0)
-    base_state = {k: v.clone() for k, v in Net().state_dict().items()}
-    tasks = {}
-    for i, name in enumerate(("a", "b")):
-        model = Net()
-        model.load_state_dict(base_state)
-        _trainer(pl).fit(model, _data(i))
-        tasks[name] = {k: v.clone() for k, v in model.state_dict().items()}
-
-    model = Net()
+    base_state, tasks = base_and_tasks(pl)
+    model = net_class(pl)()
     model.load_state_dict(base_state)
     merging = layer.TiesMerging(tasks=tasks, task="c", method=METHODS, k=0.5, lam=[0.5, 1.0],
-                                val_dataloaders={"a": _data(0), "b": _data(1)}, save_dir=str(tmp_path / "m"))
-    recorder = Recorder()
-    _trainer(pl, callbacks=[recorder, merging]).fit(model, _data(2), _data(2))
+                                val_dataloaders={"a": data(0), "b": data(1)}, save_dir=str(tmp_path / "m"))
+    finetuned = recorder(pl)
+    trainer(pl, max_epochs=2, callbacks=[finetuned, merging]).fit(model, data(2), data(2))
 
     result = merging.result
     assert result is not None and {c.method for c in result.candidates} == set(METHODS)
     assert len(result.candidates) == 2 + 2 + 2
     best = _argmax(result)
     assert (result.method, result.k, result.lam) == (best.method, best.k, best.lam)
-    expected = _expected(base_state, [tasks["a"], tasks["b"], recorder.state], best.method, best.k, best.lam)
+    expected = _expected(base_state, [tasks["a"], tasks["b"], finetuned.state], best.method, best.k, best.lam)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[key])
     assert (tmp_path / "m" / "search.csv").read_text().startswith("method,")

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ties
 from lightning_ties import ties_merge
 
-PACKAGES = {"pytorch_lightning": "lightning_ties.lightning", "lightning.pytorch": "lightning_ties.pytorch"}
+from both_packages import PACKAGES, base_and_tasks, data, net_class, recorder, trainer
+
 
 
 def _run(code: str, cwd: Path | None = None) -> str:
@@ -30,40 +30,7 @@ def _run(code: str, cwd: Path | None = None) -> str:
     return out.stdout.strip()
 
 
-def _data(seed: int, n: int = 64) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    y = (x @ torch.randn(6, 3, generator=torch.Generator().manual_seed(100 + seed))).argmax(-1)
-    return DataLoader(TensorDataset(x, y), batch_size=32)
 
-
-def _module_class(pl):
-    class Net(pl.LightningModule):  # one attribute holds the network: the most common layout
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.3)
-
-    return Net
-
-
-def _trainer(pl, **kwargs):
-    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                 accelerator="cpu", devices=1, max_epochs=2)
-    return pl.Trainer(**{**quiet, **kwargs})
 
 
 def test_the_top_level_names_list_the_lightning_layer() -> None:
@@ -110,26 +77,16 @@ def test_the_backend_can_be_chosen_by_environment(monkeypatch) -> None:
 def test_callback_merges_in_each_packages_trainer(package: str, tmp_path: Path) -> None:
     pl = importlib.import_module(package)
     layer = importlib.import_module(PACKAGES[package])
-    Net = _module_class(pl)
-    torch.manual_seed(0)
-    base = Net()
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    tasks = {}
-    for i, name in enumerate(("a", "b")):
-        model = Net()
-        model.load_state_dict(base_state)
-        _trainer(pl).fit(model, _data(i))
-        tasks[name] = {k: v.clone() for k, v in model.state_dict().items()}
-
-    model = Net()
+    base_state, tasks = base_and_tasks(pl)
+    model = net_class(pl)()
     model.load_state_dict(base_state)
     merging = layer.TiesMerging(tasks=tasks, task="c", k=0.5, lam=[0.5, 1.0],
-                                val_dataloaders={"a": _data(0), "b": _data(1)})
-    recorder = _recorder(pl)
-    _trainer(pl, callbacks=[recorder, merging]).fit(model, _data(2), _data(2))
+                                val_dataloaders={"a": data(0), "b": data(1)})
+    finetuned = recorder(pl)
+    trainer(pl, max_epochs=2, callbacks=[finetuned, merging]).fit(model, data(2), data(2))
 
     assert merging.result is not None and merging.result.lam in (0.5, 1.0)
-    expected = ties_merge(base_state, [tasks["a"], tasks["b"], recorder.state], k=0.5, lam=merging.result.lam)
+    expected = ties_merge(base_state, [tasks["a"], tasks["b"], finetuned.state], k=0.5, lam=merging.result.lam)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[key])
 
@@ -142,18 +99,9 @@ def test_trainer_validate_accepts_the_module_of_each_package(package: str) -> No
     base = nn.Sequential(nn.Linear(6, 3))
     fts = {t: {k: v + 0.05 * (i + 1) for k, v in base.state_dict().items()} for i, t in enumerate(("a", "b"))}
     module = layer.MultiTaskMergeModule(base, fts, k=1.0)
-    _trainer(pl).validate(module, dataloaders={"a": _data(0), "b": _data(1)}, verbose=False)
+    trainer(pl, max_epochs=2).validate(module, dataloaders={"a": data(0), "b": data(1)}, verbose=False)
     assert set(module.last_scores) == {"a", "b"}
 
-
-def _recorder(pl):
-    class Recorder(pl.Callback):  # before TiesMerging in the list: sees the fine-tuned weights at fit end
-        state: dict | None = None
-
-        def on_fit_end(self, trainer, pl_module) -> None:
-            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    return Recorder()
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
