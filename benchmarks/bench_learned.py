@@ -280,6 +280,8 @@ def main() -> None:
     parser.add_argument("--test-cap", type=int, default=300, help="test examples per task")
     parser.add_argument("--grid-stride", type=int, default=3, help="use every n-th lam of the paper's grids")
     parser.add_argument("--objective", default="ce", choices=["ce", "entropy"])
+    parser.add_argument("--method", default="ties", choices=["ties", "tsv"],
+                        help="the components the coefficients scale: TIES (k=0.2) or TSV-M, each from its lam chosen on validation")
     parser.add_argument("--finetune-only", action="store_true", help="only build the fine-tuned cache")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_LOADERS), choices=list(TASK_LOADERS))
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -315,17 +317,25 @@ def main() -> None:
     ties_row = f"TIES k=0.2 (lam={lam_ties:g})"
     rows[ties_row] = mean_accuracy(model, body, states, data, "test")
 
+    start = {"method": "ties", "k": 0.2, "lam": lam_ties}
+    if args.method == "tsv":
+        from lightning_ties import SUBSPACE_LAM_GRID
+
+        lam_tsv, body = search_lam(model, base, states, data, "tsv", SUBSPACE_LAM_GRID[stride - 1 :: stride])
+        rows[f"TSV-M (lam={lam_tsv:g})"] = mean_accuracy(model, body, states, data, "test")
+        start = {"method": "tsv", "k": None, "lam": lam_tsv}
+
     val = {t: DataLoader(data[t]["val"].dataset, batch_size=args.batch_size, collate_fn=_collate) for t in states}
     t0 = time.perf_counter()
     result = learn_coefficients(
-        base, states, val, model=model, heads=HEAD_PATTERN, k=0.2, include=MERGED,
-        lam=lam_ties, granularity=args.granularity, objective=args.objective, lr=args.lr,
+        base, states, val, model=model, heads=HEAD_PATTERN, include=MERGED, **start,
+        granularity=args.granularity, objective=args.objective, lr=args.lr,
         max_epochs=args.epochs, max_time_s=args.max_minutes * 60, seed=SEED,
     )
     total_s = time.perf_counter() - t0
     learned = {t: accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in states}
     learned["mean"] = sum(learned.values()) / len(states)
-    rows[f"learned ({args.granularity}, {args.objective}, init lam={lam_ties:g})"] = learned
+    rows[f"learned on {args.method} ({args.granularity}, {args.objective}, init lam={start['lam']:g})"] = learned
 
     names = list(states)
     print(f"\nMiniLM-L6, {len(names)} tasks, test accuracy (%):")
