@@ -202,6 +202,19 @@ def _fsync_tree(folder: Path) -> None:
 
 # ---- atomic writers -----------------------------------------------------------------------------
 @contextlib.contextmanager
+def _removed_on_error(tmp: Path, path: Path) -> Iterator[None]:
+    """On any failure inside the block remove ``tmp``; OS write errors become one naming ``path``."""
+    try:
+        yield
+    except BaseException as err:
+        _remove(tmp)
+        translated = _write_error(path, err)
+        if translated is not None:
+            raise translated from err
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success fsync it and rename it to ``path``.
 
@@ -216,7 +229,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     clean_stale(path)
     tmp = _temp_path(path, "tmp")
-    try:
+    with _removed_on_error(tmp, path):
         # 0o666 masked by the umask, like any new file (mkstemp would force 0o600).
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
@@ -227,12 +240,6 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException as err:
-        _remove(tmp)
-        translated = _write_error(path, err)
-        if translated is not None:
-            raise translated from err
-        raise
 
 
 @contextlib.contextmanager
@@ -255,19 +262,13 @@ def atomic_dir(path: str | os.PathLike[str], mark: bool = True) -> Iterator[Path
     path = Path(path)
     clean_stale(path)
     tmp = _temp_path(path, "tmp")
-    try:
+    with _removed_on_error(tmp, path):
         os.mkdir(tmp, 0o777)  # masked by the umask (mkdtemp would force 0o700)
         yield tmp
         if mark:
             write_marker(tmp)
         _fsync_tree(tmp)
         _swap_in(tmp, path)
-    except BaseException as err:
-        _remove(tmp)
-        translated = _write_error(path, err)
-        if translated is not None:
-            raise translated from err
-        raise
 
 
 def write_marker(folder: Path) -> None:
