@@ -86,3 +86,13 @@ def test_no_module_of_merging_imports_another_layer() -> None:
             if ours_elsewhere or parts[0] in ("lightning", "pytorch_lightning"):
                 offences.append(f"{path.relative_to(PACKAGE_DIR)}:{line} imports {name}")
     assert offences == []
+
+
+def test_config_and_report_import_neither_the_demo_nor_the_command() -> None:
+    # config.py and report.py sit below cli/ and demo/ (the demo reads its config): no cycle
+    offences = []
+    for name in ("config.py", "report.py"):
+        for line, imported in imported_modules(PACKAGE_DIR / name, "lightning_ties"):
+            if imported.startswith(("lightning_ties.demo", "lightning_ties.cli")):
+                offences.append(f"{name}:{line} imports {imported}")
+    assert offences == []
