@@ -118,3 +118,37 @@ def test_each_class_has_one_behaviour_tiesmerging_has_no_store_arguments_and_nee
         ContinualTiesMerging(task="b", store=str(tmp_path), start_from="middle")
     state = ContinualTiesMerging(task="b", store=str(tmp_path)).state_dict()
     assert state["base"] is None  # the base lives in the store, not in every checkpoint
+
+
+def test_a_store_without_trim_merges_its_tasks_with_tsv_as_the_registry_does(tmp_path):
+    # a method without k (TSV-M) keeps dense task vectors in the store; merging them equals
+    # merging the fine-tuned models themselves
+    from lightning_ties import merge
+
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(12, 9, generator=g), "v": torch.randn(9, generator=g)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    store = TaskVectorStore(tmp_path, k=None)
+    store.save_base(base)
+    for i, ft in enumerate(fts):
+        store.add(f"t{i}", ft)
+    merged = store.merge("tsv", lam=1.0)
+    oracle = merge(base, fts, method="tsv", lam=1.0)
+    for key in base:
+        torch.testing.assert_close(merged[key], oracle[key], atol=1e-5, rtol=1e-5)
+
+
+def test_continual_merging_with_tsv_equals_tsv_of_the_fine_tuned_models(tmp_path):
+    from lightning_ties import merge
+
+    base = {k: v.clone() for k, v in pretrained().state_dict().items()}
+    finetuned = []
+    for i, name in enumerate(["t1", "t2"]):
+        merging = ContinualTiesMerging(task=name, store=str(tmp_path / "store"), method="tsv", lam=1.0)
+        model = pretrained()
+        recorder = Recorder()
+        quiet_trainer(max_epochs=1, callbacks=[recorder, merging]).fit(model, task_data(10 + i))
+        finetuned.append(recorder.state)
+    oracle = merge(base, finetuned, method="tsv", lam=1.0)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, oracle[key], atol=1e-5, rtol=1e-5, msg=key)
