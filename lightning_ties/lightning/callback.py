@@ -409,6 +409,12 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         _check_known(self.val_dataloaders, names)
         has_own = self.task in self.val_dataloaders or _fit_has_val_data(trainer)
         given = set(self.val_dataloaders) | ({self.task} if has_own else set())
+        needs_data = [m for m in self.methods if get_method(m).needs_data]
+        if needs_data and given != names:  # RegMean collects each task's Gram matrices on its data
+            raise ValueError(
+                f"method(s) {needs_data} need a validation dataloader for every task {sorted(names)} "
+                f"(missing: {sorted(names - given)}); pass val_dataloaders, or choose a data-free method"
+            )
         if given and given != names and self.searching:
             missing = sorted(names - given)
             raise ValueError(

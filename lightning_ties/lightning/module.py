@@ -42,6 +42,7 @@ from .heads import HeadsArg, HeadStore, differing_keys, exact_patterns, named_he
 from .keys import match_to_module
 from .metrics import MetricsArg, Scores, TaskMetrics, summarize
 from .progress import SearchProgress
+from .regmean import regmean_task_vector
 from .search import Candidate, SearchResult, k_grid, lam_grid, run_search
 
 #: ``forward_fn(model, batch, task) -> (preds, target)``; a two-argument ``forward_fn(model, batch)`` works too.
@@ -146,6 +147,9 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.tasks_by_index: list[str] = list(self.tasks)
         self._base_merged: dict[str, torch.Tensor] | None = None
         self._tau: tuple[tuple[str, float | None], TaskVector] | None = None
+        #: the last ``search``/``evaluate`` call's ``{task: [dataloader, ...]}``: where methods that
+        #: need data (RegMean's Gram matrices) read each task's examples
+        self.data_loaders: dict[str, list[Any]] | None = None
         # each task's head, read on first use and kept where its source gives it (no device memory)
         self.head_store = HeadStore(self.head_keys, dict(zip(self.tasks, self._task_srcs)))
         self._head_task: str | None = None
@@ -201,6 +205,10 @@ class MultiTaskMergeModule(pl.LightningModule):
             params = {name: v for name, v in params.items() if name in accepted}
         if k is not None:
             params["k"] = k
+        if get_method(self.method).needs_data:  # RegMean: Gram matrices from each task's own dataloader
+            tau = regmean_task_vector(self, self.data_loaders, params)
+            self._tau = (key, tau)
+            return tau
         device = self.compute_device
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_MISMATCH_WARNING)  # heads are reported by the module
@@ -444,6 +452,7 @@ class MultiTaskMergeModule(pl.LightningModule):
             ``scores = module.evaluate(pl.Trainer(logger=False), {"a": dl_a, "b": dl_b}, k=0.2, lam=1.0)``
         """
         loaders = self.check_dataloaders(dataloaders)
+        self._remember_data(loaders)
         with self._logging_under(log_prefix):
             if normalize:
                 self.measure_finetuned(trainer, dataloaders)
@@ -510,6 +519,7 @@ class MultiTaskMergeModule(pl.LightningModule):
             raise ValueError("objective 'normalized' needs the fine-tuned scores: leave normalize=True")
         methods = self._search_methods(method)
         grids = self._search_grids(methods, k, lam)
+        self._remember_data(loaders)
         fingerprint = self.fingerprint(objective, mode, normalize, methods=methods)
         result = self.search_result if resume else None
         if result is None or result.fingerprint != fingerprint:
@@ -568,6 +578,15 @@ class MultiTaskMergeModule(pl.LightningModule):
             ks = k_grid(self.k if k is None else k) if get_method(m).has_k else [None]
             grids[m] = (ks, lam_grid(m, lam))  # a method without lam (averaging) refuses any but its own here
         return grids
+
+    def _remember_data(self, loaders: dict[str, list[Any]]) -> None:
+        """Keep ``loaders`` for methods that need data; a tau_m computed from other data is dropped."""
+        same = self.data_loaders is not None and {t: [id(d) for d in ls] for t, ls in loaders.items()} == {
+            t: [id(d) for d in ls] for t, ls in self.data_loaders.items()
+        }
+        if not same and self._tau is not None and get_method(self._tau[0][0]).needs_data:
+            self._tau = None
+        self.data_loaders = loaders
 
     def _use_method(self, method: str) -> None:
         """Make ``method`` the one :meth:`task_vector` and :meth:`apply_merge` use."""

@@ -34,7 +34,7 @@ from .methods import (
     ties_merge,
 )
 from .plan import MergePlan, plan_merge
-from .regmean import GramCollector, collect_grams, regmean
+from .regmean import GramCollector, collect_grams, regmean, regmean_state_dict
 from .select import MagnitudeSelector, MagnitudeThreshold, keep_count, top_magnitude_threshold
 from .sources import StateDictSource, TensorSource, TensorSpec, as_source, register_path_opener
 from .steps import (
@@ -51,6 +51,7 @@ from .steps import (
 from .subspace import iso_c, iso_cts, tsv_m
 
 __all__ = [
+    "regmean_state_dict",
     "GramCollector",
     "SUBSPACE_LAM_GRID",
     "collect_grams",

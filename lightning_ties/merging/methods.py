@@ -47,6 +47,9 @@ class MergeMethod:
         decomposes: whether tau_m splits into per-task shares (``TaskVectorMerger.components``),
             which learned coefficients and continual merging scale: TIES, task arithmetic and
             TSV-M do; Iso-C and Iso-CTS mix the tasks' directions and do not.
+        needs_data: whether the merge needs each task's data (RegMean's Gram matrices): the
+            plain engine (:func:`merge`, :func:`method_task_vector`) refuses it, and the Lightning
+            layer (``MultiTaskMergeModule`` with dataloaders) computes it instead.
 
     Callers ask the method instead of repeating numbers: :attr:`has_k` / :attr:`default_k`,
     :attr:`has_lam` / :attr:`default_lam` / :attr:`paper_lam_grid`; grids of k and lam are
@@ -68,6 +71,7 @@ class MergeMethod:
     lam_grid: tuple[float, ...]
     searchable: bool = True
     decomposes: bool = True
+    needs_data: bool = False
 
     def parameters(self) -> dict[str, Any]:
         """The method's parameters (beyond lam) with their defaults."""
@@ -192,6 +196,20 @@ def _iso_cts(common_fraction: float = 0.8) -> MergeSpec:
     )
 
 
+#: Why the engine alone cannot run RegMean, and where it runs instead.
+REGMEAN_NEEDS_DATA = (
+    "method 'regmean' needs each task's validation data (Gram matrices of every linear layer's inputs): "
+    "use MultiTaskMergeModule.search/evaluate with dataloaders, TiesMerging with val_dataloaders, "
+    "or lightning_ties.merging.regmean_state_dict"
+)
+
+
+def _regmean(alpha: float = 0.9, examples: int = 256) -> MergeSpec:
+    # The registry declares RegMean's parameters (alpha: off-diagonal scale, examples: per task)
+    # so configs and searches see them; the merge itself runs where the data is (lightning/regmean.py).
+    raise ValueError(REGMEAN_NEEDS_DATA)
+
+
 for _m in (
     MergeMethod("ties", "TIES-Merging: trim to top-k, elect sign, disjoint mean", _ties, PAPER_LAM, TIES_LAM_GRID),
     MergeMethod("task_arithmetic", "sum of task vectors scaled by lam", _task_arithmetic, 0.4, TA_LAM_GRID),
@@ -216,6 +234,17 @@ for _m in (
         1.3,
         SUBSPACE_LAM_GRID,
         decomposes=False,
+    ),
+    # RegMean's closed form has no scale: lam=1.0 applies its merged weights as they are (its
+    # "paper" grid is that one value); a lam list given to a multi-method search scales its delta too.
+    MergeMethod(
+        "regmean",
+        "RegMean: per-layer closed form from each task's input Gram matrices (needs data)",
+        _regmean,
+        1.0,
+        (1.0,),
+        decomposes=False,
+        needs_data=True,
     ),
 ):
     register_method(_m)
@@ -242,7 +271,7 @@ def method_task_vector(
         tensor([0.5000, 0.5000])
     """
     m = get_method(method)
-    spec = m.build_spec(**params)
+    spec = m.build_spec(**params)  # a method that needs data (RegMean) refuses here, before any read
     merge_params = {**m.parameters(), **params}
     return merged_task_vector(
         base, models, spec, include, exclude, compute_dtype, method=method, params=merge_params, device=device
@@ -372,6 +401,7 @@ def describe_methods() -> str:
 __all__ = [
     "METHODS",
     "MergeMethod",
+    "REGMEAN_NEEDS_DATA",
     "SUBSPACE_LAM_GRID",
     "TA_LAM_GRID",
     "TIES_LAM_GRID",
