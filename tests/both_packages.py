@@ -1,4 +1,4 @@
-"""Shared by the tests that run under both Lightning packages (no tests here).
+"""Shared by the tests of the Lightning layer that run under both Lightning packages (no tests here).
 
 ``pytorch_lightning`` pairs with :mod:`lightning_ties.lightning`, the unified ``lightning.pytorch``
 with :mod:`lightning_ties.pytorch`; each test takes the package name and builds its module,
@@ -96,3 +96,13 @@ def base_and_tasks(pl: ModuleType) -> tuple[dict, dict[str, dict]]:
         trainer(pl, max_epochs=2).fit(model, data(i))
         tasks[name] = {k: v.clone() for k, v in model.state_dict().items()}
     return base_state, tasks
+
+
+def tiny_tasks() -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """A base MLP (6 -> 12 -> 3), its weights, and two tasks "a" and "b" made by random shifts of them."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    tasks = {t: {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base_state.items()} for t in ("a", "b")}
+    return base, base_state, tasks

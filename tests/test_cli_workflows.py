@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_ties import task_arithmetic, ties_merge
+from lightning_ties import merge, task_arithmetic, ties_merge
 from lightning_ties.cli import main
 from lightning_ties.config import SearchConfig, load_config
 from lightning_ties.demo.models import DigitsNet
@@ -230,3 +230,19 @@ def test_search_config_errors_are_named_before_any_work(tmp_path, checkpoints, c
     assert "no 'val' dataloader for task(s) ['ge5']" in capsys.readouterr().err
     assert main(["search", str(cfg), "tasks.ge5=/no/such.safetensors"]) == 2
     assert "tasks.ge5" in capsys.readouterr().err
+
+
+def test_search_over_several_methods_saves_the_chosen_methods_merge(tmp_path, checkpoints):
+    cfg = search_config(tmp_path, checkpoints, search={"k": [0.2], "lam": [0.5, 1.0], "methods": ["ties", "tsv"]})
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    out = tmp_path / "search"
+    report = RunReport.from_json((out / "report.json").read_text())
+    assert sorted(curve.method for curve in report.searches) == ["ties", "tsv"]  # one curve per method
+    row = report.rows[2]
+    assert row.method in ("ties", "tsv")
+    params = {"k": row.k} if row.method == "ties" else {}
+    expected = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in TASKS], method=row.method,
+                     lam=row.lam, exclude=HEAD, **params)
+    merged = as_dict(out / "merged.safetensors")
+    for key, value in expected.items():
+        assert torch.allclose(merged[key], value, atol=1e-6), key

@@ -13,25 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_ties.lightning import MultiTaskMergeModule
 from lightning_ties.merging import SUBSPACE_LAM_GRID, TA_LAM_GRID, TIES_LAM_GRID, merge
 
-from both_packages import PACKAGES, base_and_tasks, data, net_class, recorder, trainer
+from both_packages import PACKAGES, base_and_tasks, data, net_class, recorder, tiny_tasks, trainer
 
 METHODS = ["ties", "task_arithmetic", "tsv"]
 
 
 
-
-def _tiny_tasks() -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    tasks = {t: {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base_state.items()} for t in ("a", "b")}
-    return base, base_state, tasks
 
 
 def _expected(base_state, models, method: str, k: float | None, lam: float):
@@ -50,7 +41,7 @@ def _argmax(result):
 def test_module_search_chooses_across_methods_and_applies_the_chosen_merge(package: str) -> None:
     pl = importlib.import_module(package)
     layer = importlib.import_module(PACKAGES[package])
-    base, base_state, tasks = _tiny_tasks()
+    base, base_state, tasks = tiny_tasks()
     module = layer.MultiTaskMergeModule(base, tasks, method_params={"scope": "per_tensor"})
     loaders = {"a": data(0), "b": data(1)}
 
@@ -72,7 +63,7 @@ def test_module_search_chooses_across_methods_and_applies_the_chosen_merge(packa
 
 
 def test_lam_paper_gives_each_method_its_own_grid_and_the_fingerprint_names_the_methods() -> None:
-    base, _, tasks = _tiny_tasks()
+    base, _, tasks = tiny_tasks()
     module = MultiTaskMergeModule(base, tasks)
     loaders = {"a": data(0), "b": data(1)}
     seen: list = []
@@ -90,7 +81,7 @@ def test_lam_paper_gives_each_method_its_own_grid_and_the_fingerprint_names_the_
 
 
 def test_unknown_method_or_k_for_no_method_is_refused_before_any_pass() -> None:
-    base, _, tasks = _tiny_tasks()
+    base, _, tasks = tiny_tasks()
     module = MultiTaskMergeModule(base, tasks)
     loaders = {"a": data(0), "b": data(1)}
     with pytest.raises(ValueError, match="unknown merge method 'tsvm'"):

@@ -18,18 +18,10 @@ from lightning_ties.lightning import MultiTaskMergeModule
 from lightning_ties.merging import get_method, merge
 from lightning_ties.merging.regmean import collect_grams, regmean_state_dict
 
-from both_packages import trainer
+from both_packages import tiny_tasks, trainer
 
 EXAMPLES = 16  # fewer than each loader holds: the module must stop where the hand collection stops
 
-
-def _tiny_tasks() -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    tasks = {t: {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base_state.items()} for t in ("a", "b")}
-    return base, base_state, tasks
 
 
 def _loader(seed: int) -> DataLoader:
@@ -52,7 +44,7 @@ def _expected(base: nn.Module, tasks: dict[str, dict], loaders: dict[str, DataLo
 
 
 def test_plain_engine_refuses_regmean_naming_where_it_runs() -> None:
-    _, base_state, tasks = _tiny_tasks()
+    _, base_state, tasks = tiny_tasks()
     with pytest.raises(ValueError, match=r"needs each task's validation data.*MultiTaskMergeModule\.search"):
         merge(base_state, list(tasks.values()), method="regmean")
     m = get_method("regmean")
@@ -61,14 +53,14 @@ def test_plain_engine_refuses_regmean_naming_where_it_runs() -> None:
 
 
 def test_module_without_dataloaders_refuses_regmean() -> None:
-    base, _, tasks = _tiny_tasks()
+    base, _, tasks = tiny_tasks()
     module = MultiTaskMergeModule(base, tasks, method="regmean")
     with pytest.raises(ValueError, match="needs each task's validation data"):
         module.apply_merge()
 
 
 def test_search_regmean_applies_the_closed_form_on_each_tasks_own_examples() -> None:
-    base, base_state, tasks = _tiny_tasks()
+    base, base_state, tasks = tiny_tasks()
     loaders = {"a": _loader(0), "b": _loader(1)}
     module = MultiTaskMergeModule(base, tasks, method="regmean", method_params={"alpha": 0.7, "examples": EXAMPLES})
     before_training = module.model.training
@@ -93,14 +85,14 @@ def test_search_regmean_applies_the_closed_form_on_each_tasks_own_examples() -> 
 
 
 def test_regmean_alpha_is_checked_before_any_data_pass() -> None:
-    base, _, tasks = _tiny_tasks()
+    base, _, tasks = tiny_tasks()
     module = MultiTaskMergeModule(base, tasks, method="regmean", method_params={"alpha": 1.5})
     with pytest.raises(ValueError, match=r"alpha .* must be in \[0, 1\], got 1.5"):
         module.search(None, {"a": _loader(0), "b": _loader(1)}, normalize=False)
 
 
 def test_search_over_ties_and_regmean_reports_both_and_applies_the_best() -> None:
-    base, base_state, tasks = _tiny_tasks()
+    base, base_state, tasks = tiny_tasks()
     loaders = {"a": _loader(0), "b": _loader(1)}
     # method_params are regmean's; the search passes ties only the parameters it has
     module = MultiTaskMergeModule(base, tasks, method="regmean", method_params={"examples": EXAMPLES})
@@ -121,7 +113,7 @@ def test_search_over_ties_and_regmean_reports_both_and_applies_the_best() -> Non
 
 
 def test_trainer_validate_driven_search_with_regmean() -> None:
-    base, _, tasks = _tiny_tasks()
+    base, _, tasks = tiny_tasks()
     loaders = {"a": _loader(0), "b": _loader(1)}
     module = MultiTaskMergeModule(base, tasks, method="regmean", method_params={"examples": EXAMPLES})
 

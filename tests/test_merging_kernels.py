@@ -19,7 +19,7 @@ if __name__ == "__main__":  # the interpreter checks: set before anything import
 import pytest
 import torch
 
-from lightning_ties.merging import MergeSpec, StateDictSource, TaskVectorMerger, engine, kernels, steps
+from lightning_ties.merging import MergeSpec, TaskVectorMerger, engine, kernels, steps
 from lightning_ties.merging.select import MagnitudeSelector, MagnitudeThreshold, top_magnitude_threshold
 
 cuda = pytest.mark.cuda

@@ -41,7 +41,7 @@ EXAMPLES = {
 
 
 # ---- argument parsing ------------------------------------------------------------------------------
-def _common(debug_default: bool = False) -> argparse.ArgumentParser:
+def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="print only the results")

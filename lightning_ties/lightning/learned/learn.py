@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
