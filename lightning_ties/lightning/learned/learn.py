@@ -50,6 +50,7 @@ def learn_coefficients(
     the initial coefficients and fit), not the one-off computation of the components.
 
     Example:
+        >>> import torch
         >>> base = nn.Linear(2, 2)
         >>> fts = {"a": {k: v + 0.1 for k, v in base.state_dict().items()}, "b": base.state_dict()}
         >>> data = [(torch.randn(2), torch.tensor(0)) for _ in range(8)]
