@@ -18,6 +18,7 @@ from .atomic import atomic_dir, atomic_file
 from .card import build_model_card, sha256_file
 from .errors import CheckpointError
 from .lora import LoraSource
+from .lora_adapter import LoraMergeReport, merge_lora_adapters
 from .safetensors_file import SafetensorsFile, SafetensorsWriter
 from .hf_folder import parse_size
 from .sinks import (
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "CommonRowsSource",
     "LoadReport",
+    "LoraMergeReport",
     "LoraSource",
     "MergeInputError",
     "SafetensorsFile",
@@ -55,6 +57,7 @@ __all__ = [
     "check_compatible",
     "load_into",
     "load_torch_file",
+    "merge_lora_adapters",
     "merge_to",
     "open_source",
     "parse_size",
