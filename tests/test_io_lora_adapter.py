@@ -13,8 +13,11 @@ import re
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM,
+)
 
+import lightning_ties
 from lightning_ties import merge
 from lightning_ties.io import CheckpointError, LoraSource, merge_lora_adapters, open_source
 from lightning_ties.merging import StateDictSource
@@ -195,3 +198,21 @@ def test_an_existing_output_is_replaced_only_if_it_is_ours(tmp_path, bert_adapte
     assert open_source(out / "adapter_model.safetensors").spec(
         "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
     ).shape == (4, 16)
+
+
+def test_fan_in_fan_out_conv1d_adapters_are_factored_in_peft_layout(tmp_path):
+    def gpt2() -> GPT2Model:
+        torch.manual_seed(0)
+        return GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30, n_positions=8))
+
+    base = state(gpt2())
+    folders = [tmp_path / "a1", tmp_path / "a2"]
+    for seed, folder in enumerate(folders, start=1):
+        save_adapter(gpt2, folder, seed, r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    report = merge_lora_adapters(tmp_path / "merged", base, folders, "ties", k=0.4, scope="per_tensor", rank=48)
+    expected = merge(base, folders, "ties", include=target_patterns(folders[0], base), k=0.4, scope="per_tensor")
+    got = loaded_weights(gpt2, tmp_path / "merged")
+    for key, value in base.items():
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6, msg=key)
+    assert report.ranks == {"h.0.attn.c_attn.weight": 16, "h.0.attn.c_proj.weight": 16, "h.0.mlp.c_proj.weight": 16}
+    assert lightning_ties.merge_lora_adapters is merge_lora_adapters  # reachable from the top level

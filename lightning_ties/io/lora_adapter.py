@@ -29,12 +29,13 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import ModelCard
 from tqdm.auto import tqdm
 
 from ..merging import MergeReport, MergeSpec, TaskVectorMerger, get_method
@@ -213,13 +214,13 @@ def merge_lora_adapters(
 
     report = LoraMergeReport(output, method, {**merge_method.parameters(), **params}, lam, how, rank=0)
     if how == "concat":
-        factors = _concat_factors(loras, targets, lam, 1.0 / len(loras) if spec.merge == "task_mean" else 1.0, progress)
+        produced = _concat_factors(loras, targets, lam, 1.0 / len(loras) if spec.merge == "task_mean" else 1.0)
     else:
-        factors = _svd_factors(loras, targets, spec, lam, rank, device, report, progress)
-    dtype = _factor_dtype(loras[0], targets[0])
-    _finish_report(report, factors, dtype)
+        produced = _svd_factors(loras, targets, spec, lam, rank, device, report)
+    with tqdm(produced, total=len(targets), desc=f"{how} factors", unit="module", disable=_disabled(progress)) as bar:
+        factors = _measured(report, bar, _factor_dtype(loras[0], targets[0]))
     with atomic_dir(output) as tmp:
-        _write_weights(tmp / ADAPTER_WEIGHTS, factors, targets, dtype)
+        _write_weights(tmp / ADAPTER_WEIGHTS, factors, targets)
         config = _adapter_config(configs, report, targets)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _card(report, folders, config.get("base_model_name_or_path"), output).save(tmp / "README.md")
@@ -251,7 +252,9 @@ def _adapter_folders(adapters: Sequence[str | os.PathLike[str]]) -> list[Path]:
     folders = []
     for adapter in adapters:
         if not isinstance(adapter, (str, os.PathLike)):
-            raise ValueError(f"adapters: expected adapter folder paths, got a {type(adapter).__name__}; save it with save_pretrained first")
+            raise ValueError(
+                f"adapters: expected adapter folder paths, got a {type(adapter).__name__}; save it with save_pretrained first"
+            )
         folder = Path(adapter)
         if not (folder / ADAPTER_CONFIG).is_file():
             raise CheckpointError(
@@ -274,8 +277,9 @@ def _check_adapters(loras: Sequence[LoraSource], configs: Sequence[dict[str, Any
         extra += [key for key in lora._replaced.values() if not key.endswith(_BASE_LAYER_COPY)]
         if extra:
             problems.append(
-                f"{lora.label} saves full modules besides its LoRA factors ({', '.join(extra[:5])}); a merged adapter "
-                "carries LoRA factors only: merge into a full model with merge_to, or train the adapters without modules_to_save"
+                f"{lora.label} saves full modules besides its LoRA factors ({', '.join(extra[:5])}); a merged "
+                "adapter carries LoRA factors only: merge into a full model with merge_to, or train the adapters "
+                "without modules_to_save"
             )
     first = set(loras[0].targets)
     for lora in loras[1:]:
@@ -304,66 +308,80 @@ def _oriented(matrix: torch.Tensor, target: _Target) -> torch.Tensor:
 
 
 def _factors_of(lora: LoraSource, target: _Target) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One adapter's ``A``, ``B`` (float32) and scaling for a target."""
     update = lora._updates[target.base_key]
     a = lora._adapter.get(update.a_key).to(torch.float32)
     b = lora._adapter.get(update.b_key).to(torch.float32)
     return a, b, update.scaling
 
 
+def _rank_of(lora: LoraSource, target: _Target) -> int:
+    return lora._adapter.spec(lora._updates[target.base_key].a_key).shape[0]
+
+
 def _factor_dtype(lora: LoraSource, target: _Target) -> torch.dtype:
+    """The adapters' own dtype (float32, or bf16/fp16 for adapters saved so), for the written factors."""
     dtype = lora._adapter.spec(target.a_key).dtype
     return dtype if dtype.is_floating_point else torch.float32
 
 
-def _concat_factors(
-    loras: Sequence[LoraSource], targets: Sequence[_Target], lam: float, weight: float, progress: bool | None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``lam * sum_i weight * s_i B_i A_i`` as one product of stacked factors: exact."""
-    factors = {}
-    for target in tqdm(targets, desc="stacking factors", unit="module", disable=_disabled(progress)):
+# What the producers yield, one module at a time: (key, B, A, lam * tau_m in B @ A's layout).
+ModuleFactors = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _concat_factors(loras: Sequence[LoraSource], targets: Sequence[_Target], lam: float, weight: float) -> Iterator[ModuleFactors]:
+    """``lam * sum_i weight * s_i B_i A_i`` as one product of stacked factors: exact, rank ``sum r_i``."""
+    for target in targets:
         parts = [_factors_of(lora, target) for lora in loras]
         a = torch.cat([p[0] for p in parts], dim=0)
         b = torch.cat([p[1] * (lam * weight * p[2]) for p in parts], dim=1)
         wanted = sum(p[1] @ p[0] * (lam * weight * p[2]) for p in parts)
-        factors[target.base_key] = (b, a, wanted)
-    return factors
+        yield target.base_key, b, a, wanted
 
 
 def _svd_factors(
     loras: Sequence[LoraSource], targets: Sequence[_Target], spec: MergeSpec, lam: float, rank: int | None,
-    device: str | torch.device | None, report: LoraMergeReport, progress: bool | None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The engine's tau_m of the target weights, ``lam * tau_m`` cut to rank r by a truncated SVD."""
+    device: str | torch.device | None, report: LoraMergeReport,
+) -> Iterator[ModuleFactors]:
+    """The engine's tau_m of the target weights; ``lam * tau_m`` cut to rank r by a truncated SVD.
+
+    ``r`` is ``rank``, or the sum of the adapters' ranks of the module (a sum of rank-r_i
+    updates fits in it exactly; trim and sign election make tau_m's rank higher), capped by
+    the matrix's smaller side. ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``: the best rank-r
+    approximation (Eckart-Young), balanced between the two factors.
+    """
     keys = [t.base_key for t in targets]
     deltas = [_DeltaSource(lora, keys) for lora in loras]
     merger = TaskVectorMerger(_Zeros(deltas[0]), deltas, spec, device=device)
     report.merge = MergeReport.from_plan(merger.plan, report.method, report.params, [d.label for d in deltas], lam=lam)
     by_key = {t.base_key: t for t in targets}
-    summed_ranks = {t.base_key: sum(_factors_of(lora, t)[0].shape[0] for lora in loras) for t in targets}
-    factors = {}
-    for key, tau in tqdm(merger, total=len(keys), desc="merging + SVD", unit="module", disable=_disabled(progress)):
+    for key, tau in merger:
         wanted = _oriented(tau * lam, by_key[key])
-        r = min(rank or summed_ranks[key], *wanted.shape)
+        r = min(rank or sum(_rank_of(lora, by_key[key]) for lora in loras), *wanted.shape)
         u, s, vh = svd(wanted)
         root = s[:r].sqrt()
-        factors[key] = ((u[:, :r] * root).cpu(), (root[:, None] * vh[:r]).cpu(), wanted.cpu())
+        yield key, u[:, :r] * root, root[:, None] * vh[:r], wanted
     report.merge.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
-    return factors
 
 
-def _finish_report(
-    report: LoraMergeReport, factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype: torch.dtype
-) -> None:
-    """Rank and relative error of every module, measured on the factors rounded to the written dtype."""
+def _measured(report: LoraMergeReport, produced: Iterable[ModuleFactors], dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors in the written dtype, on the CPU; rank and relative error of each module measured on them.
+
+    Each module's ``lam * tau_m`` is dropped once measured: only the factors (the adapter's size) are kept.
+    """
+    factors = {}
     lost = total = 0.0
-    for key, (b, a, wanted) in factors.items():
-        product = b.to(dtype).to(torch.float32) @ a.to(dtype).to(torch.float32)
-        miss, norm = torch.linalg.matrix_norm(wanted - product).item(), torch.linalg.matrix_norm(wanted).item()
+    for key, b, a, wanted in produced:
+        b, a = b.to(dtype), a.to(dtype)
+        miss = torch.linalg.matrix_norm(wanted - b.to(wanted.dtype) @ a.to(wanted.dtype)).item()
+        norm = torch.linalg.matrix_norm(wanted).item()
         report.ranks[key] = a.shape[0]
         report.errors[key] = miss / norm if norm > 0 else float(miss > 0)
         lost, total = lost + miss**2, total + norm**2
+        factors[key] = (b.cpu(), a.cpu())
     report.error = math.sqrt(lost / total) if total > 0 else 0.0
     report.rank = Counter(report.ranks.values()).most_common(1)[0][0]
+    return factors
 
 
 def _disabled(progress: bool | None) -> bool | None:
@@ -371,13 +389,11 @@ def _disabled(progress: bool | None) -> bool | None:
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def _write_weights(
-    path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], targets: Sequence[_Target], dtype: torch.dtype
-) -> None:
+def _write_weights(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: Sequence[_Target]) -> None:
     tensors = {}
     for target in targets:
-        b, a, _ = factors[target.base_key]
-        tensors[target.a_key], tensors[target.b_key] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        b, a = factors[target.base_key]
+        tensors[target.a_key], tensors[target.b_key] = a.contiguous(), b.contiguous()
     specs = {k: TensorSpec(tuple(t.shape), t.dtype) for k, t in tensors.items()}
     with SafetensorsWriter(path, specs, owner_metadata()) as writer:
         for key, tensor in tensors.items():
@@ -397,11 +413,13 @@ def _adapter_config(configs: Sequence[dict[str, Any]], report: LoraMergeReport, 
     return config
 
 
-def _card(report: LoraMergeReport, folders: Sequence[Path], base_name: str | None, output: Path) -> Any:
-    models = [{"source": str(f), "files": {str(f / ADAPTER_WEIGHTS): sha256_file(f / ADAPTER_WEIGHTS)}} for f in folders
-              if (f / ADAPTER_WEIGHTS).is_file()]
+def _card(report: LoraMergeReport, folders: Sequence[Path], base_name: str | None, output: Path) -> ModelCard:
+    """The card: sources with their sha256, and the modules with the largest reconstruction errors."""
+    weights = [f / ADAPTER_WEIGHTS for f in folders]
+    models = [{"source": str(w.parent), "files": {str(w): sha256_file(w)}} for w in weights if w.is_file()]
     worst = sorted(report.errors.items(), key=lambda kv: -kv[1])[:10]
-    table = "\n".join(["| module | rank | relative error |", "|---|---|---|"] + [f"| `{k}` | {report.ranks[k]} | {e:.3g} |" for k, e in worst])
+    rows = [f"| `{key}` | {report.ranks[key]} | {error:.3g} |" for key, error in worst]
+    table = "\n".join(["| module | rank | relative error |", "|---|---|---|", *rows])
     card = build_model_card(
         title=f"Merged LoRA adapter ({report.method})",
         method=report.method,
