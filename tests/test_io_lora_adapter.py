@@ -216,3 +216,29 @@ def test_fan_in_fan_out_conv1d_adapters_are_factored_in_peft_layout(tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6, msg=key)
     assert report.ranks == {"h.0.attn.c_attn.weight": 16, "h.0.attn.c_proj.weight": 16, "h.0.mlp.c_proj.weight": 16}
     assert lightning_ties.merge_lora_adapters is merge_lora_adapters  # reachable from the top level
+
+
+def test_randomized_svd_of_wide_matrices_is_near_optimal_and_reported_as_measured(tmp_path):
+    def bert64() -> BertModel:
+        torch.manual_seed(0)
+        return BertModel(BertConfig(vocab_size=30, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=128, max_position_embeddings=8))
+
+    base = state(bert64())
+    folders = [tmp_path / "a1", tmp_path / "a2"]
+    for seed, folder in enumerate(folders, start=1):
+        save_adapter(bert64, folder, seed, r=2, target_modules=["query", "value"])
+    # rank 4 on 64 x 64: 4 * (4 + 10) <= 64, so "svd" takes the randomized path
+    fast = merge_lora_adapters(tmp_path / "fast", base, folders, "ties", k=0.2, rank=4, factorization="svd")
+    exact = merge_lora_adapters(tmp_path / "exact", base, folders, "ties", k=0.2, rank=4, factorization="exact_svd")
+    got = loaded_weights(bert64, tmp_path / "fast")
+    expected = merge(base, folders, "ties", include=target_patterns(folders[0], base), k=0.2)
+    for key in fast.ranks:
+        wanted = expected[key] - base[key]
+        measured = (torch.linalg.matrix_norm(wanted - (got[key] - base[key])) / torch.linalg.matrix_norm(wanted)).item()
+        assert fast.errors[key] == pytest.approx(measured, rel=1e-3), key
+        assert exact.errors[key] * (1 - 1e-5) <= fast.errors[key] <= exact.errors[key] * 1.01, key
+    assert fast.factorization == "svd" and exact.factorization == "exact_svd" and fast.rank == 4
+    assert fast.errors != exact.errors  # two different computations (same to ~1e-5 here)
+    again = merge_lora_adapters(tmp_path / "again", base, folders, "ties", k=0.2, rank=4)
+    assert again.errors == fast.errors  # seeded: the same adapter every time
