@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import (
     BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM,
 )
@@ -242,3 +243,23 @@ def test_randomized_svd_of_wide_matrices_is_near_optimal_and_reported_as_measure
     assert fast.errors != exact.errors  # two different computations (same to ~1e-5 here)
     again = merge_lora_adapters(tmp_path / "again", base, folders, "ties", k=0.2, rank=4)
     assert again.errors == fast.errors  # seeded: the same adapter every time
+
+
+def test_bf16_adapters_give_bf16_factors_and_the_error_counts_their_rounding(tmp_path):
+    base = state(tiny_bert())
+    folders = [tmp_path / "a1", tmp_path / "a2"]
+    for seed, folder in enumerate(folders, start=1):
+        save_adapter(tiny_bert, folder, seed, r=2, target_modules=["query"])
+        weights = folder / "adapter_model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights, {"format": "pt"})
+    # lam=0.7: scaling the factors rounds in bf16 (lam=1 with scaling 8/2 would be exact)
+    report = merge_lora_adapters(tmp_path / "merged", base, folders, "task_arithmetic", lam=0.7)
+    written = load_file(tmp_path / "merged" / "adapter_model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert 1e-4 < report.error < 1e-2  # exact in float32; bf16 keeps ~3 significant digits of B and A
+    got = loaded_weights(tiny_bert, tmp_path / "merged")
+    expected = merge(base, folders, "task_arithmetic", 0.7, include=target_patterns(folders[0], base))
+    for key in report.ranks:
+        wanted, written_update = expected[key] - base[key], got[key] - base[key]
+        measured = (torch.linalg.matrix_norm(wanted - written_update) / torch.linalg.matrix_norm(wanted)).item()
+        assert report.errors[key] == pytest.approx(measured, rel=1e-2), key

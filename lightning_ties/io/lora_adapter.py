@@ -7,8 +7,10 @@ merged *adapter* (``adapter_model.safetensors`` + ``adapter_config.json``) that
 Two ways to get its factors:
 
 - ``"svd"`` (any method): the engine merges the adapters' full updates ``scaling * B @ A`` of
-  the target modules into tau_m, exactly as ``merge_to(..., include=<the target weights>)``
-  would (TIES' trim and sign election act entry by entry, so they cannot run on the factors),
+  the target modules into tau_m, as ``merge_to(..., include=<the target weights>)`` would
+  (TIES' trim and sign election act entry by entry, so they cannot run on the factors; ``k``
+  is a fraction of the target weights' entries, where a LoRA update lives, not of the whole
+  model's; and tau is ``scaling * B @ A`` itself, without the rounding of ``(W + BA) - W``),
   and each ``lam * tau_m`` is cut back to rank ``r`` by a truncated SVD, ``B = U_r sqrt(S_r)``,
   ``A = sqrt(S_r) V_r^T``. The rank default is the sum of the adapters' ranks for that module
   (enough to hold their sum exactly), capped by the matrix size. Where ``r`` is small next to
@@ -43,7 +45,7 @@ from huggingface_hub import ModelCard
 from tqdm.auto import tqdm
 
 from ..merging import MergeReport, MergeSpec, TaskVectorMerger, get_method
-from ..merging.sources import TensorSource, TensorSpec, as_source
+from ..merging.sources import TensorSpec, as_source
 from ..merging.subspace import svd
 from .atomic import atomic_dir, check_output, owner_metadata
 from .card import build_model_card, sha256_file
@@ -93,7 +95,7 @@ class LoraMergeReport:
         params = "".join(f", {k}={v!r}" for k, v in self.params.items())
         lines = [
             f"merged LoRA adapter {self.output} ({self.method}{params}, lam={self.lam}): "
-            f"{len(self.ranks)} modules, {self.factorization}, r={self.rank}"
+            f"{len(self.ranks)} module(s), {self.factorization}, r={self.rank}"
             + (f" (ranks {min(self.ranks.values())}-{max(self.ranks.values())})" if len(set(self.ranks.values())) > 1 else ""),
             f"relative error ||lam*tau_m - B A||_F / ||lam*tau_m||_F: {self.error:.3g} overall"
             + (f", worst {self.errors[worst]:.3g} ({worst})" if worst else ""),
