@@ -16,8 +16,9 @@ Two ways to get its factors:
   (enough to hold their sum exactly), capped by the matrix size. Where ``r`` is small next to
   the matrix (``4 * (r + 10) <= min(m, n)``, e.g. r=24 on 4096 x 4096) the top ``r`` triplets
   come from a seeded randomized range finder with 4 subspace iterations (Halko et al., 2011):
-  on one CPU core, 1.1 s instead of 56 s for a TIES-merged 4096 x 4096 update at r=24, with
-  the same error to 4 digits (0.3% higher at r=64). ``"exact_svd"`` always runs the full SVD.
+  on one CPU core, 0.5-0.8 s instead of ~60 s for a TIES-merged 4096 x 4096 update at r=24,
+  with the same error to 4 digits (0.2% higher at r=64; ``benchmarks/bench_lora_adapter.py``).
+  ``"exact_svd"`` always runs the full SVD.
 - ``"concat"`` (linear methods: ``task_arithmetic``, ``average``): ``lam * sum_i w_i s_i B_i A_i``
   is the product of the stacked factors ``[w_1 s_1 B_1 | ... ] @ [A_1; ...]``, so the merged
   adapter is exact, of rank ``sum r_i``, without an SVD. It is the default for those methods.
