@@ -89,6 +89,8 @@ def test_full_rank_ties_adapter_loads_in_peft_and_equals_the_full_model_merge(tm
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (16, 16, False)
 
 
+# the oracle reads PEFT's copy of the embedding (embed_tokens.base_layer.weight) as a key base lacks
+@pytest.mark.filterwarnings(r"ignore:1 key\(s\) differ across models")
 def test_low_rank_adapter_reports_the_error_measured_on_what_peft_loads(tmp_path):
     base = state(tiny_llama())
     lora = dict(r=6, lora_alpha=12, target_modules=["q_proj", "k_proj", "embed_tokens"])
@@ -134,7 +136,7 @@ def test_linear_merges_stack_the_factors_exactly(tmp_path, method):
     for key, value in base.items():
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
     assert report.factorization == "concat" and report.merge is None and report.error < 1e-6
-    assert {k: r for k, r in report.ranks.items()} == {k: 5 if "query" in k else 3 for k in report.ranks}
+    assert report.ranks == {k: 5 if "query" in k else 3 for k in report.ranks}  # 2 + 3; 2 + 1 (rank_pattern)
 
 
 def test_concat_is_refused_for_a_method_that_is_not_linear(tmp_path, bert_adapters):
