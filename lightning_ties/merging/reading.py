@@ -8,7 +8,10 @@ the passes (thresholds, merge, fused kernels) never touch a source themselves.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -122,20 +125,34 @@ class TaskReader:
         """
         if self.local_numel(key) == 0:
             return
+        base, fts = self.inputs(key)
+        yield from self.chunks_of(base, fts, 0, base.numel(), chunk_size)
+
+    def inputs(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Base's and the models' flat tensors of ``key`` (this rank's range) on the merge device."""
+        return self.get(self.base, key), [self.get(m, key) for m in self.models]
+
+    def chunks_of(
+        self,
+        base: torch.Tensor,
+        fts: Sequence[torch.Tensor],
+        begin: int,
+        end: int,
+        chunk_size: int | None = None,
+        buffer: str = "taus",
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """:meth:`chunks` over the columns ``[begin, end)`` of tensors already read, in scratch ``buffer``."""
         cd = self.compute_dtype
-        base = self.get(self.base, key)
-        fts = [self.get(m, key) for m in self.models]
-        n = base.numel()
         size = chunk_size or self.chunk_size
-        for start in range(0, n, size):
-            end = min(n, start + size)
-            b = base[start:end].to(cd)
-            taus = self.buffer("taus", end - start)
+        for start in range(begin, end, size):
+            stop = min(end, start + size)
+            b = base[start:stop].to(cd)
+            taus = self.buffer(buffer, stop - start)
             for i, ft in enumerate(fts):
                 if ft.dtype == cd:
-                    torch.sub(ft[start:end], b, out=taus[i])
+                    torch.sub(ft[start:stop], b, out=taus[i])
                 else:  # subtract in compute precision, not in the stored (e.g. bf16) one
-                    taus[i].copy_(ft[start:end]).sub_(b)
+                    taus[i].copy_(ft[start:stop]).sub_(b)
             yield start, taus
 
     def task_vectors(self, key: str) -> torch.Tensor:
@@ -157,4 +174,34 @@ class TaskReader:
             self.check_finite(taus, key)
 
 
-__all__ = ["DEFAULT_CHUNK", "DeviceLike", "TaskReader", "resolve_device"]
+@contextmanager
+def single_threaded_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """``workers`` threads whose torch ops each run on one core, for work split by hand.
+
+    On a VM (or a busy host) every parallel region of torch's intra-op pool costs a
+    fork/join that can wait ~0.5 ms for a descheduled core; the merge runs tens of thousands
+    of small ops, so splitting its columns over threads that each run single-threaded ops
+    scales where the ops' own parallelism does not. ``torch.set_num_threads(1)`` in a worker
+    is that thread's setting, but it also changes the process default until it is set back:
+    the caller's value is restored once every worker has started.
+    """
+    saved = torch.get_num_threads()
+    started = threading.Barrier(workers + 1)
+
+    def start() -> None:
+        torch.set_num_threads(1)
+        started.wait()
+
+    pool = ThreadPoolExecutor(workers, initializer=start, thread_name_prefix="lightning-ties")
+    try:
+        for _ in range(workers):
+            pool.submit(lambda: None)
+        started.wait()
+        torch.set_num_threads(saved)
+        yield pool
+    finally:
+        pool.shutdown(wait=True)
+        torch.set_num_threads(saved)
+
+
+__all__ = ["DEFAULT_CHUNK", "DeviceLike", "TaskReader", "resolve_device", "single_threaded_pool"]

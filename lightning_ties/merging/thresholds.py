@@ -15,14 +15,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
 
 from .collectives import SINGLE_PROCESS, Collectives, ShardLayout
 from .fused import FusedPaths
-from .reading import TaskReader
+from .reading import TaskReader, single_threaded_pool
 from .select import MagnitudeSelector, MagnitudeThreshold, next_passes
 
 # The select passes do ~3 cheap ops per entry, where the per-chunk Python overhead shows: they
@@ -111,7 +110,7 @@ class ThresholdFinder:
         hists = [torch.zeros(t + 1, dtype=torch.int64) for t in tops]
         observed = 0
         threads = torch.get_num_threads()
-        with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        with single_threaded_pool(threads) if threads > 1 else nullcontext() as pool:
             for key in keys:
                 for _, taus in reader.chunks(key, reader.chunk_size * _BRACKET_CHUNK_FACTOR):
                     bits = taus.abs_().view(bits_dtype)  # the chunk buffer is not read again: work in place
