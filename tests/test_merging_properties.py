@@ -137,7 +137,7 @@ def test_several_torch_threads_merge_the_one_thread_bits(grid: bool) -> None:
         try:
             merger = TaskVectorMerger(base, fts, spec, chunk_size=1000)
             several = dict(merger)
-            assert torch.get_num_threads() == 3 and merger._pool is None  # the threads are gone, the setting kept
+            assert torch.get_num_threads() == 3 and merger.ties_pass._pool is None  # the threads are gone, the setting kept
         finally:
             torch.set_num_threads(before)
         for key in one:

@@ -35,13 +35,14 @@ from .contested import Contested
 from .fused import FusedPaths
 from .options import MergeOptions
 from .plan import MergePlan, Patterns, plan_merge
-from .reading import DeviceLike, TaskReader, single_threaded_pool
+from .reading import DeviceLike, TaskReader
 from .results import MergedTaskVector, MergeReport
 from .select import MagnitudeThreshold, keep_count
 from .sources import as_source
 from .spec import MergeSpec
-from .steps import ThresholdTrim, disjoint_components, disjoint_merge, divide_, sign_score, ties_chunk_
+from .steps import ThresholdTrim, disjoint_components, disjoint_merge, divide_, sign_score
 from .thresholds import ThresholdFinder
+from .ties_pass import TiesPass
 
 _NORM_SIGNS = ("normfrac", "normmass")
 
@@ -109,8 +110,7 @@ class TaskVectorMerger:
         self.finder = ThresholdFinder(self.reader, collectives, self.layout, self.fused)
         self.thresholds: list[MagnitudeThreshold] | None = None
         self._norms: torch.Tensor | None = None
-        self._pool: Any = None  # threads of the merge pass (several torch threads on the CPU), for one iteration
-        self._pool_size = 0
+        self.ties_pass = TiesPass(self.reader, self.spec.sign or "mass", self.spec.merge)
 
     def _layout(self, shards: Mapping[str, tuple[int, int]] | None) -> ShardLayout | None:
         """Every rank's ranges (one all_gather), checked; the refusals that need them."""
@@ -154,7 +154,7 @@ class TaskVectorMerger:
         try:
             yield from merged
         finally:
-            self._close_pool()
+            self.ties_pass.close()
 
     def _merge_keys(self, combine: Callable[..., torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         spec, keys = self.spec, self.plan.merge_keys
@@ -263,7 +263,7 @@ class TaskVectorMerger:
         if fused is not None:
             key_sign_total += fused
         elif fast:  # the in-place kernel of steps.py (same values as the three calls below)
-            key_sign_total += self._ties_columns(key, trim_step, out, contested)  # type: ignore[arg-type]
+            key_sign_total += self.ties_pass.run(key, trim_step, out, contested)  # type: ignore[arg-type]
         for start, taus in self.reader.chunks(key) if fused is None and not fast else ():
             end = start + taus.shape[1]
             trimmed = self._sparsify(key, start, taus, trim_step, dare)
@@ -277,75 +277,6 @@ class TaskVectorMerger:
             contested.collect(start, score, trimmed)
         shape = self.reader.local_shape(key)
         return out.view((n_tasks, *shape) if per_task else shape), key_sign_total, contested
-
-    def _ties_columns(self, key: str, trim_step: ThresholdTrim, out: torch.Tensor, contested: Contested) -> torch.Tensor:
-        """TIES's in-place kernel over every chunk of ``key``; the sum of its elected signs.
-
-        On the CPU with several torch threads, the key's columns are cut into one range per
-        thread, merged side by side by single-threaded ops (see
-        :func:`.reading.single_threaded_pool`): the columns are independent, the sign sums
-        are exact integers, the contested entries are kept per range, and the threshold ties
-        a task may still keep are shared out over the ranges in flat order (each range counts
-        its ties first), so the result is the one thread's, bit for bit.
-        """
-        reader = self.reader
-        base, fts = reader.inputs(key)
-        n = base.numel()
-        workers = min(torch.get_num_threads(), n // reader.chunk_size)
-        if not reader.on_cpu or workers < 2:
-            return self._ties_range(base, fts, 0, n, trim_step, out, contested, "")
-        if self._pool is None or self._pool_size != workers:
-            self._close_pool()
-            self._pool_context = single_threaded_pool(workers)
-            self._pool, self._pool_size = self._pool_context.__enter__(), workers
-        cuts = [n * w // workers for w in range(workers + 1)]
-        tags = [f"@{w}" for w in range(workers)]
-        steps = [trim_step.restart() for _ in range(workers)]
-        budget = list(trim_step.tie_budget)
-        needy = [i for i, left in enumerate(budget) if left > 0]
-        counts = self._pool.map(lambda a, b, t: self._count_ties(base, fts, a, b, trim_step, needy, t), cuts[:-1], cuts[1:], tags)
-        for step, found in zip(steps, counts):  # ranges in flat order take the ties first come
-            step.tie_budget = [min(left, c) for left, c in zip(budget, found)]
-            budget = [left - took for left, took in zip(budget, step.tie_budget)]
-        trim_step.tie_budget = budget
-        parts = [Contested(contested.combine, contested.merge) for _ in range(workers)]
-        totals = list(self._pool.map(self._ties_range, [base] * workers, [fts] * workers, cuts[:-1], cuts[1:], steps, [out] * workers, parts, tags))
-        for part in parts:
-            contested.extend(part)
-        return torch.stack(totals).sum()
-
-    def _ties_range(
-        self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, trim_step: ThresholdTrim,
-        out: torch.Tensor, found: Contested, tag: str,
-    ) -> torch.Tensor:  # fmt: skip
-        """``ties_chunk_`` over the columns ``[begin, end)``, chunk by chunk, in scratch buffers ``tag``."""
-        total = torch.zeros((), dtype=torch.int64, device=self.device)
-        for start, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
-            trimmed = self.reader.buffer(f"trimmed{tag}", taus.shape[1])
-            stop = start + taus.shape[1]
-            chunk_signs, cols = ties_chunk_(taus, trim_step, out[start:stop], trimmed, self.spec.sign, self.spec.merge)
-            total += chunk_signs
-            if cols is not None:
-                found.collect_columns(start, cols, trimmed)
-        return total
-
-    def _count_ties(
-        self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, trim_step: ThresholdTrim,
-        needy: list[int], tag: str,
-    ) -> list[int]:  # fmt: skip
-        """Per task, the entries of ``[begin, end)`` at its threshold (tasks in ``needy`` only; others 0)."""
-        found = [0] * len(self.models)
-        if not needy:
-            return found
-        for _, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
-            for i in needy:  # the comparison ThresholdTrim makes
-                found[i] += int((taus[i].abs() == trim_step.thresholds[i].value).sum())
-        return found
-
-    def _close_pool(self) -> None:
-        if self._pool is not None:
-            self._pool_context.__exit__(None, None, None)
-            self._pool = None
 
     def _sparsify(
         self, key: str, start: int, taus: torch.Tensor, trim_step: ThresholdTrim | None, dare: torch.Tensor | None
