@@ -7,6 +7,7 @@ tie rule at the trim threshold.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -111,3 +112,33 @@ def test_dtypes_are_preserved_and_results_are_the_compute_dtype_merge_rounded(da
         assert tau[key].dtype == compute
         assert merged[key].dtype == dtype
         assert torch.equal(merged[key], (b.to(compute) + lam * tau[key]).to(dtype)), key
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_several_torch_threads_merge_the_one_thread_bits(grid: bool) -> None:
+    # the CPU merge pass cuts a key's columns over torch's threads (threshold ties shared out in
+    # flat order, contested entries per range): the merge is the one-thread merge, bit for bit
+    g = torch.Generator().manual_seed(9)
+
+    def values(n):
+        return torch.randint(-8, 8, (n,), generator=g) / 4 if grid else torch.randn(n, generator=g)
+
+    base = {"a": values(30000), "b": values(100), "c": values(9000)}
+    fts = [{k: v + values(v.numel()) for k, v in base.items()} for _ in range(4)]
+    specs = [
+        MergeSpec(k=0.3), MergeSpec(k=0.2, sign="count", merge="max"), MergeSpec(k=0.5, merge="sum"),
+        MergeSpec(k=0.4, scope="per_tensor", merge="task_mean"), MergeSpec(k=1.0),
+    ]  # fmt: skip
+    before = torch.get_num_threads()
+    for spec in specs:
+        torch.set_num_threads(1)
+        one = dict(TaskVectorMerger(base, fts, spec, chunk_size=1000))
+        torch.set_num_threads(3)
+        try:
+            merger = TaskVectorMerger(base, fts, spec, chunk_size=1000)
+            several = dict(merger)
+            assert torch.get_num_threads() == 3 and merger.ties_pass._pool is None  # the threads are gone, the setting kept
+        finally:
+            torch.set_num_threads(before)
+        for key in one:
+            assert torch.equal(one[key].view(torch.int32), several[key].view(torch.int32)), (grid, spec, key)
