@@ -1,0 +1,150 @@
+"""The merge of a sharded module, each rank holding only its own shards.
+
+Every rank plans the same merge from global shapes (no communication), reads its own rows of
+the base and of every task, and the merge engine computes tau_m on those rows with the few
+global quantities (trim counts, tie counts, the sign majority) reduced across ranks: the
+result on each rank is bit for bit the single-process merge restricted to its rows. Applying
+lam writes theta = base + lam * tau_m into the module's own shards in place; a lam search
+re-applies the same local tau_m per candidate without recomputing it.
+
+Memory per rank: its rows of the base (a CPU copy), of tau_m, and the rows of the tasks read
+one tensor at a time: about 1/W of one process.
+
+Per-tensor methods that factor whole matrices (TSV-M, Iso-C/CTS) and methods that need data
+(RegMean) are refused on W > 1 ranks: their result for a row depends on every row of the tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..merging import get_method
+from ..merging.engine import MergeReport, merged_task_vector
+from ..merging.plan import Patterns
+from ..merging.sources import TensorSource, as_source
+from ..merging.steps import check_lam, scale
+from .views import RowsSource, ShardedView
+
+#: Methods whose tau_m for a row needs only that row's entries (plus reduced global counts).
+ROW_LOCAL_HINT = "ties (global or per-tensor trim), task_arithmetic, average, dare, dare_ties, magnitude_prune"
+
+
+@dataclass
+class ShardedMerge:
+    """tau_m's local pieces on one rank, ready to apply for any lam (in place into the module).
+
+    Attributes:
+        view: the module's sharded view (where the pieces are written).
+        base: this rank's pieces of the base (key -> rows), kept on the CPU by default.
+        tau: this rank's pieces of tau_m (float32), the same rows.
+        report: what was merged and skipped (global keys; thresholds are the global ones).
+    """
+
+    view: ShardedView
+    base: dict[str, torch.Tensor]
+    tau: dict[str, torch.Tensor]
+    report: MergeReport
+
+    def apply_(self, lam: float) -> None:
+        """theta = base + lam * tau_m on this rank's shards, written into the module in place.
+
+        Collective: every rank calls it with the same lam (tied and replicated entries are shared).
+        """
+        lam = check_lam(lam)
+        pieces = {}
+        for key, tau in self.tau.items():
+            target = self.view.entries[key].local
+            pieces[key] = scale(self.base[key].to(target.device), tau.to(target.device), lam)
+        self.view.write_(pieces)
+        self.report = self.report.with_lam(lam)
+
+    def restore_(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Write local pieces (e.g. the fine-tuned ones, :meth:`ShardedView.local_state`) back in place."""
+        self.view.write_(state)
+
+
+def merge_sharded_(
+    view: ShardedView,
+    base: Mapping[str, torch.Tensor] | TensorSource,
+    tasks: Sequence[Any],
+    method: str = "ties",
+    lam: float | None = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    **params: Any,
+) -> ShardedMerge:
+    """Merge ``tasks`` onto ``base`` on this rank's shards of ``view``; apply ``lam`` in place when given.
+
+    Args:
+        view: how this rank sees the module (:func:`~lightning_ties.distributed.views.sharded_view`).
+        base: this rank's pieces of the base (``view.local_state()`` at fit start) or a source
+            with the module's keys and global shapes (read per row range).
+        tasks: the fine-tuned models: sources, paths or state dicts with the module's keys and
+            global shapes (each rank reads only its rows), or their local pieces already
+            (a :class:`~lightning_ties.distributed.views.LocalSource`).
+        method, params: a registered method and its parameters (``k=0.2``...).
+        lam: when given, theta = base + lam * tau_m is written into the module (collective).
+        device: where tau_m is computed and kept (default: the base pieces' device).
+
+    Returns:
+        A :class:`ShardedMerge` holding the local tau_m, to re-apply for other lam.
+
+    Example (on every rank, inside a process group, after ``fully_shard(model)``)::
+
+        view = sharded_view(model)
+        base = view.local_state()            # at fit start
+        ...                                  # training
+        merged = merge_sharded_(view, base, ["a.safetensors", view.source(label="this run")],
+                                k=0.2, lam=1.0)
+        merged.apply_(0.8)                   # another lam, same tau_m
+    """
+    m = get_method(method)
+    _check_method_shardable(m, view)
+    spec = m.build_spec(**params)
+    base_pieces = _base_pieces(view, base)
+    base_src = view.source(base_pieces, label="base")
+    models = [_local_rows(view, task, i) for i, task in enumerate(tasks)]
+    tau = merged_task_vector(
+        base_src, models, spec, include, exclude, compute_dtype, method=method,
+        params={**m.parameters(), **params}, device=device,
+        collectives=view.collectives, shards=view.shards,
+    )
+    result = ShardedMerge(view, base_pieces, dict(tau), tau.report)
+    if lam is not None:
+        result.apply_(m.resolve_lam(lam))
+    return result
+
+
+def _check_method_shardable(method: Any, view: ShardedView) -> None:
+    if view.collectives.world_size == 1:
+        return
+    spec = method.build_spec() if not method.needs_data else None
+    if method.needs_data or (spec is not None and spec.tensor_fn is not None):
+        raise ValueError(
+            f"method {method.name!r} cannot merge a model sharded over {view.collectives.world_size} ranks: "
+            f"{'it needs each task' + chr(39) + 's data' if method.needs_data else 'it factors whole matrices (SVD)'}, "
+            f"which no rank holds. Use one of {ROW_LOCAL_HINT}, or merge the saved checkpoints in one process "
+            "with merge_to"
+        )
+
+
+def _base_pieces(view: ShardedView, base: Any) -> dict[str, torch.Tensor]:
+    if isinstance(base, Mapping) and all(isinstance(v, torch.Tensor) for v in base.values()):
+        return dict(base)
+    src = RowsSource(as_source(base, "base"), view.rows)
+    return {key: src.get(key) for key in src.keys()}
+
+
+def _local_rows(view: ShardedView, task: Any, index: int) -> TensorSource:
+    """A task as this rank's rows: a LocalSource is used as is, anything else is read per row range."""
+    from .views import LocalSource
+
+    if isinstance(task, LocalSource):
+        return task
+    return RowsSource(as_source(task, f"model[{index}]"), view.rows)
