@@ -10,8 +10,8 @@ re-applies the same local tau_m per candidate without recomputing it.
 Memory per rank: its rows of the base (a CPU copy), of tau_m, and the rows of the tasks read
 one tensor at a time: about 1/W of one process.
 
-Per-tensor methods that factor whole matrices (TSV-M, Iso-C/CTS) and methods that need data
-(RegMean) are refused on W > 1 ranks: their result for a row depends on every row of the tensor.
+The SVD methods (TSV-M, Iso-C/CTS) gather each tensor they factor, one at a time, inside the
+engine; methods that need data (RegMean) are refused (:class:`MergeOptions` says so).
 """
 
 from __future__ import annotations
@@ -22,15 +22,11 @@ from typing import Any
 
 import torch
 
-from ..merging import get_method
 from ..merging.engine import MergeReport, merged_task_vector
-from ..merging.plan import Patterns
+from ..merging.options import MergeOptions
 from ..merging.sources import TensorSource, as_source
 from ..merging.steps import check_lam, scale
-from .views import RowsSource, ShardedView
-
-#: Methods whose tau_m for a row needs only that row's entries (plus reduced global counts).
-ROW_LOCAL_HINT = "ties (global or per-tensor trim), task_arithmetic, average, dare, dare_ties, magnitude_prune"
+from .views import LocalSource, RowsSource, ShardedView
 
 
 @dataclass
@@ -58,7 +54,8 @@ class ShardedMerge:
         pieces = {}
         for key, tau in self.tau.items():
             target = self.view.entries[key].local
-            pieces[key] = scale(self.base[key].to(target.device), tau.to(target.device), lam)
+            base = self.base[key].to(target.device)
+            pieces[key] = scale(base, tau.reshape(base.shape).to(target.device), lam)  # tau_m of a part is flat
         self.view.write_(pieces)
         self.report = self.report.with_lam(lam)
 
@@ -71,15 +68,13 @@ def merge_sharded_(
     view: ShardedView,
     base: Mapping[str, torch.Tensor] | TensorSource,
     tasks: Sequence[Any],
-    method: str = "ties",
-    lam: float | None = None,
-    include: Patterns = None,
-    exclude: Patterns = None,
+    options: MergeOptions | None = None,
+    apply: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
-    **params: Any,
+    **keywords: Any,
 ) -> ShardedMerge:
-    """Merge ``tasks`` onto ``base`` on this rank's shards of ``view``; apply ``lam`` in place when given.
+    """Merge ``tasks`` onto ``base`` on this rank's shards of ``view``, and apply ``options.lam`` in place.
 
     Args:
         view: how this rank sees the module (:func:`~lightning_ties.distributed.views.sharded_view`).
@@ -88,8 +83,8 @@ def merge_sharded_(
         tasks: the fine-tuned models: sources, paths or state dicts with the module's keys and
             global shapes (each rank reads only its rows), or their local pieces already
             (a :class:`~lightning_ties.distributed.views.LocalSource`).
-        method, params: a registered method and its parameters (``k=0.2``...).
-        lam: when given, theta = base + lam * tau_m is written into the module (collective).
+        options: the recipe (method, k, lam, ...); or give its fields as keywords (``k=0.2, lam=1.0``).
+        apply: write theta = base + lam * tau_m into the module now (collective); False: only compute tau_m.
         device: where tau_m is computed and kept (default: the base pieces' device).
 
     Returns:
@@ -104,34 +99,22 @@ def merge_sharded_(
                                 k=0.2, lam=1.0)
         merged.apply_(0.8)                   # another lam, same tau_m
     """
-    m = get_method(method)
-    _check_method_shardable(m, view)
-    spec = m.build_spec(**params)
+    if options is None:
+        options = MergeOptions.from_keywords(**keywords)
+    elif keywords:
+        raise ValueError(f"pass either options or keywords, not both (got options and {sorted(keywords)})")
+    options.spec  # a method that needs data (RegMean) refuses here, before any read
     base_pieces = _base_pieces(view, base)
     base_src = view.source(base_pieces, label="base")
     models = [_local_rows(view, task, i) for i, task in enumerate(tasks)]
     tau = merged_task_vector(
-        base_src, models, spec, include, exclude, compute_dtype, method=method,
-        params={**m.parameters(), **params}, device=device,
-        collectives=view.collectives, shards=view.shards,
+        base_src, models, options, compute_dtype=compute_dtype, method=options.method,
+        params=options.method_params, device=device, collectives=view.collectives, shards=view.shards,
     )
     result = ShardedMerge(view, base_pieces, dict(tau), tau.report)
-    if lam is not None:
-        result.apply_(m.resolve_lam(lam))
+    if apply:
+        result.apply_(options.lam)
     return result
-
-
-def _check_method_shardable(method: Any, view: ShardedView) -> None:
-    if view.collectives.world_size == 1:
-        return
-    spec = method.build_spec() if not method.needs_data else None
-    if method.needs_data or (spec is not None and spec.tensor_fn is not None):
-        raise ValueError(
-            f"method {method.name!r} cannot merge a model sharded over {view.collectives.world_size} ranks: "
-            f"{'it needs each task' + chr(39) + 's data' if method.needs_data else 'it factors whole matrices (SVD)'}, "
-            f"which no rank holds. Use one of {ROW_LOCAL_HINT}, or merge the saved checkpoints in one process "
-            "with merge_to"
-        )
 
 
 def _base_pieces(view: ShardedView, base: Any) -> dict[str, torch.Tensor]:
@@ -143,8 +126,6 @@ def _base_pieces(view: ShardedView, base: Any) -> dict[str, torch.Tensor]:
 
 def _local_rows(view: ShardedView, task: Any, index: int) -> TensorSource:
     """A task as this rank's rows: a LocalSource is used as is, anything else is read per row range."""
-    from .views import LocalSource
-
     if isinstance(task, LocalSource):
         return task
     return RowsSource(as_source(task, f"model[{index}]"), view.rows)
