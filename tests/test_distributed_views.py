@@ -223,3 +223,21 @@ def test_dcp_folder_of_a_sharded_model_reads_whole_and_per_rank(tmp_path: Path):
     for key, tensor in full.items():
         assert whole.spec(key) == TensorSpec(tuple(tensor.shape), tensor.dtype)
         assert torch.equal(whole.get(key), tensor), key
+
+
+def test_distributed_imports_only_merging_and_io_and_never_lightning():
+    import ast
+    import subprocess
+    import sys
+
+    import lightning_ties.distributed as package
+
+    for path in Path(package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert (node.module or "").split(".")[0] in ("merging", "io"), f"{path.name}: imports ..{node.module}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names), path.name
+    code = "import sys, lightning_ties.distributed; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

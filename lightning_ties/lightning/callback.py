@@ -48,8 +48,8 @@ from .heads import load_into, named_head_keys
 from .keys import match_to_module
 from .module import ForwardFn, MultiTaskMergeModule, module_device
 from .search import PAPER_DEFAULT_K, PAPER_DEFAULT_LAM, STRATEGIES, SearchResult, k_grid, lam_grid
+from .sharded import ShardedMerging, sharding_kind
 
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 PROGRESS_FILE = "search_progress.json"
 #: The captured base (module weights at fit start), written once under ``save_dir`` and referenced by checkpoints.
 BASE_FILE = "base.safetensors"
@@ -207,6 +207,8 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
         self._merged_at_step: int | None = None
         self._in_fit_loop = False
         self._merging: _MergeInProgress | None = None
+        #: The merge on a sharded module (set at setup under ModelParallelStrategy / FSDPStrategy).
+        self._sharded: ShardedMerging | None = None
 
     def _check_tasks_given(self) -> None:
         """Fail at construction when there is nothing to merge with or a dataloader names an unknown task."""
@@ -240,12 +242,9 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if name in _SHARDED:
-            raise RuntimeError(
-                f"TiesMerging does not support the sharded strategy {name}: it reads every parameter whole. "
-                "Use a single device or strategy='ddp'."
-            )
+        self._sharded = ShardedMerging(self) if sharding_kind(trainer.strategy) is not None else None
+        if self._sharded is not None:
+            self._sharded.check(trainer, _fit_has_val_data(trainer))
         self._check_siblings(trainer)
         self._check_data(trainer)
         self._check_sources(pl_module)
@@ -253,7 +252,9 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
             named_head_keys(pl_module, self.heads)  # a regex naming no key of the module fails now, not at fit end
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._base_state is None:
+        if self._sharded is not None:  # each rank keeps its own rows of the base
+            self._sharded.capture_base(trainer)
+        elif self._base_state is None:
             self._base_state = self._capture_base(pl_module)
         if self._base_ref is None:
             self._base_ref = self._record_base(trainer)
@@ -290,6 +291,8 @@ class TiesMerging(Callback, metaclass=_StoreIsDeprecated):
     # ---- merging ------------------------------------------------------------------------------
     def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SearchResult:
         """Merge now: search (or fix) k and lam, apply per ``apply``; returns and keeps ``self.result``."""
+        if self._sharded is not None:
+            return self._sharded.merge(trainer, pl_module)
         if self._base_state is None:
             self._base_state = self._capture_base(pl_module)
         finetuned = _clone_state(pl_module)

@@ -1,0 +1,97 @@
+"""TiesMerging under sharded Lightning strategies on the CPU (2 gloo processes, launched by Lightning).
+
+Given a fit under ModelParallelStrategy (FSDP2), a user's subclass of it, or FSDPStrategy (FSDP1, a test-only
+subclass since Lightning refuses FSDP on the CPU), when TiesMerging merges at fit end on every rank's shards,
+then the weights equal the single-process ``ties_merge`` of the same base, tasks and fine-tuned weights bit for
+bit, and the DCP checkpoint the Trainer saves afterwards reads back (as a source) as those merged weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ties.io import open_source, save_safetensors
+from lightning_ties.merging import ties_merge
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
+
+SCRIPT = Path(__file__).parent / "sharded_fit_script.py"
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from sharded_fit_script import make_net
+
+    folder = tmp_path_factory.mktemp("tasks")
+    base = {f"model.{k}": v for k, v in make_net().state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    for t in ("a", "b"):
+        save_safetensors({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                         folder / f"{t}.safetensors")
+    return folder
+
+
+def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
+    out.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
+                          capture_output=True, text=True, timeout=150, env=env, cwd=SCRIPT.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out / "result.pt", weights_only=True)
+
+
+def oracle(result: dict, tasks: Path) -> dict:
+    """The same merge in one process: base, the task files and this fit's fine-tuned weights."""
+    files = [open_source(tasks / f"{t}.safetensors") for t in ("a", "b")]
+    return ties_merge(result["base"], [*files, result["finetuned"]], k=0.3, lam=0.8)
+
+
+def assert_equal(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
+def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, task_files, tmp_path):
+    result = fit(strategy, task_files, tmp_path / "out")
+    assert result["world"] == 2
+    assert any(not torch.equal(result["finetuned"][k], result["base"][k]) for k in result["base"])  # it trained
+    assert_equal(result["merged"], oracle(result, task_files))
+    saved = open_source(tmp_path / "out" / "ckpt")  # the Trainer's DCP checkpoint, read whole in one process
+    assert_equal({k: saved.get(k) for k in saved.keys()}, result["merged"])
+
+
+def test_a_subclass_of_model_parallel_is_sharded_too_and_apply_keep_writes_the_merge(task_files, tmp_path):
+    result = fit("my_mp", task_files, tmp_path / "out", apply="keep")
+    written = open_source(tmp_path / "out" / "save" / "merged.safetensors")
+    assert_equal({k: written.get(k) for k in written.keys()}, oracle(result, task_files))
+    assert_equal(result["merged"], result["finetuned"])  # keep: the module holds the fine-tuned weights again
+
+
+def test_strategies_are_found_by_isinstance_and_deepspeed_is_refused():
+    import pytorch_lightning as pl
+
+    from lightning_ties.lightning.sharded import DEEPSPEED_REFUSAL, sharding_kind
+
+    class MyFSDP(pl.strategies.FSDPStrategy):
+        pass
+
+    class MyDeepSpeed(pl.strategies.DeepSpeedStrategy):
+        def __init__(self) -> None:  # deepspeed is not installed: build the object without its checks
+            pl.strategies.DDPStrategy.__init__(self)
+
+    assert sharding_kind(MyFSDP()) == "fsdp1"
+    assert sharding_kind(pl.strategies.ModelParallelStrategy()) == "fsdp2"
+    assert sharding_kind(pl.strategies.DDPStrategy()) is None
+    with pytest.raises(RuntimeError, match="does not support DeepSpeedStrategy") as err:
+        sharding_kind(MyDeepSpeed())
+    assert str(err.value) == DEEPSPEED_REFUSAL and "ModelParallelStrategy" in DEEPSPEED_REFUSAL
