@@ -95,3 +95,15 @@ def test_strategies_are_found_by_isinstance_and_deepspeed_is_refused():
     with pytest.raises(RuntimeError, match="does not support DeepSpeedStrategy") as err:
         sharding_kind(MyDeepSpeed())
     assert str(err.value) == DEEPSPEED_REFUSAL and "ModelParallelStrategy" in DEEPSPEED_REFUSAL
+
+
+def test_continual_merging_under_a_sharded_strategy_is_refused_at_setup(tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_ties.lightning import ContinualTiesMerging
+
+    class FakeTrainer:
+        strategy = pl.strategies.ModelParallelStrategy()
+
+    with pytest.raises(ValueError, match="ContinualTiesMerging does not support the sharded strategy ModelParallelStrategy"):
+        ContinualTiesMerging(task="c", store=str(tmp_path / "store")).setup(FakeTrainer(), None, "fit")

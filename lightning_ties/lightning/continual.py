@@ -25,6 +25,7 @@ from ._compat import pl
 from .callback import TiesMerging
 from .module import MultiTaskMergeModule
 from .search import PAPER_DEFAULT_K, SearchResult
+from .sharded import sharding_kind
 
 
 class ContinualTiesMerging(TiesMerging):
@@ -65,7 +66,13 @@ class ContinualTiesMerging(TiesMerging):
 
     # ---- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and type(trainer.strategy).__name__ not in _callback._SHARDED:
+        if stage == "fit" and sharding_kind(trainer.strategy) is not None:
+            raise ValueError(
+                f"ContinualTiesMerging does not support the sharded strategy {type(trainer.strategy).__name__} yet: "
+                "adding this run to the task store needs its whole task vector. Use TiesMerging(tasks=...) under "
+                "sharding (it merges on each rank's shards), or DDP / a single device for the continual store"
+            )
+        if stage == "fit":
             self.store.check()  # a damaged store fails here, not after every epoch has run
         super().setup(trainer, pl_module, stage)
 
