@@ -241,3 +241,13 @@ def test_distributed_imports_only_merging_and_io_and_never_lightning():
                 assert not any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names), path.name
     code = "import sys, lightning_ties.distributed; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_source_matched_to_the_modules_keys_is_still_read_per_row_range(tmp_path, monkeypatch):
+    from lightning_ties.io import SafetensorsSource, save_safetensors
+    from lightning_ties.lightning.keys import match_to_module
+
+    save_safetensors({"0.weight": torch.arange(12.0).reshape(4, 3)}, tmp_path / "m.safetensors")
+    matched = match_to_module(str(tmp_path / "m.safetensors"), ["model.0.weight"], label="task")
+    monkeypatch.setattr(SafetensorsSource, "get", lambda *a: pytest.fail("read the whole tensor"))
+    assert RowsSource(matched, {"model.0.weight": (3, 4)}).get("model.0.weight").tolist() == [[9.0, 10.0, 11.0]]

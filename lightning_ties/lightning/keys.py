@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed.views import read_rows
 from ..merging.sources import TensorSource, TensorSpec, as_source
 
 #: Keys a source given as a dict may carry besides ``path``.
@@ -77,6 +78,10 @@ class MatchedSource:
 
     def get(self, key: str) -> torch.Tensor:
         return self.source.get(self._to_source[key])
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of dimension 0, read per row range where the wrapped source can (sharded merges)."""
+        return read_rows(self.source, self._to_source[key], start, stop)
 
     def __getattr__(self, name: str) -> Any:  # files, folder, hyper_parameters... of the wrapped source
         if name.startswith("_") or name == "source":
