@@ -16,7 +16,7 @@ Example (on every rank; ``module`` sharded by ``fully_shard``)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -72,12 +72,13 @@ class ShardedFitMerge:
         apply: bool = True,
     ) -> ShardedMerge:
         """Merge the other ``tasks`` (sources with the module's keys and global shapes) with this run's
-        weights (``finetuned``: local rows; default: the module's now) under ``task``, and apply
-        ``options.lam`` in place. Collective: every rank calls it with the same arguments."""
+        weights (``finetuned``: local rows; default: the module's shards themselves, read before anything
+        is written, so no copy is made) under ``task``, and apply ``options.lam`` in place unless
+        ``apply=False``. Collective: every rank calls it with the same arguments."""
         if self.base is None:
             raise RuntimeError("no base captured: call capture_base() at fit start, before training changes the weights")
         view = self.view()
-        mine = view.source(dict(finetuned) if finetuned is not None else view.local_state(), label=task)
+        mine = view.source(dict(finetuned) if finetuned is not None else None, label=task)
         sources = [*tasks.values(), mine]
         return merge_sharded_(view, self.base, sources, options, apply=apply)
 
@@ -99,20 +100,27 @@ def full_state(module: nn.Module, keys: list[str] | None = None) -> dict[str, to
     return out
 
 
-def gather_entry(entry: Any, collectives: Any) -> torch.Tensor:
-    """One entry whole, from every rank's rows (each rank passes its own ``entry``; collective)."""
+def gather_entry(entry: Any, collectives: Any, piece: torch.Tensor | None = None) -> torch.Tensor:
+    """One entry whole, from every rank's rows (``piece``, default the module's; collective).
+
+    Exact: each entry comes from one rank, the others add zeros (in float64 / int64).
+    """
     numel = entry.spec.numel
     flat = torch.zeros(numel, dtype=torch.float64 if entry.spec.is_floating else torch.int64)
     start, stop = entry.flat
-    flat[start:stop] = entry.piece().reshape(-1).to(flat.dtype).cpu()
+    flat[start:stop] = (entry.piece() if piece is None else piece).reshape(-1).to(flat.dtype).cpu()
     return collectives.all_sum(flat).to(entry.spec.dtype).reshape(entry.spec.shape)
 
 
-def save_full_safetensors(view: ShardedView, path: str | Any, writer: bool) -> None:
+def save_full_safetensors(
+    view: ShardedView, path: str | Any, writer: bool, piece_of: Callable[[str], torch.Tensor | None] | None = None
+) -> None:
     """Write the module's whole tensors to one safetensors file, gathered one tensor at a time.
 
-    Collective: every rank calls it; only ``writer`` (global rank 0) writes, atomically
-    (a temporary sibling renamed over ``path``). Peak extra memory: one whole tensor (float64).
+    ``piece_of(key)``: this rank's rows to write instead of the module's (None: the module's), e.g. a
+    merge that is not applied: ``lambda key: merged.piece(key, lam)``. Collective: every rank calls it; only ``writer`` (global
+    rank 0) writes, atomically (a temporary sibling renamed over ``path``). Peak extra memory: one whole
+    tensor (float64).
     """
     from contextlib import ExitStack
     from pathlib import Path
@@ -127,6 +135,8 @@ def save_full_safetensors(view: ShardedView, path: str | Any, writer: bool) -> N
             tmp = stack.enter_context(atomic_file(path))
             out = stack.enter_context(SafetensorsWriter(tmp, view.specs()))
         for key, entry in view.entries.items():
-            tensor = gather_entry(entry, view.collectives)
+            first = view.aliases.get(key, key)
+            piece = piece_of(first) if piece_of is not None else None
+            tensor = gather_entry(entry, view.collectives, piece)
             if out is not None:
                 out.write(key, tensor)

@@ -16,7 +16,7 @@ engine; methods that need data (RegMean) are refused (:class:`MergeOptions` says
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,13 +51,22 @@ class ShardedMerge:
         Collective: every rank calls it with the same lam (tied and replicated entries are shared).
         """
         lam = check_lam(lam)
-        pieces = {}
-        for key, tau in self.tau.items():
-            target = self.view.entries[key].local
-            base = self.base[key].to(target.device)
-            pieces[key] = scale(base, tau.reshape(base.shape).to(target.device), lam)  # tau_m of a part is flat
-        self.view.write_(pieces)
+        self.view.write_(self.scaled(lam))  # one merged piece at a time: no second copy of the shards
         self.report = self.report.with_lam(lam)
+
+    def scaled(self, lam: float) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, base + lam * tau_m)`` for this rank's pieces, one at a time."""
+        for key in self.tau:
+            yield key, self.piece(key, lam)
+
+    def piece(self, key: str, lam: float) -> torch.Tensor | None:
+        """This rank's rows of the merged ``key`` for ``lam`` (float32; None for a key not merged)."""
+        tau = self.tau.get(key)
+        if tau is None:
+            return None
+        target = self.view.entries[key].local
+        base = self.base[key].to(target.device)
+        return scale(base, tau.reshape(base.shape).to(target.device), lam)  # tau_m of a part is flat
 
     def restore_(self, state: Mapping[str, torch.Tensor]) -> None:
         """Write local pieces (e.g. the fine-tuned ones, :meth:`ShardedView.local_state`) back in place."""

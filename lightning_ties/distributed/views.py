@@ -27,7 +27,7 @@ Task weights are read per row range by :func:`read_rows` (safetensors: ``safe_op
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,25 +155,28 @@ class ShardedView:
         return LocalSource(state if state is not None else {k: e.piece() for k, e in self.entries.items()},
                            self.specs(), label, aliases=self.aliases)
 
-    def write_(self, pieces: Mapping[str, torch.Tensor]) -> None:
+    def write_(self, pieces: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Write merged local pieces (key -> ``(rows, *shape[1:])`` or flat) into the module, in place.
 
-        A tied entry's other names get the value of its first name. Entries held whole by every rank
-        were merged by rank 0 alone: one sum gives every rank the whole value. Every rank must call
-        this with the same keys (it runs a collective per replicated key).
+        ``pieces`` may be a generator of ``(key, piece)`` pairs, so that only one merged piece exists at a
+        time. A tied entry's other names get the value of its first name. Entries held whole by every rank
+        were merged by rank 0 alone: one sum gives every rank the whole value. Every rank must call this
+        with the same keys in the same order (it runs a collective per replicated key).
         """
-        shared: dict[str, torch.Tensor] = {}
+        names: dict[str, list[str]] = {}
+        for key in self.entries:
+            names.setdefault(self.aliases.get(key, key), []).append(key)
+        items = pieces.items() if isinstance(pieces, Mapping) else pieces
         with torch.no_grad():
-            for key, entry in self.entries.items():
-                first = self.aliases.get(key, key)
-                if first not in pieces:
+            for first, value in items:
+                if first not in self.entries:
                     continue
-                value = pieces[first]
+                entry = self.entries[first]
                 if entry.replicated:
-                    if first not in shared:
-                        shared[first] = self._share_replicated(entry, value)
-                    value = shared[first]
-                entry.local.copy_(value.reshape(entry.local.shape))
+                    value = self._share_replicated(entry, value)
+                for key in names.get(first, ()):
+                    target = self.entries[key].local
+                    target.copy_(value.reshape(target.shape))
             if self._fsdp1_state is not None:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -122,15 +122,14 @@ class ShardedMerging:
                                exclude=cb.exclude)
         keys = self.fit.keys
         tasks = {name: match_to_module(value, keys, label=name) for name, value in cb.tasks.items()}
-        finetuned = self.fit.finetuned()
-        self.fit.merge(tasks, cb.task, options, finetuned=finetuned)
+        merged = self.fit.merge(tasks, cb.task, options, apply=cb.apply == "merged")
         result = SearchResult(method=cb.method, reason=reason, chosen=(k, lam))
         cb.result = result
         cb._log_choice(trainer, result)
-        self._finish(trainer, finetuned)
+        self._finish(trainer, merged, lam)
         return result
 
-    def _finish(self, trainer: pl.Trainer, finetuned: dict[str, Any]) -> None:
+    def _finish(self, trainer: pl.Trainer, merged: Any, lam: float) -> None:
         import os
         from pathlib import Path
 
@@ -141,9 +140,9 @@ class ShardedMerging:
             os.makedirs(cb.save_dir, exist_ok=True)
             cb.result.to_json(Path(cb.save_dir) / "search.json")
             cb.result.to_csv(Path(cb.save_dir) / "search.csv")
-        if cb.apply == "keep":
-            save_full_safetensors(self.fit.view(), Path(cb.save_dir) / "merged.safetensors", trainer.is_global_zero)
-            self.fit.restore(finetuned)
+        if cb.apply == "keep":  # the module keeps its fine-tuned shards; the merge is written, not applied
+            save_full_safetensors(merged.view, Path(cb.save_dir) / "merged.safetensors", trainer.is_global_zero,
+                                  lambda key: merged.piece(key, lam))
             return
         cb._merged_at_step = trainer.global_step
 
