@@ -60,10 +60,10 @@ def assert_equal(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[key], expected[key]), key
 
 
-@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
-def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, task_files, tmp_path):
-    result = fit(strategy, task_files, tmp_path / "out")
-    assert result["world"] == 2
+@pytest.mark.parametrize(("strategy", "devices"), [("model_parallel", 2), ("model_parallel", 1), ("fsdp", 2)])
+def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, devices, task_files, tmp_path):
+    result = fit(strategy, task_files, tmp_path / "out", devices=devices)
+    assert result["world"] == devices
     assert any(not torch.equal(result["finetuned"][k], result["base"][k]) for k in result["base"])  # it trained
     assert_equal(result["merged"], oracle(result, task_files))
     saved = open_source(tmp_path / "out" / "ckpt")  # the Trainer's DCP checkpoint, read whole in one process
