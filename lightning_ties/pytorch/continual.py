@@ -2,7 +2,7 @@
 
 Each run fine-tunes one task. At fit end its task vector is added to a
 :class:`~lightning_ties.io.task_store.TaskVectorStore` folder and every stored task is merged (as
-:class:`~lightning_ties.lightning.TiesMerging` does with its ``tasks``); the store keeps the base
+:class:`~lightning_ties.pytorch.TiesMerging` does with its ``tasks``); the store keeps the base
 (written by the first run) and the (k, lam) last chosen, so the next run can start from that merge
 (``start_from="merged"``).
 
@@ -14,17 +14,17 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..core.merger import Merger
+from ..core.search import PAPER_DEFAULT_K, SearchResult
 from ..io.task_store import TaskVectorStore
-from . import callback as _callback
 from ._compat import pl
-from .callback import TiesMerging
-from .module import MultiTaskMergeModule
-from .search import PAPER_DEFAULT_K, SearchResult
+from .callback import SHARDED_STRATEGIES, TiesMerging
 
 
 class ContinualTiesMerging(TiesMerging):
@@ -65,7 +65,7 @@ class ContinualTiesMerging(TiesMerging):
 
     # ---- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and type(trainer.strategy).__name__ not in _callback._SHARDED:
+        if stage == "fit" and type(trainer.strategy).__name__ not in SHARDED_STRATEGIES:
             self.store.check()  # a damaged store fails here, not after every epoch has run
         super().setup(trainer, pl_module, stage)
 
@@ -108,11 +108,11 @@ class ContinualTiesMerging(TiesMerging):
         choice: Mapping[str, Any] = store.choice or {}
         k = choice.get("k") or self.ks[0] or PAPER_DEFAULT_K
         tasks = {name: store.source(name, self._base_state) for name in store.names()}
-        evaluator = MultiTaskMergeModule(
+        merger = Merger(
             self._base_state, tasks, model=pl_module, heads=self.heads, method=self.method, k=k,
             method_params=self.method_params, include=self.include, exclude=self.exclude,
         )
-        evaluator.apply_merge(k, choice.get("lam"))
+        merger.apply_merge(k, choice.get("lam"))
 
     def _record_base(self, trainer: pl.Trainer) -> dict[str, Any] | None:
         return None  # the base lives in the store, which checks itself at setup
@@ -121,6 +121,18 @@ class ContinualTiesMerging(TiesMerging):
         return {**super().state_dict(), "base": None}  # the base lives in the store
 
 
-_callback._CONTINUAL = ContinualTiesMerging
+def _signature() -> inspect.Signature:
+    """``ContinualTiesMerging``'s real arguments: ``TiesMerging``'s, with ``store`` and ``start_from`` after ``task``.
+
+    Its ``__init__`` passes the others on as ``**kwargs``; this signature is what ``help()``,
+    ``inspect.signature`` and IDEs show instead.
+    """
+    parent = list(inspect.signature(TiesMerging).parameters.values())
+    own = list(inspect.signature(ContinualTiesMerging.__init__).parameters.values())[3:5]  # store, start_from
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parent[2:]]
+    return inspect.Signature([*parent[:2], *own, *rest])
+
+
+ContinualTiesMerging.__signature__ = _signature()  # type: ignore[attr-defined]
 
 __all__ = ["ContinualTiesMerging"]
