@@ -23,7 +23,6 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import merging
 from .merging import *  # noqa: F401,F403
 from .merging import __all__ as _merging_all
 from .merging import register_path_opener

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..evaluation.batches import move_to_device, predict_and_target
-from ..merging import MergedTaskVector, apply_task_vector, as_source, get_method, method_task_vector
+from ..merging import MergedTaskVector, MergeOptions, apply_task_vector, as_source, get_method, method_task_vector
 from ..merging.sources import TensorSource
 from .heads import HeadsArg, HeadStore, differing_keys, exact_patterns
 from .keys import match_to_module
@@ -166,17 +166,15 @@ class Merger:
         if self.method != self._params_method:
             accepted = get_method(self.method).parameters()
             params = {name: v for name, v in params.items() if name in accepted}
-        if k is not None:
-            params["k"] = k
         if get_method(self.method).needs_data:  # RegMean: Gram matrices from each task's own dataloader
             tau = regmean_task_vector(self, self.data_loaders, params)
         else:
+            given_k = params.pop("k", None)  # a k among method_params yields to the searched one
+            options = MergeOptions(self.method, k=given_k if k is None else k, scope=params.pop("scope", None),
+                                   params=params, include=self.include, exclude=self._exclude)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_MISMATCH_WARNING)  # heads are reported by the merger
-                tau = method_task_vector(
-                    self.base_source, self.task_sources, self.method, include=self.include, exclude=self._exclude,
-                    device=self.compute_device, **params,
-                )
+                tau = method_task_vector(self.base_source, self.task_sources, options, device=self.compute_device)
         self._tau = (key, tau)  # on the compute device: a lam search applies it there, in place
         return tau
 

@@ -22,9 +22,9 @@ import torch
 
 from ..evaluation.batches import move_to_device, split_batch
 from ..merging import MergePlan, get_method
-from ..merging.engine import MergedTaskVector, MergeReport
-from ..merging.methods import REGMEAN_NEEDS_DATA
 from ..merging.regmean import collect_grams, regmean, shrink_off_diagonal
+from ..merging.registry import REGMEAN_NEEDS_DATA
+from ..merging.results import MergedTaskVector, MergeReport
 from ..merging.sources import TensorSource
 
 

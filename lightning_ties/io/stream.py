@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..merging import MergePlan, MergeReport, TaskVectorMerger, get_method, plan_merge
+from ..merging import MergeOptions, MergePlan, MergeReport, TaskVectorMerger, plan_merge
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
 from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
@@ -198,9 +198,9 @@ def merge_to(
         >>> open_source(out).get("w")
         tensor([ 0., -2.,  0.,  3.])
     """
-    merge_method = get_method(method)
-    spec = merge_method.build_spec(**params)
-    lam = merge_method.resolve_lam(lam)
+    options = MergeOptions.from_keywords(method, lam, include, exclude, **params)  # every keyword checked once
+    options.spec  # noqa: B018  (a method that needs data, RegMean, refuses here: before any file is opened)
+    lam = options.lam
     if on_mismatch not in ("error", "base"):
         raise ValueError(f"on_mismatch must be 'error' or 'base', got {on_mismatch!r}")
     fmt = _output_format(Path(output), output_format)
@@ -216,19 +216,19 @@ def merge_to(
     if common_rows:
         model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
     if on_mismatch == "error":
-        check_compatible(base_src, model_srcs, include, exclude)
+        check_compatible(base_src, model_srcs, options.include, options.exclude)
     # The files the sources read (shards an index names, an adapter's folder) are inputs too.
     check_output(output, overwrite, inputs=_source_paths([base_src, *model_srcs]), kind=kind)
-    plan = plan_merge(base_src, model_srcs, include, exclude)
+    plan = plan_merge(base_src, model_srcs, options.include, options.exclude)
 
     digests = SourceDigests([base_src, *model_srcs]) if hash_sources and fmt == "folder" else None
     base_cached = RecentTensorCache(base_src)
     merger = TaskVectorMerger(
-        base_cached, [RecentTensorCache(m) for m in model_srcs], spec, compute_dtype=compute_dtype, plan=plan,
+        base_cached, [RecentTensorCache(m) for m in model_srcs], options, compute_dtype=compute_dtype, plan=plan,
         device=device,
     )
     report = MergeReport.from_plan(
-        plan, method, {**merge_method.parameters(), **params}, [m.label for m in model_srcs], lam=lam
+        plan, method, options.method_params, [m.label for m in model_srcs], lam=lam
     )
     specs = {k: base_src.spec(k) for k in plan.keys}
     stream = _MergedStream(base_cached, merger, plan, lam, progress)

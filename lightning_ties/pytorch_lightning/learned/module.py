@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from ...evaluation.metrics import ArgmaxAccuracy
-from ...merging import METHODS, MergeReport, TaskVectorMerger, as_source, get_method
+from ...merging import METHODS, MergeOptions, MergeReport, TaskVectorMerger, as_source, get_method
 from ...merging.plan import Patterns
 from .._compat import pl
 from ...core.heads import HeadsArg, HeadStore, differing_keys, require_heads
@@ -117,10 +117,9 @@ class LearnedMergeModule(pl.LightningModule):
                 f"method {method!r} does not split into per-task shares, so it has no coefficients to learn; "
                 f"use one that does: {', '.join(sorted(n for n, m in METHODS.items() if m.decomposes))}"
             )
-        if k is not None:
-            params["k"] = k  # a method without k refuses it below, by name
-        spec = self.method.build_spec(**params)
-        self.merge_params = {**self.method.parameters(), **params}
+        # checked once, k a named field (a method without k refuses it here, by name)
+        options = MergeOptions.from_keywords(method, k=k, **params)
+        self.merge_params = options.method_params
         # Everything is checked on specs before any tensor is read or model is changed.
         # sources are matched to the model's own keys (an inner model's folder under its attribute...)
         model_keys = list(model.state_dict())
@@ -135,7 +134,7 @@ class LearnedMergeModule(pl.LightningModule):
         self.heads = HeadStore(self.head_keys, dict(zip(self.tasks, sources)), as_buffers=True)
         # components are computed where the model is (the GPU when it already lives there) and move
         # with this module: the Trainer puts them, the heads and the coefficients on its device
-        merger = TaskVectorMerger(as_source(model, "base"), sources, spec, plan=self.plan, device=module_device(model))
+        merger = TaskVectorMerger(as_source(model, "base"), sources, options, plan=self.plan, device=module_device(model))
         self.components = TaskComponents.from_iterable(merger.components(), len(self.tasks))
         self.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
         init = float(self.method.default_lam if lam is None else lam)
