@@ -1,6 +1,6 @@
 """Shared by the tests of the Lightning layer that run under both Lightning packages (no tests here).
 
-``pytorch_lightning`` pairs with :mod:`lightning_ties.lightning`, the unified ``lightning.pytorch``
+``pytorch_lightning`` pairs with :mod:`lightning_ties.pytorch_lightning`, the unified ``lightning.pytorch``
 with :mod:`lightning_ties.pytorch`; each test takes the package name and builds its module,
 callback and Trainer from that package alone.
 """
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-PACKAGES = {"pytorch_lightning": "lightning_ties.lightning", "lightning.pytorch": "lightning_ties.pytorch"}
+PACKAGES = {"pytorch_lightning": "lightning_ties.pytorch_lightning", "lightning.pytorch": "lightning_ties.pytorch"}
 BOTH = pytest.mark.parametrize("package", sorted(PACKAGES))
 
 

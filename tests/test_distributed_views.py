@@ -245,7 +245,7 @@ def test_distributed_imports_only_merging_and_io_and_never_lightning():
 
 def test_a_source_matched_to_the_modules_keys_is_still_read_per_row_range(tmp_path, monkeypatch):
     from lightning_ties.io import SafetensorsSource, save_safetensors
-    from lightning_ties.lightning.keys import match_to_module
+    from lightning_ties.core.keys import match_to_module
 
     save_safetensors({"0.weight": torch.arange(12.0).reshape(4, 3)}, tmp_path / "m.safetensors")
     matched = match_to_module(str(tmp_path / "m.safetensors"), ["model.0.weight"], label="task")

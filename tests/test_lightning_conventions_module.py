@@ -21,7 +21,7 @@ import lightning_ties.evaluation as evaluation
 from lightning_ties.io import merge_to
 from lightning_ties.io import stream as stream_module
 
-PACKAGES = [("pytorch_lightning", "lightning_ties.lightning"), ("lightning.pytorch", "lightning_ties.pytorch")]
+PACKAGES = [("pytorch_lightning", "lightning_ties.pytorch_lightning"), ("lightning.pytorch", "lightning_ties.pytorch")]
 
 
 @pytest.fixture(params=PACKAGES, ids=[p for p, _ in PACKAGES])
@@ -85,7 +85,7 @@ def test_search_logs_one_step_per_candidate_with_clean_values(pkg, tmp_path):
 
 
 def test_metric_values_are_the_shortest_float32_decimal():
-    from lightning_ties.lightning.metrics import TaskMetrics
+    from lightning_ties.core.metrics import TaskMetrics
 
     tm = TaskMetrics(["a"])
     tm.update("a", torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]), torch.tensor([1, 0, 1]))
@@ -222,7 +222,8 @@ def test_output_without_logits_names_forward_fn(pkg):
 def test_one_accuracy_for_the_whole_package(pkg):
     _, ours = pkg
     assert ours.ArgmaxAccuracy is evaluation.ArgmaxAccuracy
-    learned = importlib.import_module(ours.__name__ + ".learned.objectives")
+    learned = importlib.import_module("lightning_ties.core.learned.objectives")
+    assert ours.learned.split_batch is evaluation.split_batch
     assert learned.split_batch is evaluation.split_batch and learned.logits_of is evaluation.logits_of
 
 

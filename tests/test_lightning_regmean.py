@@ -78,7 +78,7 @@ def test_search_regmean_applies_the_closed_form_on_each_tasks_own_examples() -> 
     assert module.model.training == before_training
     # collecting loads each task into the model; what was there is put back
     held = {k: v.clone() for k, v in module.model.state_dict().items()}
-    module._tau = None
+    module.merger._tau = None  # forget the cached tau_m: the next call collects the Grams again
     module.task_vector()
     for key, value in module.model.state_dict().items():
         assert torch.equal(value, held[key]), key

@@ -80,7 +80,7 @@ def test_a_subclass_of_model_parallel_is_sharded_too_and_apply_keep_writes_the_m
 def test_strategies_are_found_by_isinstance_and_deepspeed_is_refused():
     import pytorch_lightning as pl
 
-    from lightning_ties.lightning.sharded import DEEPSPEED_REFUSAL, sharding_kind
+    from lightning_ties.pytorch_lightning.sharded import DEEPSPEED_REFUSAL, sharding_kind
 
     class MyFSDP(pl.strategies.FSDPStrategy):
         pass

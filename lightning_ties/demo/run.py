@@ -34,8 +34,8 @@ import torch
 from ..config import LEARNED, DemoConfig
 from ..io import save_safetensors
 from ..io.task_store import TaskVectorStore
-from ..lightning import MultiTaskMergeModule, learn_coefficients
-from ..lightning.scoring import TaskScorer, make_trainer, quiet_lightning
+from ..pytorch_lightning import MultiTaskMergeModule, learn_coefficients
+from ..pytorch_lightning.scoring import TaskScorer, make_trainer, quiet_lightning
 from ..merging import get_method
 from ..report import ResultRow, RunReport, SearchCurve, learned_row
 from .data import SOURCE_TASK, DigitsSuite, DigitsTask

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..lightning._compat import pl
-from ..lightning.scoring import make_trainer
+import pytorch_lightning as pl
+from ..pytorch_lightning.scoring import make_trainer
 from .models import DigitsNet
 
 

@@ -1,7 +1,8 @@
-"""RegMean inside the Trainer: each task's Gram matrices from its own validation data, then the closed form.
+"""RegMean in the merge core: each task's Gram matrices from its own validation data, then the closed form.
 
 The maths is :mod:`lightning_ties.merging.regmean` (pure torch); this file only drives it from a
-:class:`~lightning_ties.lightning.module.MultiTaskMergeModule`: for every task, that task's
+:class:`~lightning_ties.core.merger.Merger` (any object with the attributes of :class:`RegMeanHost`,
+so that this file imports nothing of the merger): for every task, that task's
 fine-tuned weights are put into the module's model, up to ``examples`` examples of the task's
 dataloader run through it (the module's batch convention, or its ``forward_fn``) while
 :class:`~lightning_ties.merging.regmean.GramCollector` records the inputs of every merged
@@ -15,21 +16,41 @@ tau_m = merged - base, so the module applies it like any other method (lam=1.0: 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from ..evaluation.batches import split_batch
-from ..merging import get_method
-from ..merging.engine import MergedTaskVector, MergeReport
-from ..merging.methods import REGMEAN_NEEDS_DATA
+from ..evaluation.batches import move_to_device, split_batch
+from ..merging import MergePlan, get_method
 from ..merging.regmean import collect_grams, regmean, shrink_off_diagonal
-from ._compat import move_data_to_device
+from ..merging.registry import REGMEAN_NEEDS_DATA
+from ..merging.results import MergedTaskVector, MergeReport
+from ..merging.sources import TensorSource
 
-if TYPE_CHECKING:  # the module imports this file; no cycle at run time
-    from .module import MultiTaskMergeModule
 
-__all__ = ["regmean_params", "regmean_task_vector"]
+
+class RegMeanHost(Protocol):
+    """What RegMean reads of a merger: its model, sources and plan, and how to put a task's weights in place."""
+
+    tasks: list[str]
+    model: torch.nn.Module
+    plan: MergePlan
+    base_source: TensorSource
+    task_sources: list[TensorSource]
+    current: tuple[float | None, float] | None
+    head_task: str | None
+    forward_fn: Any
+
+    @property
+    def compute_device(self) -> torch.device: ...
+
+    def load_task(self, task: str) -> None: ...
+
+    def use_task(self, task: str) -> None: ...
+
+    def predict_and_target(self, batch: Any, task: str | None = None) -> Any: ...
+
+__all__ = ["RegMeanHost", "regmean_params", "regmean_task_vector"]
 
 
 def regmean_params(params: Mapping[str, Any]) -> tuple[float, int]:
@@ -54,7 +75,7 @@ def regmean_params(params: Mapping[str, Any]) -> tuple[float, int]:
 def _batches(loaders: Sequence[Any], device: torch.device) -> Iterator[Any]:
     for dl in loaders:
         for batch in dl:
-            yield move_data_to_device(batch, device)
+            yield move_to_device(batch, device)
 
 
 def _attention_mask(batch: Any) -> torch.Tensor | None:
@@ -66,9 +87,9 @@ def _attention_mask(batch: Any) -> torch.Tensor | None:
 
 
 def regmean_task_vector(
-    module: MultiTaskMergeModule, dataloaders: Mapping[str, Sequence[Any]] | None, params: Mapping[str, Any]
+    merger: RegMeanHost, dataloaders: Mapping[str, Sequence[Any]] | None, params: Mapping[str, Any]
 ) -> MergedTaskVector:
-    """RegMean's tau_m for ``module``'s tasks, Gram matrices collected on ``dataloaders`` (``{task: [dl, ...]}``).
+    """RegMean's tau_m for ``merger``'s tasks, Gram matrices collected on ``dataloaders`` (``{task: [dl, ...]}``).
 
     Raises:
         ValueError: without dataloaders (naming where to pass them), for a bad ``alpha`` / ``examples``,
@@ -77,52 +98,52 @@ def regmean_task_vector(
     alpha, examples = regmean_params(params)
     if not dataloaders:
         raise ValueError(REGMEAN_NEEDS_DATA)
-    missing = [t for t in module.tasks if t not in dataloaders]
+    missing = [t for t in merger.tasks if t not in dataloaders]
     if missing:
         raise ValueError(f"method 'regmean' needs a dataloader for every task; task(s) {missing} have none")
-    keys = list(module.plan.merge_keys)
+    keys = list(merger.plan.merge_keys)
     wanted = set(keys)
-    grams = _collect_task_grams(module, dataloaders, examples, lambda name, _: f"{name}.weight" in wanted)
+    grams = _collect_task_grams(merger, dataloaders, examples, lambda name, _: f"{name}.weight" in wanted)
 
-    device = module.compute_device
-    base = module._base_src
+    device = merger.compute_device
+    base = merger.base_source
     tau = MergedTaskVector()
     for key in keys:
         w0 = base.get(key)
         if not w0.is_floating_point():
             continue  # integer buffers (counters) are not merged, as the engine's plan
-        stacked = torch.stack([src.get(key).to(device) for src in module._task_srcs])
+        stacked = torch.stack([src.get(key).to(device) for src in merger.task_sources])
         if key in grams[0] and stacked.dim() == 3:
             merged = regmean(stacked, torch.stack([g[key] for g in grams]).to(device), alpha).float()
         else:  # biases, norms, embeddings: averaged, as regmean_state_dict does
             merged = stacked.float().mean(0)
         tau[key] = merged - w0.to(device, torch.float32)
     tau.report = MergeReport.from_plan(
-        module.plan, "regmean", {"alpha": alpha, "examples": examples}, [s.label for s in module._task_srcs]
+        merger.plan, "regmean", {"alpha": alpha, "examples": examples}, [s.label for s in merger.task_sources]
     )
     return tau
 
 
 def _collect_task_grams(
-    module: MultiTaskMergeModule, dataloaders: Mapping[str, Sequence[Any]], examples: int, include: Any
+    merger: RegMeanHost, dataloaders: Mapping[str, Sequence[Any]], examples: int, include: Any
 ) -> list[dict[str, torch.Tensor]]:
     """Each task's Gram matrices, its own fine-tuned weights in the model; the model's weights restored after."""
-    model = module.model
-    keys = list(module.plan.merge_keys)
+    model = merger.model
+    keys = list(merger.plan.merge_keys)
     targets = model.state_dict(keep_vars=True)
     saved = {k: targets[k].detach().clone() for k in keys}
-    current, head_task = module.current, module._head_task
+    current, head_task = merger.current, merger.head_task
     original = next((t.device for t in targets.values() if t.is_floating_point()), torch.device("cpu"))
-    device = module.compute_device  # the Trainer's device in a search (Lightning moves the model back after validate)
+    device = merger.compute_device  # the Trainer's device in a search (Lightning moves the model back after validate)
     grams: list[dict[str, torch.Tensor]] = []
     try:
         model.to(device)
-        for task in module.tasks:
-            module.load_task(task)
+        for task in merger.tasks:
+            merger.load_task(task)
 
             def forward(m: torch.nn.Module, batch: Any, task: str = task) -> None:
-                if module.forward_fn is not None:
-                    module.predict_and_target(batch, task)
+                if merger.forward_fn is not None:
+                    merger.predict_and_target(batch, task)
                 else:
                     args, kwargs, _ = split_batch(batch)
                     m(*args, **kwargs)
@@ -140,8 +161,8 @@ def _collect_task_grams(
         with torch.no_grad():
             for k, v in saved.items():
                 targets[k].data.copy_(v)
-        module.current = current
+        merger.current = current
         if head_task is not None:
-            module._head_task = None
-            module.use_task(head_task)
+            merger.head_task = None
+            merger.use_task(head_task)
     return grams

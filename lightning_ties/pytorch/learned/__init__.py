@@ -20,7 +20,7 @@ early stopping).
 
 One call (what the CLI's ``method=learned`` and the demo use)::
 
-    from lightning_ties.lightning.learned import learn_coefficients
+    from lightning_ties import learn_coefficients
 
     result = learn_coefficients(
         base=pretrained_model,                    # nn.Module (also the architecture), state dict or path
@@ -36,13 +36,13 @@ One call (what the CLI's ``method=learned`` and the demo use)::
 See :mod:`.objectives` for the batches and outputs it reads.
 """
 
-from .components import TaskComponents
-from .data import split_holdout
-from .groups import GRANULARITIES, check_granularity, default_group, group_keys
+from ...core.learned.components import TaskComponents
+from ...core.learned.data import split_holdout
+from ...core.learned.groups import GRANULARITIES, check_granularity, default_group, group_keys
 from .learn import learn_coefficients
 from .module import LearnedMergeModule
-from .objectives import OBJECTIVES, LossObjective, cross_entropy, logits_of, prediction_entropy, split_batch
-from .result import LearnedMergeResult, model_card, plot_coefficients
+from ...core.learned.objectives import OBJECTIVES, LossObjective, cross_entropy, logits_of, prediction_entropy, split_batch
+from ...core.learned.result import LearnedMergeResult, model_card, plot_coefficients
 
 __all__ = [
     "GRANULARITIES",

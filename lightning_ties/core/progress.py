@@ -9,7 +9,7 @@ A search runs one ``trainer.validate`` per candidate; left alone, Lightning draw
   candidate's k, lam and score and the best so far.
 
 Example:
-    >>> from lightning_ties.lightning.search import Candidate, SearchResult
+    >>> from lightning_ties.core.search import Candidate, SearchResult
     >>> result = SearchResult(method="ties", candidates=[Candidate(0.2, 1.0, {"a": {"acc": 0.5}}, 0.5)])
     >>> describe_candidate(result, result.candidates[0], total=18)
     'ties search: candidate 1 of 18: k=0.2, lam=1, objective=0.5 | best so far 0.5 at k=0.2, lam=1'

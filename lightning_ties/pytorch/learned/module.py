@@ -13,16 +13,17 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from ...evaluation.metrics import ArgmaxAccuracy
-from ...merging import METHODS, MergeReport, TaskVectorMerger, as_source, get_method, plan_merge
+from ...merging import METHODS, MergeOptions, MergeReport, TaskVectorMerger, as_source, get_method
 from ...merging.plan import Patterns
 from .._compat import pl
-from ..heads import HeadsArg, HeadStore, differing_keys, exact_patterns, named_head_keys, require_heads
-from ..keys import match_to_module
-from ..module import module_device
-from .components import TaskComponents
-from .data import check_loaders, split_holdout
-from .groups import check_granularity, group_keys
-from .objectives import (
+from ...core.heads import HeadsArg, HeadStore, differing_keys, require_heads
+from ...core.keys import match_to_module
+from ...core.matching import match_sources
+from ...core.merger import module_device
+from ...core.learned.components import TaskComponents
+from ...core.learned.data import check_loaders, split_holdout
+from ...core.learned.groups import check_granularity, group_keys
+from ...core.learned.objectives import (
     OBJECTIVES,
     LossObjective,
     StepCaller,
@@ -56,14 +57,14 @@ class LearnedMergeModule(pl.LightningModule):
         model: the architecture the merged weights run in (an ``nn.Module`` whose state dict has
             base's keys); by default it holds the base weights itself. Kept frozen in eval mode.
         tasks: task name -> fine-tuned model (module, state dict, path or source) from base, matched
-            to ``model``'s keys like base (:mod:`lightning_ties.lightning.keys`). The components live
+            to ``model``'s keys like base (:mod:`lightning_ties.core.keys`). The components live
             in this module's buffers, so the Trainer puts them (and the coefficients) on its device.
         dataloaders: task name -> DataLoader of validation batches to learn from.
         base: the pretrained weights when they are not ``model``'s own (they are written into
             ``model`` in place, so one copy is kept).
         heads: regexes (or submodules of ``model``) naming per-task keys (never merged; each task
             runs with its own). Keys whose shape or presence differs across tasks are heads too
-            (:mod:`lightning_ties.lightning.heads`).
+            (:mod:`lightning_ties.core.heads`).
         method: registry method whose components are learned (``"ties"``, ``"task_arithmetic"``,
             any method with a linear per-task merge); ``k`` (default: the method's, 0.2 for
             TIES) and ``params`` go to it.
@@ -114,17 +115,14 @@ class LearnedMergeModule(pl.LightningModule):
                 f"method {method!r} does not split into per-task shares, so it has no coefficients to learn; "
                 f"use one that does: {', '.join(sorted(n for n, m in METHODS.items() if m.decomposes))}"
             )
-        if k is not None:
-            params["k"] = k  # a method without k refuses it below, by name
-        spec = self.method.build_spec(**params)
-        self.merge_params = {**self.method.parameters(), **params}
+        # checked once, k a named field (a method without k refuses it here, by name)
+        options = MergeOptions.from_keywords(method, k=k, **params)
+        self.merge_params = options.method_params
         # Everything is checked on specs before any tensor is read or model is changed.
         # sources are matched to the model's own keys (an inner model's folder under its attribute...)
         model_keys = list(model.state_dict())
         base_src = match_to_module(base, model_keys, label="base") if base is not None else as_source(model, "base")
-        sources = [match_to_module(tasks[t], model_keys, label=t, base=base_src) for t in self.tasks]
-        named = named_head_keys(model, heads)  # a pattern naming no key fails here
-        self.plan = plan_merge(base_src, sources, include, exact_patterns(named, exclude), warn=False)
+        base_src, sources, named, self.plan = match_sources(model, base_src, tasks, heads, include, exclude)
         self.head_keys = self._head_keys(model, base_src, sources, named)
         self.groups, self.key_group = group_keys(self.plan.merge_keys, granularity, groups)
         self.model = model.requires_grad_(False).eval()
@@ -134,7 +132,7 @@ class LearnedMergeModule(pl.LightningModule):
         self.heads = HeadStore(self.head_keys, dict(zip(self.tasks, sources)), as_buffers=True)
         # components are computed where the model is (the GPU when it already lives there) and move
         # with this module: the Trainer puts them, the heads and the coefficients on its device
-        merger = TaskVectorMerger(as_source(model, "base"), sources, spec, plan=self.plan, device=module_device(model))
+        merger = TaskVectorMerger(as_source(model, "base"), sources, options, plan=self.plan, device=module_device(model))
         self.components = TaskComponents.from_iterable(merger.components(), len(self.tasks))
         self.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
         init = float(self.method.default_lam if lam is None else lam)

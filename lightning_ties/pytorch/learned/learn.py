@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 
 from ...merging.plan import Patterns
 from .._compat import EarlyStopping, pl
-from ..heads import HeadsArg
+from ...core.heads import HeadsArg
 from .module import LearnedMergeModule
-from .objectives import LossObjective
-from .result import LearnedMergeResult
+from ...core.learned.objectives import LossObjective
+from ...core.learned.result import LearnedMergeResult
 
 
 def learn_coefficients(

@@ -19,7 +19,7 @@ from ...evaluation.batches import logits_of, split_batch
 #: The objectives named by a string; a callable ``fn(output, target) -> loss`` is the other choice.
 OBJECTIVES = ("ce", "entropy", "validation_step")
 #: What the coefficients are trained to minimise: one of :data:`OBJECTIVES` or ``fn(output, target) -> loss``.
-#: (Not :data:`lightning_ties.lightning.metrics.SearchObjective`, which a k/lam search maximises over scores.)
+#: (Not :data:`lightning_ties.core.metrics.SearchObjective`, which a k/lam search maximises over scores.)
 LossObjective = str | Callable[[Any, Any], torch.Tensor]
 
 

@@ -3,9 +3,9 @@
 A head is a key that is never merged: each task runs with its own value. Keys whose shape or
 presence differs across the checkpoints are heads by detection (a classifier per label set);
 users name more by regex or by submodule of the model. One home for the three users:
-:class:`~lightning_ties.lightning.MultiTaskMergeModule` swaps a task's head into its model before
-that task's dataloader, :class:`~lightning_ties.lightning.LearnedMergeModule` runs each task with
-its head in a functional call, and :class:`~lightning_ties.lightning.TiesMerging` restores
+:class:`~lightning_ties.pytorch.MultiTaskMergeModule` swaps a task's head into its model before
+that task's dataloader, :class:`~lightning_ties.pytorch.LearnedMergeModule` runs each task with
+its head in a functional call, and :class:`~lightning_ties.pytorch.TiesMerging` restores
 fine-tuned weights whose head may have another task's shape meanwhile.
 
 Example:
@@ -85,7 +85,7 @@ def require_heads(keys: Sequence[str], sources: Sequence[TensorSource]) -> None:
 
 
 @torch.no_grad()
-def load_into(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def copy_into(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Write ``state`` into ``module``'s tensors in place; a tensor of another shape (another task's head) replaces it."""
     targets = module.state_dict(keep_vars=True)
     for key, value in state.items():
@@ -137,7 +137,7 @@ class HeadStore(nn.Module):
 
     def swap_into(self, model: nn.Module, task: str) -> None:
         """Put ``task``'s head into ``model`` in place (shape changes included)."""
-        load_into(model, self.of(task))
+        copy_into(model, self.of(task))
 
 
 def _module_pattern(model: nn.Module, head: nn.Module) -> str:
@@ -158,5 +158,5 @@ def exact_patterns(keys: Sequence[str], extra: str | Sequence[str] | None = None
     return patterns or None
 
 
-__all__ = ["HeadStore", "HeadsArg", "differing_keys", "exact_patterns", "head_patterns", "load_into",
+__all__ = ["HeadStore", "HeadsArg", "copy_into", "differing_keys", "exact_patterns", "head_patterns",
            "named_head_keys", "require_heads"]

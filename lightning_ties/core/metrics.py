@@ -184,7 +184,7 @@ def summarize(scores: Scores, reference: Scores | None = None, prefix: str = "me
 
 
 #: What a k/lam search maximises (or minimises): ``"mean"``, ``"normalized"``, ``"mean:<metric>"`` or
-#: ``fn(scores) -> float``. (Not :data:`lightning_ties.lightning.learned.LossObjective`, a training loss.)
+#: ``fn(scores) -> float``. (Not :data:`lightning_ties.core.learned.objectives.LossObjective`, a training loss.)
 SearchObjective = str | Callable[[Scores], float]
 
 

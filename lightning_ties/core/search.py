@@ -33,36 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import atomic_file
-from ..merging.grids import DEFAULT_K_GRID, check_k_grid, check_lam_grid
+from ..merging.grids import DEFAULT_K_GRID
 from ..merging.steps import PAPER_K, PAPER_LAM
 from .metrics import Scores, SearchObjective, metric_names, normalized, objective_value
+from .options import MODES, STRATEGIES, check_choice, k_grid, lam_grid
 
 #: The paper's recipe when there is no validation data (the registry's numbers, named for this layer).
 PAPER_DEFAULT_K = PAPER_K
 PAPER_DEFAULT_LAM = PAPER_LAM
-STRATEGIES = ("grid", "coarse_to_fine")
-
-
-def lam_grid(method: str, lam: Any) -> list[float]:
-    """The lam values to evaluate (the registry's one grid validator, :func:`~lightning_ties.merging.check_lam_grid`).
-
-    Example:
-        >>> lam_grid("task_arithmetic", "paper")[:3]
-        [0.1, 0.2, 0.3]
-        >>> lam_grid("ties", 1.0)
-        [1.0]
-    """
-    return check_lam_grid(method, lam)
-
-
-def k_grid(k: Any) -> list[float]:
-    """The k values to evaluate (the registry's one grid validator, :func:`~lightning_ties.merging.check_k_grid`).
-
-    Example:
-        >>> k_grid("search")
-        [0.1, 0.2, 0.3]
-    """
-    return check_k_grid(k)  # type: ignore[return-value]  # without a method every value is a number
 
 
 @dataclass
@@ -281,10 +259,24 @@ def run_search(
         >>> r.best.lam
         0.1
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown search strategy {strategy!r}; choose one of {STRATEGIES}")
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    check_choice("search_strategy", strategy, STRATEGIES)
+    check_choice("mode", mode, MODES)
+    return walk_grid(evaluate, ks, lams, strategy, objective, mode, result, on_candidate, before_k, method)
+
+
+def walk_grid(
+    evaluate: Evaluate,
+    ks: Sequence[float | None],
+    lams: Sequence[float],
+    strategy: str,
+    objective: SearchObjective,
+    mode: str,
+    result: SearchResult | None = None,
+    on_candidate: Callable[[Candidate], None] | None = None,
+    before_k: Callable[[float | None], None] | None = None,
+    method: str | None = None,
+) -> SearchResult:
+    """:func:`run_search` without its checks: for callers holding checked :class:`~.options.SearchOptions`."""
     result = result if result is not None else SearchResult(method=method or "ties")
     result.mode = mode
     method = method or result.method
@@ -349,4 +341,5 @@ __all__ = [
     "k_grid",
     "lam_grid",
     "run_search",
+    "walk_grid",
 ]
