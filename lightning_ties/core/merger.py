@@ -54,19 +54,34 @@ _MISMATCH_WARNING = r".*key\(s\) differ across models and are not merged.*"
 
 
 class Merger:
-    """Merge task checkpoints into ``model`` and score the merge per task (arguments as ``MultiTaskMergeModule``'s).
+    """Merge task checkpoints into ``model`` and score the merge per task, without Lightning.
+
+    Shared-output models (one output serves every task) are scored as they are. Per-task heads
+    (keys whose shape or presence differs across tasks, or keys matching ``heads``) are never
+    merged: each task is scored with its own head, swapped in before its batches.
 
     Args:
         base: the pretrained model (theta_init): module, state dict, path or source.
-        tasks: task name -> fine-tuned model (module, state dict, path or source), matched to
-            ``model``'s keys (:mod:`.keys`).
+        tasks: task name -> fine-tuned model (module, state dict, path or source). Base and tasks are
+            matched to ``model``'s own keys (:mod:`lightning_ties.core.keys`): a ``.ckpt`` of the
+            same LightningModule as is, an inner model's ``save_pretrained`` folder under its attribute
+            (``model.``); ``{"path": ..., "prefix": "model."}`` chooses by hand.
         model: the module to run; default ``base`` when it is an ``nn.Module``. Its weights are
             overwritten by the merge; ``base``'s values are snapshotted first.
-        heads: regexes or submodules naming head keys, besides those detected (keys that differ).
+        heads: regexes (or one regex) naming head keys, or submodules of ``model``, in addition to
+            the detected ones (keys whose shape or presence differs across tasks).
         metrics: ``None`` (arg-max accuracy), a template metric cloned per task, or ``{task: metric}``.
-        method, k, lam, method_params, include, exclude: the merge (``lam=None``: the method's default).
-        forward_fn: ``(model, batch, task) -> (preds, target)`` or ``(model, batch)``; default: the
-            batch convention of :mod:`lightning_ties.evaluation`.
+        method: merge method of the registry (``lightning_ties.describe_methods()``).
+        k: default k (trim density) for methods that have one.
+        lam: default lam; ``None`` -> the method's default.
+        method_params: other method parameters (e.g. ``{"scope": "per_tensor"}``).
+        include, exclude: regexes choosing the merged keys.
+        forward_fn: ``(model, batch, task) -> (preds, target)``, told which task the batch belongs to
+            (so an encoder-plus-heads model can run ``task``'s own head); a function of two arguments
+            ``(model, batch)`` is called without the task. Default
+            (:func:`lightning_ties.evaluation.predict_and_target`): ``(x, y)`` batches call ``model(x)``,
+            dict batches pop ``labels``/``label``/``y``/``target``/``targets`` and call ``model(**batch)``;
+            the logits are the output tensor, its ``.logits``, ``["logits"]`` or a tuple's first element.
     """
 
     def __init__(

@@ -3,6 +3,7 @@
 - :func:`save_checkpoint_atomically`: ``trainer.save_checkpoint`` beside the target, renamed over it;
 - :func:`resave_last_checkpoints`: ``ModelCheckpoint(save_last=True)``'s ``last.ckpt`` rewritten
   with the search's progress (without ``save_dir`` the checkpoint is its only record);
+- :func:`save_progress`: a search's progress after each candidate, in ``save_dir`` or ``last.ckpt``;
 - :func:`keep_finetuned_in_checkpoint`: a checkpoint taken mid-merge holds the fine-tuned weights;
 - :func:`fit_has_val_data`: whether ``fit`` was given validation data, before its loop loads it;
 - :func:`reconnect`: the fit's module back in the Trainer after a merge validated another module.
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..core.resume import write_progress
+from ..core.search import SearchResult
 from ._compat import TrainerFn, pl
 
 
@@ -48,6 +51,20 @@ def resave_last_checkpoints(trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(tmp)  # every rank calls it (a collective under DDP); rank zero writes
         if trainer.is_global_zero:
             os.replace(tmp, path)
+
+
+def save_progress(trainer: pl.Trainer, progress: SearchResult, save_dir: str | None, in_fit_loop: bool) -> None:
+    """Record a search's finished candidates: in ``save_dir`` when there is one, else in the Trainer's ``last.ckpt``.
+
+    Without ``save_dir`` the checkpoint is the only record: ``ModelCheckpoint`` wrote ``last.ckpt``
+    before the fit-end search started, so a crash now would resume with no candidate finished
+    unless it is rewritten. A merge asked for mid-fit leaves ``last.ckpt`` to ``ModelCheckpoint``.
+    """
+    if save_dir is not None:
+        if trainer.is_global_zero:
+            write_progress(save_dir, progress)
+    elif not in_fit_loop:
+        resave_last_checkpoints(trainer)
 
 
 def keep_finetuned_in_checkpoint(
@@ -91,4 +108,4 @@ def reconnect(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 
 
 __all__ = ["fit_has_val_data", "keep_finetuned_in_checkpoint", "reconnect", "resave_last_checkpoints",
-           "save_checkpoint_atomically"]
+           "save_checkpoint_atomically", "save_progress"]

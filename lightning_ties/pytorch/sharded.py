@@ -12,6 +12,7 @@ module only finds the strategy and calls it from :class:`~lightning_ties.pytorch
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -58,6 +59,20 @@ def sharded_module(trainer: pl.Trainer) -> nn.Module | None:
     if kind == "fsdp2":
         return trainer.lightning_module
     return None
+
+
+def sharded_merging(
+    callback: Any, trainer: pl.Trainer, has_val_data: Callable[[pl.Trainer], bool]
+) -> ShardedMerging | None:
+    """The sharded merge of ``callback`` under ``trainer``'s strategy, checked; None when the module is whole.
+
+    Raises for DeepSpeed and for what the sharded merge refuses (see :meth:`ShardedMerging.check`).
+    """
+    if sharding_kind(trainer.strategy) is None:
+        return None
+    merging = ShardedMerging(callback)
+    merging.check(trainer, has_val_data(trainer))
+    return merging
 
 
 class ShardedMerging:

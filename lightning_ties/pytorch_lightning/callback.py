@@ -49,16 +49,16 @@ from ..core.merger import ForwardFn, Merger, module_device
 from ..core.metrics import MetricsArg, summarize
 from ..core.options import SearchOptions, check_choice
 from ..core.recipe import check_fit_data, check_known_tasks, fixed_choice
-from ..core.resume import read_progress, snapshot, write_progress, write_results
+from ..core.resume import read_progress, snapshot, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult
 from ..io.sinks import save_safetensors
 from ..merging import as_source
 from ..merging.plan import compile_patterns
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
-from .checkpoints import (fit_has_val_data, keep_finetuned_in_checkpoint, reconnect, resave_last_checkpoints,
-                          save_checkpoint_atomically)
+from .checkpoints import (fit_has_val_data, keep_finetuned_in_checkpoint, reconnect, save_checkpoint_atomically,
+                          save_progress)
 from .module import MultiTaskMergeModule
-from .sharded import ShardedMerging, sharding_kind
+from .sharded import ShardedMerging, sharded_merging
 
 #: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
 MERGED_CHECKPOINT = "merged.ckpt"
@@ -71,43 +71,32 @@ class TiesMerging(Callback):
         tasks: other tasks, name -> fine-tuned model path (or module / state dict / source).
         task: the name of this run's task.
         base: the pretrained model (path or source); ``None`` captures the module at fit start.
-        method: merge method of the registry, or a list of them to choose from on validation data
-            (every method's candidates are scored; the best over all is applied, ties go to the
-            method listed first).
-        k: trim density, a list of them to search, or ``"search"`` (0.1, 0.2, 0.3); methods
-            without k (task arithmetic, ``tsv``, ``iso_c``) ignore it.
-        lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid: the
-            subspace methods' 0.1..3.0, TIES's 0.8..2.5); a number or list applies to every method.
+        method: a method of the registry, or a list to choose from on validation data (the best
+            candidate over all is applied; ties go to the method listed first).
+        k: trim density, a list to search, or ``"search"`` (0.1, 0.2, 0.3); ignored by methods without k.
+        lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid).
         val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
             validation dataloaders evaluate ``task``.
         metrics: metric template or ``{task: metric}`` (default arg-max accuracy).
         heads: regexes naming per-task head keys (keys that differ across tasks are heads anyway);
             a regex that names no key of the module fails at ``setup``.
-        objective: what the search maximises: ``"mean"`` (mean of the first metric over tasks),
-            ``"normalized"`` (mean of merged / fine-tuned scores), ``"mean:<metric>"``,
-            ``"normalized:<metric>"``, or (from Python) a callable of the scores.
+        objective: ``"mean"`` (of the first metric over tasks), ``"normalized"`` (mean of merged /
+            fine-tuned), ``"mean:<metric>"``, ``"normalized:<metric>"``, or a callable of the scores.
         mode: ``"max"`` (higher objective is better) or ``"min"``.
-        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (every k at a coarse lam
-            grid, then the lams around the best).
+        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (a coarse lam grid,
+            then the lams around the best).
         normalize: also score each fine-tuned model on its own task (needed by ``"normalized"``).
         every_n_val_epochs: also score the merge every n validation epochs during fit.
-        apply: ``"merged"`` (the module ends holding the merged model; with ``save_dir`` a
-            ``merged.ckpt`` holding it is written there) or ``"keep"`` (keep the fine-tuned weights;
-            the merged model is written to ``save_dir/merged.safetensors``).
+        apply: ``"merged"`` (the module ends holding the merge; ``save_dir/merged.ckpt`` too) or ``"keep"``
+            (the fine-tuned weights stay; the merge goes to ``save_dir/merged.safetensors``).
         save_dir: where results (``search.json``, ``search.csv``), progress, the captured base
-            (``base.safetensors``, referenced from checkpoints by path and sha256) and the merged
-            model go. Without it, checkpoints carry the captured base themselves.
+            (``base.safetensors``, which checkpoints reference) and the merged model go.
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
-        base_device: where the base captured at fit start (or read from ``base``) is kept until the
-            merge: ``"cpu"`` (default: host memory, no GPU memory spent on a second copy of the model),
-            any torch device (``"cuda:0"``), or ``"module"`` (the module's device at fit start).
-            The merge itself runs on the Trainer's device (tau_m computed and kept there, lam applied
-            in place in float32 and written in the module's dtype, so bf16/fp16 modules round once).
+        base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
+            second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
 
-    Task and base sources are matched to the module's own ``state_dict`` keys (see
-    :mod:`lightning_ties.core.keys`): a ``.ckpt`` of the same LightningModule as is, the inner
-    model's ``save_pretrained`` folder or safetensors under its attribute (``model.``). Give
-    ``{"path": ..., "prefix": "model."}`` (or ``"strip"``) as a task value to choose by hand.
+    Sources are matched to the module's keys (:mod:`lightning_ties.core.keys`): a ``.ckpt`` as is, an inner
+    model's folder under its attribute; ``{"path": ..., "prefix": "model."}`` chooses by hand.
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -141,9 +130,7 @@ class TiesMerging(Callback):
     ) -> None:
         # the default k=0.2 is ignored, not refused, when no method trims
         self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False)
-        check_choice("apply", apply, ("merged", "keep"))
-        if heads is not None and not isinstance(heads, torch.nn.Module):  # a malformed regex fails now
-            compile_patterns([h for h in ([heads] if isinstance(heads, str) else heads) if isinstance(h, str)], "heads")
+        _check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:
             raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
@@ -156,11 +143,6 @@ class TiesMerging(Callback):
         self.lams = self.lam_grids[self.method]
         self.val_dataloaders = dict(val_dataloaders or {})
         self._check_tasks_given()
-        if apply == "keep" and save_dir is None:
-            raise ValueError("apply='keep' writes the merged model to save_dir; pass save_dir")
-        if every_n_val_epochs is not None and every_n_val_epochs < 1:
-            raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
-        check_base_device(base_device)
         self.base, self.metrics, self.heads = base, metrics, heads
         self.objective, self.mode, self.search_strategy, self.normalize = objective, mode, search_strategy, normalize
         self.every_n_val_epochs, self.apply, self.save_dir = every_n_val_epochs, apply, save_dir
@@ -169,10 +151,8 @@ class TiesMerging(Callback):
         self.result: SearchResult | None = None
         self._progress: SearchResult | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
-        #: {"path", "sha256"} of the file the base was read from or written to (what checkpoints hold instead of it).
-        self._base_ref: dict[str, Any] | None = None
-        #: The global step at which an ``apply="merged"`` merge was applied (a checkpoint restored from after it
-        #: already holds the merged weights: the fit end of a resumed run must not merge them again).
+        self._base_ref: dict[str, Any] | None = None  # {"path", "sha256"}: what checkpoints hold instead of the base
+        #: the step an ``apply="merged"`` merge was applied at (a checkpoint from after it holds the merge already)
         self._merged_at_step: int | None = None
         self._in_fit_loop = False
         self._merging: _MergeInProgress | None = None
@@ -189,15 +169,12 @@ class TiesMerging(Callback):
 
     @property
     def searching(self) -> bool:
+        """Whether there is more than one candidate (method, k, lam) to choose from."""
         return self.options.searching
 
     @property
     def state_key(self) -> str:
-        """Where a checkpoint keeps this instance's state: one key per (class, method, task, tasks, grids).
-
-        As Lightning's stateful callbacks (``ModelCheckpoint``, ``EarlyStopping``) do, so several instances
-        (TIES and task arithmetic side by side) coexist in one Trainer and each resumes its own state.
-        """
+        """One checkpoint key per (class, method, task, tasks, grids), as ``ModelCheckpoint``'s: instances coexist."""
         if len(self.methods) == 1:  # the key of single-method instances is unchanged: their checkpoints resume
             method: Any = self.method
             lams: Any = self.lams
@@ -212,10 +189,7 @@ class TiesMerging(Callback):
         """Refuse what a sharded strategy cannot merge and check every input (data, sources, heads) before any step."""
         if stage != "fit":
             return
-        # sharded strategies (found by isinstance; DeepSpeed is refused there): each rank merges its own shards
-        self._sharded = ShardedMerging(self) if sharding_kind(trainer.strategy) is not None else None
-        if self._sharded is not None:
-            self._sharded.check(trainer, fit_has_val_data(trainer))
+        self._sharded = sharded_merging(self, trainer, fit_has_val_data)  # None: the module is whole
         _check_siblings(trainer)
         self._check_data(trainer)
         self._check_sources(pl_module)
@@ -242,17 +216,12 @@ class TiesMerging(Callback):
             self._score_merge_inline(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Merge (the search runs Lightning's validation loop, which it can only do once the fit loop is done).
+        """Merge once the fit loop is done: the search validates candidates with ``trainer.validate``.
 
-        Why not ``on_train_end``, as ``WeightAveraging`` swaps its average in there: the search validates
-        every candidate with ``trainer.validate``, which must not run inside the fit loop (its teardown would
-        end the fit's). ``ModelCheckpoint`` has written ``last.ckpt`` by then with the fine-tuned weights (the
-        resume point of an interrupted search), so with ``apply="merged"`` the merged weights get their own
-        checkpoint: ``save_dir/merged.ckpt`` (``LightningModule.load_from_checkpoint`` loads it alone), and
-        any ``trainer.save_checkpoint`` after ``fit`` holds them too.
+        ``last.ckpt`` holds the fine-tuned weights (the resume point of an interrupted search); with
+        ``apply="merged"`` the merge gets its own ``save_dir/merged.ckpt`` (see ARCHITECTURE.md).
         """
         if self._merged_at_step is not None and self._merged_at_step == trainer.global_step:
-            # restored from a checkpoint written after the merge: the module holds the merged weights already
             rank_zero_info(f"TiesMerging: the merge of step {trainer.global_step} is restored from the checkpoint")
             return
         self.merge(trainer, pl_module)
@@ -267,14 +236,12 @@ class TiesMerging(Callback):
         finetuned = clone_state(pl_module)
         evaluator = self._evaluator(pl_module, self._task_sources(trainer, finetuned, add_this_run=True))
         runner = None if self._in_fit_loop else trainer
-        # While the module holds candidates, a checkpoint written by anyone (another callback, Lightning's
-        # on-exception checkpoint) must carry the fine-tuned weights and the live progress: see on_save_checkpoint.
+        # while the module holds candidates, any checkpoint carries the fine-tuned weights (on_save_checkpoint)
         self._merging = _MergeInProgress(pl_module, finetuned, evaluator)
         try:
             result = self._search(trainer, runner, evaluator, finetuned)
         except BaseException:
-            # a failed merge leaves the fine-tuned weights, not a half-searched candidate: a checkpoint
-            # written after this (Lightning's on-exception one) resumes the same search on the same weights
+            # a failed merge leaves the fine-tuned weights: a later checkpoint resumes the same search on them
             copy_into(pl_module, finetuned)
             raise
         finally:
@@ -285,7 +252,7 @@ class TiesMerging(Callback):
         evaluator.use_task(self.task)
         self.result = result
         self._on_merged(trainer, result)
-        self._log_choice(trainer, result)
+        log_choice(trainer, result)
         self._finish(trainer, pl_module, finetuned)
         return result
 
@@ -318,16 +285,14 @@ class TiesMerging(Callback):
 
     def _merger_args(self, pl_module: pl.LightningModule, tasks: Mapping[str, Any]) -> dict[str, Any]:
         """The merge of ``tasks`` (this run's fine-tuned weights among them) on top of the captured base."""
-        return dict(
-            base=self._base_state, tasks=dict(tasks), model=pl_module, heads=self.heads, method=self.method,
-            k=self.ks[0] if self.ks[0] is not None else PAPER_DEFAULT_K, lam=None,
-            method_params=self.method_params, include=self.include, exclude=self.exclude,
-        )
+        k = self.ks[0] if self.ks[0] is not None else PAPER_DEFAULT_K
+        return dict(base=self._base_state, tasks=dict(tasks), model=pl_module, heads=self.heads, metrics=self.metrics,
+                    method=self.method, k=k, method_params=self.method_params, include=self.include,
+                    exclude=self.exclude, forward_fn=self.forward_fn)
 
     def _evaluator(self, pl_module: pl.LightningModule, tasks: Mapping[str, Any]) -> MultiTaskMergeModule:
         """The module the Trainer validates the candidates of (its ``Merger`` holds the merge)."""
-        evaluator = MultiTaskMergeModule(**self._merger_args(pl_module, tasks), metrics=self.metrics,
-                                         forward_fn=self.forward_fn)
+        evaluator = MultiTaskMergeModule(**self._merger_args(pl_module, tasks))
         if pl_module._trainer is not None:  # after fit Lightning has moved the module to CPU: merge where it ran
             evaluator.merge_device = pl_module.trainer.strategy.root_device
         return evaluator
@@ -351,7 +316,7 @@ class TiesMerging(Callback):
             return
         finetuned = clone_state(pl_module)
         tasks = self._task_sources(trainer, finetuned, add_this_run=False)
-        merger = Merger(**self._merger_args(pl_module, tasks), metrics=self.metrics, forward_fn=self.forward_fn)
+        merger = Merger(**self._merger_args(pl_module, tasks))
         merger.merge_device = trainer.strategy.root_device
         try:
             merger.apply_merge(self.ks[0], None)
@@ -407,18 +372,10 @@ class TiesMerging(Callback):
 
     # ---- progress and state ----------------------------------------------------------------------
     def _save_progress(self, evaluator: MultiTaskMergeModule, trainer: pl.Trainer) -> None:
-        """Record the finished candidates: in ``save_dir`` when there is one, else in the Trainer's ``last.ckpt``."""
+        """Record the finished candidates (:func:`~.checkpoints.save_progress`)."""
         self._progress = evaluator.search_result
-        if self._progress is None:
-            return
-        if self.save_dir is not None:
-            if trainer.is_global_zero:
-                write_progress(self.save_dir, self._progress)
-        elif not self._in_fit_loop:
-            # without save_dir the checkpoint is the only record: ModelCheckpoint wrote last.ckpt before the
-            # fit-end search started, so a crash now would resume with no candidate finished unless it is
-            # rewritten (a merge asked for mid-fit leaves last.ckpt to ModelCheckpoint's own schedule)
-            resave_last_checkpoints(trainer)
+        if self._progress is not None:
+            save_progress(trainer, self._progress, self.save_dir, self._in_fit_loop)
 
     def _live_progress(self) -> SearchResult | None:
         """The search progress as of now: the running search's finished candidates and measured references."""
@@ -426,16 +383,6 @@ class TiesMerging(Callback):
         if running is None:
             return self._progress
         return snapshot(running.search_result, running.reference, self._progress)
-
-    def _log_choice(self, trainer: pl.Trainer, result: SearchResult) -> None:
-        values = {"merge/best/lam": float(result.lam)} if result.lam is not None else {}
-        if result.k is not None:
-            values["merge/best/k"] = float(result.k)
-        if result.best is not None:
-            values["merge/best/objective"] = float(result.best.objective)
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
-        rank_zero_info(f"TiesMerging: {result.reason}; chose method={result.method}, k={result.k}, lam={result.lam}")
 
     def state_dict(self) -> dict[str, Any]:
         """Small, as ``WeightAveraging``'s: progress, the result and a reference to the base's file.
@@ -453,8 +400,7 @@ class TiesMerging(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore progress, result and base; a referenced base file that is gone or changed fails here,
-        when ``Trainer.fit(ckpt_path=...)`` restores callbacks (before ``on_fit_start`` and any step)."""
+        """Restore progress, result and base; a referenced base file that is gone or changed fails here, before any step."""
         ref = state_dict.get("base_ref")
         if ref is not None:
             check_base_file(ref)
@@ -468,12 +414,9 @@ class TiesMerging(Callback):
             self.result = SearchResult.from_dict(state_dict["result"])
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Mid-merge, write the fine-tuned module into the checkpoint, not the candidate being scored.
+        """Mid-merge, a checkpoint (another callback's, ``OnExceptionCheckpoint``'s) holds the fine-tuned module.
 
-        The search's progress is only valid for the fine-tuned weights it started from (its fingerprint
-        holds their checksum), so a checkpoint taken while the module holds a candidate (by another
-        callback, ``trainer.save_checkpoint`` or Lightning's ``OnExceptionCheckpoint``) stores those, and
-        the module's own keys and hyper-parameters even when the search's evaluator is attached.
+        The search's progress is valid only for the weights it started from (its fingerprint holds their checksum).
         """
         if self._merging is not None:
             keep_finetuned_in_checkpoint(checkpoint, self._merging.finetuned, self._merging.module, pl_module)
@@ -485,6 +428,30 @@ class _MergeInProgress(NamedTuple):
     module: pl.LightningModule
     finetuned: dict[str, torch.Tensor]
     evaluator: MultiTaskMergeModule
+
+
+def log_choice(trainer: pl.Trainer, result: SearchResult) -> None:
+    """Log the chosen (k, lam) and its objective to the Trainer's loggers, and say what was chosen."""
+    values = {"merge/best/lam": float(result.lam)} if result.lam is not None else {}
+    if result.k is not None:
+        values["merge/best/k"] = float(result.k)
+    if result.best is not None:
+        values["merge/best/objective"] = float(result.best.objective)
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=trainer.global_step)
+    rank_zero_info(f"TiesMerging: {result.reason}; chose method={result.method}, k={result.k}, lam={result.lam}")
+
+
+def _check_arguments(heads: Any, apply: str, save_dir: str | None, every_n_val_epochs: int | None, base_device: str) -> None:
+    """The callback's other arguments, checked when it is built (a typo fails before any training step)."""
+    check_choice("apply", apply, ("merged", "keep"))
+    if heads is not None and not isinstance(heads, torch.nn.Module):  # a malformed regex fails now
+        compile_patterns([h for h in ([heads] if isinstance(heads, str) else heads) if isinstance(h, str)], "heads")
+    if apply == "keep" and save_dir is None:
+        raise ValueError("apply='keep' writes the merged model to save_dir; pass save_dir")
+    if every_n_val_epochs is not None and every_n_val_epochs < 1:
+        raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
+    check_base_device(base_device)
 
 
 def capture_source(base: Any, module: pl.LightningModule) -> Any:

@@ -62,28 +62,9 @@ class MultiTaskMergeModule(pl.LightningModule):
     heads (keys whose shape or presence differs across tasks, or keys matching ``heads``) are
     never merged: each task is evaluated with its own head, swapped in before its dataloader.
 
-    Args:
-        base: the pretrained model (theta_init): module, state dict, path or source.
-        tasks: task name -> fine-tuned model (module, state dict, path or source). Base and tasks are
-            matched to ``model``'s own keys (:mod:`lightning_ties.core.keys`): a ``.ckpt`` of the
-            same LightningModule as is, an inner model's ``save_pretrained`` folder under its attribute
-            (``model.``); ``{"path": ..., "prefix": "model."}`` chooses by hand.
-        model: the module to run; default ``base`` when it is an ``nn.Module``. Its weights are
-            overwritten by the merge; ``base``'s values are snapshotted first.
-        heads: regexes (or one regex) naming head keys, or submodules of ``model``, in addition to
-            the detected ones (keys whose shape or presence differs across tasks).
-        metrics: ``None`` (arg-max accuracy), a template metric cloned per task, or ``{task: metric}``.
-        method: merge method of the registry (``lightning_ties.describe_methods()``).
-        k: default k (trim density) for methods that have one.
-        lam: default lam; ``None`` -> the method's default.
-        method_params: other method parameters (e.g. ``{"scope": "per_tensor"}``).
-        include, exclude: regexes choosing the merged keys.
-        forward_fn: ``(model, batch, task) -> (preds, target)``, told which task the batch belongs to
-            (so an encoder-plus-heads model can run ``task``'s own head); a function of two arguments
-            ``(model, batch)`` is called without the task. Default
-            (:func:`lightning_ties.evaluation.predict_and_target`): ``(x, y)`` batches call ``model(x)``,
-            dict batches pop ``labels``/``label``/``y``/``target``/``targets`` and call ``model(**batch)``;
-            the logits are the output tensor, its ``.logits``, ``["logits"]`` or a tuple's first element.
+    The merge itself is the Lightning-free :class:`~lightning_ties.core.merger.Merger`
+    (:attr:`merger`), whose arguments these are; this class adds what the Trainer calls (the
+    validation hooks, logging, checkpoints) and the ``evaluate``/``search`` entry points.
 
     Example:
         >>> import torch
@@ -144,15 +125,8 @@ class MultiTaskMergeModule(pl.LightningModule):
     fingerprint_extra = _merger_state("fingerprint_extra", "Extra facts a stored search depends on.", settable=True)
 
     # ---- merging (the Merger's) ----------------------------------------------------------------
-    @property
-    def searches_k(self) -> bool:
-        """Whether the current method has a trim density k."""
-        return self.merger.searches_k
-
-    @property
-    def compute_device(self) -> torch.device:
-        """Where tau_m is computed and kept: ``merge_device``, else the model's device."""
-        return self.merger.compute_device
+    searches_k = _merger_state("searches_k", "Whether the current method has a trim density k.")
+    compute_device = _merger_state("compute_device", "Where tau_m is computed and kept (``merge_device`` or the model's).")
 
     def task_vector(self, k: float | None = None) -> MergedTaskVector:
         """tau_m of the current method for ``k`` (computed once per (method, k) and cached)."""
