@@ -227,8 +227,10 @@ class TiesMerging(Callback):
     # ---- merging ------------------------------------------------------------------------------
     def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SearchResult:
         """Merge now: search (or fix) k and lam, apply per ``apply``; returns and keeps ``self.result``."""
-        if self._sharded is not None:
-            return self._sharded.merge(trainer, pl_module)
+        if self._sharded is not None:  # each rank merges its own shards
+            self.result = self._sharded.merge(trainer, pl_module)
+            log_choice(trainer, self.result)
+            return self.result
         if self._base_state is None:
             self._base_state = self._capture_base(pl_module)
         finetuned = clone_state(pl_module)

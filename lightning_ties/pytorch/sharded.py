@@ -122,7 +122,7 @@ class ShardedMerging:
             cb._base_ref = cb._record_base(trainer)  # a base file is referenced; a captured one is not written
 
     def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """At fit end (collective): merge on every rank's shards, apply per ``apply``, record the result."""
+        """At fit end (collective): merge on every rank's shards, apply per ``apply``; the result to record."""
         cb = self.callback
         # a search without validation data (the only one allowed here, see check): the paper's recipe
         k, lam, reason = fixed_choice(cb.options, some_data=False)
@@ -133,15 +133,14 @@ class ShardedMerging:
         tasks = {name: match_to_module(value, keys, label=name) for name, value in cb.tasks.items()}
         merged = self.fit.merge(tasks, cb.task, options, apply=cb.apply == "merged")
         result = SearchResult(method=cb.method, reason=reason, chosen=(k, lam))
-        cb.result = result
-        cb._log_choice(trainer, result)
-        self._finish(trainer, merged, lam)
+        self._finish(trainer, merged, result)
         return result
 
-    def _finish(self, trainer: pl.Trainer, merged: Any, lam: float) -> None:
+    def _finish(self, trainer: pl.Trainer, merged: Any, result: SearchResult) -> None:
         cb = self.callback
+        lam = result.lam
         if cb.save_dir is not None and trainer.is_global_zero:
-            write_results(cb.save_dir, cb.result)
+            write_results(cb.save_dir, result)
         if cb.apply == "keep":  # the module keeps its fine-tuned shards; the merge is written, not applied
             save_full_safetensors(merged.view, Path(cb.save_dir) / "merged.safetensors", trainer.is_global_zero,
                                   lambda key: merged.piece(key, lam))
