@@ -105,8 +105,7 @@ def main() -> None:
     x = torch.randn(32, 6, generator=g)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
     tasks = {t: str(tasks_dir / f"{t}.safetensors") for t in ("a", "b")}
-    merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply,
-                          save_dir=str(out / "save") if apply == "keep" else None)
+    merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
     record = Record()
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name), max_steps=3,
                          callbacks=[record, merging], logger=False, enable_checkpointing=False,

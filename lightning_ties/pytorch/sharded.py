@@ -11,6 +11,8 @@ module only finds the strategy and calls it from :class:`~lightning_ties.pytorch
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +26,9 @@ from ..core.search import SearchResult
 from ..distributed.fit import ShardedFitMerge, save_full_safetensors
 from ..merging import MergeOptions, get_method
 from ._compat import pl
+
+#: Written under ``save_dir`` after an ``apply="merged"`` merge (as the unsharded callback's ``merged.ckpt``).
+MERGED_CHECKPOINT = "merged.ckpt"
 
 #: Why DeepSpeed is refused: its ZeRO-3 partitions are flat slices of flattened parameter groups, and its
 #: optimizer keeps fp32 master copies that the next step (or a checkpoint) writes back over the module; a merge
@@ -146,4 +151,27 @@ class ShardedMerging:
                                   lambda key: merged.piece(key, lam))
             return
         cb._merged_at_step = trainer.global_step
+        if cb.save_dir is not None:
+            save_merged_checkpoint(trainer, Path(cb.save_dir) / MERGED_CHECKPOINT)
+
+
+def save_merged_checkpoint(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` beside ``path`` (a DCP folder under sharded strategies), then renamed over it.
+
+    Every rank writes its shards; the rename waits for all of them. A previous checkpoint at ``path`` (a
+    folder, which ``os.replace`` cannot overwrite) is moved aside first and deleted after.
+    """
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(tmp)
+    trainer.strategy.barrier("ties_merged_checkpoint_written")
+    if trainer.is_global_zero:
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
 
