@@ -45,9 +45,16 @@ class Net(pl.LightningModule):
 
             fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
 
+    def forward(self, x):
+        return self.model(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.model(x), y), sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -105,16 +112,23 @@ def main() -> None:
     x = torch.randn(32, 6, generator=g)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
     tasks = {t: str(tasks_dir / f"{t}.safetensors") for t in ("a", "b")}
-    merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
+    if apply == "search":  # every task has validation data: k and lam are searched on every rank alike
+        val = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
+               for i, t in enumerate(("a", "b"))}
+        merging = TiesMerging(tasks=tasks, task="c", k=[0.2, 0.5], lam=[0.5, 1.0], val_dataloaders=val,
+                              save_dir=str(out / "save"))
+    else:
+        merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
     record = Record()
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name), max_steps=3,
                          callbacks=[record, merging], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Net(), data)
+    trainer.fit(Net(), data, data if apply == "search" else None)
     merged = full_state(_sharded(trainer))
     trainer.save_checkpoint(out / "ckpt")
     if trainer.is_global_zero:
-        torch.save({"base": record.base, "finetuned": record.finetuned, "merged": merged,
+        chosen = [merging.result.k, merging.result.lam, len(merging.result.candidates), merging.result.reason]
+        torch.save({"base": record.base, "finetuned": record.finetuned, "merged": merged, "chosen": chosen,
                     "world": int(os.environ.get("WORLD_SIZE", devices))}, out / "result.pt")
 
 

@@ -109,3 +109,11 @@ def test_continual_merging_under_a_sharded_strategy_is_refused_at_setup(tmp_path
 
     with pytest.raises(ValueError, match="ContinualTiesMerging does not support the sharded strategy ModelParallelStrategy"):
         ContinualTiesMerging(task="c", store=str(tmp_path / "store")).setup(FakeTrainer(), None, "fit")
+
+
+def test_a_scored_search_on_shards_applies_the_single_process_merge_of_its_choice(task_files, tmp_path):
+    result = fit("model_parallel", task_files, tmp_path / "out", apply="search")
+    k, lam, candidates, reason = result["chosen"]
+    assert reason == "search" and candidates == 4 and k in (0.2, 0.5) and lam in (0.5, 1.0)
+    files = [open_source(task_files / f"{t}.safetensors") for t in ("a", "b")]
+    assert_equal(result["merged"], ties_merge(result["base"], [*files, result["finetuned"]], k=k, lam=lam))

@@ -230,7 +230,7 @@ class TiesMerging(Callback):
     def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SearchResult:
         """Merge now: search (or fix) k and lam, apply per ``apply``; returns and keeps ``self.result``."""
         if self._sharded is not None:  # each rank merges its own shards
-            self.result = self._sharded.merge(trainer, pl_module)
+            self.result = self._sharded.merge(trainer, pl_module, self._dataloaders(trainer))
             log_choice(trainer, self.result)
             return self.result
         if self._base_state is None:
