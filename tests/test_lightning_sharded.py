@@ -18,6 +18,7 @@ import torch
 
 from lightning_ties.io import open_source, save_safetensors
 from lightning_ties.merging import ties_merge
+from lightning_ties.pytorch_lightning import TiesMerging
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
@@ -117,3 +118,22 @@ def test_a_scored_search_on_shards_applies_the_single_process_merge_of_its_choic
     assert reason == "search" and candidates == 4 and k in (0.2, 0.5) and lam in (0.5, 1.0)
     files = [open_source(task_files / f"{t}.safetensors") for t in ("a", "b")]
     assert_equal(result["merged"], ties_merge(result["base"], [*files, result["finetuned"]], k=k, lam=lam))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(method="regmean"), r"method\(s\) \['regmean'\] need each task's data"),
+    (dict(every_n_val_epochs=1), "every_n_val_epochs is not supported under ModelParallelStrategy"),
+    (dict(heads=[torch.nn.Linear(1, 1)]), "heads given as modules are not supported"),
+])
+def test_what_the_sharded_merge_cannot_do_is_refused_at_setup(kwargs, message):
+    import pytorch_lightning as pl
+
+    from lightning_ties.pytorch_lightning.sharded import sharded_merging
+
+    class FakeTrainer:
+        strategy = pl.strategies.ModelParallelStrategy()
+
+    merging = TiesMerging(tasks={"a": "a.safetensors"}, task="c", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        sharded_merging(merging, FakeTrainer())
+    assert sharded_merging(merging, type("Whole", (), {"strategy": pl.strategies.DDPStrategy()})()) is None

@@ -187,7 +187,7 @@ class TiesMerging(Callback):
         """Refuse what a sharded strategy cannot merge and check every input (data, sources, heads) before any step."""
         if stage != "fit":
             return
-        self._sharded = sharded_merging(self, trainer, fit_has_val_data)  # None: the module is whole
+        self._sharded = sharded_merging(self, trainer)  # None: the module is whole
         _check_siblings(trainer)
         self._check_data(trainer)
         self._check_sources(pl_module)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,7 @@ def sharded_module(trainer: pl.Trainer) -> nn.Module | None:
     return None
 
 
-def sharded_merging(
-    callback: Any, trainer: pl.Trainer, has_val_data: Callable[[pl.Trainer], bool]
-) -> ShardedMerging | None:
+def sharded_merging(callback: Any, trainer: pl.Trainer) -> ShardedMerging | None:
     """The sharded merge of ``callback`` under ``trainer``'s strategy, checked; None when the module is whole.
 
     Raises for DeepSpeed and for what the sharded merge refuses (see :meth:`ShardedMerging.check`).
@@ -81,7 +79,7 @@ def sharded_merging(
     if sharding_kind(trainer.strategy) is None:
         return None
     merging = ShardedMerging(callback)
-    merging.check(trainer, has_val_data(trainer))
+    merging.check(trainer)
     return merging
 
 
@@ -147,7 +145,7 @@ class ShardedMerging:
         self.callback = callback
         self.fit: Any = None
 
-    def check(self, trainer: pl.Trainer, has_val_data: bool) -> None:
+    def check(self, trainer: pl.Trainer) -> None:
         """Refuse at setup what the sharded merge does not do (before any training step)."""
         cb = self.callback
         name = type(trainer.strategy).__name__
