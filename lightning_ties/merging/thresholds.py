@@ -98,30 +98,27 @@ class ThresholdFinder:
     def _bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector]) -> None:
         """The bracketed select pass on the CPU, all tasks of a chunk at once: the counts ``observe`` makes.
 
-        Per chunk ``[N, c]``: |tau|'s bit patterns in place, each task's bracket offset and
-        clamp in one op each (below -> bin 0, inside -> 1.., above -> last), then one
+        Per chunk ``[N, c]``, in its own buffer: |tau|'s bit patterns, minus each task's bracket
+        start, clamped (below -> bin 0, inside -> 1.., above -> last) and counted by one
         ``bincount`` per task, the tasks shared out over ``torch.get_num_threads()`` threads:
-        bincount runs on one core, and it is most of the pass.
+        ``bincount`` runs on one core, and it is most of the pass.
         """
         reader = self.reader
         bits_dtype = torch.int64 if reader.compute_dtype == torch.float64 else torch.int32
         inf_bits = int(torch.tensor(float("inf"), dtype=reader.compute_dtype).view(bits_dtype))
         lo = torch.tensor([s.bracket_bits[0] for s in selectors], dtype=bits_dtype).unsqueeze(1)  # type: ignore[index]
-        top = torch.tensor([s.bracket_bits[1] - s.bracket_bits[0] + 2 for s in selectors], dtype=bits_dtype)  # type: ignore[index]
-        tops = top.tolist()
+        tops = [s.bracket_bits[1] - s.bracket_bits[0] + 2 for s in selectors]  # type: ignore[index]
         hists = [torch.zeros(t + 1, dtype=torch.int64) for t in tops]
         observed = 0
         threads = torch.get_num_threads()
         with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
             for key in keys:
                 for _, taus in reader.chunks(key, reader.chunk_size * _BRACKET_CHUNK_FACTOR):
-                    bits = taus.abs_().view(bits_dtype)  # the chunk buffer is not read again
+                    bits = taus.abs_().view(bits_dtype)  # the chunk buffer is not read again: work in place
                     for i in torch.nonzero(bits.amax(1) >= inf_bits).flatten().tolist():
                         selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
-                    digits = torch.sub(bits, lo - 1, out=reader.buffer("digits", bits.shape[1], bits_dtype))
-                    for row, t in zip(digits, tops):  # one clamp per row: tensor bounds are 5x slower
-                        row.clamp_(0, t)
-                    count = functools.partial(_count_row, digits, hists)
+                    bits.sub_(lo - 1)
+                    count = functools.partial(_count_row, bits, tops, hists)
                     list(pool.map(count, range(len(selectors)))) if pool is not None else [count(i) for i in range(len(selectors))]
                     observed += bits.shape[1]
         for sel, hist in zip(selectors, hists):
@@ -234,9 +231,9 @@ class ThresholdFinder:
         return mine
 
 
-def _count_row(digits: torch.Tensor, hists: list[torch.Tensor], i: int) -> None:
-    """Add row ``i`` of ``digits`` to ``hists[i]`` (each task's rows go to one thread at a time)."""
-    hists[i] += torch.bincount(digits[i], minlength=hists[i].numel())
+def _count_row(digits: torch.Tensor, tops: list[int], hists: list[torch.Tensor], i: int) -> None:
+    """Clamp row ``i`` of ``digits`` to its histogram and count it there (one thread per row at a time)."""
+    hists[i] += torch.bincount(digits[i].clamp_(0, tops[i]), minlength=hists[i].numel())
 
 
 __all__ = ["ThresholdFinder"]
