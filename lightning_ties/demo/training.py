@@ -7,11 +7,11 @@ Lightning layer (:mod:`lightning_ties.lightning`), the one place that chooses th
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
 from ..pytorch_lightning.scoring import make_trainer
 from .models import DigitsNet
 
