@@ -346,7 +346,7 @@ class TiesMerging(Callback):
         if not self.tasks:  # continual merging's first run: only the store's tasks, known at fit end
             named_head_keys(pl_module, self.heads)  # a regex naming no key of the module fails now
             return
-        match_sources(pl_module, capture_source(self.base, pl_module), self.tasks, self.heads, self.include,
+        match_sources(pl_module, _base_source(self.base, pl_module), self.tasks, self.heads, self.include,
                       self.exclude)
 
     def _capture_base(self, pl_module: pl.LightningModule, device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -444,7 +444,7 @@ def _check_arguments(heads: Any, apply: str, save_dir: str | None, every_n_val_e
     check_base_device(base_device)
 
 
-def capture_source(base: Any, module: pl.LightningModule) -> Any:
+def _base_source(base: Any, module: pl.LightningModule) -> Any:
     """The base as a source under the module's keys: ``base`` when given, else the module's own weights."""
     if base is None:
         return as_source(module.state_dict(), "module")
