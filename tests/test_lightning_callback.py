@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
-from test_lightning_helpers import (
+from conftest import (
     Classifier,
     CountValidations,
     Recorder,

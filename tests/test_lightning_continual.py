@@ -7,7 +7,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_lightning_helpers import Recorder, pretrained, quiet_trainer, task_data
+from conftest import Recorder, pretrained, quiet_trainer, task_data
 
 from lightning_ties import ContinualTiesMerging, TiesMerging, ties_merge
 from lightning_ties.io.task_store import TaskVectorStore

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from both_packages import BOTH, PACKAGES, data, load, net_class, trainer
+from conftest import BOTH, PACKAGES, data, load, net_class, trainer
 
 
 def _tasks(pl) -> dict[str, dict[str, torch.Tensor]]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_lightning_helpers import (
+from conftest import (
     Classifier,
     CountValidations,
     LinearRegressor,

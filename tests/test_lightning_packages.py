@@ -21,7 +21,7 @@ import lightning_ties
 import lightning_ties.io
 from lightning_ties import ties_merge
 
-from both_packages import PACKAGES, base_and_tasks, data, net_class, recorder, trainer
+from conftest import PACKAGES, base_and_tasks, data, net_class, recorder, trainer
 
 
 

@@ -18,7 +18,7 @@ from lightning_ties.lightning import MultiTaskMergeModule
 from lightning_ties.merging import get_method, merge
 from lightning_ties.merging.regmean import collect_grams, regmean_state_dict
 
-from both_packages import tiny_tasks, trainer
+from conftest import tiny_tasks, trainer
 
 EXAMPLES = 16  # fewer than each loader holds: the module must stop where the hand collection stops
 
@@ -126,7 +126,7 @@ def test_trainer_validate_driven_search_with_regmean() -> None:
 
 
 def test_the_callback_refuses_regmean_without_every_tasks_data_before_training():
-    from test_lightning_helpers import Classifier, quiet_trainer, task_data
+    from conftest import Classifier, quiet_trainer, task_data
 
     from lightning_ties.lightning import TiesMerging
 
@@ -145,7 +145,7 @@ def test_the_callback_refuses_regmean_without_every_tasks_data_before_training()
 
 
 def test_the_callback_merges_with_regmean_on_the_validation_dataloaders():
-    from test_lightning_helpers import Classifier, Recorder, quiet_trainer, task_data
+    from conftest import Classifier, Recorder, quiet_trainer, task_data
 
     from lightning_ties.lightning import TiesMerging
 

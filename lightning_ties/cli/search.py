@@ -31,7 +31,7 @@ from .common import (
 from .runs import count_candidates, make_logger, module_for
 
 
-def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
+def run_search_command(cfg: SearchConfig, console: Console, config_path: str) -> int:
     """Search lam (and k) on the validation split, score on test, save the best model and the reports."""
     check_paths(cfg)
     model = build_model(cfg)

@@ -1,10 +1,11 @@
-"""The Lightning layer for the unified ``lightning`` package (``import lightning as L``): thin shells.
+"""The Lightning layer for ``lightning.pytorch``: thin shells over the merge core.
 
 Only what must subclass the package's ``Callback`` / ``LightningModule`` lives here; the work is
 in the Lightning-free :mod:`lightning_ties.core`, so result and error types (``SearchResult``,
-``TaskMetrics``, ``KeyMatchError``, ...) are one class under both Lightning packages.
-:mod:`lightning_ties.pytorch_lightning` is the same layer for ``pytorch_lightning``, generated
-from this folder by ``tools/mirror.py`` (``make mirror``).
+``TaskMetrics``, ``KeyMatchError``, ...) are one class under both Lightning packages. The layer
+for the unified ``lightning`` package is the source (``lightning_ties/pytorch/``); the one for
+``pytorch_lightning`` (``lightning_ties/pytorch_lightning/``) is generated from it by
+``tools/mirror.py`` (``make mirror``).
 
 - :class:`TiesMerging`: a Trainer callback that merges this run with other tasks at fit end.
 - :class:`ContinualTiesMerging`: the same over a task store that grows by one task per run.

@@ -76,8 +76,7 @@ class TiesMerging(Callback):
         val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
             validation dataloaders evaluate ``task``.
         metrics: metric template or ``{task: metric}`` (default arg-max accuracy).
-        heads: regexes naming per-task head keys (keys that differ across tasks are heads anyway);
-            a regex that names no key of the module fails at ``setup``.
+        heads: regexes naming head keys besides those that differ across tasks (checked at ``setup``).
         objective: ``"mean"`` (of the first metric over tasks), ``"normalized"`` (mean of merged /
             fine-tuned), ``"mean:<metric>"``, ``"normalized:<metric>"``, or a callable of the scores.
         mode: ``"max"`` (higher objective is better) or ``"min"``.
@@ -92,9 +91,6 @@ class TiesMerging(Callback):
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
             second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
-
-    Sources are matched to the module's keys (:mod:`lightning_ties.core.keys`): a ``.ckpt`` as is, an inner
-    model's folder under its attribute; ``{"path": ..., "prefix": "model."}`` chooses by hand.
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -352,12 +348,11 @@ class TiesMerging(Callback):
         if not self.tasks:  # continual merging's first run: only the store's tasks, known at fit end
             named_head_keys(pl_module, self.heads)  # a regex naming no key of the module fails now
             return
-        match_sources(pl_module, capture_source(self.base, pl_module), self.tasks, self.heads, self.include,
+        match_sources(pl_module, _base_source(self.base, pl_module), self.tasks, self.heads, self.include,
                       self.exclude)
 
     def _capture_base(self, pl_module: pl.LightningModule, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """The base's weights on ``device`` (default: per ``base_device``): ``base`` when given, the file a
-        restored checkpoint references, else the module's."""
+        """The base on ``device`` (default: per ``base_device``): ``base``, the file a checkpoint references, or the module."""
         if device is None:
             device = module_device(pl_module) if self.base_device == "module" else torch.device(self.base_device)
         base = self.base
@@ -385,10 +380,7 @@ class TiesMerging(Callback):
         return snapshot(running.search_result, running.reference, self._progress)
 
     def state_dict(self) -> dict[str, Any]:
-        """Small, as ``WeightAveraging``'s: progress, the result and a reference to the base's file.
-
-        The base's tensors travel only when nothing else records them (captured at fit start, no ``save_dir``).
-        """
+        """Small, as ``WeightAveraging``'s: progress, result, the base's file (its tensors only when no file holds it)."""
         progress = self._live_progress()
         keep_tensors = self._base_ref is None and self.base is None
         return {
@@ -454,7 +446,7 @@ def _check_arguments(heads: Any, apply: str, save_dir: str | None, every_n_val_e
     check_base_device(base_device)
 
 
-def capture_source(base: Any, module: pl.LightningModule) -> Any:
+def _base_source(base: Any, module: pl.LightningModule) -> Any:
     """The base as a source under the module's keys: ``base`` when given, else the module's own weights."""
     if base is None:
         return as_source(module.state_dict(), "module")
