@@ -2,7 +2,8 @@
 
 No Lightning here (the Lightning layer calls it): :mod:`.collectives` (sums and gathers over a
 process group), :mod:`.views` (how a rank sees its slice of an FSDP2/FSDP1 module and of each
-task's weights), :mod:`.merge` (tau_m on each rank's shards, applied in place).
+task's weights), :mod:`.merge` (tau_m on each rank's shards, applied in place), :mod:`.fit` (what
+the merging callbacks keep across a fit: the base's rows, the merge at fit end, gathered writes).
 
 Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
@@ -14,6 +15,7 @@ Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 """
 
 from .collectives import TorchCollectives, shard_collectives
+from .fit import ShardedFitMerge, full_state, save_full_safetensors
 from .merge import ShardedMerge, merge_sharded_
 from .views import (
     LocalSource,
@@ -28,13 +30,16 @@ from .views import (
 __all__ = [
     "LocalSource",
     "RowsSource",
+    "ShardedFitMerge",
     "ShardedMerge",
     "ShardedView",
     "TorchCollectives",
     "UnsupportedShardingError",
     "chunk_rows",
+    "full_state",
     "merge_sharded_",
     "read_rows",
+    "save_full_safetensors",
     "shard_collectives",
     "sharded_view",
 ]
