@@ -109,3 +109,29 @@ def test_fsdp2_sharded_merge_equals_single_process_ties_merge_bit_for_bit(world,
     # each rank held only its rows of tau_m: together exactly one copy of the merged entries
     merged_numel = sum(v.numel() for k, v in base.items() if v.is_floating_point() and k != "out.weight")
     assert sum(r["local_numel"] for r in results) == merged_numel
+
+
+def _merge_hsdp(rank: int, world: int, folder: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_ties.distributed import merge_sharded_, sharded_view
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = base_model()
+    fully_shard(model, mesh=mesh)
+    view = sharded_view(model)
+    merge_sharded_(view, view.local_state(), [Path(folder) / "task0.safetensors", *task_states()[1:]], k=K, lam=LAM)
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v.clone() for k, v in model.state_dict().items()}
+
+
+def test_hsdp_merges_each_replica_once_and_every_replica_ends_the_same(tmp_path):
+    from lightning_ties.io import save_safetensors
+
+    tasks = task_states()
+    save_safetensors({k: v for k, v in tasks[0].items() if k != "out.weight"} | {"out.weight": tasks[0]["emb.weight"].clone()},
+                     tmp_path / "task0.safetensors")
+    expected = ties_merge(base_model().state_dict(), tasks, k=K, lam=LAM)
+    for r in run_ranks(_merge_hsdp, 4, str(tmp_path)):  # 2 replicas x 2 shards
+        for key in expected:
+            assert torch.equal(r[key], expected[key]), key
