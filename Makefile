@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # constraints.txt pins torch to the CPU build on this machine's disk (no multi-GB CUDA download).
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test setup-demo setup-test bench
+.PHONY: demo test setup-demo setup-test bench mirror
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ demo: setup-demo
 
 test: setup-test
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=900 tests lightning_ties --doctest-modules
+
+# The pytorch_lightning layer is generated from the unified one (lightning_ties/pytorch/): run after editing it.
+mirror:
+	$(PYTHON) tools/mirror.py

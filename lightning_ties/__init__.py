@@ -43,13 +43,25 @@ register_path_opener(_open_path)
 
 __version__ = "0.1.0"
 
-#: Public names of the Lightning layer (``lightning_ties.lightning.__all__``, checked by a test), listed
-#: here so that looking up any other name never imports Lightning.
-LIGHTNING_NAMES = frozenset({
-    "ArgmaxAccuracy", "Candidate", "ContinualTiesMerging", "DEFAULT_K_GRID", "LearnedMergeModule", "LearnedMergeResult",
-    "MultiTaskMergeModule", "SearchResult", "TaskMetrics", "TiesMerging", "k_grid", "lam_grid",
-    "learn_coefficients", "normalized", "plot_coefficients", "run_search", "summarize",
-})
+#: Every public name loaded on first use, and where it lives: ``"io"`` (:mod:`lightning_ties.io`) or
+#: ``"lightning"`` (the Lightning layer of :func:`lightning_layer`). One explicit table, checked by a
+#: test against ``lightning_ties.io.__all__`` and the layer's ``__all__``, so looking up any other
+#: name imports nothing and this package's face says what it offers.
+LAZY_NAMES: dict[str, str] = {
+    **dict.fromkeys((
+        "ArgmaxAccuracy", "Candidate", "ContinualTiesMerging", "DEFAULT_K_GRID", "KeyMatchError", "LearnedMergeModule",
+        "LearnedMergeResult", "MultiTaskMergeModule", "SearchOptions", "SearchResult", "TaskMetrics", "TiesMerging",
+        "k_grid", "lam_grid", "learn_coefficients", "normalized", "plot_coefficients", "run_search", "summarize",
+    ), "lightning"),
+    **dict.fromkeys((
+        "CheckpointError", "CommonRowsSource", "LoadReport", "LoraSource", "MergeInputError", "SafetensorsFile",
+        "SafetensorsSource", "SafetensorsWriter", "ShardedWriter", "TaskVectorSource", "TaskVectorStore",
+        "TorchFileSource", "atomic_dir", "atomic_file", "build_model_card", "check_compatible", "load_into",
+        "load_torch_file", "merge_to", "open_source", "parse_size", "save_hf_folder", "save_lightning_checkpoint",
+        "save_safetensors", "sha256_file",
+    ), "io"),
+    "io": "io",
+}
 
 
 def lightning_layer() -> ModuleType:
@@ -57,13 +69,14 @@ def lightning_layer() -> ModuleType:
 
     ``lightning_ties.TiesMerging`` (and every other Lightning name) comes from
     :mod:`lightning_ties.pytorch` when the unified ``lightning`` package is imported and
-    ``pytorch_lightning`` is not, else from :mod:`lightning_ties.lightning` (``pytorch_lightning``).
+    ``pytorch_lightning`` is not, else from :mod:`lightning_ties.pytorch_lightning`.
     When neither is imported yet, ``pytorch_lightning`` is used if installed. Set
     ``LIGHTNING_TIES_BACKEND=lightning`` or ``=pytorch_lightning`` to choose, or import
-    ``lightning_ties.pytorch`` / ``lightning_ties.lightning`` directly.
+    ``lightning_ties.pytorch`` / ``lightning_ties.pytorch_lightning`` directly
+    (``lightning_ties.lightning`` is the latter's first name).
 
     Example:
-        >>> lightning_layer().__name__ in ("lightning_ties.lightning", "lightning_ties.pytorch")
+        >>> lightning_layer().__name__ in ("lightning_ties.pytorch_lightning", "lightning_ties.pytorch")
         True
     """
     choice = os.environ.get("LIGHTNING_TIES_BACKEND", "").strip()
@@ -77,18 +90,17 @@ def lightning_layer() -> ModuleType:
         else:
             has_classic = importlib.util.find_spec("pytorch_lightning") is not None
             choice = "pytorch_lightning" if classic or has_classic else "lightning"
-    return importlib.import_module("lightning_ties.pytorch" if choice == "lightning" else "lightning_ties.lightning")
+    return importlib.import_module("lightning_ties.pytorch" if choice == "lightning" else "lightning_ties.pytorch_lightning")
 
 
 def __getattr__(name: str) -> Any:
-    if name in LIGHTNING_NAMES:
+    where = LAZY_NAMES.get(name)
+    if where is None:
+        raise AttributeError(f"module 'lightning_ties' has no attribute {name!r}")
+    if where == "lightning":
         return getattr(lightning_layer(), name)
-    io = importlib.import_module("lightning_ties.io")  # no Lightning there: cheap to look in
-    if name == "io":
-        return io
-    if name in io.__all__:
-        return getattr(io, name)
-    raise AttributeError(f"module 'lightning_ties' has no attribute {name!r}")
+    io = importlib.import_module("lightning_ties.io")  # no Lightning there: cheap to load
+    return io if name == "io" else getattr(io, name)
 
 
 __all__ = [*_merging_all, "__version__", "lightning_layer"]

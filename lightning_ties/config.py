@@ -296,7 +296,7 @@ def registry_parameters(name: str) -> dict[str, Any]:
 
 def learned_parameters() -> dict[str, Any]:
     """Defaults of ``learn_coefficients`` that a config may set (read from its signature)."""
-    from .lightning.learned import learn_coefficients  # imports Lightning: only when asked for
+    from .pytorch_lightning.learned import learn_coefficients  # imports Lightning: only when asked for
 
     # set elsewhere in the config (base, tasks, data, heads, include/exclude, seed) or not plain values
     skip = {"base", "tasks", "dataloaders", "model", "heads", "trainer_kwargs", "seed", "groups", "include", "exclude"}

@@ -270,7 +270,7 @@ def test_the_command_starts_without_lightning_until_a_workflow_needs_it():
 def test_the_config_and_the_search_accept_the_same_grids():
     # one validator (lightning_ties.merging.grids) for both: 'paper' is no longer accepted by
     # the config and then refused by the search after scoring started
-    from lightning_ties.lightning.search import k_grid, lam_grid
+    from lightning_ties.core.search import k_grid, lam_grid
 
     cfg = load_config(DemoConfig, overrides=["search.k=paper", "search.lam=[0.5,1.5]"])
     assert k_grid(cfg.search.k) == [0.1, 0.2, 0.3]

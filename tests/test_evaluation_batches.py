@@ -1,7 +1,5 @@
 """The one batch convention and the one accuracy (lightning_ties.evaluation), specified case by case."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -113,61 +111,3 @@ def test_accuracy_is_torchmetrics_micro_multiclass_accuracy():
 def test_accuracy_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\(3, 2\).*\(2,\)"):
         ArgmaxAccuracy().update(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
-
-
-def test_evaluation_loads_no_lightning_and_nothing_above_it():
-    code = (
-        "import sys, lightning_ties.evaluation; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pytorch_lightning', 'lightning'}), "
-        "sorted(m for m in sys.modules if m.startswith(('lightning_ties.lightning', 'lightning_ties.cli', "
-        "'lightning_ties.demo', 'lightning_ties.pytorch'))))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[] []"
-
-
-def _imports_of(package: str) -> dict[str, set[str]]:
-    """Every lightning_ties module each file of ``package`` imports (module level and function level)."""
-    import ast
-    from pathlib import Path
-
-    import lightning_ties
-
-    root = Path(lightning_ties.__file__).parent
-    out: dict[str, set[str]] = {}
-    for path in (root / package).rglob("*.py"):
-        parts = ["lightning_ties", *path.relative_to(root).with_suffix("").parts]
-        pkg = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = pkg[: len(pkg) - node.level + 1]
-                found.add(".".join([*base, *(node.module.split(".") if node.module else [])]))
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_ties"):
-                found.add(node.module)
-            elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("lightning_ties"))
-        out[str(path.relative_to(root))] = found
-    return out
-
-
-@pytest.mark.parametrize(
-    "package, forbidden",
-    [
-        ("evaluation", ("lightning_ties.lightning", "lightning_ties.pytorch", "lightning_ties.cli", "lightning_ties.demo",
-                        "lightning_ties.config", "lightning_ties.report")),
-        ("demo", ("lightning_ties.cli",)),
-    ],
-)
-def test_layers_point_down(package, forbidden):
-    bad = {f: sorted(m for m in mods if m.startswith(forbidden)) for f, mods in _imports_of(package).items()}
-    assert not {f: m for f, m in bad.items() if m}
-
-
-def test_the_demo_network_and_data_load_no_lightning():
-    code = (
-        "import sys, lightning_ties.demo, lightning_ties.demo.models; "
-        "print(any(m.split('.')[0] in ('pytorch_lightning', 'lightning') for m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -1,55 +1,17 @@
-"""io's modules import one way: no cycle (function-local imports included), no hidden imports."""
+"""io's deprecated ``sources`` module: an alias that warns, and that importing io never loads.
+
+(io's import rules, and the absence of cycles, are checked with every layer's in tests/test_layers.py.)
+"""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
 import lightning_ties.io
-
-IO = Path(lightning_ties.io.__file__).parent
-
-
-def io_imports(path: Path) -> tuple[set[str], list[str]]:
-    """The io modules ``path`` imports, and the imports of our own modules made inside functions."""
-    found, local = set(), []
-    tree = ast.parse(path.read_text())
-    top_level = {id(node) for node in tree.body}
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.ImportFrom) or node.level == 0 and not (node.module or "").startswith("lightning_ties"):
-            continue
-        if node.level == 1:  # from .x import y / from . import x, y
-            names = [node.module] if node.module else [alias.name for alias in node.names]
-            found |= {n.split(".")[0] for n in names if (IO / f"{n.split('.')[0]}.py").exists()}
-        if id(node) not in top_level:
-            local.append(f"{path.name}:{node.lineno}")
-    return found, local
-
-
-def test_io_modules_form_no_cycle_and_import_nothing_of_ours_inside_functions():
-    graph, local = {}, []
-    for path in sorted(IO.glob("*.py")):
-        graph[path.stem], inside = io_imports(path)
-        local += inside
-    assert local == [], f"function-local imports of lightning_ties modules: {local}"
-    done: set[str] = set()
-
-    def visit(module: str, stack: list[str]) -> None:
-        assert module not in stack, "import cycle: " + " -> ".join([*stack, module])
-        if module not in done:
-            for dep in graph.get(module, ()):
-                visit(dep, [*stack, module])
-            done.add(module)
-
-    for module in graph:
-        visit(module, [])
-    assert "lora" not in graph["readers"] and "formats" in graph["sources"]  # the old cycle's two ends
-
 
 def test_the_old_sources_module_is_a_deprecated_alias():
     with warnings.catch_warnings(record=True) as caught:

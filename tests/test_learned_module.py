@@ -22,8 +22,9 @@ from lightning_ties.lightning.learned import (
 )
 from lightning_ties.merging import MergeSpec
 
-QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-             enable_checkpointing=False, num_sanity_val_steps=0)
+import conftest
+
+QUIET = {**conftest.QUIET, "num_sanity_val_steps": 0}
 
 
 class Net(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
-from test_lightning_helpers import (
+from conftest import (
     Classifier,
     CountValidations,
     Recorder,
@@ -257,12 +257,13 @@ def test_bad_arguments_are_refused_at_construction(kwargs, message):
         TiesMerging(**args)
 
 
-def test_sharded_strategies_are_refused():
-    class FSDPStrategy:  # stands in for Lightning's (needs GPUs); the refusal is by strategy type
-        pass
+def test_deepspeed_is_refused_by_isinstance_subclasses_included():
+    class MyDeepSpeed(pl.strategies.DeepSpeedStrategy):  # a user's subclass (deepspeed itself is not installed)
+        def __init__(self) -> None:
+            pl.strategies.DDPStrategy.__init__(self)
 
     class FakeTrainer:
-        strategy = FSDPStrategy()
+        strategy = MyDeepSpeed()
 
-    with pytest.raises(RuntimeError, match="sharded strategy FSDPStrategy"):
+    with pytest.raises(RuntimeError, match="does not support DeepSpeedStrategy"):
         TiesMerging(tasks={"a": {}}, task="c").setup(FakeTrainer(), None, "fit")

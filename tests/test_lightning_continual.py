@@ -7,7 +7,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_lightning_helpers import Recorder, pretrained, quiet_trainer, task_data
+from conftest import Recorder, pretrained, quiet_trainer, task_data
 
 from lightning_ties import ContinualTiesMerging, TiesMerging, ties_merge
 from lightning_ties.io.task_store import TaskVectorStore
@@ -96,14 +96,25 @@ def test_start_from_merged_begins_the_next_fit_at_the_merge_so_far(tmp_path):
         torch.testing.assert_close(at_start.state[key], value, msg=key)
 
 
-def test_tiesmerging_with_a_store_still_works_but_warns_and_builds_the_continual_class(tmp_path):
-    store_dir = str(tmp_path / "store")
-    with pytest.warns(DeprecationWarning, match="ContinualTiesMerging"):
-        merging = TiesMerging(task="t1", store=store_dir, k=0.2, lam=1.0, start_from="merged")
-    assert type(merging) is ContinualTiesMerging
-    assert (merging.store_dir, merging.start_from, merging.task) == (store_dir, "merged", "t1")
+def test_tiesmerging_refuses_a_store_the_continual_class_takes_it(tmp_path):
+    # the 0.1 alias (TiesMerging(store=...) building ContinualTiesMerging) is gone: one class per behaviour
+    with pytest.raises(TypeError, match="store"):
+        TiesMerging(task="t1", store=str(tmp_path / "store"), k=0.2, lam=1.0)
+    merging = ContinualTiesMerging(task="t1", store=str(tmp_path / "store"), k=0.2, lam=1.0, start_from="merged")
     quiet_trainer(max_epochs=1, callbacks=[merging]).fit(pretrained(), task_data(10))
-    assert TaskVectorStore(store_dir).names() == ["t1"]  # it did continual merging, as before
+    assert TaskVectorStore(str(tmp_path / "store")).names() == ["t1"]
+
+
+def test_both_classes_show_their_real_signature():
+    import inspect
+
+    ties = inspect.signature(TiesMerging)
+    continual = inspect.signature(ContinualTiesMerging)
+    assert list(ties.parameters)[:6] == ["tasks", "task", "base", "method", "k", "lam"]
+    assert "search_strategy" in ties.parameters and "strategy" not in ties.parameters
+    assert list(continual.parameters)[:4] == ["tasks", "task", "store", "start_from"]
+    assert set(ties.parameters) < set(continual.parameters)  # every TiesMerging argument, by name
+    assert continual.parameters["lam"].default == 1.0 and continual.parameters["store"].default is inspect.Parameter.empty
 
 
 def test_each_class_has_one_behaviour_tiesmerging_has_no_store_arguments_and_needs_tasks(tmp_path):

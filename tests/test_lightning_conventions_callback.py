@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from both_packages import BOTH, PACKAGES, data, load, net_class, trainer
+from conftest import BOTH, PACKAGES, data, load, net_class, trainer
 
 
 def _tasks(pl) -> dict[str, dict[str, torch.Tensor]]:
@@ -45,13 +45,12 @@ def test_typos_fail_at_construction(package: str, kwargs: dict, message: str) ->
 
 
 @BOTH
-def test_strategy_is_a_deprecated_name_of_search_strategy(package: str) -> None:
+def test_strategy_is_not_an_argument_it_would_clash_with_the_trainers(package: str) -> None:
+    # the 0.1 alias strategy= is gone: in a LightningCLI config it clashed with trainer.strategy
     _, layer = load(package)
-    with pytest.warns(DeprecationWarning, match="search_strategy"):
-        merging = layer.TiesMerging(tasks={"a": {}}, task="c", strategy="coarse_to_fine")
-    assert merging.search_strategy == "coarse_to_fine"
-    with pytest.raises(ValueError, match="search_strategy must be one of"), pytest.warns(DeprecationWarning):
-        layer.TiesMerging(tasks={"a": {}}, task="c", strategy="coarse")
+    with pytest.raises(TypeError, match="strategy"):
+        layer.TiesMerging(tasks={"a": {}}, task="c", strategy="coarse_to_fine")
+    assert layer.TiesMerging(tasks={"a": {}}, task="c", search_strategy="coarse_to_fine").search_strategy == "coarse_to_fine"
 
 
 @BOTH

@@ -1,7 +1,7 @@
 """Lightning's conventions for MultiTaskMergeModule: logs a logger can plot, readable progress, metrics and forward_fn.
 
-Every Trainer test runs under both packages: ``pytorch_lightning`` (``lightning_ties.lightning``)
-and the unified ``lightning.pytorch`` (``lightning_ties.pytorch``).
+Every Trainer test runs under both packages (conftest's ``lightning_package`` fixture): ``pytorch_lightning``
+(``lightning_ties.pytorch_lightning``) and the unified ``lightning.pytorch`` (``lightning_ties.pytorch``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ from torchmetrics.wrappers import MultitaskWrapper
 import lightning_ties.evaluation as evaluation
 from lightning_ties.io import merge_to
 from lightning_ties.io import stream as stream_module
-
-PACKAGES = [("pytorch_lightning", "lightning_ties.lightning"), ("lightning.pytorch", "lightning_ties.pytorch")]
-
-
-@pytest.fixture(params=PACKAGES, ids=[p for p, _ in PACKAGES])
-def pkg(request):
-    return importlib.import_module(request.param[0]), importlib.import_module(request.param[1])
-
 
 def trainer_of(pl, **kwargs):
     options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -53,8 +45,8 @@ def csv_rows(logger) -> list[dict[str, str]]:
 
 
 # ---- 1. logs a logger can plot ----------------------------------------------------------------
-def test_search_logs_one_step_per_candidate_with_clean_values(pkg, tmp_path):
-    pl, ours = pkg
+def test_search_logs_one_step_per_candidate_with_clean_values(lightning_package, tmp_path):
+    pl, ours = lightning_package
     base, tasks, loaders = setup()
     logger = pl.loggers.CSVLogger(str(tmp_path), name="logs")
     module = ours.MultiTaskMergeModule(base, tasks)
@@ -85,15 +77,15 @@ def test_search_logs_one_step_per_candidate_with_clean_values(pkg, tmp_path):
 
 
 def test_metric_values_are_the_shortest_float32_decimal():
-    from lightning_ties.lightning.metrics import TaskMetrics
+    from lightning_ties.core.metrics import TaskMetrics
 
     tm = TaskMetrics(["a"])
     tm.update("a", torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]), torch.tensor([1, 0, 1]))
     assert tm.compute()["a"]["acc"] == 0.6666667  # float(float32 2/3) would be 0.6666666865348816
 
 
-def test_task_scorer_logs_validation_and_test_apart(pkg, tmp_path):
-    pl, ours = pkg
+def test_task_scorer_logs_validation_and_test_apart(lightning_package, tmp_path):
+    pl, ours = lightning_package
     scoring = importlib.import_module(ours.__name__ + ".scoring")
     base, tasks, loaders = setup()
     logger = pl.loggers.CSVLogger(str(tmp_path), name="logs")
@@ -107,8 +99,8 @@ def test_task_scorer_logs_validation_and_test_apart(pkg, tmp_path):
 
 
 # ---- 2. progress people can read --------------------------------------------------------------
-def test_search_reports_each_candidate_and_replaces_the_inner_bars(pkg, caplog, capsys):
-    pl, ours = pkg
+def test_search_reports_each_candidate_and_replaces_the_inner_bars(lightning_package, caplog, capsys):
+    pl, ours = lightning_package
     base, tasks, loaders = setup()
     trainer = trainer_of(pl, enable_progress_bar=True)
     with caplog.at_level(logging.INFO):
@@ -159,8 +151,8 @@ def test_merge_to_counts_the_threshold_pass_too(tmp_path, monkeypatch, scope, pa
 
 
 # ---- 3. metrics and forward_fn ----------------------------------------------------------------
-def test_multitask_wrapper_and_collections_are_accepted_as_given(pkg):
-    pl, ours = pkg
+def test_multitask_wrapper_and_collections_are_accepted_as_given(lightning_package):
+    pl, ours = lightning_package
     base, tasks, loaders = setup()
     plain = ours.MultiTaskMergeModule(base, tasks).evaluate(trainer_of(pl), loaders, k=0.2, lam=1.0)
     base, tasks, loaders = setup()
@@ -172,8 +164,8 @@ def test_multitask_wrapper_and_collections_are_accepted_as_given(pkg):
     assert scores == {"a": {"acc": plain["a"]["acc"]}, "b": {"acc": plain["b"]["acc"], "again": plain["b"]["acc"]}}
 
 
-def test_forward_fn_is_told_the_task_so_each_task_uses_its_own_head(pkg):
-    pl, ours = pkg
+def test_forward_fn_is_told_the_task_so_each_task_uses_its_own_head(lightning_package):
+    pl, ours = lightning_package
     base, tasks, loaders = setup()
     heads = {"a": nn.Identity(), "b": nn.Linear(3, 3)}  # b's head: its own, outside the merged model
     seen = []
@@ -192,8 +184,8 @@ def test_forward_fn_is_told_the_task_so_each_task_uses_its_own_head(pkg):
     assert scores["b"]["acc"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_two_argument_forward_fn_still_works(pkg):
-    pl, ours = pkg
+def test_two_argument_forward_fn_still_works(lightning_package):
+    pl, ours = lightning_package
     base, tasks, loaders = setup()
     scores = ours.MultiTaskMergeModule(base, tasks, metrics=MeanSquaredError(),
                                        forward_fn=lambda model, batch: (model(batch[0]), torch.zeros(len(batch[0]), 3)))
@@ -209,8 +201,8 @@ class NoLogits(nn.Module):
         return {"hidden": self.inner(x)}  # no logits anywhere
 
 
-def test_output_without_logits_names_forward_fn(pkg):
-    pl, ours = pkg
+def test_output_without_logits_names_forward_fn(lightning_package):
+    pl, ours = lightning_package
     _, _, loaders = setup()
     base = NoLogits()
     tasks = {t: {k: v + 0.1 for k, v in base.state_dict().items()} for t in ("a", "b")}
@@ -219,15 +211,16 @@ def test_output_without_logits_names_forward_fn(pkg):
 
 
 # ---- 4. one accuracy, one batch convention ----------------------------------------------------
-def test_one_accuracy_for_the_whole_package(pkg):
-    _, ours = pkg
+def test_one_accuracy_for_the_whole_package(lightning_package):
+    _, ours = lightning_package
     assert ours.ArgmaxAccuracy is evaluation.ArgmaxAccuracy
-    learned = importlib.import_module(ours.__name__ + ".learned.objectives")
+    learned = importlib.import_module("lightning_ties.core.learned.objectives")
+    assert ours.learned.split_batch is evaluation.split_batch
     assert learned.split_batch is evaluation.split_batch and learned.logits_of is evaluation.logits_of
 
 
-def test_dict_batches_with_any_target_key_are_scored(pkg):
-    pl, ours = pkg
+def test_dict_batches_with_any_target_key_are_scored(lightning_package):
+    pl, ours = lightning_package
     base, tasks, loaders = setup()
 
     class Keyed(nn.Module):

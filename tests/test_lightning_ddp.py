@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     warnings.filterwarnings("ignore")
     import torch
     import pytorch_lightning as pl
-    from test_lightning_helpers import QUIET, fine_tune, pretrained, task_data
+    from conftest import QUIET, fine_tune, pretrained, task_data
     from lightning_ties import MultiTaskMergeModule, TiesMerging
 
     devices, out = int(sys.argv[1]), sys.argv[2]

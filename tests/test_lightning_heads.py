@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ties.lightning.heads import HeadStore, differing_keys, load_into, named_head_keys
+from lightning_ties.core.heads import HeadStore, copy_into, differing_keys, named_head_keys
 from lightning_ties.merging import as_source, plan_merge
 
 
@@ -71,10 +71,10 @@ def test_store_as_buffers_moves_with_its_owner_and_stays_out_of_checkpoints():
     assert store.of("a")["w"].dtype == torch.float64 and store.of("b")["w"].tolist() == [0.0, 0.0]
 
 
-def test_load_into_copies_in_place_when_shapes_agree():
+def test_copy_into_copies_in_place_when_shapes_agree():
     net = Net(2)
     weight = net.body.weight
-    load_into(net, {"body.weight": torch.ones(2, 2)})
+    copy_into(net, {"body.weight": torch.ones(2, 2)})
     assert net.body.weight is weight and weight.detach().eq(1).all()
 
 

@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 from lightning_ties import ties_merge  # noqa: E402
 from lightning_ties.lightning import MultiTaskMergeModule, TiesMerging, learn_coefficients  # noqa: E402
-from lightning_ties.lightning.keys import KeyMatchError, match_to_module  # noqa: E402
+from lightning_ties.core.keys import KeyMatchError, match_to_module  # noqa: E402
 
 K = 0.2
 LAMS = [0.6, 1.2]

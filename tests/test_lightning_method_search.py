@@ -17,7 +17,7 @@ import torch
 from lightning_ties.lightning import MultiTaskMergeModule
 from lightning_ties.merging import SUBSPACE_LAM_GRID, TA_LAM_GRID, TIES_LAM_GRID, merge
 
-from both_packages import PACKAGES, base_and_tasks, data, net_class, recorder, tiny_tasks, trainer
+from conftest import PACKAGES, base_and_tasks, data, net_class, recorder, tiny_tasks, trainer
 
 METHODS = ["ties", "task_arithmetic", "tsv"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchmetrics import MeanSquaredError, MetricCollection
 
-from lightning_ties.lightning.metrics import ArgmaxAccuracy, TaskMetrics, normalized, objective_value, summarize
+from lightning_ties.core.metrics import ArgmaxAccuracy, TaskMetrics, normalized, objective_value, summarize
 
 
 def test_each_task_accumulates_only_its_own_batches():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_lightning_helpers import (
+from conftest import (
     Classifier,
     CountValidations,
     LinearRegressor,
@@ -19,7 +19,7 @@ from test_lightning_helpers import (
 from torchmetrics import MeanSquaredError
 
 from lightning_ties import MultiTaskMergeModule, TiesMerging, ties_merge
-from lightning_ties.lightning.metrics import ArgmaxAccuracy
+from lightning_ties.core.metrics import ArgmaxAccuracy
 
 
 def regression_setup():
@@ -77,14 +77,14 @@ def test_lam_is_applied_in_place_without_new_modules_or_recomputing_tau():
     module = MultiTaskMergeModule(base, tasks, metrics=MeanSquaredError(), k=0.5)
     weight = base.w.weight
     calls = []
-    original = module.task_vector
+    original = module.merger.task_vector  # the merge core computes tau_m for the module
 
     def counting(k=None):
         tau = original(k)
         calls.append(id(tau))
         return tau
 
-    module.task_vector = counting
+    module.merger.task_vector = counting
     module.search(quiet_trainer(), loaders, k=0.5, lam=[0.5, 1.0, 1.5], mode="min", normalize=False)
     assert base.w.weight is weight  # same parameter object, written in place
     assert len(set(calls)) == 1  # one tau_m for the whole lam sweep
@@ -197,8 +197,8 @@ def test_a_base_with_different_keys_is_refused():
 
 
 def test_module_and_callback_are_exported_at_top_level():
-    assert MultiTaskMergeModule.__module__ == "lightning_ties.lightning.module"
-    assert TiesMerging.__module__ == "lightning_ties.lightning.callback"
+    assert MultiTaskMergeModule.__module__ == "lightning_ties.pytorch_lightning.module"
+    assert TiesMerging.__module__ == "lightning_ties.pytorch_lightning.callback"
 
 
 def test_trainer_validate_with_a_dict_routes_by_task_name_and_applies_the_default_merge():

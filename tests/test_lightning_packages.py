@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 import lightning_ties
+import lightning_ties.io
 from lightning_ties import ties_merge
 
-from both_packages import PACKAGES, base_and_tasks, data, net_class, recorder, trainer
+from conftest import PACKAGES, base_and_tasks, data, net_class, recorder, trainer
 
 
 
@@ -33,9 +34,63 @@ def _run(code: str, cwd: Path | None = None) -> str:
 
 
 
-def test_the_top_level_names_list_the_lightning_layer() -> None:
-    layer = importlib.import_module("lightning_ties.lightning")
-    assert lightning_ties.LIGHTNING_NAMES == set(layer.__all__)
+def test_the_top_level_table_lists_every_lazy_name_and_where_it_lives() -> None:
+    table = lightning_ties.LAZY_NAMES
+    for module in ("lightning_ties.pytorch", "lightning_ties.pytorch_lightning", "lightning_ties.lightning"):
+        assert {n for n, where in table.items() if where == "lightning"} == set(importlib.import_module(module).__all__)
+    assert {n for n, where in table.items() if where == "io"} == {*lightning_ties.io.__all__, "io"}
+    assert not set(table) & set(lightning_ties.__all__)  # the eager names are not lazy too
+    for name in table:
+        assert getattr(lightning_ties, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'TaskVector'"):
+        lightning_ties.TaskVector  # noqa: B018  (the 0.1 alias is gone)
+
+
+def test_both_layers_share_every_lightning_free_class_so_isinstance_and_except_hold_across() -> None:
+    import lightning.pytorch as lp
+    import pytorch_lightning as pl
+
+    unified = importlib.import_module("lightning_ties.pytorch")
+    classic = importlib.import_module("lightning_ties.pytorch_lightning")
+    shells = {"TiesMerging", "ContinualTiesMerging", "MultiTaskMergeModule", "LearnedMergeModule"}
+    per_package = {*shells, "learn_coefficients"}  # it runs its package's Trainer
+    for name in set(unified.__all__) - per_package:
+        assert getattr(unified, name) is getattr(classic, name), name  # one object, loaded once (lightning_ties.core)
+    for name in shells:
+        assert issubclass(getattr(unified, name), (lp.Callback, lp.LightningModule))
+        assert issubclass(getattr(classic, name), (pl.Callback, pl.LightningModule))
+        assert getattr(unified, name) is not getattr(classic, name)
+    # a result made under one package is an instance of the other's class; an error raised by one is caught by the other's
+    base = nn.Linear(2, 2)
+    tasks = {"a": {k: v + 0.1 for k, v in base.state_dict().items()}}
+    result = unified.MultiTaskMergeModule(base, tasks).search(None, {"a": [[(torch.eye(2), torch.tensor([0, 1]))]]},
+                                                              k=0.2, lam=[1.0], normalize=False)
+    assert isinstance(result, classic.SearchResult) and isinstance(result.best, classic.Candidate)
+    with pytest.raises(classic.KeyMatchError):
+        unified.MultiTaskMergeModule(base, {"a": {"zzz": torch.zeros(2, 2)}})
+    with pytest.raises(unified.KeyMatchError):
+        classic.MultiTaskMergeModule(base, {"a": {"zzz": torch.zeros(2, 2)}})
+    assert classic.TaskMetrics(["a"]).__class__ is unified.TaskMetrics
+
+
+def test_the_old_name_of_the_pytorch_lightning_layer_is_the_same_package() -> None:
+    import lightning_ties.lightning as old
+    import lightning_ties.lightning.learned as old_learned
+    import lightning_ties.pytorch_lightning as new
+
+    assert old.TiesMerging is new.TiesMerging and old.__all__ == new.__all__
+    assert old_learned is new.learned
+    assert importlib.import_module("lightning_ties.lightning.callback") is importlib.import_module(
+        "lightning_ties.pytorch_lightning.callback")
+
+
+def test_the_pytorch_lightning_layer_is_generated_from_the_unified_one() -> None:
+    # like Lightning's own pytorch_lightning, the mirror is generated (tools/mirror.py); a stale one fails here
+    root = Path(lightning_ties.__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "tools" / "mirror.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    compat = (root / "lightning_ties" / "pytorch_lightning" / "_compat.py").read_text()
+    assert "import pytorch_lightning as pl" in compat and "lightning.pytorch" not in compat
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
@@ -67,7 +122,7 @@ def test_the_backend_can_be_chosen_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("LIGHTNING_TIES_BACKEND", "lightning")
     assert lightning_ties.lightning_layer().__name__ == "lightning_ties.pytorch"
     monkeypatch.setenv("LIGHTNING_TIES_BACKEND", "pytorch_lightning")
-    assert lightning_ties.lightning_layer().__name__ == "lightning_ties.lightning"
+    assert lightning_ties.lightning_layer().__name__ == "lightning_ties.pytorch_lightning"
     monkeypatch.setenv("LIGHTNING_TIES_BACKEND", "torch")
     with pytest.raises(ValueError, match="LIGHTNING_TIES_BACKEND='torch'"):
         lightning_ties.lightning_layer()

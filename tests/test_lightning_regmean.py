@@ -18,7 +18,7 @@ from lightning_ties.lightning import MultiTaskMergeModule
 from lightning_ties.merging import get_method, merge
 from lightning_ties.merging.regmean import collect_grams, regmean_state_dict
 
-from both_packages import tiny_tasks, trainer
+from conftest import tiny_tasks, trainer
 
 EXAMPLES = 16  # fewer than each loader holds: the module must stop where the hand collection stops
 
@@ -78,7 +78,7 @@ def test_search_regmean_applies_the_closed_form_on_each_tasks_own_examples() -> 
     assert module.model.training == before_training
     # collecting loads each task into the model; what was there is put back
     held = {k: v.clone() for k, v in module.model.state_dict().items()}
-    module._tau = None
+    module.merger._tau = None  # forget the cached tau_m: the next call collects the Grams again
     module.task_vector()
     for key, value in module.model.state_dict().items():
         assert torch.equal(value, held[key]), key
@@ -126,7 +126,7 @@ def test_trainer_validate_driven_search_with_regmean() -> None:
 
 
 def test_the_callback_refuses_regmean_without_every_tasks_data_before_training():
-    from test_lightning_helpers import Classifier, quiet_trainer, task_data
+    from conftest import Classifier, quiet_trainer, task_data
 
     from lightning_ties.lightning import TiesMerging
 
@@ -145,7 +145,7 @@ def test_the_callback_refuses_regmean_without_every_tasks_data_before_training()
 
 
 def test_the_callback_merges_with_regmean_on_the_validation_dataloaders():
-    from test_lightning_helpers import Classifier, Recorder, quiet_trainer, task_data
+    from conftest import Classifier, Recorder, quiet_trainer, task_data
 
     from lightning_ties.lightning import TiesMerging
 

@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-from test_lightning_helpers import (
+from conftest import (
     Classifier,
     CountValidations,
     Recorder,

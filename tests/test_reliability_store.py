@@ -158,7 +158,7 @@ def test_a_failed_add_leaves_no_temporary_and_stale_ones_are_cleaned(store, monk
 
 
 def test_a_callback_with_a_damaged_store_fails_at_setup_before_any_training_step(tmp_path):
-    from test_lightning_helpers import Classifier, quiet_trainer, task_data
+    from conftest import Classifier, quiet_trainer, task_data
 
     from lightning_ties.lightning import ContinualTiesMerging
 

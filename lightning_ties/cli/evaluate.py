@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import EvaluateConfig, to_dict
-from ..lightning._compat import pl
-from ..lightning.scoring import TaskScorer, make_trainer, quiet_lightning
+import pytorch_lightning as pl
+from ..pytorch_lightning.scoring import TaskScorer, make_trainer, quiet_lightning
 from ..report import ResultRow, RunReport, log_report, write_report
 from .common import (
     RESOLVED_CONFIG,

@@ -149,7 +149,7 @@ def dispatch(ns: argparse.Namespace) -> int:
         cfg = load_config(SearchConfig, ns.config, ns.overrides, allow_env=allow_env)
         from . import search
 
-        return search.run_search(cfg, console, ns.config)
+        return search.run_search_command(cfg, console, ns.config)
     cfg = load_config(EvaluateConfig, ns.config, ns.overrides, allow_env=allow_env)
     from . import evaluate
 

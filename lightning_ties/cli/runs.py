@@ -13,8 +13,8 @@ from typing import Any
 from torch import nn
 
 from ..config import LEARNED, ConfigError, EvaluateConfig, Logger, SearchConfig, SearchGrid, SearchStrategy
-from ..lightning import MultiTaskMergeModule, k_grid, lam_grid
-from ..lightning._compat import pl
+from ..pytorch_lightning import MultiTaskMergeModule, k_grid, lam_grid
+import pytorch_lightning as pl
 from ..merging import get_method
 from .common import method_args
 

@@ -12,9 +12,10 @@ from torch import nn
 from ..config import LEARNED, SearchConfig, to_dict
 from ..io import merge_to, save_safetensors
 from ..merging import get_method
-from ..lightning import MultiTaskMergeModule, SearchResult, learn_coefficients
-from ..lightning._compat import pl
-from ..lightning.scoring import TaskScorer, exact_patterns, make_trainer, quiet_lightning
+from ..pytorch_lightning import MultiTaskMergeModule, SearchResult, learn_coefficients
+import pytorch_lightning as pl
+from ..core.heads import exact_patterns
+from ..pytorch_lightning.scoring import TaskScorer, make_trainer, quiet_lightning
 from ..report import ResultRow, RunReport, SearchCurve, learned_row, log_report, write_report
 from .common import (
     RESOLVED_CONFIG,
@@ -30,7 +31,7 @@ from .common import (
 from .runs import count_candidates, make_logger, module_for
 
 
-def run_search(cfg: SearchConfig, console: Console, config_path: str) -> int:
+def run_search_command(cfg: SearchConfig, console: Console, config_path: str) -> int:
     """Search lam (and k) on the validation split, score on test, save the best model and the reports."""
     check_paths(cfg)
     model = build_model(cfg)
@@ -118,7 +119,7 @@ def _save_best(
     params.pop("k", None)
     if result.k is not None:
         params["k"] = result.k
-    exclude = [*exact_patterns(module.head_keys), *(cfg.exclude or [])]
+    exclude = exact_patterns(module.head_keys, cfg.exclude) or []
     merge_to(
         path,
         cfg.base,

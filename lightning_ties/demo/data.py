@@ -102,9 +102,8 @@ class DigitsTask:
 
 #: The default suite: five questions about the same upright digits, each with its own label set.
 DEFAULT_TASKS = ("digit", "parity", "ge5", "mod3", "loop")
-#: The pretraining task: identity of the digits 0-4 only, so the base has never told 5-9 apart.
+#: The pretraining task: identity of the config's ``data.source_digits`` (0-4 by default): the base never told 5-9 apart.
 SOURCE_TASK = "digit"
-SOURCE_DIGITS = (0, 1, 2, 3, 4)
 
 
 class DigitsSuite:

@@ -5,7 +5,7 @@ Steps (all seeded, CPU, offline):
 1. pretrain a :class:`DigitsNet` on the source task (identity of the digits 0-4);
 2. for each task: fit a linear-probe head on the frozen pretrained features (the task's head,
    kept fixed), then fine-tune the body with a Lightning ``Trainer``;
-3. wire the checkpoints into :class:`~lightning_ties.lightning.MultiTaskMergeModule` (per-task
+3. wire the checkpoints into :class:`~lightning_ties.pytorch_lightning.MultiTaskMergeModule` (per-task
    heads) and, through Lightning's validation loop, score on the test split: the base, the
    fine-tuned models, and each merge method with the paper's no-validation recipe and with
    lam (and k) searched on the validation split;
@@ -34,8 +34,8 @@ import torch
 from ..config import LEARNED, DemoConfig
 from ..io import save_safetensors
 from ..io.task_store import TaskVectorStore
-from ..lightning import MultiTaskMergeModule, learn_coefficients
-from ..lightning.scoring import TaskScorer, make_trainer, quiet_lightning
+from ..pytorch_lightning import MultiTaskMergeModule, learn_coefficients
+from ..pytorch_lightning.scoring import TaskScorer, make_trainer, quiet_lightning
 from ..merging import get_method
 from ..report import ResultRow, RunReport, SearchCurve, learned_row
 from .data import SOURCE_TASK, DigitsSuite, DigitsTask
@@ -114,7 +114,7 @@ def save_checkpoints(
 def build_scorer(
     cfg: DemoConfig, base: DigitsNet, finetuned: Mapping[str, Mapping[str, torch.Tensor]], logger: Any = None
 ) -> Any:
-    """A :class:`~lightning_ties.lightning.scoring.TaskScorer` over base and the fine-tuned models (heads: ``head.*``)."""
+    """A :class:`~lightning_ties.pytorch_lightning.scoring.TaskScorer` over base and the fine-tuned models (heads: ``head.*``)."""
     arch = DigitsNet(num_classes=10, hidden=cfg.model.hidden, depth=cfg.model.depth)
     module = MultiTaskMergeModule(base.state_dict(), dict(finetuned), model=arch, heads=[HEAD_PATTERN])
     return TaskScorer(module, make_trainer(logger), finetuned)

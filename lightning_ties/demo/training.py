@@ -1,18 +1,18 @@
 """Training the demo's network with a Lightning ``Trainer``: pretraining and fine-tuning the body.
 
 Kept apart from :mod:`.models` (pure torch) so that naming the architecture in a config
-(``lightning_ties.demo.models:DigitsNet``) does not import Lightning; Lightning comes through the
-Lightning layer (:mod:`lightning_ties.lightning`), the one place that chooses the package.
+(``lightning_ties.demo.models:DigitsNet``) does not import Lightning. The demo, like the command,
+runs on ``pytorch_lightning`` and its layer (:mod:`lightning_ties.pytorch_lightning`).
 """
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..lightning._compat import pl
-from ..lightning.scoring import make_trainer
+from ..pytorch_lightning.scoring import make_trainer
 from .models import DigitsNet
 
 

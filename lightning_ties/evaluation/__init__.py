@@ -1,7 +1,7 @@
 """Evaluation conventions shared by every layer above: what a batch is, and the one accuracy.
 
 Pure torch and torchmetrics: no Lightning, no files, no command line. The Lightning layer
-(:mod:`lightning_ties.lightning`) builds its validation loop, its learned-coefficient objectives
+(:mod:`lightning_ties.core` and its shells) builds its validation loop, its learned-coefficient objectives
 and its Trainer-driven scorer on these; the CLI and the demo use them through that layer.
 
 - :func:`split_batch`, :func:`logits_of`, :func:`predict_and_target`, :data:`TARGET_KEYS`: the batch convention;
@@ -15,7 +15,7 @@ Example:
     tensor(0.6667)
 """
 
-from .batches import TARGET_KEYS, Batch, logits_of, predict_and_target, split_batch
+from .batches import TARGET_KEYS, Batch, logits_of, move_to_device, predict_and_target, split_batch
 from .metrics import IGNORE_INDEX, ArgmaxAccuracy
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ArgmaxAccuracy",
     "Batch",
     "logits_of",
+    "move_to_device",
     "predict_and_target",
     "split_batch",
 ]

@@ -115,4 +115,31 @@ def predict_and_target(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]
     return logits_of(model(*args, **kwargs)), target
 
 
-__all__ = ["TARGET_KEYS", "Batch", "logits_of", "predict_and_target", "split_batch"]
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor (anything with a ``.to``) moved to ``device``, containers rebuilt.
+
+    What Lightning's ``move_data_to_device`` does for the batches of this convention, without
+    Lightning: the merge core runs its plain evaluation loops (and RegMean's data pass) with it.
+
+    Example:
+        >>> import torch
+        >>> moved = move_to_device({"x": (torch.ones(1),), "n": 3}, "cpu")
+        >>> moved["x"][0].device.type, moved["n"]
+        ('cpu', 3)
+    """
+    if callable(getattr(batch, "to", None)) and not isinstance(batch, type):
+        return batch.to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple: rebuilt field by field
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, Mapping):
+        items = {k: move_to_device(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return items
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+__all__ = ["TARGET_KEYS", "Batch", "logits_of", "move_to_device", "predict_and_target", "split_batch"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..merging.sources import TensorSource, as_source
+from .dcp import DcpSource, is_dcp_folder
 from .errors import CheckpointError
 from .hf_folder import ADAPTER_CONFIG, BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from .lora import LoraSource
@@ -61,7 +62,9 @@ def open_source(
     ``model-*.safetensors`` + index, ``pytorch_model.bin`` (+ index)), a Lightning ``.ckpt``
     (its ``state_dict``, keys as saved: ``prefix="model."`` strips that prefix, ``prefix="auto"``
     the first dotted part all keys share), a ``.pt``/``.pth``/``.bin`` state dict, or a PEFT LoRA
-    adapter folder, read as full weights ``base + scaling * B @ A`` (needs ``base``).
+    adapter folder, read as full weights ``base + scaling * B @ A`` (needs ``base``), or a
+    ``torch.distributed.checkpoint`` folder (``.metadata``; what Lightning's sharded strategies save:
+    the module's keys, its ``state_dict.``/``model.`` container stripped; see :mod:`.dcp`).
     Pickled files load with ``weights_only=True`` unless ``trust_pickle=True``.
 
     Example:
@@ -74,6 +77,8 @@ def open_source(
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
+    if p.is_dir() and is_dcp_folder(p):
+        return DcpSource(p, prefix, trust_pickle, label)
     if p.is_dir():
         return open_folder(p, base, trust_pickle, label)
     if p.name.endswith(".index.json"):

@@ -1,37 +1,36 @@
-"""Lightning integration: the only subpackage that imports lightning.
+"""``lightning_ties.lightning``: the first name of :mod:`lightning_ties.pytorch_lightning` (the layer for ``pytorch_lightning``).
 
-- :class:`TiesMerging`: a Trainer callback that merges this run with other tasks at fit end.
-- :class:`ContinualTiesMerging`: the same over a task store that grows by one task per run.
-- :class:`MultiTaskMergeModule`: merge checkpoints, evaluate and search k/lam without training.
-- :class:`SearchResult`: every candidate's per-task scores, the chosen one, ``.table``, ``.to_csv/.to_json``.
-- :class:`LearnedMergeModule`, :func:`learn_coefficients`: per-task (per-layer) merging coefficients
-  trained by ``Trainer.fit`` on validation data (AdaMerging-style, on top of TIES components).
-- :class:`TaskMetrics`, :class:`ArgmaxAccuracy`, :func:`summarize`: per-task metrics and their summaries.
+Kept so that code and ``class_path:`` entries written for 0.1 still work. It is the same
+package, not a copy: every module of :mod:`lightning_ties.pytorch_lightning` is registered under
+this name too, so ``lightning_ties.lightning.TiesMerging is lightning_ties.pytorch_lightning.TiesMerging``
+and ``lightning_ties.lightning.learned`` is ``lightning_ties.pytorch_lightning.learned``.
+
+Example:
+    >>> import lightning_ties.lightning, lightning_ties.pytorch_lightning
+    >>> lightning_ties.lightning.TiesMerging is lightning_ties.pytorch_lightning.TiesMerging
+    True
 """
 
-from .callback import TiesMerging
-from .continual import ContinualTiesMerging
-from .learned import LearnedMergeModule, LearnedMergeResult, learn_coefficients, plot_coefficients
-from .metrics import ArgmaxAccuracy, TaskMetrics, normalized, summarize
-from .module import MultiTaskMergeModule
-from .search import DEFAULT_K_GRID, Candidate, SearchResult, k_grid, lam_grid, run_search
+from __future__ import annotations
 
-__all__: list[str] = [
-    "ArgmaxAccuracy",
-    "Candidate",
-    "ContinualTiesMerging",
-    "DEFAULT_K_GRID",
-    "LearnedMergeModule",
-    "LearnedMergeResult",
-    "MultiTaskMergeModule",
-    "SearchResult",
-    "TaskMetrics",
-    "TiesMerging",
-    "k_grid",
-    "lam_grid",
-    "learn_coefficients",
-    "normalized",
-    "plot_coefficients",
-    "run_search",
-    "summarize",
-]
+import importlib
+import pkgutil
+import sys
+
+from .. import pytorch_lightning as _layer
+from ..pytorch_lightning import *  # noqa: F401,F403
+from ..pytorch_lightning import __all__
+
+
+def _alias_submodules() -> None:
+    """Register each module of the layer under this package's name (``import lightning_ties.lightning.learned``)."""
+    prefix = _layer.__name__ + "."
+    for info in pkgutil.walk_packages(_layer.__path__, prefix):
+        module = importlib.import_module(info.name)
+        alias = __name__ + "." + info.name[len(prefix):]
+        sys.modules[alias] = module
+        if "." not in info.name[len(prefix):]:
+            globals()[info.name[len(prefix):]] = module
+
+
+_alias_submodules()

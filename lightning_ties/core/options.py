@@ -1,0 +1,185 @@
+"""Search options, checked once: the methods, the k and lam grids, the objective, its mode, the strategy.
+
+The public entry points (``TiesMerging``, ``MultiTaskMergeModule.search``, ``run_search``) build a
+:class:`SearchOptions` with :meth:`SearchOptions.build`, which checks every value against the
+method registry and the grids (a typo fails there, before any training step or validation pass);
+everything below them takes the frozen object and checks nothing again.
+
+Example:
+    >>> options = SearchOptions.build(["ties", "task_arithmetic"], k=[0.1, 0.2], lam=1.0)
+    >>> options.grids(default_k=0.2)
+    {'ties': ([0.1, 0.2], [1.0]), 'task_arithmetic': ([None], [1.0])}
+    >>> options.searching
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..merging import get_method
+from ..merging.grids import check_k_grid, check_lam_grid
+from .metrics import SearchObjective
+
+STRATEGIES = ("grid", "coarse_to_fine")
+MODES = ("max", "min")
+#: What a string objective may start with (``"mean"``, ``"normalized:acc"``).
+OBJECTIVE_KINDS = ("mean", "normalized")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """``value`` must be one of ``choices``; the error names the argument and the choices.
+
+    Example:
+        >>> check_choice("mode", "max", MODES)
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_methods(method: Any) -> list[str]:
+    """``method`` (a name or a list of names) as a list without repeats, every name checked against the registry.
+
+    Example:
+        >>> check_methods(["ties", "tsv", "ties"])
+        ['ties', 'tsv']
+    """
+    methods = [method] if isinstance(method, str) else list(method) if isinstance(method, Sequence) else None
+    if not methods or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"method={method!r}: expected a registered method name or a non-empty list of them")
+    for m in methods:
+        get_method(m)  # an unknown name fails here, naming the registered methods
+    return list(dict.fromkeys(methods))
+
+
+def check_objective(objective: Any, normalize: bool = True) -> None:
+    """``"mean"``, ``"normalized"``, ``"<either>:<metric>"`` or a callable; ``"normalized"`` needs ``normalize``."""
+    if callable(objective):
+        return
+    kind = objective.partition(":")[0] if isinstance(objective, str) else ""
+    if kind not in OBJECTIVE_KINDS:
+        raise ValueError(
+            f"objective must be 'mean', 'normalized', 'mean:<metric>', 'normalized:<metric>' or a callable, got {objective!r}"
+        )
+    if kind == "normalized" and not normalize:
+        raise ValueError("objective 'normalized' needs the fine-tuned scores: leave normalize=True")
+
+
+def k_grid(k: Any) -> list[float]:
+    """The k values to evaluate (the registry's one grid validator, :func:`~lightning_ties.merging.check_k_grid`).
+
+    Example:
+        >>> k_grid("search")
+        [0.1, 0.2, 0.3]
+    """
+    return check_k_grid(k)  # type: ignore[return-value]  # without a method every value is a number
+
+
+def lam_grid(method: str, lam: Any) -> list[float]:
+    """The lam values to evaluate (the registry's one grid validator, :func:`~lightning_ties.merging.check_lam_grid`).
+
+    Example:
+        >>> lam_grid("task_arithmetic", "paper")[:3]
+        [0.1, 0.2, 0.3]
+        >>> lam_grid("ties", 1.0)
+        [1.0]
+    """
+    return check_lam_grid(method, lam)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What a k/lam search walks and how it picks: checked by :meth:`build`, then passed inward as is.
+
+    Attributes:
+        methods: the merge methods searched (registered names, no repeats; ties go to the first).
+        ks: the k grid of the methods that trim; ``None``: the merger's own k.
+        lams: each method's lam grid.
+        objective: ``"mean"``, ``"normalized"``, ``"<either>:<metric>"`` or a callable of the scores.
+        mode: ``"max"`` or ``"min"``.
+        strategy: ``"grid"`` or ``"coarse_to_fine"``.
+        normalize: measure each fine-tuned model's own score (needed by ``"normalized"``).
+    """
+
+    methods: tuple[str, ...]
+    ks: tuple[float, ...] | None
+    lams: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    objective: SearchObjective = "mean"
+    mode: str = "max"
+    strategy: str = "grid"
+    normalize: bool = True
+
+    @classmethod
+    def build(
+        cls,
+        method: str | Sequence[str] = "ties",
+        k: Any = None,
+        lam: Any = "paper",
+        objective: str | Callable[..., float] = "mean",
+        mode: str = "max",
+        strategy: str = "grid",
+        normalize: bool = True,
+        strict_k: bool = True,
+    ) -> SearchOptions:
+        """Check every value and freeze them.
+
+        Args:
+            method: a registered method or a list of them.
+            k: a number, a list, ``"search"`` (0.1, 0.2, 0.3) or ``None`` (the merger's k); a k given
+                for methods of which none trims is an error (``strict_k=False``: ignored).
+            lam: ``"paper"``/``"search"`` (each method's own grid), a number or a list (every method).
+            objective, mode, strategy, normalize: as the attributes.
+        """
+        methods = check_methods(method)
+        if k is not None and not any(get_method(m).has_k for m in methods):
+            if strict_k:
+                raise ValueError(f"method(s) {methods} have no k to search; leave k out")
+            k = None
+        ks = tuple(k_grid(k)) if k is not None else None
+        # a method without lam (averaging) refuses any lam but its own here
+        lams = MappingProxyType({m: tuple(lam_grid(m, lam)) for m in methods})
+        check_choice("mode", mode, MODES)
+        check_choice("search_strategy", strategy, STRATEGIES)
+        check_objective(objective, normalize)
+        return cls(tuple(methods), ks, lams, objective, mode, strategy, bool(normalize))
+
+    def k_values(self, method: str, default_k: float | None) -> list[float | None]:
+        """The k grid of ``method``: ``[None]`` for methods without k, else :attr:`ks` or ``[default_k]``."""
+        if not get_method(method).has_k:
+            return [None]
+        return list(self.ks) if self.ks is not None else k_grid(default_k)
+
+    def grids(self, default_k: float | None) -> dict[str, tuple[list[float | None], list[float]]]:
+        """Each method's (k grid, lam grid), in :attr:`methods` order."""
+        return {m: (self.k_values(m, default_k), list(self.lams[m])) for m in self.methods}
+
+    def total(self, default_k: float | None) -> int | None:
+        """How many candidates a grid search scores (``None`` for coarse-to-fine: it depends on the scores)."""
+        if self.strategy != "grid":
+            return None
+        return sum(len(ks) * len(lams) for ks, lams in self.grids(default_k).values())
+
+    @property
+    def searching(self) -> bool:
+        """Whether there is more than one candidate to choose from."""
+        return (
+            len(self.methods) > 1
+            or (self.ks is not None and len(self.ks) > 1 and any(get_method(m).has_k for m in self.methods))
+            or any(len(g) > 1 for g in self.lams.values())
+        )
+
+
+__all__ = [
+    "MODES",
+    "OBJECTIVE_KINDS",
+    "STRATEGIES",
+    "SearchOptions",
+    "check_choice",
+    "check_methods",
+    "check_objective",
+    "k_grid",
+    "lam_grid",
+]

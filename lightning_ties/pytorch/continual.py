@@ -1,0 +1,145 @@
+"""ContinualTiesMerging: merge each new task into a growing store of task vectors, one fit at a time.
+
+Each run fine-tunes one task. At fit end its task vector is added to a
+:class:`~lightning_ties.io.task_store.TaskVectorStore` folder and every stored task is merged (as
+:class:`~lightning_ties.pytorch.TiesMerging` does with its ``tasks``); the store keeps the base
+(written by the first run) and the (k, lam) last chosen, so the next run can start from that merge
+(``start_from="merged"``).
+
+Example:
+    >>> merging = ContinualTiesMerging(task="b", store="runs/store", start_from="merged")
+    >>> merging.store_dir, merging.start_from
+    ('runs/store', 'merged')
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..core.merger import Merger
+from ..core.search import PAPER_DEFAULT_K, SearchResult
+from ..io.task_store import TaskVectorStore
+from ._compat import pl
+from .callback import TiesMerging
+from .sharded import sharding_kind
+
+
+class ContinualTiesMerging(TiesMerging):
+    """:class:`TiesMerging` over a task store: this run's task vector joins the store, every stored task is merged.
+
+    Args:
+        store: the :class:`~lightning_ties.io.task_store.TaskVectorStore` folder (created by the first run,
+            which also writes the base there: the module's weights at fit start, or ``base``).
+        start_from: ``"base"`` (fit from the module's own weights) or ``"merged"`` (first load the merge of
+            the stored tasks with the (k, lam) last chosen for them).
+        tasks: more tasks merged along with the store's (optional: the store may hold them all).
+        everything else: as in :class:`TiesMerging`. ``heads`` also names the keys the store does not keep.
+
+    The store is opened with the largest k of the grid (it keeps each task vector's top fraction).
+    """
+
+    def __init__(
+        self, tasks: Mapping[str, Any] | None = None, task: str = "current", *, store: str, start_from: str = "base",
+        **kwargs: Any,
+    ) -> None:
+        if not store:
+            raise ValueError("ContinualTiesMerging needs store= (the task store folder)")
+        if start_from not in ("base", "merged"):
+            raise ValueError(f"start_from must be 'base' or 'merged', got {start_from!r}")
+        self.store_dir = str(store)
+        self.start_from = start_from
+        super().__init__(tasks, task, **kwargs)
+
+    def _check_tasks_given(self) -> None:
+        """Nothing to check yet: the store's tasks are known at setup, where ``_check_data`` checks the names."""
+
+    @property
+    def store(self) -> TaskVectorStore:
+        """The task store (opened anew each time: other runs may have added tasks)."""
+        ks: Sequence[float | None] = self.ks
+        k = max(v for v in ks if v is not None) if self.has_k else None
+        return TaskVectorStore(self.store_dir, k=k, exclude=self.heads)
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and sharding_kind(trainer.strategy) is not None:
+            raise ValueError(
+                f"ContinualTiesMerging does not support the sharded strategy {type(trainer.strategy).__name__} yet: "
+                "adding this run to the task store needs its whole task vector. Use TiesMerging(tasks=...) under "
+                "sharding (it merges on each rank's shards), or DDP / a single device for the continual store"
+            )
+        if stage == "fit":
+            self.store.check()  # a damaged store fails here, not after every epoch has run
+        super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        store = self.store
+        if not store.has_base() and trainer.is_global_zero:  # ranks hold the same weights; one writes
+            store.save_base(self._base_state)
+        if self.start_from == "merged" and store.names():
+            self._load_stored_merge(store, pl_module)
+
+    # ---- what TiesMerging asks ---------------------------------------------------------------
+    def _task_sources(self, trainer: pl.Trainer, finetuned: dict[str, torch.Tensor], add_this_run: bool) -> dict[str, Any]:
+        store = self.store
+        if add_this_run and trainer.is_global_zero:
+            store.add(self.task, finetuned, self._base_state, overwrite=True)
+        tasks: dict[str, Any] = dict(self.tasks)
+        for name in store.names():
+            if name != self.task and name not in tasks:
+                tasks[name] = store.source(name, self._base_state)
+        tasks[self.task] = finetuned
+        return tasks
+
+    def _task_names(self) -> set[str]:
+        return super()._task_names() | set(self.store.names())
+
+    def _capture_base(self, pl_module: pl.LightningModule, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        store = self.store
+        if store.has_base():
+            return store.base_state()
+        # on CPU: it is written to the store and subtracted from CPU copies there
+        return super()._capture_base(pl_module, torch.device("cpu"))
+
+    def _on_merged(self, trainer: pl.Trainer, result: SearchResult) -> None:
+        if result.lam is not None and trainer.is_global_zero:
+            self.store.record_choice(result.k, result.lam)
+
+    def _load_stored_merge(self, store: TaskVectorStore, pl_module: pl.LightningModule) -> None:
+        """Start this fit from the merge of the stored tasks, with the (k, lam) last chosen for them."""
+        choice: Mapping[str, Any] = store.choice or {}
+        k = choice.get("k") or self.ks[0] or PAPER_DEFAULT_K
+        tasks = {name: store.source(name, self._base_state) for name in store.names()}
+        merger = Merger(
+            self._base_state, tasks, model=pl_module, heads=self.heads, method=self.method, k=k,
+            method_params=self.method_params, include=self.include, exclude=self.exclude,
+        )
+        merger.apply_merge(k, choice.get("lam"))
+
+    def _record_base(self, trainer: pl.Trainer) -> dict[str, Any] | None:
+        return None  # the base lives in the store, which checks itself at setup
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "base": None}  # the base lives in the store
+
+
+def _signature() -> inspect.Signature:
+    """``ContinualTiesMerging``'s real arguments: ``TiesMerging``'s, with ``store`` and ``start_from`` after ``task``.
+
+    Its ``__init__`` passes the others on as ``**kwargs``; this signature is what ``help()``,
+    ``inspect.signature`` and IDEs show instead.
+    """
+    parent = list(inspect.signature(TiesMerging).parameters.values())
+    own = list(inspect.signature(ContinualTiesMerging.__init__).parameters.values())[3:5]  # store, start_from
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parent[2:]]
+    return inspect.Signature([*parent[:2], *own, *rest])
+
+
+ContinualTiesMerging.__signature__ = _signature()  # type: ignore[attr-defined]
+
+__all__ = ["ContinualTiesMerging"]

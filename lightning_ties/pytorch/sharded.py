@@ -1,0 +1,281 @@
+"""Which strategies shard the module, found with ``isinstance`` (subclasses included), and where the shards are.
+
+- ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` in ``configure_model``, tensor_parallel_size=1):
+  the LightningModule's own state dict holds DTensors;
+- ``FSDPStrategy`` (FSDP1): the strategy's wrapper (``strategy.model``) gives the sharded state dict;
+- ``DeepSpeedStrategy``: refused (see :data:`DEEPSPEED_REFUSAL`).
+
+The merge itself is :class:`lightning_ties.distributed.fit.ShardedFitMerge` (no Lightning there); this
+module only finds the strategy and calls it from :class:`~lightning_ties.pytorch.callback.TiesMerging`'s hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.keys import match_to_module
+from ..core.merger import takes_task
+from ..core.metrics import TaskMetrics
+from ..core.recipe import fixed_choice
+from ..core.resume import write_results
+from ..core.search import SearchResult, walk_grid
+from ..distributed.fit import ShardedFitMerge, save_full_safetensors
+from ..distributed.views import RowsSource
+from ..evaluation.batches import move_to_device, predict_and_target
+from ..merging import MergeOptions, get_method
+from ._compat import pl
+
+#: Written under ``save_dir`` after an ``apply="merged"`` merge (as the unsharded callback's ``merged.ckpt``).
+MERGED_CHECKPOINT = "merged.ckpt"
+
+#: Why DeepSpeed is refused: its ZeRO-3 partitions are flat slices of flattened parameter groups, and its
+#: optimizer keeps fp32 master copies that the next step (or a checkpoint) writes back over the module; a merge
+#: must update both, and DeepSpeed does not install on this CPU-only CI, so it could not be tested.
+DEEPSPEED_REFUSAL = (
+    "TiesMerging does not support DeepSpeedStrategy: ZeRO partitions (and the optimizer's fp32 master weights) "
+    "would both have to be merged, which is not implemented. Train with ModelParallelStrategy (FSDP2, "
+    "data_parallel_size=W, tensor_parallel_size=1), FSDPStrategy or DDP, or merge the saved checkpoints "
+    "offline with lightning_ties.merge_to"
+)
+
+
+def sharding_kind(strategy: Any) -> str | None:
+    """``"fsdp2"``, ``"fsdp1"`` for the sharded strategies the merge supports, None for unsharded ones.
+
+    Raises for DeepSpeed (any stage) with :data:`DEEPSPEED_REFUSAL`.
+    """
+    strategies = pl.strategies
+    if isinstance(strategy, strategies.DeepSpeedStrategy):
+        raise RuntimeError(DEEPSPEED_REFUSAL)
+    if isinstance(strategy, strategies.ModelParallelStrategy):
+        return "fsdp2"
+    if isinstance(strategy, strategies.FSDPStrategy):
+        return "fsdp1"
+    return None
+
+
+def sharded_module(trainer: pl.Trainer) -> nn.Module | None:
+    """The module whose state dict holds the shards (after the strategy's setup), None when unsharded."""
+    kind = sharding_kind(trainer.strategy)
+    if kind == "fsdp1":
+        return trainer.strategy.model
+    if kind == "fsdp2":
+        return trainer.lightning_module
+    return None
+
+
+def sharded_merging(callback: Any, trainer: pl.Trainer) -> ShardedMerging | None:
+    """The sharded merge of ``callback`` under ``trainer``'s strategy, checked; None when the module is whole.
+
+    Raises for DeepSpeed and for what the sharded merge refuses (see :meth:`ShardedMerging.check`).
+    """
+    if sharding_kind(trainer.strategy) is None:
+        return None
+    merging = ShardedMerging(callback)
+    merging.check(trainer)
+    return merging
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) or not isinstance(value, (list, tuple)) else list(value)
+
+
+class _Scorer:
+    """Scores the module as it is on validation data, in a plain loop that every rank runs alike.
+
+    Every rank must run the same number of forward passes (FSDP gathers shards inside each one):
+    Lightning's own validation dataloaders hold a DistributedSampler (padded to equal lengths), and
+    dataloaders given to the callback are read whole on every rank. torchmetrics sums its states
+    over ranks in ``compute``, so every rank gets the same scores.
+    """
+
+    def __init__(self, module: pl.LightningModule, callback: Any, loaders: Mapping[str, list[Any]]) -> None:
+        self.module, self.loaders = module, loaders
+        self.forward_fn = callback.forward_fn
+        self.metrics = TaskMetrics(list(loaders), callback.metrics)
+
+    def score(self, tasks: Sequence[str] | None = None) -> Any:
+        device = next(iter(self.module.state_dict().values())).device
+        self.metrics.to(device)
+        self.metrics.reset()
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for task in tasks or list(self.loaders):
+                    for loader in self.loaders[task]:
+                        for batch in loader:
+                            batch = move_to_device(batch, device)
+                            if self.forward_fn is None:
+                                preds, target = predict_and_target(self.module, batch)
+                            elif takes_task(self.forward_fn):
+                                preds, target = self.forward_fn(self.module, batch, task)
+                            else:
+                                preds, target = self.forward_fn(self.module, batch)
+                            self.metrics.update(task, preds, target)
+            return self.metrics.compute(list(tasks or self.loaders))
+        finally:
+            self.metrics.reset()
+            self.module.train(was_training)
+
+
+class ShardedMerging:
+    """:class:`~lightning_ties.pytorch.callback.TiesMerging`'s setup / fit-start / fit-end work on a sharded module.
+
+    Each rank keeps its own rows of the base (CPU) and of tau_m; the merge is the single-process merge,
+    bit for bit (:mod:`lightning_ties.distributed`). Supported: a fixed (k, lam), the paper's recipe when
+    a search has no validation data, a scored method/k/lam search (every rank scores the same candidate;
+    tau_m is computed once per (method, k) and re-applied in place per lam), ``apply="merged"`` (with
+    ``save_dir``: ``merged.ckpt``) and ``apply="keep"`` (``merged.safetensors`` gathered one tensor at a
+    time by rank 0). Refused with a message: methods that need data (RegMean), ``every_n_val_epochs``,
+    heads given as modules, resuming without ``base=`` as a file. A search's progress is not persisted
+    (an interrupted search starts over).
+    """
+
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+        self.fit: Any = None
+
+    def check(self, trainer: pl.Trainer) -> None:
+        """Refuse at setup what the sharded merge does not do (before any training step)."""
+        cb = self.callback
+        name = type(trainer.strategy).__name__
+        needs_data = [m for m in cb.methods if get_method(m).needs_data]
+        if needs_data:
+            raise ValueError(
+                f"method(s) {needs_data} need each task's data on whole weights, which no rank holds under {name}; "
+                "choose a data-free method (ties, task_arithmetic, dare_ties, tsv...)"
+            )
+        if cb.every_n_val_epochs is not None:
+            raise ValueError(f"every_n_val_epochs is not supported under {name} (sharded); leave it None")
+        if cb.heads is not None and not all(isinstance(h, str) for h in _as_list(cb.heads)):
+            raise ValueError(f"heads given as modules are not supported under {name} (sharded): name them by regex")
+
+    def capture_base(self, trainer: pl.Trainer) -> None:
+        """At fit start: this rank's rows of the base (the module's shards, or ``base=``'s rows)."""
+        cb = self.callback
+        if cb.base is None and trainer.ckpt_path is not None:
+            raise ValueError(
+                f"resuming a fit under {type(trainer.strategy).__name__} needs TiesMerging(base=<the pretrained "
+                "weights' file>): each rank captured only its shards of the base, and the checkpoint does not hold them"
+            )
+        self.fit = ShardedFitMerge(sharded_module(trainer))
+        base = match_to_module(cb.base, self.fit.keys, label="base") if cb.base is not None else None
+        self.fit.capture_base(base)
+        if cb._base_ref is None:
+            cb._base_ref = cb._record_base(trainer)  # a base file is referenced; a captured one is not written
+
+    def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: Mapping[str, Any]) -> SearchResult:
+        """At fit end (collective): merge on every rank's shards (a scored search when every task has
+        validation data in ``loaders``, else a fixed k and lam), apply per ``apply``; the result to record."""
+        cb = self.callback
+        keys = self.fit.keys
+        tasks = {name: match_to_module(value, keys, label=name) for name, value in cb.tasks.items()}
+        if set(loaders) == set(tasks) | {cb.task}:
+            merged, result = self._search(trainer, pl_module, tasks, loaders)
+        else:
+            k, lam, reason = fixed_choice(cb.options, some_data=bool(loaders))
+            result = SearchResult(method=cb.method, reason=f"{reason} (sharded over {type(trainer.strategy).__name__})",
+                                  chosen=(k, lam))
+            merged = self.fit.merge(tasks, cb.task, self._options(cb.method, k, lam), apply=cb.apply == "merged")
+        self._finish(trainer, merged, result)
+        return result
+
+    def _options(self, method: str, k: float | None, lam: float | None) -> MergeOptions:
+        cb = self.callback
+        params = dict(cb.method_params) if method == cb.methods[0] else {}  # params are written for the first method
+        exclude = [*_as_list(cb.exclude), *_as_list(cb.heads)]  # named heads stay each task's own, as unsharded
+        return MergeOptions(method, k=k, lam=lam, params=params, include=cb.include, exclude=exclude or None)
+
+    def _search(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, tasks: Mapping[str, Any], loaders: Mapping[str, Any]
+    ) -> tuple[Any, SearchResult]:
+        """Every candidate scored on every rank alike (tau_m sharded, re-applied in place per lam); the best applied."""
+        cb = self.callback
+        options = cb.options
+        finetuned = self.fit.finetuned()  # this run's shards: the module holds candidates from now on
+        lists = {task: list(v) if isinstance(v, (list, tuple)) else [v] for task, v in loaders.items()}
+        scorer = _Scorer(pl_module, cb, lists)
+        result = SearchResult(method=options.methods[0], methods=list(options.methods))
+        if options.normalize:
+            result.reference = self._references(scorer, tasks, finetuned)
+        merged: dict[str, Any] = {}
+
+        for method, (ks, lams) in options.grids(cb.ks[0]).items():
+            def before_k(k: float | None, method: str = method) -> None:
+                merged["now"] = self.fit.merge(tasks, cb.task, self._options(method, k, None), finetuned=finetuned,
+                                               apply=False)
+
+            def evaluate(k: float | None, lam: float) -> Any:
+                merged["now"].apply_(lam)
+                return scorer.score()
+
+            walk_grid(evaluate, ks, lams, options.strategy, options.objective, options.mode, result, None, before_k, method)
+        result.method = result.best_method
+        result.reason = "search" if cb.searching else "fixed k and lam"
+        best = self.fit.merge(tasks, cb.task, self._options(result.method, result.k, result.lam), finetuned=finetuned,
+                              apply=cb.apply == "merged")
+        if cb.apply == "keep":
+            self.fit.restore(finetuned)
+        return best, result
+
+    def _references(self, scorer: _Scorer, tasks: Mapping[str, Any], finetuned: dict[str, Any]) -> dict[str, Any]:
+        """Each task's fine-tuned score on its own data: its rows written into the shards, scored, restored."""
+        cb = self.callback
+        view = self.fit.view()
+        reference = {}
+        for name in [*tasks, cb.task]:
+            if name == cb.task:
+                self.fit.restore(finetuned)
+            else:
+                rows = RowsSource(tasks[name], view.rows)
+                present = set(rows.keys())
+                view.write_((key, rows.get(key)) for key, entry in view.entries.items()
+                            if key in present and entry.spec.is_floating)
+            reference[name] = scorer.score([name])[name]
+        self.fit.restore(finetuned)
+        return reference
+
+    def _finish(self, trainer: pl.Trainer, merged: Any, result: SearchResult) -> None:
+        cb = self.callback
+        lam = result.lam
+        if cb.save_dir is not None and trainer.is_global_zero:
+            write_results(cb.save_dir, result)
+        if cb.apply == "keep":  # the module keeps its fine-tuned shards; the merge is written, not applied
+            save_full_safetensors(merged.view, Path(cb.save_dir) / "merged.safetensors", trainer.is_global_zero,
+                                  lambda key: merged.piece(key, lam))
+            return
+        cb._merged_at_step = trainer.global_step
+        if cb.save_dir is not None:
+            save_merged_checkpoint(trainer, Path(cb.save_dir) / MERGED_CHECKPOINT)
+
+
+def save_merged_checkpoint(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` beside ``path`` (a DCP folder under sharded strategies), then renamed over it.
+
+    Every rank writes its shards; the rename waits for all of them. A previous checkpoint at ``path`` (a
+    folder, which ``os.replace`` cannot overwrite) is moved aside first and deleted after.
+    """
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(tmp)
+    trainer.strategy.barrier("ties_merged_checkpoint_written")
+    if trainer.is_global_zero:
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+

@@ -1,0 +1,136 @@
+"""A fit under a sharded Lightning strategy on the CPU, with TiesMerging at fit end (run by test_lightning_sharded.py).
+
+Usage: python sharded_fit_script.py STRATEGY DEVICES OUT TASKS_DIR [APPLY]
+
+STRATEGY: ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
+FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
+user's subclass of ModelParallelStrategy) or ``deepspeed`` (refused). Lightning re-launches this script for
+the other ranks. Rank 0 writes OUT/result.pt: the base, the fine-tuned weights (gathered before the merge),
+the merged weights (gathered after it), and OUT/ckpt (a DCP checkpoint saved by the Trainer after the merge).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_ties import TiesMerging  # noqa: E402
+from lightning_ties.distributed.fit import full_state  # noqa: E402
+
+K, LAM = 0.3, 0.8
+
+
+def make_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 3))
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_net()
+
+    def configure_model(self) -> None:
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.model(x), y), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Test only: Lightning refuses ``strategy="fsdp"`` on the CPU; FSDP1 itself runs there with device_id=cpu."""
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(module=model, device_id=torch.device("cpu"), **self.kwargs)
+
+
+class MyModelParallel(ModelParallelStrategy):
+    """A user's subclass: detected by isinstance, not by class name."""
+
+
+class Record(pl.Callback):
+    """Before TiesMerging's fit end: the fine-tuned weights, gathered whole (a check, not the merge's input)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.base = full_state(_sharded(trainer))
+
+    def on_fit_end(self, trainer, pl_module):
+        self.finetuned = full_state(_sharded(trainer))
+
+
+def _sharded(trainer):
+    return trainer.strategy.model if isinstance(trainer.strategy, FSDPStrategy) else trainer.lightning_module
+
+
+def strategy_of(name: str):
+    if name == "model_parallel":
+        return ModelParallelStrategy(data_parallel_size=int(sys.argv[2]), tensor_parallel_size=1)
+    if name == "my_mp":
+        return MyModelParallel(data_parallel_size=int(sys.argv[2]), tensor_parallel_size=1)
+    if name == "fsdp":
+        return CPUFSDPStrategy(state_dict_type="sharded", use_orig_params=True)
+    if name == "deepspeed":
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        class CPUDeepSpeed(DeepSpeedStrategy):  # never gets to run: refused at setup
+            def __init__(self):
+                pl.strategies.DDPStrategy.__init__(self)
+
+        return CPUDeepSpeed()
+    raise SystemExit(f"unknown strategy {name}")
+
+
+def main() -> None:
+    name, devices, out, tasks_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    apply = sys.argv[5] if len(sys.argv) > 5 else "merged"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 6, generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    tasks = {t: str(tasks_dir / f"{t}.safetensors") for t in ("a", "b")}
+    if apply == "search":  # every task has validation data: k and lam are searched on every rank alike
+        val = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
+               for i, t in enumerate(("a", "b"))}
+        merging = TiesMerging(tasks=tasks, task="c", k=[0.2, 0.5], lam=[0.5, 1.0], val_dataloaders=val,
+                              save_dir=str(out / "save"))
+    else:
+        merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
+    record = Record()
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name), max_steps=3,
+                         callbacks=[record, merging], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Net(), data, data if apply == "search" else None)
+    merged = full_state(_sharded(trainer))
+    trainer.save_checkpoint(out / "ckpt")
+    if trainer.is_global_zero:
+        chosen = [merging.result.k, merging.result.lam, len(merging.result.candidates), merging.result.reason]
+        torch.save({"base": record.base, "finetuned": record.finetuned, "merged": merged, "chosen": chosen,
+                    "world": int(os.environ.get("WORLD_SIZE", devices))}, out / "result.pt")
+
+
+if __name__ == "__main__":
+    main()

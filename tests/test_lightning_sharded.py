@@ -1,0 +1,139 @@
+"""TiesMerging under sharded Lightning strategies on the CPU (2 gloo processes, launched by Lightning).
+
+Given a fit under ModelParallelStrategy (FSDP2), a user's subclass of it, or FSDPStrategy (FSDP1, a test-only
+subclass since Lightning refuses FSDP on the CPU), when TiesMerging merges at fit end on every rank's shards,
+then the weights equal the single-process ``ties_merge`` of the same base, tasks and fine-tuned weights bit for
+bit, and the DCP checkpoint the Trainer saves afterwards reads back (as a source) as those merged weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ties.io import open_source, save_safetensors
+from lightning_ties.merging import ties_merge
+from lightning_ties.pytorch_lightning import TiesMerging
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
+
+SCRIPT = Path(__file__).parent / "sharded_fit_script.py"
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from sharded_fit_script import make_net
+
+    folder = tmp_path_factory.mktemp("tasks")
+    base = {f"model.{k}": v for k, v in make_net().state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    for t in ("a", "b"):
+        save_safetensors({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                         folder / f"{t}.safetensors")
+    return folder
+
+
+def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
+    out.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
+                          capture_output=True, text=True, timeout=150, env=env, cwd=SCRIPT.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out / "result.pt", weights_only=True)
+
+
+def oracle(result: dict, tasks: Path) -> dict:
+    """The same merge in one process: base, the task files and this fit's fine-tuned weights."""
+    files = [open_source(tasks / f"{t}.safetensors") for t in ("a", "b")]
+    return ties_merge(result["base"], [*files, result["finetuned"]], k=0.3, lam=0.8)
+
+
+def assert_equal(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.mark.parametrize(("strategy", "devices"), [("model_parallel", 2), ("model_parallel", 1), ("fsdp", 2)])
+def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, devices, task_files, tmp_path):
+    result = fit(strategy, task_files, tmp_path / "out", devices=devices)
+    assert result["world"] == devices
+    assert any(not torch.equal(result["finetuned"][k], result["base"][k]) for k in result["base"])  # it trained
+    assert_equal(result["merged"], oracle(result, task_files))
+    # the Trainer's checkpoint after fit, and the callback's save_dir/merged.ckpt: DCP folders read whole here
+    for path in (tmp_path / "out" / "ckpt", tmp_path / "out" / "save" / "merged.ckpt"):
+        saved = open_source(path)
+        assert_equal({k: saved.get(k) for k in saved.keys()}, result["merged"])
+
+
+def test_a_subclass_of_model_parallel_is_sharded_too_and_apply_keep_writes_the_merge(task_files, tmp_path):
+    result = fit("my_mp", task_files, tmp_path / "out", apply="keep")
+    written = open_source(tmp_path / "out" / "save" / "merged.safetensors")
+    assert_equal({k: written.get(k) for k in written.keys()}, oracle(result, task_files))
+    assert_equal(result["merged"], result["finetuned"])  # keep: the module holds the fine-tuned weights again
+
+
+def test_strategies_are_found_by_isinstance_and_deepspeed_is_refused():
+    import pytorch_lightning as pl
+
+    from lightning_ties.pytorch_lightning.sharded import DEEPSPEED_REFUSAL, sharding_kind
+
+    class MyFSDP(pl.strategies.FSDPStrategy):
+        pass
+
+    class MyDeepSpeed(pl.strategies.DeepSpeedStrategy):
+        def __init__(self) -> None:  # deepspeed is not installed: build the object without its checks
+            pl.strategies.DDPStrategy.__init__(self)
+
+    assert sharding_kind(MyFSDP()) == "fsdp1"
+    assert sharding_kind(pl.strategies.ModelParallelStrategy()) == "fsdp2"
+    assert sharding_kind(pl.strategies.DDPStrategy()) is None
+    with pytest.raises(RuntimeError, match="does not support DeepSpeedStrategy") as err:
+        sharding_kind(MyDeepSpeed())
+    assert str(err.value) == DEEPSPEED_REFUSAL and "ModelParallelStrategy" in DEEPSPEED_REFUSAL
+
+
+def test_continual_merging_under_a_sharded_strategy_is_refused_at_setup(tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_ties.lightning import ContinualTiesMerging
+
+    class FakeTrainer:
+        strategy = pl.strategies.ModelParallelStrategy()
+
+    with pytest.raises(ValueError, match="ContinualTiesMerging does not support the sharded strategy ModelParallelStrategy"):
+        ContinualTiesMerging(task="c", store=str(tmp_path / "store")).setup(FakeTrainer(), None, "fit")
+
+
+def test_a_scored_search_on_shards_applies_the_single_process_merge_of_its_choice(task_files, tmp_path):
+    result = fit("model_parallel", task_files, tmp_path / "out", apply="search")
+    k, lam, candidates, reason = result["chosen"]
+    assert reason == "search" and candidates == 4 and k in (0.2, 0.5) and lam in (0.5, 1.0)
+    files = [open_source(task_files / f"{t}.safetensors") for t in ("a", "b")]
+    assert_equal(result["merged"], ties_merge(result["base"], [*files, result["finetuned"]], k=k, lam=lam))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(method="regmean"), r"method\(s\) \['regmean'\] need each task's data"),
+    (dict(every_n_val_epochs=1), "every_n_val_epochs is not supported under ModelParallelStrategy"),
+    (dict(heads=[torch.nn.Linear(1, 1)]), "heads given as modules are not supported"),
+])
+def test_what_the_sharded_merge_cannot_do_is_refused_at_setup(kwargs, message):
+    import pytorch_lightning as pl
+
+    from lightning_ties.pytorch_lightning.sharded import sharded_merging
+
+    class FakeTrainer:
+        strategy = pl.strategies.ModelParallelStrategy()
+
+    merging = TiesMerging(tasks={"a": "a.safetensors"}, task="c", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        sharded_merging(merging, FakeTrainer())
+    assert sharded_merging(merging, type("Whole", (), {"strategy": pl.strategies.DDPStrategy()})()) is None
