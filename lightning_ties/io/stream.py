@@ -8,8 +8,11 @@ is a few tensors per model, whatever the model size; the output appears atomical
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +26,9 @@ from ..merging.sources import TensorSource, TensorSpec, as_source
 from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
 from .card import SourceDigests, merge_model_card, write_merge_config
 from .formats import open_source
-from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .safetensors_file import SafetensorsWriter
+from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index
+from .ranks import Layout, PartWriter, assign_keys, create_layout, join_ranks, run_on_ranks
+from .safetensors_file import SafetensorsWriter, nbytes
 from .sinks import ShardedWriter, copy_model_files, save_lightning_checkpoint
 from .validate import CommonRowsSource, check_compatible
 
@@ -209,60 +213,160 @@ def merge_to(
     if fmt == "folder":
         parse_size(max_shard_size)
 
-    base_src = _open(base, "base", None, prefix, trust_pickle)
-    model_srcs = [_open(m, f"model[{i}]", base_src, prefix, trust_pickle) for i, m in enumerate(models)]
-    if not model_srcs:
-        raise ValueError("no models to merge: pass at least one fine-tuned model")
-    if common_rows:
-        model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
-    if on_mismatch == "error":
-        check_compatible(base_src, model_srcs, include, exclude)
-    # The files the sources read (shards an index names, an adapter's folder) are inputs too.
-    check_output(output, overwrite, inputs=_source_paths([base_src, *model_srcs]), kind=kind)
-    plan = plan_merge(base_src, model_srcs, include, exclude)
+    ranks = join_ranks(device)
+    if ranks is not None and fmt == "ckpt":
+        ranks.close()
+        raise ValueError(
+            f"{output}: a Lightning .ckpt is pickled whole by one process; under {ranks.world_size} processes "
+            "write a folder or a .safetensors file (or run one process)"
+        )
+    args = dict(
+        base=base, models=list(models), method=method, lam=lam, include=include, exclude=exclude,
+        common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=max_shard_size,
+        prefix=prefix, trust_pickle=trust_pickle, **params,
+    )
 
-    digests = SourceDigests([base_src, *model_srcs]) if hash_sources and fmt == "folder" else None
-    base_cached = RecentTensorCache(base_src)
-    merger = TaskVectorMerger(
-        base_cached, [RecentTensorCache(m) for m in model_srcs], spec, compute_dtype=compute_dtype, plan=plan,
-        device=device,
-    )
-    report = MergeReport.from_plan(
-        plan, method, {**merge_method.parameters(), **params}, [m.label for m in model_srcs], lam=lam
-    )
-    specs = {k: base_src.spec(k) for k in plan.keys}
-    stream = _MergedStream(base_cached, merger, plan, lam, progress)
-    try:
+    jobs: list[_MergeJob] = []  # the one prepared, for its hashing to be stopped whatever happens
+
+    def prepare(owner_of: Callable[[_MergeJob], Mapping[str, int]] | None = None, rank: int = 0) -> _MergeJob:
+        base_src = _open(base, "base", None, prefix, trust_pickle)
+        model_srcs = [_open(m, f"model[{i}]", base_src, prefix, trust_pickle) for i, m in enumerate(models)]
+        if not model_srcs:
+            raise ValueError("no models to merge: pass at least one fine-tuned model")
+        if common_rows:
+            model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
+        if on_mismatch == "error":
+            check_compatible(base_src, model_srcs, include, exclude)
+        # The files the sources read (shards an index names, an adapter's folder) are inputs too.
+        check_output(output, overwrite, inputs=_source_paths([base_src, *model_srcs]), kind=kind)
+        plan = plan_merge(base_src, model_srcs, include, exclude)
+        specs = {k: base_src.spec(k) for k in plan.keys}
+        layout = _layout(fmt, specs, max_shard_size, method)
+        job = _MergeJob(base_src, model_srcs, plan, specs, layout)
+        jobs.append(job)
+        mine = None if owner_of is None else {k for k, r in owner_of(job).items() if r == rank}
+        job.digests = SourceDigests([base_src, *model_srcs]) if hash_sources and fmt == "folder" and rank == 0 else None
+        job.report = MergeReport.from_plan(
+            plan, method, {**merge_method.parameters(), **params}, [m.label for m in model_srcs], lam=lam
+        )
+        base_cached = RecentTensorCache(base_src)
+        merge_plan = plan if mine is None or _needs_whole_model(spec) else _restricted(plan, mine)
+        job.merger = TaskVectorMerger(
+            base_cached, [RecentTensorCache(m) for m in model_srcs], spec, compute_dtype=compute_dtype, plan=merge_plan,
+            device=device,
+        )
+        job.stream = _MergedStream(base_cached, job.merger, plan, lam, progress if rank == 0 else False, mine)
+        return job
+
+    def publish(job: _MergeJob, tmp: Path, index: bool) -> None:
         if fmt == "folder":
-            args = dict(
-                base=base, models=list(models), method=method, lam=lam, include=include, exclude=exclude,
-                common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=max_shard_size,
-                prefix=prefix, trust_pickle=trust_pickle, **params,
-            )
-            with atomic_dir(output) as tmp:
-                with ShardedWriter(tmp, specs, max_shard_size) as writer:
-                    stream.run(writer.write)
-                copy_model_files(config_from or getattr(base_src, "folder", None), tmp)
-                recipe = _recipe(args, report, plan, base_src, model_srcs, digests)
-                write_merge_config(tmp, recipe)
-                merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
-        elif fmt == "safetensors":
-            with atomic_file(output) as tmp, SafetensorsWriter(
-                tmp, specs, {**owner_metadata(), "merge_method": method}
-            ) as writer:
-                stream.run(writer.write)
+            if index and len(job.layout) > 1:  # as ShardedWriter.close writes it
+                weight_map = {key: name for name, (shard, _) in job.layout.items() for key in shard}
+                write_index(tmp, weight_map, sum(nbytes(s) for s in job.specs.values()))
+            copy_model_files(config_from or getattr(job.base, "folder", None), tmp)
+            recipe = _recipe(args, job.report, job.plan, job.base, job.models, job.digests)
+            write_merge_config(tmp, recipe)
+            merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
+
+    try:
+        if ranks is not None:
+            with ranks:
+                owners = functools.partial(_owners, world_size=ranks.world_size)
+                job = run_on_ranks(
+                    ranks,
+                    prepare=lambda: prepare(owners, ranks.rank),
+                    create=lambda job: _laid_out(output, fmt, job.layout),
+                    merge=lambda job, tmp: _merge_part(job, tmp, owners(job), ranks.rank),
+                    publish=lambda job, tmp: publish(job, tmp, index=True),
+                )
         else:
-            merged: dict[str, torch.Tensor] = {}
-            stream.run(merged.__setitem__)
-            save_lightning_checkpoint(
-                {k: merged[k] for k in plan.keys}, output, getattr(base_src, "hyper_parameters", None),
-                prefix=getattr(base_src, "prefix", ""), overwrite=True,
-            )
+            job = prepare()
+            if fmt == "folder":
+                with atomic_dir(output) as tmp:
+                    with ShardedWriter(tmp, job.specs, max_shard_size) as writer:
+                        job.stream.run(writer.write)
+                    publish(job, tmp, index=False)
+            elif fmt == "safetensors":
+                with atomic_file(output) as tmp, SafetensorsWriter(
+                    tmp, job.specs, {**owner_metadata(), "merge_method": method}
+                ) as writer:
+                    job.stream.run(writer.write)
+            else:
+                merged: dict[str, torch.Tensor] = {}
+                job.stream.run(merged.__setitem__)
+                save_lightning_checkpoint(
+                    {k: merged[k] for k in job.plan.keys}, output, getattr(job.base, "hyper_parameters", None),
+                    prefix=getattr(job.base, "prefix", ""), overwrite=True,
+                )
     finally:
-        if digests is not None:
-            digests.cancel()
-    report.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
-    return report
+        for prepared in jobs:
+            prepared.cancel_hashing()
+    job.report.thresholds = [t.value for t in job.merger.thresholds] if job.merger.thresholds else None
+    return job.report
+
+
+class _MergeJob:
+    """One merge_to call's opened sources, plan, output layout and merger (one rank's, on W ranks)."""
+
+    def __init__(
+        self, base: TensorSource, models: list[TensorSource], plan: MergePlan, specs: dict[str, TensorSpec], layout: Layout
+    ) -> None:
+        self.base, self.models, self.plan, self.specs, self.layout = base, models, plan, specs, layout
+        self.digests: SourceDigests | None = None
+        self.report: MergeReport
+        self.merger: TaskVectorMerger
+        self.stream: _MergedStream
+
+    def cancel_hashing(self) -> None:
+        if self.digests is not None:
+            self.digests.cancel()
+
+
+def _layout(fmt: OutputFormat, specs: dict[str, TensorSpec], max_shard_size: int | str, method: str) -> Layout:
+    """The output's safetensors files as the one-process writers lay them out (same bytes)."""
+    if fmt == "folder":
+        return {name: (shard, {"format": "pt"}) for name, shard in plan_shards(specs, max_shard_size).items()}
+    return {"": (specs, {"format": "pt", **owner_metadata(), "merge_method": method})}
+
+
+def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
+    """Each output tensor's rank: runs in file order, balanced by the bytes read to produce them."""
+    merged = set(job.plan.merge_keys)
+    reads = 1 + len(job.models)
+    costs = {
+        key: nbytes(spec) * (reads if key in merged else 0 if key in job.plan.aliases else 1)
+        for shard, _ in job.layout.values()
+        for key, spec in shard.items()
+    }
+    return assign_keys(costs, world_size, together=job.plan.aliases)
+
+
+def _needs_whole_model(spec: Any) -> bool:
+    """Whether tau_m of one key depends on other keys (the global trim, norms or majority sign)."""
+    return spec.tensor_fn is None and spec.scope == "global" and (spec.trims or spec.sign is not None)
+
+
+def _restricted(plan: MergePlan, mine: set[str]) -> MergePlan:
+    """``plan`` merging only this rank's keys (for methods where each key's tau_m is its own)."""
+    return dataclasses.replace(plan, merge_keys=[k for k in plan.merge_keys if k in mine])
+
+
+@contextlib.contextmanager
+def _laid_out(output: Path, fmt: OutputFormat, layout: Layout) -> Iterator[Path]:
+    """Rank 0: the atomic temporary of ``output`` with every file laid out, published on a clean exit."""
+    with (atomic_dir(output) if fmt == "folder" else atomic_file(output)) as tmp:
+        create_layout(tmp, layout)
+        yield tmp
+
+
+def _merge_part(job: _MergeJob, tmp: Path, owners: Mapping[str, int], rank: int) -> None:
+    writer = PartWriter(tmp, job.layout, {k for k, r in owners.items() if r == rank})
+    try:
+        job.stream.run(writer.write)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
 
 
 def _recipe(
@@ -303,11 +407,23 @@ class _PassProgress:
 
 
 class _MergedStream:
-    """Feeds a sink every output tensor: base's unmerged entries first, then base + lam * tau_m."""
+    """Feeds a sink every output tensor: base's unmerged entries first, then base + lam * tau_m.
 
-    def __init__(self, base: TensorSource, merger: TaskVectorMerger, plan: MergePlan, lam: float, progress: bool | None) -> None:
+    ``mine``: the keys this rank writes (None: all of them); the merger may yield others.
+    """
+
+    def __init__(
+        self,
+        base: TensorSource,
+        merger: TaskVectorMerger,
+        plan: MergePlan,
+        lam: float,
+        progress: bool | None,
+        mine: Container[str] | None = None,
+    ) -> None:
         self.base, self.merger, self.plan, self.lam = base, merger, plan, lam
         self.progress = progress
+        self.mine = mine
 
     def run(self, put: Callable[[str, torch.Tensor], None]) -> None:
         writer = WriteBehind(put)
@@ -326,10 +442,10 @@ class _MergedStream:
                 tied.setdefault(first, []).append(alias)
         written_later = {alias for aliases in tied.values() for alias in aliases}
         for key in self.plan.keys:
-            if key not in merged and key not in written_later:
+            if key not in merged and key not in written_later and self._writes(key):
                 put(key, self.base.get(key))
         disable = None if self.progress is None else not self.progress
-        keys = list(self.plan.merge_keys)
+        keys = [k for k in self.plan.merge_keys if self._writes(k)]
         spec = self.merger.spec
         # the global scope reads every tensor once before the first merged one (the trim's thresholds,
         # the norms of normfrac/normmass): counted too, the bar moves all along and its estimate holds
@@ -345,6 +461,9 @@ class _MergedStream:
                 if isinstance(self.base, RecentTensorCache):
                     self.base.on_read = None
 
+    def _writes(self, key: str) -> bool:
+        return self.mine is None or key in self.mine
+
     def _merge(self, put: Callable[[str, torch.Tensor], None], tied: dict[str, list[str]], bar: Any, first: int) -> None:
         for i, (key, tau) in enumerate(self.merger):
             if i == 0 and first:
@@ -352,6 +471,8 @@ class _MergedStream:
                     self.base.on_read = None
                 bar.set_description("merging", refresh=False)
                 bar.update(first - bar.n)  # the pre-pass is over, whatever the bar had seen of it
+            if not self._writes(key):
+                continue
             b = self.base.get(key).to(tau.device)  # tau is on the merge device
             # Same arithmetic as apply_task_vector (b + lam * tau), in place in tau's buffer;
             # multiplying by 1.0 changes no bit, so that pass over the model is skipped.

@@ -1,0 +1,46 @@
+"""Run by test_io_ranks.py under torchrun: the merge_to calls a JSON file lists, with an optional injected failure.
+
+    python -m torch.distributed.run --nproc_per_node=W tests/distributed_merge_script.py plan.json
+
+plan.json: ``{"init": bool, "jobs": [{"output", "base", "models", "kwargs"}], "fail": {"rank", "how", "after"}}``.
+``init``: the script starts the process group itself (merge_to then uses it); otherwise merge_to
+starts one from the launcher's environment. ``fail``: on that rank, the ``after``-th tensor
+written raises (``how="raise"``) or kills the process (``how="kill"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from lightning_ties.io import merge_to, ranks
+
+plan = json.loads(Path(sys.argv[1]).read_text())
+rank = int(os.environ["RANK"])
+if plan.get("init"):
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+
+fail = plan.get("fail")
+if fail and fail["rank"] == rank:
+    write, written = ranks.PartWriter.write, []
+
+    def failing_write(self, key, tensor):
+        written.append(key)
+        if len(written) == fail["after"]:
+            if fail["how"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(28, f"No space left on device (injected on rank {rank})")
+        write(self, key, tensor)
+
+    ranks.PartWriter.write = failing_write
+
+for job in plan["jobs"]:
+    merge_to(job["output"], job["base"], job["models"], progress=False, **job["kwargs"])
+if plan.get("init"):
+    dist.destroy_process_group()
