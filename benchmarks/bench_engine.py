@@ -335,7 +335,7 @@ def _gpu_phases(base, fts, k: float, repeats: int, mode: str) -> list[str]:
     def one_run() -> dict[str, float]:
         merger = TaskVectorMerger(base, fts, MergeSpec(k=k, scope="global"))
         keys, events = merger.plan.merge_keys, {}
-        sample = merger._sample_brackets
+        sample = merger.finder.sample_brackets
 
         def timed_sample(*a, **kw):
             events["brackets"] = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
@@ -344,11 +344,11 @@ def _gpu_phases(base, fts, k: float, repeats: int, mode: str) -> list[str]:
             events["brackets"][1].record()
             return out
 
-        merger._sample_brackets = timed_sample
+        merger.finder.sample_brackets = timed_sample
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         torch.cuda.synchronize()
         marks[0].record()
-        merger.thresholds = merger._select(keys, keep_count(k, merger.plan.numel))
+        merger.thresholds = merger.finder.select(keys, keep_count(k, merger.plan.numel))
         marks[1].record()
         for _ in merger:
             pass
@@ -372,11 +372,11 @@ def _gpu_phases(base, fts, k: float, repeats: int, mode: str) -> list[str]:
             merger = TaskVectorMerger(base, fts, MergeSpec(k=k, scope="global"))
             n = len(caught)
             m = keep_count(k, merger.plan.numel)
-            brackets = merger._sample_brackets(merger.plan.merge_keys, m)
+            brackets = merger.finder.sample_brackets(merger.plan.merge_keys, m)
             syncs["sample brackets"] = len(caught) - n
             n = len(caught)
-            merger._sample_brackets = lambda *a, **kw: brackets
-            merger.thresholds = merger._select(merger.plan.merge_keys, m)
+            merger.finder.sample_brackets = lambda *a, **kw: brackets
+            merger.thresholds = merger.finder.select(merger.plan.merge_keys, m)
             syncs["select pass"] = len(caught) - n
             n = len(caught)
             for _ in merger:

@@ -23,7 +23,6 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from . import merging
 from .merging import *  # noqa: F401,F403
 from .merging import __all__ as _merging_all
 from .merging import register_path_opener
@@ -82,8 +81,6 @@ def lightning_layer() -> ModuleType:
 
 
 def __getattr__(name: str) -> Any:
-    if name in merging.DEPRECATED_NAMES:  # e.g. TaskVector -> MergedTaskVector, with a warning
-        return getattr(merging, name)
     if name in LIGHTNING_NAMES:
         return getattr(lightning_layer(), name)
     io = importlib.import_module("lightning_ties.io")  # no Lightning there: cheap to look in

@@ -313,18 +313,18 @@ def test_engine_through_the_gpu_selection_strategy_equals_the_cpu_one(monkeypatc
     # sampled brackets on a small model: same thresholds, same merge.
     import functools
 
-    from lightning_ties.merging import engine
+    from lightning_ties.merging import thresholds
 
     g = torch.Generator().manual_seed(5)
     base = {f"t{i}": torch.randn(300 + 17 * i, generator=g) for i in range(12)}
     fts = [{k: v + torch.randn(v.shape, generator=g).round(decimals=1) for k, v in base.items()} for _ in range(3)]
-    monkeypatch.setattr(engine, "_MIN_BRACKETED", 1000)
-    monkeypatch.setattr(engine, "_SAMPLE", 1 << 10)
+    monkeypatch.setattr(thresholds, "_MIN_BRACKETED", 1000)
+    monkeypatch.setattr(thresholds, "_SAMPLE", 1 << 10)
     for scope in ("global", "per_tensor"):
         expected = ties_merge(base, fts, k=0.2, scope=scope)
         with monkeypatch.context() as m:
-            m.setattr(engine, "MagnitudeSelector", functools.partial(MagnitudeSelector, gather=True))
-            m.setattr(engine, "_SMALL_TENSOR", 100)  # per_tensor: the selector, not kthvalue
+            m.setattr(thresholds, "MagnitudeSelector", functools.partial(MagnitudeSelector, gather=True))
+            m.setattr(thresholds, "_SMALL_TENSOR", 100)  # per_tensor: the selector, not kthvalue
             result = ties_merge(base, fts, k=0.2, scope=scope)
         assert result.report.thresholds == expected.report.thresholds
         assert_same(result, expected)

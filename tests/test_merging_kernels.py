@@ -19,7 +19,9 @@ if __name__ == "__main__":  # the interpreter checks: set before anything import
 import pytest
 import torch
 
-from lightning_ties.merging import MergeSpec, TaskVectorMerger, engine, kernels, steps
+from lightning_ties.merging import MergeSpec, TaskVectorMerger, kernels, steps, thresholds
+from lightning_ties.merging.contested import Contested
+from lightning_ties.merging.fused import FusedPaths
 from lightning_ties.merging.select import MagnitudeSelector, MagnitudeThreshold, top_magnitude_threshold
 
 cuda = pytest.mark.cuda
@@ -79,7 +81,7 @@ def interp_merge() -> None:
                     expected, signs, contested, trim_step = eager_chunk(base, fts, ths, sign, merge)
                     out = torch.full((n,), float("nan"))
                     cuts = torch.tensor(trim_step.cuts, dtype=torch.float32)
-                    got_signs, got_contested = kernels.ties_merge(base, fts, cuts, out, sign, merge)
+                    got_signs, got_contested = kernels.fused_ties_merge(base, fts, cuts, out, sign, merge)
                     where = f"N={n_tasks} n={n} {sign}/{merge}"
                     assert same_bits(out, expected, merge), where
                     assert int(got_signs) == signs, where
@@ -100,7 +102,7 @@ def interp_merge() -> None:
         ths = all_ties_kept([0.25, 0.5, 0.75])
         expected, signs, _, trim_step = eager_chunk(base, fts, ths, "mass", "mean")
         out = torch.empty(999)
-        got, _ = kernels.ties_merge(base, fts, torch.tensor(trim_step.cuts), out, "mass", "mean")
+        got, _ = kernels.fused_ties_merge(base, fts, torch.tensor(trim_step.cuts), out, "mass", "mean")
         assert same_bits(out, expected, "mean") and int(got) == signs, dtype
 
 
@@ -157,8 +159,8 @@ def interp_engine() -> None:
 
         return wrapped
 
-    engine._MIN_BRACKETED, engine._SAMPLE = 1 << 12, 1 << 10  # bracket small models too
-    kernels.ties_merge = counting("merge", kernels.ties_merge)
+    thresholds._MIN_BRACKETED, thresholds._SAMPLE = 1 << 12, 1 << 10  # bracket small models too
+    kernels.fused_ties_merge = counting("merge", kernels.fused_ties_merge)
     kernels.bracket_counts = counting("bracket", kernels.bracket_counts)
     g = torch.Generator().manual_seed(11)
     base = {"a": torch.randn(3000, generator=g), "b": torch.randn(30, 70, generator=g), "c": torch.randn(5, generator=g)}
@@ -182,7 +184,7 @@ def interp_engine() -> None:
         ):
             expected = dict(TaskVectorMerger(b, fs, spec))
             fused = TaskVectorMerger(b, fs, spec)
-            fused._use_kernels = lambda: True
+            fused.fused.active = lambda: True
             got = dict(fused)
             for key in expected:
                 assert same_bits(got[key], expected[key], spec.merge), (spec, key)
@@ -211,7 +213,7 @@ def tie_models(n_tasks: int, sizes: tuple[int, ...], seed: int, signed: bool):
 def interp_tie_patch() -> None:
     """The fused merge with tie budgets (strict kernel + patched tie columns) equals the eager engine."""
     patched = {"runs": 0}
-    original = TaskVectorMerger._patch_ties
+    original = FusedPaths._patch_ties
 
     def counting(self, base, fts, trim_step, *args):
         before = list(trim_step.tie_budget)
@@ -220,7 +222,7 @@ def interp_tie_patch() -> None:
             patched["runs"] += 1
         return result
 
-    TaskVectorMerger._patch_ties = counting
+    FusedPaths._patch_ties = counting
     for n_tasks, signed, sizes in ((3, False, (3000, 2000, 1000)), (2, True, (2500, 1500)), (1, False, (4000,))):
         base, fts = tie_models(n_tasks, sizes, seed=n_tasks, signed=signed)
         for spec in (
@@ -232,7 +234,7 @@ def interp_tie_patch() -> None:
             expected_merger = TaskVectorMerger(base, fts, spec)
             expected = dict(expected_merger)
             fused = TaskVectorMerger(base, fts, spec)
-            fused._use_kernels = lambda: True
+            fused.fused.active = lambda: True
             got = dict(fused)
             for key in expected:
                 assert same_bits(got[key], expected[key], spec.merge), (n_tasks, signed, spec, key)
@@ -271,7 +273,7 @@ def check_contested_fused(base, fts, spec, to=lambda sd: sd, chunk_size=None) ->
     """Fused vs eager engine on one model: the same bits, every key fused (no eager redo), and the
     majority fallback flipped contested entries recorded by the fused path."""
     seen = {"fused": 0, "eager": 0, "flipped": 0, "tie_runs": 0}
-    fused_merge, resolve = TaskVectorMerger._fused_merge, engine._Contested.resolve
+    fused_merge, resolve = FusedPaths.merge, Contested.resolve
 
     def counting_merge(self, key, trim_step, *args):
         before = list(trim_step.tie_budget)
@@ -285,13 +287,13 @@ def check_contested_fused(base, fts, spec, to=lambda sd: sd, chunk_size=None) ->
         return resolve(self, flat_out, sign_total)
 
     expected = dict(TaskVectorMerger(base, fts, spec))
-    TaskVectorMerger._fused_merge, engine._Contested.resolve = counting_merge, counting_resolve
+    FusedPaths.merge, Contested.resolve = counting_merge, counting_resolve
     try:
         fused = TaskVectorMerger(to(base), [to(ft) for ft in fts], spec, chunk_size=chunk_size)
-        fused._use_kernels = lambda: True
+        fused.fused.active = lambda: True
         got = dict(fused)
     finally:
-        TaskVectorMerger._fused_merge, engine._Contested.resolve = fused_merge, resolve
+        FusedPaths.merge, Contested.resolve = fused_merge, resolve
     for key in expected:
         assert same_bits(got[key].cpu(), expected[key], spec.merge), (len(fts), spec, key)
     assert seen["eager"] == 0 and seen["fused"] == len(expected), (spec, seen)
@@ -369,16 +371,16 @@ def test_a_failing_kernel_falls_back_to_the_eager_path_with_one_warning(monkeypa
         raise RuntimeError("simulated compile failure")
 
     monkeypatch.setattr(kernels, "_failed", None)
-    monkeypatch.setattr(kernels, "ties_merge", broken)
+    monkeypatch.setattr(kernels, "fused_ties_merge", broken)
     monkeypatch.setattr(kernels, "bracket_counts", broken)
-    monkeypatch.setattr(engine, "_MIN_BRACKETED", 1 << 10)
-    monkeypatch.setattr(engine, "_SAMPLE", 1 << 8)
+    monkeypatch.setattr(thresholds, "_MIN_BRACKETED", 1 << 10)
+    monkeypatch.setattr(thresholds, "_SAMPLE", 1 << 8)
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(2000, generator=g), "v": torch.randn(50, generator=g)}
     fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
     expected = dict(TaskVectorMerger(base, fts, MergeSpec(k=0.2)))
     merger = TaskVectorMerger(base, fts, MergeSpec(k=0.2))
-    monkeypatch.setattr(merger, "_use_kernels", lambda: kernels.enabled())
+    monkeypatch.setattr(merger.fused, "active", lambda: kernels.enabled())
     with pytest.warns(RuntimeWarning, match="simulated compile failure") as record:
         got = dict(merger)
     assert len([w for w in record if "Triton kernels failed" in str(w.message)]) == 1
@@ -417,7 +419,7 @@ def test_cuda_kernels_give_the_cpu_merge(scope: str, sign: str, merge: str, monk
 
         return wrapped
 
-    monkeypatch.setattr(kernels, "ties_merge", counting("merge", kernels.ties_merge))
+    monkeypatch.setattr(kernels, "fused_ties_merge", counting("merge", kernels.fused_ties_merge))
     monkeypatch.setattr(kernels, "bracket_counts", counting("bracket", kernels.bracket_counts))
     base, fts = _cuda_models()
     expected = ties_merge(base, fts, k=0.2, scope=scope, sign=sign, merge=merge)
@@ -459,7 +461,7 @@ def test_cuda_fused_merge_equals_ties_chunk() -> None:
             expected, signs, contested, trim_step = eager_chunk(base, fts, ths, "mass", merge)
             out = torch.empty(base.numel(), device="cuda")
             cuts = torch.tensor(trim_step.cuts, device="cuda")
-            got, flag = kernels.ties_merge(base.cuda(), [f.cuda() for f in fts], cuts, out, "mass", merge)
+            got, flag = kernels.fused_ties_merge(base.cuda(), [f.cuda() for f in fts], cuts, out, "mass", merge)
             assert same_bits(out.cpu(), expected, merge), (n_tasks, merge)
             assert int(got) == signs and bool(flag.any()) == contested
 
@@ -470,7 +472,7 @@ def test_cuda_fused_merge_equals_ties_chunk() -> None:
 def test_cuda_fused_merge_places_threshold_ties_as_the_cpu(sign: str, merge: str, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
     patched = {"runs": 0}
-    original = TaskVectorMerger._patch_ties
+    original = FusedPaths._patch_ties
 
     def counting(self, *args):
         result = original(self, *args)

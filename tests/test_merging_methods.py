@@ -238,7 +238,7 @@ def test_empty_model_list_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sign": "majority"}, "unknown sign method 'majority'"),
+        ({"sign": "majority"}, "method 'ties': unknown sign 'majority'; choose one of 'mass', 'count'"),
         ({"merge": "median"}, "unknown merge 'median'"),
         ({"scope": "layer"}, "unknown scope 'layer'"),
     ],

@@ -196,7 +196,7 @@ def test_zero_sign_fallback_components_follow_the_same_sign() -> None:
 def test_sampled_brackets_change_no_global_threshold(monkeypatch) -> None:
     # given task vectors whose magnitudes lie a few bit patterns apart (so a sampled bracket
     # fits the one-pass histogram), with ties, and limits lowered so that the engine samples
-    from lightning_ties.merging import MagnitudeSelector, engine
+    from lightning_ties.merging import MagnitudeSelector, thresholds
 
     g = torch.Generator().manual_seed(30)
     eps = torch.finfo(torch.float32).eps
@@ -209,8 +209,8 @@ def test_sampled_brackets_change_no_global_threshold(monkeypatch) -> None:
     fts = [{k: dense(v.shape) for k, v in base.items()} for _ in range(4)]
     expected = TaskVectorMerger(base, fts, MergeSpec(k=0.3))
     tau_expected = dict(expected)
-    monkeypatch.setattr(engine, "_MIN_BRACKETED", 100)
-    monkeypatch.setattr(engine, "_SAMPLE", 300)
+    monkeypatch.setattr(thresholds, "_MIN_BRACKETED", 100)
+    monkeypatch.setattr(thresholds, "_SAMPLE", 300)
     selectors: list[MagnitudeSelector] = []
 
     class RecordingSelector(MagnitudeSelector):
@@ -218,7 +218,7 @@ def test_sampled_brackets_change_no_global_threshold(monkeypatch) -> None:
             super().__init__(*args, **kwargs)
             selectors.append(self)
 
-    monkeypatch.setattr(engine, "MagnitudeSelector", RecordingSelector)
+    monkeypatch.setattr(thresholds, "MagnitudeSelector", RecordingSelector)
     bracketed = TaskVectorMerger(base, fts, MergeSpec(k=0.3))
     tau = dict(bracketed)
     # then every task's threshold came from its bracket, equal to the radix passes' result

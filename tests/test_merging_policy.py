@@ -58,26 +58,33 @@ def test_merge_results_carry_a_report_built_from_the_plan() -> None:
 
 
 # ---- names ------------------------------------------------------------------------------------
-def test_merged_task_vector_is_the_new_name_and_task_vector_a_deprecated_alias() -> None:
+def test_the_0_1_deprecated_alias_is_gone_everywhere() -> None:
+    # given the one name of the merged task vector
     tau = merged_task_vector(BASE, MODELS)
     assert type(tau) is MergedTaskVector
-    with pytest.warns(DeprecationWarning, match="TaskVector is deprecated: use MergedTaskVector"):
-        from lightning_ties.merging import TaskVector
-    assert TaskVector is MergedTaskVector
-    with pytest.warns(DeprecationWarning, match="use MergedTaskVector"):
-        from lightning_ties.merging.engine import TaskVector as from_engine
-    assert from_engine is MergedTaskVector
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        from lightning_ties.merging import MergedTaskVector as new  # noqa: F401  (no warning)
-    with pytest.raises(AttributeError, match="has no attribute 'TaskVectr'"):
-        import lightning_ties.merging as merging
-
-        merging.TaskVectr  # noqa: B018
-
-
-def test_the_top_level_package_keeps_the_deprecated_name_too() -> None:
+    # then the 0.1 alias ``TaskVector`` exists nowhere (package, engine, top level)
     import lightning_ties
+    import lightning_ties.merging as merging
+    from lightning_ties.merging import engine
 
-    with pytest.warns(DeprecationWarning, match="use MergedTaskVector"):
-        assert lightning_ties.TaskVector is MergedTaskVector
+    for module in (merging, engine, lightning_ties):
+        with pytest.raises(AttributeError, match="has no attribute 'TaskVector'"):
+            module.TaskVector  # noqa: B018
+    assert not hasattr(merging, "DEPRECATED_NAMES")
+
+
+def test_every_public_name_of_merging_is_defined_once() -> None:
+    # a function or class of merging is defined in one module only (kernels' fused merge is not ``ties_merge``)
+    import importlib
+    import pkgutil
+
+    import lightning_ties.merging as merging
+
+    defined: dict[str, list[str]] = {}
+    for info in pkgutil.iter_modules(merging.__path__):
+        module = importlib.import_module(f"lightning_ties.merging.{info.name}")
+        for name, value in vars(module).items():
+            if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__ and callable(value):
+                defined.setdefault(name, []).append(info.name)
+    twice = {name: where for name, where in defined.items() if len(where) > 1}
+    assert not twice, twice

@@ -9,7 +9,6 @@ is a few tensors per model, whatever the model size; the output appears atomical
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
@@ -20,7 +19,9 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..merging import MergePlan, MergeReport, TaskVectorMerger, get_method, plan_merge
+from ..merging import MergeOptions, MergePlan, MergeReport, TaskVectorMerger, plan_merge
+from ..merging.collectives import SINGLE_PROCESS, Collectives
+from ..merging.spec import MergeSpec
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
 from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
@@ -202,9 +203,9 @@ def merge_to(
         >>> open_source(out).get("w")
         tensor([ 0., -2.,  0.,  3.])
     """
-    merge_method = get_method(method)
-    spec = merge_method.build_spec(**params)
-    lam = merge_method.resolve_lam(lam)
+    options = MergeOptions.from_keywords(method, lam, include, exclude, **params)  # every keyword checked once
+    options.spec  # noqa: B018  (a method that needs data, RegMean, refuses here: before any file is opened)
+    lam = options.lam
     if on_mismatch not in ("error", "base"):
         raise ValueError(f"on_mismatch must be 'error' or 'base', got {on_mismatch!r}")
     fmt = _output_format(Path(output), output_format)
@@ -228,7 +229,8 @@ def merge_to(
 
     jobs: list[_MergeJob] = []  # the one prepared, for its hashing to be stopped whatever happens
 
-    def prepare(owner_of: Callable[[_MergeJob], Mapping[str, int]] | None = None, rank: int = 0) -> _MergeJob:
+    def prepare(rank: int = 0) -> _MergeJob:
+        """Open, check and plan from the headers (every rank the same; no collectives)."""
         base_src = _open(base, "base", None, prefix, trust_pickle)
         model_srcs = [_open(m, f"model[{i}]", base_src, prefix, trust_pickle) for i, m in enumerate(models)]
         if not model_srcs:
@@ -236,27 +238,32 @@ def merge_to(
         if common_rows:
             model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
         if on_mismatch == "error":
-            check_compatible(base_src, model_srcs, include, exclude)
+            check_compatible(base_src, model_srcs, options.include, options.exclude)
         # The files the sources read (shards an index names, an adapter's folder) are inputs too.
         check_output(output, overwrite, inputs=_source_paths([base_src, *model_srcs]), kind=kind)
-        plan = plan_merge(base_src, model_srcs, include, exclude)
+        plan = plan_merge(base_src, model_srcs, options.include, options.exclude)
         specs = {k: base_src.spec(k) for k in plan.keys}
-        layout = _layout(fmt, specs, max_shard_size, method)
-        job = _MergeJob(base_src, model_srcs, plan, specs, layout)
+        job = _MergeJob(base_src, model_srcs, plan, specs, _layout(fmt, specs, max_shard_size, method))
         jobs.append(job)
-        mine = None if owner_of is None else {k for k, r in owner_of(job).items() if r == rank}
         job.digests = SourceDigests([base_src, *model_srcs]) if hash_sources and fmt == "folder" and rank == 0 else None
-        job.report = MergeReport.from_plan(
-            plan, method, {**merge_method.parameters(), **params}, [m.label for m in model_srcs], lam=lam
-        )
-        base_cached = RecentTensorCache(base_src)
-        merge_plan = plan if mine is None or _needs_whole_model(spec) else _restricted(plan, mine)
-        job.merger = TaskVectorMerger(
-            base_cached, [RecentTensorCache(m) for m in model_srcs], spec, compute_dtype=compute_dtype, plan=merge_plan,
-            device=device,
-        )
-        job.stream = _MergedStream(base_cached, job.merger, plan, lam, progress if rank == 0 else False, mine)
+        job.report = MergeReport.from_plan(plan, method, options.method_params, [m.label for m in model_srcs], lam=lam)
         return job
+
+    def start(job: _MergeJob, collectives: Collectives = SINGLE_PROCESS, mine: set[str] | None = None) -> _MergedStream:
+        """The merger (its collectives run from here on: on W ranks, after every rank prepared) and its stream."""
+        base_cached = RecentTensorCache(job.base)
+        models_cached = [RecentTensorCache(m) for m in job.models]
+        if mine is None or _merged_whole_on_every_rank(options.spec):
+            job.merger = TaskVectorMerger(
+                base_cached, models_cached, options, compute_dtype=compute_dtype, plan=job.plan, device=device
+            )
+        else:
+            numels = {k: job.specs[k].numel for k in job.plan.merge_keys}
+            job.merger = TaskVectorMerger(
+                base_cached, models_cached, options, compute_dtype=compute_dtype, plan=job.plan, device=device,
+                collectives=collectives, shards={k: (0, n) if k in mine else (0, 0) for k, n in numels.items()},
+            )
+        return _MergedStream(base_cached, job.merger, job.plan, lam, progress if collectives.rank == 0 else False, mine)
 
     def publish(job: _MergeJob, tmp: Path, index: bool) -> None:
         if fmt == "folder":
@@ -274,26 +281,27 @@ def merge_to(
                 owners = functools.partial(_owners, world_size=ranks.world_size)
                 job = run_on_ranks(
                     ranks,
-                    prepare=lambda: prepare(owners, ranks.rank),
+                    prepare=lambda: prepare(ranks.rank),
                     create=lambda job: _laid_out(output, fmt, job.layout),
-                    merge=lambda job, tmp: _merge_part(job, tmp, owners(job), ranks.rank),
+                    merge=lambda job, tmp: _merge_part(job, tmp, lambda mine: start(job, ranks.collectives, mine), owners(job), ranks.rank),
                     publish=lambda job, tmp: publish(job, tmp, index=True),
                 )
         else:
             job = prepare()
+            stream = start(job)
             if fmt == "folder":
                 with atomic_dir(output) as tmp:
                     with ShardedWriter(tmp, job.specs, max_shard_size) as writer:
-                        job.stream.run(writer.write)
+                        stream.run(writer.write)
                     publish(job, tmp, index=False)
             elif fmt == "safetensors":
                 with atomic_file(output) as tmp, SafetensorsWriter(
                     tmp, job.specs, {**owner_metadata(), "merge_method": method}
                 ) as writer:
-                    job.stream.run(writer.write)
+                    stream.run(writer.write)
             else:
                 merged: dict[str, torch.Tensor] = {}
-                job.stream.run(merged.__setitem__)
+                stream.run(merged.__setitem__)
                 save_lightning_checkpoint(
                     {k: merged[k] for k in job.plan.keys}, output, getattr(job.base, "hyper_parameters", None),
                     prefix=getattr(job.base, "prefix", ""), overwrite=True,
@@ -315,7 +323,6 @@ class _MergeJob:
         self.digests: SourceDigests | None = None
         self.report: MergeReport
         self.merger: TaskVectorMerger
-        self.stream: _MergedStream
 
     def cancel_hashing(self) -> None:
         if self.digests is not None:
@@ -341,14 +348,14 @@ def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
     return assign_keys(costs, world_size, together=job.plan.aliases)
 
 
-def _needs_whole_model(spec: Any) -> bool:
-    """Whether tau_m of one key depends on other keys (the global trim, norms or majority sign)."""
-    return spec.tensor_fn is None and spec.scope == "global" and (spec.trims or spec.sign is not None)
+def _merged_whole_on_every_rank(spec: MergeSpec) -> bool:
+    """normfrac/normmass over the global scope: every rank merges every key and writes its own.
 
-
-def _restricted(plan: MergePlan, mine: set[str]) -> MergePlan:
-    """``plan`` merging only this rank's keys (for methods where each key's tau_m is its own)."""
-    return dataclasses.replace(plan, merge_keys=[k for k in plan.merge_keys if k in mine])
+    Their task norms are float sums whose rounding depends on how the entries are split, so
+    the merger refuses to agree on them across ranks; computing them whole on each rank keeps
+    the output identical to one process (without the speed-up).
+    """
+    return spec.scope == "global" and spec.sign in ("normfrac", "normmass")
 
 
 @contextlib.contextmanager
@@ -359,10 +366,15 @@ def _laid_out(output: Path, fmt: OutputFormat, layout: Layout) -> Iterator[Path]
         yield tmp
 
 
-def _merge_part(job: _MergeJob, tmp: Path, owners: Mapping[str, int], rank: int) -> None:
-    writer = PartWriter(tmp, job.layout, {k for k, r in owners.items() if r == rank})
+def _merge_part(
+    job: _MergeJob, tmp: Path, start: Callable[[set[str]], _MergedStream], owners: Mapping[str, int], rank: int
+) -> None:
+    """One rank's share: merge (through the collectives) and write its own tensors, on disk on return."""
+    mine = {k for k, r in owners.items() if r == rank}
+    stream = start(mine)
+    writer = PartWriter(tmp, job.layout, mine)
     try:
-        job.stream.run(writer.write)
+        stream.run(writer.write)
     except BaseException:
         writer.abort()
         raise

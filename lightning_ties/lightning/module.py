@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..evaluation.batches import predict_and_target
-from ..merging import MergePlan, TaskVector, apply_task_vector, as_source, get_method, method_task_vector, plan_merge
+from ..merging import MergedTaskVector, MergePlan, apply_task_vector, as_source, get_method, method_task_vector, plan_merge
 from ..merging.sources import TensorSource
 from ._compat import move_data_to_device, pl, rank_zero_info
 from .heads import HeadsArg, HeadStore, differing_keys, exact_patterns, named_head_keys
@@ -146,7 +146,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.current: tuple[float | None, float] | None = None
         self.tasks_by_index: list[str] = list(self.tasks)
         self._base_merged: dict[str, torch.Tensor] | None = None
-        self._tau: tuple[tuple[str, float | None], TaskVector] | None = None
+        self._tau: tuple[tuple[str, float | None], MergedTaskVector] | None = None
         #: the last ``search``/``evaluate`` call's ``{task: [dataloader, ...]}``: where methods that
         #: need data (RegMean's Gram matrices) read each task's examples
         self.data_loaders: dict[str, list[Any]] | None = None
@@ -192,7 +192,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         """Whether the current method has a trim density k."""
         return get_method(self.method).has_k
 
-    def task_vector(self, k: float | None = None) -> TaskVector:
+    def task_vector(self, k: float | None = None) -> MergedTaskVector:
         """tau_m of the current method for ``k`` (computed once per (method, k) and cached)."""
         k = (self.k if k is None else k) if self.searches_k else None
         key = (self.method, k)

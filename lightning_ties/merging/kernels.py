@@ -8,7 +8,7 @@ tensors the engine already holds (no ``[N, c]`` task-vector buffer):
   entries whose ``|tau|`` bit pattern lies above the bracket (per-block partials, summed by
   torch), histograms those inside it (atomic adds: ~1% of the entries land there) and flags
   NaN/Inf, without a host sync.
-- :func:`ties_merge`: trim by per-task cut values (keep ``|tau| > cut``), elect the sign
+- :func:`fused_ties_merge`: trim by per-task cut values (keep ``|tau| > cut``), elect the sign
   (``mass`` or ``count``), disjoint-merge (``mean``, ``sum``, ``max``, ``task_mean``), write
   tau_m, the per-block sums of elected signs and a per-block "contested" flag (a zero score
   with a non-zero candidate somewhere in the block), so that the engine recomputes only those
@@ -38,11 +38,10 @@ ENV_VAR = "LIGHTNING_TIES_KERNELS"
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MERGE_CODES = {"mean": 0, "sum": 1, "max": 2, "task_mean": 3}
 _MERGE_BLOCK = 1024
-#: Columns per block of :func:`ties_merge`: block ``j`` of its contested flags covers entries
+#: Columns per block of :func:`fused_ties_merge`: block ``j`` of its contested flags covers entries
 #: ``[j * MERGE_BLOCK, (j + 1) * MERGE_BLOCK)``.
 MERGE_BLOCK = _MERGE_BLOCK
 _SELECT_BLOCK = 2048
-_INF_BITS = 0x7F800000
 
 _failed: str | None = None  # why the kernels were turned off at runtime
 
@@ -167,7 +166,7 @@ if triton is not None:
             tl.store(bad_ptr + i * blocks + pid, tl.max(tl.where(mask & (bits >= 0x7F800000), 1, 0), axis=0))
 
 
-def ties_merge(
+def fused_ties_merge(
     base: torch.Tensor,
     fine_tuned: Sequence[torch.Tensor],
     cuts: torch.Tensor,

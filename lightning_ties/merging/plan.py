@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .sources import TensorSource
 
-Patterns = str | Sequence[str] | None
+Patterns = str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None
 
 
 @dataclass
@@ -41,6 +41,8 @@ class MergePlan:
 def compile_patterns(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
     """Compile one regex or a list of them: the one pattern compiler of the package.
 
+    Compiled patterns pass through unchanged (options compile theirs once).
+
     A bad one is a ValueError naming the argument ``what``, the pattern (with its index in a
     list) and how to fix it, so callers (include/exclude, heads, groups, configs) never let a
     ``re.error`` traceback escape.
@@ -55,9 +57,12 @@ def compile_patterns(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
     """
     if patterns is None:
         return []
-    single = isinstance(patterns, str)
+    single = isinstance(patterns, (str, re.Pattern))
     compiled = []
     for i, p in enumerate([patterns] if single else patterns):
+        if isinstance(p, re.Pattern):  # compiled once already (MergeOptions)
+            compiled.append(p)
+            continue
         if not isinstance(p, str):
             raise ValueError(f"{what}: expected a regular expression (a string) or a list of them, got {p!r}")
         try:

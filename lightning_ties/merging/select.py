@@ -13,6 +13,10 @@ one pass suffices: it counts the entries above the bracket and histograms every 
 inside it. When the counts show that the threshold is not inside (an unlucky sample), the
 selector falls back to the radix passes: the bracket changes the cost, never the result.
 
+On W ranks each rank observes its own entries and the counts of every pass are summed over
+ranks before the pass closes (``reduce``, e.g. an all-reduce): the histogram, hence the
+threshold, is the one of all entries together, and no task vector crosses ranks.
+
 Ties at the threshold are resolved deterministically: every |x| > t is kept, and of the
 entries with |x| == t only the first ``ties_to_keep`` in stream order (key order, then flat
 index) are kept, so exactly ``m`` entries survive.
@@ -20,9 +24,12 @@ index) are kept, so exactly ``m`` entries survive.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
@@ -91,6 +98,12 @@ class MagnitudeSelector:
     Selectors fed one after the other may share one ``scratch`` dict of buffers. Histogram and
     scratch live on the device of the observed tensors.
 
+    ``reduce`` (W ranks, each observing its own entries): a function summing an int64 tensor
+    over ranks (an all-reduce), called once per pass on the pass's counts, so that every rank
+    reads the same histogram and finds the same threshold (:func:`next_passes` batches the
+    selectors of N tasks into one call). A NaN or Inf on any rank is then reported on every
+    rank when the pass closes, rather than where it was seen, so that no rank is left waiting.
+
     ``gather`` (default: on any device but the CPU) histograms only the entries that can hold
     the threshold (inside the bracket, or matching the digits found so far) and counts the
     others by reductions. The histogram, hence the result, is the same; but a GPU's
@@ -117,12 +130,15 @@ class MagnitudeSelector:
         bracket: tuple[float, float] | None = None,
         scratch: dict[str, torch.Tensor] | None = None,
         gather: bool | None = None,
+        reduce: Reduce | None = None,
     ) -> None:
         if dtype not in _INT_VIEW:
             raise ValueError(f"selection runs in float32 or float64, got {dtype}")
         self.m = m
         self.dtype = dtype
         self.gather = gather
+        self.reduce = reduce
+        self._bad: str | None = None  # with reduce: the first tensor seen holding a NaN/Inf this pass
         self._int = _INT_VIEW[dtype]
         self._width = torch.finfo(dtype).bits
         self._levels = self._width // _DIGIT_BITS
@@ -184,13 +200,23 @@ class MagnitudeSelector:
         if self._level == 0:
             counts = torch.bincount(digits, minlength=_BINS)
             if bool(counts[self._nonfinite_bin :].any()):
-                raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
+                self.report_nonfinite(name)
         else:
             # Candidates (high digits == prefix) land in bins 1.._BINS, all others in 0 or _BINS + 1:
             # integer arithmetic on every entry is cheaper than a boolean mask and a gather.
             digits.sub_((self._prefix << _DIGIT_BITS) - 1).clamp_(0, _BINS + 1)
             counts = torch.bincount(digits, minlength=_BINS + 2)[1 : _BINS + 1]
         self._hist += counts
+
+    def report_nonfinite(self, name: str) -> None:
+        """``name`` holds a NaN or Inf: raise now, or (with reduce) when the pass closes, on every rank.
+
+        Callers that count elsewhere (the fused kernels) report what they saw here too.
+        """
+        if self.reduce is None:
+            raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
+        if self._bad is None:
+            self._bad = name
 
     def _observe_gather(self, bits: torch.Tensor, name: str) -> None:
         """The gather strategy: histogram the candidates by index_add, without a host sync.
@@ -232,7 +258,7 @@ class MagnitudeSelector:
             bad = [name for (name, _), flag in zip(self._nonfinite, flags) if flag]
             self._nonfinite = []
             if bad:
-                raise ValueError(f"{bad[0]} holds NaN or Inf values; fix or exclude it before merging")
+                self.report_nonfinite(bad[0])
         if not self._observed:  # nothing observed: the histogram is still the empty standard one
             return
         if self._bracket is not None:
@@ -247,7 +273,7 @@ class MagnitudeSelector:
 
     def _observe_bracket(self, bits: torch.Tensor, name: str) -> None:
         if bits.numel() and int(bits.max()) >= self._inf_bits:
-            raise ValueError(f"{name} holds NaN or Inf values; fix or exclude it before merging")
+            self.report_nonfinite(name)
         lo, hi = self._bracket
         # below the bracket -> bin 0, inside -> 1 + (bits - lo), above -> the last bin
         digits = torch.sub(bits, lo - 1, out=self._scratch("digits", bits.numel(), self._int, bits.device))
@@ -317,10 +343,28 @@ class MagnitudeSelector:
             self._buffers[name] = buf
         return buf[:numel]
 
-    def next_pass(self) -> None:
-        """Close the current pass: fix one more digit of the threshold."""
+    def pass_counts(self) -> torch.Tensor:
+        """This pass's counts as one int64 tensor (the histogram, then a NaN/Inf flag): what ranks sum.
+
+        Its size depends only on the pass (and the bracket), never on the entries observed.
+        """
+        if self._observed or self._nonfinite:
+            self._close_gather()
+        flag = torch.tensor([self._bad is not None], dtype=torch.int64, device=self._hist.device)
+        return torch.cat([self._hist, flag])
+
+    def next_pass(self, counts: torch.Tensor | None = None) -> None:
+        """Close the current pass: fix one more digit of the threshold.
+
+        With ``reduce``, the pass's counts are summed over ranks first (one call), unless
+        ``counts`` brings them already summed (:func:`next_passes`).
+        """
         if self.done:
             return
+        if counts is None and self.reduce is not None:
+            counts = self.reduce(self.pass_counts())
+        if counts is not None:
+            self._set_counts(counts)
         if self._observed or self._nonfinite:
             self._close_gather()
         if self._bracket is not None:
@@ -343,10 +387,39 @@ class MagnitudeSelector:
             self._result = MagnitudeThreshold(value, kept=self.m, n_greater=self._greater, n_equal=int(hist[digit]))
         self._hist = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
 
+    def _set_counts(self, counts: torch.Tensor) -> None:
+        """Take the counts of every rank (from :meth:`pass_counts`, summed): a NaN/Inf anywhere raises."""
+        if int(counts[-1]) > 0:
+            where = self._bad or "a task vector held by another rank"
+            self._bad = None
+            raise ValueError(f"{where} holds NaN or Inf values; fix or exclude it before merging")
+        self._hist = counts[:-1].to(self._hist.device)
+        self._observed, self._above, self._nonfinite = 0, 0, []
+
     def result(self) -> MagnitudeThreshold:
         if self._result is None:
             raise RuntimeError("selection is not finished: keep calling observe()/next_pass()")
         return self._result
+
+
+def next_passes(selectors: Sequence[MagnitudeSelector]) -> None:
+    """Close the pass of several selectors; those with a ``reduce`` share one call of it.
+
+    All selectors of one merge (one per task) reduce with the same function, so their counts
+    travel together: one all-reduce per pass, not one per task.
+    """
+    open_ = [s for s in selectors if not s.done]
+    reducing = [s for s in open_ if s.reduce is not None]
+    if reducing:
+        parts = [s.pass_counts() for s in reducing]
+        summed = reducing[0].reduce(torch.cat(parts))
+        offset = 0
+        for sel, part in zip(reducing, parts):
+            sel.next_pass(summed[offset : offset + part.numel()])
+            offset += part.numel()
+    for sel in open_:
+        if sel.reduce is None:
+            sel.next_pass()
 
 
 def top_magnitude_threshold(tensors: list[torch.Tensor] | torch.Tensor, k: float) -> MagnitudeThreshold:

@@ -1,0 +1,194 @@
+"""The trim's exact thresholds for the engine: per task over the whole model, or per tensor.
+
+Global scope (the paper's code): each task's m-th largest |tau| over every merged key, from a
+strided sample that brackets it and one counting pass over the bit patterns inside the
+bracket (:class:`~lightning_ties.merging.select.MagnitudeSelector`; radix passes when the
+bracket misses). On W ranks every rank counts its own entries and the counts are all-summed,
+the sample is gathered (so it is the one process's sample, whatever the split), and the ties
+at the threshold a task keeps are shared out in global (key, flat index) order from one
+all_gather of per-key tie counts. Per-tensor scope does the same for each tensor split over
+ranks; a tensor one rank holds whole needs no communication.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .collectives import SINGLE_PROCESS, Collectives, ShardLayout
+from .fused import FusedPaths
+from .reading import TaskReader
+from .select import MagnitudeSelector, MagnitudeThreshold, next_passes
+
+# The select passes do ~3 cheap ops per entry, where the per-chunk Python overhead shows: they
+# read chunks this many times larger (measured on 8 x 20M float32: 64K for the merge, 256K here).
+_SELECT_CHUNK_FACTOR = 4
+# Global thresholds over at least this many entries start from a sample of this many entries
+# per task: its quantiles bracket the threshold, so one exact pass usually replaces two.
+_MIN_BRACKETED = 1 << 22
+_SAMPLE = 1 << 17
+# The bracket's histogram has up to MAX_BRACKET_BINS bins, a cost per observed tensor: larger chunks.
+_BRACKET_CHUNK_FACTOR = 16
+_SMALL_TENSOR = 1 << 16  # per-tensor thresholds below this size use one batched kthvalue
+
+
+class ThresholdFinder:
+    """Exact trim thresholds over this rank's share of the task vectors, agreed by all ranks.
+
+    Example:
+        >>> from lightning_ties.merging import StateDictSource
+        >>> reader = TaskReader(StateDictSource({"w": torch.zeros(4)}), [StateDictSource({"w": torch.arange(4.0)})])
+        >>> ThresholdFinder(reader).select(["w"], m=2)[0].value
+        2.0
+    """
+
+    def __init__(
+        self,
+        reader: TaskReader,
+        collectives: Collectives = SINGLE_PROCESS,
+        layout: ShardLayout | None = None,
+        fused: FusedPaths | None = None,
+    ) -> None:
+        self.reader = reader
+        self.collectives = collectives
+        self.layout = layout
+        self.fused = fused
+        self.distributed = collectives.world_size > 1
+
+    # ---- thresholds -----------------------------------------------------------------------
+    def select(self, keys: Sequence[str], m: int, reduce: bool | None = None) -> list[MagnitudeThreshold]:
+        """Exact threshold of every task over ``keys`` taken together (on every rank: all ranks' entries).
+
+        One pass over a sampled bracket when it holds the threshold (the usual case on large
+        models), else the radix select passes. ``reduce`` (default: on W ranks) sums the
+        counts over ranks; every rank must then call this with the same keys.
+        """
+        reduce = self.distributed if reduce is None else reduce
+        brackets = self.sample_brackets(keys, m, gather=reduce)
+        scratch: dict[str, torch.Tensor] = {}
+        summed = self.collectives.all_sum if reduce else None
+        cd = self.reader.compute_dtype
+        selectors = [MagnitudeSelector(m, cd, bracket, scratch, reduce=summed) for bracket in brackets]
+        all_bracketed = all(s.bracket_bits is not None for s in selectors)
+        if all_bracketed and self.fused is not None and self.fused.active() and self.fused.bracket_pass(keys, selectors):
+            next_passes(selectors)  # a miss falls through to the radix passes below
+        while not all(s.done for s in selectors):
+            bracketed = any(s.bracketed for s in selectors)
+            size = self.reader.chunk_size
+            if self.reader.on_cpu:  # off the CPU chunks are already whole tensors
+                size *= _BRACKET_CHUNK_FACTOR if bracketed else _SELECT_CHUNK_FACTOR
+            for key in keys:
+                for _, taus in self.reader.chunks(key, size):
+                    for sel, model, tau in zip(selectors, self.reader.models, taus):
+                        sel.observe(tau, name=f"task vector of {model.label} at {key!r}")
+            next_passes(selectors)
+        return [s.result() for s in selectors]
+
+    def tensor_thresholds(self, key: str, m: int, split: bool = False) -> list[MagnitudeThreshold]:
+        """Per-tensor thresholds of ``key`` (m kept of its entries); ``split``: its pieces lie on several ranks."""
+        reader = self.reader
+        n = reader.numel(key)
+        if m == 0:
+            return [MagnitudeThreshold.keep_none() for _ in reader.models]
+        if split or n > _SMALL_TENSOR:
+            return self.select([key], m, reduce=split)
+        taus = reader.task_vectors(key)
+        reader.check_finite(taus, key)
+        mags = taus.abs()
+        values = mags.kthvalue(n - m + 1, dim=1, keepdim=True).values
+        # three host syncs per tensor, not three per task (they dominate off the CPU)
+        greater = (mags > values).sum(1).tolist()
+        equal = (mags == values).sum(1).tolist()
+        return [
+            MagnitudeThreshold(v, kept=m, n_greater=g, n_equal=e)
+            for v, g, e in zip(values.squeeze(1).tolist(), greater, equal)
+        ]
+
+    # ---- the bracket ----------------------------------------------------------------------
+    def sample_brackets(self, keys: Sequence[str], m: int, gather: bool = False) -> list[tuple[float, float] | None]:
+        """Per task, a magnitude range that holds the m-th largest |tau| with near certainty.
+
+        From an evenly strided sample of the task vector over ``keys`` (strided by the global
+        flat index, so each rank samples the same entries one process would): the sample's
+        ranks around the expected one, +-5 binomial standard deviations. A miss costs time
+        only (the selector verifies the bracket by counting). ``gather``: the ranks' samples
+        are gathered, so every rank derives the one process's bracket.
+        """
+        reader = self.reader
+        n = sum(reader.numel(key) for key in keys)
+        if n < _MIN_BRACKETED:
+            return [None] * reader.n_tasks
+        stride = (n // _SAMPLE) | 1  # odd, so it does not alias with power-of-two row lengths
+        parts: list[list[torch.Tensor]] = [[] for _ in reader.models]
+        offset = 0
+        for key in keys:
+            start, stop = reader.local_range(key)
+            if stop > start:
+                first = (-(offset + start)) % stride
+                # strided on the source's device, then moved: only the sample travels
+                base = reader.base.get(key).reshape(-1)[first::stride].to(reader.device, reader.compute_dtype)
+                for part, model in zip(parts, reader.models):
+                    sample = model.get(key).reshape(-1)[first::stride].to(reader.device, reader.compute_dtype)
+                    part.append((sample - base).abs_())
+            offset += reader.numel(key)
+        samples = torch.stack([torch.cat(part) if part else torch.empty(0, dtype=reader.compute_dtype, device=reader.device) for part in parts])
+        if gather:
+            samples = self._gather_samples(samples)
+        # Every task's sample has the same size and the same ranks around the threshold: one
+        # batched sort for all tasks and one host transfer (not two kthvalue syncs per task).
+        size = samples.shape[1]
+        expected = m * size / n  # rank of the threshold in the sample, counted from the top
+        margin = 5 * math.sqrt(expected * (1 - m / n)) + 8
+        top, bottom = math.floor(expected - margin), math.ceil(expected + margin)
+        if top < 1 or bottom > size:
+            return [None] * reader.n_tasks
+        ordered = samples.sort(dim=1).values  # the k-th smallest is ordered[:, k - 1], as kthvalue(k)
+        ends = ordered[:, [size - bottom, size - top]].tolist()
+        return [(lo, hi) if math.isfinite(hi) else None for lo, hi in ends]
+
+    def _gather_samples(self, samples: torch.Tensor) -> torch.Tensor:
+        """Every rank's samples ``[N, c_r]`` side by side: the same multiset (hence sort) as one process's."""
+        sizes = self.collectives.all_gather(torch.tensor([samples.shape[1]], dtype=torch.int64)).reshape(-1).tolist()
+        padded = torch.zeros(samples.shape[0], max(sizes), dtype=samples.dtype, device=samples.device)
+        padded[:, : samples.shape[1]] = samples
+        gathered = self.collectives.all_gather(padded)
+        return torch.cat([gathered[r, :, :c] for r, c in enumerate(sizes)], dim=1)
+
+    # ---- ties at the threshold, in global order --------------------------------------------
+    def tie_budgets(
+        self, keys: Sequence[str], indices: Sequence[int], thresholds: Sequence[MagnitudeThreshold]
+    ) -> list[list[int]] | None:
+        """Per key of ``keys``, how many of each task's threshold ties this rank keeps (None: no task keeps part of its ties).
+
+        One process keeps the first ``ties_to_keep`` entries equal to the threshold in stream
+        order (key order, then flat index); on W ranks each rank counts its ties per key, one
+        all_gather shares the counts, and each rank keeps the ones that fall within the budget
+        in that same global order. ``indices`` are the keys' positions in the layout. Costs one
+        read of this rank's entries, and only when a task keeps some but not all of its ties at
+        a non-zero threshold (kept zeros change nothing).
+        """
+        partial = [i for i, t in enumerate(thresholds) if t.value != 0.0 and 0 < t.ties_to_keep < t.n_equal]
+        if not partial or not self.distributed or self.layout is None:
+            return None
+        reader = self.reader
+        counts = torch.zeros(len(keys), reader.n_tasks, dtype=torch.int64)
+        for j, key in enumerate(keys):
+            for _, taus in reader.chunks(key):
+                for i in partial:
+                    counts[j, i] += int((taus[i].abs() == thresholds[i].value).sum())
+        every = self.collectives.all_gather(counts).tolist()  # [W][keys][N]
+        left = [t.ties_to_keep if i in partial else 0 for i, t in enumerate(thresholds)]
+        mine = [[0] * reader.n_tasks for _ in keys]
+        for j, index in enumerate(indices):
+            for r in self.layout.holders(index):  # the ranks' pieces of this key, in flat order
+                for i in partial:
+                    take = min(left[i], every[r][j][i])
+                    left[i] -= take
+                    if r == self.collectives.rank:
+                        mine[j][i] = take
+        return mine
+
+
+__all__ = ["ThresholdFinder"]
