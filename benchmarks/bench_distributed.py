@@ -6,7 +6,8 @@ default) into a folder, once by ``merge_to`` in one process and once under
 ``torchrun --nproc_per_node=W``, every process on one thread. Prints the time of the
 ``merge_to`` call (rank 0's, which returns once every rank is done and the output is
 published), the wall time of the whole command (interpreter and launcher start included),
-each rank's peak RSS, the speed-ups, and whether the two outputs are identical file for file.
+each rank's CPU seconds (all its threads: the sha256 of the inputs runs beside rank 0's merge)
+and peak RSS, the speed-ups, and whether the two outputs are identical file for file.
 
     python benchmarks/bench_distributed.py --case merge_to            # 4 x 168M, W=2
     python benchmarks/bench_distributed.py --case merge_to --small    # a quick check
@@ -43,8 +44,9 @@ def run_merge_to(out: str, inputs: list[str], record: str) -> None:
     merge_to(out, inputs[0], inputs[1:], "ties", k=DENSITY, progress=False)
     seconds = time.perf_counter() - start
     rank = int(os.environ.get("RANK", 0))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(f"{record}.rank{rank}.json").write_text(json.dumps({"rank": rank, "merge_s": seconds, "peak_rss_mb": peak_mb}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record_row = {"rank": rank, "merge_s": seconds, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+    Path(f"{record}.rank{rank}.json").write_text(json.dumps(record_row))
 
 
 def _free_port() -> int:
@@ -70,9 +72,17 @@ def measure_merge_to(name: str, world: int, out: Path, inputs: list[str], root: 
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     ranks = [json.loads((root / f"{name}.rank{r}.json").read_text()) for r in range(world)]
-    row = {"name": name, "world": world, "merge_s": ranks[0]["merge_s"], "wall_s": wall, "peak_rss_mb": [r["peak_rss_mb"] for r in ranks]}
+    row = {
+        "name": name, "world": world, "merge_s": ranks[0]["merge_s"], "wall_s": wall,
+        "cpu_s": [r["cpu_s"] for r in ranks], "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
+    }
     rss = " / ".join(f"{mb:.0f}" for mb in row["peak_rss_mb"])
-    print(f"  {name:<24} merge_to {row['merge_s']:7.2f} s   wall {wall:7.2f} s   peak RSS per rank {rss} MB", flush=True)
+    cpu = " / ".join(f"{s:.1f}" for s in row["cpu_s"])
+    print(
+        f"  {name:<14} merge_to {row['merge_s']:7.2f} s   wall {wall:7.2f} s   CPU per rank {cpu} s   "
+        f"peak RSS per rank {rss} MB",
+        flush=True,
+    )
     return row
 
 
@@ -99,12 +109,13 @@ def case_merge_to(args: argparse.Namespace) -> None:
         rows.append(measure_merge_to(f"{args.world} processes", args.world, root / f"out-{args.world}", inputs, root))
         identical = same_folders(root / "out-1", root / f"out-{args.world}")
         one, many = rows
-        print(f"\n| processes | merge_to (s) | wall (s) | peak RSS per rank (MB) | merge_to speed-up | wall speed-up |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("\n| processes | merge_to (s) | wall (s) | CPU per rank (s) | peak RSS per rank (MB) | merge_to speed-up | wall speed-up |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             rss = " / ".join(f"{mb:.0f}" for mb in r["peak_rss_mb"])
+            cpu = " / ".join(f"{s:.1f}" for s in r["cpu_s"])
             print(
-                f"| {r['world']} | {r['merge_s']:.2f} | {r['wall_s']:.2f} | {rss} | "
+                f"| {r['world']} | {r['merge_s']:.2f} | {r['wall_s']:.2f} | {cpu} | {rss} | "
                 f"{one['merge_s'] / r['merge_s']:.2f}x | {one['wall_s'] / r['wall_s']:.2f}x |"
             )
         print(f"\noutputs identical file for file: {'yes' if identical else 'NO'}")

@@ -5,7 +5,9 @@
 plan.json: ``{"init": bool, "jobs": [{"output", "base", "models", "kwargs"}], "fail": {"rank", "how", "after"}}``.
 ``init``: the script starts the process group itself (merge_to then uses it); otherwise merge_to
 starts one from the launcher's environment. ``fail``: on that rank, the ``after``-th tensor
-written raises (``how="raise"``) or kills the process (``how="kill"``).
+written raises (``how="raise"``) or kills the process (``how="kill"``), or every file it
+opens is corrupt (``how="bad_file"``). ``reads``: each rank
+writes the keys it read from the fine-tuned models to ``<reads>.rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lightning_ties.io import merge_to, ranks
+from lightning_ties.io import merge_to, ranks, stream
 
 plan = json.loads(Path(sys.argv[1]).read_text())
 rank = int(os.environ["RANK"])
@@ -27,7 +29,14 @@ if plan.get("init"):
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 
 fail = plan.get("fail")
-if fail and fail["rank"] == rank:
+if fail and fail["rank"] == rank and fail["how"] == "bad_file":
+    from lightning_ties.io import CheckpointError
+
+    def unreadable(path, **kwargs):
+        raise CheckpointError(f"{path}: corrupt header (injected on rank {rank})")
+
+    stream.open_source = unreadable
+elif fail and fail["rank"] == rank:
     write, written = ranks.PartWriter.write, []
 
     def failing_write(self, key, tensor):
@@ -40,7 +49,20 @@ if fail and fail["rank"] == rank:
 
     ranks.PartWriter.write = failing_write
 
+read: set[str] = set()
+if plan.get("reads"):
+    get = stream.RecentTensorCache.get
+
+    def recording_get(self, key):
+        if self.label != plan["jobs"][0]["base"]:
+            read.add(key)
+        return get(self, key)
+
+    stream.RecentTensorCache.get = recording_get
+
 for job in plan["jobs"]:
     merge_to(job["output"], job["base"], job["models"], progress=False, **job["kwargs"])
 if plan.get("init"):
     dist.destroy_process_group()
+if plan.get("reads"):
+    Path(f"{plan['reads']}.rank{rank}.json").write_text(json.dumps(sorted(read)))

@@ -85,9 +85,9 @@ def torchrun(world: int, args: list[str], tmp_path: Path, timeout: float = 90) -
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def run_jobs(world: int, jobs: list[dict], tmp_path: Path, init: bool = False, fail: dict | None = None):
+def run_jobs(world: int, jobs: list[dict], tmp_path: Path, init: bool = False, fail: dict | None = None, reads: Path | None = None):
     plan = tmp_path / f"plan-{world}.json"
-    plan.write_text(json.dumps({"jobs": jobs, "init": init, "fail": fail}))
+    plan.write_text(json.dumps({"jobs": jobs, "init": init, "fail": fail, "reads": str(reads) if reads else None}))
     return torchrun(world, [str(SCRIPT), str(plan)], tmp_path)
 
 
@@ -174,6 +174,20 @@ def test_merges_on_several_processes_equal_the_one_process_output_file_for_file(
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
+def test_each_rank_reads_only_the_tensors_it_writes_under_the_global_trim(models, tmp_path):
+    from lightning_ties.io import open_source
+
+    proc = run_jobs(2, [job(tmp_path / "out", models, k=0.3, max_shard_size=SHARD)], tmp_path, reads=tmp_path / "reads")
+
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    read = [set(json.loads((tmp_path / f"reads.rank{r}.json").read_text())) for r in range(2)]
+    merged = {k for k in open_source(models[0]).keys() if k != "step"}
+    assert read[0] and read[1] and not read[0] & read[1]  # the work is split, no key read twice
+    assert read[0] | read[1] == merged  # and the global threshold still saw every entry (identical output above)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
 def test_the_merge_command_under_torchrun_writes_what_one_process_writes(models, tmp_path):
     base, fts = models
     config = {
@@ -200,6 +214,7 @@ def test_the_merge_command_under_torchrun_writes_what_one_process_writes(models,
     [
         (2, {"rank": 1, "how": "raise", "after": 2}),  # a disk-full error in the middle of rank 1's part
         (3, {"rank": 0, "how": "kill", "after": 2}),  # rank 0 (which holds the temporary) killed mid-merge
+        (2, {"rank": 1, "how": "bad_file"}),  # rank 1 cannot read an input (a stale copy on its host)
     ],
 )
 def test_a_rank_failing_mid_merge_stops_every_rank_and_leaves_nothing(models, tmp_path, world, fail):
@@ -216,3 +231,6 @@ def test_a_rank_failing_mid_merge_stops_every_rank_and_leaves_nothing(models, tm
     if fail["how"] == "raise":
         assert "No space left on device (injected on rank 1)" in proc.stderr
         assert "RankFailedError" in proc.stderr  # the other rank stopped with the peer's failure
+    if fail["how"] == "bad_file":  # before the merge: rank 0 says which rank failed, and why
+        assert "[rank0]: lightning_ties.io.ranks.RankFailedError: rank 1 failed while checking the inputs" in proc.stderr
+        assert "corrupt header (injected on rank 1)" in proc.stderr
