@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .collectives import SINGLE_PROCESS, Collectives
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 _DIGIT_BITS = 16
@@ -422,8 +424,13 @@ def next_passes(selectors: Sequence[MagnitudeSelector]) -> None:
             sel.next_pass()
 
 
-def top_magnitude_threshold(tensors: list[torch.Tensor] | torch.Tensor, k: float) -> MagnitudeThreshold:
+def top_magnitude_threshold(
+    tensors: list[torch.Tensor] | torch.Tensor, k: float, collectives: Collectives = SINGLE_PROCESS
+) -> MagnitudeThreshold:
     """Exact threshold keeping the top-``k`` fraction of magnitudes over ``tensors`` taken together.
+
+    On W ranks (``collectives``) each rank passes the tensors it holds and every rank gets the
+    threshold over all ranks' tensors together (the counts are all-summed; no tensor moves).
 
     Example:
         >>> top_magnitude_threshold(torch.tensor([1.0, -4.0, 2.0, 3.0]), k=0.5).value
@@ -431,9 +438,14 @@ def top_magnitude_threshold(tensors: list[torch.Tensor] | torch.Tensor, k: float
     """
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    wide = any(t.dtype == torch.float64 for t in tensors)
     n = sum(t.numel() for t in tensors)
-    sel = MagnitudeSelector(keep_count(k, n), dtype)
+    reduce = None
+    if collectives.world_size > 1:  # the total and the selection dtype, agreed by every rank
+        n, wide_ranks = collectives.all_sum(torch.tensor([n, int(wide)], dtype=torch.int64)).tolist()
+        wide, reduce = wide_ranks > 0, collectives.all_sum
+    dtype = torch.float64 if wide else torch.float32
+    sel = MagnitudeSelector(keep_count(k, n), dtype, reduce=reduce)
     while not sel.done:
         for t in tensors:
             sel.observe(t.to(dtype))

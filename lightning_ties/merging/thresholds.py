@@ -56,6 +56,9 @@ class ThresholdFinder:
         self.layout = layout
         self.fused = fused
         self.distributed = collectives.world_size > 1
+        #: bracket the global threshold from a sample of ``sample_size`` entries per task when at
+        #: least ``min_bracketed`` entries are selected over (the module's defaults, read here)
+        self.min_bracketed, self.sample_size = _MIN_BRACKETED, _SAMPLE
 
     # ---- thresholds -----------------------------------------------------------------------
     def select(self, keys: Sequence[str], m: int, reduce: bool | None = None) -> list[MagnitudeThreshold]:
@@ -118,9 +121,9 @@ class ThresholdFinder:
         """
         reader = self.reader
         n = sum(reader.numel(key) for key in keys)
-        if n < _MIN_BRACKETED:
+        if n < self.min_bracketed:
             return [None] * reader.n_tasks
-        stride = (n // _SAMPLE) | 1  # odd, so it does not alias with power-of-two row lengths
+        stride = (n // self.sample_size) | 1  # odd, so it does not alias with power-of-two row lengths
         parts: list[list[torch.Tensor]] = [[] for _ in reader.models]
         offset = 0
         for key in keys:
