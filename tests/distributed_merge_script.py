@@ -6,8 +6,8 @@ plan.json: ``{"init": bool, "jobs": [{"output", "base", "models", "kwargs"}], "f
 ``init``: the script starts the process group itself (merge_to then uses it); otherwise merge_to
 starts one from the launcher's environment. ``fail``: on that rank, the ``after``-th tensor
 written raises (``how="raise"``) or kills the process (``how="kill"``), or every file it
-opens is corrupt (``how="bad_file"``). ``reads``: each rank
-writes the keys it read from the fine-tuned models to ``<reads>.rank<r>.json``.
+opens is corrupt (``how="bad_file"``). ``only``: the one rank that
+runs the jobs. ``reads``: each rank writes the keys it read from the fine-tuned models to ``<reads>.rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ if plan.get("reads"):
 
     stream.RecentTensorCache.get = recording_get
 
-for job in plan["jobs"]:
+for job in plan["jobs"] if plan.get("only") in (None, rank) else []:
     merge_to(job["output"], job["base"], job["models"], progress=False, **job["kwargs"])
 if plan.get("init"):
+    dist.barrier()
     dist.destroy_process_group()
 if plan.get("reads"):
     Path(f"{plan['reads']}.rank{rank}.json").write_text(json.dumps(sorted(read)))

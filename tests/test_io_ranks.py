@@ -67,10 +67,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(world: int, args: list[str], tmp_path: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+def torchrun(world: int, args: list[str], tmp_path: Path, timeout: float = 90, timeout_s: int = 30) -> subprocess.CompletedProcess:
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-        "LIGHTNING_TIES_DIST_TIMEOUT": "30",
+        "LIGHTNING_TIES_DIST_TIMEOUT": str(timeout_s),
     }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -85,10 +85,11 @@ def torchrun(world: int, args: list[str], tmp_path: Path, timeout: float = 90) -
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def run_jobs(world: int, jobs: list[dict], tmp_path: Path, init: bool = False, fail: dict | None = None, reads: Path | None = None):
+def run_jobs(world: int, jobs: list[dict], tmp_path: Path, init: bool = False, timeout_s: int = 30, **plan_keys):
+    """Run the jobs on ``world`` ranks; ``plan_keys``: ``fail``, ``reads``, ``only`` (see the script)."""
     plan = tmp_path / f"plan-{world}.json"
-    plan.write_text(json.dumps({"jobs": jobs, "init": init, "fail": fail, "reads": str(reads) if reads else None}))
-    return torchrun(world, [str(SCRIPT), str(plan)], tmp_path)
+    plan.write_text(json.dumps({"jobs": jobs, "init": init, **{k: str(v) if isinstance(v, Path) else v for k, v in plan_keys.items()}}))
+    return torchrun(world, [str(SCRIPT), str(plan)], tmp_path, timeout_s=timeout_s)
 
 
 def job(output: Path, models: tuple[Path, list[Path]], **kwargs) -> dict:
@@ -234,3 +235,16 @@ def test_a_rank_failing_mid_merge_stops_every_rank_and_leaves_nothing(models, tm
     if fail["how"] == "bad_file":  # before the merge: rank 0 says which rank failed, and why
         assert "[rank0]: lightning_ties.io.ranks.RankFailedError: rank 1 failed while checking the inputs" in proc.stderr
         assert "corrupt header (injected on rank 1)" in proc.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_call_on_one_rank_of_a_job_merges_alone_with_distributed_false_and_otherwise_says_what_to_do(models, tmp_path):
+    merge_to(tmp_path / "single", *models, progress=False, k=0.3)
+    jobs = [job(tmp_path / "alone", models, k=0.3, distributed=False), job(tmp_path / "auto", models, k=0.3)]
+
+    proc = run_jobs(2, jobs, tmp_path, init=True, only=0, timeout_s=5)  # rank 1 never calls merge_to
+
+    assert_identical(tmp_path / "single", tmp_path / "alone")
+    assert proc.returncode != 0 and not (tmp_path / "auto").exists()
+    assert "call merge_to on every rank, or pass distributed=False" in proc.stderr

@@ -186,25 +186,31 @@ class Ranks:
         self.close()
 
 
-def join_ranks(device: str | torch.device | None = None) -> Ranks | None:
+def join_ranks(device: str | torch.device | None = None, distributed: bool | None = None) -> Ranks | None:
     """The ranks this process merges with, or None when it merges alone.
 
-    An initialised default group of several ranks is used (through a new group with this
-    call's short timeout); otherwise ``WORLD_SIZE`` > 1 with ``RANK`` (or ``LOCAL_RANK`` on
-    one host) and ``MASTER_PORT`` (``MASTER_ADDR`` defaults to 127.0.0.1) starts one. The
-    backend is gloo, with NCCL for CUDA tensors when CUDA is available.
+    ``distributed``: None detects; False merges alone whatever the environment (a call made
+    on one rank only, e.g. under ``if trainer.is_global_zero``); True requires several ranks.
+    Detected: an initialised default group of several ranks (used through a new group with
+    this call's short timeout), else ``WORLD_SIZE`` > 1 with ``RANK`` (or ``LOCAL_RANK`` on one
+    host) and ``MASTER_PORT`` (``MASTER_ADDR`` defaults to 127.0.0.1). The backend is gloo,
+    with NCCL for CUDA tensors when CUDA is available.
     """
+    if distributed is False:
+        return None
     timeout_s = _timeout_s()
     timeout = timedelta(seconds=timeout_s)
     cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() == 1:
-            return None
-        return Ranks(dist.new_group(backend=backend, timeout=timeout), owns_default=False, timeout_s=timeout_s)
+            return _alone(distributed, "the initialised process group has one rank")
+        with _joining(dist.get_world_size(), timeout_s):
+            group = dist.new_group(backend=backend, timeout=timeout)
+        return Ranks(group, owns_default=False, timeout_s=timeout_s)
     world = _env_int("WORLD_SIZE")
     if world is None or world <= 1:
-        return None
+        return _alone(distributed, f"WORLD_SIZE is {world if world is not None else 'not set'}")
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed; run one process")
     rank = _env_int("RANK")
@@ -213,18 +219,37 @@ def join_ranks(device: str | torch.device | None = None) -> Ranks | None:
     if rank is None or port is None:
         raise ValueError(
             f"WORLD_SIZE={world} asks for a multi-process merge, but RANK (or LOCAL_RANK) and MASTER_PORT are not "
-            "both set: start it with torchrun, or set them (and MASTER_ADDR on several hosts), or unset WORLD_SIZE"
+            "both set: start it with torchrun, or set them (and MASTER_ADDR on several hosts), or pass distributed=False"
         )
     if cuda and torch.device(device or "cuda").index is None and _env_int("LOCAL_RANK") is not None:
         torch.cuda.set_device(_env_int("LOCAL_RANK"))
     address = os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    url = f"tcp://{address}:{port}?rank={rank}&world_size={world}"
-    store, _, _ = next(dist.rendezvous(url, timeout=timeout))
-    # The launcher's store outlives a group: each call's keys get their own prefix, or a second
-    # merge_to in the same processes would meet the first one's addresses and wait forever.
-    store = dist.PrefixStore(f"lightning_ties/merge_to/{next(_JOINS)}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    with _joining(world, timeout_s):
+        store, _, _ = next(dist.rendezvous(f"tcp://{address}:{port}?rank={rank}&world_size={world}", timeout=timeout))
+        # The launcher's store outlives a group: each call's keys get their own prefix, or a second
+        # merge_to in the same processes would meet the first one's addresses and wait forever.
+        store = dist.PrefixStore(f"lightning_ties/merge_to/{next(_JOINS)}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return Ranks(None, owns_default=True, timeout_s=timeout_s)
+
+
+def _alone(distributed: bool | None, why: str) -> None:
+    if distributed:
+        raise ValueError(f"distributed=True, but {why}: start the merge with torchrun (or your launcher) on several ranks")
+    return None
+
+
+@contextlib.contextmanager
+def _joining(world: int, timeout_s: float) -> Iterator[None]:
+    """Setting up the group: a rank that never comes is one error with what to do, not a traceback."""
+    try:
+        yield
+    except Exception as err:
+        raise RankFailedError(
+            f"merge_to runs on all {world} ranks of this job, but they did not all join within {timeout_s:.0f} s "
+            f"({str(err).strip().splitlines()[0][:200]}): call merge_to on every rank, or pass distributed=False "
+            "to merge in this process alone (e.g. under `if trainer.is_global_zero:`)"
+        ) from err
 
 
 def process_rank() -> int:

@@ -162,6 +162,7 @@ def merge_to(
     overwrite: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    distributed: bool | None = None,
     **params: Any,
 ) -> MergeReport:
     """Merge checkpoints into ``output`` tensor by tensor, never holding a whole model in memory.
@@ -191,6 +192,12 @@ def merge_to(
         device: where to merge (``"cuda"``: tensors read from disk are moved to the GPU and
             merged there, the global threshold too); None: the base's device (CPU for files).
             The file written is the same on every device.
+        distributed: None: merge on every rank of the job when started by ``torchrun`` (or any
+            launcher setting ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``) or inside an
+            initialised process group of several ranks; every rank must then make the same call,
+            each merges and writes its share, rank 0 publishes, and the output is the one process
+            writes, byte for byte (see :mod:`lightning_ties.io.ranks`). False: this process alone
+            (a call made on one rank only). True: several ranks are required.
 
     Returns:
         The :class:`MergeReport` (method, params, sources, merged and skipped keys, lam).
@@ -214,7 +221,7 @@ def merge_to(
     if fmt == "folder":
         parse_size(max_shard_size)
 
-    ranks = join_ranks(device)
+    ranks = join_ranks(device, distributed)
     if ranks is not None and fmt == "ckpt":
         ranks.close()
         raise ValueError(
