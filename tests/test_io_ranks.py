@@ -146,6 +146,9 @@ CASES = {
     "global_ties": dict(method="ties", k=0.3, lam=1.1, max_shard_size=SHARD),
     "per_tensor_ties": dict(method="ties", k=0.3, scope="per_tensor", max_shard_size=SHARD),
     "task_arithmetic": dict(method="task_arithmetic", lam=0.7),
+    "dare_ties": dict(method="dare_ties", p=0.5),  # the global majority sign across ranks
+    "ties_normfrac": dict(method="ties", k=0.3, sign="normfrac"),  # merged whole on every rank
+    "tsv": dict(method="tsv"),  # an SVD per tensor, each tensor whole on its rank
 }
 
 
