@@ -57,6 +57,7 @@ def _free_port() -> int:
 
 def measure_merge_to(name: str, world: int, out: Path, inputs: list[str], root: Path) -> dict:
     """Run the merge on ``world`` processes (one thread each); its times and each rank's peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)  # a kept --workdir's earlier run
     me = [os.path.abspath(__file__), "--run-merge-to", str(out), "--record", str(root / name), "--inputs", *inputs]
     if world == 1:
         cmd = [sys.executable, *me]
@@ -108,6 +109,8 @@ def case_merge_to(args: argparse.Namespace) -> None:
         rows = [measure_merge_to("1 process", 1, root / "out-1", inputs, root)]
         rows.append(measure_merge_to(f"{args.world} processes", args.world, root / f"out-{args.world}", inputs, root))
         identical = same_folders(root / "out-1", root / f"out-{args.world}")
+        for out in (root / "out-1", root / f"out-{args.world}"):
+            shutil.rmtree(out)
         one, many = rows
         print("\n| processes | merge_to (s) | wall (s) | CPU per rank (s) | peak RSS per rank (MB) | merge_to speed-up | wall speed-up |")
         print("|---:|---:|---:|---:|---:|---:|---:|")

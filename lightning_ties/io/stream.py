@@ -25,7 +25,7 @@ from ..merging.spec import MergeSpec
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
 from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
-from .card import SourceDigests, merge_model_card, write_merge_config
+from .card import SourceDigests, merge_model_card, source_files, write_merge_config
 from .formats import open_source
 from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index
 from .ranks import Layout, PartWriter, assign_keys, create_layout, join_ranks, run_on_ranks
@@ -236,7 +236,7 @@ def merge_to(
 
     jobs: list[_MergeJob] = []  # the one prepared, for its hashing to be stopped whatever happens
 
-    def prepare(rank: int = 0) -> _MergeJob:
+    def prepare(rank: int = 0, world_size: int = 1) -> _MergeJob:
         """Open, check and plan from the headers (every rank the same; no collectives)."""
         base_src = _open(base, "base", None, prefix, trust_pickle)
         model_srcs = [_open(m, f"model[{i}]", base_src, prefix, trust_pickle) for i, m in enumerate(models)]
@@ -252,7 +252,10 @@ def merge_to(
         specs = {k: base_src.spec(k) for k in plan.keys}
         job = _MergeJob(base_src, model_srcs, plan, specs, _layout(fmt, specs, max_shard_size, method))
         jobs.append(job)
-        job.digests = SourceDigests([base_src, *model_srcs]) if hash_sources and fmt == "folder" and rank == 0 else None
+        if hash_sources and fmt == "folder":
+            sources = [base_src, *model_srcs]
+            hashes = None if world_size == 1 else _hashed_by(sources, rank, world_size)
+            job.digests = SourceDigests(sources, hashes)
         job.report = MergeReport.from_plan(plan, method, options.method_params, [m.label for m in model_srcs], lam=lam)
         return job
 
@@ -288,9 +291,11 @@ def merge_to(
                 owners = functools.partial(_owners, world_size=ranks.world_size)
                 job = run_on_ranks(
                     ranks,
-                    prepare=lambda: prepare(ranks.rank),
+                    prepare=lambda: prepare(ranks.rank, ranks.world_size),
                     create=lambda job: _laid_out(output, fmt, job.layout),
-                    merge=lambda job, tmp: _merge_part(job, tmp, lambda mine: start(job, ranks.collectives, mine), owners(job), ranks.rank),
+                    merge=lambda job, tmp: _merge_part(
+                        job, tmp, lambda mine: start(job, ranks.collectives, mine), owners(job), ranks.collectives
+                    ),
                     publish=lambda job, tmp: publish(job, tmp, index=True),
                 )
         else:
@@ -384,10 +389,14 @@ def _laid_out(output: Path, fmt: OutputFormat, layout: Layout) -> Iterator[Path]
 
 
 def _merge_part(
-    job: _MergeJob, tmp: Path, start: Callable[[set[str]], _MergedStream], owners: Mapping[str, int], rank: int
+    job: _MergeJob,
+    tmp: Path,
+    start: Callable[[set[str]], _MergedStream],
+    owners: Mapping[str, int],
+    collectives: Collectives,
 ) -> None:
-    """One rank's share: merge (through the collectives) and write its own tensors, on disk on return."""
-    mine = {k for k, r in owners.items() if r == rank}
+    """One rank's share: merge and write its own tensors (on disk on return), and share its digests."""
+    mine = {k for k, r in owners.items() if r == collectives.rank}
     stream = start(mine)
     writer = PartWriter(tmp, job.layout, mine)
     try:
@@ -396,6 +405,28 @@ def _merge_part(
         writer.abort()
         raise
     writer.close()
+    if job.digests is not None:
+        _share_digests(job.digests, collectives)
+
+
+def _hashed_by(sources: Sequence[TensorSource], rank: int, world_size: int) -> Callable[[Path], bool]:
+    """Which source files this rank hashes for the card: runs balanced by size, like the tensors."""
+    files = {str(f): f.stat().st_size for source in sources for f in source_files(source)}
+    owners = assign_keys(files, world_size)
+    return lambda f: owners.get(str(f)) == rank
+
+
+def _share_digests(digests: SourceDigests, collectives: Collectives) -> None:
+    """Every rank's sha256 digests to every rank (one all_gather of 32 bytes per file)."""
+    files = digests.files
+    here = digests.hashed_here()
+    rows = torch.zeros(len(files), 33, dtype=torch.uint8)  # a flag, then the digest
+    for i, f in enumerate(files):
+        if f in here:
+            rows[i, 0] = 1
+            rows[i, 1:] = torch.frombuffer(bytearray.fromhex(here[f]), dtype=torch.uint8)
+    gathered = collectives.all_gather(rows)
+    digests.add({f: bytes(row[1:].tolist()).hex() for rank_rows in gathered for f, row in zip(files, rank_rows) if row[0]})
 
 
 def _recipe(
