@@ -357,7 +357,11 @@ _FRESH_ALLOCATION_WEIGHT = 1.5
 
 
 def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
-    """Each output tensor's rank: runs in file order, balanced by the bytes read to produce them."""
+    """Each output tensor's rank: runs in the plan's key order, balanced by the bytes read to produce them.
+
+    The plan's order is the global trim's stream order, so each rank's merged keys are one
+    run of it (a rank's tie count then decides its share of the threshold's ties).
+    """
     merged = set(job.plan.merge_keys)
     reads = 1 + len(job.models)
 
@@ -366,7 +370,7 @@ def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
         weight = _FRESH_ALLOCATION_WEIGHT if size > _FRESH_ALLOCATION_BYTES else 1.0
         return int(size * weight * (reads if key in merged else 0 if key in job.plan.aliases else 1))
 
-    costs = {key: cost(key, spec) for shard, _ in job.layout.values() for key, spec in shard.items()}
+    costs = {key: cost(key, job.specs[key]) for key in job.plan.keys}
     return assign_keys(costs, world_size, together=job.plan.aliases)
 
 
