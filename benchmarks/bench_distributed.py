@@ -38,12 +38,12 @@ DENSITY = 0.2
 
 
 # ---- --case merge_to ------------------------------------------------------------------------------
-def run_merge_to(out: str, inputs: list[str], record: str) -> None:
-    """One process's part (every rank runs this): merge, then record its time and peak RSS."""
+def run_merge_to(out: str, inputs: list[str], record: str, hash_sources: bool) -> None:
+    """One process's part (every rank runs this): merge, then record its time, CPU and peak RSS."""
     from lightning_ties import merge_to
 
     start, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
-    merge_to(out, inputs[0], inputs[1:], "ties", k=DENSITY, progress=False)
+    merge_to(out, inputs[0], inputs[1:], "ties", k=DENSITY, progress=False, hash_sources=hash_sources)
     seconds = time.perf_counter() - start
     rank = int(os.environ.get("RANK", 0))
     record_row = {
@@ -61,10 +61,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure_merge_to(name: str, world: int, out: Path, inputs: list[str], root: Path) -> dict:
+def measure_merge_to(name: str, world: int, out: Path, inputs: list[str], root: Path, hash_sources: bool) -> dict:
     """Run the merge on ``world`` processes (one thread each); its times and each rank's peak RSS."""
     shutil.rmtree(out, ignore_errors=True)  # a kept --workdir's earlier run
     me = [os.path.abspath(__file__), "--run-merge-to", str(out), "--record", str(root / name), "--inputs", *inputs]
+    me += [] if hash_sources else ["--no-hash"]
     if world == 1:
         cmd = [sys.executable, *me]
     else:
@@ -109,12 +110,14 @@ def case_merge_to(args: argparse.Namespace) -> None:
         inputs = [str(base), *map(str, models)]
         load = os.getloadavg()
         print(
-            f"merge_to, TIES k={DENSITY} (global trim), {args.n_models} models, folder output, 1 thread per process; "
+            f"merge_to, TIES k={DENSITY} (global trim), {args.n_models} models, folder output "
+            f"({'with' if not args.no_hash else 'without'} the sources' sha256), 1 thread per process; "
             f"{os.cpu_count()} CPUs, load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
             flush=True,
         )
-        rows = [measure_merge_to("1 process", 1, root / "out-1", inputs, root)]
-        rows.append(measure_merge_to(f"{args.world} processes", args.world, root / f"out-{args.world}", inputs, root))
+        hashing = not args.no_hash
+        rows = [measure_merge_to("1 process", 1, root / "out-1", inputs, root, hashing)]
+        rows.append(measure_merge_to(f"{args.world} processes", args.world, root / f"out-{args.world}", inputs, root, hashing))
         identical = same_folders(root / "out-1", root / f"out-{args.world}")
         for out in (root / "out-1", root / f"out-{args.world}"):
             shutil.rmtree(out)
@@ -154,12 +157,13 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2, help="processes of the multi-process run")
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temporary folder, removed)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--no-hash", action="store_true", help="merge_to(hash_sources=False): no sha256 of the inputs in the card")
     parser.add_argument("--run-merge-to", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_merge_to:
-        run_merge_to(args.run_merge_to, args.inputs, args.record)
+        run_merge_to(args.run_merge_to, args.inputs, args.record, not args.no_hash)
         return
     if args.case == "merge_to":
         case_merge_to(args)
