@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -245,8 +246,6 @@ class kernels_off:
         self.off = off
 
     def __enter__(self) -> None:
-        import os
-
         from lightning_ties.merging import kernels
 
         self.saved = os.environ.get(kernels.ENV_VAR)
@@ -254,8 +253,6 @@ class kernels_off:
             os.environ[kernels.ENV_VAR] = "0"
 
     def __exit__(self, *exc) -> None:
-        import os
-
         from lightning_ties.merging import kernels
 
         if self.saved is None:
@@ -396,8 +393,6 @@ def gpu_main(args: argparse.Namespace) -> None:
     from lightning_ties.merging import kernels
 
     if args.no_kernels:
-        import os
-
         os.environ[kernels.ENV_VAR] = "0"
     modes = ("eager", "triton") if kernels.available("cuda") else ("eager",)
     if not args.no_kernels and modes == ("eager",):
@@ -405,6 +400,7 @@ def gpu_main(args: argparse.Namespace) -> None:
     competitors = [c for c in GPU_COMPETITORS if not c.startswith("ours") or c.split()[-1] in modes]
     props = torch.cuda.get_device_properties(0)
     print(f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, global trim, on {props.name}, torch {torch.__version__}")
+    print(f"host CPU: {cpu_model()}")
     for case in ["flat", "model"] if args.case == "both" else [args.case]:
         base, fts = make_models_on(int(args.params), args.tasks, case, "cuda")
         torch.cuda.synchronize()
@@ -424,6 +420,22 @@ def gpu_main(args: argparse.Namespace) -> None:
             )
         for line in [*phases, *check_gpu_equals_cpu(args.tasks, args.k, case, modes)]:
             print("  " + line)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``) and core count: figures hold for the CPU they ran on."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    vector = next((isa for isa in ("avx512f", "avx2", "neon") if isa in flags), "")
+    if names:
+        return f"{names[0]} ({os.cpu_count()} logical CPUs{', ' + vector if vector else ''})"
+    import platform
+
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
 def main() -> None:
@@ -448,7 +460,7 @@ def main() -> None:
     cases = ["flat", "model"] if args.case == "both" else [args.case]
     print(
         f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, "
-        f"{args.threads} thread(s), torch {torch.__version__}"
+        f"{args.threads} thread(s), torch {torch.__version__}\nCPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}"
     )
     for case in cases:
         args.case = case

@@ -137,3 +137,52 @@ def test_the_bracket_pass_refuses_nan_and_inf() -> None:
     assert sel.bracketed
     with pytest.raises(ValueError, match="w holds NaN or Inf"):
         sel.observe(torch.tensor([0.7, float("inf")]), name="w")
+
+
+def _bracketed_merger(base, fts, **spec):
+    from lightning_ties.merging import MergeSpec, TaskVectorMerger
+
+    merger = TaskVectorMerger(base, fts, MergeSpec(**spec))
+    merger.finder.min_bracketed, merger.finder.sample_size = 1000, 512  # a sampled bracket on a small model
+    return merger
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given tie-heavy task vectors over several keys, bracketed (batched CPU pass, bincounts in threads)
+    from lightning_ties.merging import MergeSpec, TaskVectorMerger, thresholds
+
+    passes = []
+    original = thresholds.ThresholdFinder._bracket_pass
+    monkeypatch.setattr(thresholds.ThresholdFinder, "_bracket_pass", lambda self, *a: passes.append(original(self, *a)))
+
+    g = torch.Generator().manual_seed(3)
+    eps = torch.finfo(torch.float32).eps
+    base = {f"k{j}": torch.zeros(n) for j, n in enumerate((4000, 2500, 1))}
+
+    def dense(shape):  # magnitudes a few bit patterns apart (a bracket the histogram can hold), many ties
+        signs = (torch.rand(shape, generator=g) - 0.5).sign()
+        return (1 + torch.randint(0, 300, shape, generator=g) * 4 * eps) * signs
+
+    fts = [{k: dense(v.shape) for k, v in base.items()} for _ in range(3)]
+    expected = TaskVectorMerger(base, fts, MergeSpec(k=0.3))
+    tau_expected = dict(expected)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        merger = _bracketed_merger(base, fts, k=0.3)
+        tau = dict(merger)
+    finally:
+        torch.set_num_threads(before)
+    # then the thresholds (value, counts) and the merge are those of the radix passes
+    assert len(passes) == 1 and merger.thresholds == expected.thresholds
+    assert all(torch.equal(tau[k], tau_expected[k]) for k in tau)
+
+
+def test_the_batched_bracket_pass_names_the_task_and_key_of_a_nan() -> None:
+    g = torch.Generator().manual_seed(4)
+    base = {"a": torch.randn(3000, generator=g), "b": torch.randn(2000, generator=g)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    fts[1]["b"][7] = float("inf")
+    with pytest.raises(ValueError, match=r"task vector of model\[1\] at 'b' holds NaN or Inf values"):
+        dict(_bracketed_merger(base, fts, k=0.2))

@@ -88,11 +88,12 @@ class TaskReader:
         start, stop = self.local_range(key)
         return stop - start
 
-    def buffer(self, name: str, columns: int) -> torch.Tensor:
-        """A reusable ``[N, columns]`` scratch tensor: fresh large tensors per chunk cost page faults."""
+    def buffer(self, name: str, columns: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A reusable ``[N, columns]`` scratch tensor (``compute_dtype`` by default): fresh large tensors per chunk cost page faults."""
         buf = self._buffers.get(name)
-        if buf is None or buf.shape[1] < columns:
-            buf = torch.empty(self.n_tasks, max(columns, min(self.chunk_size, 1 << 16)), dtype=self.compute_dtype, device=self.device)
+        dtype = dtype or self.compute_dtype
+        if buf is None or buf.shape[1] < columns or buf.dtype != dtype:
+            buf = torch.empty(self.n_tasks, max(columns, min(self.chunk_size, 1 << 16)), dtype=dtype, device=self.device)
             self._buffers[name] = buf
         return buf[:, :columns]
 
