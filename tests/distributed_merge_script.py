@@ -5,8 +5,8 @@
 plan.json: ``{"init": bool, "jobs": [{"output", "base", "models", "kwargs"}], "fail": {"rank", "how", "after"}}``.
 ``init``: the script starts the process group itself (merge_to then uses it); otherwise merge_to
 starts one from the launcher's environment. ``fail``: on that rank, the ``after``-th tensor
-written raises (``how="raise"``) or kills the process (``how="kill"``), or every file it
-opens is corrupt (``how="bad_file"``). ``only``: the one rank that
+written fails with ENOSPC (``how="raise"``, a rank other than 0) or kills the process
+(``how="kill"``), or every file it opens is corrupt (``how="bad_file"``). ``only``: the one rank that
 runs the jobs. ``reads``: each rank writes the keys it read from the fine-tuned models to ``<reads>.rank<r>.json``.
 """
 
@@ -36,18 +36,26 @@ if fail and fail["rank"] == rank and fail["how"] == "bad_file":
         raise CheckpointError(f"{path}: corrupt header (injected on rank {rank})")
 
     stream.open_source = unreadable
-elif fail and fail["rank"] == rank:
+elif fail and fail["rank"] == rank and fail["how"] == "kill":
     write, written = ranks.PartWriter.write, []
 
-    def failing_write(self, key, tensor):
+    def killing_write(self, key, tensor):
         written.append(key)
         if len(written) == fail["after"]:
-            if fail["how"] == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise OSError(28, f"No space left on device (injected on rank {rank})")
+            os.kill(os.getpid(), signal.SIGKILL)
         write(self, key, tensor)
 
-    ranks.PartWriter.write = failing_write
+    ranks.PartWriter.write = killing_write
+elif fail and fail["rank"] == rank:
+    pwrite_all, written = ranks._pwrite_all, []
+
+    def failing_pwrite_all(fd, data, offset):  # rank != 0: only its tensors' writes
+        written.append(offset)
+        if len(written) == fail["after"]:
+            raise OSError(28, "No space left on device (injected)")
+        pwrite_all(fd, data, offset)
+
+    ranks._pwrite_all = failing_pwrite_all
 
 read: set[str] = set()
 if plan.get("reads"):

@@ -20,12 +20,15 @@ tearing down the process group, which makes every peer's pending or next collect
 once (gloo sees the closed connection; a killed rank closes it too). Every rank then removes
 the temporary and raises; nobody waits for the default 30-minute timeout: the group's timeout
 is ``LIGHTNING_TIES_DIST_TIMEOUT`` seconds (default 120), the most one rank may wait for another
-at one collective (a hung rank, a lost host).
+at one collective (a hung rank, a lost host). One window is left: rank 0 killed (SIGKILL)
+while it writes the headers, before the others know the temporary's name; the next write
+at that path removes it (:func:`~lightning_ties.io.atomic.clean_stale`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import shutil
@@ -41,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..merging.sources import TensorSpec
+from .errors import OutputWriteError
 from .safetensors_file import layout_header, nbytes
 
 #: Seconds one rank may wait for the others at a collective before every rank gives up.
@@ -340,10 +344,12 @@ class PartWriter:
     """Write this rank's tensors into files laid out by :func:`create_layout` (any order).
 
     ``close`` checks every key of ``mine`` was written and fsyncs, so an exchange after it
-    reports data on disk.
+    reports data on disk. An OS error (a full disk) becomes an :class:`OutputWriteError`
+    naming ``output``, the path the user asked for.
     """
 
-    def __init__(self, root: Path, layout: Layout, mine: set[str]) -> None:
+    def __init__(self, root: Path, layout: Layout, mine: set[str], output: Path | None = None) -> None:
+        self.output = output or root
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._fds: list[int] = []
         self._missing = set(mine)
@@ -365,17 +371,30 @@ class PartWriter:
         fd, offset, spec = self._where[key]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(f"{key!r} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {spec.shape} {spec.dtype}")
-        _pwrite_all(fd, memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
+        with self._naming_output():
+            _pwrite_all(fd, memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
         self._missing.discard(key)
 
     def close(self) -> None:
         try:
             if self._missing:
                 raise ValueError(f"tensors of this rank never written: {sorted(self._missing)[:10]}")
-            for fd in self._fds:
-                os.fsync(fd)
+            with self._naming_output():
+                for fd in self._fds:
+                    os.fsync(fd)
         finally:
             self.abort()
+
+    @contextlib.contextmanager
+    def _naming_output(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            raise OutputWriteError(
+                err.errno or errno.EIO,
+                f"cannot write {self.output}: {err.strerror or err}; the disk may be full or the folder not writable. "
+                "Nothing was written at that path",
+            ) from err
 
     def abort(self) -> None:
         fds, self._fds = self._fds, []

@@ -294,7 +294,7 @@ def merge_to(
                     prepare=lambda: prepare(ranks.rank, ranks.world_size),
                     create=lambda job: _laid_out(output, fmt, job.layout),
                     merge=lambda job, tmp: _merge_part(
-                        job, tmp, lambda mine: start(job, ranks.collectives, mine), owners(job), ranks.collectives
+                        job, tmp, output, lambda mine: start(job, ranks.collectives, mine), owners(job), ranks.collectives
                     ),
                     publish=lambda job, tmp: publish(job, tmp, index=True),
                 )
@@ -395,6 +395,7 @@ def _laid_out(output: Path, fmt: OutputFormat, layout: Layout) -> Iterator[Path]
 def _merge_part(
     job: _MergeJob,
     tmp: Path,
+    output: Path,
     start: Callable[[set[str]], _MergedStream],
     owners: Mapping[str, int],
     collectives: Collectives,
@@ -402,7 +403,7 @@ def _merge_part(
     """One rank's share: merge and write its own tensors (on disk on return), and share its digests."""
     mine = {k for k, r in owners.items() if r == collectives.rank}
     stream = start(mine)
-    writer = PartWriter(tmp, job.layout, mine)
+    writer = PartWriter(tmp, job.layout, mine, output)
     try:
         stream.run(writer.write)
     except BaseException:
