@@ -9,11 +9,15 @@ import torch
 
 from ..config import MergeConfig
 from ..io import merge_to
+from ..io.ranks import process_rank
 from .common import RESOLVED_CONFIG, Console, check_paths, method_args, save_resolved_config
 
 
 def run_merge(cfg: MergeConfig, console: Console) -> int:
-    """Merge ``cfg.models`` onto ``cfg.base`` into ``cfg.output``; write the resolved config beside it."""
+    """Merge ``cfg.models`` onto ``cfg.base`` into ``cfg.output``; write the resolved config beside it.
+
+    Under ``torchrun`` every rank runs this and merges its share; rank 0 writes the config and reports.
+    """
     check_paths(cfg)
     name, lam, params = method_args(cfg.method)
     t0 = time.perf_counter()
@@ -36,6 +40,8 @@ def run_merge(cfg: MergeConfig, console: Console) -> int:
         compute_dtype=getattr(torch, str(cfg.compute_dtype)),
         **params,
     )
+    if process_rank() != 0:  # under torchrun every rank merges its part; rank 0 reports it
+        return 0
     out = Path(cfg.output)
     config_path = out / RESOLVED_CONFIG if out.is_dir() else out.with_name(out.name + ".config.yaml")
     save_resolved_config(cfg, config_path)

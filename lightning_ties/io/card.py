@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -63,14 +63,36 @@ class SourceDigests:
     adding to its time.
     """
 
-    def __init__(self, sources: Sequence[TensorSource]) -> None:
+    def __init__(self, sources: Sequence[TensorSource], hashes: Callable[[Path], bool] | None = None) -> None:
+        """``hashes``: the files this process hashes (default: all); the others' digests come by :meth:`add`."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self._futures: dict[Path, Future[str]] = {}
+        self._here: list[Path] = []
         for source in sources:
             for f in source_files(source):
-                if f not in self._futures:
+                if f in self._futures:
+                    continue
+                if hashes is None or hashes(f):
                     self._futures[f] = self._pool.submit(sha256_file, f)
+                    self._here.append(f)
+                else:
+                    self._futures[f] = Future()
         self._pool.shutdown(wait=False)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every source file, in the order the sources name them."""
+        return list(self._futures)
+
+    def hashed_here(self) -> dict[Path, str]:
+        """The digests this process computes (waits for them)."""
+        return {f: self._futures[f].result() for f in self._here}
+
+    def add(self, digests: Mapping[Path, str]) -> None:
+        """Digests another process computed (several processes share the hashing of one merge)."""
+        for f, digest in digests.items():
+            if not self._futures[f].done():
+                self._futures[f].set_result(digest)
 
     def describe(self, source: TensorSource) -> dict[str, Any]:
         """``{"source": label, "files": {name: sha256}}`` for one source (waits for its hashes)."""

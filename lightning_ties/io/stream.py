@@ -8,8 +8,10 @@ is a few tensors per model, whatever the model size; the output appears atomical
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -18,13 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..merging import MergeOptions, MergePlan, MergeReport, TaskVectorMerger, plan_merge
+from ..merging.collectives import SINGLE_PROCESS, Collectives
+from ..merging.spec import MergeSpec
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
 from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
-from .card import SourceDigests, merge_model_card, write_merge_config
+from .card import SourceDigests, merge_model_card, source_files, write_merge_config
 from .formats import open_source
-from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .safetensors_file import SafetensorsWriter
+from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index
+from .ranks import Layout, PartWriter, assign_keys, create_layout, join_ranks, run_on_ranks
+from .safetensors_file import SafetensorsWriter, nbytes
 from .sinks import ShardedWriter, copy_model_files, save_lightning_checkpoint
 from .validate import CommonRowsSource, check_compatible
 
@@ -157,6 +162,7 @@ def merge_to(
     overwrite: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    distributed: bool | None = None,
     **params: Any,
 ) -> MergeReport:
     """Merge checkpoints into ``output`` tensor by tensor, never holding a whole model in memory.
@@ -186,6 +192,12 @@ def merge_to(
         device: where to merge (``"cuda"``: tensors read from disk are moved to the GPU and
             merged there, the global threshold too); None: the base's device (CPU for files).
             The file written is the same on every device.
+        distributed: None: merge on every rank of the job when started by ``torchrun`` (or any
+            launcher setting ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``) or inside an
+            initialised process group of several ranks; every rank must then make the same call,
+            each merges and writes its share, rank 0 publishes, and the output is the one process
+            writes, byte for byte (see :mod:`lightning_ties.io.ranks`). False: this process alone
+            (a call made on one rank only). True: several ranks are required.
 
     Returns:
         The :class:`MergeReport` (method, params, sources, merged and skipped keys, lam).
@@ -209,60 +221,217 @@ def merge_to(
     if fmt == "folder":
         parse_size(max_shard_size)
 
-    base_src = _open(base, "base", None, prefix, trust_pickle)
-    model_srcs = [_open(m, f"model[{i}]", base_src, prefix, trust_pickle) for i, m in enumerate(models)]
-    if not model_srcs:
-        raise ValueError("no models to merge: pass at least one fine-tuned model")
-    if common_rows:
-        model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
-    if on_mismatch == "error":
-        check_compatible(base_src, model_srcs, options.include, options.exclude)
-    # The files the sources read (shards an index names, an adapter's folder) are inputs too.
-    check_output(output, overwrite, inputs=_source_paths([base_src, *model_srcs]), kind=kind)
-    plan = plan_merge(base_src, model_srcs, options.include, options.exclude)
+    ranks = join_ranks(device, distributed)
+    if ranks is not None and fmt == "ckpt":
+        ranks.close()
+        raise ValueError(
+            f"{output}: a Lightning .ckpt is pickled whole by one process; under {ranks.world_size} processes "
+            "write a folder or a .safetensors file (or run one process)"
+        )
+    args = dict(
+        base=base, models=list(models), method=method, lam=lam, include=include, exclude=exclude,
+        common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=max_shard_size,
+        prefix=prefix, trust_pickle=trust_pickle, **params,
+    )
 
-    digests = SourceDigests([base_src, *model_srcs]) if hash_sources and fmt == "folder" else None
-    base_cached = RecentTensorCache(base_src)
-    merger = TaskVectorMerger(
-        base_cached, [RecentTensorCache(m) for m in model_srcs], options, compute_dtype=compute_dtype, plan=plan,
-        device=device,
-    )
-    report = MergeReport.from_plan(
-        plan, method, options.method_params, [m.label for m in model_srcs], lam=lam
-    )
-    specs = {k: base_src.spec(k) for k in plan.keys}
-    stream = _MergedStream(base_cached, merger, plan, lam, progress)
-    try:
-        if fmt == "folder":
-            args = dict(
-                base=base, models=list(models), method=method, lam=lam, include=include, exclude=exclude,
-                common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=max_shard_size,
-                prefix=prefix, trust_pickle=trust_pickle, **params,
+    jobs: list[_MergeJob] = []  # the one prepared, for its hashing to be stopped whatever happens
+
+    def prepare(rank: int = 0, world_size: int = 1) -> _MergeJob:
+        """Open, check and plan from the headers (every rank the same; no collectives)."""
+        base_src = _open(base, "base", None, prefix, trust_pickle)
+        model_srcs = [_open(m, f"model[{i}]", base_src, prefix, trust_pickle) for i, m in enumerate(models)]
+        if not model_srcs:
+            raise ValueError("no models to merge: pass at least one fine-tuned model")
+        if common_rows:
+            model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
+        if on_mismatch == "error":
+            check_compatible(base_src, model_srcs, options.include, options.exclude)
+        # The files the sources read (shards an index names, an adapter's folder) are inputs too.
+        check_output(output, overwrite, inputs=_source_paths([base_src, *model_srcs]), kind=kind)
+        plan = plan_merge(base_src, model_srcs, options.include, options.exclude)
+        specs = {k: base_src.spec(k) for k in plan.keys}
+        job = _MergeJob(base_src, model_srcs, plan, specs, _layout(fmt, specs, max_shard_size, method))
+        jobs.append(job)
+        if hash_sources and fmt == "folder":
+            sources = [base_src, *model_srcs]
+            hashes = None if world_size == 1 else _hashed_by(sources, rank, world_size)
+            job.digests = SourceDigests(sources, hashes)
+        job.report = MergeReport.from_plan(plan, method, options.method_params, [m.label for m in model_srcs], lam=lam)
+        return job
+
+    def start(job: _MergeJob, collectives: Collectives = SINGLE_PROCESS, mine: set[str] | None = None) -> _MergedStream:
+        """The merger (its collectives run from here on: on W ranks, after every rank prepared) and its stream."""
+        base_cached = RecentTensorCache(job.base)
+        models_cached = [RecentTensorCache(m) for m in job.models]
+        if mine is None or _merged_whole_on_every_rank(options.spec):
+            job.merger = TaskVectorMerger(
+                base_cached, models_cached, options, compute_dtype=compute_dtype, plan=job.plan, device=device
             )
-            with atomic_dir(output) as tmp:
-                with ShardedWriter(tmp, specs, max_shard_size) as writer:
-                    stream.run(writer.write)
-                copy_model_files(config_from or getattr(base_src, "folder", None), tmp)
-                recipe = _recipe(args, report, plan, base_src, model_srcs, digests)
-                write_merge_config(tmp, recipe)
-                merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
-        elif fmt == "safetensors":
-            with atomic_file(output) as tmp, SafetensorsWriter(
-                tmp, specs, {**owner_metadata(), "merge_method": method}
-            ) as writer:
-                stream.run(writer.write)
         else:
-            merged: dict[str, torch.Tensor] = {}
-            stream.run(merged.__setitem__)
-            save_lightning_checkpoint(
-                {k: merged[k] for k in plan.keys}, output, getattr(base_src, "hyper_parameters", None),
-                prefix=getattr(base_src, "prefix", ""), overwrite=True,
+            numels = {k: job.specs[k].numel for k in job.plan.merge_keys}
+            job.merger = TaskVectorMerger(
+                base_cached, models_cached, options, compute_dtype=compute_dtype, plan=job.plan, device=device,
+                collectives=collectives, shards={k: (0, n) if k in mine else (0, 0) for k, n in numels.items()},
             )
+        return _MergedStream(base_cached, job.merger, job.plan, lam, progress if collectives.rank == 0 else False, mine)
+
+    def publish(job: _MergeJob, tmp: Path, index: bool) -> None:
+        if fmt == "folder":
+            if index and len(job.layout) > 1:  # as ShardedWriter.close writes it
+                weight_map = {key: name for name, (shard, _) in job.layout.items() for key in shard}
+                write_index(tmp, weight_map, sum(nbytes(s) for s in job.specs.values()))
+            copy_model_files(config_from or getattr(job.base, "folder", None), tmp)
+            recipe = _recipe(args, job.report, job.plan, job.base, job.models, job.digests)
+            write_merge_config(tmp, recipe)
+            merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
+
+    try:
+        if ranks is not None:
+            with ranks:
+                owners = functools.partial(_owners, world_size=ranks.world_size)
+                job = run_on_ranks(
+                    ranks,
+                    prepare=lambda: prepare(ranks.rank, ranks.world_size),
+                    create=lambda job: _laid_out(output, fmt, job.layout),
+                    merge=lambda job, tmp: _merge_part(
+                        job, tmp, output, lambda mine: start(job, ranks.collectives, mine), owners(job), ranks.collectives
+                    ),
+                    publish=lambda job, tmp: publish(job, tmp, index=True),
+                )
+        else:
+            job = prepare()
+            stream = start(job)
+            if fmt == "folder":
+                with atomic_dir(output) as tmp:
+                    with ShardedWriter(tmp, job.specs, max_shard_size) as writer:
+                        stream.run(writer.write)
+                    publish(job, tmp, index=False)
+            elif fmt == "safetensors":
+                with atomic_file(output) as tmp, SafetensorsWriter(
+                    tmp, job.specs, {**owner_metadata(), "merge_method": method}
+                ) as writer:
+                    stream.run(writer.write)
+            else:
+                merged: dict[str, torch.Tensor] = {}
+                stream.run(merged.__setitem__)
+                save_lightning_checkpoint(
+                    {k: merged[k] for k in job.plan.keys}, output, getattr(job.base, "hyper_parameters", None),
+                    prefix=getattr(job.base, "prefix", ""), overwrite=True,
+                )
     finally:
-        if digests is not None:
-            digests.cancel()
-    report.thresholds = [t.value for t in merger.thresholds] if merger.thresholds else None
-    return report
+        for prepared in jobs:
+            prepared.cancel_hashing()
+    job.report.thresholds = [t.value for t in job.merger.thresholds] if job.merger.thresholds else None
+    return job.report
+
+
+class _MergeJob:
+    """One merge_to call's opened sources, plan, output layout and merger (one rank's, on W ranks)."""
+
+    def __init__(
+        self, base: TensorSource, models: list[TensorSource], plan: MergePlan, specs: dict[str, TensorSpec], layout: Layout
+    ) -> None:
+        self.base, self.models, self.plan, self.specs, self.layout = base, models, plan, specs, layout
+        self.digests: SourceDigests | None = None
+        self.report: MergeReport
+        self.merger: TaskVectorMerger
+
+    def cancel_hashing(self) -> None:
+        if self.digests is not None:
+            self.digests.cancel()
+
+
+def _layout(fmt: OutputFormat, specs: dict[str, TensorSpec], max_shard_size: int | str, method: str) -> Layout:
+    """The output's safetensors files as the one-process writers lay them out (same bytes)."""
+    if fmt == "folder":
+        return {name: (shard, {"format": "pt"}) for name, shard in plan_shards(specs, max_shard_size).items()}
+    return {"": (specs, {"format": "pt", **owner_metadata(), "merge_method": method})}
+
+
+# Tensors above this size are read into fresh memory every time (glibc maps allocations over
+# 32 MiB anew, one page fault per 4 KiB): measured in bench_distributed.py (4 x 168M), a rank
+# holding the two 131 MB embedding matrices spent ~1.5x the time per byte of one holding
+# layers only, so their bytes count that much more when the work is split.
+_FRESH_ALLOCATION_BYTES = 32 << 20
+_FRESH_ALLOCATION_WEIGHT = 1.5
+
+
+def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
+    """Each output tensor's rank: runs in the plan's key order, balanced by the bytes read to produce them.
+
+    The plan's order is the global trim's stream order, so each rank's merged keys are one
+    run of it (a rank's tie count then decides its share of the threshold's ties).
+    """
+    merged = set(job.plan.merge_keys)
+    reads = 1 + len(job.models)
+
+    def cost(key: str, spec: TensorSpec) -> int:
+        size = nbytes(spec)
+        weight = _FRESH_ALLOCATION_WEIGHT if size > _FRESH_ALLOCATION_BYTES else 1.0
+        return int(size * weight * (reads if key in merged else 0 if key in job.plan.aliases else 1))
+
+    costs = {key: cost(key, job.specs[key]) for key in job.plan.keys}
+    return assign_keys(costs, world_size, together=job.plan.aliases)
+
+
+def _merged_whole_on_every_rank(spec: MergeSpec) -> bool:
+    """normfrac/normmass over the global scope: every rank merges every key and writes its own.
+
+    Their task norms are float sums whose rounding depends on how the entries are split, so
+    the merger refuses to agree on them across ranks; computing them whole on each rank keeps
+    the output identical to one process (without the speed-up).
+    """
+    return spec.scope == "global" and spec.sign in ("normfrac", "normmass")
+
+
+@contextlib.contextmanager
+def _laid_out(output: Path, fmt: OutputFormat, layout: Layout) -> Iterator[Path]:
+    """Rank 0: the atomic temporary of ``output`` with every file laid out, published on a clean exit."""
+    with (atomic_dir(output) if fmt == "folder" else atomic_file(output)) as tmp:
+        create_layout(tmp, layout)
+        yield tmp
+
+
+def _merge_part(
+    job: _MergeJob,
+    tmp: Path,
+    output: Path,
+    start: Callable[[set[str]], _MergedStream],
+    owners: Mapping[str, int],
+    collectives: Collectives,
+) -> None:
+    """One rank's share: merge and write its own tensors (on disk on return), and share its digests."""
+    mine = {k for k, r in owners.items() if r == collectives.rank}
+    stream = start(mine)
+    writer = PartWriter(tmp, job.layout, mine, output)
+    try:
+        stream.run(writer.write)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    if job.digests is not None:
+        _share_digests(job.digests, collectives)
+
+
+def _hashed_by(sources: Sequence[TensorSource], rank: int, world_size: int) -> Callable[[Path], bool]:
+    """Which source files this rank hashes for the card: runs balanced by size, like the tensors."""
+    files = {str(f): f.stat().st_size for source in sources for f in source_files(source)}
+    owners = assign_keys(files, world_size)
+    return lambda f: owners.get(str(f)) == rank
+
+
+def _share_digests(digests: SourceDigests, collectives: Collectives) -> None:
+    """Every rank's sha256 digests to every rank (one all_gather of 32 bytes per file)."""
+    files = digests.files
+    here = digests.hashed_here()
+    rows = torch.zeros(len(files), 33, dtype=torch.uint8)  # a flag, then the digest
+    for i, f in enumerate(files):
+        if f in here:
+            rows[i, 0] = 1
+            rows[i, 1:] = torch.frombuffer(bytearray.fromhex(here[f]), dtype=torch.uint8)
+    gathered = collectives.all_gather(rows)
+    digests.add({f: bytes(row[1:].tolist()).hex() for rank_rows in gathered for f, row in zip(files, rank_rows) if row[0]})
 
 
 def _recipe(
@@ -303,11 +472,23 @@ class _PassProgress:
 
 
 class _MergedStream:
-    """Feeds a sink every output tensor: base's unmerged entries first, then base + lam * tau_m."""
+    """Feeds a sink every output tensor: base's unmerged entries first, then base + lam * tau_m.
 
-    def __init__(self, base: TensorSource, merger: TaskVectorMerger, plan: MergePlan, lam: float, progress: bool | None) -> None:
+    ``mine``: the keys this rank writes (None: all of them); the merger may yield others.
+    """
+
+    def __init__(
+        self,
+        base: TensorSource,
+        merger: TaskVectorMerger,
+        plan: MergePlan,
+        lam: float,
+        progress: bool | None,
+        mine: Container[str] | None = None,
+    ) -> None:
         self.base, self.merger, self.plan, self.lam = base, merger, plan, lam
         self.progress = progress
+        self.mine = mine
 
     def run(self, put: Callable[[str, torch.Tensor], None]) -> None:
         writer = WriteBehind(put)
@@ -326,10 +507,10 @@ class _MergedStream:
                 tied.setdefault(first, []).append(alias)
         written_later = {alias for aliases in tied.values() for alias in aliases}
         for key in self.plan.keys:
-            if key not in merged and key not in written_later:
+            if key not in merged and key not in written_later and self._writes(key):
                 put(key, self.base.get(key))
         disable = None if self.progress is None else not self.progress
-        keys = list(self.plan.merge_keys)
+        keys = [k for k in self.plan.merge_keys if self._writes(k)]
         spec = self.merger.spec
         # the global scope reads every tensor once before the first merged one (the trim's thresholds,
         # the norms of normfrac/normmass): counted too, the bar moves all along and its estimate holds
@@ -345,6 +526,9 @@ class _MergedStream:
                 if isinstance(self.base, RecentTensorCache):
                     self.base.on_read = None
 
+    def _writes(self, key: str) -> bool:
+        return self.mine is None or key in self.mine
+
     def _merge(self, put: Callable[[str, torch.Tensor], None], tied: dict[str, list[str]], bar: Any, first: int) -> None:
         for i, (key, tau) in enumerate(self.merger):
             if i == 0 and first:
@@ -352,6 +536,8 @@ class _MergedStream:
                     self.base.on_read = None
                 bar.set_description("merging", refresh=False)
                 bar.update(first - bar.n)  # the pre-pass is over, whatever the bar had seen of it
+            if not self._writes(key):
+                continue
             b = self.base.get(key).to(tau.device)  # tau is on the merge device
             # Same arithmetic as apply_task_vector (b + lam * tau), in place in tau's buffer;
             # multiplying by 1.0 changes no bit, so that pass over the model is skipped.
