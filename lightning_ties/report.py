@@ -32,7 +32,7 @@ from typing import Any
 
 from .config import LEARNED
 from .evaluation.plots import plot_coefficients
-from .io.atomic import atomic_file
+from .io.atomic import atomic_file, atomic_open
 
 
 @dataclass
@@ -242,8 +242,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary sibling, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(text)
+    with atomic_open(path) as f:
+        f.write(text.encode())
     return path
 
 

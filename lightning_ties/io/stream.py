@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..merging import MergePlan, MergeReport, TaskVectorMerger, get_method, plan_merge
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
-from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
+from .atomic import atomic_dir, atomic_open, check_output, library_version, owner_metadata
 from .card import SourceDigests, merge_model_card, write_merge_config
 from .formats import open_source
 from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -239,16 +239,16 @@ def merge_to(
                 common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=max_shard_size,
                 prefix=prefix, trust_pickle=trust_pickle, **params,
             )
-            with atomic_dir(output) as tmp:
-                with ShardedWriter(tmp, specs, max_shard_size) as writer:
+            with atomic_dir(output, overwrite=overwrite) as tmp:
+                with ShardedWriter(tmp, specs, max_shard_size, check_finite=True) as writer:
                     stream.run(writer.write)
                 copy_model_files(config_from or getattr(base_src, "folder", None), tmp)
                 recipe = _recipe(args, report, plan, base_src, model_srcs, digests)
                 write_merge_config(tmp, recipe)
                 merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
         elif fmt == "safetensors":
-            with atomic_file(output) as tmp, SafetensorsWriter(
-                tmp, specs, {**owner_metadata(), "merge_method": method}
+            with atomic_open(output, overwrite) as tmp, SafetensorsWriter(
+                tmp, specs, {**owner_metadata(), "merge_method": method}, check_finite=True
             ) as writer:
                 stream.run(writer.write)
         else:
@@ -256,7 +256,7 @@ def merge_to(
             stream.run(merged.__setitem__)
             save_lightning_checkpoint(
                 {k: merged[k] for k in plan.keys}, output, getattr(base_src, "hyper_parameters", None),
-                prefix=getattr(base_src, "prefix", ""), overwrite=True,
+                prefix=getattr(base_src, "prefix", ""), overwrite=overwrite,
             )
     finally:
         if digests is not None:
