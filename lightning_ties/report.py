@@ -238,11 +238,19 @@ def learned_row(result: Any, scores: dict[str, float]) -> ResultRow:
 
 
 # ---- files ----------------------------------------------------------------------------------------
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary sibling, fsync and rename."""
+#: The files :func:`write_report` may write into a run's folder (checked before a run starts).
+REPORT_FILES = ("report.json", "report.md", "results.csv", "search.png", "per_task.png", "coefficients.png")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` to ``path`` via a temporary sibling, fsync and rename.
+
+    An existing ``path`` is replaced only when lightning-ties wrote it and nobody changed it
+    since (see :mod:`lightning_ties.io.ownership`), and only with ``overwrite``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path) as f:
+    with atomic_open(path, overwrite) as f:
         f.write(text.encode())
     return path
 
@@ -416,6 +424,7 @@ __all__ = [
     "plot_search",
     "print_table",
     "summary_lines",
+    "REPORT_FILES",
     "write_report",
     "write_text_atomic",
 ]

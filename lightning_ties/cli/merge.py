@@ -9,12 +9,23 @@ import torch
 
 from ..config import MergeConfig
 from ..io import merge_to
-from .common import RESOLVED_CONFIG, Console, check_paths, method_args, save_resolved_config
+from .common import RESOLVED_CONFIG, Console, check_output_file, check_paths, method_args, save_resolved_config
+
+
+def config_sidecar(cfg: MergeConfig) -> Path:
+    """Where the resolved config goes: inside a folder output, else ``<output>.config.yaml`` beside it."""
+    out = Path(cfg.output)
+    # merge_to's rule: an explicit output_format, else the suffix, else a folder
+    fmt = cfg.output_format or {".safetensors": "safetensors", ".ckpt": "ckpt"}.get(out.suffix, "folder")
+    return out / RESOLVED_CONFIG if str(fmt) == "folder" else out.with_name(out.name + ".config.yaml")
 
 
 def run_merge(cfg: MergeConfig, console: Console) -> int:
     """Merge ``cfg.models`` onto ``cfg.base`` into ``cfg.output``; write the resolved config beside it."""
     check_paths(cfg)
+    config_path = config_sidecar(cfg)
+    if config_path.parent != Path(cfg.output):  # inside a folder output it is part of the new folder
+        check_output_file(config_path, cfg.overwrite, "output")
     name, lam, params = method_args(cfg.method)
     t0 = time.perf_counter()
     report = merge_to(
@@ -37,8 +48,7 @@ def run_merge(cfg: MergeConfig, console: Console) -> int:
         **params,
     )
     out = Path(cfg.output)
-    config_path = out / RESOLVED_CONFIG if out.is_dir() else out.with_name(out.name + ".config.yaml")
-    save_resolved_config(cfg, config_path)
+    save_resolved_config(cfg, config_path, overwrite=cfg.overwrite or config_path.parent == out)
     print(
         f"merged {len(cfg.models)} model(s) with {name} (lam={report.lam}) into {out} "
         f"in {time.perf_counter() - t0:.1f}s: "

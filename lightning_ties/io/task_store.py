@@ -41,6 +41,7 @@ import torch
 from ..merging import MergeResult, MergeSpec, TensorSource, TensorSpec, as_source, merge, merged_task_vector
 from .atomic import atomic_open, clean_stale_in
 from .locks import locked
+from .ownership import check_writable
 from .errors import CheckpointError
 from .jsonsafe import loads as load_json
 from .safetensors_file import SafetensorsFile, SafetensorsWriter
@@ -155,6 +156,7 @@ class TaskVectorStore:
         two names) are written once per name, streamed tensor by tensor.
         """
         src = as_source(base, "base")
+        check_writable(self.base_path)  # a file of another tool at that name is refused before any work
         with self._locked():
             names = self.names()
             if names:
@@ -189,6 +191,7 @@ class TaskVectorStore:
         names = self.names()
         if name in names and not overwrite:
             raise FileExistsError(f"task {name!r} is already in the store {self.root}; pass overwrite=True")
+        check_writable(path)
         base_src = self._base(base)
         spec = MergeSpec("magnitude", k=self.k, sign=None, merge="sum") if self.k is not None and self.k < 1 else (
             MergeSpec(None, sign=None, merge="sum")
