@@ -33,6 +33,7 @@ from typing import Any
 from .config import LEARNED
 from .evaluation.plots import plot_coefficients
 from .io.atomic import atomic_file, atomic_open
+from .io.jsonsafe import loads as load_json
 
 
 @dataclass
@@ -143,7 +144,7 @@ class RunReport:
     @classmethod
     def from_json(cls, text: str) -> RunReport:
         """Read a report written by :meth:`to_json` (or a ``report.json`` file's text)."""
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(load_json(text, "report.json"))
 
     # ---- text renderings -----------------------------------------------------------------------
     def table_cells(self) -> tuple[list[str], list[list[str]]]:
