@@ -80,3 +80,14 @@ def test_key_coverage_is_measured_on_both_sides():
     problem = coverage_problem("task 'a' (other.ckpt)", matched=10, source_keys=12, module_keys=100)
     assert problem is not None and "10 of the module's 100 float keys (10%)" in problem and "other.ckpt" in problem
     assert coverage_problem("task 'a'", matched=95, source_keys=100, module_keys=100) is None
+
+
+def test_the_command_reports_an_overflow_in_one_line(tmp_path, fp16_inputs, monkeypatch, capsys):
+    from lightning_ties.cli import main
+
+    base, ft = fp16_inputs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.yaml").write_text(f"base: {base}\nmodels: [{ft}]\noutput: out.safetensors\nmethod: {{name: task_arithmetic, lam: 2.0}}\n")
+    assert main(["merge", "m.yaml"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "tensor 'w'" in err and "smaller lam" in err

@@ -153,3 +153,15 @@ def test_the_base_of_a_store_holding_tasks_cannot_be_replaced(tmp_path):
     with pytest.raises(FileExistsError, match=r"holds tasks \['a'\].*cannot be replaced"):
         store.save_base({"w": torch.ones(4)})
     assert torch.equal(store.base_state()["w"], torch.zeros(4))
+
+
+def test_a_kill_between_the_fallback_renames_is_repaired_by_the_next_write_anywhere_in_the_folder(tmp_path):
+    from lightning_ties.io import save_hf_folder
+
+    out = tmp_path / "model"
+    save_hf_folder({"w": torch.ones(2)}, out)
+    old = tmp_path / f".model.lightning-ties-{HOST}-{dead_pid()}-0badc0de.old"
+    os.rename(out, old)  # what a kill after "move the old one aside" leaves: the path is missing
+    with pytest.warns(UserWarning, match="restored its earlier version"):
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "other.safetensors")  # another output, same folder
+    assert torch.equal(open_source(out).get("w"), torch.ones(2)) and not old.exists()

@@ -56,6 +56,12 @@ def library_version() -> str:
         return "unknown"
 
 
+# Digests computed in this process, by the file's identity and change times: an unchanged file is
+# hashed once however often it is checked (before the work, then under the lock). Any write,
+# truncation or rename-over changes the ctime (a kernel-set clock the user cannot set back).
+_DIGESTS: dict[tuple[int, ...], dict[str, Any]] = {}
+
+
 def digest(path: str | os.PathLike[str] | int) -> dict[str, Any]:
     """``{"size", "sha256"}`` of a file (a path, or a descriptor read from offset 0).
 
@@ -68,11 +74,17 @@ def digest(path: str | os.PathLike[str] | int) -> dict[str, Any]:
     """
     fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
-        h, offset = hashlib.sha256(), 0
-        while chunk := os.pread(fd, _CHUNK, offset):
-            h.update(chunk)
-            offset += len(chunk)
-        return {"size": offset, "sha256": h.hexdigest()}
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in _DIGESTS:
+            h, offset = hashlib.sha256(), 0
+            while chunk := os.pread(fd, _CHUNK, offset):
+                h.update(chunk)
+                offset += len(chunk)
+            if len(_DIGESTS) > 4096:
+                _DIGESTS.clear()
+            _DIGESTS[key] = {"size": offset, "sha256": h.hexdigest()}
+        return dict(_DIGESTS[key])
     finally:
         if not isinstance(path, int):
             os.close(fd)
