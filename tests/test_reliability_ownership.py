@@ -146,3 +146,10 @@ def test_the_manifest_lists_size_and_sha256(tmp_path):
     save_safetensors({"w": torch.ones(2)}, tmp_path / "m.safetensors")
     entry = json.loads((tmp_path / ".lightning-ties.json").read_text())["files"]["m.safetensors"]
     assert entry["size"] == (tmp_path / "m.safetensors").stat().st_size and len(entry["sha256"]) == 64
+
+
+def test_a_foreign_manifest_in_the_way_is_refused_before_anything_is_placed(tmp_path):
+    (tmp_path / ".lightning-ties.json").write_text('{"files": ["a", "b"]}')  # another tool's, or an old marker
+    with pytest.raises(ValueError, match=r"\.lightning-ties\.json is not a lightning-ties manifest with content hashes"):
+        write_text_atomic(tmp_path / "report.md", "x")
+    assert not (tmp_path / "report.md").exists()

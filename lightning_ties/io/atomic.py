@@ -54,6 +54,7 @@ from .ownership import (
     check_output,
     digest,
     library_version,
+    read_manifest,
     record,
     refuse_unless_replaceable,
     write_folder_manifest,
@@ -129,6 +130,7 @@ def _writing(path: Path) -> Iterator[None]:
 def _place_file(tmp: Path, fd: int, path: Path, overwrite: bool) -> None:
     os.fsync(fd)
     entry = digest(fd)
+    read_manifest(path.parent)  # an unreadable manifest is refused before the rename, not after
     refuse_unless_replaceable(path, overwrite, "file")  # again, under the lock: nothing changed meanwhile
     if os.lstat(tmp).st_ino != os.fstat(fd).st_ino:
         raise OutputWriteError(errno.EIO, f"cannot write {path}: its temporary {tmp} was replaced by another process")
