@@ -432,13 +432,18 @@ def _failing_key(cfg: DictConfig, layer: Mapping[str, Any], prefix: str = "") ->
     return ""
 
 
+def _clip(text: str, limit: int = 60) -> str:
+    """An override as errors quote it: a long value (a pasted grid) cut, so the error stays one short line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _parse_override(text: str) -> dict[str, Any]:
     if "=" not in text or text.startswith("="):
-        raise ConfigError(f"override {text!r}: expected key=value (e.g. method.k=0.3)")
+        raise ConfigError(f"override {_clip(text)!r}: expected key=value (e.g. method.k=0.3)")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([text]), resolve=False)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ConfigError(f"override {text!r}: {_first_line(err)}") from None
+        raise ConfigError(f"override {_clip(text)!r}: {_first_line(err)}") from None
     except Exception as err:  # the value is parsed as YAML: a syntax error or a tag
         problem = str(getattr(err, "problem", None) or _first_line(err))
         if "tag" in problem:
@@ -448,7 +453,7 @@ def _parse_override(text: str) -> dict[str, Any]:
                 f"the value after '=' is not valid YAML ({problem}); close its brackets and quotes "
                 "(e.g. models=[a.safetensors,b.safetensors]) or quote the whole value"
             )
-        raise ConfigError(f"override {text!r}: {problem}") from None
+        raise ConfigError(f"override {_clip(text)!r}: {problem}") from None
 
 
 def load_config(
@@ -492,7 +497,7 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
         layers.append((str(path), raw))
     layers += list(presets)  # a mode (the demo's fast one) beats the file, the command line beats both
-    layers += [(f"override {o!r}", _parse_override(o)) for o in overrides]
+    layers += [(f"override {_clip(o)!r}", _parse_override(o)) for o in overrides]
     uses_env = False
     for where, layer in layers:
         for key in _env_keys(layer):

@@ -99,3 +99,14 @@ def test_a_search_grid_past_the_bound_is_refused_and_can_be_confirmed(tmp_path):
     methods = search_yaml(tmp_path, search={"methods": ["ties", "task_arithmetic"], "lam": lam[:3000]})
     with pytest.raises(ConfigError, match="12000 candidates"):  # ties: 3 k x 3000 lam, task arithmetic: 3000 lam
         load_config(SearchConfig, methods)
+
+
+def test_an_error_quotes_a_long_override_cut_short(tmp_path):
+    lam = "search.lam=[" + ",".join(str(round(0.001 * i, 3)) for i in range(1, 12001)) + "]"
+    with pytest.raises(ConfigError) as err:  # past omegaconf's node limit for one override
+        load_config(SearchConfig, search_yaml(tmp_path), [lam])
+    assert len(str(err.value)) < 700 and "override 'search.lam=[0.001,0.002," in str(err.value)
+    with pytest.raises(ConfigError) as err:  # a grid past the bound, from overrides
+        lam_5999 = "search.lam=[" + ",".join(str(round(0.001 * i, 3)) for i in range(1, 6000)) + "]"
+        load_config(SearchConfig, search_yaml(tmp_path), ["search.k=[0.1,0.2]", lam_5999])
+    assert len(str(err.value)) < 400 and "11998 candidates" in str(err.value)
