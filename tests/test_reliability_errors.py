@@ -4,7 +4,6 @@ key, search grids too large to be meant. Every test here fails on the code befor
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 

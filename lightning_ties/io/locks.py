@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .tempfiles import HOST, LOCK_SUFFIX, TAG
+from .tempfiles import HOST, LOCK_SUFFIX
 
 try:
     import fcntl
