@@ -126,6 +126,9 @@ class SearchGrid:
     ``methods`` (``lightning-ties search`` only): registry methods to choose from on validation data
     (e.g. ``[ties, tsv, iso_c]``), each searched over its own lam grid; ``method.name``'s parameters
     reach the methods that have them. ``None``: only ``method.name``.
+
+    ``max_candidates``: a grid of more (k, lam, method) candidates is refused before any work, as
+    a likely typo (a list pasted twice, a range too fine); raise it to confirm a larger search.
     """
 
     k: Any = field(default_factory=lambda: [0.1, 0.2, 0.3])
@@ -133,6 +136,7 @@ class SearchGrid:
     strategy: SearchStrategy = SearchStrategy.grid
     objective: str = "mean"
     methods: Optional[List[str]] = None
+    max_candidates: int = 10_000
 
 
 @dataclass
@@ -408,19 +412,38 @@ def _first_line(err: BaseException) -> str:
 def _merge_layer(cfg: DictConfig, layer: Mapping[str, Any], where: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or ""
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        # omegaconf names no key for some type errors (`tasks: [a, b]` for a mapping): find it
+        key = getattr(err, "full_key", None) or _failing_key(cfg, layer)
         msg = _first_line(err)
         raise ConfigError(f"{where}: key {key!r}: {msg}" if key else f"{where}: {msg}") from None
 
 
+def _failing_key(cfg: DictConfig, layer: Mapping[str, Any], prefix: str = "") -> str:
+    """The dotted key of ``layer`` whose merge into ``cfg`` fails ("" when each merges alone)."""
+    for key, value in layer.items():
+        try:
+            OmegaConf.merge(cfg, {key: value})
+        except (OmegaConfBaseException, TypeError, ValueError):
+            inner = cfg.get(key) if isinstance(cfg, DictConfig) and key in cfg else None
+            if isinstance(value, Mapping) and isinstance(inner, DictConfig):
+                return _failing_key(inner, value, f"{prefix}{key}.") or f"{prefix}{key}"
+            return f"{prefix}{key}"
+    return ""
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """An override as errors quote it: a long value (a pasted grid) cut, so the error stays one short line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _parse_override(text: str) -> dict[str, Any]:
     if "=" not in text or text.startswith("="):
-        raise ConfigError(f"override {text!r}: expected key=value (e.g. method.k=0.3)")
+        raise ConfigError(f"override {_clip(text)!r}: expected key=value (e.g. method.k=0.3)")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([text]), resolve=False)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ConfigError(f"override {text!r}: {_first_line(err)}") from None
+        raise ConfigError(f"override {_clip(text)!r}: {_first_line(err)}") from None
     except Exception as err:  # the value is parsed as YAML: a syntax error or a tag
         problem = str(getattr(err, "problem", None) or _first_line(err))
         if "tag" in problem:
@@ -430,7 +453,7 @@ def _parse_override(text: str) -> dict[str, Any]:
                 f"the value after '=' is not valid YAML ({problem}); close its brackets and quotes "
                 "(e.g. models=[a.safetensors,b.safetensors]) or quote the whole value"
             )
-        raise ConfigError(f"override {text!r}: {problem}") from None
+        raise ConfigError(f"override {_clip(text)!r}: {problem}") from None
 
 
 def load_config(
@@ -474,7 +497,7 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
         layers.append((str(path), raw))
     layers += list(presets)  # a mode (the demo's fast one) beats the file, the command line beats both
-    layers += [(f"override {o!r}", _parse_override(o)) for o in overrides]
+    layers += [(f"override {_clip(o)!r}", _parse_override(o)) for o in overrides]
     uses_env = False
     for where, layer in layers:
         for key in _env_keys(layer):
@@ -573,14 +596,34 @@ def _check_grid(grid: SearchGrid, method: Any, where: str) -> None:
         "k": lambda v: [check_k_grid(v, n, "search.k") for n in names],
         "lam": lambda v: [check_lam_grid(n or "ties", v, "search.lam") for n in names],
     }
+    sizes: dict[str, list[int]] = {}
     for key, check in checks.items():
         value = getattr(grid, key)
         if any(isinstance(v, str) and _INTERPOLATION.search(v) for v in (value if isinstance(value, list) else [value])):
             continue  # checked once resolved
         try:
-            check(value)
+            sizes[key] = [len(values) for values in check(value)]
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
+    if len(sizes) == 2:
+        problem = grid_size_problem(sum(nk * nl for nk, nl in zip(sizes["k"], sizes["lam"])), grid.max_candidates)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+
+
+def grid_size_problem(candidates: int, limit: int = 10_000, option: str = "search.max_candidates") -> str | None:
+    """Why a search grid of ``candidates`` (k, lam, method) points is refused (None: it is not).
+
+    Example:
+        >>> grid_size_problem(1000 * 1000)
+        'the search grid has 1000000 candidates, more than search.max_candidates=10000: narrow search.k / search.lam, or set search.max_candidates=1000000 to confirm'
+    """
+    if candidates <= limit:
+        return None
+    return (
+        f"the search grid has {candidates} candidates, more than {option}={limit}: narrow search.k / search.lam, "
+        f"or set {option}={candidates} to confirm"
+    )
 
 
 def to_yaml(cfg: Any) -> str:

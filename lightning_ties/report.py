@@ -32,7 +32,8 @@ from typing import Any
 
 from .config import LEARNED
 from .evaluation.plots import plot_coefficients
-from .io.atomic import atomic_file
+from .io.atomic import atomic_file, atomic_open
+from .io.jsonsafe import loads as load_json
 
 
 @dataclass
@@ -143,7 +144,7 @@ class RunReport:
     @classmethod
     def from_json(cls, text: str) -> RunReport:
         """Read a report written by :meth:`to_json` (or a ``report.json`` file's text)."""
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(load_json(text, "report.json"))
 
     # ---- text renderings -----------------------------------------------------------------------
     def table_cells(self) -> tuple[list[str], list[list[str]]]:
@@ -238,12 +239,20 @@ def learned_row(result: Any, scores: dict[str, float]) -> ResultRow:
 
 
 # ---- files ----------------------------------------------------------------------------------------
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary sibling, fsync and rename."""
+#: The files :func:`write_report` may write into a run's folder (checked before a run starts).
+REPORT_FILES = ("report.json", "report.md", "results.csv", "search.png", "per_task.png", "coefficients.png")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` to ``path`` via a temporary sibling, fsync and rename.
+
+    An existing ``path`` is replaced only when lightning-ties wrote it and nobody changed it
+    since (see :mod:`lightning_ties.io.ownership`), and only with ``overwrite``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(text)
+    with atomic_open(path, overwrite) as f:
+        f.write(text.encode())
     return path
 
 
@@ -416,6 +425,7 @@ __all__ = [
     "plot_search",
     "print_table",
     "summary_lines",
+    "REPORT_FILES",
     "write_report",
     "write_text_atomic",
 ]

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from lightning_ties.io import CheckpointError, atomic
+from lightning_ties.io import CheckpointError, tempfiles
 from lightning_ties.io.task_store import TaskVectorStore
 
 
@@ -139,7 +139,7 @@ def test_save_base_and_add_store_tied_weights(tmp_path):
 
 def test_a_failed_add_leaves_no_temporary_and_stale_ones_are_cleaned(store, monkeypatch):
     tasks = store.root / "tasks"
-    stale = tasks / f".z.safetensors.lightning-ties-{atomic._HOST}-{dead_pid()}-0badc0de.tmp"
+    stale = tasks / f".z.safetensors.lightning-ties-{tempfiles.HOST}-{dead_pid()}-0badc0de.tmp"
     stale.write_bytes(b"\0" * 4096)  # what a SIGKILL during add("z") leaves
 
     def disk_full(*_args):
@@ -150,11 +150,13 @@ def test_a_failed_add_leaves_no_temporary_and_stale_ones_are_cleaned(store, monk
         store.add("c", {"w": torch.ones(8), "v": torch.ones(2, 2)})
     monkeypatch.undo()
     assert store.names() == ["a", "b"]
-    assert sorted(p.name for p in tasks.iterdir()) == [stale.name, "a.safetensors", "b.safetensors"]
-    store = TaskVectorStore(store.root, k=0.25)  # the next run opens the store: the dead run's temp goes
-    assert sorted(p.name for p in tasks.iterdir()) == ["a.safetensors", "b.safetensors"]
+    # the failed write cleaned the dead run's temporary before starting, and left none of its own
+    assert sorted(p.name for p in tasks.iterdir()) == [".lightning-ties.json", "a.safetensors", "b.safetensors"]
+    stale.write_bytes(b"\0" * 4096)
+    store = TaskVectorStore(store.root, k=0.25)  # opening the store cleans too
+    assert not stale.exists()
     store.add("c", {"w": torch.ones(8), "v": torch.ones(2, 2)})
-    assert sorted(p.name for p in tasks.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+    assert sorted(p.name for p in tasks.iterdir()) == [".lightning-ties.json", "a.safetensors", "b.safetensors", "c.safetensors"]
 
 
 def test_a_callback_with_a_damaged_store_fails_at_setup_before_any_training_step(tmp_path):

@@ -14,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, EvaluateConfig, MergeConfig, SearchConfig, resolve_target, to_yaml
-from ..report import RunReport, print_table, summary_lines, write_text_atomic
+from ..io.ownership import check_writable
+from ..report import REPORT_FILES, RunReport, print_table, summary_lines, write_text_atomic
 
 #: File name of the fully resolved config written next to every run's outputs.
 RESOLVED_CONFIG = "config.yaml"
@@ -36,20 +37,35 @@ class Console:
         return tqdm(total=total, desc=desc, disable=self.quiet or not sys.stderr.isatty(), leave=False, unit="cand")
 
 
-def prepare_output_dir(path: str, overwrite: bool, key: str = "output_dir") -> Path:
-    """Refuse a non-empty output folder unless ``overwrite`` (checked before any work)."""
+def prepare_output_dir(path: str, overwrite: bool, outputs: Sequence[str] = (), key: str = "output_dir") -> Path:
+    """Check every file the run writes into its folder before any work; create the folder.
+
+    The files are the resolved config, the reports and plots, and ``outputs`` (relative paths).
+    One that exists is replaced only when lightning-ties wrote it, nobody changed it since (its
+    folder's manifest lists it with the same size and sha256), and ``overwrite`` is set; other
+    files in the folder are left alone.
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{key}={path!r} is a file; give a folder for the run's outputs")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{key}={path!r} exists and is not empty; set overwrite=true or choose another folder")
+    for name in (RESOLVED_CONFIG, *REPORT_FILES, *outputs):
+        check_output_file(out / name, overwrite, key)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def save_resolved_config(cfg: Any, path: Path) -> Path:
+def check_output_file(path: Path, overwrite: bool, key: str) -> None:
+    """The ownership rule for one output file of the command, as a one-line config error."""
+    try:
+        check_writable(path, overwrite, kind="file")
+    except (FileExistsError, ValueError) as err:
+        hint = "" if "overwrite=True" not in str(err) else f" (set overwrite=true, or choose another {key})"
+        raise ConfigError(f"{key}: {err}{hint}") from None
+
+
+def save_resolved_config(cfg: Any, path: Path, overwrite: bool = True) -> Path:
     """Write the fully resolved config (re-running it reproduces the result)."""
-    return write_text_atomic(path, to_yaml(cfg))
+    return write_text_atomic(path, to_yaml(cfg), overwrite=overwrite)
 
 
 def check_paths(cfg: MergeConfig | SearchConfig | EvaluateConfig) -> None:

@@ -16,7 +16,9 @@ def run_demo_command(cfg: DemoConfig, console: Console, config_path: str | None)
     """Run the demo (or its continual variant) into ``cfg.output_dir``; write and print the report."""
     check_tasks(cfg, config_path or "the demo config")
     logger = make_logger(cfg.logger, Path(cfg.output_dir))
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    out = prepare_output_dir(
+        cfg.output_dir, cfg.overwrite, [f"checkpoints/{t}.safetensors" for t in ("base", *cfg.tasks)]
+    )
     save_resolved_config(cfg, out / RESOLVED_CONFIG)
     if cfg.continual:
         report = run_continual(cfg, out, logger=logger, say=console.say)

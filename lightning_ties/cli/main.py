@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from ..config import DEMO_FAST, LEARNED, ConfigError, DemoConfig, EvaluateConfig, MergeConfig, SearchConfig, load_config
 from ..merging import describe_methods
+from ..io.locks import OutputBusyError
 from .common import Console
 from .merge import run_merge
 
@@ -183,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError, ImportError, re.error) as err:
+    except (ValueError, TypeError, KeyError, OSError, ImportError, re.error, OverflowError, OutputBusyError) as err:
         if debug:
             raise
         print(f"{PROG}: error: {one_line(err)} (run with --debug for the traceback)", file=sys.stderr)

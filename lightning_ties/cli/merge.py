@@ -10,7 +10,15 @@ import torch
 from ..config import MergeConfig
 from ..io import merge_to
 from ..io.ranks import process_rank
-from .common import RESOLVED_CONFIG, Console, check_paths, method_args, save_resolved_config
+from .common import RESOLVED_CONFIG, Console, check_output_file, check_paths, method_args, save_resolved_config
+
+
+def config_sidecar(cfg: MergeConfig) -> Path:
+    """Where the resolved config goes: inside a folder output, else ``<output>.config.yaml`` beside it."""
+    out = Path(cfg.output)
+    # merge_to's rule: an explicit output_format, else the suffix, else a folder
+    fmt = cfg.output_format or {".safetensors": "safetensors", ".ckpt": "ckpt"}.get(out.suffix, "folder")
+    return out / RESOLVED_CONFIG if str(fmt) == "folder" else out.with_name(out.name + ".config.yaml")
 
 
 def run_merge(cfg: MergeConfig, console: Console) -> int:
@@ -19,6 +27,9 @@ def run_merge(cfg: MergeConfig, console: Console) -> int:
     Under ``torchrun`` every rank runs this and merges its share; rank 0 writes the config and reports.
     """
     check_paths(cfg)
+    config_path = config_sidecar(cfg)
+    if config_path.parent != Path(cfg.output):  # inside a folder output it is part of the new folder
+        check_output_file(config_path, cfg.overwrite, "output")
     name, lam, params = method_args(cfg.method)
     t0 = time.perf_counter()
     report = merge_to(
@@ -43,8 +54,7 @@ def run_merge(cfg: MergeConfig, console: Console) -> int:
     if process_rank() != 0:  # under torchrun every rank merges its part; rank 0 reports it
         return 0
     out = Path(cfg.output)
-    config_path = out / RESOLVED_CONFIG if out.is_dir() else out.with_name(out.name + ".config.yaml")
-    save_resolved_config(cfg, config_path)
+    save_resolved_config(cfg, config_path, overwrite=cfg.overwrite or config_path.parent == out)
     print(
         f"merged {len(cfg.models)} model(s) with {name} (lam={report.lam}) into {out} "
         f"in {time.perf_counter() - t0:.1f}s: "

@@ -38,7 +38,7 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
     val = build_loaders(cfg, cfg.data.val_split)
     test = build_loaders(cfg, cfg.data.test_split) if cfg.data.test_split else None
     logger = make_logger(cfg.logger, Path(cfg.output_dir))
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, [str(cfg.save_model)] if cfg.save_model else [])  # only once the inputs are known to be good
     save_resolved_config(cfg, out / RESOLVED_CONFIG)
     name, _, _ = method_args(cfg.method)
     with quiet_lightning():

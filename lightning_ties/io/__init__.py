@@ -14,7 +14,7 @@ Example:
 """
 
 from ..merging import register_path_opener
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, atomic_open
 from .card import build_model_card, sha256_file
 from .errors import CheckpointError
 from .lora import LoraSource
@@ -53,6 +53,7 @@ __all__ = [
     "TorchFileSource",
     "atomic_dir",
     "atomic_file",
+    "atomic_open",
     "build_model_card",
     "check_compatible",
     "load_into",

@@ -22,6 +22,7 @@ from .errors import CheckpointError
 from .hf_folder import ADAPTER_CONFIG, BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from .lora import LoraSource
 from .readers import SafetensorsSource, open_bin_shards, open_index, open_torch_file
+from .validate import check_dtypes
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -74,7 +75,11 @@ def open_source(
         >>> open_source(path).get("w")
         tensor([1., 1.])
     """
-    p = Path(path)
+    # float8, complex or integer-only weights: one clear error now, not torch's promotion error mid-merge
+    return check_dtypes(_open_any(Path(path), base, prefix, trust_pickle, label))
+
+
+def _open_any(p: Path, base: Any, prefix: str | None, trust_pickle: bool, label: str | None) -> TensorSource:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     if p.is_dir() and is_dcp_folder(p):

@@ -24,6 +24,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 
 from ..merging.sources import TensorSpec
 from .errors import CheckpointError
+from .jsonsafe import loads as load_json
 from .safetensors_file import nbytes
 
 #: Files a Hugging Face model folder may hold, in the order they are looked for.
@@ -112,7 +113,7 @@ def read_index(path: Path) -> list[Path]:
     not a string.
     """
     try:
-        index = json.loads(path.read_text())
+        index = load_json(path.read_bytes(), str(path))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError(f"weight_map is a {type(weight_map).__name__}, not a mapping of tensor name -> file")

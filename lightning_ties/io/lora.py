@@ -8,7 +8,6 @@ the same tensors PEFT's ``merge_and_unload()`` would produce, one target weight 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 from ..merging.sources import StateDictSource, TensorSource, TensorSpec
 from .errors import CheckpointError
 from .hf_folder import ADAPTER_CONFIG
+from .jsonsafe import loads as load_json
 from .readers import SafetensorsSource, load_torch_file
 
 _PEFT_PREFIX = "base_model.model."
@@ -71,7 +71,7 @@ class LoraSource:
     def _read_config(self) -> dict:
         path = self.folder / ADAPTER_CONFIG
         try:
-            config = json.loads(path.read_text())
+            config = load_json(path.read_bytes(), str(path))
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{path}: cannot read the adapter config ({err})") from None
         if str(config.get("peft_type", "")).upper() != "LORA":

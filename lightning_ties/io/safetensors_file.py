@@ -19,11 +19,13 @@ import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import torch
 
 from ..merging.sources import TensorSpec
 from .errors import CheckpointError
+from .jsonsafe import loads as load_json
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -100,7 +102,7 @@ class SafetensorsFile:
         except OSError as err:
             raise CheckpointError(f"{self.path}: cannot read ({err.strerror or err})") from None
         try:
-            header = json.loads(raw)
+            header = load_json(raw, str(self.path))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{self.path}: corrupt safetensors header ({err})") from None
         if not isinstance(header, dict):
@@ -204,6 +206,27 @@ def layout_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] |
     return struct.pack("<Q", len(raw)) + raw, {k: start + v for k, v in offsets.items()}
 
 
+def check_finite_tensor(path: str | os.PathLike[str], key: str, tensor: torch.Tensor) -> None:
+    """Refuse a float output tensor holding inf or NaN (an overflow in its dtype), naming the key.
+
+    Example:
+        >>> check_finite_tensor("m.safetensors", "w", torch.tensor([7e4]).half())
+        Traceback (most recent call last):
+        ...
+        OverflowError: m.safetensors: tensor 'w' has 1 inf/NaN value(s) in torch.float16 (largest finite: 65504.0); a merge overflowed its dtype: use a smaller lam, or a float32 or bfloat16 base (the output takes the base's dtype)
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    values = tensor if tensor.element_size() > 1 else tensor.float()  # isfinite has no float8 kernels
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise OverflowError(
+            f"{path}: tensor {key!r} has {bad} inf/NaN value(s) in {tensor.dtype} "
+            f"(largest finite: {torch.finfo(tensor.dtype).max}); a merge overflowed its dtype: use a smaller lam, "
+            "or a float32 or bfloat16 base (the output takes the base's dtype)"
+        )
+
+
 class SafetensorsWriter:
     """Write a safetensors file whose layout is fixed up front, tensors in any order.
 
@@ -216,14 +239,28 @@ class SafetensorsWriter:
         tensor([1., 1.])
     """
 
-    def __init__(self, path: str | os.PathLike[str], specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None) -> None:
-        self.path = Path(path)
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | IO[bytes],
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        check_finite: bool = False,
+    ) -> None:
         self.specs = dict(specs)
+        self.check_finite = check_finite
         header, self._offsets = layout_header(self.specs, {"format": "pt", **(metadata or {})})
         total = len(header) + sum(nbytes(s) for s in self.specs.values())
         self._missing = set(self.specs)
-        # 0o666 masked by the umask, like any new file.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        if hasattr(path, "fileno"):  # an open file (atomic_open's): written through its descriptor, not closed here
+            name = getattr(path, "name", None)
+            self.path = Path(name) if isinstance(name, (str, os.PathLike)) else Path(f"<file descriptor {path.fileno()}>")
+            self._owns_fd = False
+            self._fd = path.fileno()
+        else:
+            self.path = Path(path)
+            self._owns_fd = True
+            # 0o666 masked by the umask, like any new file.
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _write_all(self._fd, header, 0)
             os.ftruncate(self._fd, total)
@@ -239,6 +276,8 @@ class SafetensorsWriter:
             raise ValueError(
                 f"{self.path}: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, layout says {spec.shape} {spec.dtype}"
             )
+        if self.check_finite:
+            check_finite_tensor(self.path, name, tensor)
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         _write_all(self._fd, data, self._offsets[name])
         self._missing.discard(name)
@@ -252,13 +291,12 @@ class SafetensorsWriter:
                 raise ValueError(f"{self.path}: tensors never written: {sorted(self._missing)[:10]}")
             os.fsync(self._fd)
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            self.abort()
 
     def abort(self) -> None:
-        if self._fd >= 0:
+        if self._fd >= 0 and self._owns_fd:
             os.close(self._fd)
-            self._fd = -1
+        self._fd = -1
 
     def __enter__(self) -> SafetensorsWriter:
         return self

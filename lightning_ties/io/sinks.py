@@ -17,10 +17,10 @@ from huggingface_hub import ModelCard
 from torch import nn
 
 from ..merging.sources import TensorSource, TensorSpec, as_source
-from .atomic import MARKER, OWNER_KEY, atomic_dir, atomic_file, check_output, library_version, owner_metadata
+from .atomic import MARKER, OWNER_KEY, atomic_dir, atomic_open, check_output, library_version, owner_metadata
 # DEFAULT_MAX_SHARD_SIZE, parse_size and plan_shards are also imported from here by older callers.
 from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index  # noqa: F401
-from .safetensors_file import SafetensorsWriter, nbytes
+from .safetensors_file import SafetensorsWriter, check_finite_tensor, nbytes
 
 #: Files copied from the base model's folder next to the merged weights.
 MODEL_FILES = (
@@ -57,7 +57,13 @@ class ShardedWriter:
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
     """
 
-    def __init__(self, folder: Path, specs: Mapping[str, TensorSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        specs: Mapping[str, TensorSpec],
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        check_finite: bool = False,
+    ) -> None:
         self.folder = Path(folder)
         shards = plan_shards(specs, max_shard_size)
         self._writers: list[SafetensorsWriter] = []
@@ -65,7 +71,7 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         try:
             for name, shard in shards.items():
-                writer = SafetensorsWriter(self.folder / name, shard)
+                writer = SafetensorsWriter(self.folder / name, shard, check_finite=check_finite)
                 self._writers.append(writer)
                 for key in shard:
                     self._where[key] = writer
@@ -116,12 +122,18 @@ def _specs(source: TensorSource) -> dict[str, TensorSpec]:
 
 
 def save_safetensors(
-    state_dict: Any, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None, overwrite: bool = True
+    state_dict: Any,
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
+    check_finite: bool = True,
 ) -> Path:
     """Write a state dict (or module, or any source) to one ``.safetensors`` file, atomically.
 
-    The file's metadata carries ``{"lightning_ties": <version>}``: ``overwrite`` replaces only
-    files that carry it (never an input, never a file another tool wrote).
+    ``overwrite`` replaces only a file lightning-ties wrote and nobody changed since (its folder's
+    manifest lists it with the same size and sha256): never an input, never another tool's file.
+    ``check_finite`` refuses a float tensor holding inf or NaN (an fp16 overflow of a merge),
+    naming the key.
 
     Example:
         >>> import tempfile
@@ -132,7 +144,9 @@ def save_safetensors(
     path = check_output(path, overwrite, inputs=[state_dict], kind="file")
     source = as_source(state_dict, "state_dict")
     check_output(path, overwrite, inputs=getattr(source, "files", []), kind="file")  # shards an index named
-    with atomic_file(path) as tmp, SafetensorsWriter(tmp, _specs(source), {**owner_metadata(), **(metadata or {})}) as writer:
+    with atomic_open(path, overwrite) as f, SafetensorsWriter(
+        f, _specs(source), {**owner_metadata(), **(metadata or {})}, check_finite=check_finite
+    ) as writer:
         for key in source.keys():
             writer.write(key, source.get(key))
     return path
@@ -147,6 +161,7 @@ def save_hf_folder(
     *,
     card: ModelCard | None = None,
     extra_files: Mapping[str, str] | None = None,
+    check_finite: bool = True,
 ) -> Path:
     """Write a Hugging Face model folder: sharded safetensors (+ index) and the base's config files.
 
@@ -154,8 +169,9 @@ def save_hf_folder(
     copied, so ``AutoModel.from_pretrained(folder)`` works. ``card`` is written as
     ``README.md`` (build it with :func:`~lightning_ties.io.build_model_card`), and
     ``extra_files`` (file name -> text) next to it; all of it appears at once, atomically.
-    The folder gets a ``.lightning-ties.json`` marker listing its files: ``overwrite``
-    replaces only such folders.
+    The folder gets a ``.lightning-ties.json`` manifest (each file's size and sha256):
+    ``overwrite`` replaces only such folders whose files are all listed and unchanged.
+    ``check_finite`` as in :func:`save_safetensors`.
 
     Example:
         >>> import tempfile
@@ -166,8 +182,8 @@ def save_hf_folder(
     folder = check_output(folder, overwrite, inputs=[state_dict, config_from], kind="folder")
     source = as_source(state_dict, "state_dict")
     check_output(folder, overwrite, inputs=getattr(source, "files", []), kind="folder")
-    with atomic_dir(folder) as tmp:
-        with ShardedWriter(tmp, _specs(source), max_shard_size) as writer:
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        with ShardedWriter(tmp, _specs(source), max_shard_size, check_finite) as writer:
             for key in source.keys():
                 writer.write(key, source.get(key))
         copy_model_files(config_from, tmp)
@@ -191,14 +207,14 @@ def save_lightning_checkpoint(
     hyper_parameters: Mapping[str, Any] | None = None,
     prefix: str = "",
     overwrite: bool = True,
+    check_finite: bool = True,
 ) -> Path:
     """Write a ``.ckpt`` that ``YourModule.load_from_checkpoint(path)`` loads, atomically.
 
     ``prefix`` is the module attribute holding the weights (``"model."`` for a LightningModule
     that stores its network in ``self.model``); ``hyper_parameters`` are the module's
     ``__init__`` arguments. The file holds only tensors and plain types, so it loads with
-    ``weights_only=True``; its top-level ``"lightning_ties"`` entry (the version) lets
-    ``overwrite`` recognise it as lightning-ties' own.
+    ``weights_only=True``. ``overwrite`` and ``check_finite`` as in :func:`save_safetensors`.
 
     Example:
         >>> import tempfile
@@ -209,15 +225,19 @@ def save_lightning_checkpoint(
     path = check_output(path, overwrite, inputs=[state_dict], kind="file")
     source = as_source(state_dict, "state_dict")
     check_output(path, overwrite, inputs=getattr(source, "files", []), kind="file")
+    state = {k: source.get(k).contiguous() for k in source.keys()}
+    if check_finite:
+        for key, tensor in state.items():
+            check_finite_tensor(path, key, tensor)
     checkpoint = {
-        "state_dict": {prefix + k: source.get(k).contiguous() for k in source.keys()},
+        "state_dict": {prefix + k: t for k, t in state.items()},
         "pytorch-lightning_version": lightning_version(),
         "hyper_parameters": dict(hyper_parameters or {}),
         "epoch": 0,
         "global_step": 0,
         OWNER_KEY: library_version(),
     }
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    with atomic_open(path, overwrite) as f:
         _torch_save(checkpoint, f)
     return path
 

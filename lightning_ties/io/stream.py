@@ -24,7 +24,7 @@ from ..merging.collectives import SINGLE_PROCESS, Collectives
 from ..merging.spec import MergeSpec
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source
-from .atomic import atomic_dir, atomic_file, check_output, library_version, owner_metadata
+from .atomic import atomic_dir, atomic_file, atomic_open, check_output, library_version, owner_metadata
 from .card import SourceDigests, merge_model_card, source_files, write_merge_config
 from .formats import open_source
 from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index
@@ -292,7 +292,7 @@ def merge_to(
                 job = run_on_ranks(
                     ranks,
                     prepare=lambda: prepare(ranks.rank, ranks.world_size),
-                    create=lambda job: _laid_out(output, fmt, job.layout),
+                    create=lambda job: _laid_out(output, fmt, job.layout, overwrite),
                     merge=lambda job, tmp: _merge_part(
                         job, tmp, output, lambda mine: start(job, ranks.collectives, mine), owners(job), ranks.collectives
                     ),
@@ -302,13 +302,13 @@ def merge_to(
             job = prepare()
             stream = start(job)
             if fmt == "folder":
-                with atomic_dir(output) as tmp:
-                    with ShardedWriter(tmp, job.specs, max_shard_size) as writer:
+                with atomic_dir(output, overwrite=overwrite) as tmp:
+                    with ShardedWriter(tmp, job.specs, max_shard_size, check_finite=True) as writer:
                         stream.run(writer.write)
                     publish(job, tmp, index=False)
             elif fmt == "safetensors":
-                with atomic_file(output) as tmp, SafetensorsWriter(
-                    tmp, job.specs, {**owner_metadata(), "merge_method": method}
+                with atomic_open(output, overwrite) as tmp, SafetensorsWriter(
+                    tmp, job.specs, {**owner_metadata(), "merge_method": method}, check_finite=True
                 ) as writer:
                     stream.run(writer.write)
             else:
@@ -316,7 +316,7 @@ def merge_to(
                 stream.run(merged.__setitem__)
                 save_lightning_checkpoint(
                     {k: merged[k] for k in job.plan.keys}, output, getattr(job.base, "hyper_parameters", None),
-                    prefix=getattr(job.base, "prefix", ""), overwrite=True,
+                    prefix=getattr(job.base, "prefix", ""), overwrite=overwrite,
                 )
     finally:
         for prepared in jobs:
@@ -385,9 +385,13 @@ def _merged_whole_on_every_rank(spec: MergeSpec) -> bool:
 
 
 @contextlib.contextmanager
-def _laid_out(output: Path, fmt: OutputFormat, layout: Layout) -> Iterator[Path]:
-    """Rank 0: the atomic temporary of ``output`` with every file laid out, published on a clean exit."""
-    with (atomic_dir(output) if fmt == "folder" else atomic_file(output)) as tmp:
+def _laid_out(output: Path, fmt: OutputFormat, layout: Layout, overwrite: bool) -> Iterator[Path]:
+    """Rank 0: the atomic temporary of ``output`` with every file laid out, published on a clean exit.
+
+    Every rank writes its tensors into these files by name, so the single file is a named
+    temporary (``atomic_file``: inside a private folder), not ``atomic_open``'s descriptor.
+    """
+    with (atomic_dir(output, overwrite=overwrite) if fmt == "folder" else atomic_file(output, overwrite)) as tmp:
         create_layout(tmp, layout)
         yield tmp
 

@@ -39,8 +39,11 @@ from typing import Any
 import torch
 
 from ..merging import MergeResult, MergeSpec, TensorSource, TensorSpec, as_source, merge, merged_task_vector
-from .atomic import atomic_file, clean_stale_in
+from .atomic import atomic_open, clean_stale_in
+from .locks import locked
+from .ownership import check_writable
 from .errors import CheckpointError
+from .jsonsafe import loads as load_json
 from .safetensors_file import SafetensorsFile, SafetensorsWriter
 
 FORMAT = "lightning-ties-task-store"
@@ -73,7 +76,7 @@ class TaskVectorStore:
         if not index.exists():
             return {"format": FORMAT, "version": 1, "tasks": []}
         try:
-            data = json.loads(index.read_text())
+            data = load_json(index.read_bytes(), str(index))
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise CheckpointError(
                 f"{index}: unreadable task store index ({type(err).__name__}: {err}); restore it from a backup, "
@@ -117,8 +120,8 @@ class TaskVectorStore:
 
     def _write_index(self, **changes: Any) -> None:
         data = {**self._index(), **changes}
-        with atomic_file(self.root / "index.json") as tmp:
-            tmp.write_text(json.dumps(data, indent=1))
+        with atomic_open(self.root / "index.json") as f:
+            f.write(json.dumps(data, indent=1).encode())
 
     def names(self) -> list[str]:
         """Stored task names, in the order they were added."""
@@ -131,7 +134,8 @@ class TaskVectorStore:
 
     def record_choice(self, k: float | None, lam: float) -> None:
         """Remember the merge chosen for the stored tasks (the next fit may start from it)."""
-        self._write_index(choice={"k": k, "lam": lam})
+        with self._locked():
+            self._write_index(choice={"k": k, "lam": lam})
 
     @property
     def base_path(self) -> Path:
@@ -140,14 +144,27 @@ class TaskVectorStore:
     def has_base(self) -> bool:
         return self.base_path.exists()
 
+    def _locked(self) -> Any:
+        """The store's lock (waits for another process's ``add``/``save_base``, saying so once)."""
+        return locked(self.root, wait=True, lock=self.root / ".lightning-ties.lock")
+
     def save_base(self, base: Any) -> None:
         """Write the pretrained weights once (every task vector is relative to them).
 
-        Tied parameters (one tensor under two names) are written once per name, streamed
-        tensor by tensor (safetensors' own ``save_file`` refuses shared storage).
+        Refused once the store holds tasks: their vectors are relative to the stored base, so
+        replacing it would silently change every one of them. Tied parameters (one tensor under
+        two names) are written once per name, streamed tensor by tensor.
         """
         src = as_source(base, "base")
-        _write(self.base_path, src, {"format": FORMAT})
+        check_writable(self.base_path)  # a file of another tool at that name is refused before any work
+        with self._locked():
+            names = self.names()
+            if names:
+                raise FileExistsError(
+                    f"{self.base_path}: the store {self.root} holds tasks {names}, stored relative to this base; "
+                    "it cannot be replaced. Use a new store folder for another base"
+                )
+            _write(self.base_path, src, {"format": FORMAT})
 
     def base_state(self) -> dict[str, torch.Tensor]:
         if not self.has_base():
@@ -174,6 +191,7 @@ class TaskVectorStore:
         names = self.names()
         if name in names and not overwrite:
             raise FileExistsError(f"task {name!r} is already in the store {self.root}; pass overwrite=True")
+        check_writable(path)
         base_src = self._base(base)
         spec = MergeSpec("magnitude", k=self.k, sign=None, merge="sum") if self.k is not None and self.k < 1 else (
             MergeSpec(None, sign=None, merge="sum")
@@ -198,9 +216,13 @@ class TaskVectorStore:
             if key not in tau and ft.spec(key).is_floating:
                 tensors[f"full/{key}"] = ft.get(key).detach().cpu().contiguous()
         meta = {"format": FORMAT, "k": json.dumps(self.k), "shapes": json.dumps(shapes)}
-        _write(path, as_source(tensors, name), meta)
-        if name not in names:
-            self._write_index(tasks=[*names, name])
+        with self._locked():  # another process's add between reading and writing the index would be lost
+            names = self.names()
+            if name in names and not overwrite:
+                raise FileExistsError(f"task {name!r} was added to the store {self.root} meanwhile; pass overwrite=True")
+            _write(path, as_source(tensors, name), meta)
+            if name not in names:
+                self._write_index(tasks=[*names, name])
         return {"numel": numel, "stored": stored, "bytes": path.stat().st_size}
 
     def source(self, name: str, base: Any = None) -> TaskVectorSource:
@@ -238,7 +260,7 @@ class TaskVectorSource:
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a task vector of a {FORMAT} (format={meta.get('format')!r})")
         try:
-            shapes = json.loads(meta["shapes"])
+            shapes = load_json(meta["shapes"], f"{path} metadata 'shapes'")
             self._shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         except (KeyError, ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(
@@ -321,7 +343,7 @@ def _write(path: Path, source: TensorSource, metadata: dict[str, str]) -> None:
     storage) need no copy and memory does not grow with the file.
     """
     specs = {k: source.spec(k) for k in source.keys()}
-    with atomic_file(path) as tmp, SafetensorsWriter(tmp, specs, metadata) as writer:
+    with atomic_open(path) as f, SafetensorsWriter(f, specs, metadata, check_finite=True) as writer:
         for key in specs:
             writer.write(key, source.get(key))
 

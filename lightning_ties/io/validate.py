@@ -14,10 +14,46 @@ import torch
 
 from ..merging.plan import Patterns
 from ..merging.sources import TensorSource, TensorSpec
+from .errors import CheckpointError
 
 
 class MergeInputError(ValueError):
     """The models cannot be merged as given; the message lists every offending key."""
+
+
+#: The floating-point dtypes a merge computes with (float8 has no arithmetic in torch's promotion rules).
+MERGEABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtypes(source: TensorSource) -> TensorSource:
+    """Refuse, at open time, a checkpoint whose weights cannot be merged; returns ``source``.
+
+    float8 and complex tensors have no merge arithmetic here, and a checkpoint holding integer
+    tensors only (a quantized model) has nothing to merge: either is one error naming the
+    checkpoint, a few keys and what to do. Reads headers only.
+
+    Example:
+        >>> from lightning_ties.merging import StateDictSource
+        >>> check_dtypes(StateDictSource({"w": torch.zeros(2).to(torch.float8_e4m3fn)}, "fp8.safetensors"))
+        Traceback (most recent call last):
+        ...
+        lightning_ties.io.errors.CheckpointError: fp8.safetensors: tensors of a dtype lightning-ties cannot merge: w (torch.float8_e4m3fn); it merges float64, float32, float16 and bfloat16 weights: convert the checkpoint (e.g. to bfloat16) first
+    """
+    specs = {k: source.spec(k) for k in source.keys()}
+    bad = [f"{k} ({s.dtype})" for k, s in specs.items() if s.dtype.is_complex or (s.is_floating and s.dtype not in MERGEABLE_DTYPES)]
+    if bad:
+        raise CheckpointError(
+            f"{source.label}: tensors of a dtype lightning-ties cannot merge: {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + "; it merges float64, float32, float16 and bfloat16 weights: convert the checkpoint (e.g. to bfloat16) first"
+        )
+    if specs and not any(s.is_floating for s in specs.values()):
+        dtypes = sorted({str(s.dtype) for s in specs.values()})
+        raise CheckpointError(
+            f"{source.label}: holds no floating-point tensor (only {', '.join(dtypes)}), so there is nothing to merge; "
+            "a quantized checkpoint? Dequantize it to float16, bfloat16 or float32 first"
+        )
+    return source
 
 
 def _patterns(patterns: Patterns) -> list[re.Pattern[str]]:
@@ -28,6 +64,31 @@ def _patterns(patterns: Patterns) -> list[re.Pattern[str]]:
 
 def _rows_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) >= 1 and a[0] != b[0] and a[1:] == b[1:]
+
+
+def coverage_problem(label: str, matched: int, source_keys: int, module_keys: int, minimum: float = 0.5) -> str | None:
+    """Why a source matched to a module looks mostly foreign (None: it covers enough of both sides).
+
+    ``matched`` source keys land on module keys (after any renaming), out of ``source_keys``
+    float keys in the source and ``module_keys`` in the module. Measuring the source side only
+    accepts a checkpoint of another model whose few keys happen to match; both fractions must
+    reach ``minimum``.
+
+    Example:
+        >>> coverage_problem("task a", matched=10, source_keys=12, module_keys=100)
+        "task a: only 10 of the module's 100 float keys (10%) are in it (10 of its 12 keys match); at least 50% of both are needed. Is it a checkpoint of this model? If only part of the model was fine-tuned, merge that part with include=[...]"
+        >>> coverage_problem("task a", matched=90, source_keys=100, module_keys=100) is None
+        True
+    """
+    of_source = matched / source_keys if source_keys else 0.0
+    of_module = matched / module_keys if module_keys else 0.0
+    if of_source >= minimum and of_module >= minimum:
+        return None
+    return (
+        f"{label}: only {matched} of the module's {module_keys} float keys ({of_module:.0%}) are in it "
+        f"({matched} of its {source_keys} keys match); at least {minimum:.0%} of both are needed. Is it a checkpoint "
+        "of this model? If only part of the model was fine-tuned, merge that part with include=[...]"
+    )
 
 
 def check_compatible(
