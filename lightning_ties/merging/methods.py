@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import subspace
+from . import closed_form, subspace
 from .engine import DeviceLike, MergedTaskVector, MergeResult, MergeSpec, merged_task_vector
 from .plan import Patterns
 from .steps import PAPER_K, PAPER_LAM, check_lam
@@ -45,8 +45,8 @@ class MergeMethod:
         lam_grid: the ``lam="paper"`` search grid.
         searchable: whether the method has a lam to set or search (averaging has none).
         decomposes: whether tau_m splits into per-task shares (``TaskVectorMerger.components``),
-            which learned coefficients and continual merging scale: TIES, task arithmetic and
-            TSV-M do; Iso-C and Iso-CTS mix the tasks' directions and do not.
+            which learned coefficients and continual merging scale: TIES, task arithmetic,
+            TSV-M and WUDI do; Iso-C, Iso-CTS and ACE mix the tasks' directions and do not.
         needs_data: whether the merge needs each task's data (RegMean's Gram matrices): the
             plain engine (:func:`merge`, :func:`method_task_vector`) refuses it, and the Lightning
             layer (``MultiTaskMergeModule`` with dataloaders) computes it instead.
@@ -196,6 +196,29 @@ def _iso_cts(common_fraction: float = 0.8) -> MergeSpec:
     )
 
 
+def _wudi(ridge: float = closed_form.WUDI_RIDGE) -> MergeSpec:
+    closed_form.check_ridge(ridge)  # refuses a bad ridge now, not mid-merge
+    return MergeSpec(
+        None,
+        sign=None,
+        merge="sum",
+        tensor_fn=functools.partial(closed_form.wudi, ridge=ridge),
+        components_fn=functools.partial(closed_form.wudi_components, ridge=ridge),
+    )
+
+
+def _ace(
+    eps: float = closed_form.ACE_EPS,
+    rank_fraction: float = closed_form.ACE_RANK_FRACTION,
+    heterogeneity_threshold: float = closed_form.ACE_HETEROGENEITY,
+) -> MergeSpec:
+    closed_form.check_ace_parameters(eps, rank_fraction, heterogeneity_threshold)  # now, not mid-merge
+    fn = functools.partial(
+        closed_form.ace, eps=eps, rank_fraction=rank_fraction, heterogeneity_threshold=heterogeneity_threshold
+    )
+    return MergeSpec(None, sign=None, merge="sum", tensor_fn=fn)
+
+
 #: Why the engine alone cannot run RegMean, and where it runs instead.
 REGMEAN_NEEDS_DATA = (
     "method 'regmean' needs each task's validation data (Gram matrices of every linear layer's inputs): "
@@ -235,6 +258,16 @@ for _m in (
         SUBSPACE_LAM_GRID,
         decomposes=False,
     ),
+    # WUDI and ACE apply their closed form as it is (lam = 1, as the papers); lam may still be searched
+    MergeMethod("wudi", "WUDI: least interference along each task's own update, closed form", _wudi, 1.0, SUBSPACE_LAM_GRID),
+    MergeMethod(
+        "ace",
+        "ACE: covariances estimated from the updates, shared prior, spectral refinement",
+        _ace,
+        1.0,
+        SUBSPACE_LAM_GRID,
+        decomposes=False,
+    ),
     # RegMean's closed form has no scale: lam=1.0 applies its merged weights as they are (its
     # "paper" grid is that one value); a lam list given to a multi-method search scales its delta too.
     MergeMethod(
@@ -248,6 +281,27 @@ for _m in (
     ),
 ):
     register_method(_m)
+
+
+#: What ``method="auto"`` means without validation data: the data-free method with the best
+#: score on record. Chosen by ``benchmarks/bench_methods.py`` (each method at its paper
+#: default, no data; mean test accuracy): on the MiniLM suite TSV-M PLACEHOLDER.
+AUTO_METHOD = "tsv"
+
+
+def resolve_method(name: str) -> str:
+    """The registry method ``name`` stands for: ``"auto"`` is :data:`AUTO_METHOD`, others themselves.
+
+    For entry points without validation data (``merge``, ``ties_merge``-level APIs); a search
+    with data chooses among candidates instead.
+
+    Example:
+        >>> resolve_method("auto"), resolve_method("ties")
+        ('tsv', 'ties')
+    """
+    if name == "auto":
+        return AUTO_METHOD
+    return get_method(name).name
 
 
 def method_task_vector(
@@ -399,6 +453,7 @@ def describe_methods() -> str:
 
 
 __all__ = [
+    "AUTO_METHOD",
     "METHODS",
     "MergeMethod",
     "REGMEAN_NEEDS_DATA",
@@ -411,6 +466,7 @@ __all__ = [
     "merge",
     "method_task_vector",
     "register_method",
+    "resolve_method",
     "task_arithmetic",
     "ties_merge",
 ]
