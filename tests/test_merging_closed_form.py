@@ -289,6 +289,18 @@ def test_wudi_decomposes_into_shares_and_ace_does_not():
         list(TaskVectorMerger(base, models, get_method("ace").build_spec()).components())
 
 
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("method", ["wudi", "ace"])
+def test_registry_merge_on_cuda_matches_cpu(method):
+    base, models = _models()
+    on_gpu = merge({k: v.cuda() for k, v in base.items()}, [{k: v.cuda() for k, v in m.items()} for m in models], method=method)
+    on_cpu = merge(base, models, method=method)
+    for key, value in on_cpu.items():
+        assert on_gpu[key].is_cuda and on_gpu[key].dtype == value.dtype
+        assert torch.allclose(on_gpu[key].cpu(), value, rtol=1e-4, atol=1e-5), key
+
+
 class _LoggingSource(StateDictSource):
     def __init__(self, state_dict, label, log):
         super().__init__(state_dict, label)
