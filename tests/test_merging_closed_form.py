@@ -89,7 +89,7 @@ def test_wudi_by_hand_tasks_on_orthogonal_inputs_keep_their_own_updates():
         assert torch.allclose(wudi(d, ridge=ridge), d.sum(0), atol=1e-6), ridge
 
 
-@pytest.mark.parametrize("ridge", [0.0, 0.01, 1.0])
+@pytest.mark.parametrize("ridge", [0.0, 0.01, 1.0, 10.0])
 @pytest.mark.parametrize(("n", "shape"), [(3, (7, 5)), (2, (4, 9)), (4, (6, 6))])
 def test_wudi_matches_the_dense_normal_equations(n, shape, ridge):
     d = _deltas(n, *shape, seed=1)
@@ -269,7 +269,7 @@ def test_registry_parameters_reach_the_functions_and_are_checked_up_front():
     deltas = torch.stack([m["a.weight"] - base["a.weight"] for m in models])
     assert torch.allclose(merge(base, models, method="wudi", ridge=0.0)["a.weight"], base["a.weight"] + wudi(deltas, ridge=0.0), atol=1e-5)
     assert torch.allclose(merge(base, models, method="ace", eps=0.5)["a.weight"], base["a.weight"] + ace(deltas, eps=0.5), atol=1e-5)
-    assert get_method("wudi").parameters() == {"ridge": 0.01}
+    assert get_method("wudi").parameters() == {"ridge": 10.0}
     assert get_method("ace").parameters() == {"eps": 0.01, "rank_fraction": 0.3, "heterogeneity_threshold": 0.3}
     with pytest.raises(ValueError, match="ridge"):
         get_method("wudi").build_spec(ridge=-1.0)
