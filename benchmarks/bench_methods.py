@@ -17,21 +17,30 @@ beside them from Gram matrices collected on ``--regmean-examples`` validation ex
 
 Run::
 
-    python benchmarks/bench_methods.py [--methods tsv iso_c ...] [--out runs/bench_methods] [key=value ...]
+    python benchmarks/bench_methods.py [--methods tsv wudi:ridge=1 ...] [--out runs/bench_methods] [key=value ...]
     HF_HUB_OFFLINE=1 python benchmarks/bench_methods.py --suite minilm --cache-dir bench_cache/learned
 
-(``key=value``: demo config overrides, e.g. ``seed=1`` or ``search.strategy=coarse_to_fine``).
+(``key=value``: demo config overrides, e.g. ``seed=1`` or ``search.strategy=coarse_to_fine``;
+``name:key=value`` runs a method with other parameters than its defaults, as its own row.)
+Every row says the time of computing tau_m once (and the search's); the last data-free row is
+``method="auto"`` without data (:func:`lightning_ties.merging.methods.resolve_method`).
 
-Measured on the shared 2-core machine (2026-11-30), mean test accuracy (%):
+Measured on the shared 2-core machine (2026-12-05; contended, so the times are indicative),
+mean test accuracy (%), paper default / chosen on validation:
 
-- digits (5 tasks; fine-tuned 92.4, base 85.2): TIES 89.2 (paper k=0.2, lam=1) / 89.1 (searched),
-  task arithmetic 89.4, average 88.4, **TSV-M 90.6 at its paper alpha=1 / 90.9 searched (1.3)**,
-  Iso-C 88.9 / 88.7, Iso-CTS 88.9 / 89.0, RegMean (256 val/task) 87.9.
-- MiniLM (4 tasks; individual 87.4, base body 75.8): TIES 83.8 / 83.8, task arithmetic 83.9 /
-  84.0, average 83.6, **TSV-M 86.3 at alpha=1** / 86.1 (1.2), Iso-C 83.4 at 1.3 / **86.4 at
-  2.7 chosen on validation**, Iso-CTS 82.6 / 86.0 (2.4), RegMean (256 val/task, alpha 0.9) 81.5.
-  TSV-M closes 69% of the gap from TIES to the individual models with no data at all; the
-  val-chosen Iso-C 72%.
+- digits (5 tasks; fine-tuned 92.4, base 85.2): TIES 89.2 (paper k=0.2, lam=1) / 89.1,
+  task arithmetic 89.4 / 89.4, average 88.4, **TSV-M 90.6 at its paper alpha=1 / 90.9 (1.3)**,
+  Iso-C 88.9 / 88.7, Iso-CTS 88.9 / 89.0, **ACE 90.5 / 90.6 (0.9)**, WUDI (ridge 10) 89.1 / 88.9
+  (ridge 1: 88.3, ridge 0.01: 71.7), RegMean (256 val/task) 87.9; DARE 80.8 / 86.1, DARE-TIES
+  77.6 / 78.9. tau_m in 0.001-0.05 s for every method. ``auto`` without data = TSV-M.
+- MiniLM (4 tasks; individual 87.4, base body 75.8; ``--grid-stride 10 --regmean-examples 0``,
+  i.e. lam chosen among 1.0 / 2.0 / 3.0 for the subspace and closed-form methods): TIES 83.8,
+  task arithmetic 83.9, average 83.6, **TSV-M 86.3** / 86.3 (1.0), Iso-C 83.4 / 86.4 (3.0),
+  Iso-CTS 82.6 / **86.6 (3.0)**, WUDI (ridge 10) 84.8 / 84.8 (1.0) (ridge 1: 84.9, ridge 0.01:
+  80.8), ACE 84.2 / 84.2 (1.0). tau_m: WUDI 12 s, ACE 21 s, TSV-M 49 s (the machine was
+  loaded), Iso-C 0.6 s, TIES 0.2 s. Gap from TIES to the individual models closed with no
+  data: TSV-M 69%, WUDI 28%, ACE 11%. (2026-11-30, ``--grid-stride 3``: Iso-C 86.4 at 2.7,
+  Iso-CTS 86.0 at 2.4, RegMean 81.5.)
 """
 
 from __future__ import annotations
