@@ -17,21 +17,30 @@ beside them from Gram matrices collected on ``--regmean-examples`` validation ex
 
 Run::
 
-    python benchmarks/bench_methods.py [--methods tsv iso_c ...] [--out runs/bench_methods] [key=value ...]
+    python benchmarks/bench_methods.py [--methods tsv wudi:ridge=1 ...] [--out runs/bench_methods] [key=value ...]
     HF_HUB_OFFLINE=1 python benchmarks/bench_methods.py --suite minilm --cache-dir bench_cache/learned
 
-(``key=value``: demo config overrides, e.g. ``seed=1`` or ``search.strategy=coarse_to_fine``).
+(``key=value``: demo config overrides, e.g. ``seed=1`` or ``search.strategy=coarse_to_fine``;
+``name:key=value`` runs a method with other parameters than its defaults, as its own row.)
+Every row says the time of computing tau_m once (and the search's); the last data-free row is
+``method="auto"`` without data (:func:`lightning_ties.merging.methods.resolve_method`).
 
-Measured on the shared 2-core machine (2026-11-30), mean test accuracy (%):
+Measured on the shared 2-core machine (2026-12-05; contended, so the times are indicative),
+mean test accuracy (%), paper default / chosen on validation:
 
-- digits (5 tasks; fine-tuned 92.4, base 85.2): TIES 89.2 (paper k=0.2, lam=1) / 89.1 (searched),
-  task arithmetic 89.4, average 88.4, **TSV-M 90.6 at its paper alpha=1 / 90.9 searched (1.3)**,
-  Iso-C 88.9 / 88.7, Iso-CTS 88.9 / 89.0, RegMean (256 val/task) 87.9.
-- MiniLM (4 tasks; individual 87.4, base body 75.8): TIES 83.8 / 83.8, task arithmetic 83.9 /
-  84.0, average 83.6, **TSV-M 86.3 at alpha=1** / 86.1 (1.2), Iso-C 83.4 at 1.3 / **86.4 at
-  2.7 chosen on validation**, Iso-CTS 82.6 / 86.0 (2.4), RegMean (256 val/task, alpha 0.9) 81.5.
-  TSV-M closes 69% of the gap from TIES to the individual models with no data at all; the
-  val-chosen Iso-C 72%.
+- digits (5 tasks; fine-tuned 92.4, base 85.2): TIES 89.2 (paper k=0.2, lam=1) / 89.1,
+  task arithmetic 89.4 / 89.4, average 88.4, **TSV-M 90.6 at its paper alpha=1 / 90.9 (1.3)**,
+  Iso-C 88.9 / 88.7, Iso-CTS 88.9 / 89.0, **ACE 90.5 / 90.6 (0.9)**, WUDI (ridge 10) 89.1 / 88.9
+  (ridge 1: 88.3, ridge 0.01: 71.7), RegMean (256 val/task) 87.9; DARE 80.8 / 86.1, DARE-TIES
+  77.6 / 78.9. tau_m in 0.001-0.05 s for every method. ``auto`` without data = TSV-M.
+- MiniLM (4 tasks; individual 87.4, base body 75.8; ``--grid-stride 10 --regmean-examples 0``,
+  i.e. lam chosen among 1.0 / 2.0 / 3.0 for the subspace and closed-form methods): TIES 83.8,
+  task arithmetic 83.9, average 83.6, **TSV-M 86.3** / 86.3 (1.0), Iso-C 83.4 / 86.4 (3.0),
+  Iso-CTS 82.6 / **86.6 (3.0)**, WUDI (ridge 10) 84.8 / 84.8 (1.0) (ridge 1: 84.9, ridge 0.01:
+  80.8), ACE 84.2 / 84.2 (1.0). tau_m: WUDI 12 s, ACE 21 s, TSV-M 49 s (the machine was
+  loaded), Iso-C 0.6 s, TIES 0.2 s. Gap from TIES to the individual models closed with no
+  data: TSV-M 69%, WUDI 28%, ACE 11%. (2026-11-30, ``--grid-stride 3``: Iso-C 86.4 at 2.7,
+  Iso-CTS 86.0 at 2.4, RegMean 81.5.)
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lightning_ties.config import DemoConfig, load_config
@@ -52,6 +62,7 @@ from lightning_ties.demo.models import HEAD_PATTERN, DigitsNet
 from lightning_ties.demo.run import build_scorer, make_suite, save_checkpoints, torch_threads, train_models
 from lightning_ties.lightning.scoring import quiet_lightning
 from lightning_ties.merging import METHODS, get_method, method_task_vector
+from lightning_ties.merging.methods import resolve_method
 from lightning_ties.merging.regmean import collect_grams, regmean_state_dict
 
 
@@ -72,11 +83,12 @@ def _reset_rss_peak() -> int | None:
     return _rss_peak_kib()
 
 
-def measure_merge(base: Any, models: list[Any], method: str) -> tuple[float, float | None]:
-    """Seconds and peak extra resident memory (MiB) of computing tau_m once with the paper's parameters."""
+def measure_merge(base: Any, models: list[Any], method: str, **params: Any) -> tuple[float, float | None]:
+    """Seconds and peak extra resident memory (MiB) of computing tau_m once (the paper's parameters
+    unless ``params`` says otherwise)."""
     before = _reset_rss_peak()
     t0 = time.perf_counter()
-    method_task_vector(base, models, method, exclude=[HEAD_PATTERN])
+    method_task_vector(base, models, method, exclude=[HEAD_PATTERN], **params)
     seconds = time.perf_counter() - t0
     after = _rss_peak_kib()
     extra = (after - before) / 1024 if before is not None and after is not None else None
@@ -118,6 +130,28 @@ def regmean_weights(
     return {**{k: v for k, v in base.state_dict().items() if not body(k)}, **merged}
 
 
+def score_variant(
+    scorer: Any, base: dict, models: list, spec: str, val: dict, test: dict, ref: dict, tasks: list[str], cost: str
+) -> tuple[dict[str, Any], list[str]]:
+    """A method with non-default parameters on digits: at its default lam, and at the lam of its
+    paper grid that scores best on validation (every value, through ``score_weights``)."""
+    method, params = parse_variant(spec)
+    m = get_method(method)
+    tau = method_task_vector(base, models, method, exclude=[HEAD_PATTERN], **params)
+    paper = scorer.score_weights(test, tau.apply(base, m.lam))
+    t0 = time.perf_counter()
+    val_means = {lam: sum(scorer.score_weights(val, tau.apply(base, lam)).values()) for lam in m.lam_grid}
+    best = max(m.lam_grid, key=lambda lam: (val_means[lam], -lam))
+    chosen = scorer.score_weights(test, tau.apply(base, best))
+    search_s = time.perf_counter() - t0
+    rows = [
+        _row(f"{spec} (paper)", None, m.lam, paper, ref, tasks, cost),
+        _row(f"{spec} (val-chosen)", None, best, chosen, ref, tasks, f"search {search_s:.1f}s ({len(m.lam_grid)})"),
+    ]
+    entry = {"paper": {"lam": m.lam, "test": paper}, "searched": {"lam": best, "test": chosen, "search_s": search_s}}
+    return entry, rows
+
+
 def _row(name: str, k: Any, lam: Any, scores: dict[str, float], ref: dict[str, float], tasks: list[str], extra: str) -> str:
     cells = [f"{100 * scores[t]:5.1f}" for t in tasks]
     mean = 100 * sum(scores.values()) / len(scores)
@@ -126,8 +160,29 @@ def _row(name: str, k: Any, lam: Any, scores: dict[str, float], ref: dict[str, f
     return f"| {name:<28} | {fmt(k):>4} | {fmt(lam):>4} | " + " | ".join(cells) + f" | {mean:5.1f} | {norm:5.1f} | {extra}"
 
 
+def data_free_methods(requested: list[str] | None) -> list[str]:
+    """The methods to run: those asked for (default: every data-free registry method), plus the
+    one ``method="auto"`` stands for without data, so its row can be reported."""
+    methods = requested or [m for m, spec in METHODS.items() if not spec.needs_data]  # RegMean runs beside them
+    auto = resolve_method("auto")
+    return methods if auto in methods else [*methods, auto]
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"wudi"`` -> ("wudi", {}); ``"wudi:ridge=1"`` -> ("wudi", {"ridge": 1.0}): a method with
+    other parameters than its defaults, reported as its own row (e.g. to choose a default)."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"bad method variant {spec!r}: write name:key=value[,key=value]")
+        params[key] = yaml.safe_load(value)
+    get_method(name).build_spec(**params)  # unknown names or parameters fail here, before any work
+    return name, params
+
+
 # ---- the MiniLM suite of bench_learned.py ---------------------------------------------------------
-MINILM_METHODS = ("average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
 
 
 def run_minilm(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
@@ -159,11 +214,12 @@ def run_minilm(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
 
     row("individual (own task)", None, ref, "")
     row("base (pretrained body)", None, bl.mean_accuracy(model, base, states, data, "test"), "")
-    for method in methods:
+    for spec in methods:
+        method, params = parse_variant(spec)
         m = get_method(method)
         before = _reset_rss_peak()
         t0 = time.perf_counter()
-        tau = method_task_vector(base, [states[t] for t in names], method, include=bl.MERGED)
+        tau = method_task_vector(base, [states[t] for t in names], method, include=bl.MERGED, **params)
         seconds = time.perf_counter() - t0
         after = _rss_peak_kib()
         peak = (after - before) / 1024 if before is not None and after is not None else None
@@ -171,7 +227,7 @@ def run_minilm(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
         entry: dict[str, Any] = {"merge_s": seconds, "peak_mib": peak}
         paper = bl.mean_accuracy(model, tau.apply(base, m.lam), states, data, "test")
         entry["paper"] = {"lam": m.lam, "test": paper}
-        row(f"{method} (paper)" if m.searchable else method, m.lam if m.searchable else None, paper, cost)
+        row(f"{spec} (paper)" if m.searchable else spec, m.lam if m.searchable else None, paper, cost)
         if m.searchable:
             t0 = time.perf_counter()
             grid = m.lam_grid[args.grid_stride - 1 :: args.grid_stride]
@@ -184,8 +240,11 @@ def run_minilm(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
             chosen = bl.mean_accuracy(model, tau.apply(base, best[0]), states, data, "test")
             search_s = time.perf_counter() - t0
             entry["searched"] = {"lam": best[0], "val": best[1], "test": chosen, "search_s": search_s, "grid": list(grid)}
-            row(f"{method} (val-chosen)", best[0], chosen, f"search {search_s:.0f}s ({len(grid)} lam)")
-        results["methods"][method] = entry
+            row(f"{spec} (val-chosen)", best[0], chosen, f"search {search_s:.0f}s ({len(grid)} lam)")
+        results["methods"][spec] = entry
+    auto = resolve_method("auto")
+    results["auto"] = {"method": auto, **results["methods"][auto]["paper"]}
+    row(f"auto, no data (= {auto})", results["auto"]["lam"], results["auto"]["test"], "")
     if args.regmean_examples > 0:
         before = _reset_rss_peak()
         t0 = time.perf_counter()
@@ -217,7 +276,10 @@ def run_minilm(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="*", default=None, help="registry methods (default: all)")
+    p.add_argument(
+        "--methods", nargs="*", default=None,
+        help="registry methods (default: every data-free one); name:key=value[,key=value] for a variant, e.g. wudi:ridge=1",
+    )
     p.add_argument("--out", default="runs/bench_methods")
     p.add_argument("--retrain", action="store_true", help="rebuild the cached checkpoints")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -230,13 +292,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2, help="minilm: torch threads")
     p.add_argument("overrides", nargs="*", help="demo config overrides (key=value)")
     args = p.parse_args(argv)
+    methods = data_free_methods(args.methods)
     if args.suite == "minilm":
-        results = run_minilm(args, args.methods or list(MINILM_METHODS))
+        results = run_minilm(args, methods)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return results
     cfg = load_config(DemoConfig, overrides=args.overrides)
-    methods = args.methods or [m for m, spec in METHODS.items() if not spec.needs_data]  # RegMean runs beside them
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"tasks": list(cfg.tasks), "methods": {}}
@@ -255,10 +317,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines.append(_row("fine-tuned (own task)", None, None, ref, ref, tasks, ""))
         results["base"], results["finetuned"] = base_scores, ref
         models = [finetuned[t] for t in tasks]
-        for method in methods:
+        for spec in methods:
+            method, params = parse_variant(spec)
             m = get_method(method)
-            seconds, peak = measure_merge(base.state_dict(), models, method)
+            seconds, peak = measure_merge(base.state_dict(), models, method, **params)
             cost = f"{seconds:.3f}s, {'-' if peak is None else f'{peak:.1f}'} MiB"
+            if params:  # the scorer merges with registry defaults: score this variant's weights directly
+                entry, rows = score_variant(scorer, base.state_dict(), models, spec, val, test, ref, tasks, cost)
+                results["methods"][spec] = {"merge_s": seconds, "peak_mib": peak, **entry}
+                lines.extend(rows)
+                print(*rows, sep="\n", flush=True)
+                continue
             k = m.parameters().get("k")
             lam = m.lam if m.searchable else None
             paper = scorer.score_merged(test, method, k, lam)
@@ -278,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["searched"] = {"k": found.k, "lam": found.lam, "test": chosen, "search_s": search_s, "candidates": len(found.candidates)}
             results["methods"][method] = entry
             print(lines[-2], lines[-1], sep="\n", flush=True)
+        auto = resolve_method("auto")
+        results["auto"] = {"method": auto, **results["methods"][auto]["paper"]}
+        lines.append(_row(f"auto, no data (= {auto})", results["auto"]["k"], results["auto"]["lam"], results["auto"]["test"], ref, tasks, ""))
         if args.regmean_examples > 0:  # data-aware: not a registry method, driven here with the val loaders
             before = _reset_rss_peak()
             t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from .methods import average_merge, describe_methods, merge, method_task_vector,
 from .options import MergeOptions
 from .plan import MergePlan, plan_merge
 from .registry import (
+    AUTO_METHOD,
     METHODS,
     SUBSPACE_LAM_GRID,
     TA_LAM_GRID,
@@ -19,6 +20,7 @@ from .registry import (
     MergeMethod,
     get_method,
     register_method,
+    resolve_method,
 )
 from .regmean import GramCollector, collect_grams, regmean, regmean_state_dict
 from .results import MergedTaskVector, MergeReport, MergeResult, apply_task_vector
@@ -36,10 +38,15 @@ from .steps import (
     trim,
     trim_mask,
 )
+from .closed_form import ace, wudi
 from .subspace import iso_c, iso_cts, tsv_m
 
 __all__ = [
+    "AUTO_METHOD",
     "SINGLE_PROCESS",
+    "ace",
+    "resolve_method",
+    "wudi",
     "Collectives",
     "MergeOptions",
     "regmean_state_dict",

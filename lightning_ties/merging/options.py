@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .plan import Patterns, compile_patterns
-from .registry import MergeMethod, get_method
+from .registry import MergeMethod, get_method, resolve_method
 from .spec import MergeSpec
 
 #: Parameters that are named fields of :class:`MergeOptions` rather than entries of ``params``.
@@ -28,7 +28,8 @@ class MergeOptions:
     """One merge's recipe, validated at construction: a bad value fails here, naming it.
 
     Attributes:
-        method: a registered method (:data:`~lightning_ties.merging.registry.METHODS`).
+        method: a registered method (:data:`~lightning_ties.merging.registry.METHODS`), or
+            ``"auto"``: the best data-free method on record (:data:`~lightning_ties.merging.registry.AUTO_METHOD`).
         k: fraction of each task vector the trim keeps; None: the method's default (None for
             methods without a trim).
         lam: scale of tau_m; None: the method's default. Checked by ``check_lam``.
@@ -60,6 +61,7 @@ class MergeOptions:
     _spec: MergeSpec | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "method", resolve_method(self.method))  # "auto": the best data-free method on record
         m = get_method(self.method)
         params = dict(self.params)
         named = [n for n in _NAMED if n in params]

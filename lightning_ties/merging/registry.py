@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
-from . import subspace
+from . import closed_form, subspace
 from .spec import SCOPES, MergeSpec
 from .steps import MERGE_FNS, PAPER_K, PAPER_LAM, SIGN_METHODS, check_lam
 
@@ -45,8 +45,8 @@ class MergeMethod:
         lam_grid: the ``lam="paper"`` search grid.
         searchable: whether the method has a lam to set or search (averaging has none).
         decomposes: whether tau_m splits into per-task shares (``TaskVectorMerger.components``),
-            which learned coefficients and continual merging scale: TIES, task arithmetic and
-            TSV-M do; Iso-C and Iso-CTS mix the tasks' directions and do not.
+            which learned coefficients and continual merging scale: TIES, task arithmetic,
+            TSV-M and WUDI do; Iso-C, Iso-CTS and ACE mix the tasks' directions and do not.
         needs_data: whether the merge needs each task's data (RegMean's Gram matrices): the
             plain engine (:func:`merge`, :func:`method_task_vector`) refuses it, and the Lightning
             layer (``MultiTaskMergeModule`` with dataloaders) computes it instead.
@@ -275,6 +275,29 @@ def _iso_cts(common_fraction: float = 0.8) -> MergeSpec:
     )
 
 
+def _wudi(ridge: float = closed_form.WUDI_RIDGE) -> MergeSpec:
+    closed_form.check_ridge(ridge)  # refuses a bad ridge now, not mid-merge
+    return MergeSpec(
+        None,
+        sign=None,
+        merge="sum",
+        tensor_fn=functools.partial(closed_form.wudi, ridge=ridge),
+        components_fn=functools.partial(closed_form.wudi_components, ridge=ridge),
+    )
+
+
+def _ace(
+    eps: float = closed_form.ACE_EPS,
+    rank_fraction: float = closed_form.ACE_RANK_FRACTION,
+    heterogeneity_threshold: float = closed_form.ACE_HETEROGENEITY,
+) -> MergeSpec:
+    closed_form.check_ace_parameters(eps, rank_fraction, heterogeneity_threshold)  # now, not mid-merge
+    fn = functools.partial(
+        closed_form.ace, eps=eps, rank_fraction=rank_fraction, heterogeneity_threshold=heterogeneity_threshold
+    )
+    return MergeSpec(None, sign=None, merge="sum", tensor_fn=fn)
+
+
 #: Why the engine alone cannot run RegMean, and where it runs instead.
 REGMEAN_NEEDS_DATA = (
     "method 'regmean' needs each task's validation data (Gram matrices of every linear layer's inputs): "
@@ -314,6 +337,18 @@ for _m in (
         SUBSPACE_LAM_GRID,
         decomposes=False,
     ),
+    # WUDI and ACE apply their closed form as it is (lam = 1, as the papers); lam may still be searched.
+    # Measured (benchmarks/bench_methods.py): neither beats TSV-M without data (digits 89.1 / 90.5,
+    # MiniLM 84.8 / 84.2 vs TSV-M's 90.6 / 86.3)
+    MergeMethod("wudi", "WUDI: least interference along each task's own update, closed form", _wudi, 1.0, SUBSPACE_LAM_GRID),
+    MergeMethod(
+        "ace",
+        "ACE: covariances estimated from the updates, shared prior, spectral refinement",
+        _ace,
+        1.0,
+        SUBSPACE_LAM_GRID,
+        decomposes=False,
+    ),
     # RegMean's closed form has no scale: lam=1.0 applies its merged weights as they are (its
     # "paper" grid is that one value); a lam list given to a multi-method search scales its delta too.
     MergeMethod(
@@ -329,9 +364,35 @@ for _m in (
     register_method(_m)
 
 
+#: What ``method="auto"`` means without validation data: the data-free method with the best
+#: score on record, each method at its paper default (no data), mean test accuracy (%), from
+#: ``python benchmarks/bench_methods.py`` (digits, 5 tasks) and ``HF_HUB_OFFLINE=1 python
+#: benchmarks/bench_methods.py --suite minilm --cache-dir bench_cache/learned`` (MiniLM-L6, 4 text
+#: tasks), 2026-12-05: TSV-M 90.6 / 86.3, ACE 90.5 / 84.2, WUDI 89.1 / 84.8, task arithmetic
+#: 89.4 / 83.9, TIES 89.2 / 83.8, average 88.4 / 83.6, Iso-C 88.9 / 83.4 (Iso-C and Iso-CTS win
+#: on MiniLM only with their scale chosen on validation data: that is the search's job).
+AUTO_METHOD = "tsv"
+
+
+def resolve_method(name: str) -> str:
+    """The registry method ``name`` stands for: ``"auto"`` is :data:`AUTO_METHOD`, others themselves.
+
+    For entry points without validation data (``merge``, ``ties_merge``-level APIs, ``merge_to``);
+    a search with data chooses among candidates instead.
+
+    Example:
+        >>> resolve_method("auto"), resolve_method("ties")
+        ('tsv', 'ties')
+    """
+    if name == "auto":
+        return AUTO_METHOD
+    return get_method(name).name
+
+
 
 
 __all__ = [
+    "AUTO_METHOD",
     "METHODS",
     "PARAMETER_CHECKS",
     "REGMEAN_NEEDS_DATA",
@@ -341,4 +402,5 @@ __all__ = [
     "MergeMethod",
     "get_method",
     "register_method",
+    "resolve_method",
 ]
