@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 torch.set_num_threads(1)
 
+#: Scripts that multi-process tests launch (they read their arguments at import): not test modules.
+collect_ignore_glob = ["*_script.py"]
+
 # ---- a quiet Trainer and tiny models (pytorch_lightning) ---------------------------------------------
 QUIET = dict(
     logger=False,

@@ -17,6 +17,7 @@ from .options import MergeOptions
 from .plan import Patterns
 from .reading import DeviceLike
 from .registry import (  # noqa: F401  (re-exported: the registry's names, importable from here as before)
+    AUTO_METHOD,
     METHODS,
     REGMEAN_NEEDS_DATA,
     SUBSPACE_LAM_GRID,
@@ -25,6 +26,7 @@ from .registry import (  # noqa: F401  (re-exported: the registry's names, impor
     MergeMethod,
     get_method,
     register_method,
+    resolve_method,
 )
 from .results import MergedTaskVector, MergeResult
 from .steps import PAPER_K, PAPER_LAM
