@@ -34,7 +34,7 @@ from lightning_ties.io import (
 from lightning_ties.io import atomic
 from lightning_ties.io.errors import OutputWriteError, UnsafeOutputError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def as_dict(path) -> dict[str, torch.Tensor]:
