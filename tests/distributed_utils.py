@@ -33,6 +33,8 @@ from lightning_ties.merging.sources import TensorSpec
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
+#: tests/ and its folders (tests/merging, ...): where a rank imports its ``module:function`` target from
+TEST_DIRS = [str(TESTS_DIR), *sorted(str(p) for p in TESTS_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))]
 
 
 class ProcessGroupCollectives:
@@ -66,7 +68,7 @@ _RANK_SCRIPT = textwrap.dedent(
     """
     import importlib, os, sys, warnings
     from datetime import timedelta
-    sys.path[:0] = [{tests!r}, {root!r}]
+    sys.path[:0] = [*{tests!r}, {root!r}]
     warnings.filterwarnings("ignore")
     import torch
     import torch.distributed as dist
@@ -96,7 +98,7 @@ def run_gloo(world_size: int, target: str, *args: Any, timeout: float = 90.0) ->
     """
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(args, os.path.join(tmp, "args.pt"))
-        script = _RANK_SCRIPT.format(tests=str(TESTS_DIR), root=str(REPO_ROOT), timeout=int(timeout))
+        script = _RANK_SCRIPT.format(tests=TEST_DIRS, root=str(REPO_ROOT), timeout=int(timeout))
         store = os.path.join(tmp, "store")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         procs = [

@@ -9,7 +9,7 @@ import pytest
 from lightning_ties.cli import main
 from lightning_ties.report import RunReport
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -55,7 +55,7 @@ def method_cases() -> list[tuple[str, dict]]:
             continue
         if method.build_spec().tensor_fn is not None:
             # SVD-based (TSV-M, Iso-C): LAPACK and cuSOLVER round differently, so these agree within
-            # tolerance only (tests/test_merging_subspace.py::test_registry_merge_on_cuda_matches_cpu)
+            # tolerance only (tests/merging/test_merging_subspace.py::test_registry_merge_on_cuda_matches_cpu)
             continue
         params = method.parameters()
         scopes = ("global", "per_tensor") if "scope" in params else (None,)

@@ -35,7 +35,7 @@ from lightning_ties.io import atomic, tempfiles
 from lightning_ties.report import write_text_atomic
 from lightning_ties.io.errors import OutputWriteError, UnsafeOutputError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def as_dict(path) -> dict[str, torch.Tensor]:

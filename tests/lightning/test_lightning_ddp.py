@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent(
 def run(devices: int, out: Path, script: Path) -> list[dict]:
     out.mkdir()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    tests_dir = str(Path(__file__).parent)
+    tests_dir = str(Path(__file__).resolve().parents[1])  # where conftest.py is
     proc = subprocess.run(
         [sys.executable, str(script), str(devices), str(out), tests_dir],
         capture_output=True, text=True, timeout=300, env=env, cwd=out,

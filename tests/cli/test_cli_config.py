@@ -21,7 +21,7 @@ from lightning_ties.config import (
 )
 from lightning_ties.merging import METHODS
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MERGE_REQUIRED = ["base=b.safetensors", "models=[a.safetensors]", "output=o.safetensors"]
 
 

@@ -19,7 +19,7 @@ from lightning_ties.demo.models import DigitsNet
 from lightning_ties.io import open_source, save_safetensors
 from lightning_ties.report import RunReport
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = {"parity": 2, "ge5": 2}
 HIDDEN = 8
 HEAD = r"^head\."
