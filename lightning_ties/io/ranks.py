@@ -46,6 +46,7 @@ import torch.distributed as dist
 from ..merging.sources import TensorSpec
 from .errors import OutputWriteError
 from .safetensors_file import layout_header, nbytes
+from .tempfiles import TEMP, clean_stale
 
 #: Seconds one rank may wait for the others at a collective before every rank gives up.
 ENV_TIMEOUT = "LIGHTNING_TIES_DIST_TIMEOUT"
@@ -403,12 +404,20 @@ class PartWriter:
 
 
 def remove_temporary(path: Path) -> None:
-    """Remove a shared temporary (folder or file) another rank created; gone already is fine."""
+    """Remove a shared temporary (folder or file) another rank created; gone already is fine.
+
+    When the rank that created it was killed, its output lock file is left beside it too:
+    :func:`~lightning_ties.io.tempfiles.clean_stale` removes that (and any other leftover of a
+    dead process of this host), so a killed rank 0 leaves nothing when a survivor shares its host.
+    """
+    if TEMP.fullmatch(path.parent.name):  # a single file's temporary lies in a private folder of ours
+        path = path.parent
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    clean_stale(path)  # the folder it lies in
 
 
 def run_on_ranks(

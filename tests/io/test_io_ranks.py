@@ -17,12 +17,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from lightning_ties.io.ownership import MANIFEST
 from lightning_ties.cli.main import main
 from lightning_ties.io import SafetensorsWriter, merge_to
 from lightning_ties.io.ranks import Layout, PartWriter, assign_keys, create_layout
 from lightning_ties.merging.sources import TensorSpec
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]
 ROOT = TESTS.parent
 SCRIPT = TESTS / "distributed_merge_script.py"
 # Several shards at this size (the models are ~1.3 MB of float32 each).
@@ -206,9 +207,20 @@ def test_the_merge_command_under_torchrun_writes_what_one_process_writes(models,
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("merged 3 model(s)") == 1  # rank 0 reports; the others stay quiet
     assert (tmp_path / "multi" / "config.yaml").is_file()  # the resolved config, written once
-    for run in ("single", "multi"):  # the resolved config names its own output
+    manifests = []
+    for run in ("single", "multi"):  # the resolved config names its own output, and the manifest lists its hash
         (tmp_path / run / "config.yaml").unlink()
+        manifest = tmp_path / run / MANIFEST
+        manifests.append(_without_config(json.loads(manifest.read_text())))
+        manifest.unlink()
+    assert manifests[0] == manifests[1]
     assert_identical(tmp_path / "single", tmp_path / "multi")
+
+
+def _without_config(manifest: dict) -> dict:
+    """A manifest with the resolved config's entry dropped (its content names the output)."""
+    return {key: ({k: v for k, v in value.items() if k != "config.yaml"} if isinstance(value, dict) else value)
+            for key, value in manifest.items()}
 
 
 @pytest.mark.distributed

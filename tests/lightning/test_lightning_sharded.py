@@ -22,7 +22,7 @@ from lightning_ties.pytorch_lightning import TiesMerging
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
-SCRIPT = Path(__file__).parent / "sharded_fit_script.py"
+SCRIPT = Path(__file__).parents[1] / "sharded_fit_script.py"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def task_files(tmp_path_factory) -> Path:
 def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
     out.mkdir()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
                           capture_output=True, text=True, timeout=150, env=env, cwd=SCRIPT.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -20,7 +20,7 @@ from lightning_ties.config import ConfigError
 from lightning_ties.io import TaskVectorStore, merge_to, save_hf_folder, save_lightning_checkpoint, save_safetensors
 from lightning_ties.report import write_text_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
