@@ -157,6 +157,9 @@ class MergeConfig:
     prefix: Optional[str] = None
     trust_pickle: bool = False
     compute_dtype: ComputeDtype = ComputeDtype.float32
+    #: informational, ignored by the command: what ``merge_to`` records in ``merge_config.yaml``
+    #: (library version, each source's files and sha256, key counts), so that file re-runs as is
+    provenance: Optional[Dict[str, Any]] = None
 
 
 @dataclass

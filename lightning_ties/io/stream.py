@@ -216,6 +216,7 @@ def merge_to(
     if on_mismatch not in ("error", "base"):
         raise ValueError(f"on_mismatch must be 'error' or 'base', got {on_mismatch!r}")
     fmt = _output_format(Path(output), output_format)
+    given_output = output  # as the user gave it: what merge_config.yaml records
     kind: Literal["file", "folder"] = "folder" if fmt == "folder" else "file"
     output = check_output(output, overwrite, inputs=[base, *models, config_from], kind=kind)
     if fmt == "folder":
@@ -229,9 +230,10 @@ def merge_to(
             "write a folder or a .safetensors file (or run one process)"
         )
     args = dict(
-        base=base, models=list(models), method=method, lam=lam, include=include, exclude=exclude,
-        common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=max_shard_size,
-        prefix=prefix, trust_pickle=trust_pickle, **params,
+        output=given_output, base=base, models=list(models), method=options.method,
+        lam=lam if options.merge_method.has_lam else None, include=include, exclude=exclude,
+        common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=str(max_shard_size),
+        prefix=prefix, trust_pickle=trust_pickle, compute_dtype=str(compute_dtype).removeprefix("torch."),
     )
 
     jobs: list[_MergeJob] = []  # the one prepared, for its hashing to be stopped whatever happens
@@ -282,7 +284,7 @@ def merge_to(
                 write_index(tmp, weight_map, sum(nbytes(s) for s in job.specs.values()))
             copy_model_files(config_from or getattr(job.base, "folder", None), tmp)
             recipe = _recipe(args, job.report, job.plan, job.base, job.models, job.digests)
-            write_merge_config(tmp, recipe)
+            write_merge_config(tmp, recipe, relative_to=output.parent)
             merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
 
     try:
@@ -446,16 +448,34 @@ def _recipe(
     models: Sequence[TensorSource],
     digests: SourceDigests | None,
 ) -> dict[str, Any]:
+    """What ``merge_config.yaml`` holds (:func:`~lightning_ties.io.card.merge_config` writes it)."""
+
     def describe(source: TensorSource) -> dict[str, Any]:
         return digests.describe(source) if digests else {"source": source.label, "files": {}}
 
+    def as_given(value: Any, source: TensorSource) -> Any:  # a path as given; an in-memory model by its label
+        return os.fspath(value) if isinstance(value, (str, os.PathLike)) else source.label
+
     return {
         "library_version": library_version(),
-        "merge": {k: _yaml_value(v) for k, v in args.items()},
+        "method": args["method"],
+        "lam": args["lam"],
         "params": {k: _yaml_value(v) for k, v in report.params.items()},
+        "paths": {
+            "base": as_given(args["base"], base),
+            "models": [as_given(m, src) for m, src in zip(args["models"], models)],
+            "output": os.fspath(args["output"]),
+        },
+        "options": {k: _yaml_value(args[k]) for k in _CONFIG_OPTIONS},
         "sources": {"base": describe(base), "models": [describe(m) for m in models]},
         "counts": {"merged": len(plan.merge_keys), "from_base": len(plan.keys) - len(plan.merge_keys)},
     }
+
+
+#: merge_to's arguments that ``lightning-ties merge`` takes under the same name (its MergeConfig).
+_CONFIG_OPTIONS = (
+    "include", "exclude", "common_rows", "on_mismatch", "max_shard_size", "prefix", "trust_pickle", "compute_dtype"
+)
 
 
 class _PassProgress:
