@@ -237,13 +237,14 @@ def build_model_card(
         for file, digest in (files or {"(in memory)": "-"}).items():
             rows.append(f"| {role} | `{name}` | `{file}` | `{digest}` |")
     base_model = listed[0]["name"] if base is not None and listed[0]["sha256"] else None
+    metadata = dict(metadata or {})
     data = ModelCardData(
-        base_model=base_model,
+        base_model=metadata.pop("base_model", base_model),  # a caller's own name beats the recorded base
         library_name=LIBRARY_NAME,
         tags=list(dict.fromkeys(["merge", LIBRARY_NAME, method, *tags])),
         merge_method=method,
         **({"sources": listed} if listed else {}),
-        **dict(metadata or {}),
+        **metadata,
     )
     body = [f"# {title}", "", summary.strip(), ""]
     if rows:
