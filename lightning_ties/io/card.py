@@ -112,15 +112,17 @@ SourceRecord = Mapping[str, Any]
 def merge_config(recipe: Mapping[str, Any], relative_to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The ``merge_config.yaml`` of a merge: a ``lightning-ties merge`` config that reproduces it.
 
-    Paths: ``base``, ``models`` and ``output`` are kept as the merge was given them (a relative
-    path stays relative to the folder the merge ran in, as the command reads it); an in-memory
-    model is named by its label (``model[0]``), which the command cannot re-read. The
+    Paths: ``base`` and ``models`` are kept as the merge was given them (a relative path stays
+    relative to the folder the merge ran in, as the command reads it); an in-memory model is
+    named by its label (``model[0]``), which the command cannot re-read. ``output`` is left out
+    (the command asks for it: ``output=<another folder>``), so the file is the same wherever the
+    merge was written and a re-run never replaces the folder it reads. The
     ``provenance`` section names each source relative to ``relative_to`` (the output's parent
     folder) and each file within its source, never by an absolute local path.
 
     Example:
         >>> recipe = {"method": "ties", "lam": 1.0, "params": {"k": 0.2}, "library_version": "0.1.0",
-        ...     "paths": {"base": "base", "models": ["ft1"], "output": "out"}, "options": {"prefix": None},
+        ...     "paths": {"base": "base", "models": ["ft1"]}, "options": {"prefix": None},
         ...     "sources": {"base": {"source": "/r/base", "files": {"/r/base/m.safetensors": "ab"}}, "models": []},
         ...     "counts": {"merged": 1, "from_base": 0}}
         >>> cfg = merge_config(recipe, relative_to="/r")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -216,7 +217,6 @@ def merge_to(
     if on_mismatch not in ("error", "base"):
         raise ValueError(f"on_mismatch must be 'error' or 'base', got {on_mismatch!r}")
     fmt = _output_format(Path(output), output_format)
-    given_output = output  # as the user gave it: what merge_config.yaml records
     kind: Literal["file", "folder"] = "folder" if fmt == "folder" else "file"
     output = check_output(output, overwrite, inputs=[base, *models, config_from], kind=kind)
     if fmt == "folder":
@@ -230,7 +230,7 @@ def merge_to(
             "write a folder or a .safetensors file (or run one process)"
         )
     args = dict(
-        output=given_output, base=base, models=list(models), method=options.method,
+        base=base, models=list(models), method=options.method,
         lam=lam if options.merge_method.has_lam else None, include=include, exclude=exclude,
         common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=str(max_shard_size),
         prefix=prefix, trust_pickle=trust_pickle, compute_dtype=str(compute_dtype).removeprefix("torch."),
@@ -464,7 +464,6 @@ def _recipe(
         "paths": {
             "base": as_given(args["base"], base),
             "models": [as_given(m, src) for m, src in zip(args["models"], models)],
-            "output": os.fspath(args["output"]),
         },
         "options": {k: _yaml_value(args[k]) for k in _CONFIG_OPTIONS},
         "sources": {"base": describe(base), "models": [describe(m) for m in models]},
@@ -482,12 +481,13 @@ class _PassProgress:
     """Advance a bar through a pass that reads ``keys`` in order (``RecentTensorCache.on_read``).
 
     The pre-pass may read every key more than once (a sample, then the selection); the bar
-    shows how far into the key order the reading has gone, never moving back.
+    shows how far into the key order the reading has gone (the bytes of the keys up to the
+    one read), never moving back.
     """
 
-    def __init__(self, bar: Any, keys: Sequence[str]) -> None:
+    def __init__(self, bar: Any, keys: Sequence[str], sizes: Mapping[str, int]) -> None:
         self.bar = bar
-        self.position = {key: i + 1 for i, key in enumerate(keys)}
+        self.position = dict(zip(keys, itertools.accumulate(sizes[k] for k in keys)))
 
     def __call__(self, key: str) -> None:
         reached = self.position.get(key, 0)
@@ -539,13 +539,16 @@ class _MergedStream:
         # the global scope reads every tensor once before the first merged one (the trim's thresholds,
         # the norms of normfrac/normmass): counted too, the bar moves all along and its estimate holds
         prepass = spec.scope == "global" and (spec.trims or spec.sign in ("normfrac", "normmass"))
-        total = len(keys) * (2 if prepass else 1)
+        # the bar counts bytes of merged output, not tensors: its rate and ETA hold when sizes vary
+        self.sizes = {k: nbytes(self.base.spec(k)) for k in keys}
+        merged_bytes = sum(self.sizes.values())
+        total = merged_bytes * (2 if prepass else 1)
         desc = "thresholds" if prepass else "merging"
-        with tqdm(total=total, desc=desc, unit="tensor", disable=disable) as bar:
+        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable) as bar:
             if prepass and isinstance(self.base, RecentTensorCache):
-                self.base.on_read = _PassProgress(bar, keys)
+                self.base.on_read = _PassProgress(bar, keys, self.sizes)
             try:
-                self._merge(put, tied, bar, len(keys) if prepass else 0)
+                self._merge(put, tied, bar, merged_bytes if prepass else 0)
             finally:
                 if isinstance(self.base, RecentTensorCache):
                     self.base.on_read = None
@@ -571,4 +574,4 @@ class _MergedStream:
             put(key, value)
             for alias in tied.get(key, ()):
                 put(alias, value)
-            bar.update()
+            bar.update(self.sizes[key])
