@@ -49,3 +49,33 @@ def test_the_bar_total_is_the_bytes_of_the_merged_output(files, method, params, 
     (bar,) = BARS
     assert bar.unit == "B" and bar.total == passes * files and bar.n == bar.total
     assert max(bar.steps) >= 64 * 32 * 4 > 10 * max(s for s in bar.steps if s < 64 * 32 * 4)  # big tensors weigh more
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "ace", "wudi"])
+def test_per_tensor_methods_show_their_preparation_in_bytes(monkeypatch, method):
+    import tqdm.auto
+
+    from lightning_ties.core.merger import Merger
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    BARS.clear()
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+    tasks = {t: {k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()} for t in ("a", "b")}
+    merger = Merger(base, tasks, method=method)
+    merger.task_vector()
+    (bar,) = BARS
+    assert bar.desc.startswith(f"preparing {method}") and bar.unit == "B"
+    assert bar.total == bar.n == sum(v.numel() * 4 for v in base.state_dict().values())
+
+
+def test_trim_methods_read_base_without_a_preparation_bar(monkeypatch):
+    import tqdm.auto
+
+    from lightning_ties.core.merger import Merger
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    BARS.clear()
+    base = torch.nn.Linear(4, 2)
+    Merger(base, {t: base.state_dict() for t in ("a", "b")}, method="ties").task_vector()
+    assert BARS == []
