@@ -157,6 +157,9 @@ class MergeConfig:
     prefix: Optional[str] = None
     trust_pickle: bool = False
     compute_dtype: ComputeDtype = ComputeDtype.float32
+    #: informational, ignored by the command: what ``merge_to`` records in ``merge_config.yaml``
+    #: (library version, each source's files and sha256, key counts), so that file re-runs as is
+    provenance: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -509,6 +512,8 @@ def load_config(
             uses_env = True
     for where, layer in layers:
         layer = dict(layer)
+        if has_method:
+            _check_misplaced_method_keys(cfg, layer, method, where)
         if has_method and "method" in layer:
             method = _apply_method_layer(method, layer.pop("method"), config_dir, where)
             check_method(method, where, allow_learned=schema is not MergeConfig)
@@ -532,6 +537,30 @@ def load_config(
         obj._unresolved = OmegaConf.to_container(cfg, resolve=False)
     _check_choices(obj, sources)
     return obj
+
+
+def _check_misplaced_method_keys(cfg: DictConfig, layer: Mapping[str, Any], method: Mapping[str, Any], where: str) -> None:
+    """A method parameter given at the top level (``lam=1.2``): the error says ``method.lam=1.2``."""
+    name = layer["method"] if isinstance(layer.get("method"), str) else method.get("name")
+    params = set(registry_parameters(name)) if isinstance(name, str) else set()
+    for key, value in layer.items():
+        if key in cfg or key not in params | {"lam", "k"}:
+            continue
+        shown = _as_override(value)
+        grid = f", or search.{key}=[...] to search a grid of values" if "search" in cfg and key in ("lam", "k") else ""
+        raise ConfigError(
+            f"{where}: {key!r} is not a top-level key; did you mean method.{key}={shown}? (the merge method's "
+            f"parameters go under method.{grid})"
+        )
+
+
+def _as_override(value: Any) -> str:
+    """A value as it is written after ``key=`` on the command line (``[0.1,0.2]``, ``true``, ``1.2``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_as_override(v) for v in value) + "]"
+    return str(value)
 
 
 def _env_keys(layer: Any, prefix: str = "") -> list[str]:

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import LEARNED
-from .evaluation.plots import plot_coefficients
-from .io.atomic import atomic_file, atomic_open
-from .io.jsonsafe import loads as load_json
+
+# io and the plots (matplotlib, torchmetrics) load on first use: the command's --help and its
+# config errors import neither (see lightning_ties.cli)
 
 
 @dataclass
@@ -144,6 +144,8 @@ class RunReport:
     @classmethod
     def from_json(cls, text: str) -> RunReport:
         """Read a report written by :meth:`to_json` (or a ``report.json`` file's text)."""
+        from .io.jsonsafe import loads as load_json
+
         return cls.from_dict(load_json(text, "report.json"))
 
     # ---- text renderings -----------------------------------------------------------------------
@@ -249,6 +251,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, overwrite: bool =
     An existing ``path`` is replaced only when lightning-ties wrote it and nobody changed it
     since (see :mod:`lightning_ties.io.ownership`), and only with ``overwrite``.
     """
+    from .io.atomic import atomic_open
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, overwrite) as f:
@@ -277,6 +281,8 @@ def write_report(report: RunReport, out_dir: str | os.PathLike[str], plots: bool
         if report.rows:
             paths.append(plot_per_task(report, out / "per_task.png"))
         if learned_coefficients(report):
+            from .evaluation.plots import plot_coefficients
+
             paths.append(plot_coefficients(learned_coefficients(report), out / "coefficients.png"))
     return paths
 
@@ -291,6 +297,8 @@ def _pyplot() -> Any:
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
+    from .io.atomic import atomic_file
+
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
@@ -429,3 +437,11 @@ __all__ = [
     "write_report",
     "write_text_atomic",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "plot_coefficients":  # re-exported; loads the plots (matplotlib) only when asked for
+        from .evaluation.plots import plot_coefficients
+
+        return plot_coefficients
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

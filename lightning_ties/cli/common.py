@@ -11,10 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
-
 from ..config import ConfigError, EvaluateConfig, MergeConfig, SearchConfig, resolve_target, to_yaml
-from ..io.ownership import check_writable
 from ..report import REPORT_FILES, RunReport, print_table, summary_lines, write_text_atomic
 
 #: File name of the fully resolved config written next to every run's outputs.
@@ -34,6 +31,8 @@ class Console:
 
     def progress(self, total: int | None, desc: str) -> Any:
         """A bar over search candidates, drawn only on a terminal and when not quiet."""
+        from tqdm.auto import tqdm
+
         return tqdm(total=total, desc=desc, disable=self.quiet or not sys.stderr.isatty(), leave=False, unit="cand")
 
 
@@ -56,6 +55,8 @@ def prepare_output_dir(path: str, overwrite: bool, outputs: Sequence[str] = (), 
 
 def check_output_file(path: Path, overwrite: bool, key: str) -> None:
     """The ownership rule for one output file of the command, as a one-line config error."""
+    from ..io.ownership import check_writable  # io loads when a workflow runs, not for --help
+
     try:
         check_writable(path, overwrite, kind="file")
     except (FileExistsError, ValueError) as err:

@@ -13,9 +13,7 @@ from collections.abc import Sequence
 
 from ..config import DEMO_FAST, LEARNED, ConfigError, DemoConfig, EvaluateConfig, MergeConfig, SearchConfig, load_config
 from ..merging import describe_methods
-from ..io.locks import OutputBusyError
 from .common import Console
-from .merge import run_merge
 
 PROG = "lightning-ties"
 
@@ -145,7 +143,10 @@ def dispatch(ns: argparse.Namespace) -> int:
             cfg = load_config(DemoConfig, config, overrides, presets=[("fast mode", DEMO_FAST)], allow_env=allow_env)
         return demo.run_demo_command(cfg, console, config)
     if ns.command == "merge":
-        return run_merge(load_config(MergeConfig, ns.config, ns.overrides, allow_env=allow_env), console)
+        cfg = load_config(MergeConfig, ns.config, ns.overrides, allow_env=allow_env)
+        from .merge import run_merge  # io (safetensors, huggingface_hub): once the config is checked
+
+        return run_merge(cfg, console)
     if ns.command == "search":
         cfg = load_config(SearchConfig, ns.config, ns.overrides, allow_env=allow_env)
         from . import search
@@ -184,11 +185,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, KeyError, OSError, ImportError, re.error, OverflowError, OutputBusyError) as err:
+    except _failures() as err:
         if debug:
             raise
         print(f"{PROG}: error: {one_line(err)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """The errors reported as one line (evaluated only when one is raised: io loads then, not for --help)."""
+    from ..io.locks import OutputBusyError
+
+    return (ValueError, TypeError, KeyError, OSError, ImportError, re.error, OverflowError, OutputBusyError)
 
 
 def one_line(err: BaseException, max_items: int = 3) -> str:

@@ -27,10 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -187,9 +188,9 @@ class Merger:
             given_k = params.pop("k", None)  # a k among method_params yields to the searched one
             options = MergeOptions(self.method, k=given_k if k is None else k, scope=params.pop("scope", None),
                                    params=params, include=self.include, exclude=self._exclude)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), preparation_progress(self.base_source, options, self.plan.merge_keys) as base:
                 warnings.filterwarnings("ignore", message=_MISMATCH_WARNING)  # heads are reported by the merger
-                tau = method_task_vector(self.base_source, self.task_sources, options, device=self.compute_device)
+                tau = method_task_vector(base, self.task_sources, options, device=self.compute_device)
         self._tau = (key, tau)  # on the compute device: a lam search applies it there, in place
         return tau
 
@@ -370,6 +371,51 @@ class Merger:
         self.use_method(result.method)
         self.apply_merge(result.k, result.lam)
         return result
+
+
+class _ReadProgress:
+    """``source``, advancing ``bar`` by each tensor's bytes as the engine reads it (once per key
+    in a per-tensor method's pass)."""
+
+    def __init__(self, source: TensorSource, bar: Any) -> None:
+        self.source, self.bar, self.label = source, bar, source.label
+
+    def __getattr__(self, name: str) -> Any:  # keys, spec, aliases, files... of the wrapped source
+        return getattr(self.__dict__["source"], name)
+
+    def keys(self) -> Sequence[str]:
+        return self.source.keys()
+
+    def spec(self, key: str) -> Any:
+        return self.source.spec(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        value = self.source.get(key)
+        self.bar.update(value.numel() * value.element_size())
+        return value
+
+
+@contextlib.contextmanager
+def preparation_progress(base: TensorSource, options: MergeOptions, keys: Sequence[str]) -> Iterator[Any]:
+    """``base`` as the engine should read it: for per-tensor (SVD, closed-form) methods, whose
+    preparation factors every tensor before the first candidate (minutes on a large model), a
+    tqdm bar over the bytes of the merged tensors (shown on a terminal); others read it as is.
+
+    Example:
+        >>> src = as_source({"w": torch.zeros(2)})
+        >>> with preparation_progress(src, MergeOptions("ties"), ["w"]) as read:
+        ...     read is src
+        True
+    """
+    if options.spec.tensor_fn is None:
+        yield base
+        return
+    from tqdm.auto import tqdm
+
+    total = sum(base.spec(k).numel * torch.empty((), dtype=base.spec(k).dtype).element_size() for k in keys)
+    with tqdm(total=total, desc=f"preparing {options.method}", unit="B", unit_scale=True, unit_divisor=1024,
+              leave=False, disable=None) as bar:
+        yield _ReadProgress(base, bar)
 
 
 def check_task_names(tasks: Mapping[str, Any]) -> list[str]:

@@ -60,6 +60,14 @@ class TaskMetrics(nn.Module):
             the same object may be given for several tasks without being shared), or torchmetrics'
             ``MultitaskWrapper`` (its per-task metrics, read as that mapping).
 
+    What metrics receive: ``preds`` are the model's logits, shape ``[batch, classes]`` (what
+    :func:`~lightning_ties.evaluation.logits_of` takes from the model's output), and ``target``
+    the class indices. A torchmetrics ``Binary*`` metric (``BinaryAccuracy``, ``BinaryF1Score``...)
+    receives instead the positive class's probability, ``softmax(logits)[:, 1]``, for two
+    columns (thresholded at 0.5, this is the arg-max), or the logit itself for one column; a
+    ``Binary*`` metric on more than two columns, or mixed with other metrics in one collection,
+    is an error at the first update naming the task and the metric.
+
     Example:
         >>> tm = TaskMetrics(["a"])
         >>> tm.update("a", torch.tensor([[2.0, 1.0]]), torch.tensor([0]))
@@ -94,7 +102,8 @@ class TaskMetrics(nn.Module):
             raise KeyError(f"no metric for task {task!r}; tasks are {self.tasks}") from None
 
     def update(self, task: str, preds: Any, target: Any) -> None:
-        self.collection(task).update(preds, target)
+        collection = self.collection(task)
+        collection.update(_binary_preds(collection, preds, task), target)
 
     def compute(self, tasks: Iterable[str] | None = None) -> Scores:
         """Scores of ``tasks`` (default all), reduced across processes by torchmetrics."""
@@ -107,6 +116,34 @@ class TaskMetrics(nn.Module):
     def reset(self) -> None:
         for c in self.collections.values():
             c.reset()
+
+
+def _is_binary(metric: Metric) -> bool:
+    """torchmetrics' binary task metrics (``BinaryAccuracy``, ``BinaryF1Score``, ``BinaryAUROC``...)."""
+    return type(metric).__name__.startswith("Binary")
+
+
+def _binary_preds(collection: MetricCollection, preds: Any, task: str) -> Any:
+    """``preds`` as the collection's metrics take them: the positive class for ``Binary*`` metrics."""
+    binary = [name for name, m in collection.items(keep_base=True, copy_state=False) if _is_binary(m)]
+    if not binary or not isinstance(preds, torch.Tensor) or preds.ndim != 2:
+        return preds
+    others = [name for name, m in collection.items(keep_base=True, copy_state=False) if not _is_binary(m)]
+    if others:
+        raise ValueError(
+            f"task {task!r}: binary metric(s) {binary} and other metric(s) {others} share one collection, but they "
+            f"take different preds (the positive class's probability vs the logits, shape {tuple(preds.shape)}); "
+            "give every metric of a task the same kind (e.g. MulticlassAccuracy(num_classes=2) with MulticlassF1Score)"
+        )
+    if preds.shape[1] == 1:
+        return preds[:, 0]
+    if preds.shape[1] == 2:
+        return preds.float().softmax(dim=1)[:, 1]
+    raise ValueError(
+        f"task {task!r}: binary metric(s) {binary} need two classes, but the model gives {preds.shape[1]} "
+        f"logits per sample (metrics receive logits of shape [batch, classes]); use the Multiclass* metrics "
+        f"with num_classes={preds.shape[1]}"
+    )
 
 
 def _to_float(value: Any, task: str, name: str) -> float:

@@ -121,7 +121,9 @@ def _removed_on_error(tmp: Path, path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:
-    """What every writer does first: clean the folder's stale temporaries, hold the output's lock."""
+    """What every writer does first: create missing parent folders (as ``mkdir -p``, only the
+    output's own ancestors), clean the folder's stale temporaries, hold the output's lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_in(path.parent)
     with locked(path):
         yield

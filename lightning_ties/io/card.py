@@ -1,8 +1,9 @@
 """What a merged folder records about itself: the model card and ``merge_config.yaml``.
 
-The YAML holds the arguments of :func:`lightning_ties.io.merge_to` (so
-``merge_to(out, **yaml.safe_load(f)["merge"])`` reproduces the merge), plus each source's
-sha256 and the library version; the README states the same recipe for people.
+The YAML is a config of the ``lightning-ties merge`` command (its ``MergeConfig``): re-running
+``lightning-ties merge <folder>/merge_config.yaml output=<another folder>`` reproduces the merge
+with no edit. Its ``provenance`` section (library version, each source's files and sha256, key
+counts) is informational and ignored by the command. The README states the same recipe for people.
 
 Every card lightning-ties writes (``merge_to``, learned coefficients) is built by
 :func:`build_model_card` as a ``huggingface_hub.ModelCard``: Hub metadata (``base_model``,
@@ -108,8 +109,53 @@ SourceRecord = Mapping[str, Any]
 """One source as recorded: ``{"source": label, "files": {path: sha256}}`` (``SourceDigests.describe``)."""
 
 
-def write_merge_config(folder: Path, recipe: dict[str, Any]) -> None:
-    (folder / "merge_config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+def merge_config(recipe: Mapping[str, Any], relative_to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The ``merge_config.yaml`` of a merge: a ``lightning-ties merge`` config that reproduces it.
+
+    Paths: ``base`` and ``models`` are kept as the merge was given them (a relative path stays
+    relative to the folder the merge ran in, as the command reads it); an in-memory model is
+    named by its label (``model[0]``), which the command cannot re-read. ``output`` is left out
+    (the command asks for it: ``output=<another folder>``), so the file is the same wherever the
+    merge was written and a re-run never replaces the folder it reads. The
+    ``provenance`` section names each source relative to ``relative_to`` (the output's parent
+    folder) and each file within its source, never by an absolute local path.
+
+    Example:
+        >>> recipe = {"method": "ties", "lam": 1.0, "params": {"k": 0.2}, "library_version": "0.1.0",
+        ...     "paths": {"base": "base", "models": ["ft1"]}, "options": {"prefix": None},
+        ...     "sources": {"base": {"source": "/r/base", "files": {"/r/base/m.safetensors": "ab"}}, "models": []},
+        ...     "counts": {"merged": 1, "from_base": 0}}
+        >>> cfg = merge_config(recipe, relative_to="/r")
+        >>> cfg["method"], cfg["provenance"]["sources"]["base"]
+        ({'name': 'ties', 'k': 0.2, 'lam': 1.0}, {'source': 'base', 'files': {'m.safetensors': 'ab'}})
+    """
+    method = {"name": recipe["method"], **recipe["params"]}
+    if recipe.get("lam") is not None:
+        method["lam"] = recipe["lam"]
+
+    def named(record: SourceRecord) -> dict[str, Any]:
+        label = str(record["source"])
+        files = {_file_name(f, label): digest for f, digest in (record.get("files") or {}).items()}
+        return {"source": source_name(label, relative_to), "files": files}
+
+    sources = recipe["sources"]
+    return {
+        **recipe["paths"],
+        "method": method,
+        **recipe["options"],
+        "provenance": {
+            "library_version": recipe["library_version"],
+            "sources": {"base": named(sources["base"]), "models": [named(m) for m in sources["models"]]},
+            "counts": dict(recipe["counts"]),
+        },
+    }
+
+
+def write_merge_config(folder: Path, recipe: Mapping[str, Any], relative_to: str | os.PathLike[str] | None = None) -> None:
+    """Write ``merge_config.yaml`` (:func:`merge_config`) into ``folder``, headed by how to re-run it."""
+    head = "# re-run with: lightning-ties merge merge_config.yaml output=<another folder>\n"
+    text = yaml.safe_dump(merge_config(recipe, relative_to), sort_keys=False)
+    (folder / "merge_config.yaml").write_text(head + text)
 
 
 def source_name(label: str, relative_to: str | os.PathLike[str] | None = None) -> str:
@@ -142,6 +188,8 @@ def source_name(label: str, relative_to: str | os.PathLike[str] | None = None) -
 
 def _file_name(path: str, label: str) -> str:
     """A source file named within its source (a shard inside a folder: ``model-00001-of-00002.safetensors``)."""
+    if not os.path.isabs(path):  # already named within its source
+        return path
     try:
         return Path(path).relative_to(Path(label)).as_posix()
     except ValueError:
@@ -191,13 +239,14 @@ def build_model_card(
         for file, digest in (files or {"(in memory)": "-"}).items():
             rows.append(f"| {role} | `{name}` | `{file}` | `{digest}` |")
     base_model = listed[0]["name"] if base is not None and listed[0]["sha256"] else None
+    metadata = dict(metadata or {})
     data = ModelCardData(
-        base_model=base_model,
+        base_model=metadata.pop("base_model", base_model),  # a caller's own name beats the recorded base
         library_name=LIBRARY_NAME,
         tags=list(dict.fromkeys(["merge", LIBRARY_NAME, method, *tags])),
         merge_method=method,
         **({"sources": listed} if listed else {}),
-        **dict(metadata or {}),
+        **metadata,
     )
     body = [f"# {title}", "", summary.strip(), ""]
     if rows:
@@ -209,24 +258,21 @@ def build_model_card(
 
 def merge_model_card(recipe: Mapping[str, Any], relative_to: str | os.PathLike[str] | None = None) -> ModelCard:
     """The card ``merge_to`` writes: the recipe (method, parameters, lam), sources and how to reproduce."""
-    merge = recipe["merge"]
+    method = recipe["method"]
     params = ", ".join(f"{k}={v!r}" for k, v in recipe["params"].items())
     reproduce = "\n".join([
-        "```python",
-        "import yaml",
-        "from lightning_ties import merge_to",
-        "",
-        'merge_to("merged", **yaml.safe_load(open("merge_config.yaml"))["merge"])',
+        "```bash",
+        "lightning-ties merge merge_config.yaml output=merged-again",
         "```",
         "",
         f"Keys merged: {recipe['counts']['merged']}; taken from base: {recipe['counts']['from_base']}.",
     ])
     return build_model_card(
-        title=f"Merged model ({merge['method']})",
-        method=merge["method"],
+        title=f"Merged model ({method})",
+        method=method,
         summary=(
-            f"Made with lightning-ties {recipe['library_version']} by merging {len(merge['models'])} fine-tuned "
-            f"model(s) into their base with `{merge['method']}` ({params}, lam={merge['lam']})."
+            f"Made with lightning-ties {recipe['library_version']} by merging {len(recipe['paths']['models'])} "
+            f"fine-tuned model(s) into their base with `{method}` ({params}, lam={recipe['lam']})."
         ),
         base=recipe["sources"]["base"],
         models=recipe["sources"]["models"],

@@ -253,7 +253,7 @@ def check_output(
     """Check an output path before any work; returns it as a ``Path``.
 
     Refuses (:class:`UnsafeOutputError`) an output that is, contains or lies inside one of
-    ``inputs``;
+    ``inputs``; a missing parent folder is fine (the atomic writers create it);
     refuses (``FileExistsError``) an existing path that is not ours and unchanged (see the module
     docstring), and an existing output of ours unless ``overwrite``.
 
@@ -264,10 +264,7 @@ def check_output(
     """
     path = Path(path)
     check_not_an_input(path, inputs)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist")
-    read_manifest(path.parent)  # an unreadable manifest in the way is named now, not after the work
-    refuse_unless_replaceable(path, overwrite, kind)
+    check_writable(path, overwrite, kind)  # a missing parent folder is created when the output is written
     return path
 
 

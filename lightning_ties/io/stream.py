@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -229,9 +230,10 @@ def merge_to(
             "write a folder or a .safetensors file (or run one process)"
         )
     args = dict(
-        base=base, models=list(models), method=method, lam=lam, include=include, exclude=exclude,
-        common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=max_shard_size,
-        prefix=prefix, trust_pickle=trust_pickle, **params,
+        base=base, models=list(models), method=options.method,
+        lam=lam if options.merge_method.has_lam else None, include=include, exclude=exclude,
+        common_rows=common_rows, on_mismatch=on_mismatch, max_shard_size=str(max_shard_size),
+        prefix=prefix, trust_pickle=trust_pickle, compute_dtype=str(compute_dtype).removeprefix("torch."),
     )
 
     jobs: list[_MergeJob] = []  # the one prepared, for its hashing to be stopped whatever happens
@@ -282,7 +284,7 @@ def merge_to(
                 write_index(tmp, weight_map, sum(nbytes(s) for s in job.specs.values()))
             copy_model_files(config_from or getattr(job.base, "folder", None), tmp)
             recipe = _recipe(args, job.report, job.plan, job.base, job.models, job.digests)
-            write_merge_config(tmp, recipe)
+            write_merge_config(tmp, recipe, relative_to=output.parent)
             merge_model_card(recipe, relative_to=output.parent).save(tmp / "README.md")
 
     try:
@@ -446,28 +448,46 @@ def _recipe(
     models: Sequence[TensorSource],
     digests: SourceDigests | None,
 ) -> dict[str, Any]:
+    """What ``merge_config.yaml`` holds (:func:`~lightning_ties.io.card.merge_config` writes it)."""
+
     def describe(source: TensorSource) -> dict[str, Any]:
         return digests.describe(source) if digests else {"source": source.label, "files": {}}
 
+    def as_given(value: Any, source: TensorSource) -> Any:  # a path as given; an in-memory model by its label
+        return os.fspath(value) if isinstance(value, (str, os.PathLike)) else source.label
+
     return {
         "library_version": library_version(),
-        "merge": {k: _yaml_value(v) for k, v in args.items()},
+        "method": args["method"],
+        "lam": args["lam"],
         "params": {k: _yaml_value(v) for k, v in report.params.items()},
+        "paths": {
+            "base": as_given(args["base"], base),
+            "models": [as_given(m, src) for m, src in zip(args["models"], models)],
+        },
+        "options": {k: _yaml_value(args[k]) for k in _CONFIG_OPTIONS},
         "sources": {"base": describe(base), "models": [describe(m) for m in models]},
         "counts": {"merged": len(plan.merge_keys), "from_base": len(plan.keys) - len(plan.merge_keys)},
     }
+
+
+#: merge_to's arguments that ``lightning-ties merge`` takes under the same name (its MergeConfig).
+_CONFIG_OPTIONS = (
+    "include", "exclude", "common_rows", "on_mismatch", "max_shard_size", "prefix", "trust_pickle", "compute_dtype"
+)
 
 
 class _PassProgress:
     """Advance a bar through a pass that reads ``keys`` in order (``RecentTensorCache.on_read``).
 
     The pre-pass may read every key more than once (a sample, then the selection); the bar
-    shows how far into the key order the reading has gone, never moving back.
+    shows how far into the key order the reading has gone (the bytes of the keys up to the
+    one read), never moving back.
     """
 
-    def __init__(self, bar: Any, keys: Sequence[str]) -> None:
+    def __init__(self, bar: Any, keys: Sequence[str], sizes: Mapping[str, int]) -> None:
         self.bar = bar
-        self.position = {key: i + 1 for i, key in enumerate(keys)}
+        self.position = dict(zip(keys, itertools.accumulate(sizes[k] for k in keys)))
 
     def __call__(self, key: str) -> None:
         reached = self.position.get(key, 0)
@@ -519,13 +539,16 @@ class _MergedStream:
         # the global scope reads every tensor once before the first merged one (the trim's thresholds,
         # the norms of normfrac/normmass): counted too, the bar moves all along and its estimate holds
         prepass = spec.scope == "global" and (spec.trims or spec.sign in ("normfrac", "normmass"))
-        total = len(keys) * (2 if prepass else 1)
+        # the bar counts bytes of merged output, not tensors: its rate and ETA hold when sizes vary
+        self.sizes = {k: nbytes(self.base.spec(k)) for k in keys}
+        merged_bytes = sum(self.sizes.values())
+        total = merged_bytes * (2 if prepass else 1)
         desc = "thresholds" if prepass else "merging"
-        with tqdm(total=total, desc=desc, unit="tensor", disable=disable) as bar:
+        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable) as bar:
             if prepass and isinstance(self.base, RecentTensorCache):
-                self.base.on_read = _PassProgress(bar, keys)
+                self.base.on_read = _PassProgress(bar, keys, self.sizes)
             try:
-                self._merge(put, tied, bar, len(keys) if prepass else 0)
+                self._merge(put, tied, bar, merged_bytes if prepass else 0)
             finally:
                 if isinstance(self.base, RecentTensorCache):
                     self.base.on_read = None
@@ -551,4 +574,4 @@ class _MergedStream:
             put(key, value)
             for alias in tied.get(key, ()):
                 put(alias, value)
-            bar.update()
+            bar.update(self.sizes[key])

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..merging.plan import Patterns
+from ..merging.plan import Patterns, prefix_hint
 from ..merging.sources import TensorSource, TensorSpec
 from .errors import CheckpointError
 
@@ -124,10 +124,12 @@ def check_compatible(
             if problem:
                 problems.append(f"{key}: {problem}")
     if problems:
+        hint = prefix_hint(set(base.keys()), models)  # keys that differ only by a prefix: say which, and the fix
         raise MergeInputError(
             f"{len(problems)} key(s) cannot be merged:\n  "
             + "\n  ".join(problems)
-            + "\nFix the inputs, exclude these keys (exclude=[...]), or pass on_mismatch='base' to take them from base."
+            + (f"\nThe keys differ by a prefix: {hint}." if hint else
+               "\nFix the inputs, exclude these keys (exclude=[...]), or pass on_mismatch='base' to take them from base.")
         )
 
 

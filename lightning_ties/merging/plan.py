@@ -157,9 +157,10 @@ def plan_merge(
     if asked_but_unmergeable:
         raise ValueError("keys selected by include cannot be merged:\n  " + "\n  ".join(asked_but_unmergeable))
     if not plan.merge_keys:
+        hint = prefix_hint(base_keys, models)
         raise ValueError(
             "nothing to merge: no floating-point key is shared by base and every model with the same "
-            "shape (check include/exclude and that the models come from this base)"
+            "shape " + (f"({hint})" if hint else "(check include/exclude and that the models come from this base)")
         )
     if warn and plan.mismatched:
         shown = "; ".join(f"{k} ({r})" for k, r in list(plan.mismatched.items())[:10])
@@ -170,6 +171,45 @@ def plan_merge(
             stacklevel=3,
         )
     return plan
+
+
+def key_prefix(keys: set[str], onto: set[str]) -> tuple[str, str] | None:
+    """The one prefix that maps ``keys`` onto ``onto``: ``("strip", p)`` when ``keys`` are ``onto``'s
+    with ``p`` in front, ``("add", p)`` when ``onto``'s carry it; None when no prefix or several do.
+
+    A prefix (one or two leading dotted parts, such as a LightningModule's ``model.``) maps when
+    it makes at least half of the smaller key set match.
+
+    Example:
+        >>> key_prefix({"model.w", "model.b"}, {"w", "b", "head"})
+        ('strip', 'model.')
+        >>> key_prefix({"w"}, {"net.w"}), key_prefix({"w"}, {"v"})
+        (('add', 'net.'), None)
+    """
+    need = max(1, (min(len(keys), len(onto)) + 1) // 2)
+    found = []
+    for how, have, want in (("strip", keys, onto), ("add", onto, keys)):
+        prefixes = {".".join(k.split(".")[:n]) + "." for k in have for n in (1, 2) if k.count(".") >= n}
+        for p in sorted(prefixes):
+            if len({k[len(p):] for k in have if k.startswith(p)} & want) >= need:
+                found.append((how, p))
+    return found[0] if len(found) == 1 else None
+
+
+def prefix_hint(base_keys: set[str], models: Sequence[TensorSource]) -> str:
+    """Why nothing matched when the keys differ by a prefix: the source, the prefix and the fix ("" if not)."""
+    for m in models:
+        found = key_prefix(set(m.keys()), base_keys)
+        if found is None:
+            continue
+        how, p = found
+        carrier = m.label if how == "strip" else "base"
+        return (
+            f"the keys of {carrier} carry the prefix {p!r} that the others lack (such as a LightningModule's "
+            f"self.model): pass prefix={p!r} to strip it when reading .ckpt files, or prefix='auto' to find it; "
+            "it is not applied silently"
+        )
+    return ""
 
 
 def _shape_or_dtype_problem(key: str, base: TensorSource, models: Sequence[TensorSource]) -> str | None:

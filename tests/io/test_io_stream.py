@@ -73,13 +73,13 @@ def test_card_and_config_record_and_reproduce_the_recipe(checkpoints, tmp_path):
     models = [str(root / f"ft{s}") for s in (1, 2)]
     merge_to(tmp_path / "out", str(root / "base"), models, k=K, sign="count", lam=0.9, progress=False)
     recipe = yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
-    assert recipe["merge"]["method"] == "ties" and recipe["merge"]["k"] == K and recipe["merge"]["lam"] == 0.9
-    assert recipe["params"] == {"k": K, "scope": "global", "sign": "count", "merge": "mean"}
+    assert recipe["method"] == {"name": "ties", "k": K, "scope": "global", "sign": "count", "merge": "mean", "lam": 0.9}
     digest = hashlib.sha256((root / "ft1" / "model.safetensors").read_bytes()).hexdigest()
-    assert recipe["sources"]["models"][0]["files"] == {str(root / "ft1" / "model.safetensors"): digest}
+    assert recipe["provenance"]["sources"]["models"][0]["files"] == {"model.safetensors": digest}
     card = (tmp_path / "out" / "README.md").read_text()
     assert digest in card and "sign='count'" in card and "lam=0.9" in card
-    merge_to(tmp_path / "again", **recipe["merge"], progress=False)
+    method = dict(recipe["method"])
+    merge_to(tmp_path / "again", recipe["base"], recipe["models"], method.pop("name"), **method, progress=False)
     assert_same(folder_state(tmp_path / "again"), folder_state(tmp_path / "out"))
 
 
@@ -99,7 +99,7 @@ def test_card_is_a_hub_model_card_naming_sources_relatively_with_their_sha256(ch
     text = (out / "README.md").read_text()
     assert str(root.parent) not in text and str(tmp_path) not in text  # no absolute local path
     # the recipe, which must reproduce the merge, keeps the paths as given
-    assert yaml.safe_load((out / "merge_config.yaml").read_text())["merge"]["base"] == str(root / "base")
+    assert yaml.safe_load((out / "merge_config.yaml").read_text())["base"] == str(root / "base")
 
 
 def test_sharded_inputs_merge_like_unsharded_ones_and_output_shards(checkpoints, tmp_path):

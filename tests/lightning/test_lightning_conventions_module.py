@@ -145,9 +145,10 @@ def test_merge_to_counts_the_threshold_pass_too(tmp_path, monkeypatch, scope, pa
     monkeypatch.setattr(stream_module, "tqdm", RecordingBar)
     merge_to(tmp_path / "m.safetensors", base, models, k=0.5, scope=scope, progress=True)
     (bar,) = RecordingBar.bars
-    assert bar.total == passes * 5 and bar.n == passes * 5
+    size = 5 * 8 * 4  # the bar counts bytes of merged output: five float32 tensors of 8
+    assert bar.total == passes * size and bar.n == passes * size
     if passes == 2:  # the threshold pass moved the bar through every tensor before the merge began
-        assert bar.phases[0] == ["thresholds", 5] and bar.phases[-1][0] == "merging"
+        assert bar.phases[0] == ["thresholds", size] and bar.phases[-1][0] == "merging"
 
 
 # ---- 3. metrics and forward_fn ----------------------------------------------------------------

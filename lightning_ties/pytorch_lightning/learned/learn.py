@@ -18,7 +18,7 @@ from .._compat import EarlyStopping, pl
 from ...core.heads import HeadsArg
 from .module import LearnedMergeModule
 from ...core.learned.objectives import LossObjective
-from ...core.learned.result import LearnedMergeResult
+from ...core.learned.result import LearnedMergeResult, hf_base
 
 
 def learn_coefficients(
@@ -89,12 +89,14 @@ def learn_coefficients(
         trainer.fit(module)
     seconds = time.perf_counter() - t0
     final = module.final_coefficients().detach().clone()
+    base_folder, base_model = hf_base(base, model)
     return LearnedMergeResult(
         state_dict=module.merged_state_dict(coefficients=final),
         heads={t: module.head_state_dict(t) for t in module.tasks},
         coefficients=final, tasks=list(module.tasks), groups=list(module.groups), history=list(module.history),
         best_epoch=module.best_epoch, epochs_run=trainer.current_epoch, train_seconds=seconds,
         report=module.report(), initial_coefficients=module.initial_coefficients.clone(),
+        base_folder=base_folder, base_model=base_model,
     )
 
 
