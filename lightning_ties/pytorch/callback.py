@@ -39,27 +39,27 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from ..core.base_state import base_reference, capture_base, check_base_device, check_base_file, checksum, clone_state
+from ..core.base_state import base_reference, capture_base, check_base_file, checksum, clone_state
 from ..core.heads import copy_into, named_head_keys
+from ..core.inputs import MERGED_CHECKPOINT, check_arguments, check_metric_tasks, save_dir_files, source_fingerprints
 from ..core.keys import match_to_module
 from ..core.matching import match_sources
 from ..core.merger import ForwardFn, Merger, module_device
 from ..core.metrics import MetricsArg, summarize
-from ..core.options import SearchOptions, check_choice
+from ..core.options import SearchOptions
 from ..core.recipe import check_fit_data, check_known_tasks, fixed_choice
 from ..core.resume import read_progress, snapshot, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult
+from ..io.ownership import check_folder_outputs
+from ..io.provenance import check_fingerprints
 from ..io.sinks import save_safetensors
 from ..merging import as_source
-from ..merging.plan import compile_patterns
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
 from .checkpoints import (fit_has_val_data, keep_finetuned_in_checkpoint, reconnect, save_checkpoint_atomically,
                           save_progress)
 from .module import MultiTaskMergeModule
 from .sharded import ShardedMerging, sharded_merging
 
-#: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
-MERGED_CHECKPOINT = "merged.ckpt"
 
 
 class TiesMerging(Callback):
@@ -124,7 +124,7 @@ class TiesMerging(Callback):
     ) -> None:
         # the default k=0.2 is ignored, not refused, when no method trims
         self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False)
-        _check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
+        check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:
             raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
@@ -136,8 +136,8 @@ class TiesMerging(Callback):
         self.lam_grids = {m: list(g) for m, g in self.options.lams.items()}
         self.lams = self.lam_grids[self.method]
         self.val_dataloaders = dict(val_dataloaders or {})
-        self._check_tasks_given()
         self.base, self.metrics, self.heads = base, metrics, heads
+        self._check_tasks_given()
         self.objective, self.mode, self.search_strategy, self.normalize = objective, mode, search_strategy, normalize
         self.every_n_val_epochs, self.apply, self.save_dir = every_n_val_epochs, apply, save_dir
         self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
@@ -146,6 +146,8 @@ class TiesMerging(Callback):
         self._progress: SearchResult | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
         self._base_ref: dict[str, Any] | None = None  # {"path", "sha256"}: what checkpoints hold instead of the base
+        #: the given sources' fingerprints (base and tasks): a resume with a changed one is refused
+        self._fingerprints: dict[str, Any] | None = None
         #: the step an ``apply="merged"`` merge was applied at (a checkpoint from after it holds the merge already)
         self._merged_at_step: int | None = None
         self._in_fit_loop = False
@@ -160,6 +162,7 @@ class TiesMerging(Callback):
                 "nothing to merge with: give tasks={name: checkpoint} (or use ContinualTiesMerging with a store)"
             )
         check_known_tasks(self.val_dataloaders, set(self.tasks) | {self.task})
+        check_metric_tasks(self.metrics, set(self.tasks) | {self.task})
 
     @property
     def searching(self) -> bool:
@@ -185,6 +188,8 @@ class TiesMerging(Callback):
             return
         self._sharded = sharded_merging(self, trainer)  # None: the module is whole
         _check_siblings(trainer)
+        if self.save_dir is not None:  # a user's file in the way refuses the fit now, not after training
+            check_folder_outputs(self.save_dir, save_dir_files(self.apply))
         self._check_data(trainer)
         self._check_sources(pl_module)
 
@@ -195,6 +200,8 @@ class TiesMerging(Callback):
             self._base_state = self._capture_base(pl_module)
         if self._base_ref is None:
             self._base_ref = self._record_base(trainer)
+        if self._fingerprints is None:
+            self._fingerprints = source_fingerprints(self.base, self.tasks)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._in_fit_loop = True
@@ -207,7 +214,7 @@ class TiesMerging(Callback):
         if n is None or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
         if (trainer.current_epoch + 1) % n == 0:
-            self._score_merge_inline(trainer, pl_module)
+            _score_merge_inline(self, trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Merge once the fit loop is done: the search validates candidates with ``trainer.validate``.
@@ -303,24 +310,8 @@ class TiesMerging(Callback):
             return
         self._merged_at_step = trainer.global_step
         if self.save_dir is not None:
-            save_checkpoint_atomically(trainer, Path(self.save_dir) / MERGED_CHECKPOINT)
-
-    def _score_merge_inline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Score the merge with the first k and the method's lam in a plain loop, then restore the fine-tuned weights."""
-        loaders = self._dataloaders(trainer)
-        if self._base_state is None or not loaders:
-            return
-        finetuned = clone_state(pl_module)
-        tasks = self._task_sources(trainer, finetuned, add_this_run=False)
-        merger = Merger(**self._merger_args(pl_module, tasks))
-        merger.merge_device = trainer.strategy.root_device
-        try:
-            merger.apply_merge(self.ks[0], None)
-            scores = merger.score(merger.check_dataloaders(loaders))
-        finally:
-            copy_into(pl_module, finetuned)
-        for name, value in summarize(scores).items():
-            pl_module.log(name, value, add_dataloader_idx=False)
+            # a merged model: weights and hyper-parameters, no optimizer state (still load_from_checkpoint-able)
+            save_checkpoint_atomically(trainer, Path(self.save_dir) / MERGED_CHECKPOINT, weights_only=True)
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _dataloaders(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -333,6 +324,7 @@ class TiesMerging(Callback):
     def _check_data(self, trainer: pl.Trainer) -> None:
         names = self._task_names()
         check_known_tasks(self.val_dataloaders, names)
+        check_metric_tasks(self.metrics, names)
         has_own = self.task in self.val_dataloaders or fit_has_val_data(trainer)
         given = set(self.val_dataloaders) | ({self.task} if has_own else set())
         note = check_fit_data(self.options, names, given, self.task)
@@ -386,6 +378,7 @@ class TiesMerging(Callback):
         return {
             "base": self._base_state if keep_tensors else None,
             "base_ref": dict(self._base_ref) if self._base_ref is not None else None,
+            "sources": self._fingerprints,
             "merged_at_step": self._merged_at_step,
             "progress": progress.to_dict() if progress is not None else None,
             "result": self.result.to_dict() if self.result is not None else None,
@@ -397,6 +390,9 @@ class TiesMerging(Callback):
         if ref is not None:
             check_base_file(ref)
             self._base_ref = dict(ref)
+        if state_dict.get("sources") is not None:  # a changed task would reuse candidates scored on its old weights
+            self._fingerprints = source_fingerprints(self.base, self.tasks)
+            check_fingerprints(state_dict["sources"], self._fingerprints, "the checkpoint's TiesMerging search")
         if state_dict.get("base") is not None:
             self._base_state = dict(state_dict["base"])
         self._merged_at_step = state_dict.get("merged_at_step")
@@ -422,6 +418,24 @@ class _MergeInProgress(NamedTuple):
     evaluator: MultiTaskMergeModule
 
 
+def _score_merge_inline(callback: TiesMerging, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """``every_n_val_epochs``: score the merge (first k, the method's lam) in a plain loop, then restore the weights."""
+    loaders = callback._dataloaders(trainer)
+    if callback._base_state is None or not loaders:
+        return
+    finetuned = clone_state(pl_module)
+    tasks = callback._task_sources(trainer, finetuned, add_this_run=False)
+    merger = Merger(**callback._merger_args(pl_module, tasks))
+    merger.merge_device = trainer.strategy.root_device
+    try:
+        merger.apply_merge(callback.ks[0], None)
+        scores = merger.score(merger.check_dataloaders(loaders))
+    finally:
+        copy_into(pl_module, finetuned)
+    for name, value in summarize(scores).items():
+        pl_module.log(name, value, add_dataloader_idx=False)
+
+
 def log_choice(trainer: pl.Trainer, result: SearchResult) -> None:
     """Log the chosen (k, lam) and its objective to the Trainer's loggers, and say what was chosen."""
     values = {"merge/best/lam": float(result.lam)} if result.lam is not None else {}
@@ -432,18 +446,6 @@ def log_choice(trainer: pl.Trainer, result: SearchResult) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(values, step=trainer.global_step)
     rank_zero_info(f"TiesMerging: {result.reason}; chose method={result.method}, k={result.k}, lam={result.lam}")
-
-
-def _check_arguments(heads: Any, apply: str, save_dir: str | None, every_n_val_epochs: int | None, base_device: str) -> None:
-    """The callback's other arguments, checked when it is built (a typo fails before any training step)."""
-    check_choice("apply", apply, ("merged", "keep"))
-    if heads is not None and not isinstance(heads, torch.nn.Module):  # a malformed regex fails now
-        compile_patterns([h for h in ([heads] if isinstance(heads, str) else heads) if isinstance(h, str)], "heads")
-    if apply == "keep" and save_dir is None:
-        raise ValueError("apply='keep' writes the merged model to save_dir; pass save_dir")
-    if every_n_val_epochs is not None and every_n_val_epochs < 1:
-        raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
-    check_base_device(base_device)
 
 
 def _base_source(base: Any, module: pl.LightningModule) -> Any:

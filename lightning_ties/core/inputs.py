@@ -1,0 +1,83 @@
+"""The fit-end merge's inputs, checked before any training step (no Lightning here).
+
+- :func:`check_arguments`: the callback's own options (apply, heads, save_dir, base_device...);
+- :func:`check_metric_tasks`: a ``{task: metric}`` dict names only tasks of the merge;
+- :func:`source_fingerprints`: what a resumed search must find unchanged (the base and every task).
+
+Example:
+    >>> check_metric_tasks({"a": None}, {"a", "b"})
+    >>> check_metric_tasks({"c": None}, {"a", "b"})
+    Traceback (most recent call last):
+    ...
+    ValueError: metrics names ['c'], which are not tasks of this merge; the tasks are ['a', 'b']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..io.provenance import fingerprint_sources
+from ..merging.plan import compile_patterns
+from .base_state import BASE_FILE, check_base_device
+from .keys import split_spec
+from .options import check_choice
+from .resume import PROGRESS_FILE
+
+#: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
+MERGED_CHECKPOINT = "merged.ckpt"
+
+def check_arguments(heads: Any, apply: str, save_dir: str | None, every_n_val_epochs: int | None, base_device: str) -> None:
+    """The callback's other arguments, checked when it is built (a typo fails before any training step)."""
+    check_choice("apply", apply, ("merged", "keep"))
+    if heads is not None and not isinstance(heads, torch.nn.Module):  # a malformed regex fails now
+        compile_patterns([h for h in ([heads] if isinstance(heads, str) else heads) if isinstance(h, str)], "heads")
+    if apply == "keep" and save_dir is None:
+        raise ValueError("apply='keep' writes the merged model to save_dir; pass save_dir")
+    if every_n_val_epochs is not None and every_n_val_epochs < 1:
+        raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
+    check_base_device(base_device)
+
+
+def _fingerprintable(source: Any) -> bool:
+    """Paths, modules and state dicts have fingerprints; other sources (a custom ``TensorSource``) are not checked."""
+    return isinstance(source, (str, os.PathLike, torch.nn.Module, Mapping))
+
+
+def check_metric_tasks(metrics: Any, names: set[str]) -> None:
+    """A ``{task: metric}`` dict may name only tasks of the merge (a typo fails before training)."""
+    if isinstance(metrics, Mapping):
+        unknown = sorted(set(metrics) - names)
+        if unknown:
+            raise ValueError(f"metrics names {unknown}, which are not tasks of this merge; the tasks are {sorted(names)}")
+
+
+def save_dir_files(apply: str) -> list[str]:
+    """The files a fit-end merge may write into ``save_dir`` (checked at ``setup``: a user's file there refuses the fit).
+
+    Example:
+        >>> save_dir_files("keep")[-1]
+        'merged.safetensors'
+    """
+    return ["search.json", "search.csv", PROGRESS_FILE, MERGED_CHECKPOINT, BASE_FILE] + (
+        ["merged.safetensors"] if apply == "keep" else []
+    )
+
+
+def source_fingerprints(base: Any, tasks: Mapping[str, Any]) -> dict[str, Any]:
+    """Fingerprints of the given base and tasks (``"base"``, ``"task:<name>"``): files by content, tensors by value.
+
+    Example:
+        >>> sorted(source_fingerprints(None, {"a": {"w": torch.zeros(1)}}))
+        ['task:a']
+    """
+    sources = {f"task:{name}": split_spec(src)[0] for name, src in tasks.items()}
+    if base is not None:
+        sources["base"] = split_spec(base)[0]
+    return fingerprint_sources({n: s for n, s in sources.items() if _fingerprintable(s)})
+
+
+__all__ = ["MERGED_CHECKPOINT", "check_arguments", "save_dir_files", "check_metric_tasks", "source_fingerprints"]
