@@ -54,6 +54,7 @@ from ..io.ownership import check_folder_outputs
 from ..io.provenance import check_fingerprints
 from ..io.sinks import save_safetensors
 from ..merging import as_source
+from ..merging.grids import MAX_CANDIDATES
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
 from .checkpoints import (fit_has_val_data, keep_finetuned_in_checkpoint, reconnect, save_checkpoint_atomically,
                           save_progress)
@@ -91,6 +92,8 @@ class TiesMerging(Callback):
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
             second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
+        max_candidates: a search grid of more (method, k, lam) candidates is refused (default 10,000;
+            pass the grid's size to confirm it).
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -121,9 +124,11 @@ class TiesMerging(Callback):
         exclude: str | Sequence[str] | None = None,
         forward_fn: ForwardFn | None = None,
         base_device: str = "cpu",
+        max_candidates: int = MAX_CANDIDATES,
     ) -> None:
         # the default k=0.2 is ignored, not refused, when no method trims
-        self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False)
+        self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False,
+                                           max_candidates=max_candidates)
         check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:

@@ -38,6 +38,7 @@ from ..core.options import SearchOptions
 from ..core.progress import SearchProgress
 from ..core.search import Candidate, SearchResult
 from ..merging import MergedTaskVector
+from ..merging.grids import MAX_CANDIDATES
 from ._compat import pl, rank_zero_info
 
 
@@ -313,6 +314,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         resume: bool = True,
         on_candidate: Callable[[Candidate], None] | None = None,
         log_prefix: str | None = None,
+        max_candidates: int = MAX_CANDIDATES,
     ) -> SearchResult:
         """Pick the method, k and lam on the validation dataloaders, then leave the best merge applied.
 
@@ -329,14 +331,14 @@ class MultiTaskMergeModule(pl.LightningModule):
                 without k (task arithmetic, TSV-M, Iso-C) ignore it.
             lam: ``"paper"`` (each method's own paper grid: TIES 0.8..2.5, task arithmetic 0.1..1.0,
                 the subspace methods 0.1..3.0), a number or a list (the same for every method).
-            strategy: ``"grid"`` or ``"coarse_to_fine"``.
+            strategy, mode: ``"grid"`` or ``"coarse_to_fine"``; ``"max"`` or ``"min"``.
             objective: ``"mean"``, ``"normalized"``, ``"mean:<metric>"`` or a callable of the scores.
-            mode: ``"max"`` or ``"min"``.
             normalize: measure each fine-tuned model's score once, for normalized scores.
             resume: reuse finished candidates of ``self.search_result`` when it is the same search.
             on_candidate: called after each new candidate (e.g. to save progress).
             log_prefix: where candidates are logged (default :attr:`log_prefix`, ``"merge"``; e.g.
                 ``"merge/val"``): candidate i at logger step i, with its ``k`` and ``lam``.
+            max_candidates: a larger grid is refused (default 10,000; pass the grid's size to confirm it).
 
         Progress: one line per candidate through ``rank_zero_info`` ("candidate i of N: k, lam, score;
         best so far") and, when the trainer shows a progress bar, one bar over the candidates with
@@ -347,7 +349,7 @@ class MultiTaskMergeModule(pl.LightningModule):
             ``best = module.search(trainer, loaders, method=["ties", "tsv"], lam="paper")`` (then ``best.method``)
         """
         options = SearchOptions.build(self.method if method is None else method, k, lam, objective, mode, strategy,
-                                      normalize)
+                                      normalize, max_candidates=max_candidates)
         return self.search_with(trainer, dataloaders, options, resume, on_candidate, log_prefix)
 
     def search_with(

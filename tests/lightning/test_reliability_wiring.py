@@ -115,3 +115,19 @@ def test_cuda_devices_without_cuda_fail_clearly(task_files):
     from lightning_ties.merging.reading import resolve_device
     with pytest.raises(ValueError, match="device='cuda'"):
         resolve_device("cuda", None)
+
+
+def test_a_grid_of_more_than_10000_candidates_is_refused_unless_confirmed(task_files):
+    lams = [round(0.001 * i, 3) for i in range(1, 5001)]
+    with pytest.raises(ValueError, match="15000 candidates, more than max_candidates=10000.*max_candidates=15000 to confirm"):
+        TiesMerging(tasks=task_files, task="c", k=[0.1, 0.2, 0.3], lam=lams)
+    assert len(TiesMerging(tasks=task_files, task="c", k=[0.1, 0.2, 0.3], lam=lams, max_candidates=15000).lams) == 5000
+
+
+def test_module_search_refuses_a_huge_grid_before_scoring(tiny):
+    from lightning_ties.pytorch import MultiTaskMergeModule
+
+    model, base, tasks = tiny
+    module = MultiTaskMergeModule(base, tasks, model=model)
+    with pytest.raises(ValueError, match="max_candidates"):
+        module.search(None, {}, k=[0.1, 0.2], lam=[round(0.001 * i, 3) for i in range(1, 6001)])
