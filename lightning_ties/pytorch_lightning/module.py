@@ -42,6 +42,7 @@ from ..core.search import Candidate, SearchResult
 from ..merging import MergedTaskVector
 from ..merging.grids import MAX_CANDIDATES
 from ._compat import pl, rank_zero_info
+from .sharded import refuse_sharded
 
 
 def _merger_state(name: str, doc: str, settable: bool = False) -> property:
@@ -180,6 +181,9 @@ class MultiTaskMergeModule(pl.LightningModule):
             return self.validate(trainer, loaders)
         finally:
             self._pending = None
+
+    def setup(self, stage: str) -> None:
+        refuse_sharded(self.trainer, "MultiTaskMergeModule")
 
     def on_validation_start(self) -> None:
         # ``trainer.validate(module, dataloaders={"a": dl_a, ...})`` names the tasks by the dict's keys
@@ -393,11 +397,8 @@ class MultiTaskMergeModule(pl.LightningModule):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ties_merging"] = {
-            "search": self.search_result.to_dict() if self.search_result is not None else None,
-            "reference": self.reference,
-            "current": self.current,
-        }
+        search = self.search_result.to_dict() if self.search_result is not None else None
+        checkpoint["ties_merging"] = {"search": search, "reference": self.reference, "current": self.current}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ties_merging")
