@@ -14,12 +14,16 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..io.ownership import check_folder_outputs
 from ..io.provenance import fingerprint_sources
 from ..merging.plan import compile_patterns
 from .base_state import BASE_FILE, check_base_device
@@ -67,6 +71,39 @@ def save_dir_files(apply: str) -> list[str]:
     )
 
 
+def default_save_dir(root: str | os.PathLike[str], task: str, state_key: str) -> Path | None:
+    """Where a callback without ``save_dir`` keeps its base, progress and results: one folder per instance.
+
+    ``<root>/ties_merging/<task>-<12 hex digits of the callback's state_key>`` (the same for the
+    same configuration, so a resumed fit finds it); ``None`` for a remote ``root`` (``s3://...``),
+    where the base stays in the checkpoint and ``last.ckpt`` carries the progress as before.
+
+    Example:
+        >>> default_save_dir("runs", "my task", "TiesMerging{...}").as_posix()
+        'runs/ties_merging/my_task-c71b44845fd5'
+        >>> default_save_dir("s3://bucket/runs", "a", "k") is None
+        True
+    """
+    if "://" in str(root):
+        return None
+    digest = hashlib.sha256(state_key.encode()).hexdigest()[:12]
+    return Path(root) / "ties_merging" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}-{digest}"
+
+
+def prepare_output_dir(folder: str | os.PathLike[str] | None, apply: str, is_global_zero: bool) -> None:
+    """Refuse a user's file where the merge will write (before training), and create the folder (on rank zero).
+
+    Example:
+        >>> import tempfile
+        >>> prepare_output_dir(Path(tempfile.mkdtemp()) / "out", "merged", True)
+    """
+    if folder is None:
+        return
+    check_folder_outputs(folder, save_dir_files(apply))
+    if is_global_zero:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
 def source_fingerprints(base: Any, tasks: Mapping[str, Any]) -> dict[str, Any]:
     """Fingerprints of the given base and tasks (``"base"``, ``"task:<name>"``): files by content, tensors by value.
 
@@ -80,4 +117,4 @@ def source_fingerprints(base: Any, tasks: Mapping[str, Any]) -> dict[str, Any]:
     return fingerprint_sources({n: s for n, s in sources.items() if _fingerprintable(s)})
 
 
-__all__ = ["MERGED_CHECKPOINT", "check_arguments", "save_dir_files", "check_metric_tasks", "source_fingerprints"]
+__all__ = ["MERGED_CHECKPOINT", "check_arguments", "default_save_dir", "prepare_output_dir", "save_dir_files", "check_metric_tasks", "source_fingerprints"]

@@ -41,7 +41,8 @@ import torch
 
 from ..core.base_state import base_reference, capture_base, check_base_file, checksum, clone_state
 from ..core.heads import copy_into, named_head_keys
-from ..core.inputs import MERGED_CHECKPOINT, check_arguments, check_metric_tasks, save_dir_files, source_fingerprints
+from ..core.inputs import (MERGED_CHECKPOINT, check_arguments, check_metric_tasks, default_save_dir,
+                           prepare_output_dir, source_fingerprints)
 from ..core.keys import match_to_module
 from ..core.matching import match_sources
 from ..core.merger import ForwardFn, Merger, module_device
@@ -50,7 +51,6 @@ from ..core.options import SearchOptions
 from ..core.recipe import check_fit_data, check_known_tasks, fixed_choice
 from ..core.resume import read_progress, snapshot, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult
-from ..io.ownership import check_folder_outputs
 from ..io.provenance import check_fingerprints
 from ..io.sinks import save_safetensors
 from ..merging import as_source
@@ -145,6 +145,8 @@ class TiesMerging(Callback):
         self._check_tasks_given()
         self.objective, self.mode, self.search_strategy, self.normalize = objective, mode, search_strategy, normalize
         self.every_n_val_epochs, self.apply, self.save_dir = every_n_val_epochs, apply, save_dir
+        #: where base, progress and results go: ``save_dir``, else a folder under the Trainer's ``default_root_dir``
+        self.output_dir: str | Path | None = save_dir
         self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
         self.forward_fn, self.base_device = forward_fn, base_device
         self.result: SearchResult | None = None
@@ -177,11 +179,9 @@ class TiesMerging(Callback):
     @property
     def state_key(self) -> str:
         """One checkpoint key per (class, method, task, tasks, grids), as ``ModelCheckpoint``'s: instances coexist."""
-        if len(self.methods) == 1:  # the key of single-method instances is unchanged: their checkpoints resume
-            method: Any = self.method
-            lams: Any = self.lams
-        else:
-            method, lams = list(self.methods), self.lam_grids
+        # the key of single-method instances is unchanged: their checkpoints resume
+        single = len(self.methods) == 1
+        method, lams = (self.method, self.lams) if single else (list(self.methods), self.lam_grids)
         return self._generate_state_key(
             method=method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=lams, save_dir=self.save_dir,
         )
@@ -193,8 +193,8 @@ class TiesMerging(Callback):
             return
         self._sharded = sharded_merging(self, trainer)  # None: the module is whole
         _check_siblings(trainer)
-        if self.save_dir is not None:  # a user's file in the way refuses the fit now, not after training
-            check_folder_outputs(self.save_dir, save_dir_files(self.apply))
+        self.output_dir = self.save_dir or default_save_dir(trainer.default_root_dir, self.task, self.state_key)
+        prepare_output_dir(self.output_dir, self.apply, trainer.is_global_zero)
         self._check_data(trainer)
         self._check_sources(pl_module)
 
@@ -276,7 +276,7 @@ class TiesMerging(Callback):
             return SearchResult(method=self.method, reason=reason, chosen=(k, lam))
         evaluator.fingerprint_extra = {"step": trainer.global_step, "weights": checksum(finetuned)}
         if self._progress is None:
-            self._progress = read_progress(self.save_dir)
+            self._progress = read_progress(self.output_dir)
         evaluator.search_result = self._progress
         result = evaluator.search_with(
             runner, loaders, self.options, on_candidate=lambda _: self._save_progress(evaluator, trainer)
@@ -306,15 +306,15 @@ class TiesMerging(Callback):
         return evaluator
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor]) -> None:
-        if self.save_dir is not None and self.result is not None:
-            write_results(self.save_dir, self.result)
+        if self.output_dir is not None and self.result is not None and trainer.is_global_zero:
+            write_results(self.output_dir, self.result)
         if self.apply == "keep" and trainer.is_global_zero:  # every rank holds the same merge; one writes it
             save_safetensors(clone_state(pl_module), Path(self.save_dir) / "merged.safetensors")  # type: ignore[arg-type]
         if self.apply == "keep" or self._in_fit_loop:  # a merge asked for mid-fit must not change training
             copy_into(pl_module, finetuned)
             return
         self._merged_at_step = trainer.global_step
-        if self.save_dir is not None:
+        if self.save_dir is not None:  # asked for: the default folder holds no second copy of the model
             # a merged model: weights and hyper-parameters, no optimizer state (still load_from_checkpoint-able)
             save_checkpoint_atomically(trainer, Path(self.save_dir) / MERGED_CHECKPOINT, weights_only=True)
 
@@ -359,7 +359,7 @@ class TiesMerging(Callback):
 
     def _record_base(self, trainer: pl.Trainer) -> dict[str, Any] | None:
         """What checkpoints keep instead of the base (see :func:`~lightning_ties.core.base_state.base_reference`)."""
-        return base_reference(self.base, self.save_dir, self._base_state, trainer.is_global_zero,
+        return base_reference(self.base, self.output_dir, self._base_state, trainer.is_global_zero,
                               trainer.strategy.barrier)
 
     # ---- progress and state ----------------------------------------------------------------------
@@ -367,7 +367,7 @@ class TiesMerging(Callback):
         """Record the finished candidates (:func:`~.checkpoints.save_progress`)."""
         self._progress = evaluator.search_result
         if self._progress is not None:
-            save_progress(trainer, self._progress, self.save_dir, self._in_fit_loop)
+            save_progress(trainer, self._progress, self.output_dir, self._in_fit_loop)
 
     def _live_progress(self) -> SearchResult | None:
         """The search progress as of now: the running search's finished candidates and measured references."""
