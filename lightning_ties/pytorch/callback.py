@@ -438,7 +438,7 @@ def _score_merge_inline(callback: TiesMerging, trainer: pl.Trainer, pl_module: p
     finally:
         copy_into(pl_module, finetuned)
     for name, value in summarize(scores).items():
-        pl_module.log(name, value, add_dataloader_idx=False)
+        pl_module.log(name, value, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")  # same on every rank
 
 
 def log_choice(trainer: pl.Trainer, result: SearchResult) -> None:

@@ -212,8 +212,8 @@ class MultiTaskMergeModule(pl.LightningModule):
             values[f"{prefix}/lam"] = self.current[1]
         step = self._candidate_step
         for name, value in self.log_values(self.trainer, values, prefix, step).items():
-            # callback_metrics only (trainer.validate's return, monitors): the loggers got them with their step
-            self.log(name, value, add_dataloader_idx=False, logger=False)
+            # callback_metrics only (trainer.validate's return, monitors; loggers got them): same on every rank
+            self.log(name, value, add_dataloader_idx=False, logger=False, sync_dist=True, reduce_fx="max")
 
     def log_values(
         self, trainer: pl.Trainer | None, values: Mapping[str, float], prefix: str, step: int | None = None
