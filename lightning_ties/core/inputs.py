@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -104,6 +105,50 @@ def prepare_output_dir(folder: str | os.PathLike[str] | None, apply: str, is_glo
         Path(folder).mkdir(parents=True, exist_ok=True)
 
 
+def check_datamodules(datamodules: Mapping[str, Any] | None, val_dataloaders: Mapping[str, Any]) -> dict[str, Any]:
+    """Name -> datamodule, each with a ``val_dataloader()``; a task given data twice is refused.
+
+    Example:
+        >>> check_datamodules(None, {})
+        {}
+    """
+    # a ``{class_path, init_args}`` dict is built here: typed as LightningDataModule, LightningCLI would build it
+    # with its own instantiator, which fails for a datamodule nested in a callback (it looks for a top-level ``data``)
+    datamodules = {name: _built(dm) for name, dm in (datamodules or {}).items()}
+    for name, dm in datamodules.items():
+        if name in val_dataloaders:
+            raise ValueError(f"task {name!r} has both val_dataloaders and val_datamodules; give one")
+        if not callable(getattr(dm, "val_dataloader", None)):
+            raise TypeError(f"val_datamodules[{name!r}] must be a LightningDataModule with val_dataloader(), "
+                            f"got {type(dm).__name__}")
+    return datamodules
+
+
+def _built(spec: Any) -> Any:
+    """A datamodule given as ``{"class_path": "pkg.Class", "init_args": {...}}`` (YAML), built; anything else as is."""
+    if hasattr(spec, "as_dict"):  # a jsonargparse Namespace
+        spec = spec.as_dict()
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        return spec
+    module, _, name = str(spec["class_path"]).rpartition(".")
+    return getattr(importlib.import_module(module), name)(**dict(spec.get("init_args") or {}))
+
+
+def datamodule_loaders(datamodules: Mapping[str, Any]) -> dict[str, Any]:
+    """Each datamodule's validation dataloaders (after its ``prepare_data`` and ``setup("validate")``).
+
+    Example:
+        >>> datamodule_loaders({})
+        {}
+    """
+    loaders = {}
+    for name, dm in datamodules.items():
+        dm.prepare_data()
+        dm.setup("validate")
+        loaders[name] = dm.val_dataloader()
+    return loaders
+
+
 def source_fingerprints(base: Any, tasks: Mapping[str, Any]) -> dict[str, Any]:
     """Fingerprints of the given base and tasks (``"base"``, ``"task:<name>"``): files by content, tensors by value.
 
@@ -117,4 +162,4 @@ def source_fingerprints(base: Any, tasks: Mapping[str, Any]) -> dict[str, Any]:
     return fingerprint_sources({n: s for n, s in sources.items() if _fingerprintable(s)})
 
 
-__all__ = ["MERGED_CHECKPOINT", "check_arguments", "default_save_dir", "prepare_output_dir", "save_dir_files", "check_metric_tasks", "source_fingerprints"]
+__all__ = ["MERGED_CHECKPOINT", "check_arguments", "check_datamodules", "datamodule_loaders", "default_save_dir", "prepare_output_dir", "save_dir_files", "check_metric_tasks", "source_fingerprints"]

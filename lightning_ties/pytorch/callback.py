@@ -41,8 +41,8 @@ import torch
 
 from ..core.base_state import base_reference, capture_base, check_base_file, checksum, clone_state
 from ..core.heads import copy_into, named_head_keys
-from ..core.inputs import (MERGED_CHECKPOINT, check_arguments, check_metric_tasks, default_save_dir,
-                           prepare_output_dir, source_fingerprints)
+from ..core.inputs import (MERGED_CHECKPOINT, check_arguments, check_datamodules, check_metric_tasks,
+                           datamodule_loaders, default_save_dir, prepare_output_dir, source_fingerprints)
 from ..core.keys import match_to_module
 from ..core.matching import match_sources
 from ..core.merger import ForwardFn, Merger, module_device
@@ -70,12 +70,10 @@ class TiesMerging(Callback):
         tasks: other tasks, name -> fine-tuned model path (or module / state dict / source).
         task: the name of this run's task.
         base: the pretrained model (path or source); ``None`` captures the module at fit start.
-        method: a method of the registry, or a list to choose from on validation data (the best
-            candidate over all is applied; ties go to the method listed first).
+        method: a registered method, or a list to choose from on validation data (ties: the first listed).
         k: trim density, a list to search, or ``"search"`` (0.1, 0.2, 0.3); ignored by methods without k.
         lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid).
-        val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
-            validation dataloaders evaluate ``task``.
+        val_dataloaders: other tasks' validation dataloaders, name -> dataloader (this run's evaluate ``task``).
         metrics: metric template or ``{task: metric}`` (default arg-max accuracy).
         heads: regexes naming head keys besides those that differ across tasks (checked at ``setup``).
         objective: ``"mean"`` (of the first metric over tasks), ``"normalized"`` (mean of merged /
@@ -88,12 +86,13 @@ class TiesMerging(Callback):
         apply: ``"merged"`` (the module ends holding the merge; ``save_dir/merged.ckpt`` too) or ``"keep"``
             (the fine-tuned weights stay; the merge goes to ``save_dir/merged.safetensors``).
         save_dir: where results (``search.json``, ``search.csv``), progress, the captured base
-            (``base.safetensors``, which checkpoints reference) and the merged model go.
+            (``base.safetensors``, which checkpoints reference) and the merged model go; by default
+            ``<Trainer default_root_dir>/ties_merging/<task>-<hash>`` (all but ``merged.ckpt``).
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
             second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
-        max_candidates: a search grid of more (method, k, lam) candidates is refused (default 10,000;
-            pass the grid's size to confirm it).
+        max_candidates: larger search grids (method x k x lam) are refused; pass the grid's size to confirm.
+        val_datamodules: name -> ``LightningDataModule`` (writable in YAML); its ``val_dataloader()`` is used.
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -125,6 +124,7 @@ class TiesMerging(Callback):
         forward_fn: ForwardFn | None = None,
         base_device: str = "cpu",
         max_candidates: int = MAX_CANDIDATES,
+        val_datamodules: dict[str, Any] | None = None,
     ) -> None:
         # the default k=0.2 is ignored, not refused, when no method trims
         self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False,
@@ -141,12 +141,12 @@ class TiesMerging(Callback):
         self.lam_grids = {m: list(g) for m, g in self.options.lams.items()}
         self.lams = self.lam_grids[self.method]
         self.val_dataloaders = dict(val_dataloaders or {})
+        self.val_datamodules = check_datamodules(val_datamodules, self.val_dataloaders)
         self.base, self.metrics, self.heads = base, metrics, heads
         self._check_tasks_given()
         self.objective, self.mode, self.search_strategy, self.normalize = objective, mode, search_strategy, normalize
         self.every_n_val_epochs, self.apply, self.save_dir = every_n_val_epochs, apply, save_dir
-        #: where base, progress and results go: ``save_dir``, else a folder under the Trainer's ``default_root_dir``
-        self.output_dir: str | Path | None = save_dir
+        self.output_dir: str | Path | None = save_dir  #: ``save_dir``, else a folder under ``default_root_dir``
         self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
         self.forward_fn, self.base_device = forward_fn, base_device
         self.result: SearchResult | None = None
@@ -165,10 +165,8 @@ class TiesMerging(Callback):
     def _check_tasks_given(self) -> None:
         """Fail at construction when there is nothing to merge with or a dataloader names an unknown task."""
         if not self.tasks:
-            raise ValueError(
-                "nothing to merge with: give tasks={name: checkpoint} (or use ContinualTiesMerging with a store)"
-            )
-        check_known_tasks(self.val_dataloaders, set(self.tasks) | {self.task})
+            raise ValueError("nothing to merge with: give tasks={name: checkpoint} (or ContinualTiesMerging with a store)")
+        check_known_tasks({**self.val_dataloaders, **self.val_datamodules}, set(self.tasks) | {self.task})
         check_metric_tasks(self.metrics, set(self.tasks) | {self.task})
 
     @property
@@ -182,9 +180,8 @@ class TiesMerging(Callback):
         # the key of single-method instances is unchanged: their checkpoints resume
         single = len(self.methods) == 1
         method, lams = (self.method, self.lams) if single else (list(self.methods), self.lam_grids)
-        return self._generate_state_key(
-            method=method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=lams, save_dir=self.save_dir,
-        )
+        return self._generate_state_key(method=method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=lams,
+                                        save_dir=self.save_dir)
 
     # ---- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -195,6 +192,7 @@ class TiesMerging(Callback):
         _check_siblings(trainer)
         self.output_dir = self.save_dir or default_save_dir(trainer.default_root_dir, self.task, self.state_key)
         prepare_output_dir(self.output_dir, self.apply, trainer.is_global_zero)
+        self.val_dataloaders.update(datamodule_loaders(self.val_datamodules))
         self._check_data(trainer)
         self._check_sources(pl_module)
 
