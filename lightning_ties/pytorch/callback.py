@@ -14,11 +14,13 @@ Life cycle (each hook short, like Lightning's WeightAveraging):
   write it to ``save_dir`` and keep the fine-tuned weights (``apply="keep"``).
 - ``state_dict``/``load_state_dict``: the search progress, the result and a reference to the base
   (:mod:`lightning_ties.core.base_state`) travel in checkpoints, under a ``state_key`` of method,
-  task and grids so several instances coexist; a missing or changed base file fails at restore;
-  after every candidate the progress is written to ``save_dir`` (:mod:`lightning_ties.core.resume`)
-  or, without one, into ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``, so a search
-  interrupted and resumed re-evaluates nothing it finished. A checkpoint taken mid-merge (another
-  callback, ``OnExceptionCheckpoint``) holds the fine-tuned weights, not the candidate being scored.
+  task and grids so several instances coexist; a missing or changed base or task file fails at
+  restore; after every candidate the progress is written to ``save_dir`` (without one, to
+  ``<default_root_dir>/ties_merging/<task>-<hash of state_key>``; only a remote root falls back to
+  rewriting ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``), so a search interrupted and
+  resumed re-evaluates nothing it finished (:mod:`lightning_ties.core.resume`). A checkpoint taken
+  mid-merge (another callback, ``OnExceptionCheckpoint``) holds the fine-tuned weights, not the
+  candidate being scored.
 
 Continual merging over a task store (add this run's task vector, merge every stored task) is
 :class:`~lightning_ties.pytorch.continual.ContinualTiesMerging`, a subclass. The merge itself is
