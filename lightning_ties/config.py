@@ -34,6 +34,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .merging import METHODS, check_k_grid, check_lam, check_lam_grid, get_method
+from .merging.grids import grid_size_problem
 from .merging.plan import compile_patterns
 
 #: The method name that trains per-task/per-layer coefficients (lightning_ties.lightning.learned).
@@ -638,21 +639,6 @@ def _check_grid(grid: SearchGrid, method: Any, where: str) -> None:
         problem = grid_size_problem(sum(nk * nl for nk, nl in zip(sizes["k"], sizes["lam"])), grid.max_candidates)
         if problem:
             raise ConfigError(f"{where}: {problem}")
-
-
-def grid_size_problem(candidates: int, limit: int = 10_000, option: str = "search.max_candidates") -> str | None:
-    """Why a search grid of ``candidates`` (k, lam, method) points is refused (None: it is not).
-
-    Example:
-        >>> grid_size_problem(1000 * 1000)
-        'the search grid has 1000000 candidates, more than search.max_candidates=10000: narrow search.k / search.lam, or set search.max_candidates=1000000 to confirm'
-    """
-    if candidates <= limit:
-        return None
-    return (
-        f"the search grid has {candidates} candidates, more than {option}={limit}: narrow search.k / search.lam, "
-        f"or set {option}={candidates} to confirm"
-    )
 
 
 def to_yaml(cfg: Any) -> str:

@@ -17,7 +17,10 @@ Tests import the helpers from here (``from conftest import task_data``); nothing
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import shutil
+import tempfile
 from types import ModuleType
 
 import pytest
@@ -42,9 +45,19 @@ QUIET = dict(
 )
 
 
+# Trainers without a default_root_dir get a fresh folder: TiesMerging keeps its default save_dir under it,
+# which must neither land in the checkout nor carry one test's search progress into another.
+_ROOTS = tempfile.mkdtemp(prefix="lightning-ties-tests-")
+atexit.register(shutil.rmtree, _ROOTS, True)
+
+
+def _root(root) -> str:
+    return str(root) if root is not None else tempfile.mkdtemp(dir=_ROOTS)
+
+
 def quiet_trainer(**kwargs) -> pl.Trainer:
     """A ``pytorch_lightning`` Trainer on one CPU with no logger, checkpoints, progress bar or summary."""
-    return pl.Trainer(**{**QUIET, **kwargs})
+    return pl.Trainer(**{**QUIET, **kwargs, "default_root_dir": _root(kwargs.get("default_root_dir"))})
 
 
 class Classifier(pl.LightningModule):
@@ -154,7 +167,7 @@ def data(seed: int, n: int = 64) -> DataLoader:
 
 def trainer(pl: ModuleType, tmp_path=None, max_epochs: int = 1, **kwargs):
     """A quiet Trainer of the package ``pl`` (``quiet_trainer`` is the same for ``pytorch_lightning``)."""
-    return pl.Trainer(**{**QUIET, "max_epochs": max_epochs, "default_root_dir": tmp_path, **kwargs})
+    return pl.Trainer(**{**QUIET, "max_epochs": max_epochs, **kwargs, "default_root_dir": _root(tmp_path)})
 
 
 _NETS: dict[str, type] = {}

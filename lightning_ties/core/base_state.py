@@ -27,6 +27,7 @@ from torch import nn
 
 from ..io.card import sha256_file
 from ..io.sinks import save_safetensors
+from ..merging.reading import check_device
 from .keys import match_to_module
 
 #: The captured base (module weights at fit start), written once under ``save_dir`` and referenced by checkpoints.
@@ -82,11 +83,12 @@ def check_base_device(base_device: str) -> None:
     if base_device == "module":
         return
     try:
-        torch.device(base_device)
+        device = torch.device(base_device)
     except (RuntimeError, TypeError):
         raise ValueError(
             f"base_device must be 'cpu', 'module' or a torch device such as 'cuda:0', got {base_device!r}"
         ) from None
+    check_device(device, "base_device")
 
 
 def check_base_file(ref: Mapping[str, Any]) -> None:

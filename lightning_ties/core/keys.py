@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..distributed.views import read_rows
+from ..io.validate import coverage_problem
 from ..merging.sources import TensorSource, TensorSpec, as_source
 
 #: Keys a source given as a dict may carry besides ``path``.
@@ -162,7 +163,26 @@ def match_to_module(
     if keys and all(k in target for k in keys):
         return src  # the module's own keys (a .ckpt of the same module, its state dict)
     strip_, prefix_ = _best_mapping(src.label, keys, wanted)
-    return _wrap(src, _mapping(keys, strip_, prefix_, target), strip_, prefix_)
+    mapping = _mapping(keys, strip_, prefix_, target)
+    _check_coverage(src, mapping, module_keys)
+    return _wrap(src, mapping, strip_, prefix_)
+
+
+def _check_coverage(src: TensorSource, mapping: Mapping[str, str], module_keys: Any) -> None:
+    """Refuse a mostly foreign source: its float keys must cover half of the module's, and half of its own."""
+    floats = {k for k in src.keys() if src.spec(k).dtype.is_floating_point}
+    matched = sum(1 for k in mapping.values() if k in floats)
+    problem = coverage_problem(src.label, matched, len(floats), _float_key_count(module_keys))
+    if problem is not None:
+        raise KeyMatchError(problem)
+
+
+def _float_key_count(module_keys: Any) -> int:
+    """The module's float keys (all of its names when only names are given)."""
+    state = module_keys.state_dict() if isinstance(module_keys, nn.Module) else module_keys
+    if isinstance(state, Mapping):
+        return sum(1 for v in state.values() if not isinstance(v, torch.Tensor) or v.is_floating_point())
+    return len(module_keys_of(state))
 
 
 def _wrap(src: TensorSource, mapping: dict[str, str], strip: str, prefix: str) -> TensorSource:

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..merging import get_method
-from ..merging.grids import check_k_grid, check_lam_grid
+from ..merging.grids import MAX_CANDIDATES, check_k_grid, check_lam_grid, grid_size_problem
 from .metrics import SearchObjective
 
 STRATEGIES = ("grid", "coarse_to_fine")
@@ -123,6 +123,7 @@ class SearchOptions:
         strategy: str = "grid",
         normalize: bool = True,
         strict_k: bool = True,
+        max_candidates: int = MAX_CANDIDATES,
     ) -> SearchOptions:
         """Check every value and freeze them.
 
@@ -132,6 +133,7 @@ class SearchOptions:
                 for methods of which none trims is an error (``strict_k=False``: ignored).
             lam: ``"paper"``/``"search"`` (each method's own grid), a number or a list (every method).
             objective, mode, strategy, normalize: as the attributes.
+            max_candidates: a larger grid is refused (pass its size to confirm it).
         """
         methods = check_methods(method)
         if k is not None and not any(get_method(m).has_k for m in methods):
@@ -144,6 +146,10 @@ class SearchOptions:
         check_choice("mode", mode, MODES)
         check_choice("search_strategy", strategy, STRATEGIES)
         check_objective(objective, normalize)
+        size = sum((len(ks) if ks is not None and get_method(m).has_k else 1) * len(lams[m]) for m in methods)
+        problem = grid_size_problem(size, max_candidates, "max_candidates", "k / lam / method")
+        if problem:
+            raise ValueError(problem)
         return cls(tuple(methods), ks, lams, objective, mode, strategy, bool(normalize))
 
     def k_values(self, method: str, default_k: float | None) -> list[float | None]:

@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from ..io.atomic import atomic_open
+from ..io.jsonsafe import loads
 from .metrics import Scores
 from .search import SearchResult
 
@@ -31,13 +33,14 @@ def read_progress(save_dir: str | os.PathLike[str] | None) -> SearchResult | Non
     if save_dir is None:
         return None
     path = Path(save_dir) / PROGRESS_FILE
-    return SearchResult.from_dict(json.loads(path.read_text())) if path.exists() else None
+    return SearchResult.from_dict(loads(path.read_bytes(), str(path))) if path.exists() else None
 
 
 def write_progress(save_dir: str | os.PathLike[str], progress: SearchResult) -> None:
     """Store ``progress`` under ``save_dir`` (atomically: a kill leaves the previous file whole)."""
     os.makedirs(save_dir, exist_ok=True)
-    progress.to_json(Path(save_dir) / PROGRESS_FILE)
+    with atomic_open(Path(save_dir) / PROGRESS_FILE) as f:
+        f.write(json.dumps(progress.to_dict(), indent=2, sort_keys=True).encode())
 
 
 def write_results(save_dir: str | os.PathLike[str], result: SearchResult) -> None:

@@ -66,9 +66,14 @@ class RankFailedError(RuntimeError):
 
 
 class TorchCollectives:
-    """The merger's collectives (``all_sum``, ``all_gather``) over a torch.distributed group.
+    """The merger's collectives (``all_sum``, ``all_gather``) over a ``torch.distributed`` group (None: the default).
 
-    Any failure of a collective (a peer that died, a timeout) becomes a :class:`RankFailedError`.
+    The one implementation, for ``merge_to`` on W processes and for the merge of a sharded fit
+    (:mod:`lightning_ties.distributed` imports it). Tensors travel on the backend's device (CPU
+    for gloo, the current CUDA device for NCCL) and come back on the caller's device;
+    ``all_sum`` returns int64 for integer and bool inputs and float64 for floating ones (the
+    widened sum, never rounded back). Any failure of a collective (a peer that died, a timeout)
+    becomes a :class:`RankFailedError`.
 
     Example:
         >>> import torch.distributed as dist, tempfile
@@ -76,28 +81,47 @@ class TorchCollectives:
         >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
         >>> TorchCollectives().all_gather(torch.tensor([1, 2]))
         tensor([[1, 2]])
+        >>> TorchCollectives().all_sum(torch.tensor([1, 2], dtype=torch.int32))
+        tensor([1, 2])
         >>> dist.destroy_process_group()
     """
 
     def __init__(self, group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "TorchCollectives needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group, or a Lightning strategy's setup)"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.timeout_s = timeout_s
+        backend = str(dist.get_backend(group)).lower()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return f"TorchCollectives(rank={self.rank}, world_size={self.world_size}, device={self.device})"
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Elementwise sum over the ranks (a new tensor)."""
-        out = t.clone()
+        """Elementwise sum of ``t`` over the group's ranks (int64 or float64), on ``t``'s device."""
+        wide = torch.float64 if t.is_floating_point() else torch.int64
+        buf = t.detach().to(self.device, wide, copy=True)
         with self._peers_failing():
-            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        return buf.to(t.device)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``t``, stacked in rank order: ``(world_size, *t.shape)``."""
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        """Every rank's ``t`` stacked in rank order: ``(world_size, *t.shape)``, on ``t``'s device.
+
+        Every rank must pass the same shape and dtype.
+        """
+        if t.dtype == torch.bool:  # not every backend gathers bool
+            return self.all_gather(t.to(torch.uint8)).to(torch.bool)
+        local = t.detach().to(self.device).contiguous()
+        out = torch.empty((self.world_size, *local.shape), dtype=local.dtype, device=self.device)
         with self._peers_failing():
-            dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.stack(parts)
+            dist.all_gather(list(out.unbind(0)), local, group=self.group)
+        return out.to(t.device)
 
     @contextlib.contextmanager
     def _peers_failing(self) -> Iterator[None]:

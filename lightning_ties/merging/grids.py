@@ -128,4 +128,29 @@ def check_lam_grid(method: str, lam: Any, name: str = "lam") -> list[float]:
     return sorted(set(values))
 
 
-__all__ = ["DEFAULT_K_GRID", "GRID_WORDS", "check_k_grid", "check_lam_grid"]
+#: More (method, k, lam) candidates than this are refused unless confirmed (a typo like ``lam=range(10**6)``).
+MAX_CANDIDATES = 10_000
+
+
+def grid_size_problem(
+    candidates: int, limit: int = MAX_CANDIDATES, option: str = "search.max_candidates", grids: str = "search.k / search.lam"
+) -> str | None:
+    """Why a search grid of ``candidates`` (method, k, lam) points is refused (None: it is not).
+
+    ``option`` is the setting that confirms a larger grid, ``grids`` the settings to narrow (as the caller names them).
+
+    Example:
+        >>> grid_size_problem(1000 * 1000)
+        'the search grid has 1000000 candidates, more than search.max_candidates=10000: narrow search.k / search.lam, or set search.max_candidates=1000000 to confirm'
+        >>> grid_size_problem(9, limit=10) is None
+        True
+    """
+    if candidates <= limit:
+        return None
+    return (
+        f"the search grid has {candidates} candidates, more than {option}={limit}: narrow {grids}, "
+        f"or set {option}={candidates} to confirm"
+    )
+
+
+__all__ = ["DEFAULT_K_GRID", "GRID_WORDS", "MAX_CANDIDATES", "check_k_grid", "check_lam_grid", "grid_size_problem"]

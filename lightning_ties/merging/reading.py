@@ -25,10 +25,27 @@ DEFAULT_CHUNK = 1 << 16
 _DEVICE_CHUNK_ENTRIES = 1 << 28
 
 
+def check_device(device: torch.device, option: str) -> torch.device:
+    """``device`` when this machine has it; a CUDA device without CUDA is one clear error (not torch's assertion).
+
+    Example:
+        >>> check_device(torch.device("cpu"), "device")
+        device(type='cpu')
+    """
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(
+                f"{option}={str(device)!r}, but this machine has {count} CUDA device(s): "
+                f"use {option}='cpu'" + (f" or one of cuda:0..cuda:{count - 1}" if count else "")
+            )
+    return device
+
+
 def resolve_device(device: DeviceLike, base: TensorSource) -> torch.device:
     """``device`` as a torch.device; None: where base's tensors live (CPU for file sources)."""
     if device is not None:
-        return torch.device(device)
+        return check_device(torch.device(device), "device")
     found = getattr(base, "device", None)
     return torch.device(found) if found is not None else torch.device("cpu")
 
@@ -204,4 +221,4 @@ def single_threaded_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
         torch.set_num_threads(saved)
 
 
-__all__ = ["DEFAULT_CHUNK", "DeviceLike", "TaskReader", "resolve_device", "single_threaded_pool"]
+__all__ = ["DEFAULT_CHUNK", "DeviceLike", "TaskReader", "check_device", "resolve_device", "single_threaded_pool"]

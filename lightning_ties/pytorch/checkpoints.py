@@ -19,18 +19,25 @@ from typing import Any
 import torch
 
 from ..core.resume import write_progress
+from ..io.atomic import atomic_file
 from ..core.search import SearchResult
 from ._compat import TrainerFn, pl
 
 
-def save_checkpoint_atomically(trainer: pl.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint`` to a file beside ``path``, renamed over it: a kill leaves no half checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if trainer.is_global_zero:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(tmp)  # every rank calls it (a collective under DDP); rank zero writes
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+def save_checkpoint_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` into :func:`~lightning_ties.io.atomic.atomic_file`'s private temporary.
+
+    Rank zero opens the temporary (unpredictable, in a ``0o700`` folder: a planted symlink cannot
+    redirect it) and broadcasts its name; every rank calls ``save_checkpoint`` (a collective
+    under DDP), rank zero writes; on success the file is renamed over ``path`` and recorded in
+    the folder's manifest, so a later run may replace it. A kill leaves no half checkpoint.
+    """
+    if not trainer.is_global_zero:
+        trainer.save_checkpoint(trainer.strategy.broadcast(None), weights_only=weights_only)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        trainer.save_checkpoint(trainer.strategy.broadcast(str(tmp)), weights_only=weights_only)
 
 
 def resave_last_checkpoints(trainer: pl.Trainer) -> None:

@@ -16,11 +16,13 @@ Life cycle (each hook short, like Lightning's WeightAveraging):
   write it to ``save_dir`` and keep the fine-tuned weights (``apply="keep"``).
 - ``state_dict``/``load_state_dict``: the search progress, the result and a reference to the base
   (:mod:`lightning_ties.core.base_state`) travel in checkpoints, under a ``state_key`` of method,
-  task and grids so several instances coexist; a missing or changed base file fails at restore;
-  after every candidate the progress is written to ``save_dir`` (:mod:`lightning_ties.core.resume`)
-  or, without one, into ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``, so a search
-  interrupted and resumed re-evaluates nothing it finished. A checkpoint taken mid-merge (another
-  callback, ``OnExceptionCheckpoint``) holds the fine-tuned weights, not the candidate being scored.
+  task and grids so several instances coexist; a missing or changed base or task file fails at
+  restore; after every candidate the progress is written to ``save_dir`` (without one, to
+  ``<default_root_dir>/ties_merging/<task>-<hash of state_key>``; only a remote root falls back to
+  rewriting ``ModelCheckpoint(save_last=True)``'s ``last.ckpt``), so a search interrupted and
+  resumed re-evaluates nothing it finished (:mod:`lightning_ties.core.resume`). A checkpoint taken
+  mid-merge (another callback, ``OnExceptionCheckpoint``) holds the fine-tuned weights, not the
+  candidate being scored.
 
 Continual merging over a task store (add this run's task vector, merge every stored task) is
 :class:`~lightning_ties.pytorch_lightning.continual.ContinualTiesMerging`, a subclass. The merge itself is
@@ -41,27 +43,28 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from ..core.base_state import base_reference, capture_base, check_base_device, check_base_file, checksum, clone_state
+from ..core.base_state import base_reference, capture_base, check_base_file, checksum, clone_state
 from ..core.heads import copy_into, named_head_keys
+from ..core.inputs import (MERGED_CHECKPOINT, check_arguments, check_datamodules, check_metric_tasks,
+                           datamodule_loaders, default_save_dir, prepare_output_dir, source_fingerprints)
 from ..core.keys import match_to_module
 from ..core.matching import match_sources
 from ..core.merger import ForwardFn, Merger, module_device
 from ..core.metrics import MetricsArg, summarize
-from ..core.options import SearchOptions, check_choice
+from ..core.options import SearchOptions
 from ..core.recipe import check_fit_data, check_known_tasks, fixed_choice
 from ..core.resume import read_progress, snapshot, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult
+from ..io.provenance import check_fingerprints
 from ..io.sinks import save_safetensors
 from ..merging import as_source
-from ..merging.plan import compile_patterns
+from ..merging.grids import MAX_CANDIDATES
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
 from .checkpoints import (fit_has_val_data, keep_finetuned_in_checkpoint, reconnect, save_checkpoint_atomically,
                           save_progress)
 from .module import MultiTaskMergeModule
 from .sharded import ShardedMerging, sharded_merging
 
-#: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
-MERGED_CHECKPOINT = "merged.ckpt"
 
 
 class TiesMerging(Callback):
@@ -71,12 +74,10 @@ class TiesMerging(Callback):
         tasks: other tasks, name -> fine-tuned model path (or module / state dict / source).
         task: the name of this run's task.
         base: the pretrained model (path or source); ``None`` captures the module at fit start.
-        method: a method of the registry, or a list to choose from on validation data (the best
-            candidate over all is applied; ties go to the method listed first).
+        method: a registered method, or a list to choose from on validation data (ties: the first listed).
         k: trim density, a list to search, or ``"search"`` (0.1, 0.2, 0.3); ignored by methods without k.
         lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid).
-        val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
-            validation dataloaders evaluate ``task``.
+        val_dataloaders: other tasks' validation dataloaders, name -> dataloader (this run's evaluate ``task``).
         metrics: metric template or ``{task: metric}`` (default arg-max accuracy).
         heads: regexes naming head keys besides those that differ across tasks (checked at ``setup``).
         objective: ``"mean"`` (of the first metric over tasks), ``"normalized"`` (mean of merged /
@@ -89,10 +90,13 @@ class TiesMerging(Callback):
         apply: ``"merged"`` (the module ends holding the merge; ``save_dir/merged.ckpt`` too) or ``"keep"``
             (the fine-tuned weights stay; the merge goes to ``save_dir/merged.safetensors``).
         save_dir: where results (``search.json``, ``search.csv``), progress, the captured base
-            (``base.safetensors``, which checkpoints reference) and the merged model go.
+            (``base.safetensors``, which checkpoints reference) and the merged model go; by default
+            ``<Trainer default_root_dir>/ties_merging/<task>-<hash>`` (all but ``merged.ckpt``).
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
             second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
+        max_candidates: larger search grids (method x k x lam) are refused; pass the grid's size to confirm.
+        val_datamodules: name -> ``LightningDataModule`` (writable in YAML); its ``val_dataloader()`` is used.
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -123,10 +127,13 @@ class TiesMerging(Callback):
         exclude: str | Sequence[str] | None = None,
         forward_fn: ForwardFn | None = None,
         base_device: str = "cpu",
+        max_candidates: int = MAX_CANDIDATES,
+        val_datamodules: dict[str, Any] | None = None,
     ) -> None:
         # the default k=0.2 is ignored, not refused, when no method trims
-        self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False)
-        _check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
+        self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False,
+                                           max_candidates=max_candidates)
+        check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:
             raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
@@ -138,16 +145,20 @@ class TiesMerging(Callback):
         self.lam_grids = {m: list(g) for m, g in self.options.lams.items()}
         self.lams = self.lam_grids[self.method]
         self.val_dataloaders = dict(val_dataloaders or {})
-        self._check_tasks_given()
+        self.val_datamodules = check_datamodules(val_datamodules, self.val_dataloaders)
         self.base, self.metrics, self.heads = base, metrics, heads
+        self._check_tasks_given()
         self.objective, self.mode, self.search_strategy, self.normalize = objective, mode, search_strategy, normalize
         self.every_n_val_epochs, self.apply, self.save_dir = every_n_val_epochs, apply, save_dir
+        self.output_dir: str | Path | None = save_dir  #: ``save_dir``, else a folder under ``default_root_dir``
         self.method_params, self.include, self.exclude = dict(method_params or {}), include, exclude
         self.forward_fn, self.base_device = forward_fn, base_device
         self.result: SearchResult | None = None
         self._progress: SearchResult | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
         self._base_ref: dict[str, Any] | None = None  # {"path", "sha256"}: what checkpoints hold instead of the base
+        #: the given sources' fingerprints (base and tasks): a resume with a changed one is refused
+        self._fingerprints: dict[str, Any] | None = None
         #: the step an ``apply="merged"`` merge was applied at (a checkpoint from after it holds the merge already)
         self._merged_at_step: int | None = None
         self._in_fit_loop = False
@@ -158,10 +169,9 @@ class TiesMerging(Callback):
     def _check_tasks_given(self) -> None:
         """Fail at construction when there is nothing to merge with or a dataloader names an unknown task."""
         if not self.tasks:
-            raise ValueError(
-                "nothing to merge with: give tasks={name: checkpoint} (or use ContinualTiesMerging with a store)"
-            )
-        check_known_tasks(self.val_dataloaders, set(self.tasks) | {self.task})
+            raise ValueError("nothing to merge with: give tasks={name: checkpoint} (or ContinualTiesMerging with a store)")
+        check_known_tasks({**self.val_dataloaders, **self.val_datamodules}, set(self.tasks) | {self.task})
+        check_metric_tasks(self.metrics, set(self.tasks) | {self.task})
 
     @property
     def searching(self) -> bool:
@@ -171,14 +181,11 @@ class TiesMerging(Callback):
     @property
     def state_key(self) -> str:
         """One checkpoint key per (class, method, task, tasks, grids), as ``ModelCheckpoint``'s: instances coexist."""
-        if len(self.methods) == 1:  # the key of single-method instances is unchanged: their checkpoints resume
-            method: Any = self.method
-            lams: Any = self.lams
-        else:
-            method, lams = list(self.methods), self.lam_grids
-        return self._generate_state_key(
-            method=method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=lams, save_dir=self.save_dir,
-        )
+        # the key of single-method instances is unchanged: their checkpoints resume
+        single = len(self.methods) == 1
+        method, lams = (self.method, self.lams) if single else (list(self.methods), self.lam_grids)
+        return self._generate_state_key(method=method, task=self.task, tasks=sorted(self.tasks), k=self.ks, lam=lams,
+                                        save_dir=self.save_dir)
 
     # ---- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -187,6 +194,9 @@ class TiesMerging(Callback):
             return
         self._sharded = sharded_merging(self, trainer)  # None: the module is whole
         _check_siblings(trainer)
+        self.output_dir = self.save_dir or default_save_dir(trainer.default_root_dir, self.task, self.state_key)
+        prepare_output_dir(self.output_dir, self.apply, trainer.is_global_zero)
+        self.val_dataloaders.update(datamodule_loaders(self.val_datamodules))
         self._check_data(trainer)
         self._check_sources(pl_module)
 
@@ -197,6 +207,8 @@ class TiesMerging(Callback):
             self._base_state = self._capture_base(pl_module)
         if self._base_ref is None:
             self._base_ref = self._record_base(trainer)
+        if self._fingerprints is None:
+            self._fingerprints = source_fingerprints(self.base, self.tasks)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._in_fit_loop = True
@@ -209,7 +221,7 @@ class TiesMerging(Callback):
         if n is None or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
         if (trainer.current_epoch + 1) % n == 0:
-            self._score_merge_inline(trainer, pl_module)
+            _score_merge_inline(self, trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Merge once the fit loop is done: the search validates candidates with ``trainer.validate``.
@@ -266,7 +278,7 @@ class TiesMerging(Callback):
             return SearchResult(method=self.method, reason=reason, chosen=(k, lam))
         evaluator.fingerprint_extra = {"step": trainer.global_step, "weights": checksum(finetuned)}
         if self._progress is None:
-            self._progress = read_progress(self.save_dir)
+            self._progress = read_progress(self.output_dir)
         evaluator.search_result = self._progress
         result = evaluator.search_with(
             runner, loaders, self.options, on_candidate=lambda _: self._save_progress(evaluator, trainer)
@@ -296,33 +308,17 @@ class TiesMerging(Callback):
         return evaluator
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, finetuned: dict[str, torch.Tensor]) -> None:
-        if self.save_dir is not None and self.result is not None:
-            write_results(self.save_dir, self.result)
+        if self.output_dir is not None and self.result is not None and trainer.is_global_zero:
+            write_results(self.output_dir, self.result)
         if self.apply == "keep" and trainer.is_global_zero:  # every rank holds the same merge; one writes it
             save_safetensors(clone_state(pl_module), Path(self.save_dir) / "merged.safetensors")  # type: ignore[arg-type]
         if self.apply == "keep" or self._in_fit_loop:  # a merge asked for mid-fit must not change training
             copy_into(pl_module, finetuned)
             return
         self._merged_at_step = trainer.global_step
-        if self.save_dir is not None:
-            save_checkpoint_atomically(trainer, Path(self.save_dir) / MERGED_CHECKPOINT)
-
-    def _score_merge_inline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Score the merge with the first k and the method's lam in a plain loop, then restore the fine-tuned weights."""
-        loaders = self._dataloaders(trainer)
-        if self._base_state is None or not loaders:
-            return
-        finetuned = clone_state(pl_module)
-        tasks = self._task_sources(trainer, finetuned, add_this_run=False)
-        merger = Merger(**self._merger_args(pl_module, tasks))
-        merger.merge_device = trainer.strategy.root_device
-        try:
-            merger.apply_merge(self.ks[0], None)
-            scores = merger.score(merger.check_dataloaders(loaders))
-        finally:
-            copy_into(pl_module, finetuned)
-        for name, value in summarize(scores).items():
-            pl_module.log(name, value, add_dataloader_idx=False)
+        if self.save_dir is not None:  # asked for: the default folder holds no second copy of the model
+            # a merged model: weights and hyper-parameters, no optimizer state (still load_from_checkpoint-able)
+            save_checkpoint_atomically(trainer, Path(self.save_dir) / MERGED_CHECKPOINT, weights_only=True)
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _dataloaders(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -335,6 +331,7 @@ class TiesMerging(Callback):
     def _check_data(self, trainer: pl.Trainer) -> None:
         names = self._task_names()
         check_known_tasks(self.val_dataloaders, names)
+        check_metric_tasks(self.metrics, names)
         has_own = self.task in self.val_dataloaders or fit_has_val_data(trainer)
         given = set(self.val_dataloaders) | ({self.task} if has_own else set())
         note = check_fit_data(self.options, names, given, self.task)
@@ -364,7 +361,7 @@ class TiesMerging(Callback):
 
     def _record_base(self, trainer: pl.Trainer) -> dict[str, Any] | None:
         """What checkpoints keep instead of the base (see :func:`~lightning_ties.core.base_state.base_reference`)."""
-        return base_reference(self.base, self.save_dir, self._base_state, trainer.is_global_zero,
+        return base_reference(self.base, self.output_dir, self._base_state, trainer.is_global_zero,
                               trainer.strategy.barrier)
 
     # ---- progress and state ----------------------------------------------------------------------
@@ -372,7 +369,7 @@ class TiesMerging(Callback):
         """Record the finished candidates (:func:`~.checkpoints.save_progress`)."""
         self._progress = evaluator.search_result
         if self._progress is not None:
-            save_progress(trainer, self._progress, self.save_dir, self._in_fit_loop)
+            save_progress(trainer, self._progress, self.output_dir, self._in_fit_loop)
 
     def _live_progress(self) -> SearchResult | None:
         """The search progress as of now: the running search's finished candidates and measured references."""
@@ -388,6 +385,7 @@ class TiesMerging(Callback):
         return {
             "base": self._base_state if keep_tensors else None,
             "base_ref": dict(self._base_ref) if self._base_ref is not None else None,
+            "sources": self._fingerprints,
             "merged_at_step": self._merged_at_step,
             "progress": progress.to_dict() if progress is not None else None,
             "result": self.result.to_dict() if self.result is not None else None,
@@ -399,6 +397,9 @@ class TiesMerging(Callback):
         if ref is not None:
             check_base_file(ref)
             self._base_ref = dict(ref)
+        if state_dict.get("sources") is not None:  # a changed task would reuse candidates scored on its old weights
+            self._fingerprints = source_fingerprints(self.base, self.tasks)
+            check_fingerprints(state_dict["sources"], self._fingerprints, "the checkpoint's TiesMerging search")
         if state_dict.get("base") is not None:
             self._base_state = dict(state_dict["base"])
         self._merged_at_step = state_dict.get("merged_at_step")
@@ -424,6 +425,24 @@ class _MergeInProgress(NamedTuple):
     evaluator: MultiTaskMergeModule
 
 
+def _score_merge_inline(callback: TiesMerging, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """``every_n_val_epochs``: score the merge (first k, the method's lam) in a plain loop, then restore the weights."""
+    loaders = callback._dataloaders(trainer)
+    if callback._base_state is None or not loaders:
+        return
+    finetuned = clone_state(pl_module)
+    tasks = callback._task_sources(trainer, finetuned, add_this_run=False)
+    merger = Merger(**callback._merger_args(pl_module, tasks))
+    merger.merge_device = trainer.strategy.root_device
+    try:
+        merger.apply_merge(callback.ks[0], None)
+        scores = merger.score(merger.check_dataloaders(loaders))
+    finally:
+        copy_into(pl_module, finetuned)
+    for name, value in summarize(scores).items():
+        pl_module.log(name, value, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")  # same on every rank
+
+
 def log_choice(trainer: pl.Trainer, result: SearchResult) -> None:
     """Log the chosen (k, lam) and its objective to the Trainer's loggers, and say what was chosen."""
     values = {"merge/best/lam": float(result.lam)} if result.lam is not None else {}
@@ -434,18 +453,6 @@ def log_choice(trainer: pl.Trainer, result: SearchResult) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(values, step=trainer.global_step)
     rank_zero_info(f"TiesMerging: {result.reason}; chose method={result.method}, k={result.k}, lam={result.lam}")
-
-
-def _check_arguments(heads: Any, apply: str, save_dir: str | None, every_n_val_epochs: int | None, base_device: str) -> None:
-    """The callback's other arguments, checked when it is built (a typo fails before any training step)."""
-    check_choice("apply", apply, ("merged", "keep"))
-    if heads is not None and not isinstance(heads, torch.nn.Module):  # a malformed regex fails now
-        compile_patterns([h for h in ([heads] if isinstance(heads, str) else heads) if isinstance(h, str)], "heads")
-    if apply == "keep" and save_dir is None:
-        raise ValueError("apply='keep' writes the merged model to save_dir; pass save_dir")
-    if every_n_val_epochs is not None and every_n_val_epochs < 1:
-        raise ValueError(f"every_n_val_epochs must be a positive integer, got {every_n_val_epochs}")
-    check_base_device(base_device)
 
 
 def _base_source(base: Any, module: pl.LightningModule) -> Any:

@@ -40,7 +40,9 @@ from ..core.options import SearchOptions
 from ..core.progress import SearchProgress
 from ..core.search import Candidate, SearchResult
 from ..merging import MergedTaskVector
+from ..merging.grids import MAX_CANDIDATES
 from ._compat import pl, rank_zero_info
+from .sharded import refuse_sharded
 
 
 def _merger_state(name: str, doc: str, settable: bool = False) -> property:
@@ -180,6 +182,9 @@ class MultiTaskMergeModule(pl.LightningModule):
         finally:
             self._pending = None
 
+    def setup(self, stage: str) -> None:
+        refuse_sharded(self.trainer, "MultiTaskMergeModule")
+
     def on_validation_start(self) -> None:
         # ``trainer.validate(module, dataloaders={"a": dl_a, ...})`` names the tasks by the dict's keys
         loaders = self.trainer.val_dataloaders
@@ -209,8 +214,8 @@ class MultiTaskMergeModule(pl.LightningModule):
             values[f"{prefix}/lam"] = self.current[1]
         step = self._candidate_step
         for name, value in self.log_values(self.trainer, values, prefix, step).items():
-            # callback_metrics only (trainer.validate's return, monitors): the loggers got them with their step
-            self.log(name, value, add_dataloader_idx=False, logger=False)
+            # callback_metrics only (trainer.validate's return, monitors; loggers got them): same on every rank
+            self.log(name, value, add_dataloader_idx=False, logger=False, sync_dist=True, reduce_fx="max")
 
     def log_values(
         self, trainer: pl.Trainer | None, values: Mapping[str, float], prefix: str, step: int | None = None
@@ -315,6 +320,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         resume: bool = True,
         on_candidate: Callable[[Candidate], None] | None = None,
         log_prefix: str | None = None,
+        max_candidates: int = MAX_CANDIDATES,
     ) -> SearchResult:
         """Pick the method, k and lam on the validation dataloaders, then leave the best merge applied.
 
@@ -331,14 +337,14 @@ class MultiTaskMergeModule(pl.LightningModule):
                 without k (task arithmetic, TSV-M, Iso-C) ignore it.
             lam: ``"paper"`` (each method's own paper grid: TIES 0.8..2.5, task arithmetic 0.1..1.0,
                 the subspace methods 0.1..3.0), a number or a list (the same for every method).
-            strategy: ``"grid"`` or ``"coarse_to_fine"``.
+            strategy, mode: ``"grid"`` or ``"coarse_to_fine"``; ``"max"`` or ``"min"``.
             objective: ``"mean"``, ``"normalized"``, ``"mean:<metric>"`` or a callable of the scores.
-            mode: ``"max"`` or ``"min"``.
             normalize: measure each fine-tuned model's score once, for normalized scores.
             resume: reuse finished candidates of ``self.search_result`` when it is the same search.
             on_candidate: called after each new candidate (e.g. to save progress).
             log_prefix: where candidates are logged (default :attr:`log_prefix`, ``"merge"``; e.g.
                 ``"merge/val"``): candidate i at logger step i, with its ``k`` and ``lam``.
+            max_candidates: a larger grid is refused (default 10,000; pass the grid's size to confirm it).
 
         Progress: one line per candidate through ``rank_zero_info`` ("candidate i of N: k, lam, score;
         best so far") and, when the trainer shows a progress bar, one bar over the candidates with
@@ -349,7 +355,7 @@ class MultiTaskMergeModule(pl.LightningModule):
             ``best = module.search(trainer, loaders, method=["ties", "tsv"], lam="paper")`` (then ``best.method``)
         """
         options = SearchOptions.build(self.method if method is None else method, k, lam, objective, mode, strategy,
-                                      normalize)
+                                      normalize, max_candidates=max_candidates)
         return self.search_with(trainer, dataloaders, options, resume, on_candidate, log_prefix)
 
     def search_with(
@@ -391,11 +397,8 @@ class MultiTaskMergeModule(pl.LightningModule):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ties_merging"] = {
-            "search": self.search_result.to_dict() if self.search_result is not None else None,
-            "reference": self.reference,
-            "current": self.current,
-        }
+        search = self.search_result.to_dict() if self.search_result is not None else None
+        checkpoint["ties_merging"] = {"search": search, "reference": self.reference, "current": self.current}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ties_merging")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.inputs import MERGED_CHECKPOINT
 from ..core.keys import match_to_module
 from ..core.merger import takes_task
 from ..core.metrics import TaskMetrics
@@ -33,9 +34,6 @@ from ..distributed.views import RowsSource
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
 from ._compat import pl
-
-#: Written under ``save_dir`` after an ``apply="merged"`` merge (as the unsharded callback's ``merged.ckpt``).
-MERGED_CHECKPOINT = "merged.ckpt"
 
 #: Why DeepSpeed is refused: its ZeRO-3 partitions are flat slices of flattened parameter groups, and its
 #: optimizer keeps fp32 master copies that the next step (or a checkpoint) writes back over the module; a merge
@@ -61,6 +59,21 @@ def sharding_kind(strategy: Any) -> str | None:
     if isinstance(strategy, strategies.FSDPStrategy):
         return "fsdp1"
     return None
+
+
+def refuse_sharded(trainer: pl.Trainer, who: str) -> None:
+    """``who`` (a module that merges whole tensors) refuses a strategy that shards the module, DeepSpeed included.
+
+    Raised at the module's ``setup``, before the strategy splits the weights it would read whole.
+    """
+    strategies = pl.strategies
+    sharding = (strategies.DeepSpeedStrategy, strategies.ModelParallelStrategy, strategies.FSDPStrategy)
+    if isinstance(trainer.strategy, sharding):
+        raise ValueError(
+            f"{who} does not support the sharded strategy {type(trainer.strategy).__name__}: it merges whole "
+            "tensors, which a sharded module does not hold. Run it on one device or under DDP (strategy='ddp'); "
+            "to merge at the end of a sharded fit, use the TiesMerging callback (it merges each rank's shards)"
+        )
 
 
 def sharded_module(trainer: pl.Trainer) -> nn.Module | None:

@@ -263,3 +263,10 @@ def test_a_call_on_one_rank_of_a_job_merges_alone_with_distributed_false_and_oth
     assert_identical(tmp_path / "single", tmp_path / "alone")
     assert proc.returncode != 0 and not (tmp_path / "auto").exists()
     assert "call merge_to on every rank, or pass distributed=False" in proc.stderr
+
+
+def test_one_torch_collectives_serves_merge_to_and_the_sharded_fit():
+    from lightning_ties.distributed import TorchCollectives as sharded_fits
+    from lightning_ties.io.ranks import TorchCollectives as merge_to_ranks
+
+    assert sharded_fits is merge_to_ranks

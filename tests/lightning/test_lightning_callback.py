@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -68,8 +69,12 @@ def test_other_registry_methods_work_through_the_callback(shared_tasks):
 def test_base_is_captured_before_any_step(shared_tasks):
     base, tasks = shared_tasks
     merging = TiesMerging(tasks=tasks, task="c")
-    fit_task_c(merging, val=False)
-    assert_state_close(merging.state_dict()["base"], base)
+    _, _, trainer = fit_task_c(merging, val=False)
+    # issue 19: without save_dir the base goes to a folder under default_root_dir, checkpoints only reference it
+    state = merging.state_dict()
+    assert state["base"] is None and Path(state["base_ref"]["path"]).parent == merging.output_dir
+    assert Path(merging.output_dir).parent == Path(trainer.default_root_dir) / "ties_merging"
+    assert_state_close(load_file(state["base_ref"]["path"]), base)
 
 
 def test_per_task_heads_are_kept_apart():

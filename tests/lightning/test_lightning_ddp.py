@@ -16,6 +16,9 @@ SCRIPT = textwrap.dedent(
     import json, os, sys, warnings
     sys.path.insert(0, sys.argv[3])
     warnings.filterwarnings("ignore")
+    sync_warnings = []
+    warnings.filterwarnings("always", message=".*sync_dist.*")
+    warnings.showwarning = lambda message, *rest: sync_warnings.append(str(message))
     import torch
     import pytorch_lightning as pl
     from conftest import QUIET, fine_tune, pretrained, task_data
@@ -36,7 +39,7 @@ SCRIPT = textwrap.dedent(
 
     # 2. the callback at fit end (task c trains here)
     torch.manual_seed(3)
-    merging = TiesMerging(tasks=tasks, task="c", k=0.2, lam=[0.8, 1.2], val_dataloaders=loaders)
+    merging = TiesMerging(tasks=tasks, task="c", k=0.2, lam=[0.8, 1.2], val_dataloaders=loaders, every_n_val_epochs=1)
     model = pretrained()
     pl.Trainer(max_epochs=1, callbacks=[merging], **trainer_args).fit(model, task_data(3, n=96, batch_size=16),
                                                                         task_data(3, n=96, batch_size=16))
@@ -46,6 +49,7 @@ SCRIPT = textwrap.dedent(
         "search_weights": sum(float(v.double().sum()) for v in module.model.state_dict().values()),
         "fit": [merging.result.k, merging.result.lam, [c.objective for c in merging.result.candidates]],
         "fit_weights": sum(float(v.double().sum()) for v in model.state_dict().values()),
+        "sync_warnings": [w for w in sync_warnings if "merge/" in w or "finetuned/" in w],
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
@@ -77,3 +81,4 @@ def test_ddp_search_and_fit_end_merge_match_a_single_process(tmp_path):
         assert rank["search_weights"] == ranks[0]["search_weights"]  # every rank holds the same merge
         assert rank["fit"] == ranks[0]["fit"] and rank["fit_weights"] == ranks[0]["fit_weights"]
     assert ranks[0]["search_weights"] == pytest.approx(single["search_weights"], rel=1e-6)
+    assert ranks[0]["sync_warnings"] == []  # issue 19: our own merge/... logs do not ask for sync_dist

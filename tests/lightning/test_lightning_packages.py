@@ -214,3 +214,78 @@ def test_lightning_cli_builds_the_continual_callback_from_yaml(package: str, tmp
         print(type(cb).__module__, cb.task, cb.store_dir, cb.start_from, cb.lams)
     """, cwd=tmp_path)
     assert out.split("\n")[-1].split() == [PACKAGES[package] + ".continual", "b", "runs/store", "merged", "[1.2]"]
+
+
+DATAMODULE = '''
+import torch
+from {package} import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TaskData(LightningDataModule):
+    def __init__(self, seed: int = 0, n: int = 8) -> None:
+        super().__init__()
+        self.seed, self.n = seed, n
+
+    def val_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(TensorDataset(torch.randn(self.n, 32, generator=g)), batch_size=4)
+'''
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_lightning_cli_gives_other_tasks_validation_data_as_yaml_datamodules(package: str, tmp_path: Path) -> None:
+    pytest.importorskip("jsonargparse")
+    (tmp_path / "task_data.py").write_text(DATAMODULE.format(package=package))
+    (tmp_path / "cfg.yaml").write_text(textwrap.dedent("""
+        trainer:
+          logger: false
+          accelerator: cpu
+          callbacks:
+            - class_path: lightning_ties.TiesMerging
+              init_args:
+                tasks: {a: a.safetensors}
+                task: b
+                val_datamodules:
+                  a: {class_path: task_data.TaskData, init_args: {seed: 3, n: 12}}
+    """))
+    out = _run(f"""
+        import sys
+        from {package}.cli import LightningCLI
+        from {package}.demos.boring_classes import BoringModel
+        from lightning_ties.core.inputs import datamodule_loaders
+        sys.argv = ["prog", "--config", "cfg.yaml"]
+        cli = LightningCLI(BoringModel, run=False)
+        cb = [c for c in cli.trainer.callbacks if type(c).__name__ == "TiesMerging"][0]
+        dm = cb.val_datamodules["a"]
+        print(type(dm).__name__, dm.seed, len(datamodule_loaders(cb.val_datamodules)["a"].dataset))
+    """, cwd=tmp_path)
+    assert out.split("\n")[-1].split() == ["TaskData", "3", "12"]
+
+
+def test_val_datamodules_feed_the_fit_end_search(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+    from conftest import fine_tune, pretrained, quiet_trainer, task_data
+
+    class TaskData(pl.LightningDataModule):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.seed, self.stages = seed, []
+
+        def setup(self, stage: str) -> None:
+            self.stages.append(stage)
+
+        def val_dataloader(self):
+            return task_data(self.seed)
+
+    base = {k: v.clone() for k, v in pretrained().state_dict().items()}
+    tasks = {"a": fine_tune(base, seed=1), "b": fine_tune(base, seed=2)}
+    modules = {"a": TaskData(1), "b": TaskData(2)}
+    merging = lightning_ties.TiesMerging(tasks=tasks, task="c", lam=[0.8, 1.2], val_datamodules=modules)
+    quiet_trainer(max_epochs=1, callbacks=[merging], default_root_dir=tmp_path).fit(pretrained(), task_data(3), task_data(3))
+    assert merging.result.reason == "search" and set(merging.result.best.scores) == {"a", "b", "c"}
+    assert modules["a"].stages == ["validate"]
+    with pytest.raises(ValueError, match="both val_dataloaders and val_datamodules"):
+        lightning_ties.TiesMerging(tasks=tasks, task="c", val_dataloaders={"a": task_data(1)}, val_datamodules=modules)
+    with pytest.raises(ValueError, match="unknown task"):
+        lightning_ties.TiesMerging(tasks=tasks, task="c", val_datamodules={"typo": TaskData(1)})

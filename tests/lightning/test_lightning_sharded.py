@@ -137,3 +137,27 @@ def test_what_the_sharded_merge_cannot_do_is_refused_at_setup(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sharded_merging(merging, FakeTrainer())
     assert sharded_merging(merging, type("Whole", (), {"strategy": pl.strategies.DDPStrategy()})()) is None
+
+
+@pytest.mark.parametrize("module_kind", ["MultiTaskMergeModule", "LearnedMergeModule"])
+def test_the_merge_modules_refuse_a_sharded_strategy_at_setup(module_kind, tiny):
+    import pytorch_lightning as pl
+
+    from lightning_ties.lightning import LearnedMergeModule, MultiTaskMergeModule
+
+    model, base, tasks = tiny
+    if module_kind == "MultiTaskMergeModule":
+        module = MultiTaskMergeModule(base, tasks, model=model)
+    else:
+        loaders = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 6), torch.zeros(4).long()),
+                                                  batch_size=2) for t in tasks}
+        module = LearnedMergeModule(model, tasks, loaders, base=base, k=0.2, holdout=0.0)
+
+    class FakeTrainer:
+        strategy = pl.strategies.ModelParallelStrategy()
+
+    module._trainer = FakeTrainer()
+    with pytest.raises(ValueError, match=f"{module_kind} does not support the sharded strategy ModelParallelStrategy"):
+        module.setup("validate")
+    module._trainer = type("Whole", (), {"strategy": pl.strategies.DDPStrategy()})()
+    module.setup("validate")  # unsharded: accepted

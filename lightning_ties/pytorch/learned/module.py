@@ -16,6 +16,7 @@ from ...evaluation.metrics import ArgmaxAccuracy
 from ...merging import METHODS, MergeOptions, MergeReport, TaskVectorMerger, as_source, get_method
 from ...merging.plan import Patterns
 from .._compat import pl
+from ..sharded import refuse_sharded
 from ...core.heads import HeadsArg, HeadStore, differing_keys, require_heads
 from ...core.keys import match_to_module
 from ...core.matching import match_sources
@@ -236,6 +237,9 @@ class LearnedMergeModule(pl.LightningModule):
         super().train(mode)
         self.model.eval()  # frozen: no dropout noise, no BatchNorm statistics updates
         return self
+
+    def setup(self, stage: str) -> None:
+        refuse_sharded(self.trainer, "LearnedMergeModule")
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         return self._fit_loaders
