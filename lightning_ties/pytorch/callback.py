@@ -55,7 +55,7 @@ from ..merging.plan import compile_patterns
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
 from .checkpoints import (fit_has_val_data, keep_finetuned_in_checkpoint, reconnect, save_checkpoint_atomically,
                           save_progress)
-from .module import MultiTaskMergeModule
+from .module import MultiTaskMergeModule, rank_zero_decides
 from .sharded import ShardedMerging, sharded_merging
 
 #: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
@@ -70,7 +70,9 @@ class TiesMerging(Callback):
         task: the name of this run's task.
         base: the pretrained model (path or source); ``None`` captures the module at fit start.
         method: a method of the registry, or a list to choose from on validation data (the best
-            candidate over all is applied; ties go to the method listed first).
+            candidate over all is applied; ties go to the method listed first), or ``"auto"``: every
+            registered method coarse to fine on the validation data under ``budget_s``
+            (``MultiTaskMergeModule.search``); without validation data ``"auto"`` is TSV-M.
         k: trim density, a list to search, or ``"search"`` (0.1, 0.2, 0.3); ignored by methods without k.
         lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid).
         val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
@@ -91,6 +93,7 @@ class TiesMerging(Callback):
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
             second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
+        budget_s: wall seconds ``method="auto"`` may spend at fit end (``None``: its whole schedule).
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -121,9 +124,11 @@ class TiesMerging(Callback):
         exclude: str | Sequence[str] | None = None,
         forward_fn: ForwardFn | None = None,
         base_device: str = "cpu",
+        budget_s: float | None = None,
     ) -> None:
         # the default k=0.2 is ignored, not refused, when no method trims
-        self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False)
+        self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False,
+                                           budget_s=budget_s)
         _check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:
@@ -267,7 +272,8 @@ class TiesMerging(Callback):
             self._progress = read_progress(self.save_dir)
         evaluator.search_result = self._progress
         result = evaluator.search_with(
-            runner, loaders, self.options, on_candidate=lambda _: self._save_progress(evaluator, trainer)
+            runner, loaders, self.options, on_candidate=lambda _: self._save_progress(evaluator, trainer),
+            agree=rank_zero_decides(trainer),
         )
         result.reason = "search" if self.searching else "fixed k and lam"
         return result

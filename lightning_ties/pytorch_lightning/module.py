@@ -315,6 +315,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         resume: bool = True,
         on_candidate: Callable[[Candidate], None] | None = None,
         log_prefix: str | None = None,
+        budget_s: float | None = None,
     ) -> SearchResult:
         """Pick the method, k and lam on the validation dataloaders, then leave the best merge applied.
 
@@ -326,7 +327,10 @@ class MultiTaskMergeModule(pl.LightningModule):
         Args:
             trainer: runs the validation loop (``None``: a plain loop, for use inside a running fit).
             dataloaders: ``{task: dataloader}`` for every task.
-            method: merge method or a list of them (default: the module's).
+            method: merge method or a list of them (default: the module's), or ``"auto"``: every
+                registered method (RegMean included) coarse to fine under ``budget_s``
+                (:func:`~lightning_ties.core.search.auto_search`; ``k``/``lam`` given as lists
+                replace the methods' own grids, ``strategy`` is not used).
             k: a number, a list, ``"search"`` (0.1, 0.2, 0.3) or ``None`` (the module's k); methods
                 without k (task arithmetic, TSV-M, Iso-C) ignore it.
             lam: ``"paper"`` (each method's own paper grid: TIES 0.8..2.5, task arithmetic 0.1..1.0,
@@ -339,6 +343,9 @@ class MultiTaskMergeModule(pl.LightningModule):
             on_candidate: called after each new candidate (e.g. to save progress).
             log_prefix: where candidates are logged (default :attr:`log_prefix`, ``"merge"``; e.g.
                 ``"merge/val"``): candidate i at logger step i, with its ``k`` and ``lam``.
+            budget_s: wall seconds ``method="auto"`` may spend (``None``: its whole schedule); the best
+                candidate so far is applied when it runs out (``result.budget_cut``). Under DDP the
+                stop decision is rank 0's, broadcast, so every rank scores the same candidates.
 
         Progress: one line per candidate through ``rank_zero_info`` ("candidate i of N: k, lam, score;
         best so far") and, when the trainer shows a progress bar, one bar over the candidates with
@@ -347,9 +354,10 @@ class MultiTaskMergeModule(pl.LightningModule):
         Example:
             ``best = module.search(trainer, {"a": dl_a, "b": dl_b}, k=[0.1, 0.2, 0.3], lam="paper")``
             ``best = module.search(trainer, loaders, method=["ties", "tsv"], lam="paper")`` (then ``best.method``)
+            ``best = module.search(trainer, loaders, method="auto", budget_s=300)`` (then ``print(best.table)``)
         """
         options = SearchOptions.build(self.method if method is None else method, k, lam, objective, mode, strategy,
-                                      normalize)
+                                      normalize, strict_k=method != "auto", budget_s=budget_s)
         return self.search_with(trainer, dataloaders, options, resume, on_candidate, log_prefix)
 
     def search_with(
@@ -360,8 +368,13 @@ class MultiTaskMergeModule(pl.LightningModule):
         resume: bool = True,
         on_candidate: Callable[[Candidate], None] | None = None,
         log_prefix: str | None = None,
+        agree: Callable[[bool], bool] | None = None,
     ) -> SearchResult:
-        """:meth:`search` with options already checked (what ``TiesMerging`` passes inward)."""
+        """:meth:`search` with options already checked (what ``TiesMerging`` passes inward).
+
+        ``agree``: how ranks share a clock-based decision (default: :func:`rank_zero_decides` of
+        ``trainer``; a caller validating in a plain loop inside a fit passes the fit's).
+        """
         loaders = self.check_dataloaders(dataloaders)
         self.merger.remember_data(loaders)
         result = self.merger.start_search(options, resume)
@@ -370,7 +383,7 @@ class MultiTaskMergeModule(pl.LightningModule):
                 result.reference = self.measure_finetuned(trainer, dataloaders)
             if trainer is not None:
                 self.merge_device = trainer.strategy.root_device  # tau_m is computed there (before each k)
-            progress = SearchProgress(", ".join(options.methods), options.total(self.k), len(result.candidates),
+            progress = SearchProgress("auto" if options.auto else ", ".join(options.methods), options.total(self.k), len(result.candidates),
                                       trainer, rank_zero_info)
 
             def evaluate(kv: float | None, lv: float) -> Scores:
@@ -386,7 +399,7 @@ class MultiTaskMergeModule(pl.LightningModule):
                     on_candidate(candidate)
 
             with progress:
-                self.merger.search(options, result, evaluate, finished)
+                self.merger.search(options, result, evaluate, finished, agree=agree or rank_zero_decides(trainer))
         return result
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -405,6 +418,13 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.reference = dict(state["reference"])
         self.current = tuple(state["current"]) if state["current"] else None  # type: ignore[assignment]
 
+
+
+def rank_zero_decides(trainer: pl.Trainer | None) -> Callable[[bool], bool] | None:
+    """With several processes, a clock-based decision (an auto search's budget) is rank 0's, broadcast."""
+    if trainer is None or trainer.world_size <= 1:
+        return None
+    return lambda go: bool(trainer.strategy.broadcast(go, src=0))
 
 
 def clean_number(value: float) -> float:
@@ -429,4 +449,4 @@ def reference_prefix(log_prefix: str) -> str:
     return f"{log_prefix}/finetuned"
 
 
-__all__ = ["MultiTaskMergeModule", "clean_number", "reference_prefix"]
+__all__ = ["MultiTaskMergeModule", "clean_number", "rank_zero_decides", "reference_prefix"]
