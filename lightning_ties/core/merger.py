@@ -45,7 +45,8 @@ from .matching import match_sources
 from .metrics import MetricsArg, Scores, TaskMetrics
 from .options import SearchOptions
 from .regmean import regmean_task_vector
-from .search import Candidate, SearchResult, auto_search, walk_grid
+from .auto import auto_search
+from .search import Candidate, SearchResult, walk_grid
 
 #: ``forward_fn(model, batch, task) -> (preds, target)``; a two-argument ``forward_fn(model, batch)`` works too.
 ForwardFn = Callable[..., tuple[torch.Tensor, Any]]
@@ -360,8 +361,8 @@ class Merger:
 
         tau_m is computed once per (method, k) (before the first new candidate of each k); the
         best over every method is applied at the end and :attr:`method` becomes its method.
-        ``options.auto``: the budgeted schedule of :func:`~.search.auto_search`, whose budget
-        decision every rank takes from ``agree`` (rank 0's, broadcast) when several processes search.
+        ``options.auto``: the budgeted schedule of :func:`~.auto.auto_search`, whose budget
+        decision every rank takes from ``agree`` (default: rank 0's, broadcast over the process group).
         """
         if options.auto:
             def evaluate(method: str, k: float | None, lam: float) -> Scores:

@@ -57,7 +57,7 @@ from ..merging.plan import compile_patterns
 from ._compat import Callback, TrainerFn, pl, rank_zero_info
 from .checkpoints import (fit_has_val_data, keep_finetuned_in_checkpoint, reconnect, save_checkpoint_atomically,
                           save_progress)
-from .module import MultiTaskMergeModule, rank_zero_decides
+from .module import MultiTaskMergeModule
 from .sharded import ShardedMerging, sharded_merging
 
 #: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
@@ -71,10 +71,8 @@ class TiesMerging(Callback):
         tasks: other tasks, name -> fine-tuned model path (or module / state dict / source).
         task: the name of this run's task.
         base: the pretrained model (path or source); ``None`` captures the module at fit start.
-        method: a method of the registry, or a list to choose from on validation data (the best
-            candidate over all is applied; ties go to the method listed first), or ``"auto"``: every
-            registered method coarse to fine on the validation data under ``budget_s``
-            (``MultiTaskMergeModule.search``); without validation data ``"auto"`` is TSV-M.
+        method: a registry method, a list to choose from on validation data (ties go to the first), or
+            ``"auto"``: every method coarse to fine within ``budget_s`` seconds (no data: TSV-M).
         k: trim density, a list to search, or ``"search"`` (0.1, 0.2, 0.3); ignored by methods without k.
         lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid).
         val_dataloaders: other tasks' validation dataloaders, name -> dataloader; this run's own
@@ -84,8 +82,7 @@ class TiesMerging(Callback):
         objective: ``"mean"`` (of the first metric over tasks), ``"normalized"`` (mean of merged /
             fine-tuned), ``"mean:<metric>"``, ``"normalized:<metric>"``, or a callable of the scores.
         mode: ``"max"`` (higher objective is better) or ``"min"``.
-        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (a coarse lam grid,
-            then the lams around the best).
+        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (coarse lams, then around the best).
         normalize: also score each fine-tuned model on its own task (needed by ``"normalized"``).
         every_n_val_epochs: also score the merge every n validation epochs during fit.
         apply: ``"merged"`` (the module ends holding the merge; ``save_dir/merged.ckpt`` too) or ``"keep"``
@@ -95,7 +92,6 @@ class TiesMerging(Callback):
         method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
             second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
-        budget_s: wall seconds ``method="auto"`` may spend at fit end (``None``: its whole schedule).
 
     Example:
         >>> merging = TiesMerging(tasks={"a": "runs/a.safetensors"}, task="b", k=0.2, lam="search")
@@ -128,9 +124,8 @@ class TiesMerging(Callback):
         base_device: str = "cpu",
         budget_s: float | None = None,
     ) -> None:
-        # the default k=0.2 is ignored, not refused, when no method trims
         self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False,
-                                           budget_s=budget_s)
+                                           budget_s=budget_s)  # the default k=0.2 is ignored when no method trims
         _check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:
@@ -274,8 +269,7 @@ class TiesMerging(Callback):
             self._progress = read_progress(self.save_dir)
         evaluator.search_result = self._progress
         result = evaluator.search_with(
-            runner, loaders, self.options, on_candidate=lambda _: self._save_progress(evaluator, trainer),
-            agree=rank_zero_decides(trainer),
+            runner, loaders, self.options, on_candidate=lambda _: self._save_progress(evaluator, trainer)
         )
         result.reason = "search" if self.searching else "fixed k and lam"
         return result

@@ -287,19 +287,10 @@ class MultiTaskMergeModule(pl.LightningModule):
         """
         loaders = self.check_dataloaders(dataloaders)
         self.merger.remember_data(loaders)
-        with self._logging_under(log_prefix):
+        with _logging_under(self, log_prefix):
             if normalize:
                 self.measure_finetuned(trainer, dataloaders)
             return self.merge_then_validate(trainer, loaders, k, lam)
-
-    @contextmanager
-    def _logging_under(self, log_prefix: str | None) -> Iterator[None]:
-        previous = self.log_prefix
-        self.log_prefix = previous if log_prefix is None else log_prefix
-        try:
-            yield
-        finally:
-            self.log_prefix = previous
 
     def search(
         self,
@@ -327,10 +318,8 @@ class MultiTaskMergeModule(pl.LightningModule):
         Args:
             trainer: runs the validation loop (``None``: a plain loop, for use inside a running fit).
             dataloaders: ``{task: dataloader}`` for every task.
-            method: merge method or a list of them (default: the module's), or ``"auto"``: every
-                registered method (RegMean included) coarse to fine under ``budget_s``
-                (:func:`~lightning_ties.core.search.auto_search`; ``k``/``lam`` given as lists
-                replace the methods' own grids, ``strategy`` is not used).
+            method: merge method or a list of them (default: the module's), or ``"auto"``: every registry
+                method coarse to fine (:func:`~lightning_ties.core.auto.auto_search`; lists of k/lam replace its grids).
             k: a number, a list, ``"search"`` (0.1, 0.2, 0.3) or ``None`` (the module's k); methods
                 without k (task arithmetic, TSV-M, Iso-C) ignore it.
             lam: ``"paper"`` (each method's own paper grid: TIES 0.8..2.5, task arithmetic 0.1..1.0,
@@ -343,9 +332,8 @@ class MultiTaskMergeModule(pl.LightningModule):
             on_candidate: called after each new candidate (e.g. to save progress).
             log_prefix: where candidates are logged (default :attr:`log_prefix`, ``"merge"``; e.g.
                 ``"merge/val"``): candidate i at logger step i, with its ``k`` and ``lam``.
-            budget_s: wall seconds ``method="auto"`` may spend (``None``: its whole schedule); the best
-                candidate so far is applied when it runs out (``result.budget_cut``). Under DDP the
-                stop decision is rank 0's, broadcast, so every rank scores the same candidates.
+            budget_s: wall seconds ``method="auto"`` may spend (``None``: no limit); then the best so far is
+                applied (``result.budget_cut``); under DDP rank 0 decides for all, so every rank agrees.
 
         Progress: one line per candidate through ``rank_zero_info`` ("candidate i of N: k, lam, score;
         best so far") and, when the trainer shows a progress bar, one bar over the candidates with
@@ -368,23 +356,18 @@ class MultiTaskMergeModule(pl.LightningModule):
         resume: bool = True,
         on_candidate: Callable[[Candidate], None] | None = None,
         log_prefix: str | None = None,
-        agree: Callable[[bool], bool] | None = None,
     ) -> SearchResult:
-        """:meth:`search` with options already checked (what ``TiesMerging`` passes inward).
-
-        ``agree``: how ranks share a clock-based decision (default: :func:`rank_zero_decides` of
-        ``trainer``; a caller validating in a plain loop inside a fit passes the fit's).
-        """
+        """:meth:`search` with options already checked (what ``TiesMerging`` passes inward)."""
         loaders = self.check_dataloaders(dataloaders)
         self.merger.remember_data(loaders)
         result = self.merger.start_search(options, resume)
-        with self._logging_under(log_prefix):
+        with _logging_under(self, log_prefix):
             if options.normalize:
                 result.reference = self.measure_finetuned(trainer, dataloaders)
             if trainer is not None:
                 self.merge_device = trainer.strategy.root_device  # tau_m is computed there (before each k)
-            progress = SearchProgress("auto" if options.auto else ", ".join(options.methods), options.total(self.k), len(result.candidates),
-                                      trainer, rank_zero_info)
+            label = "auto" if options.auto else ", ".join(options.methods)
+            progress = SearchProgress(label, options.total(self.k), len(result.candidates), trainer, rank_zero_info)
 
             def evaluate(kv: float | None, lv: float) -> Scores:
                 self._candidate_step = len(result.candidates)  # candidate i is logged at step i
@@ -399,7 +382,7 @@ class MultiTaskMergeModule(pl.LightningModule):
                     on_candidate(candidate)
 
             with progress:
-                self.merger.search(options, result, evaluate, finished, agree=agree or rank_zero_decides(trainer))
+                self.merger.search(options, result, evaluate, finished)
         return result
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -420,11 +403,15 @@ class MultiTaskMergeModule(pl.LightningModule):
 
 
 
-def rank_zero_decides(trainer: pl.Trainer | None) -> Callable[[bool], bool] | None:
-    """With several processes, a clock-based decision (an auto search's budget) is rank 0's, broadcast."""
-    if trainer is None or trainer.world_size <= 1:
-        return None
-    return lambda go: bool(trainer.strategy.broadcast(go, src=0))
+@contextmanager
+def _logging_under(module: MultiTaskMergeModule, log_prefix: str | None) -> Iterator[None]:
+    """``module.log_prefix`` set to ``log_prefix`` (``None``: unchanged) for the block."""
+    previous = module.log_prefix
+    module.log_prefix = previous if log_prefix is None else log_prefix
+    try:
+        yield
+    finally:
+        module.log_prefix = previous
 
 
 def clean_number(value: float) -> float:
@@ -449,4 +436,4 @@ def reference_prefix(log_prefix: str) -> str:
     return f"{log_prefix}/finetuned"
 
 
-__all__ = ["MultiTaskMergeModule", "clean_number", "rank_zero_decides", "reference_prefix"]
+__all__ = ["MultiTaskMergeModule", "clean_number", "reference_prefix"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from lightning_ties.core.options import AutoGrid, SearchOptions, auto_methods
-from lightning_ties.core.search import COARSE_SHARE, SearchResult, auto_search, coarse_lam_indices
+from lightning_ties.core.auto import COARSE_SHARE, auto_search, coarse_lam_indices
+from lightning_ties.core.search import SearchResult
 from lightning_ties.merging import METHODS, SUBSPACE_LAM_GRID
 
 
@@ -49,8 +50,9 @@ def test_auto_methods_cover_the_registry_best_first_and_regmean_only_with_data()
 
 
 def test_coarse_lams_surround_each_default() -> None:
-    assert [SUBSPACE_LAM_GRID[i] for i in coarse_lam_indices(SUBSPACE_LAM_GRID, 1.0)] == [0.5, 1.0, 1.5]
-    assert coarse_lam_indices([0.1, 0.2], 5.0) == [0, 1] and coarse_lam_indices([1.0], 1.0) == [0]
+    # the default first: a budget cut after one candidate leaves the method's data-free recipe scored
+    assert [SUBSPACE_LAM_GRID[i] for i in coarse_lam_indices(SUBSPACE_LAM_GRID, 1.0)] == [1.0, 0.5, 1.5]
+    assert coarse_lam_indices([0.1, 0.2], 5.0) == [1, 0] and coarse_lam_indices([1.0], 1.0) == [0]
 
 
 def test_auto_finds_the_clear_winner_off_the_coarse_grid() -> None:
@@ -88,7 +90,7 @@ def test_a_costly_first_candidate_is_predicted_from_the_measured_ones() -> None:
     # computing tau_m (a (method, k)'s first candidate) costs 5 s, each further lam 1 s; the coarse
     # pass may end by 0.6 * 19 = 11.4 s: after TSV-M's three (7 s) the next method's first candidate,
     # predicted at 5 s, is not started, though a lam-only one (1 s) would fit
-    cost = lambda m, k, lam: 5.0 if (m, lam) in {("tsv", 0.5), ("iso_cts", 0.8)} else 1.0  # noqa: E731
+    cost = lambda m, k, lam: 5.0 if (m, lam) in {("tsv", 1.0), ("iso_cts", 1.3)} else 1.0  # noqa: E731
     clock = FakeClock(peaked("tsv", 1.0), cost)
     result = auto_search(clock.evaluate, GRIDS, budget_s=19.0, clock=clock.now)
     assert [c.method for c in result.candidates if c.phase == "coarse"] == ["tsv"] * 3
