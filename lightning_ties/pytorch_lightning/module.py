@@ -345,7 +345,7 @@ class MultiTaskMergeModule(pl.LightningModule):
             ``best = module.search(trainer, loaders, method="auto", budget_s=300)`` (then ``print(best.table)``)
         """
         options = SearchOptions.build(self.method if method is None else method, k, lam, objective, mode, strategy,
-                                      normalize, strict_k=method != "auto", budget_s=budget_s)
+                                      normalize, budget_s=budget_s)
         return self.search_with(trainer, dataloaders, options, resume, on_candidate, log_prefix)
 
     def search_with(
