@@ -130,6 +130,10 @@ class SearchGrid:
 
     ``max_candidates``: a grid of more (k, lam, method) candidates is refused before any work, as
     a likely typo (a list pasted twice, a range too fine); raise it to confirm a larger search.
+
+    ``method: auto`` (``lightning-ties search`` only): choose among every registry method
+    (RegMean included) coarse to fine on validation data, each over its own grids (only lists in
+    ``k``/``lam`` replace them), within ``budget_s`` wall seconds (``None``: the whole schedule).
     """
 
     k: Any = field(default_factory=lambda: [0.1, 0.2, 0.3])
@@ -138,6 +142,8 @@ class SearchGrid:
     objective: str = "mean"
     methods: Optional[List[str]] = None
     max_candidates: int = 10_000
+    method: Optional[str] = None
+    budget_s: Optional[float] = None
 
 
 @dataclass
@@ -593,6 +599,8 @@ def _check_choices(cfg: Any, where: str) -> None:
     if isinstance(cfg, DemoConfig):
         if getattr(cfg.search, "methods", None):
             raise ConfigError(f"{where}: search.methods: the demo runs every method of `methods` (its own rows); leave search.methods out")
+        if getattr(cfg.search, "method", None):
+            raise ConfigError(f"{where}: search.method: the demo runs every method of `methods` (its own rows); leave it out")
         unknown = [m for m in cfg.methods if m != LEARNED and m not in METHODS]
         if unknown:
             raise ConfigError(
@@ -608,10 +616,30 @@ def _check_choices(cfg: Any, where: str) -> None:
             raise ConfigError(f"{where}: tasks: the demo needs at least two tasks to merge, got {cfg.tasks}")
 
 
+def _check_auto(grid: SearchGrid, method: Any, where: str) -> bool:
+    """``search.method`` / ``search.budget_s``: whether the search is ``method: auto`` (refusing what contradicts it)."""
+    if grid.budget_s is not None and not (isinstance(grid.budget_s, (int, float)) and grid.budget_s > 0):
+        raise ConfigError(f"{where}: search.budget_s={grid.budget_s!r}: expected a positive number of seconds")
+    if grid.method is None:
+        if grid.budget_s is not None:
+            raise ConfigError(f"{where}: search.budget_s limits search.method=auto only; set it or leave budget_s out")
+        return False
+    if grid.method != "auto":
+        raise ConfigError(f"{where}: search.method={grid.method!r}: only 'auto' (name one method in method.name, "
+                          "several in search.methods)")
+    if grid.methods is not None:
+        raise ConfigError(f"{where}: search.method=auto chooses among every registry method; leave search.methods out")
+    if isinstance(method, Mapping) and method.get("name") == LEARNED:
+        raise ConfigError(f"{where}: search.method=auto chooses among registry methods; leave it out with method.name=learned")
+    return True
+
+
 def _check_grid(grid: SearchGrid, method: Any, where: str) -> None:
     """The search grids, checked by the same validator the Lightning search uses (before any work)."""
     name = method.get("name") if isinstance(method, Mapping) else None
     name = name if name in METHODS else None  # "learned" searches TIES's k; its lam is learned
+    if _check_auto(grid, method, where):
+        return  # each method's own grids, an adaptive number of candidates
     names: list[Any] = [name]
     if grid.methods is not None:
         if isinstance(grid.methods, str) or not list(grid.methods):

@@ -61,6 +61,22 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
             report.add_row(learned_row(result, scores))
             report.extra["learned"] = result.to_dict()
             merged_state = result.state_dict
+        elif cfg.search.method == "auto":
+            result = _search_auto(cfg, scorer, val, console)
+            name = result.method
+            merged_state = None
+            if get_method(name).needs_data:  # RegMean: its Gram matrices stay those of the validation data
+                merged_state = _merged_body(module)
+                scores = scorer.score_weights(eval_loaders, merged_state)
+            else:
+                scores = scorer.score_merged(eval_loaders, name, result.k, result.lam)
+            report.add_row(ResultRow(f"{name} (auto)", name, "auto on val", scores, result.k, result.lam))
+            report.extra["auto"] = {"summary": result.summary, "budget_s": result.budget_s,
+                                    "budget_cut": result.budget_cut, "candidates": result.rows()}
+            for m in result.methods:  # one curve per method tried, each marking its own best point
+                part = SearchResult(method=m, candidates=[c for c in result.candidates if c.method == m], mode=result.mode)
+                if part.candidates:
+                    report.searches.append(SearchCurve.from_search(m, part, cfg.search.objective))
         else:
             # search.methods: choose the method on validation data too, each over its own lam grid
             methods = list(cfg.search.methods or [name])
@@ -87,6 +103,29 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
     log_report(report, logger)
     show_report(report, paths, saved)
     return 0
+
+
+def _search_auto(cfg: SearchConfig, scorer: TaskScorer, val: Mapping[str, Any], console: Console) -> SearchResult:
+    """``search.method: auto``: every registry method coarse to fine on ``val`` within ``search.budget_s``."""
+    grid = cfg.search
+    bar = console.progress(None, "searching auto")
+    with bar:
+        result = scorer.module.search(
+            scorer.trainer, dict(val), method="auto", k=grid.k, lam=grid.lam, objective=grid.objective,
+            normalize=grid.objective.startswith("normalized"), resume=False, on_candidate=lambda _c: bar.update(),
+            log_prefix=scorer.search_prefix, budget_s=grid.budget_s,
+        )
+    console.say(f"auto: {result.summary}")
+    return result
+
+
+def _merged_body(module: MultiTaskMergeModule) -> dict[str, Any]:
+    """The merge the module holds, with the base's heads (as ``merge_to`` writes them)."""
+    state = {key: value.detach().clone() for key, value in module.model.state_dict().items()}
+    for key in module.head_keys:
+        if key in module.merger.base_source.keys():
+            state[key] = module.merger.base_source.get(key)
+    return state
 
 
 def _learn(cfg: SearchConfig, model: nn.Module, val: Mapping[str, Any]) -> Any:

@@ -46,6 +46,7 @@ from .matching import match_sources
 from .metrics import MetricsArg, Scores, TaskMetrics
 from .options import SearchOptions
 from .regmean import regmean_task_vector
+from .auto import auto_search
 from .search import Candidate, SearchResult, walk_grid
 
 #: ``forward_fn(model, batch, task) -> (preds, target)``; a two-argument ``forward_fn(model, batch)`` works too.
@@ -355,18 +356,32 @@ class Merger:
         result: SearchResult,
         score: Callable[[float | None, float], Scores],
         on_candidate: Callable[[Candidate], None] | None = None,
+        agree: Callable[[bool], bool] | None = None,
     ) -> SearchResult:
         """Score every candidate of ``options`` not yet in ``result`` with ``score(k, lam)``; apply the best.
 
         tau_m is computed once per (method, k) (before the first new candidate of each k); the
         best over every method is applied at the end and :attr:`method` becomes its method.
+        ``options.auto``: the budgeted schedule of :func:`~.auto.auto_search`, whose budget
+        decision every rank takes from ``agree`` (default: rank 0's, broadcast over the process group).
         """
+        if options.auto:
+            def evaluate(method: str, k: float | None, lam: float) -> Scores:
+                self.use_method(method)
+                return score(k, lam)
+
+            auto_search(evaluate, options.auto_grids(), options.objective, options.mode, result, options.budget_s,
+                        on_candidate, agree=agree)
+            return self._apply_best(result)
         for method, (ks, lams) in options.grids(self.k).items():
             self.use_method(method)
             walk_grid(
                 score, ks, lams, options.strategy, options.objective, options.mode, result, on_candidate,
                 before_k=self.task_vector, method=method,
             )
+        return self._apply_best(result)
+
+    def _apply_best(self, result: SearchResult) -> SearchResult:
         result.method = result.best_method
         self.use_method(result.method)
         self.apply_merge(result.k, result.lam)

@@ -20,14 +20,53 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ..merging import get_method
-from ..merging.grids import MAX_CANDIDATES, check_k_grid, check_lam_grid, grid_size_problem
+from ..merging import METHODS, get_method
+from ..merging.grids import DEFAULT_K_GRID, MAX_CANDIDATES, check_k_grid, check_lam_grid, grid_size_problem
+from ..merging.registry import AUTO_METHOD
 from .metrics import SearchObjective
 
 STRATEGIES = ("grid", "coarse_to_fine")
 MODES = ("max", "min")
 #: What a string objective may start with (``"mean"``, ``"normalized:acc"``).
 OBJECTIVE_KINDS = ("mean", "normalized")
+
+
+#: ``method="auto"`` with validation data: the order candidates are tried in (the budget cuts the
+#: tail, ties go to the earlier method): the best data-free method on record first, then the methods
+#: that came close on the benchmarks (bench_methods.py: Iso-CTS/Iso-C with a searched scale, WUDI,
+#: ACE), RegMean, the classic ones, then every other registered method in registry order.
+AUTO_FIRST = (AUTO_METHOD, "iso_cts", "iso_c", "wudi", "ace", "regmean", "ties", "task_arithmetic")
+
+
+def auto_methods(with_data_methods: bool = True) -> list[str]:
+    """The methods ``method="auto"`` searches, in the order they are tried.
+
+    ``with_data_methods=False`` leaves out the methods that need each task's data (RegMean), for
+    layers that cannot compute them (a sharded fit-end merge).
+
+    Example:
+        >>> auto_methods()[:3], "regmean" in auto_methods(False)
+        (['tsv', 'iso_cts', 'iso_c'], False)
+    """
+    names = list(dict.fromkeys([m for m in AUTO_FIRST if m in METHODS] + list(METHODS)))
+    return [m for m in names if with_data_methods or not get_method(m).needs_data]
+
+
+@dataclass(frozen=True)
+class AutoGrid:
+    """One method's grids in an auto search: the coarse pass uses ``ks[0]`` and lams around ``default_lam``.
+
+    Attributes:
+        method: the registered method.
+        ks: its k values (``[None]`` without k), the method's default first.
+        lams: its lam grid, sorted.
+        default_lam: where the coarse lams are centred (the method's default).
+    """
+
+    method: str
+    ks: tuple[float | None, ...]
+    lams: tuple[float, ...]
+    default_lam: float
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -102,6 +141,9 @@ class SearchOptions:
         mode: ``"max"`` or ``"min"``.
         strategy: ``"grid"`` or ``"coarse_to_fine"``.
         normalize: measure each fine-tuned model's own score (needed by ``"normalized"``).
+        auto: ``method="auto"``: a budgeted coarse-to-fine search over :attr:`methods`
+            (:func:`~.search.auto_search`) instead of walking each grid.
+        budget_s: wall seconds an auto search may spend (``None``: no limit).
     """
 
     methods: tuple[str, ...]
@@ -111,6 +153,8 @@ class SearchOptions:
     mode: str = "max"
     strategy: str = "grid"
     normalize: bool = True
+    auto: bool = False
+    budget_s: float | None = None
 
     @classmethod
     def build(
@@ -124,6 +168,8 @@ class SearchOptions:
         normalize: bool = True,
         strict_k: bool = True,
         max_candidates: int = MAX_CANDIDATES,
+        budget_s: float | None = None,
+        with_data_methods: bool = True,
     ) -> SearchOptions:
         """Check every value and freeze them.
 
@@ -134,15 +180,31 @@ class SearchOptions:
             lam: ``"paper"``/``"search"`` (each method's own grid), a number or a list (every method).
             objective, mode, strategy, normalize: as the attributes.
             max_candidates: a larger grid is refused (pass its size to confirm it).
+            budget_s: wall seconds for ``method="auto"`` (a positive number or ``None``).
+                ``method="auto"`` searches each method's own grids: a single k or lam number is
+                ignored there, a list replaces every method's grid.
+            with_data_methods: whether ``method="auto"`` includes RegMean (needs each task's data).
         """
-        methods = check_methods(method)
+        auto = method == "auto"
+        methods = auto_methods(with_data_methods) if auto else check_methods(method)
+        if budget_s is not None:
+            if not auto:
+                raise ValueError(f"budget_s={budget_s!r} limits method='auto' only; leave it out for method={method!r}")
+            if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
+                raise ValueError(f"budget_s must be a positive number of seconds or None, got {budget_s!r}")
         if k is not None and not any(get_method(m).has_k for m in methods):
-            if strict_k:
+            if strict_k and not auto:
                 raise ValueError(f"method(s) {methods} have no k to search; leave k out")
             k = None
+        if auto:  # a search of each method's own grids: only lists replace them (a callback's default k, lam don't)
+            k = None if isinstance(k, (int, float)) else k
+            lam = "paper" if lam is None or isinstance(lam, (int, float)) else lam
         ks = tuple(k_grid(k)) if k is not None else None
         # a method without lam (averaging) refuses any lam but its own here
-        lams = MappingProxyType({m: tuple(lam_grid(m, lam)) for m in methods})
+        # an auto search keeps the fixed lam of methods without one (averaging) whatever list is given
+        lams = MappingProxyType(
+            {m: tuple(lam_grid(m, lam if get_method(m).has_lam or not auto else "paper")) for m in methods}
+        )
         check_choice("mode", mode, MODES)
         check_choice("search_strategy", strategy, STRATEGIES)
         check_objective(objective, normalize)
@@ -150,7 +212,8 @@ class SearchOptions:
         problem = grid_size_problem(size, max_candidates, "max_candidates", "k / lam / method")
         if problem:
             raise ValueError(problem)
-        return cls(tuple(methods), ks, lams, objective, mode, strategy, bool(normalize))
+        return cls(tuple(methods), ks, lams, objective, mode, strategy, bool(normalize), auto,
+                   None if budget_s is None else float(budget_s))
 
     def k_values(self, method: str, default_k: float | None) -> list[float | None]:
         """The k grid of ``method``: ``[None]`` for methods without k, else :attr:`ks` or ``[default_k]``."""
@@ -162,9 +225,28 @@ class SearchOptions:
         """Each method's (k grid, lam grid), in :attr:`methods` order."""
         return {m: (self.k_values(m, default_k), list(self.lams[m])) for m in self.methods}
 
+    def auto_grids(self) -> list[AutoGrid]:
+        """Each method's :class:`AutoGrid` for ``method="auto"``, in :attr:`methods` order.
+
+        A trimming method's k grid is its default k then :attr:`ks` (default 0.1, 0.2, 0.3).
+
+        Example:
+            >>> g = SearchOptions.build("auto").auto_grids()[0]
+            >>> g.method, g.ks, g.default_lam, len(g.lams)
+            ('tsv', (None,), 1.0, 30)
+        """
+        grids = []
+        for m in self.methods:
+            spec = get_method(m)
+            ks: tuple[float | None, ...] = (None,)
+            if spec.has_k:
+                ks = tuple(dict.fromkeys([spec.default_k, *(self.ks if self.ks is not None else DEFAULT_K_GRID)]))
+            grids.append(AutoGrid(m, ks, tuple(sorted(self.lams[m])), spec.default_lam))
+        return grids
+
     def total(self, default_k: float | None) -> int | None:
-        """How many candidates a grid search scores (``None`` for coarse-to-fine: it depends on the scores)."""
-        if self.strategy != "grid":
+        """How many candidates a grid search scores (``None`` for coarse-to-fine and auto: it depends on the scores)."""
+        if self.strategy != "grid" or self.auto:
             return None
         return sum(len(ks) * len(lams) for ks, lams in self.grids(default_k).values())
 
@@ -179,6 +261,9 @@ class SearchOptions:
 
 
 __all__ = [
+    "AUTO_FIRST",
+    "AutoGrid",
+    "auto_methods",
     "MODES",
     "OBJECTIVE_KINDS",
     "STRATEGIES",

@@ -14,6 +14,9 @@ object re-evaluates nothing that was finished. Strategies:
 Ties between candidates break deterministically: the earlier candidate in grid order (smaller
 k, then smaller lam) wins.
 
+``method="auto"`` (:func:`~.auto.auto_search`) walks every method of :class:`~.options.SearchOptions`
+coarse to fine under a time budget: see its docstring for the schedule.
+
 Example:
     >>> from lightning_ties import TIES_LAM_GRID
     >>> result = run_search(lambda k, lam: {"a": {"acc": -abs(lam - 1.2)}}, [0.2], list(TIES_LAM_GRID))
@@ -49,6 +52,8 @@ class Candidate:
 
     ``method`` is None in results written before searches covered several methods: such a
     candidate belongs to its result's :attr:`SearchResult.method` (``from_dict`` fills it in).
+    ``seconds`` (wall time of its merge and evaluation) and ``phase`` (``"coarse"`` or
+    ``"refine"``) are recorded by :func:`auto_search`; other searches leave them None.
     """
 
     k: float | None
@@ -56,6 +61,8 @@ class Candidate:
     scores: Scores
     objective: float
     method: str | None = None
+    seconds: float | None = None
+    phase: str | None = None
 
     def key(self) -> tuple[float | None, float]:
         return (self.k, self.lam)
@@ -75,6 +82,8 @@ class SearchResult:
         chosen: ``(k, lam)`` applied when no candidate was evaluated (no validation data).
         fingerprint: what the candidates' scores depend on (tasks, method, objective); a resumed
             search reuses candidates only when it matches.
+        budget_s: the wall-time budget of an auto search (``None``: none, or not an auto search).
+        budget_cut: whether the budget stopped the auto search before its schedule was done.
     """
 
     method: str = "ties"
@@ -85,6 +94,8 @@ class SearchResult:
     chosen: tuple[float | None, float] | None = None
     fingerprint: str = ""
     methods: list[str] = field(default_factory=list)
+    budget_s: float | None = None
+    budget_cut: bool = False
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -129,11 +140,38 @@ class SearchResult:
                 return c
         return None
 
+    @property
+    def summary(self) -> str:
+        """One line: what was tried, what won and why (its objective), and whether the budget cut the search.
+
+        Example:
+            >>> r = SearchResult(candidates=[Candidate(0.2, 1.0, {"a": {"acc": 0.5}}, 0.5, "ties", 2.0)])
+            >>> r.summary
+            'tried 1 candidate(s) of 1 method(s) in 2.0 s; chose ties k=0.2 lam=1.0: objective 0.5000, the max'
+        """
+        best = self.best
+        if best is None:
+            return f"no candidate evaluated; applied k={self.k}, lam={self.lam} ({self.reason})"
+        tried = {c.method or self.method for c in self.candidates}
+        seconds = sum(c.seconds or 0.0 for c in self.candidates)
+        line = (
+            f"tried {len(self.candidates)} candidate(s) of {len(tried)} method(s) in {seconds:.1f} s; chose "
+            f"{best.method or self.method} k={best.k} lam={best.lam}: objective {best.objective:.4f}, the {self.mode}"
+        )
+        if self.budget_s is not None:
+            line += f"; budget {self.budget_s:g} s " + ("cut the search" if self.budget_cut else "not reached")
+        return line
+
     def rows(self) -> list[dict[str, Any]]:
-        """One flat row per candidate: method, k, lam, objective, ``<task>/<metric>`` (and normalized) columns."""
+        """One flat row per candidate: method, k, lam, objective, ``<task>/<metric>`` (and normalized) columns.
+
+        Auto searches add each candidate's ``seconds`` and ``phase``.
+        """
         rows = []
         for c in sorted(self.candidates, key=self._order):
             row: dict[str, Any] = {"method": c.method or self.method, "k": c.k, "lam": c.lam, "objective": c.objective}
+            if c.seconds is not None:
+                row.update(seconds=c.seconds, phase=c.phase)
             for task, values in c.scores.items():
                 for name, v in values.items():
                     row[f"{task}/{name}"] = v
@@ -153,6 +191,8 @@ class SearchResult:
         head = f"{', '.join(self.methods)}: {self.reason}"
         if len(self.methods) > 1:
             head += f"; chose {self.best_method}"
+        if self.budget_s is not None:
+            head += f"\n{self.summary}"
         if not rows:
             return f"{head}; applied k={self.k}, lam={self.lam} (no candidate evaluated)"
         cols = list(dict.fromkeys(c for r in rows for c in r))

@@ -290,19 +290,10 @@ class MultiTaskMergeModule(pl.LightningModule):
         """
         loaders = self.check_dataloaders(dataloaders)
         self.merger.remember_data(loaders)
-        with self._logging_under(log_prefix):
+        with _logging_under(self, log_prefix):
             if normalize:
                 self.measure_finetuned(trainer, dataloaders)
             return self.merge_then_validate(trainer, loaders, k, lam)
-
-    @contextmanager
-    def _logging_under(self, log_prefix: str | None) -> Iterator[None]:
-        previous = self.log_prefix
-        self.log_prefix = previous if log_prefix is None else log_prefix
-        try:
-            yield
-        finally:
-            self.log_prefix = previous
 
     def search(
         self,
@@ -319,6 +310,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         on_candidate: Callable[[Candidate], None] | None = None,
         log_prefix: str | None = None,
         max_candidates: int = MAX_CANDIDATES,
+        budget_s: float | None = None,
     ) -> SearchResult:
         """Pick the method, k and lam on the validation dataloaders, then leave the best merge applied.
 
@@ -330,7 +322,8 @@ class MultiTaskMergeModule(pl.LightningModule):
         Args:
             trainer: runs the validation loop (``None``: a plain loop, for use inside a running fit).
             dataloaders: ``{task: dataloader}`` for every task.
-            method: merge method or a list of them (default: the module's).
+            method: merge method or a list of them (default: the module's), or ``"auto"``: every registry
+                method coarse to fine (:func:`~lightning_ties.core.auto.auto_search`; lists of k/lam replace its grids).
             k: a number, a list, ``"search"`` (0.1, 0.2, 0.3) or ``None`` (the module's k); methods
                 without k (task arithmetic, TSV-M, Iso-C) ignore it.
             lam: ``"paper"`` (each method's own paper grid: TIES 0.8..2.5, task arithmetic 0.1..1.0,
@@ -343,6 +336,8 @@ class MultiTaskMergeModule(pl.LightningModule):
             log_prefix: where candidates are logged (default :attr:`log_prefix`, ``"merge"``; e.g.
                 ``"merge/val"``): candidate i at logger step i, with its ``k`` and ``lam``.
             max_candidates: a larger grid is refused (default 10,000; pass the grid's size to confirm it).
+            budget_s: wall seconds ``method="auto"`` may spend (``None``: no limit); then the best so far is
+                applied (``result.budget_cut``); under DDP rank 0 decides for all, so every rank agrees.
 
         Progress: one line per candidate through ``rank_zero_info`` ("candidate i of N: k, lam, score;
         best so far") and, when the trainer shows a progress bar, one bar over the candidates with
@@ -351,9 +346,10 @@ class MultiTaskMergeModule(pl.LightningModule):
         Example:
             ``best = module.search(trainer, {"a": dl_a, "b": dl_b}, k=[0.1, 0.2, 0.3], lam="paper")``
             ``best = module.search(trainer, loaders, method=["ties", "tsv"], lam="paper")`` (then ``best.method``)
+            ``best = module.search(trainer, loaders, method="auto", budget_s=300)`` (then ``print(best.table)``)
         """
         options = SearchOptions.build(self.method if method is None else method, k, lam, objective, mode, strategy,
-                                      normalize, max_candidates=max_candidates)
+                                      normalize, max_candidates=max_candidates, budget_s=budget_s)
         return self.search_with(trainer, dataloaders, options, resume, on_candidate, log_prefix)
 
     def search_with(
@@ -369,13 +365,13 @@ class MultiTaskMergeModule(pl.LightningModule):
         loaders = self.check_dataloaders(dataloaders)
         self.merger.remember_data(loaders)
         result = self.merger.start_search(options, resume)
-        with self._logging_under(log_prefix):
+        with _logging_under(self, log_prefix):
             if options.normalize:
                 result.reference = self.measure_finetuned(trainer, dataloaders)
             if trainer is not None:
                 self.merge_device = trainer.strategy.root_device  # tau_m is computed there (before each k)
-            progress = SearchProgress(", ".join(options.methods), options.total(self.k), len(result.candidates),
-                                      trainer, rank_zero_info)
+            label = "auto" if options.auto else ", ".join(options.methods)
+            progress = SearchProgress(label, options.total(self.k), len(result.candidates), trainer, rank_zero_info)
 
             def evaluate(kv: float | None, lv: float) -> Scores:
                 self._candidate_step = len(result.candidates)  # candidate i is logged at step i
@@ -406,6 +402,17 @@ class MultiTaskMergeModule(pl.LightningModule):
         self.reference = dict(state["reference"])
         self.current = tuple(state["current"]) if state["current"] else None  # type: ignore[assignment]
 
+
+
+@contextmanager
+def _logging_under(module: MultiTaskMergeModule, log_prefix: str | None) -> Iterator[None]:
+    """``module.log_prefix`` set to ``log_prefix`` (``None``: unchanged) for the block."""
+    previous = module.log_prefix
+    module.log_prefix = previous if log_prefix is None else log_prefix
+    try:
+        yield
+    finally:
+        module.log_prefix = previous
 
 
 def clean_number(value: float) -> float:

@@ -74,7 +74,8 @@ class TiesMerging(Callback):
         tasks: other tasks, name -> fine-tuned model path (or module / state dict / source).
         task: the name of this run's task.
         base: the pretrained model (path or source); ``None`` captures the module at fit start.
-        method: a registered method, or a list to choose from on validation data (ties: the first listed).
+        method: a registry method, a list to choose from on validation data (ties go to the first), or
+            ``"auto"``: every method coarse to fine within ``budget_s`` seconds (no data: TSV-M).
         k: trim density, a list to search, or ``"search"`` (0.1, 0.2, 0.3); ignored by methods without k.
         lam: a number, a list, or ``"search"``/``"paper"`` (each method's own paper grid).
         val_dataloaders: other tasks' validation dataloaders, name -> dataloader (this run's evaluate ``task``).
@@ -83,8 +84,7 @@ class TiesMerging(Callback):
         objective: ``"mean"`` (of the first metric over tasks), ``"normalized"`` (mean of merged /
             fine-tuned), ``"mean:<metric>"``, ``"normalized:<metric>"``, or a callable of the scores.
         mode: ``"max"`` (higher objective is better) or ``"min"``.
-        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (a coarse lam grid,
-            then the lams around the best).
+        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (coarse lams, then around the best).
         normalize: also score each fine-tuned model on its own task (needed by ``"normalized"``).
         every_n_val_epochs: also score the merge every n validation epochs during fit.
         apply: ``"merged"`` (the module ends holding the merge; ``save_dir/merged.ckpt`` too) or ``"keep"``
@@ -129,10 +129,11 @@ class TiesMerging(Callback):
         base_device: str = "cpu",
         max_candidates: int = MAX_CANDIDATES,
         val_datamodules: dict[str, Any] | None = None,
+        budget_s: float | None = None,
     ) -> None:
         # the default k=0.2 is ignored, not refused, when no method trims
         self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False,
-                                           max_candidates=max_candidates)
+                                           max_candidates=max_candidates, budget_s=budget_s)
         check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:

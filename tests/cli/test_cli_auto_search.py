@@ -1,0 +1,51 @@
+"""``lightning-ties search`` with ``search.method: auto`` and ``search.budget_s``: the config and the command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_ties.cli import main
+from lightning_ties.config import ConfigError, SearchConfig, load_config
+from lightning_ties.merging import METHODS, merge
+from lightning_ties.report import RunReport
+
+from test_cli_workflows import HEAD, TASKS, as_dict, checkpoints, search_config  # noqa: F401  (checkpoints: a fixture)
+
+BASE = ["base=b.safetensors", "tasks={a: a.safetensors}", "output_dir=out", "data.target=m:f", "model.target=m:g"]
+
+
+def test_search_config_accepts_method_auto_and_a_budget_and_names_what_contradicts_them() -> None:
+    cfg = load_config(SearchConfig, overrides=[*BASE, "search.method=auto", "search.budget_s=300"])
+    assert cfg.search.method == "auto" and cfg.search.budget_s == 300
+    for override, words in [
+        (["search.method=best"], "search.method='best': only 'auto'"),
+        (["search.budget_s=60"], "search.budget_s limits search.method=auto only"),
+        (["search.method=auto", "search.budget_s=0"], "search.budget_s=0"),
+        (["search.method=auto", "search.methods=[ties,tsv]"], "leave search.methods out"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(SearchConfig, overrides=[*BASE, *override])
+        assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_search_auto_tries_every_method_reports_them_and_saves_the_winner(tmp_path, checkpoints) -> None:  # noqa: F811
+    cfg = search_config(tmp_path, checkpoints, search={"method": "auto", "budget_s": 600, "lam": [0.5, 1.0]})
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    out = tmp_path / "search"
+    report = RunReport.from_json((out / "report.json").read_text())
+    auto = report.extra["auto"]
+    assert auto["budget_s"] == 600 and auto["budget_cut"] is False and "chose" in auto["summary"]
+    assert {row["method"] for row in auto["candidates"]} == set(METHODS)
+    assert all(row["seconds"] >= 0 and row["phase"] in ("coarse", "refine") for row in auto["candidates"])
+    row = report.rows[2]
+    assert row.name.endswith("(auto)") and row.method in METHODS
+    # the saved file is the engine's merge of the winner (RegMean's needs the data; DARE's random drops
+    # differ between the command's file and an in-process merge: a known open issue outside the search)
+    if not METHODS[row.method].needs_data and "p" not in METHODS[row.method].parameters():
+        params = {"k": row.k} if row.k is not None else {}
+        expected = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in TASKS], method=row.method,
+                         lam=row.lam, exclude=HEAD, **params)
+        merged = as_dict(out / "merged.safetensors")
+        for key, value in expected.items():
+            assert torch.allclose(merged[key], value, atol=1e-6), key
