@@ -84,7 +84,7 @@ class TiesMerging(Callback):
         objective: ``"mean"`` (of the first metric over tasks), ``"normalized"`` (mean of merged /
             fine-tuned), ``"mean:<metric>"``, ``"normalized:<metric>"``, or a callable of the scores.
         mode: ``"max"`` (higher objective is better) or ``"min"``.
-        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (coarse lams, then around the best).
+        search_strategy: ``"grid"`` (every k x lam) or ``"coarse_to_fine"`` (coarse lams, then the lams around the best).
         normalize: also score each fine-tuned model on its own task (needed by ``"normalized"``).
         every_n_val_epochs: also score the merge every n validation epochs during fit.
         apply: ``"merged"`` (the module ends holding the merge; ``save_dir/merged.ckpt`` too) or ``"keep"``

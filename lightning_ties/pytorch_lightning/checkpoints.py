@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from ..core.resume import write_progress
 from ..io.atomic import atomic_file
+from ..io.tempfiles import create_temp_dir
 from ..core.search import SearchResult
 from ._compat import TrainerFn, pl
 
@@ -56,10 +58,24 @@ def resave_last_checkpoints(trainer: pl.Trainer) -> None:
         if "://" in str(path):  # remote storage: no rename; write in place as ModelCheckpoint itself does
             trainer.save_checkpoint(path)
             continue
-        tmp = Path(path).with_name(f".{Path(path).name}.ties-progress.tmp")
-        trainer.save_checkpoint(tmp)  # every rank calls it (a collective under DDP); rank zero writes
+        save_in_private_temporary(trainer, Path(path))
+
+
+def save_in_private_temporary(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` into a new private (0o700, unpredictable) folder beside ``path``, then renamed over it.
+
+    For a file that is not ours to manifest (``ModelCheckpoint``'s ``last.ckpt``): a predictable
+    temporary name could be planted as a link that redirects the write. Every rank calls it (a
+    collective under DDP); rank zero creates the folder, writes and renames.
+    """
+    private = trainer.strategy.broadcast(str(create_temp_dir(path)) if trainer.is_global_zero else None)
+    try:
+        trainer.save_checkpoint(Path(private) / path.name)
         if trainer.is_global_zero:
-            os.replace(tmp, path)
+            os.replace(Path(private) / path.name, path)
+    finally:
+        if trainer.is_global_zero:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def save_progress(trainer: pl.Trainer, progress: SearchResult, save_dir: str | None, in_fit_loop: bool) -> None:

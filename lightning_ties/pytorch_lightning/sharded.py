@@ -13,8 +13,7 @@ module only finds the strategy and calls it from :class:`~lightning_ties.pytorch
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.inputs import MERGED_CHECKPOINT
+from ..io.atomic import atomic_dir
 from ..core.keys import match_to_module
 from ..core.merger import takes_task
 from ..core.metrics import TaskMetrics
@@ -275,22 +275,14 @@ class ShardedMerging:
 
 
 def save_merged_checkpoint(trainer: pl.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint`` beside ``path`` (a DCP folder under sharded strategies), then renamed over it.
+    """``trainer.save_checkpoint`` (a DCP folder under sharded strategies) into ``path``, atomically.
 
-    Every rank writes its shards; the rename waits for all of them. A previous checkpoint at ``path`` (a
-    folder, which ``os.replace`` cannot overwrite) is moved aside first and deleted after.
+    Rank zero opens :func:`~lightning_ties.io.atomic.atomic_dir` (a private temporary folder with an
+    unpredictable name, the manifest that makes the result ours, and the ownership check of an
+    earlier ``path``) and shares its name; every rank writes its shards there; the swap waits for all.
     """
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    if trainer.is_global_zero:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(tmp)
-    trainer.strategy.barrier("ties_merged_checkpoint_written")
-    if trainer.is_global_zero:
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
-
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(path)) if trainer.is_global_zero else None
+        tmp = trainer.strategy.broadcast(str(tmp) if tmp is not None else None)
+        trainer.save_checkpoint(tmp)
+        trainer.strategy.barrier("ties_merged_checkpoint_written")
