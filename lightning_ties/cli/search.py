@@ -85,7 +85,8 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
             with bar:
                 result = scorer.search(val, methods, cfg.search, on_candidate=lambda _c: bar.update())
             console.say(
-                f"{label}: {len(result.candidates)} candidates, chose {result.method} k={result.k}, lam={result.lam}"
+                f"{label}: {len(result.candidates)} candidates, chose {result.method} "
+                + ("" if result.k is None else f"k={result.k}, ") + f"lam={result.lam}"
             )
             name = result.method
             scores = scorer.score_merged(eval_loaders, name, result.k, result.lam)

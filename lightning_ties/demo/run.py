@@ -201,7 +201,8 @@ def run_demo(
             scores = ev.score_merged(test, method, result.k, result.lam)
             report.add_row(ResultRow(f"{method} (searched)", method, "searched on val", scores, result.k, result.lam))
             report.searches.append(SearchCurve.from_search(method, result, cfg.search.objective))
-            say(f"{method}: searched {len(result.candidates)} candidates, chose k={result.k}, lam={result.lam}")
+            k = "" if result.k is None else f"k={result.k}, "  # methods without a trim have no k to report
+            say(f"{method}: searched {len(result.candidates)} candidates, chose {k}lam={result.lam}")
         timings["evaluate_s"] = time.perf_counter() - t_eval
     timings["total_s"] = time.perf_counter() - t_start
     report.fill_normalized()

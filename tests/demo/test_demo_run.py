@@ -130,3 +130,13 @@ def test_full_demo_suite_fine_tuned_models_clearly_beat_the_base_on_their_own_ta
         assert finetuned.scores[task] >= base.scores[task] + 0.02, task
     assert finetuned.mean >= base.mean + 0.05
     assert report.extra["timings"]["total_s"] < 120
+
+
+def test_demo_reports_no_k_for_a_method_without_a_trim(tmp_path, capsys):
+    code = main(["demo", "--fast", "tasks=[parity,ge5]", "methods=[task_arithmetic]", f"output_dir={tmp_path}"])
+
+    assert code == 0
+    printed = capsys.readouterr()
+    said = printed.out + printed.err
+    assert "task_arithmetic: searched" in said and "chose lam=" in said
+    assert "k=None" not in said
