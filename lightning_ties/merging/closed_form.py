@@ -34,6 +34,8 @@ import math
 
 import torch
 
+from .subspace import check_deltas, compute_dtype, mean_of_tasks  # the per-tensor methods' shared input rules
+
 __all__ = [
     "ACE_EPS",
     "ACE_HETEROGENEITY",
@@ -54,24 +56,6 @@ WUDI_RIDGE = 10.0
 ACE_EPS = 1e-2
 ACE_RANK_FRACTION = 0.3
 ACE_HETEROGENEITY = 0.3
-
-
-def _check_deltas(deltas: torch.Tensor) -> None:
-    if not isinstance(deltas, torch.Tensor) or deltas.dim() < 1 or deltas.shape[0] < 1:
-        raise ValueError(
-            "deltas must be a tensor [N, *shape] holding the N task vectors of one tensor "
-            f"(N >= 1), got {type(deltas).__name__} of shape {tuple(getattr(deltas, 'shape', ()))}"
-        )
-    if not deltas.is_floating_point():
-        raise ValueError(f"deltas must be floating point, got {deltas.dtype}; cast the task vectors first")
-
-
-def _out_dtype(deltas: torch.Tensor) -> torch.dtype:
-    return torch.float64 if deltas.dtype == torch.float64 else torch.float32
-
-
-def _mean(deltas: torch.Tensor) -> torch.Tensor:
-    return deltas.to(_out_dtype(deltas)).mean(0)
 
 
 def check_ridge(ridge: float, name: str = "ridge") -> float:
@@ -157,12 +141,12 @@ def wudi(deltas: torch.Tensor, ridge: float = WUDI_RIDGE) -> torch.Tensor:
         >>> wudi(d, ridge=0.0)  # inputs on orthogonal axes: each task keeps its own update
         tensor([[2., 3.]])
     """
-    _check_deltas(deltas)
+    check_deltas(deltas)
     ridge = check_ridge(ridge)
     if deltas.dim() != 3:
-        return _mean(deltas)
+        return mean_of_tasks(deltas)
     rhs, a, ridged = _wudi_system(deltas.to(torch.float64), ridge)
-    return _solve_right(torch.stack(rhs).sum(0), a, ridged).to(_out_dtype(deltas))
+    return _solve_right(torch.stack(rhs).sum(0), a, ridged).to(compute_dtype(deltas))
 
 
 def wudi_components(deltas: torch.Tensor, ridge: float = WUDI_RIDGE) -> torch.Tensor:
@@ -177,15 +161,15 @@ def wudi_components(deltas: torch.Tensor, ridge: float = WUDI_RIDGE) -> torch.Te
         >>> wudi_components(d, ridge=0.0)[1]
         tensor([[0., 3.]])
     """
-    _check_deltas(deltas)
+    check_deltas(deltas)
     ridge = check_ridge(ridge)
     if deltas.dim() != 3:
-        return deltas.to(_out_dtype(deltas)) / deltas.shape[0]
+        return deltas.to(compute_dtype(deltas)) / deltas.shape[0]
     rhs, a, ridged = _wudi_system(deltas.to(torch.float64), ridge)
     n_tasks, n_out, n_in = deltas.shape
     # one solve for every task's share: stack the right-hand sides along the rows
     shares = _solve_right(torch.cat(rhs, dim=0), a, ridged).view(n_tasks, n_out, n_in)
-    return shares.to(_out_dtype(deltas))
+    return shares.to(compute_dtype(deltas))
 
 
 # ---- ACE ----------------------------------------------------------------------------------------------
@@ -250,10 +234,10 @@ def ace(
         >>> ace(d).shape
         torch.Size([2, 2])
     """
-    _check_deltas(deltas)
+    check_deltas(deltas)
     eps = check_ace_parameters(eps, rank_fraction, heterogeneity_threshold)
     if deltas.dim() != 3:
-        return _mean(deltas)
+        return mean_of_tasks(deltas)
     d = deltas.to(torch.float64)
     n_tasks, _, n_in = d.shape
     energies = d.flatten(1).square().sum(1)
@@ -285,4 +269,4 @@ def ace(
         u, s, vh = torch.linalg.svd(fused, full_matrices=False)
         k = max(1, int(s.numel() * rank_fraction))
         merged = merged + s[:k].mean() * (u[:, :k] @ vh[:k])
-    return merged.to(_out_dtype(deltas))
+    return merged.to(compute_dtype(deltas))

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def _check_deltas(deltas: torch.Tensor) -> None:
+def check_deltas(deltas: torch.Tensor) -> None:
     if not isinstance(deltas, torch.Tensor) or deltas.dim() < 1 or deltas.shape[0] < 1:
         raise ValueError(
             "deltas must be a tensor [N, *shape] holding the N task vectors of one tensor "
@@ -48,7 +48,7 @@ def _check_deltas(deltas: torch.Tensor) -> None:
         raise ValueError(f"deltas must be floating point, got {deltas.dtype}; cast the task vectors first")
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 stays float64; everything else (bf16, fp16, float32) computes in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -66,7 +66,7 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         >>> S
         tensor([3., 1.])
     """
-    dtype = _compute_dtype(matrix)
+    dtype = compute_dtype(matrix)
     a = matrix.to(dtype)
     try:
         return torch.linalg.svd(a, full_matrices=False)
@@ -92,8 +92,8 @@ def orthogonalize(a: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def _mean(deltas: torch.Tensor) -> torch.Tensor:
-    return deltas.to(_compute_dtype(deltas)).mean(0)
+def mean_of_tasks(deltas: torch.Tensor) -> torch.Tensor:
+    return deltas.to(compute_dtype(deltas)).mean(0)
 
 
 def _is_matrix(deltas: torch.Tensor) -> bool:
@@ -125,10 +125,10 @@ def iso_c(deltas: torch.Tensor) -> torch.Tensor:
         tensor([[3., 0.],
                 [0., 3.]])
     """
-    _check_deltas(deltas)
+    check_deltas(deltas)
     if not _is_matrix(deltas):
-        return _mean(deltas)
-    u, s, vh = svd(deltas.to(_compute_dtype(deltas)).sum(0))
+        return mean_of_tasks(deltas)
+    u, s, vh = svd(deltas.to(compute_dtype(deltas)).sum(0))
     return s.mean() * (u @ vh)
 
 
@@ -175,10 +175,10 @@ def iso_cts(deltas: torch.Tensor, common_fraction: float = 0.8) -> torch.Tensor:
         tensor([[3., 0.],
                 [0., 3.]])
     """
-    _check_deltas(deltas)
+    check_deltas(deltas)
     if not _is_matrix(deltas):
-        return _mean(deltas)
-    d = deltas.to(_compute_dtype(deltas))
+        return mean_of_tasks(deltas)
+    d = deltas.to(compute_dtype(deltas))
     n_tasks = d.shape[0]
     common, per_task = iso_cts_ranks(tuple(d.shape[1:]), n_tasks, common_fraction)
     u, s, vh = svd(d.sum(0))
@@ -213,7 +213,7 @@ def tsv_rank(shape: tuple[int, ...] | torch.Size, n_tasks: int) -> int:
 
 def _tsv_factors(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """TSV-M's orthogonalised U [m, N k], kept singular values [N k] and orthogonalised V^T [N k, n]."""
-    d = deltas.to(_compute_dtype(deltas))
+    d = deltas.to(compute_dtype(deltas))
     n_tasks = d.shape[0]
     k = tsv_rank(tuple(d.shape[1:]), n_tasks)
     us, ss, vhs = [], [], []
@@ -249,9 +249,9 @@ def tsv_m(deltas: torch.Tensor) -> torch.Tensor:
         tensor([[4., 0.],
                 [0., 2.]])
     """
-    _check_deltas(deltas)
+    check_deltas(deltas)
     if not _is_matrix(deltas):
-        return _mean(deltas)
+        return mean_of_tasks(deltas)
     u_o, s_cat, vh_o, _ = _tsv_factors(deltas)
     return (u_o * s_cat) @ vh_o
 
@@ -269,8 +269,8 @@ def tsv_m_components(deltas: torch.Tensor) -> torch.Tensor:
         tensor([[0., 0.],
                 [0., 2.]])
     """
-    _check_deltas(deltas)
-    d = deltas.to(_compute_dtype(deltas))
+    check_deltas(deltas)
+    d = deltas.to(compute_dtype(deltas))
     if not _is_matrix(deltas):
         return d / d.shape[0]
     u_o, s_cat, vh_o, k = _tsv_factors(d)
