@@ -104,6 +104,25 @@ class _AutoWalk:
                 self.on_candidate(done)
         return self.sign * _finite(done.objective, self.sign)
 
+    def follow_slope(self, grid: AutoGrid, k: float | None, values: dict[int, float], limit: float | None) -> int:
+        """The best lam index of the coarse pass, stepping on while the best sits at an end of the scored ones.
+
+        A method still rising at the edge of its coarse window (Iso-C/Iso-CTS on MiniLM peak near
+        lam 3, three coarse steps above their default) would otherwise be ranked by a value far
+        below its peak and never refined. ``values`` (index -> signed objective) gains each new lam.
+        """
+        step = _coarse_step(len(grid.lams))
+        best = max(sorted(values), key=lambda i: values[i])
+        while len(values) > 1 and best in (min(values), max(values)):
+            j = min(max(best - step if best == min(values) else best + step, 0), len(grid.lams) - 1)
+            if j in values:  # the grid's end
+                break
+            values[j] = self.score(grid, k, j, "coarse", limit)
+            if not values[j] > values[best]:
+                break
+            best = j
+        return best
+
     def climb(self, grid: AutoGrid, k: float | None, i: int, step: int, limit: float | None) -> tuple[int, float]:
         """Hill-climb the lam index from ``i``: move while a neighbour at ``step`` is strictly better, then halve."""
         best = self.score(grid, k, i, "refine", limit)
@@ -138,7 +157,9 @@ def auto_search(
     The schedule, fixed by the scores alone (so a resumed search and every rank walk it the same):
 
     1. coarse: each method in ``grids`` order at its first k (its default): its default lam, then
-       one coarse step below and above (:func:`coarse_lam_indices`);
+       one coarse step below and above (:func:`coarse_lam_indices`); while the best of those is
+       the lowest or highest scored lam, one more coarse step that way (it stops at the first
+       that is not strictly better, or at the grid's end);
     2. refine the :data:`REFINE_TOP` best methods (ties: the earlier): hill-climb lam from the
        coarse best at the coarse step, halving it down to one grid step; a trimming method then
        tries its other ks at that lam and, at the best k, climbs lam one step either side.
@@ -182,7 +203,7 @@ def auto_search(
     try:
         for order, g in enumerate(grids):
             values = {i: walk.score(g, g.ks[0], i, "coarse", coarse_limit) for i in coarse_lam_indices(g.lams, g.default_lam)}
-            best = max(sorted(values), key=lambda i: values[i])
+            best = walk.follow_slope(g, g.ks[0], values, coarse_limit)
             coarse.append((values[best], order, g, best))
     except _BudgetStop:
         result.budget_cut = True

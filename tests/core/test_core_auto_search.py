@@ -68,6 +68,20 @@ def test_auto_finds_the_clear_winner_off_the_coarse_grid() -> None:
     assert "chose iso_c k=None lam=2.7" in result.summary
 
 
+def test_the_coarse_pass_follows_a_method_still_rising_at_its_window_edge() -> None:
+    # as Iso-CTS on MiniLM: every other method peaks at 1.0 (score 1.0); Iso-CTS is still rising at
+    # the top of its coarse window (1.8 -> 0.4) and peaks at 2.7 (1.3). Without following the slope
+    # it would rank below TSV-M and Iso-C and never be refined.
+    score = lambda m, k, lam: 1.3 - abs(lam - 2.7) if m == "iso_cts" else 1.0 - abs(lam - 1.0)  # noqa: E731
+    clock = FakeClock(score)
+    result = auto_search(clock.evaluate, GRIDS, clock=clock.now)
+    coarse_iso_cts = [c.lam for c in result.candidates if c.method == "iso_cts" and c.phase == "coarse"]
+    assert coarse_iso_cts == [1.3, 0.8, 1.8, 2.3, 2.8, 3.0]  # 2.8 beat 2.3, the grid ends at 3.0
+    assert (result.best.method, result.best.lam) == ("iso_cts", 2.7)
+    # a method falling on both sides of its default costs nothing more than its three coarse lams
+    assert [c.lam for c in result.candidates if c.method == "wudi"] == [1.0, 0.5, 1.5]
+
+
 def test_auto_refines_k_of_a_trimming_winner() -> None:
     clock = FakeClock(peaked("ties", 1.2, k_at=0.3))
     result = auto_search(clock.evaluate, GRIDS, clock=clock.now)
