@@ -34,7 +34,8 @@ class MergeSpec:
         sign: sign election method (``"mass"``, ``"count"``, ``"normfrac"``, ``"normmass"``) or
             None for no election.
         merge: ``"mean"`` (disjoint mean), ``"sum"``, ``"max"`` or ``"task_mean"``.
-        seed: DARE's random seed (masks depend on seed, task index and key, not on chunking).
+        seed: DARE's random seed (masks depend on seed, the task's position in the list and the key,
+            not on chunking or devices).
         tensor_fn: a per-tensor method (TSV-M, Iso-C: :mod:`~lightning_ties.merging.subspace`)
             that replaces trim, elect and merge: ``tensor_fn(deltas)`` gets the N task vectors
             of one tensor, ``[N, *shape]``, and returns its tau_m (``shape``). The engine streams

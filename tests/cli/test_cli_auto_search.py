@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from lightning_ties.cli import main
 from lightning_ties.config import ConfigError, SearchConfig, load_config
@@ -40,12 +41,28 @@ def test_search_auto_tries_every_method_reports_them_and_saves_the_winner(tmp_pa
     assert all(row["seconds"] >= 0 and row["phase"] in ("coarse", "refine") for row in auto["candidates"])
     row = report.rows[2]
     assert row.name.endswith("(auto)") and row.method in METHODS
-    # the saved file is the engine's merge of the winner (RegMean's needs the data; DARE's random drops
-    # differ between the command's file and an in-process merge: a known open issue outside the search)
-    if not METHODS[row.method].needs_data and "p" not in METHODS[row.method].parameters():
+    # the saved file is the engine's merge of the winner (RegMean's needs the data), with the tasks in
+    # the config's order: DARE's random drops are drawn per task position, so the order matters there
+    if not METHODS[row.method].needs_data:
         params = {"k": row.k} if row.k is not None else {}
-        expected = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in TASKS], method=row.method,
+        order = list(yaml.safe_load(cfg.read_text())["tasks"])
+        expected = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in order], method=row.method,
                          lam=row.lam, exclude=HEAD, **params)
         merged = as_dict(out / "merged.safetensors")
         for key, value in expected.items():
             assert torch.allclose(merged[key], value, atol=1e-6), key
+
+
+@pytest.mark.parametrize("method", ["dare", "dare_ties"])
+def test_search_saves_dares_merge_with_the_tasks_in_the_configs_order(tmp_path, checkpoints, method) -> None:  # noqa: F811
+    # DARE's drops are seeded by (seed, task position, key): the command keeps the config's task
+    # order, which yaml.safe_dump sorted (ge5 before parity), unlike TASKS
+    cfg = search_config(tmp_path, checkpoints, method=method, search={"lam": [1.0]})
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    order = list(yaml.safe_load(cfg.read_text())["tasks"])
+    assert order == sorted(TASKS) != list(TASKS)
+    merged = as_dict(tmp_path / "search" / "merged.safetensors")
+    expected = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in order], method=method, lam=1.0, exclude=HEAD)
+    assert all(torch.equal(merged[key], value) for key, value in expected.items())
+    swapped = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in reversed(order)], method=method, lam=1.0, exclude=HEAD)
+    assert not all(torch.equal(merged[key], value) for key, value in swapped.items())
