@@ -18,7 +18,7 @@ import hashlib
 import importlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +134,27 @@ def _built(spec: Any) -> Any:
     return getattr(importlib.import_module(module), name)(**dict(spec.get("init_args") or {}))
 
 
-def datamodule_loaders(datamodules: Mapping[str, Any]) -> dict[str, Any]:
-    """Each datamodule's validation dataloaders (after its ``prepare_data`` and ``setup("validate")``).
+def datamodule_loaders(
+    datamodules: Mapping[str, Any], local_rank: int = 0, global_rank: int = 0, barrier: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Each datamodule's validation dataloaders, prepared as a Trainer prepares a datamodule.
+
+    ``prepare_data`` (downloads, writes to disk) runs once per node (local rank 0) or, for a
+    datamodule with ``prepare_data_per_node=False``, once in all (global rank 0); ``barrier``
+    then holds every rank until it is done; ``setup("validate")`` and ``val_dataloader()`` run
+    on every rank.
 
     Example:
         >>> datamodule_loaders({})
         {}
     """
+    for dm in datamodules.values():
+        if (local_rank if getattr(dm, "prepare_data_per_node", True) else global_rank) == 0:
+            dm.prepare_data()
+    if barrier is not None and datamodules:
+        barrier("lightning_ties.val_datamodules.prepare_data")
     loaders = {}
     for name, dm in datamodules.items():
-        dm.prepare_data()
         dm.setup("validate")
         loaders[name] = dm.val_dataloader()
     return loaders

@@ -195,7 +195,7 @@ class TiesMerging(Callback):
         _check_siblings(trainer)
         self.output_dir = self.save_dir or default_save_dir(trainer.default_root_dir, self.task, self.state_key)
         prepare_output_dir(self.output_dir, self.apply, trainer.is_global_zero)
-        self.val_dataloaders.update(datamodule_loaders(self.val_datamodules))
+        self.val_dataloaders.update(datamodule_loaders(self.val_datamodules, trainer.local_rank, trainer.global_rank, trainer.strategy.barrier))
         self._check_data(trainer)
         self._check_sources(pl_module)
 
