@@ -2,7 +2,9 @@
 
 Usage: python sharded_fit_script.py STRATEGY DEVICES OUT TASKS_DIR [APPLY]
 
-STRATEGY: ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
+APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored) or ``auto`` (``method="auto"``).
+
+STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
 user's subclass of ModelParallelStrategy) or ``deepspeed`` (refused). Lightning re-launches this script for
 the other ranks. Rank 0 writes OUT/result.pt: the base, the fine-tuned weights (gathered before the merge),
@@ -83,6 +85,24 @@ class Record(pl.Callback):
         self.finetuned = full_state(_sharded(trainer))
 
 
+class EndAt(pl.Callback):
+    """At train end (before the merge): the module holds the weights of ``path``, whatever the world size trained.
+
+    W ranks and one process train on differently split batches; this makes their fine-tuned weights equal.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_ties.distributed import RowsSource, sharded_view
+        from lightning_ties.io import open_source
+
+        view = sharded_view(_sharded(trainer))
+        rows = RowsSource(open_source(self.path), view.rows)
+        view.write_({key: rows.get(key) for key in view.keys})
+
+
 def _sharded(trainer):
     return trainer.strategy.model if isinstance(trainer.strategy, FSDPStrategy) else trainer.lightning_module
 
@@ -94,6 +114,8 @@ def strategy_of(name: str):
         return MyModelParallel(data_parallel_size=int(sys.argv[2]), tensor_parallel_size=1)
     if name == "fsdp":
         return CPUFSDPStrategy(state_dict_type="sharded", use_orig_params=True)
+    if name == "single":  # the unsharded reference: one process, the whole module
+        return "auto"
     if name == "deepspeed":
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
@@ -112,22 +134,30 @@ def main() -> None:
     x = torch.randn(32, 6, generator=g)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
     tasks = {t: str(tasks_dir / f"{t}.safetensors") for t in ("a", "b")}
+    val = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
+           for i, t in enumerate(("a", "b"))}
     if apply == "search":  # every task has validation data: k and lam are searched on every rank alike
-        val = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
-               for i, t in enumerate(("a", "b"))}
         merging = TiesMerging(tasks=tasks, task="c", k=[0.2, 0.5], lam=[0.5, 1.0], val_dataloaders=val,
                               save_dir=str(out / "save"))
+    elif apply == "auto":  # method="auto": sharded, the data-free methods only (unsharded: told the same here)
+        merging = TiesMerging(tasks=tasks, task="c", method="auto", lam=[0.5, 1.0, 1.5], val_dataloaders=val,
+                              save_dir=str(out / "save"))
+        if name == "single":
+            merging.options = merging.options.without_data_methods()
     else:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
     record = Record()
+    end_at = [EndAt(tasks_dir / "c.safetensors")] if apply == "auto" else []
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name), max_steps=3,
-                         callbacks=[record, merging], logger=False, enable_checkpointing=False,
+                         callbacks=[*end_at, record, merging], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Net(), data, data if apply == "search" else None)
+    trainer.fit(Net(), data, data if apply in ("search", "auto") else None)
     merged = full_state(_sharded(trainer))
     trainer.save_checkpoint(out / "ckpt")
     if trainer.is_global_zero:
-        chosen = [merging.result.k, merging.result.lam, len(merging.result.candidates), merging.result.reason]
+        r = merging.result
+        chosen = [r.k, r.lam, len(r.candidates), r.reason, r.method, [(c.method, c.k, c.lam) for c in r.candidates],
+                  [c.objective for c in r.candidates], r.reference]
         torch.save({"base": record.base, "finetuned": record.finetuned, "merged": merged, "chosen": chosen,
                     "world": int(os.environ.get("WORLD_SIZE", devices))}, out / "result.pt")
 

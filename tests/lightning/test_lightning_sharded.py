@@ -33,7 +33,7 @@ def task_files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tasks")
     base = {f"model.{k}": v for k, v in make_net().state_dict().items()}
     g = torch.Generator().manual_seed(5)
-    for t in ("a", "b"):
+    for t in ("a", "b", "c"):  # c: where a fit ends in the auto test
         save_safetensors({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
                          folder / f"{t}.safetensors")
     return folder
@@ -114,10 +114,36 @@ def test_continual_merging_under_a_sharded_strategy_is_refused_at_setup(tmp_path
 
 def test_a_scored_search_on_shards_applies_the_single_process_merge_of_its_choice(task_files, tmp_path):
     result = fit("model_parallel", task_files, tmp_path / "out", apply="search")
-    k, lam, candidates, reason = result["chosen"]
+    k, lam, candidates, reason = result["chosen"][:4]
     assert reason == "search" and candidates == 4 and k in (0.2, 0.5) and lam in (0.5, 1.0)
     files = [open_source(task_files / f"{t}.safetensors") for t in ("a", "b")]
     assert_equal(result["merged"], ties_merge(result["base"], [*files, result["finetuned"]], k=k, lam=lam))
+
+
+def test_auto_on_shards_searches_the_data_free_methods_as_one_process_restricted_to_them(task_files, tmp_path):
+    # given method="auto" (RegMean among its methods), when fitting under ModelParallelStrategy on 2 ranks
+    sharded = fit("model_parallel", task_files, tmp_path / "sharded", apply="auto")
+    # then the same search as one unsharded process told to leave out the methods that need data
+    single = fit("single", task_files, tmp_path / "single", apply="auto", devices=1)
+    assert sharded["chosen"][3] == "search" and "regmean" not in {m for m, _, _ in sharded["chosen"][5]}
+    assert {m for m, _, _ in sharded["chosen"][5]} >= {"tsv", "ties", "task_arithmetic"}
+    assert sharded["chosen"] == single["chosen"]  # every candidate, in order, and the choice
+    assert_equal(sharded["base"], single["base"])
+    assert_equal(sharded["finetuned"], single["finetuned"])
+    assert_equal(sharded["merged"], single["merged"])
+
+
+def test_auto_leaves_out_regmean_under_sharding_but_a_named_regmean_is_refused():
+    from lightning_ties.core.options import SearchOptions
+    from lightning_ties.pytorch_lightning.sharded import sharded_search_options
+
+    auto = SearchOptions.build("auto", budget_s=5.0)
+    options = sharded_search_options(auto, "ModelParallelStrategy")
+    assert "regmean" in auto.methods and "regmean" not in options.methods and options.auto
+    assert options.methods == tuple(m for m in auto.methods if m != "regmean") and options.budget_s == 5.0
+    assert sharded_search_options(options, "X") is options
+    with pytest.raises(ValueError, match=r"\['regmean'\] need each task's data .* under FSDPStrategy"):
+        sharded_search_options(SearchOptions.build(["ties", "regmean"]), "FSDPStrategy")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
