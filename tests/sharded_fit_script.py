@@ -29,6 +29,8 @@ from lightning_ties import TiesMerging  # noqa: E402
 from lightning_ties.distributed.fit import full_state  # noqa: E402
 
 K, LAM = 0.3, 0.8
+#: the ``bf16_cuda`` strategy: FSDP2 computes in bf16 over fp32 sharded parameters
+BF16 = len(sys.argv) > 1 and sys.argv[1] == "bf16_cuda"
 
 
 def make_net() -> nn.Sequential:
@@ -43,9 +45,11 @@ class Net(pl.LightningModule):
 
     def configure_model(self) -> None:
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+            # bf16: the forward computes in bf16, the sharded parameters (what is merged) stay fp32 master weights
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if BF16 else None
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"], **({"mp_policy": policy} if BF16 else {}))
 
     def forward(self, x):
         return self.model(x)
@@ -69,6 +73,17 @@ class CPUFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return FullyShardedDataParallel(module=model, device_id=torch.device("cpu"), **self.kwargs)
+
+    def lightning_module_state_dict(self):
+        if self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        # Lightning's full state dict offloads to the CPU, which FSDP1 cannot do from the CPU (a crash): the same
+        # full state dict without the offload (on the GPU, fsdp_full_cuda runs Lightning's own)
+        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()
 
 
 class MyModelParallel(ModelParallelStrategy):
@@ -108,14 +123,22 @@ def _sharded(trainer):
 
 
 def strategy_of(name: str):
-    if name == "model_parallel":
-        return ModelParallelStrategy(data_parallel_size=int(sys.argv[2]), tensor_parallel_size=1)
+    """The strategy a name stands for; names ending in ``_cuda`` run on the GPU (NCCL), the others on the CPU (gloo)."""
+    devices = int(sys.argv[2])
+    if name in ("model_parallel", "model_parallel_cuda", "bf16_cuda"):
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     if name == "my_mp":
-        return MyModelParallel(data_parallel_size=int(sys.argv[2]), tensor_parallel_size=1)
-    if name == "fsdp":
-        return CPUFSDPStrategy(state_dict_type="sharded", use_orig_params=True)
+        return MyModelParallel(data_parallel_size=devices, tensor_parallel_size=1)
+    if name in ("fsdp", "fsdp_full"):
+        return CPUFSDPStrategy(state_dict_type="sharded" if name == "fsdp" else "full", use_orig_params=True)
+    if name == "fsdp_full_cuda":
+        return FSDPStrategy(state_dict_type="full", use_orig_params=True)
     if name == "single":  # the unsharded reference: one process, the whole module
         return "auto"
+    if name == "deepspeed3_cuda":  # the real one (needs `import deepspeed`): refused at setup
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=3)
     if name == "deepspeed":
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
@@ -148,12 +171,13 @@ def main() -> None:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
     record = Record()
     end_at = [EndAt(tasks_dir / "c.safetensors")] if apply == "auto" else []
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name), max_steps=3,
+    accelerator = "cuda" if name.endswith("_cuda") else "cpu"
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy_of(name), max_steps=3,
                          callbacks=[*end_at, record, merging], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Net(), data, data if apply in ("search", "auto") else None)
     merged = full_state(_sharded(trainer))
-    trainer.save_checkpoint(out / "ckpt")
+    trainer.save_checkpoint(out / ("ckpt.ckpt" if "full" in name else "ckpt"))  # full: one file
     if trainer.is_global_zero:
         r = merging.result
         chosen = [r.k, r.lam, len(r.candidates), r.reason, r.method, [(c.method, c.k, c.lam) for c in r.candidates],

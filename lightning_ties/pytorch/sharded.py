@@ -35,6 +35,7 @@ from ..distributed.views import RowsSource
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
 from ._compat import pl, rank_zero_info
+from .checkpoints import save_checkpoint_atomically
 
 #: Why DeepSpeed is refused: its ZeRO-3 partitions are flat slices of flattened parameter groups, and its
 #: optimizer keeps fp32 master copies that the next step (or a checkpoint) writes back over the module; a merge
@@ -303,12 +304,16 @@ class ShardedMerging:
 
 
 def save_merged_checkpoint(trainer: pl.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint`` (a DCP folder under sharded strategies) into ``path``, atomically.
+    """``trainer.save_checkpoint`` (a DCP folder under sharded strategies; one file under FSDPStrategy with
+    ``state_dict_type="full"``) into ``path``, atomically.
 
     Rank zero opens :func:`~lightning_ties.io.atomic.atomic_dir` (a private temporary folder with an
     unpredictable name, the manifest that makes the result ours, and the ownership check of an
     earlier ``path``) and shares its name; every rank writes its shards there; the swap waits for all.
     """
+    if getattr(trainer.strategy, "_state_dict_type", None) == "full":  # FSDPStrategy's full state dict: one file
+        save_checkpoint_atomically(trainer, path, weights_only=True)
+        return
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(path)) if trainer.is_global_zero else None
         tmp = trainer.strategy.broadcast(str(tmp) if tmp is not None else None)

@@ -39,12 +39,16 @@ def task_files(tmp_path_factory) -> Path:
     return folder
 
 
-def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
+def launch(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> subprocess.CompletedProcess:
     out.mkdir()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
+    return subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
                           capture_output=True, text=True, timeout=150, env=env, cwd=SCRIPT.parent)
+
+
+def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
+    proc = launch(strategy, tasks, out, apply, devices)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=True)
 
@@ -61,14 +65,18 @@ def assert_equal(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[key], expected[key]), key
 
 
-@pytest.mark.parametrize(("strategy", "devices"), [("model_parallel", 2), ("model_parallel", 1), ("fsdp", 2)])
+@pytest.mark.parametrize(("strategy", "devices"), [("model_parallel", 2), ("model_parallel", 1), ("fsdp", 2),
+                                                   ("fsdp_full", 2)])
 def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, devices, task_files, tmp_path):
     result = fit(strategy, task_files, tmp_path / "out", devices=devices)
     assert result["world"] == devices
     assert any(not torch.equal(result["finetuned"][k], result["base"][k]) for k in result["base"])  # it trained
     assert_equal(result["merged"], oracle(result, task_files))
     # the Trainer's checkpoint after fit, and the callback's save_dir/merged.ckpt: DCP folders read whole here
-    for path in (tmp_path / "out" / "ckpt", tmp_path / "out" / "save" / "merged.ckpt"):
+    # (FSDPStrategy with state_dict_type="full": one file each)
+    full = strategy == "fsdp_full"
+    assert (tmp_path / "out" / "save" / "merged.ckpt").is_file() == full
+    for path in (tmp_path / "out" / ("ckpt.ckpt" if full else "ckpt"), tmp_path / "out" / "save" / "merged.ckpt"):
         saved = open_source(path)
         assert_equal({k: saved.get(k) for k in saved.keys()}, result["merged"])
 
@@ -187,3 +195,29 @@ def test_the_merge_modules_refuse_a_sharded_strategy_at_setup(module_kind, tiny)
         module.setup("validate")
     module._trainer = type("Whole", (), {"strategy": pl.strategies.DDPStrategy()})()
     module.setup("validate")  # unsharded: accepted
+
+
+# ---- on a GPU (benchmarks/gpu_check.sh runs them; skipped without CUDA) -------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("strategy", ["model_parallel_cuda", "fsdp_full_cuda", "bf16_cuda"])
+def test_on_the_gpu_the_fit_end_merge_equals_the_single_process_merge(strategy, task_files, tmp_path):
+    # model_parallel_cuda: NCCL at world size 1; fsdp_full_cuda: FSDPStrategy(state_dict_type="full");
+    # bf16_cuda: FSDP2 computes in bf16, the sharded parameters stay fp32 and the merge happens on them
+    result = fit(strategy, task_files, tmp_path / "out", devices=1)
+    assert result["world"] == 1
+    assert all(v.dtype == torch.float32 for v in result["merged"].values())
+    assert_equal(result["merged"], oracle(result, task_files))
+    saved = open_source(tmp_path / "out" / "save" / "merged.ckpt")
+    assert_equal({k: saved.get(k).cpu() for k in saved.keys()}, result["merged"])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_the_gpu_deepspeed_stage_3_is_refused_with_the_message(task_files, tmp_path):
+    pytest.importorskip("deepspeed")
+    proc = launch("deepspeed3_cuda", task_files, tmp_path / "out", devices=1)
+    assert proc.returncode != 0 and "TiesMerging does not support DeepSpeedStrategy" in proc.stderr, proc.stderr[-3000:]
