@@ -2,7 +2,8 @@
 
 Usage: python sharded_fit_script.py STRATEGY DEVICES OUT TASKS_DIR [APPLY]
 
-APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored) or ``auto`` (``method="auto"``).
+APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored), ``auto`` (``method="auto"``) or
+``continual:<task>:<start_from>`` (ContinualTiesMerging over the store OUT/../store; the fit ends at TASKS_DIR/<task>).
 
 STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_ties import TiesMerging  # noqa: E402
+from lightning_ties import ContinualTiesMerging, TiesMerging  # noqa: E402
 from lightning_ties.distributed.fit import full_state  # noqa: E402
 
 K, LAM = 0.3, 0.8
@@ -95,6 +96,9 @@ class Record(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         self.base = full_state(_sharded(trainer))
+
+    def on_train_start(self, trainer, pl_module):  # after every on_fit_start (continual: start_from="merged")
+        self.started = full_state(_sharded(trainer))
 
     def on_fit_end(self, trainer, pl_module):
         self.finetuned = full_state(_sharded(trainer))
@@ -167,13 +171,18 @@ def main() -> None:
                               save_dir=str(out / "save"))
         if name == "single":
             merging.options = merging.options.without_data_methods()
+    elif apply.startswith("continual:"):  # continual:<task>:<start_from>; the store is OUT's sibling "store"
+        _, task, start_from = apply.split(":")
+        merging = ContinualTiesMerging(task=task, store=str(out.parent / "store"), k=K, lam=LAM, start_from=start_from,
+                                       save_dir=str(out / "save"))
     else:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
     record = Record()
-    end_at = [EndAt(tasks_dir / "c.safetensors")] if apply == "auto" else []
+    end = {"auto": "c"}.get(apply) or (apply.split(":")[1] if apply.startswith("continual:") else None)
+    end_at = [EndAt(tasks_dir / f"{end}.safetensors")] if end else []
     accelerator = "cuda" if name.endswith("_cuda") else "cpu"
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy_of(name), max_steps=3,
-                         callbacks=[*end_at, record, merging], logger=False, enable_checkpointing=False,
+                         callbacks=[*end_at, record, merging], logger=False, default_root_dir=out, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Net(), data, data if apply in ("search", "auto") else None)
     merged = full_state(_sharded(trainer))
@@ -182,7 +191,8 @@ def main() -> None:
         r = merging.result
         chosen = [r.k, r.lam, len(r.candidates), r.reason, r.method, [(c.method, c.k, c.lam) for c in r.candidates],
                   [c.objective for c in r.candidates], r.reference]
-        torch.save({"base": record.base, "finetuned": record.finetuned, "merged": merged, "chosen": chosen,
+        torch.save({"base": record.base, "started": record.started, "finetuned": record.finetuned, "merged": merged,
+                    "chosen": chosen,
                     "world": int(os.environ.get("WORLD_SIZE", devices))}, out / "result.pt")
 
 

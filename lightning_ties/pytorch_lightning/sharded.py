@@ -97,7 +97,7 @@ def sharded_merging(callback: Any, trainer: pl.Trainer) -> ShardedMerging | None
     """
     if sharding_kind(trainer.strategy) is None:
         return None
-    merging = ShardedMerging(callback)
+    merging = getattr(callback, "sharded_merging_class", ShardedMerging)(callback)  # continual merging: its own
     merging.check(trainer)
     return merging
 
@@ -217,8 +217,7 @@ class ShardedMerging:
         """At fit end (collective): merge on every rank's shards (a scored search when every task has
         validation data in ``loaders``, else a fixed k and lam), apply per ``apply``; the result to record."""
         cb = self.callback
-        keys = self.fit.keys
-        tasks = {name: match_to_module(value, keys, label=name) for name, value in cb.tasks.items()}
+        tasks = self.task_sources(trainer)
         if set(loaders) == set(tasks) | {cb.task}:
             merged, result = self._search(trainer, pl_module, tasks, loaders)
         else:
@@ -229,6 +228,11 @@ class ShardedMerging:
                                     apply=cb.apply == "merged")
         self._finish(trainer, merged, result)
         return result
+
+    def task_sources(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The other tasks to merge with this run, name -> source with the module's keys (read per rows)."""
+        keys = self.fit.keys
+        return {name: match_to_module(value, keys, label=name) for name, value in self.callback.tasks.items()}
 
     def _options(self, method: str, k: float | None, lam: float | None) -> MergeOptions:
         cb = self.callback

@@ -40,7 +40,7 @@ def task_files(tmp_path_factory) -> Path:
 
 
 def launch(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> subprocess.CompletedProcess:
-    out.mkdir()
+    out.mkdir(parents=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
@@ -108,16 +108,32 @@ def test_strategies_are_found_by_isinstance_and_deepspeed_is_refused():
     assert str(err.value) == DEEPSPEED_REFUSAL and "ModelParallelStrategy" in DEEPSPEED_REFUSAL
 
 
-def test_continual_merging_under_a_sharded_strategy_is_refused_at_setup(tmp_path):
-    import pytorch_lightning as pl
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
+def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy, task_files, tmp_path):
+    from lightning_ties.io import CheckpointError
+    from lightning_ties.io.task_store import TaskVectorStore
 
-    from lightning_ties.lightning import ContinualTiesMerging
-
-    class FakeTrainer:
-        strategy = pl.strategies.ModelParallelStrategy()
-
-    with pytest.raises(ValueError, match="ContinualTiesMerging does not support the sharded strategy ModelParallelStrategy"):
-        ContinualTiesMerging(task="c", store=str(tmp_path / "store")).setup(FakeTrainer(), None, "fit")
+    # given tasks a, b, c arriving one fit at a time (c starts from the stored merge of a and b)
+    runs = [("a", "base"), ("b", "base"), ("c", "merged")]
+    for task, start_from in runs:
+        apply = f"continual:{task}:{start_from}"
+        sharded = fit(strategy, task_files, tmp_path / "sharded" / task, apply=apply)
+        single = fit("single", task_files, tmp_path / "single" / task, apply=apply, devices=1)
+        # then each fit starts and ends as one process does, bit for bit
+        assert_equal(sharded["started"], single["started"])
+        assert_equal(sharded["merged"], single["merged"])
+        assert sharded["chosen"][:2] == single["chosen"][:2] == [0.3, 0.8]
+    assert any(not torch.equal(sharded["started"][k], sharded["base"][k]) for k in sharded["base"])  # c: from the merge
+    # each rank stored its own rows; the store lists every task once
+    store = tmp_path / "sharded" / "store"
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith("rank-")) == ["rank-0-of-2", "rank-1-of-2"]
+    assert TaskVectorStore(store / "rank-1-of-2", k=None).names() == ["a", "b", "c"]
+    # one process refuses the sharded store, and a sharded fit refuses the store one process wrote
+    with pytest.raises(CheckpointError, match="written by a sharded fit on 2 ranks"):
+        TaskVectorStore(store, k=0.3).check()
+    proc = launch(strategy, task_files, tmp_path / "single" / "d", apply="continual:c:base")
+    assert proc.returncode != 0 and "was written by one process (whole task vectors)" in proc.stderr
 
 
 def test_a_scored_search_on_shards_applies_the_single_process_merge_of_its_choice(task_files, tmp_path):
