@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..io.errors import CheckpointError
+from ..io.ownership import check_writable
 from ..io.task_store import TaskVectorSource, TaskVectorStore
 from .views import LocalSource, ShardedView
 
@@ -110,14 +111,24 @@ class ShardedTaskStore:
         return self.index.names()
 
     def has_base(self) -> bool:
-        return self.local.has_base()
+        """Whether the store holds the base; every rank's folder must agree (else the store is damaged)."""
+        has = self.local.has_base()
+        count = int(self.view.collectives.all_sum(torch.tensor([int(has)])).item())
+        if count not in (0, self.world_size):
+            raise CheckpointError(
+                f"{self.root}: {count} of {self.world_size} ranks' folders hold the base; the store is damaged "
+                "(restore it, or use a new store folder)"
+            )
+        return has
 
     def save_base(self, pieces: Mapping[str, torch.Tensor]) -> None:
-        """Write this rank's pieces of the base (flat), then rank 0 marks the store as sharded."""
-        self._together(lambda: (self.local.save_base({k: v.reshape(-1) for k, v in pieces.items()}),
-                                self.local.update_index(shards=self._shards)))
-        if self.rank == 0:
-            self.index.update_index(sharded={"world_size": self.world_size})
+        """Write this rank's pieces of the base (flat) and its ranges; then rank 0 marks the store as sharded."""
+        def write() -> None:
+            self.local.save_base({key: value.reshape(-1) for key, value in pieces.items()})
+            self.local.update_index(shards=self._shards)
+
+        self._together(write)
+        self._together(lambda: self.rank == 0 and self.index.update_index(sharded={"world_size": self.world_size}))
 
     def base_pieces(self) -> dict[str, torch.Tensor]:
         """This rank's pieces of the stored base, shaped as the module's pieces."""
@@ -129,12 +140,18 @@ class ShardedTaskStore:
         threshold; once every rank has, rank 0 lists the task (replacing an earlier one of that name)."""
         specs = self.view.specs()
         base_src = LocalSource(base, specs, "base", aliases=self.view.aliases)
+        # what can be refused before the trim's collectives is refused together first: a rank raising inside
+        # them would leave the others waiting in a collective it never joins
+        self._together(lambda: check_writable(self.local.task_path(name)))
         self._together(lambda: self.local.add(name, finetuned, base_src, overwrite=True,
                                               collectives=self.view.collectives, shards=self.view.shards))
-        if self.rank == 0:
+
+        def list_task() -> None:  # rank 0, once every rank has stored its rows; every rank sees it from here on
             names = self.names()
-            self.index.update_index(tasks=names if name in names else [*names, name])
-        self._together(lambda: None)  # every rank sees the listed task from here on
+            if self.rank == 0 and name not in names:
+                self.index.update_index(tasks=[*names, name])
+
+        self._together(list_task)
 
     def source(self, name: str) -> StoredRows:
         """Task ``name`` as this rank's rows of its fine-tuned weights (base + stored tau), global specs."""

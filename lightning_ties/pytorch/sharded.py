@@ -6,7 +6,8 @@
 - ``DeepSpeedStrategy``: refused (see :data:`DEEPSPEED_REFUSAL`).
 
 The merge itself is :class:`lightning_ties.distributed.fit.ShardedFitMerge` (no Lightning there); this
-module only finds the strategy and calls it from :class:`~lightning_ties.pytorch.callback.TiesMerging`'s hooks.
+module only finds the strategy and calls it from :class:`~lightning_ties.pytorch.callback.TiesMerging`'s hooks
+(:class:`~lightning_ties.pytorch.continual.ContinualTiesMerging` plugs in its own subclass of :class:`ShardedMerging`).
 """
 
 from __future__ import annotations

@@ -108,6 +108,31 @@ def test_strategies_are_found_by_isinstance_and_deepspeed_is_refused():
     assert str(err.value) == DEEPSPEED_REFUSAL and "ModelParallelStrategy" in DEEPSPEED_REFUSAL
 
 
+def test_a_subclass_of_deepspeed_is_refused_by_both_callbacks_and_the_merge_modules(tmp_path, tiny):
+    import pytorch_lightning as pl
+
+    from lightning_ties.lightning import ContinualTiesMerging, MultiTaskMergeModule
+    from lightning_ties.pytorch_lightning.sharded import DEEPSPEED_REFUSAL
+
+    class MyDeepSpeed(pl.strategies.DeepSpeedStrategy):  # a user's subclass: found by isinstance, not by name
+        def __init__(self) -> None:  # deepspeed is not installed: build the object without its checks
+            pl.strategies.DDPStrategy.__init__(self)
+
+    class FakeTrainer:
+        strategy = MyDeepSpeed()
+
+    for callback in (TiesMerging(tasks={"a": "a.safetensors"}, task="c"),
+                     ContinualTiesMerging(task="c", store=str(tmp_path / "store"))):
+        with pytest.raises(RuntimeError) as err:
+            callback.setup(FakeTrainer(), None, "fit")
+        assert str(err.value) == DEEPSPEED_REFUSAL
+    model, base, tasks = tiny
+    module = MultiTaskMergeModule(base, tasks, model=model)
+    module._trainer = FakeTrainer()
+    with pytest.raises(ValueError, match="MultiTaskMergeModule does not support the sharded strategy MyDeepSpeed"):
+        module.setup("validate")
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
 def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy, task_files, tmp_path):
