@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from ..io.errors import CheckpointError
 from ..io.ownership import check_writable
 from ..io.task_store import TaskVectorSource, TaskVectorStore
-from .views import LocalSource, ShardedView
+from .views import LocalSource, ShardedView, UnsupportedShardingError
 
 T = TypeVar("T")
 
@@ -55,6 +56,12 @@ class ShardedTaskStore:
         self.root, self.view = Path(root), view
         coll = view.collectives
         self.rank, self.world_size = coll.rank, coll.world_size
+        if dist.is_initialized() and dist.get_world_size() != self.world_size:  # HSDP: replicas would write one folder
+            raise UnsupportedShardingError(
+                f"a continual task store under HSDP (the parameters sharded over {self.world_size} of "
+                f"{dist.get_world_size()} ranks) is not supported: every replica would write the same rank folders. "
+                "Shard over every rank (FSDP2 Shard(0) on a 1-D mesh, or FSDPStrategy), or use TiesMerging(tasks=...)"
+            )
         self.index = TaskVectorStore(self.root, k=k, exclude=exclude)
         self.local = TaskVectorStore(self.root / f"rank-{self.rank}-of-{self.world_size}", k=k, exclude=exclude)
 

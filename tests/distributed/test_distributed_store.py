@@ -71,3 +71,22 @@ def test_each_rank_stores_its_rows_of_the_one_process_store_and_a_failing_rank_s
     assert "rank-1-of-2/tasks/b.safetensors" in results[1]["error"]  # rank 1 says why
     assert results[0]["error"] == f"CheckpointError: {tmp_path / 'sharded'}: 1 other rank(s) failed on the task store; see their errors"
     assert [r["names"] for r in results] == [["a"], ["a"]]  # b is not listed: not every rank stored it
+
+
+def _store_under_hsdp(rank: int, world: int, root: str) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_ties.distributed import ShardedTaskStore, UnsupportedShardingError, sharded_view
+
+    model = nn.Sequential(nn.Linear(6, 7), nn.Linear(7, 3))
+    fully_shard(model, mesh=init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")))
+    with pytest.raises(UnsupportedShardingError) as err:
+        ShardedTaskStore(root, sharded_view(model), k=K)
+    return str(err.value)
+
+
+def test_a_store_under_hsdp_is_refused_naming_what_is_supported(tmp_path):
+    message = run_ranks(_store_under_hsdp, 2, str(tmp_path / "store"))[0]
+    assert "under HSDP (the parameters sharded over 1 of 2 ranks) is not supported" in message
+    assert "FSDPStrategy" in message and not (tmp_path / "store").exists()
