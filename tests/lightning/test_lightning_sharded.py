@@ -133,31 +133,42 @@ def test_a_subclass_of_deepspeed_is_refused_by_both_callbacks_and_the_merge_modu
         module.setup("validate")
 
 
+#: tasks a, b, c arriving one fit at a time (c starts from the stored merge of a and b)
+CONTINUAL_RUNS = [("a", "base"), ("b", "base"), ("c", "merged")]
+
+
+@pytest.fixture(scope="module")
+def continual_single(task_files, tmp_path_factory) -> tuple[Path, dict]:
+    """The reference: the same fits in one process, unsharded (its store is ROOT/store)."""
+    root = tmp_path_factory.mktemp("continual-single")
+    return root, {task: fit("single", task_files, root / task, apply=f"continual:{task}:{start_from}", devices=1)
+                  for task, start_from in CONTINUAL_RUNS}
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
-def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy, task_files, tmp_path):
+def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy, task_files, continual_single,
+                                                                        tmp_path):
     from lightning_ties.io import CheckpointError
     from lightning_ties.io.task_store import TaskVectorStore
 
-    # given tasks a, b, c arriving one fit at a time (c starts from the stored merge of a and b)
-    runs = [("a", "base"), ("b", "base"), ("c", "merged")]
-    for task, start_from in runs:
-        apply = f"continual:{task}:{start_from}"
-        sharded = fit(strategy, task_files, tmp_path / "sharded" / task, apply=apply)
-        single = fit("single", task_files, tmp_path / "single" / task, apply=apply, devices=1)
+    single_root, singles = continual_single
+    for task, start_from in CONTINUAL_RUNS:
+        sharded = fit(strategy, task_files, tmp_path / task, apply=f"continual:{task}:{start_from}")
+        single = singles[task]
         # then each fit starts and ends as one process does, bit for bit
         assert_equal(sharded["started"], single["started"])
         assert_equal(sharded["merged"], single["merged"])
         assert sharded["chosen"][:2] == single["chosen"][:2] == [0.3, 0.8]
     assert any(not torch.equal(sharded["started"][k], sharded["base"][k]) for k in sharded["base"])  # c: from the merge
     # each rank stored its own rows; the store lists every task once
-    store = tmp_path / "sharded" / "store"
+    store = tmp_path / "store"
     assert sorted(p.name for p in store.iterdir() if p.name.startswith("rank-")) == ["rank-0-of-2", "rank-1-of-2"]
     assert TaskVectorStore(store / "rank-1-of-2", k=None).names() == ["a", "b", "c"]
     # one process refuses the sharded store, and a sharded fit refuses the store one process wrote
     with pytest.raises(CheckpointError, match="written by a sharded fit on 2 ranks"):
         TaskVectorStore(store, k=0.3).check()
-    proc = launch(strategy, task_files, tmp_path / "single" / "d", apply="continual:c:base")
+    proc = launch(strategy, task_files, single_root / f"d-{strategy}", apply="continual:c:base")
     assert proc.returncode != 0 and "was written by one process (whole task vectors)" in proc.stderr
 
 
