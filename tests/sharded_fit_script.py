@@ -2,7 +2,10 @@
 
 Usage: python sharded_fit_script.py STRATEGY DEVICES OUT TASKS_DIR [APPLY]
 
-STRATEGY: ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
+APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored), ``auto`` (``method="auto"``) or
+``continual:<task>:<start_from>`` (ContinualTiesMerging over the store OUT/../store; the fit ends at TASKS_DIR/<task>).
+
+STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
 user's subclass of ModelParallelStrategy) or ``deepspeed`` (refused). Lightning re-launches this script for
 the other ranks. Rank 0 writes OUT/result.pt: the base, the fine-tuned weights (gathered before the merge),
@@ -23,10 +26,12 @@ import torch  # noqa: E402
 from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_ties import TiesMerging  # noqa: E402
+from lightning_ties import ContinualTiesMerging, TiesMerging  # noqa: E402
 from lightning_ties.distributed.fit import full_state  # noqa: E402
 
 K, LAM = 0.3, 0.8
+#: the ``bf16_cuda`` strategy: FSDP2 computes in bf16 over fp32 sharded parameters
+BF16 = len(sys.argv) > 1 and sys.argv[1] == "bf16_cuda"
 
 
 def make_net() -> nn.Sequential:
@@ -41,9 +46,11 @@ class Net(pl.LightningModule):
 
     def configure_model(self) -> None:
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+            # bf16: the forward computes in bf16, the sharded parameters (what is merged) stay fp32 master weights
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if BF16 else None
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"], **({"mp_policy": policy} if BF16 else {}))
 
     def forward(self, x):
         return self.model(x)
@@ -68,6 +75,17 @@ class CPUFSDPStrategy(FSDPStrategy):
 
         return FullyShardedDataParallel(module=model, device_id=torch.device("cpu"), **self.kwargs)
 
+    def lightning_module_state_dict(self):
+        if self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        # Lightning's full state dict offloads to the CPU, which FSDP1 cannot do from the CPU (a crash): the same
+        # full state dict without the offload (on the GPU, fsdp_full_cuda runs Lightning's own)
+        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()
+
 
 class MyModelParallel(ModelParallelStrategy):
     """A user's subclass: detected by isinstance, not by class name."""
@@ -79,8 +97,29 @@ class Record(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         self.base = full_state(_sharded(trainer))
 
+    def on_train_start(self, trainer, pl_module):  # after every on_fit_start (continual: start_from="merged")
+        self.started = full_state(_sharded(trainer))
+
     def on_fit_end(self, trainer, pl_module):
         self.finetuned = full_state(_sharded(trainer))
+
+
+class EndAt(pl.Callback):
+    """At train end (before the merge): the module holds the weights of ``path``, whatever the world size trained.
+
+    W ranks and one process train on differently split batches; this makes their fine-tuned weights equal.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_ties.distributed import RowsSource, sharded_view
+        from lightning_ties.io import open_source
+
+        view = sharded_view(_sharded(trainer))
+        rows = RowsSource(open_source(self.path), view.rows)
+        view.write_({key: rows.get(key) for key in view.keys})
 
 
 def _sharded(trainer):
@@ -88,12 +127,22 @@ def _sharded(trainer):
 
 
 def strategy_of(name: str):
-    if name == "model_parallel":
-        return ModelParallelStrategy(data_parallel_size=int(sys.argv[2]), tensor_parallel_size=1)
+    """The strategy a name stands for; names ending in ``_cuda`` run on the GPU (NCCL), the others on the CPU (gloo)."""
+    devices = int(sys.argv[2])
+    if name in ("model_parallel", "model_parallel_cuda", "bf16_cuda"):
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     if name == "my_mp":
-        return MyModelParallel(data_parallel_size=int(sys.argv[2]), tensor_parallel_size=1)
-    if name == "fsdp":
-        return CPUFSDPStrategy(state_dict_type="sharded", use_orig_params=True)
+        return MyModelParallel(data_parallel_size=devices, tensor_parallel_size=1)
+    if name in ("fsdp", "fsdp_full"):
+        return CPUFSDPStrategy(state_dict_type="sharded" if name == "fsdp" else "full", use_orig_params=True)
+    if name == "fsdp_full_cuda":
+        return FSDPStrategy(state_dict_type="full", use_orig_params=True)
+    if name == "single":  # the unsharded reference: one process, the whole module
+        return "auto"
+    if name == "deepspeed3_cuda":  # the real one (needs `import deepspeed`): refused at setup
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=3)
     if name == "deepspeed":
         from pytorch_lightning.strategies import DeepSpeedStrategy
 
@@ -112,23 +161,38 @@ def main() -> None:
     x = torch.randn(32, 6, generator=g)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
     tasks = {t: str(tasks_dir / f"{t}.safetensors") for t in ("a", "b")}
+    val = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
+           for i, t in enumerate(("a", "b"))}
     if apply == "search":  # every task has validation data: k and lam are searched on every rank alike
-        val = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
-               for i, t in enumerate(("a", "b"))}
         merging = TiesMerging(tasks=tasks, task="c", k=[0.2, 0.5], lam=[0.5, 1.0], val_dataloaders=val,
                               save_dir=str(out / "save"))
+    elif apply == "auto":  # method="auto": sharded, the data-free methods only (unsharded: told the same here)
+        merging = TiesMerging(tasks=tasks, task="c", method="auto", lam=[0.5, 1.0, 1.5], val_dataloaders=val,
+                              save_dir=str(out / "save"))
+        if name == "single":
+            merging.options = merging.options.without_data_methods()
+    elif apply.startswith("continual:"):  # continual:<task>:<start_from>; the store is OUT's sibling "store"
+        _, task, start_from = apply.split(":")
+        merging = ContinualTiesMerging(task=task, store=str(out.parent / "store"), k=K, lam=LAM, start_from=start_from,
+                                       save_dir=str(out / "save"))
     else:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
     record = Record()
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name), max_steps=3,
-                         callbacks=[record, merging], logger=False, enable_checkpointing=False,
+    end = {"auto": "c"}.get(apply) or (apply.split(":")[1] if apply.startswith("continual:") else None)
+    end_at = [EndAt(tasks_dir / f"{end}.safetensors")] if end else []
+    accelerator = "cuda" if name.endswith("_cuda") else "cpu"
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy_of(name), max_steps=3,
+                         callbacks=[*end_at, record, merging], logger=False, default_root_dir=out, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Net(), data, data if apply == "search" else None)
+    trainer.fit(Net(), data, data if apply in ("search", "auto") else None)
     merged = full_state(_sharded(trainer))
-    trainer.save_checkpoint(out / "ckpt")
+    trainer.save_checkpoint(out / ("ckpt.ckpt" if "full" in name else "ckpt"))  # full: one file
     if trainer.is_global_zero:
-        chosen = [merging.result.k, merging.result.lam, len(merging.result.candidates), merging.result.reason]
-        torch.save({"base": record.base, "finetuned": record.finetuned, "merged": merged, "chosen": chosen,
+        r = merging.result
+        chosen = [r.k, r.lam, len(r.candidates), r.reason, r.method, [(c.method, c.k, c.lam) for c in r.candidates],
+                  [c.objective for c in r.candidates], r.reference]
+        torch.save({"base": record.base, "started": record.started, "finetuned": record.finetuned, "merged": merged,
+                    "chosen": chosen,
                     "world": int(os.environ.get("WORLD_SIZE", devices))}, out / "result.pt")
 
 

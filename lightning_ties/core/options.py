@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -249,6 +249,19 @@ class SearchOptions:
         if self.strategy != "grid" or self.auto:
             return None
         return sum(len(ks) * len(lams) for ks, lams in self.grids(default_k).values())
+
+    def without_data_methods(self) -> SearchOptions:
+        """These options less the methods that need each task's data (RegMean), as ``with_data_methods=False``
+        builds them: what a layer that cannot compute those methods (a sharded fit-end merge) searches.
+
+        Example:
+            >>> SearchOptions.build("auto").without_data_methods().methods == tuple(auto_methods(False))
+            True
+        """
+        methods = tuple(m for m in self.methods if not get_method(m).needs_data)
+        if not methods:
+            raise ValueError(f"method(s) {list(self.methods)} all need each task's data; choose a data-free method")
+        return replace(self, methods=methods, lams=MappingProxyType({m: self.lams[m] for m in methods}))
 
     @property
     def searching(self) -> bool:

@@ -3,7 +3,8 @@
 No Lightning here (the Lightning layer calls it): :mod:`.collectives` (sums and gathers over a
 process group), :mod:`.views` (how a rank sees its slice of an FSDP2/FSDP1 module and of each
 task's weights), :mod:`.merge` (tau_m on each rank's shards, applied in place), :mod:`.fit` (what
-the merging callbacks keep across a fit: the base's rows, the merge at fit end, gathered writes).
+the merging callbacks keep across a fit: the base's rows, the merge at fit end, gathered writes),
+:mod:`.store` (the continual task store written by W ranks, each its own rows).
 
 Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
@@ -17,6 +18,7 @@ Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 from .collectives import TorchCollectives, shard_collectives
 from .fit import ShardedFitMerge, full_state, save_full_safetensors
 from .merge import ShardedMerge, merge_sharded_
+from .store import ShardedTaskStore, StoredRows
 from .views import (
     LocalSource,
     RowsSource,
@@ -32,7 +34,9 @@ __all__ = [
     "RowsSource",
     "ShardedFitMerge",
     "ShardedMerge",
+    "ShardedTaskStore",
     "ShardedView",
+    "StoredRows",
     "TorchCollectives",
     "UnsupportedShardingError",
     "chunk_rows",

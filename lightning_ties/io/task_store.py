@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ..merging import MergeResult, MergeSpec, TensorSource, TensorSpec, as_source, merge, merged_task_vector
+from ..merging.collectives import SINGLE_PROCESS, Collectives
 from .atomic import atomic_open, clean_stale_in
 from .locks import locked
 from .ownership import check_writable
@@ -106,6 +107,13 @@ class TaskVectorStore:
             >>> store.check()
         """
         names = self.names()
+        sharded = self._index().get("sharded")
+        if sharded is not None:  # lightning_ties.distributed.store: each rank's rows in its own folder
+            raise CheckpointError(
+                f"{self.root} was written by a sharded fit on {sharded.get('world_size')} ranks (each rank's rows in "
+                f"{self.root}/rank-<r>-of-<W>): continue it under the same sharded strategy and world size, "
+                "or use a new store folder"
+            )
         if not self.has_base():
             if names:
                 raise CheckpointError(f"{self.base_path} is missing but the store holds tasks {names}; restore it")
@@ -122,6 +130,15 @@ class TaskVectorStore:
         data = {**self._index(), **changes}
         with atomic_open(self.root / "index.json") as f:
             f.write(json.dumps(data, indent=1).encode())
+
+    def index(self) -> dict[str, Any]:
+        """The index's fields (``tasks``, ``choice``, and ``sharded`` for a store written by W ranks)."""
+        return self._index()
+
+    def update_index(self, **changes: Any) -> None:
+        """Set index fields under the store's lock (a sharded store's rank 0 lists what every rank wrote)."""
+        with self._locked():
+            self._write_index(**changes)
 
     def names(self) -> list[str]:
         """Stored task names, in the order they were added."""
@@ -181,8 +198,15 @@ class TaskVectorStore:
             raise ValueError(f"task name {name!r} must be letters, digits, '_', '-' or '.'")
         return self.root / "tasks" / f"{name}.safetensors"
 
-    def add(self, name: str, finetuned: Any, base: Any = None, overwrite: bool = False) -> dict[str, int]:
+    def add(
+        self, name: str, finetuned: Any, base: Any = None, overwrite: bool = False, *,
+        collectives: Collectives = SINGLE_PROCESS, shards: dict[str, tuple[int, int]] | None = None,
+    ) -> dict[str, int]:
         """Store tau = finetuned - base (trimmed at the store's k); returns entry counts.
+
+        ``collectives``/``shards``: this rank's flat ranges of a model sharded over W ranks (sources
+        with global specs and local pieces): the trim's threshold is the global one, and the file
+        holds this rank's pieces, flat (:mod:`lightning_ties.distributed.store`).
 
         Returns:
             ``{"numel": merged entries, "stored": non-zero entries kept, "bytes": file size}``.
@@ -196,12 +220,13 @@ class TaskVectorStore:
         spec = MergeSpec("magnitude", k=self.k, sign=None, merge="sum") if self.k is not None and self.k < 1 else (
             MergeSpec(None, sign=None, merge="sum")
         )
-        tau = merged_task_vector(base_src, [finetuned], spec, exclude=self.exclude)
+        tau = merged_task_vector(base_src, [finetuned], spec, exclude=self.exclude, collectives=collectives, shards=shards)
         ft = as_source(finetuned, name, base=base_src)
         tensors: dict[str, torch.Tensor] = {}
         shapes: dict[str, list[int]] = {}
         stored = numel = 0
         for key, t in tau.items():
+            t = t.reshape(-1) if shards is not None else t  # a rank's pieces are stored flat, as its base's
             flat = t.reshape(-1)
             shapes[key] = list(t.shape)
             numel += flat.numel()

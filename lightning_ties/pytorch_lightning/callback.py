@@ -335,7 +335,7 @@ class TiesMerging(Callback):
         check_metric_tasks(self.metrics, names)
         has_own = self.task in self.val_dataloaders or fit_has_val_data(trainer)
         given = set(self.val_dataloaders) | ({self.task} if has_own else set())
-        note = check_fit_data(self.options, names, given, self.task)
+        note = check_fit_data(getattr(self._sharded, "options", self.options), names, given, self.task)  # sharded: less RegMean
         if note:
             rank_zero_info(f"TiesMerging: {note}")
 

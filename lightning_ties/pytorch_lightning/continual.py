@@ -22,12 +22,63 @@ from typing import Any
 
 import torch
 
+from ..core.keys import match_to_module
 from ..core.merger import Merger
 from ..core.search import PAPER_DEFAULT_K, SearchResult
+from ..distributed.fit import ShardedFitMerge
+from ..distributed.merge import merge_sharded_
+from ..distributed.store import ShardedTaskStore
 from ..io.task_store import TaskVectorStore
 from ._compat import pl
 from .callback import TiesMerging
-from .sharded import sharding_kind
+from .sharded import ShardedMerging, sharded_module, sharding_kind
+
+
+class ShardedContinualMerging(ShardedMerging):
+    """:class:`ContinualTiesMerging` on a sharded module: each rank keeps its own rows of the base and of every
+    stored task vector in its own store folder (:class:`~lightning_ties.distributed.store.ShardedTaskStore`)."""
+
+    store: ShardedTaskStore
+
+    def capture_base(self, trainer: pl.Trainer) -> None:
+        """At fit start: the store's base rows (its first run: the module's, or ``base=``'s, written to the store)."""
+        cb = self.callback
+        self.fit = ShardedFitMerge(sharded_module(trainer))
+        self.store = ShardedTaskStore(cb.store_dir, self.fit.view(), k=cb.store.k, exclude=cb.heads)
+        self.store.check()
+        if self.store.has_base():
+            self.fit.base = self.store.base_pieces()
+            return
+        self.fit.capture_base(match_to_module(cb.base, self.fit.keys, label="base") if cb.base is not None else None)
+        self.store.save_base(self.fit.base)
+
+    def task_sources(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """This run's rows join the store (trimmed globally); the other tasks, then the stored ones, in the
+        order one process merges them."""
+        cb = self.callback
+        self.store.add(cb.task, self.fit.view().source(label=cb.task), self.fit.base)
+        tasks = super().task_sources(trainer)
+        for name in self.store.names():
+            if name != cb.task and name not in tasks:
+                tasks[name] = self.store.source(name)
+        return tasks
+
+    def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: Mapping[str, Any]) -> SearchResult:
+        result = super().merge(trainer, pl_module, loaders)
+        if result.lam is not None:
+            self.store.record_choice(result.k, result.lam)
+        return result
+
+    def load_stored_merge(self) -> None:
+        """Start this fit from the merge of the stored tasks, with the (k, lam) last chosen for them."""
+        cb = self.callback
+        names = self.store.names()
+        if not names:
+            return
+        choice: Mapping[str, Any] = self.store.choice or {}
+        k = choice.get("k") or cb.ks[0] or PAPER_DEFAULT_K
+        options = self._options(cb.method, k, choice.get("lam"))
+        merge_sharded_(self.fit.view(), self.fit.base, [self.store.source(n) for n in names], options)
 
 
 class ContinualTiesMerging(TiesMerging):
@@ -42,7 +93,15 @@ class ContinualTiesMerging(TiesMerging):
         everything else: as in :class:`TiesMerging`. ``heads`` also names the keys the store does not keep.
 
     The store is opened with the largest k of the grid (it keeps each task vector's top fraction).
+
+    Under ``ModelParallelStrategy`` (FSDP2) and ``FSDPStrategy`` each rank keeps only its own rows of the base
+    and of every stored task, in its own folder of the store (``rank-<r>-of-<W>``); the merge equals the
+    single-process continual merge bit for bit. Such a store is continued by the same sharded strategy and
+    world size only (one process refuses it, as a sharded fit refuses a store written by one process).
     """
+
+    #: what the sharded merge of this callback is (see :func:`~.sharded.sharded_merging`)
+    sharded_merging_class = ShardedContinualMerging
 
     def __init__(
         self, tasks: Mapping[str, Any] | None = None, task: str = "current", *, store: str, start_from: str = "base",
@@ -68,18 +127,17 @@ class ContinualTiesMerging(TiesMerging):
 
     # ---- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and sharding_kind(trainer.strategy) is not None:
-            raise ValueError(
-                f"ContinualTiesMerging does not support the sharded strategy {type(trainer.strategy).__name__} yet: "
-                "adding this run to the task store needs its whole task vector. Use TiesMerging(tasks=...) under "
-                "sharding (it merges on each rank's shards), or DDP / a single device for the continual store"
-            )
-        if stage == "fit":
+        # sharded: each rank's store folder is checked at fit start, once the module is sharded
+        if stage == "fit" and sharding_kind(trainer.strategy) is None:
             self.store.check()  # a damaged store fails here, not after every epoch has run
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self._sharded is not None:  # the base is in (or now written to) each rank's store folder
+            if self.start_from == "merged":
+                self._sharded.load_stored_merge()
+            return
         store = self.store
         if not store.has_base() and trainer.is_global_zero:  # ranks hold the same weights; one writes
             store.save_base(self._base_state)

@@ -8,12 +8,14 @@
 - ``DeepSpeedStrategy``: refused (see :data:`DEEPSPEED_REFUSAL`).
 
 The merge itself is :class:`lightning_ties.distributed.fit.ShardedFitMerge` (no Lightning there); this
-module only finds the strategy and calls it from :class:`~lightning_ties.pytorch_lightning.callback.TiesMerging`'s hooks.
+module only finds the strategy and calls it from :class:`~lightning_ties.pytorch_lightning.callback.TiesMerging`'s hooks
+(:class:`~lightning_ties.pytorch_lightning.continual.ContinualTiesMerging` plugs in its own subclass of :class:`ShardedMerging`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from ..core.inputs import MERGED_CHECKPOINT
 from ..io.atomic import atomic_dir
 from ..core.keys import match_to_module
 from ..core.merger import takes_task
+from ..core.auto import auto_search
 from ..core.metrics import TaskMetrics
+from ..core.options import SearchOptions
 from ..core.recipe import fixed_choice
 from ..core.resume import write_results
 from ..core.search import SearchResult, walk_grid
@@ -33,7 +37,8 @@ from ..distributed.fit import ShardedFitMerge, save_full_safetensors
 from ..distributed.views import RowsSource
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
-from ._compat import pl
+from ._compat import pl, rank_zero_info
+from .checkpoints import save_checkpoint_atomically
 
 #: Why DeepSpeed is refused: its ZeRO-3 partitions are flat slices of flattened parameter groups, and its
 #: optimizer keeps fp32 master copies that the next step (or a checkpoint) writes back over the module; a merge
@@ -93,9 +98,31 @@ def sharded_merging(callback: Any, trainer: pl.Trainer) -> ShardedMerging | None
     """
     if sharding_kind(trainer.strategy) is None:
         return None
-    merging = ShardedMerging(callback)
+    merging = getattr(callback, "sharded_merging_class", ShardedMerging)(callback)  # continual merging: its own
     merging.check(trainer)
     return merging
+
+
+def sharded_search_options(options: SearchOptions, strategy: str) -> SearchOptions:
+    """``options`` as a sharded merge can search them: ``method="auto"`` less the methods that need each task's
+    data (RegMean, said in the log); methods that need data named by the user are refused.
+
+    Example:
+        >>> auto = sharded_search_options(SearchOptions.build("auto"), "ModelParallelStrategy")
+        >>> "regmean" in auto.methods, auto.methods[0]
+        (False, 'tsv')
+    """
+    needs_data = [m for m in options.methods if get_method(m).needs_data]
+    if not needs_data:
+        return options
+    if not options.auto:
+        raise ValueError(
+            f"method(s) {needs_data} need each task's data on whole weights, which no rank holds under {strategy}; "
+            "choose a data-free method (ties, task_arithmetic, dare_ties, tsv...) or method='auto'"
+        )
+    rank_zero_info(f"TiesMerging: method='auto' under {strategy} (sharded) searches the data-free methods only, "
+                   f"without {needs_data} (they need each task's data on whole weights)")
+    return options.without_data_methods()
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -151,7 +178,8 @@ class ShardedMerging:
     a search has no validation data, a scored method/k/lam search (every rank scores the same candidate;
     tau_m is computed once per (method, k) and re-applied in place per lam), ``apply="merged"`` (with
     ``save_dir``: ``merged.ckpt``) and ``apply="keep"`` (``merged.safetensors`` gathered one tensor at a
-    time by rank 0). Refused with a message: methods that need data (RegMean), ``every_n_val_epochs``,
+    time by rank 0), ``method="auto"`` over the data-free methods. Refused with a message: methods that need
+    data (RegMean) named by the user, ``every_n_val_epochs``,
     heads given as modules, resuming without ``base=`` as a file. A search's progress is not persisted
     (an interrupted search starts over).
     """
@@ -159,17 +187,14 @@ class ShardedMerging:
     def __init__(self, callback: Any) -> None:
         self.callback = callback
         self.fit: Any = None
+        #: the callback's search options, less the methods a sharded module cannot merge (set by :meth:`check`)
+        self.options = callback.options
 
     def check(self, trainer: pl.Trainer) -> None:
         """Refuse at setup what the sharded merge does not do (before any training step)."""
         cb = self.callback
         name = type(trainer.strategy).__name__
-        needs_data = [m for m in cb.methods if get_method(m).needs_data]
-        if needs_data:
-            raise ValueError(
-                f"method(s) {needs_data} need each task's data on whole weights, which no rank holds under {name}; "
-                "choose a data-free method (ties, task_arithmetic, dare_ties, tsv...)"
-            )
+        self.options = sharded_search_options(cb.options, name)
         if cb.every_n_val_epochs is not None:
             raise ValueError(f"every_n_val_epochs is not supported under {name} (sharded); leave it None")
         if cb.heads is not None and not all(isinstance(h, str) for h in _as_list(cb.heads)):
@@ -193,17 +218,22 @@ class ShardedMerging:
         """At fit end (collective): merge on every rank's shards (a scored search when every task has
         validation data in ``loaders``, else a fixed k and lam), apply per ``apply``; the result to record."""
         cb = self.callback
-        keys = self.fit.keys
-        tasks = {name: match_to_module(value, keys, label=name) for name, value in cb.tasks.items()}
+        tasks = self.task_sources(trainer)
         if set(loaders) == set(tasks) | {cb.task}:
             merged, result = self._search(trainer, pl_module, tasks, loaders)
         else:
-            k, lam, reason = fixed_choice(cb.options, some_data=bool(loaders))
-            result = SearchResult(method=cb.method, reason=f"{reason} (sharded over {type(trainer.strategy).__name__})",
+            k, lam, reason = fixed_choice(self.options, some_data=bool(loaders))
+            result = SearchResult(method=self.options.methods[0], reason=f"{reason} (sharded over {type(trainer.strategy).__name__})",
                                   chosen=(k, lam))
-            merged = self.fit.merge(tasks, cb.task, self._options(cb.method, k, lam), apply=cb.apply == "merged")
+            merged = self.fit.merge(tasks, cb.task, self._options(self.options.methods[0], k, lam),
+                                    apply=cb.apply == "merged")
         self._finish(trainer, merged, result)
         return result
+
+    def task_sources(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The other tasks to merge with this run, name -> source with the module's keys (read per rows)."""
+        keys = self.fit.keys
+        return {name: match_to_module(value, keys, label=name) for name, value in self.callback.tasks.items()}
 
     def _options(self, method: str, k: float | None, lam: float | None) -> MergeOptions:
         cb = self.callback
@@ -216,7 +246,7 @@ class ShardedMerging:
     ) -> tuple[Any, SearchResult]:
         """Every candidate scored on every rank alike (tau_m sharded, re-applied in place per lam); the best applied."""
         cb = self.callback
-        options = cb.options
+        options = self.options
         finetuned = self.fit.finetuned()  # this run's shards: the module holds candidates from now on
         lists = {task: list(v) if isinstance(v, (list, tuple)) else [v] for task, v in loaders.items()}
         scorer = _Scorer(pl_module, cb, lists)
@@ -225,18 +255,24 @@ class ShardedMerging:
             result.reference = self._references(scorer, tasks, finetuned)
         merged: dict[str, Any] = {}
 
-        for method, (ks, lams) in options.grids(cb.ks[0]).items():
-            def before_k(k: float | None, method: str = method) -> None:
+        def prepare(method: str, k: float | None) -> None:  # tau_m once per (method, k), sharded
+            if merged.get("at") != (method, k):
                 merged["now"] = self.fit.merge(tasks, cb.task, self._options(method, k, None), finetuned=finetuned,
                                                apply=False)
+                merged["at"] = (method, k)
 
-            def evaluate(k: float | None, lam: float) -> Any:
-                merged["now"].apply_(lam)
-                return scorer.score()
+        def evaluate(method: str, k: float | None, lam: float) -> Any:
+            prepare(method, k)
+            merged["now"].apply_(lam)
+            return scorer.score()
 
-            walk_grid(evaluate, ks, lams, options.strategy, options.objective, options.mode, result, None, before_k, method)
+        if options.auto:  # the budget's decisions are rank 0's, broadcast: every rank scores the same candidates
+            auto_search(evaluate, options.auto_grids(), options.objective, options.mode, result, options.budget_s)
+        for method, (ks, lams) in ({} if options.auto else options.grids(cb.ks[0])).items():
+            walk_grid(partial(evaluate, method), ks, lams, options.strategy, options.objective, options.mode, result,
+                      None, partial(prepare, method), method)
         result.method = result.best_method
-        result.reason = "search" if cb.searching else "fixed k and lam"
+        result.reason = "search" if options.searching else "fixed k and lam"
         best = self.fit.merge(tasks, cb.task, self._options(result.method, result.k, result.lam), finetuned=finetuned,
                               apply=cb.apply == "merged")
         if cb.apply == "keep":
@@ -275,12 +311,16 @@ class ShardedMerging:
 
 
 def save_merged_checkpoint(trainer: pl.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint`` (a DCP folder under sharded strategies) into ``path``, atomically.
+    """``trainer.save_checkpoint`` (a DCP folder under sharded strategies; one file under FSDPStrategy with
+    ``state_dict_type="full"``) into ``path``, atomically.
 
     Rank zero opens :func:`~lightning_ties.io.atomic.atomic_dir` (a private temporary folder with an
     unpredictable name, the manifest that makes the result ours, and the ownership check of an
     earlier ``path``) and shares its name; every rank writes its shards there; the swap waits for all.
     """
+    if getattr(trainer.strategy, "_state_dict_type", None) == "full":  # FSDPStrategy's full state dict: one file
+        save_checkpoint_atomically(trainer, path, weights_only=True)
+        return
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(path)) if trainer.is_global_zero else None
         tmp = trainer.strategy.broadcast(str(tmp) if tmp is not None else None)

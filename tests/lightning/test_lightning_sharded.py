@@ -33,18 +33,22 @@ def task_files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tasks")
     base = {f"model.{k}": v for k, v in make_net().state_dict().items()}
     g = torch.Generator().manual_seed(5)
-    for t in ("a", "b"):
+    for t in ("a", "b", "c"):  # c: where a fit ends in the auto test
         save_safetensors({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
                          folder / f"{t}.safetensors")
     return folder
 
 
-def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
-    out.mkdir()
+def launch(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
+    return subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
                           capture_output=True, text=True, timeout=150, env=env, cwd=SCRIPT.parent)
+
+
+def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
+    proc = launch(strategy, tasks, out, apply, devices)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=True)
 
@@ -61,14 +65,18 @@ def assert_equal(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[key], expected[key]), key
 
 
-@pytest.mark.parametrize(("strategy", "devices"), [("model_parallel", 2), ("model_parallel", 1), ("fsdp", 2)])
+@pytest.mark.parametrize(("strategy", "devices"), [("model_parallel", 2), ("model_parallel", 1), ("fsdp", 2),
+                                                   ("fsdp_full", 2)])
 def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, devices, task_files, tmp_path):
     result = fit(strategy, task_files, tmp_path / "out", devices=devices)
     assert result["world"] == devices
     assert any(not torch.equal(result["finetuned"][k], result["base"][k]) for k in result["base"])  # it trained
     assert_equal(result["merged"], oracle(result, task_files))
     # the Trainer's checkpoint after fit, and the callback's save_dir/merged.ckpt: DCP folders read whole here
-    for path in (tmp_path / "out" / "ckpt", tmp_path / "out" / "save" / "merged.ckpt"):
+    # (FSDPStrategy with state_dict_type="full": one file each)
+    full = strategy == "fsdp_full"
+    assert (tmp_path / "out" / "save" / "merged.ckpt").is_file() == full
+    for path in (tmp_path / "out" / ("ckpt.ckpt" if full else "ckpt"), tmp_path / "out" / "save" / "merged.ckpt"):
         saved = open_source(path)
         assert_equal({k: saved.get(k) for k in saved.keys()}, result["merged"])
 
@@ -100,24 +108,102 @@ def test_strategies_are_found_by_isinstance_and_deepspeed_is_refused():
     assert str(err.value) == DEEPSPEED_REFUSAL and "ModelParallelStrategy" in DEEPSPEED_REFUSAL
 
 
-def test_continual_merging_under_a_sharded_strategy_is_refused_at_setup(tmp_path):
+def test_a_subclass_of_deepspeed_is_refused_by_both_callbacks_and_the_merge_modules(tmp_path, tiny):
     import pytorch_lightning as pl
 
-    from lightning_ties.lightning import ContinualTiesMerging
+    from lightning_ties.lightning import ContinualTiesMerging, MultiTaskMergeModule
+    from lightning_ties.pytorch_lightning.sharded import DEEPSPEED_REFUSAL
+
+    class MyDeepSpeed(pl.strategies.DeepSpeedStrategy):  # a user's subclass: found by isinstance, not by name
+        def __init__(self) -> None:  # deepspeed is not installed: build the object without its checks
+            pl.strategies.DDPStrategy.__init__(self)
 
     class FakeTrainer:
-        strategy = pl.strategies.ModelParallelStrategy()
+        strategy = MyDeepSpeed()
 
-    with pytest.raises(ValueError, match="ContinualTiesMerging does not support the sharded strategy ModelParallelStrategy"):
-        ContinualTiesMerging(task="c", store=str(tmp_path / "store")).setup(FakeTrainer(), None, "fit")
+    for callback in (TiesMerging(tasks={"a": "a.safetensors"}, task="c"),
+                     ContinualTiesMerging(task="c", store=str(tmp_path / "store"))):
+        with pytest.raises(RuntimeError) as err:
+            callback.setup(FakeTrainer(), None, "fit")
+        assert str(err.value) == DEEPSPEED_REFUSAL
+    model, base, tasks = tiny
+    module = MultiTaskMergeModule(base, tasks, model=model)
+    module._trainer = FakeTrainer()
+    with pytest.raises(ValueError, match="MultiTaskMergeModule does not support the sharded strategy MyDeepSpeed"):
+        module.setup("validate")
+
+
+#: tasks a, b, c arriving one fit at a time (c starts from the stored merge of a and b)
+CONTINUAL_RUNS = [("a", "base"), ("b", "base"), ("c", "merged")]
+
+
+@pytest.fixture(scope="module")
+def continual_single(task_files, tmp_path_factory) -> tuple[Path, dict]:
+    """The reference: the same fits in one process, unsharded (its store is ROOT/store)."""
+    root = tmp_path_factory.mktemp("continual-single")
+    return root, {task: fit("single", task_files, root / task, apply=f"continual:{task}:{start_from}", devices=1)
+                  for task, start_from in CONTINUAL_RUNS}
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
+def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy, task_files, continual_single,
+                                                                        tmp_path):
+    from lightning_ties.io import CheckpointError
+    from lightning_ties.io.task_store import TaskVectorStore
+
+    single_root, singles = continual_single
+    for task, start_from in CONTINUAL_RUNS:
+        sharded = fit(strategy, task_files, tmp_path / task, apply=f"continual:{task}:{start_from}")
+        single = singles[task]
+        # then each fit starts and ends as one process does, bit for bit
+        assert_equal(sharded["started"], single["started"])
+        assert_equal(sharded["merged"], single["merged"])
+        assert sharded["chosen"][:2] == single["chosen"][:2] == [0.3, 0.8]
+    assert any(not torch.equal(sharded["started"][k], sharded["base"][k]) for k in sharded["base"])  # c: from the merge
+    # each rank stored its own rows; the store lists every task once
+    store = tmp_path / "store"
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith("rank-")) == ["rank-0-of-2", "rank-1-of-2"]
+    assert TaskVectorStore(store / "rank-1-of-2", k=None).names() == ["a", "b", "c"]
+    # one process refuses the sharded store, and a sharded fit refuses the store one process wrote
+    with pytest.raises(CheckpointError, match="written by a sharded fit on 2 ranks"):
+        TaskVectorStore(store, k=0.3).check()
+    proc = launch(strategy, task_files, single_root / f"d-{strategy}", apply="continual:c:base")
+    assert proc.returncode != 0 and "was written by one process (whole task vectors)" in proc.stderr
 
 
 def test_a_scored_search_on_shards_applies_the_single_process_merge_of_its_choice(task_files, tmp_path):
     result = fit("model_parallel", task_files, tmp_path / "out", apply="search")
-    k, lam, candidates, reason = result["chosen"]
+    k, lam, candidates, reason = result["chosen"][:4]
     assert reason == "search" and candidates == 4 and k in (0.2, 0.5) and lam in (0.5, 1.0)
     files = [open_source(task_files / f"{t}.safetensors") for t in ("a", "b")]
     assert_equal(result["merged"], ties_merge(result["base"], [*files, result["finetuned"]], k=k, lam=lam))
+
+
+def test_auto_on_shards_searches_the_data_free_methods_as_one_process_restricted_to_them(task_files, tmp_path):
+    # given method="auto" (RegMean among its methods), when fitting under ModelParallelStrategy on 2 ranks
+    sharded = fit("model_parallel", task_files, tmp_path / "sharded", apply="auto")
+    # then the same search as one unsharded process told to leave out the methods that need data
+    single = fit("single", task_files, tmp_path / "single", apply="auto", devices=1)
+    assert sharded["chosen"][3] == "search" and "regmean" not in {m for m, _, _ in sharded["chosen"][5]}
+    assert {m for m, _, _ in sharded["chosen"][5]} >= {"tsv", "ties", "task_arithmetic"}
+    assert sharded["chosen"] == single["chosen"]  # every candidate, in order, and the choice
+    assert_equal(sharded["base"], single["base"])
+    assert_equal(sharded["finetuned"], single["finetuned"])
+    assert_equal(sharded["merged"], single["merged"])
+
+
+def test_auto_leaves_out_regmean_under_sharding_but_a_named_regmean_is_refused():
+    from lightning_ties.core.options import SearchOptions
+    from lightning_ties.pytorch_lightning.sharded import sharded_search_options
+
+    auto = SearchOptions.build("auto", budget_s=5.0)
+    options = sharded_search_options(auto, "ModelParallelStrategy")
+    assert "regmean" in auto.methods and "regmean" not in options.methods and options.auto
+    assert options.methods == tuple(m for m in auto.methods if m != "regmean") and options.budget_s == 5.0
+    assert sharded_search_options(options, "X") is options
+    with pytest.raises(ValueError, match=r"\['regmean'\] need each task's data .* under FSDPStrategy"):
+        sharded_search_options(SearchOptions.build(["ties", "regmean"]), "FSDPStrategy")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -161,3 +247,29 @@ def test_the_merge_modules_refuse_a_sharded_strategy_at_setup(module_kind, tiny)
         module.setup("validate")
     module._trainer = type("Whole", (), {"strategy": pl.strategies.DDPStrategy()})()
     module.setup("validate")  # unsharded: accepted
+
+
+# ---- on a GPU (benchmarks/gpu_check.sh runs them; skipped without CUDA) -------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("strategy", ["model_parallel_cuda", "fsdp_full_cuda", "bf16_cuda"])
+def test_on_the_gpu_the_fit_end_merge_equals_the_single_process_merge(strategy, task_files, tmp_path):
+    # model_parallel_cuda: NCCL at world size 1; fsdp_full_cuda: FSDPStrategy(state_dict_type="full");
+    # bf16_cuda: FSDP2 computes in bf16, the sharded parameters stay fp32 and the merge happens on them
+    result = fit(strategy, task_files, tmp_path / "out", devices=1)
+    assert result["world"] == 1
+    assert all(v.dtype == torch.float32 for v in result["merged"].values())
+    assert_equal(result["merged"], oracle(result, task_files))
+    saved = open_source(tmp_path / "out" / "save" / "merged.ckpt")
+    assert_equal({k: saved.get(k).cpu() for k in saved.keys()}, result["merged"])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_the_gpu_deepspeed_stage_3_is_refused_with_the_message(task_files, tmp_path):
+    pytest.importorskip("deepspeed")
+    proc = launch("deepspeed3_cuda", task_files, tmp_path / "out", devices=1)
+    assert proc.returncode != 0 and "TiesMerging does not support DeepSpeedStrategy" in proc.stderr, proc.stderr[-3000:]

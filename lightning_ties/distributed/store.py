@@ -1,0 +1,194 @@
+"""A continual task store written by W ranks of a sharded fit, each rank keeping only its own rows.
+
+Layout (``root`` is the store folder the user names)::
+
+    root/index.json              the tasks every rank has stored, the last (k, lam), and
+                                 "sharded": {"world_size": W} (written by rank 0 after every rank succeeded)
+    root/rank-<r>-of-<W>/        rank r's own TaskVectorStore: its flat pieces of the base and of each
+                                 task vector, its index ("shards": its flat range of every key), its manifest
+
+Each rank writes only its own folder, through :class:`~lightning_ties.io.task_store.TaskVectorStore`
+(atomic files, recorded in that folder's manifest, never over a file we did not write). A task
+vector is trimmed with the global threshold (the engine's counts all-reduced), so the pieces
+are exactly the single-process store's entries of this rank's rows, and merging them equals
+the single-process continual merge bit for bit. A store written by W ranks is read back by W
+ranks sharded the same way (checked: the world size and every rank's ranges); a store written
+by one process is refused here, as this store is refused by one process.
+
+Example (on every rank, inside a process group, after ``fully_shard(model)``)::
+
+    store = ShardedTaskStore("runs/store", sharded_view(model), k=0.2)
+    store.check()
+    if not store.has_base():
+        store.save_base(view.local_state())
+    store.add("b", view.source(label="b"))        # this run's rows, trimmed globally
+    tasks = {name: store.source(name) for name in store.names()}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..io.errors import CheckpointError
+from ..io.ownership import check_writable
+from ..io.task_store import TaskVectorSource, TaskVectorStore
+from .views import LocalSource, ShardedView, UnsupportedShardingError
+
+T = TypeVar("T")
+
+
+class ShardedTaskStore:
+    """This rank's part of a task store (see the module's docstring); every method is collective.
+
+    Args:
+        root: the store folder.
+        view: this rank's view of the sharded module (its flat ranges, its collectives).
+        k: the trim density tasks are stored at (``None``: dense).
+        exclude: regexes of keys never merged (heads): stored whole (their rows).
+    """
+
+    def __init__(self, root: str | Path, view: ShardedView, k: float | None, exclude: Any = None) -> None:
+        self.root, self.view = Path(root), view
+        coll = view.collectives
+        self.rank, self.world_size = coll.rank, coll.world_size
+        if dist.is_initialized() and dist.get_world_size() != self.world_size:  # HSDP: replicas would write one folder
+            raise UnsupportedShardingError(
+                f"a continual task store under HSDP (the parameters sharded over {self.world_size} of "
+                f"{dist.get_world_size()} ranks) is not supported: every replica would write the same rank folders. "
+                "Shard over every rank (FSDP2 Shard(0) on a 1-D mesh, or FSDPStrategy), or use TiesMerging(tasks=...)"
+            )
+        self.index = TaskVectorStore(self.root, k=k, exclude=exclude)
+        self.local = TaskVectorStore(self.root / f"rank-{self.rank}-of-{self.world_size}", k=k, exclude=exclude)
+
+    # ---- agreement: one rank's failure is every rank's error (no rank waits for a peer that raised) ----
+    def _together(self, fn: Callable[[], T]) -> T:
+        failure: BaseException | None = None
+        value: Any = None
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on this rank and (as a count) on the others
+            failure = err
+        failed = int(self.view.collectives.all_sum(torch.tensor([int(failure is not None)])).item())
+        if failure is not None:
+            raise failure
+        if failed:
+            raise CheckpointError(f"{self.root}: {failed} other rank(s) failed on the task store; see their errors")
+        return value
+
+    @property
+    def _shards(self) -> dict[str, list[int]]:
+        return {key: [int(a), int(b)] for key, (a, b) in self.view.shards.items()}
+
+    def check(self) -> None:
+        """Refuse a store this rank cannot continue: one written by one process, by another world size,
+        or with other row ranges (another model or sharding); then the rank's own files, headers only."""
+        def check() -> None:
+            index = self.index.index()
+            sharded = index.get("sharded")
+            if sharded is None and (index.get("tasks") or self.index.has_base()):
+                raise CheckpointError(
+                    f"{self.root} was written by one process (whole task vectors); a sharded fit cannot continue it: "
+                    "continue it in one process or under DDP, or use a new store folder"
+                )
+            if sharded is not None and sharded.get("world_size") != self.world_size:
+                raise CheckpointError(
+                    f"{self.root} was written by {sharded.get('world_size')} ranks, this fit has {self.world_size}: "
+                    f"continue it with {sharded.get('world_size')} ranks, or use a new store folder"
+                )
+            stored = self.local.index().get("shards")
+            if stored is not None and stored != self._shards:
+                raise CheckpointError(
+                    f"{self.local.root}: this rank's rows differ from the ones it stored (another model or sharding); "
+                    "continue the store with the same model and strategy, or use a new store folder"
+                )
+            for name in self.names():
+                if name not in self.local.names():
+                    raise CheckpointError(f"{self.local.root}: task {name!r} of {self.root} is missing here")
+            self.local.check()
+
+        self._together(check)
+
+    def names(self) -> list[str]:
+        """The tasks every rank has stored, in the order they were added."""
+        return self.index.names()
+
+    def has_base(self) -> bool:
+        """Whether the store holds the base; every rank's folder must agree (else the store is damaged)."""
+        has = self.local.has_base()
+        count = int(self.view.collectives.all_sum(torch.tensor([int(has)])).item())
+        if count not in (0, self.world_size):
+            raise CheckpointError(
+                f"{self.root}: {count} of {self.world_size} ranks' folders hold the base; the store is damaged "
+                "(restore it, or use a new store folder)"
+            )
+        return has
+
+    def save_base(self, pieces: Mapping[str, torch.Tensor]) -> None:
+        """Write this rank's pieces of the base (flat) and its ranges; then rank 0 marks the store as sharded."""
+        def write() -> None:
+            self.local.save_base({key: value.reshape(-1) for key, value in pieces.items()})
+            self.local.update_index(shards=self._shards)
+
+        self._together(write)
+        self._together(lambda: self.rank == 0 and self.index.update_index(sharded={"world_size": self.world_size}))
+
+    def base_pieces(self) -> dict[str, torch.Tensor]:
+        """This rank's pieces of the stored base, shaped as the module's pieces."""
+        flat = self.local.base_state()
+        return {key: flat[key].reshape(entry.piece().shape) for key, entry in self.view.entries.items() if key in flat}
+
+    def add(self, name: str, finetuned: LocalSource, base: Mapping[str, torch.Tensor]) -> None:
+        """Store this rank's pieces of tau = finetuned - base, trimmed at the store's k with the global
+        threshold; once every rank has, rank 0 lists the task (replacing an earlier one of that name)."""
+        specs = self.view.specs()
+        base_src = LocalSource(base, specs, "base", aliases=self.view.aliases)
+        # what can be refused before the trim's collectives is refused together first: a rank raising inside
+        # them would leave the others waiting in a collective it never joins
+        self._together(lambda: check_writable(self.local.task_path(name)))
+        self._together(lambda: self.local.add(name, finetuned, base_src, overwrite=True,
+                                              collectives=self.view.collectives, shards=self.view.shards))
+
+        def list_task() -> None:  # rank 0, once every rank has stored its rows; every rank sees it from here on
+            names = self.names()
+            if self.rank == 0 and name not in names:
+                self.index.update_index(tasks=[*names, name])
+
+        self._together(list_task)
+
+    def source(self, name: str) -> StoredRows:
+        """Task ``name`` as this rank's rows of its fine-tuned weights (base + stored tau), global specs."""
+        if name not in self.names():
+            raise KeyError(f"task {name!r} is not in the store {self.root}; stored: {self.names()}")
+        return StoredRows(self.local.source(name), self.view, label=f"{self.root}/{name}")
+
+    def record_choice(self, k: float | None, lam: float) -> None:
+        """Rank 0 records the (k, lam) chosen for the stored tasks."""
+        if self.rank == 0:
+            self.index.record_choice(k, lam)
+
+    @property
+    def choice(self) -> dict[str, float | None] | None:
+        return self.index.choice
+
+
+class StoredRows(LocalSource):
+    """A stored task's pieces on this rank as the sharded merge reads them: global specs, local rows, lazily."""
+
+    def __init__(self, stored: TaskVectorSource, view: ShardedView, label: str) -> None:
+        super().__init__({}, view.specs(), label, aliases={})
+        self.stored, self.view = stored, view
+
+    def keys(self) -> Sequence[str]:
+        present = set(self.stored.keys())
+        return [key for key in self.view.entries if key in present]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.stored.get(key).reshape(self.view.entries[key].piece().shape)
+
+
+__all__ = ["ShardedTaskStore", "StoredRows"]
