@@ -8,6 +8,9 @@ starts one from the launcher's environment. ``fail``: on that rank, the ``after`
 written fails with ENOSPC (``how="raise"``, a rank other than 0) or kills the process
 (``how="kill"``), or every file it opens is corrupt (``how="bad_file"``). ``only``: the one rank that
 runs the jobs. ``reads``: each rank writes the keys it read from the fine-tuned models to ``<reads>.rank<r>.json``.
+``bracket``: ``[min_bracketed, sample_size]``, the global trim's sampled bracket on these small models.
+``ties``: each rank writes to ``<ties>.rank<r>.json`` whether its threshold ties were shared out from
+its bracket counts (true) or counted by reading (false), per merge that had ties to share.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lightning_ties.io import merge_to, ranks, stream
+from lightning_ties.merging import thresholds
 
 plan = json.loads(Path(sys.argv[1]).read_text())
 rank = int(os.environ["RANK"])
@@ -68,6 +72,19 @@ if plan.get("reads"):
 
     stream.RecentTensorCache.get = recording_get
 
+if plan.get("bracket"):
+    thresholds._MIN_BRACKETED, thresholds._SAMPLE = plan["bracket"]
+from_counts: list[bool] = []
+if plan.get("ties"):
+    run_budgets = thresholds.ThresholdFinder._run_budgets
+
+    def recording_run_budgets(self, *args):
+        budgets = run_budgets(self, *args)
+        from_counts.append(budgets is not None)
+        return budgets
+
+    thresholds.ThresholdFinder._run_budgets = recording_run_budgets
+
 for job in plan["jobs"] if plan.get("only") in (None, rank) else []:
     merge_to(job["output"], job["base"], job["models"], progress=False, **job["kwargs"])
 if plan.get("init"):
@@ -75,3 +92,5 @@ if plan.get("init"):
     dist.destroy_process_group()
 if plan.get("reads"):
     Path(f"{plan['reads']}.rank{rank}.json").write_text(json.dumps(sorted(read)))
+if plan.get("ties"):
+    Path(f"{plan['ties']}.rank{rank}.json").write_text(json.dumps(from_counts))
