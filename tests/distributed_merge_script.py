@@ -11,6 +11,8 @@ runs the jobs. ``reads``: each rank writes the keys it read from the fine-tuned 
 ``bracket``: ``[min_bracketed, sample_size]``, the global trim's sampled bracket on these small models.
 ``ties``: each rank writes to ``<ties>.rank<r>.json`` whether its threshold ties were shared out from
 its bracket counts (true) or counted by reading (false), per merge that had ties to share.
+``rehashed``: each rank writes to ``<rehashed>.rank<r>.json`` the output ``.safetensors`` files whose
+sha256 the manifest had to compute by reading them (not one the ranks had hashed already).
 """
 
 from __future__ import annotations
@@ -85,6 +87,25 @@ if plan.get("ties"):
 
     thresholds.ThresholdFinder._run_budgets = recording_run_budgets
 
+rehashed: list[str] = []
+if plan.get("rehashed"):
+    from lightning_ties.io import ownership
+
+    digest = ownership.digest
+
+    def spying_digest(path):
+        if not isinstance(path, int) and str(path).endswith(".safetensors"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                known = ownership._identity(fd) in ownership._DIGESTS
+            finally:
+                os.close(fd)
+            if not known:
+                rehashed.append(Path(path).name)
+        return digest(path)
+
+    ownership.digest = spying_digest
+
 for job in plan["jobs"] if plan.get("only") in (None, rank) else []:
     merge_to(job["output"], job["base"], job["models"], progress=False, **job["kwargs"])
 if plan.get("init"):
@@ -94,3 +115,5 @@ if plan.get("reads"):
     Path(f"{plan['reads']}.rank{rank}.json").write_text(json.dumps(sorted(read)))
 if plan.get("ties"):
     Path(f"{plan['ties']}.rank{rank}.json").write_text(json.dumps(from_counts))
+if plan.get("rehashed"):
+    Path(f"{plan['rehashed']}.rank{rank}.json").write_text(json.dumps(rehashed))

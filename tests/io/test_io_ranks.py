@@ -322,3 +322,17 @@ def test_threshold_ties_shared_from_each_rank_s_bracket_counts_give_the_one_proc
     for name in (p.name for p in single.iterdir()):
         assert_identical(single / name, multi / name)
     assert leftovers(multi) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world, shard", [(2, SHARD), (3, SHARD), (2, "5GB")])
+def test_the_ranks_hash_the_files_they_wrote_and_publishing_reads_none_again(models, tmp_path, world, shard):
+    # given a folder output of several shard files (or one file every rank writes part of)
+    merge_to(tmp_path / "single", *models, progress=False, k=0.3, max_shard_size=shard)
+    # when the ranks merge it
+    proc = run_jobs(world, [job(tmp_path / "multi", models, k=0.3, max_shard_size=shard)], tmp_path, rehashed=tmp_path / "rehashed")
+    # then the manifest lists the one process's digests, and none was computed by reading a file again
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_identical(tmp_path / "single", tmp_path / "multi")  # the manifest included
+    assert json.loads((tmp_path / "rehashed.rank0.json").read_text()) == []
