@@ -297,7 +297,8 @@ def merge_to(
         jobs.append(job)
         if hash_sources and fmt == "folder":
             sources = [base_src, *model_srcs]
-            hashes = None if world_size == 1 else _hashed_by(sources, rank, world_size)
+            one_file = sum(nbytes(spec) for spec in specs.values()) if len(job.layout) == 1 else 0
+            hashes = None if world_size == 1 else _hashed_by(sources, rank, world_size, one_file)
             job.digests = SourceDigests(sources, hashes)
         job.report = MergeReport.from_plan(plan, method, options.method_params, [m.label for m in model_srcs], lam=lam)
         return job
@@ -415,7 +416,9 @@ def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
         return int(size * weight * (reads if key in merged else 0 if key in job.plan.aliases else 1))
 
     costs = {key: cost(key, job.specs[key]) for key in job.plan.keys}
-    if len(job.layout) == 1:  # several files: each rank hashes about its own bytes
+    # several files: each rank hashes about its own bytes; with the sources hashed, the split
+    # of their files gives rank 0 fewer of them instead (_hashed_by)
+    if len(job.layout) == 1 and job.digests is None:
         total = sum(nbytes(spec) for spec in job.specs.values())
         costs = {_HASHING: int(total * reads * _HASH_WEIGHT), **costs}
     owners = assign_keys(costs, world_size, together=job.plan.aliases)
@@ -474,10 +477,14 @@ def _merge_part(
         _share_digests(job.digests, collectives)
 
 
-def _hashed_by(sources: Sequence[TensorSource], rank: int, world_size: int) -> Callable[[Path], bool]:
-    """Which source files this rank hashes for the card: runs balanced by size, like the tensors."""
+def _hashed_by(sources: Sequence[TensorSource], rank: int, world_size: int, output_bytes: int = 0) -> Callable[[Path], bool]:
+    """Which source files this rank hashes for the card: runs balanced by size, like the tensors.
+
+    ``output_bytes``: what rank 0 hashes of the output besides (a one-file output, whole), so
+    it takes that much less of the sources.
+    """
     files = {str(f): f.stat().st_size for source in sources for f in source_files(source)}
-    owners = assign_keys(files, world_size)
+    owners = assign_keys({_HASHING: output_bytes, **files}, world_size)
     return lambda f: owners.get(str(f)) == rank
 
 
