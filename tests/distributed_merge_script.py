@@ -8,6 +8,7 @@ starts one from the launcher's environment. ``fail``: on that rank, the ``after`
 written fails with ENOSPC (``how="raise"``, a rank other than 0) or kills the process
 (``how="kill"``), or every file it opens is corrupt (``how="bad_file"``). ``only``: the one rank that
 runs the jobs. ``reads``: each rank writes the keys it read from the fine-tuned models to ``<reads>.rank<r>.json``.
+``buffer_bytes``: read tensors over this size into reused buffers (stream._REUSED_BUFFER_BYTES).
 ``bracket``: ``[min_bracketed, sample_size]``, the global trim's sampled bracket on these small models.
 ``ties``: each rank writes to ``<ties>.rank<r>.json`` whether its threshold ties were shared out from
 its bracket counts (true) or counted by reading (false), per merge that had ties to share.
@@ -74,6 +75,8 @@ if plan.get("reads"):
 
     stream.RecentTensorCache.get = recording_get
 
+if plan.get("buffer_bytes"):
+    stream._REUSED_BUFFER_BYTES = plan["buffer_bytes"]
 if plan.get("bracket"):
     thresholds._MIN_BRACKETED, thresholds._SAMPLE = plan["bracket"]
 from_counts: list[bool] = []

@@ -167,8 +167,9 @@ def test_merges_on_several_processes_equal_the_one_process_output_file_for_file(
     merge_to(single / "ties.safetensors", *models, progress=False, k=0.2)
     jobs.append(job(multi / "ties.safetensors", models, k=0.2))
 
-    # world 2: merge_to starts the group from torchrun's environment; world 3: it uses the script's group
-    proc = run_jobs(world, jobs, tmp_path, init=world == 3)
+    # world 2: merge_to starts the group from torchrun's environment; world 3: it uses the script's
+    # group, and reads every tensor over 1 KB into reused buffers
+    proc = run_jobs(world, jobs, tmp_path, init=world == 3, **({"buffer_bytes": 1000} if world == 3 else {}))
 
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len([p for p in (single / "global_ties").iterdir() if p.suffix == ".safetensors"]) >= 3  # several shards
