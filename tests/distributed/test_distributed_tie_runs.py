@@ -21,8 +21,8 @@ from lightning_ties.merging import MergeOptions, TaskVectorMerger, merged_task_v
 from lightning_ties.merging.thresholds import ThresholdFinder
 
 SHAPES = {"a": (900,), "b": (30, 40), "c": (5,), "d": (20, 24), "e": (700,)}
-#: per case: each key's rank (one run per rank; a rank may come before a lower one)
-RUNS = {2: [0, 0, 0, 1, 1], 3: [2, 2, 0, 1, 1], "3-late": [0, 1, 1, 1, 2]}
+#: per case: each key's rank (one run per rank; a rank may come before a lower one, or hold nothing)
+RUNS = {2: [0, 0, 0, 1, 1], 3: [2, 2, 0, 1, 1], "3-late": [0, 1, 1, 1, 2], "3-idle": [0, 0, 2, 2, 2]}
 
 
 def tie_models(seed: int, dtype: torch.dtype, n_tasks: int = 3):
