@@ -140,13 +140,17 @@ def case_merge_to(args: argparse.Namespace) -> None:
         for out in (root / "out-1", root / f"out-{args.world}"):
             shutil.rmtree(out)
         one, many = rows
-        print("\n| processes | merge_to (s) | wall (s) | CPU per rank (s) | peak RSS per rank (MB) | merge_to speed-up | wall speed-up |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            "\n| processes | merge_to (s) | wall (s) | CPU per rank (s) | main-thread CPU per rank (s) "
+            "| peak RSS per rank (MB) | merge_to speed-up | wall speed-up |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             rss = " / ".join(f"{mb:.0f}" for mb in r["peak_rss_mb"])
             cpu = " / ".join(f"{s:.1f}" for s in r["cpu_s"])
+            main_cpu = " / ".join(f"{s:.1f}" for s in r["main_thread_cpu_s"])
             print(
-                f"| {r['world']} | {r['merge_s']:.2f} | {r['wall_s']:.2f} | {cpu} | {rss} | "
+                f"| {r['world']} | {r['merge_s']:.2f} | {r['wall_s']:.2f} | {cpu} | {main_cpu} | {rss} | "
                 f"{one['merge_s'] / r['merge_s']:.2f}x | {one['wall_s'] / r['wall_s']:.2f}x |"
             )
         # On W idle cores one process runs its main thread on one and hashes on another, while

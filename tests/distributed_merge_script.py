@@ -8,6 +8,12 @@ starts one from the launcher's environment. ``fail``: on that rank, the ``after`
 written fails with ENOSPC (``how="raise"``, a rank other than 0) or kills the process
 (``how="kill"``), or every file it opens is corrupt (``how="bad_file"``). ``only``: the one rank that
 runs the jobs. ``reads``: each rank writes the keys it read from the fine-tuned models to ``<reads>.rank<r>.json``.
+``buffer_bytes``: read tensors over this size into reused buffers (stream._REUSED_BUFFER_BYTES).
+``bracket``: ``[min_bracketed, sample_size]``, the global trim's sampled bracket on these small models.
+``ties``: each rank writes to ``<ties>.rank<r>.json`` whether its threshold ties were shared out from
+its bracket counts (true) or counted by reading (false), per merge that had ties to share.
+``rehashed``: each rank writes to ``<rehashed>.rank<r>.json`` the output ``.safetensors`` files whose
+sha256 the manifest had to compute by reading them (not one the ranks had hashed already).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lightning_ties.io import merge_to, ranks, stream
+from lightning_ties.merging import thresholds
 
 plan = json.loads(Path(sys.argv[1]).read_text())
 rank = int(os.environ["RANK"])
@@ -68,6 +75,40 @@ if plan.get("reads"):
 
     stream.RecentTensorCache.get = recording_get
 
+if plan.get("buffer_bytes"):
+    stream._REUSED_BUFFER_BYTES = plan["buffer_bytes"]
+if plan.get("bracket"):
+    thresholds._MIN_BRACKETED, thresholds._SAMPLE = plan["bracket"]
+from_counts: list[bool] = []
+if plan.get("ties"):
+    run_budgets = thresholds.ThresholdFinder._run_budgets
+
+    def recording_run_budgets(self, *args):
+        budgets = run_budgets(self, *args)
+        from_counts.append(budgets is not None)
+        return budgets
+
+    thresholds.ThresholdFinder._run_budgets = recording_run_budgets
+
+rehashed: list[str] = []
+if plan.get("rehashed"):
+    from lightning_ties.io import ownership
+
+    digest = ownership.digest
+
+    def spying_digest(path):
+        if not isinstance(path, int) and str(path).endswith(".safetensors"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                known = ownership._identity(fd) in ownership._DIGESTS
+            finally:
+                os.close(fd)
+            if not known:
+                rehashed.append(Path(path).name)
+        return digest(path)
+
+    ownership.digest = spying_digest
+
 for job in plan["jobs"] if plan.get("only") in (None, rank) else []:
     merge_to(job["output"], job["base"], job["models"], progress=False, **job["kwargs"])
 if plan.get("init"):
@@ -75,3 +116,7 @@ if plan.get("init"):
     dist.destroy_process_group()
 if plan.get("reads"):
     Path(f"{plan['reads']}.rank{rank}.json").write_text(json.dumps(sorted(read)))
+if plan.get("ties"):
+    Path(f"{plan['ties']}.rank{rank}.json").write_text(json.dumps(from_counts))
+if plan.get("rehashed"):
+    Path(f"{plan['rehashed']}.rank{rank}.json").write_text(json.dumps(rehashed))

@@ -74,20 +74,53 @@ def digest(path: str | os.PathLike[str] | int) -> dict[str, Any]:
     """
     fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = _identity(fd)
         if key not in _DIGESTS:
             h, offset = hashlib.sha256(), 0
             while chunk := os.pread(fd, _CHUNK, offset):
                 h.update(chunk)
                 offset += len(chunk)
-            if len(_DIGESTS) > 4096:
-                _DIGESTS.clear()
-            _DIGESTS[key] = {"size": offset, "sha256": h.hexdigest()}
+            _remember(key, {"size": offset, "sha256": h.hexdigest()})
         return dict(_DIGESTS[key])
     finally:
         if not isinstance(path, int):
             os.close(fd)
+
+
+def _identity(fd: int) -> tuple[int, ...]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remember(key: tuple[int, ...], entry: dict[str, Any]) -> None:
+    if len(_DIGESTS) > 4096:
+        _DIGESTS.clear()
+    _DIGESTS[key] = entry
+
+
+def hash_range(fd: int, h: Any, start: int, stop: int) -> None:
+    """Feed bytes ``[start, stop)`` of an open file to the hash object ``h`` (a file hashed in pieces, in order)."""
+    offset = start
+    while offset < stop:
+        chunk = os.pread(fd, min(_CHUNK, stop - offset), offset)
+        if not chunk:
+            raise OSError(f"file ended at byte {offset} while hashing up to {stop}")
+        h.update(chunk)
+        offset += len(chunk)
+
+
+def remember_digest(path: Path, sha256: str) -> None:
+    """Record the sha256 of ``path`` as it is now, computed elsewhere (another rank hashed it).
+
+    :func:`digest` then returns it without reading the file, until the file changes (its
+    identity, size and change times are the key, as for the digests computed here).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        key = _identity(fd)
+        _remember(key, {"size": key[2], "sha256": sha256})
+    finally:
+        os.close(fd)
 
 
 def _ours_only(name: str) -> bool:

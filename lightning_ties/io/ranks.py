@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import itertools
 import os
 import shutil
@@ -45,6 +46,7 @@ import torch.distributed as dist
 
 from ..merging.sources import TensorSpec
 from .errors import OutputWriteError
+from .ownership import hash_range, remember_digest
 from .safetensors_file import layout_header, nbytes
 from .tempfiles import TEMP, clean_stale
 
@@ -425,6 +427,65 @@ class PartWriter:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
+
+
+class OutputHashes:
+    """The sha256 of every output file, hashed by the ranks that wrote it rather than re-read at publish.
+
+    A file's hasher is the rank owning its first tensor (rank 0 for a file without tensors). As
+    soon as its own tensors are on disk it hashes the file's start: the header (rank 0 wrote it
+    before anyone merged) and its run of tensors there, a whole file when it wrote all of it
+    (:meth:`hash_heads`, while other ranks may still merge). :meth:`finish` waits until every
+    rank has written, hashes the rest of the files it started, shares every digest (one
+    all_gather of 33 bytes per file) and, on rank 0, records them for the manifest
+    (:func:`~lightning_ties.io.ownership.remember_digest`): publishing reads no file again.
+    """
+
+    def __init__(self, root: Path, layout: Layout, owners: Mapping[str, int], rank: int) -> None:
+        self.rank = rank
+        self.paths = [root / name if name else root for name in layout]
+        # per file hashed here: its index, where this rank's run at its start ends, its size
+        self._mine: list[tuple[int, int, int]] = []
+        self._started: dict[int, Any] = {}
+        for index, (specs, metadata) in enumerate(layout.values()):
+            header, offsets = layout_header(specs, metadata)
+            keys = [k for k in specs if nbytes(specs[k])]  # empty tensors are written by nobody
+            head = owners[keys[0]] if keys else 0
+            end = len(header)
+            for key in keys:
+                if owners[key] != head:
+                    break
+                end = offsets[key] + nbytes(specs[key])
+            if head == rank:
+                self._mine.append((index, end, len(header) + sum(nbytes(s) for s in specs.values())))
+
+    def hash_heads(self) -> None:
+        """Hash the start of every file this rank hashes: the part it and the header hold (on disk already)."""
+        for index, end, _ in self._mine:
+            self._started[index] = self._hash(index, hashlib.sha256(), 0, end)
+
+    def finish(self, collectives: Any) -> dict[Path, str]:
+        """Every file's sha256 by path, on every rank (a collective: every rank calls it once it has written)."""
+        collectives.all_gather(torch.zeros(1, dtype=torch.uint8))  # every rank's tensors are on disk now
+        rows = torch.zeros(len(self.paths), 33, dtype=torch.uint8)  # a flag, then the digest
+        for index, end, size in self._mine:
+            h = self._hash(index, self._started.pop(index), end, size)
+            rows[index, 0] = 1
+            rows[index, 1:] = torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+        gathered = collectives.all_gather(rows)
+        digests = {self.paths[i]: bytes(row[1:].tolist()).hex() for rank_rows in gathered for i, row in enumerate(rank_rows) if row[0]}
+        if self.rank == 0:
+            for path, sha256 in digests.items():
+                remember_digest(path, sha256)
+        return digests
+
+    def _hash(self, index: int, h: Any, start: int, stop: int) -> Any:
+        fd = os.open(self.paths[index], os.O_RDONLY)
+        try:
+            hash_range(fd, h, start, stop)
+        finally:
+            os.close(fd)
+        return h
 
 
 def remove_temporary(path: Path) -> None:

@@ -62,6 +62,10 @@ class SafetensorsSource:
     def get(self, key: str) -> torch.Tensor:
         return self._where[key].get(key)
 
+    def get_into(self, key: str, into: torch.Tensor) -> torch.Tensor:
+        """:meth:`get` into the front of ``into``, a flat uint8 buffer the caller reuses (returns a view of it)."""
+        return self._where[key].get(key, into)
+
 
 class TorchFileSource(StateDictSource):
     """A pickled state dict (``.pt``/``.bin``/Lightning ``.ckpt``), memory-mapped when possible.

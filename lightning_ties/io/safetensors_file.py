@@ -156,10 +156,14 @@ class SafetensorsFile:
                 f"{self.path}: corrupt file: {data_size - pos} bytes after the last tensor; re-download or re-save it"
             )
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new buffer (nothing stays mapped)."""
+    def get(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into a new buffer (nothing stays mapped), or into the front of ``into`` (bytes, reused).
+
+        ``into``: a flat contiguous uint8 tensor of at least the tensor's size; the tensor
+        returned is a view of it.
+        """
         spec = self.specs[name]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+        out = torch.empty(spec.shape, dtype=spec.dtype) if into is None else _view_of(into, spec)
         start, end = self._offsets[name]
         if end > start:
             buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -169,6 +173,14 @@ class SafetensorsFile:
             finally:
                 os.close(fd)
         return out
+
+
+def _view_of(into: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The front of a flat uint8 buffer as a tensor of ``spec`` (refused: a buffer too small or not bytes)."""
+    size = nbytes(spec)
+    if into.dtype != torch.uint8 or into.dim() != 1 or not into.is_contiguous() or into.numel() < size:
+        raise ValueError(f"into must be a flat contiguous uint8 tensor of at least {size} bytes, got {into.dtype} {tuple(into.shape)}")
+    return into[:size].view(spec.dtype).view(spec.shape)
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:

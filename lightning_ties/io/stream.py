@@ -29,12 +29,21 @@ from .atomic import atomic_dir, atomic_file, atomic_open, check_output, library_
 from .card import SourceDigests, merge_model_card, source_files, write_merge_config
 from .formats import open_source
 from .hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_index
-from .ranks import Layout, PartWriter, assign_keys, create_layout, join_ranks, run_on_ranks
+from .ranks import Layout, OutputHashes, PartWriter, assign_keys, create_layout, join_ranks, run_on_ranks
 from .safetensors_file import SafetensorsWriter, nbytes
 from .sinks import ShardedWriter, copy_model_files, save_lightning_checkpoint
 from .validate import CommonRowsSource, check_compatible
 
 OutputFormat = Literal["folder", "safetensors", "ckpt"]
+
+
+# Tensors over this size are read into buffers kept from one read to the next. glibc serves
+# allocations over 32 MiB by mapping fresh memory (a page fault per 4 KiB: such reads ran at
+# ~2 GB/s), and a stream of 4-11 MB tensors from its heap left it fragmented (+1.2 GB of RSS
+# over the sample pass). Measured on bench_distributed.py's 4 x 168M (one process, one thread):
+# main-thread CPU 8.3 s -> 6.1 s, peak RSS 1.2-1.8 GB (varies run to run) -> 1.6 GB.
+_REUSED_BUFFER_BYTES = 1 << 20
+_BUFFERS = 2  # per source
 
 
 class RecentTensorCache:
@@ -44,6 +53,12 @@ class RecentTensorCache:
     repeats from memory turns three file reads into one. Holds one tensor per source.
     (Reading the next key ahead in a thread was tried: tensors allocated in another thread
     land in another malloc arena, and the global merge's peak RSS grew by ~0.9 GB.)
+
+    Tensors over 1 MiB from a source that reads into a given buffer (``get_into``) are read
+    into buffers kept for the next ones: the first one nothing else holds (a write in flight,
+    a caller's view of the previous tensor kept while the next is read). Two suffice for a
+    loop that holds the last tensor while it reads the next; when both are held a new one
+    replaces the smaller (its holder keeps it alive as long as it needs it).
     """
 
     def __init__(self, source: TensorSource) -> None:
@@ -51,6 +66,7 @@ class RecentTensorCache:
         self.label = source.label
         self._key: str | None = None
         self._value: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor] = []  # flat uint8, for the tensors over _REUSED_BUFFER_BYTES
         #: called with each key read (a progress bar follows the passes that come before the merge)
         self.on_read: Callable[[str], None] | None = None
 
@@ -72,10 +88,35 @@ class RecentTensorCache:
             self.on_read(key)
         if key != self._key:
             self._key, self._value = None, None  # free the old tensor before reading the new one
-            self._value = self.source.get(key)
+            self._value = self._read(key)
             self._key = key
         assert self._value is not None
         return self._value
+
+    def _read(self, key: str) -> torch.Tensor:
+        get_into = getattr(self.source, "get_into", None)
+        size = nbytes(self.source.spec(key))
+        if get_into is None or size <= _REUSED_BUFFER_BYTES:
+            return self.source.get(key)
+        free = [i for i, b in enumerate(self._buffers) if not _held_elsewhere(b)]
+        fits = [i for i in free if self._buffers[i].numel() >= size]
+        if fits:
+            return get_into(key, self._buffers[fits[0]])
+        # a free buffer too small is dropped before the new one is taken; else the smaller held one
+        if free or len(self._buffers) == _BUFFERS:
+            self._buffers.pop(free[0] if free else min(range(_BUFFERS), key=lambda i: self._buffers[i].numel()))
+        self._buffers.append(torch.empty(size, dtype=torch.uint8))
+        return get_into(key, self._buffers[-1])
+
+
+def _held_elsewhere(buffer: torch.Tensor) -> bool:
+    """Whether a tensor other than ``buffer`` shares its memory (a view handed out and still alive).
+
+    Counts the references to its storage: ``buffer`` and the storage object asked here hold
+    one each. Without that count (another torch), a buffer is never reused.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is None or use_count(buffer.untyped_storage()._cdata) > 2
 
 
 class WriteBehind:
@@ -256,7 +297,8 @@ def merge_to(
         jobs.append(job)
         if hash_sources and fmt == "folder":
             sources = [base_src, *model_srcs]
-            hashes = None if world_size == 1 else _hashed_by(sources, rank, world_size)
+            one_file = sum(nbytes(spec) for spec in specs.values()) if len(job.layout) == 1 else 0
+            hashes = None if world_size == 1 else _hashed_by(sources, rank, world_size, one_file)
             job.digests = SourceDigests(sources, hashes)
         job.report = MergeReport.from_plan(plan, method, options.method_params, [m.label for m in model_srcs], lam=lam)
         return job
@@ -350,30 +392,41 @@ def _layout(fmt: OutputFormat, specs: dict[str, TensorSpec], max_shard_size: int
     return {"": (specs, {"format": "pt", **owner_metadata(), "merge_method": method})}
 
 
-# Tensors above this size are read into fresh memory every time (glibc maps allocations over
-# 32 MiB anew, one page fault per 4 KiB): measured in bench_distributed.py (4 x 168M), a rank
-# holding the two 131 MB embedding matrices spent ~1.5x the time per byte of one holding
-# layers only, so their bytes count that much more when the work is split.
-_FRESH_ALLOCATION_BYTES = 32 << 20
-_FRESH_ALLOCATION_WEIGHT = 1.5
+# Measured on bench_distributed.py's 4 x 168M (2 ranks, thread CPU time): a tensor over 32 MiB
+# costs ~1.2x per byte what the 4-11 MB ones do (its passes run out of cache), and hashing the
+# output costs ~6.5% of merging it (sha256 at ~1.5 GB/s against ~100 MB/s of merged output).
+_LARGE_TENSOR_BYTES, _LARGE_TENSOR_WEIGHT = 32 << 20, 1.2
+_HASH_WEIGHT = 0.065
 
 
 def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
-    """Each output tensor's rank: runs in the plan's key order, balanced by the bytes read to produce them.
+    """Each output tensor's rank: runs in the plan's key order, balanced by the cost of producing them.
 
     The plan's order is the global trim's stream order, so each rank's merged keys are one
-    run of it (a rank's tie count then decides its share of the threshold's ties).
+    run of it (a rank's tie count then decides its share of the threshold's ties). A key costs
+    the bytes read to produce it; rank 0 also hashes a one-file output whole (the file's start
+    is its own: :class:`~lightning_ties.io.ranks.OutputHashes`), so it takes that much less.
     """
     merged = set(job.plan.merge_keys)
     reads = 1 + len(job.models)
 
     def cost(key: str, spec: TensorSpec) -> int:
         size = nbytes(spec)
-        weight = _FRESH_ALLOCATION_WEIGHT if size > _FRESH_ALLOCATION_BYTES else 1.0
+        weight = _LARGE_TENSOR_WEIGHT if size > _LARGE_TENSOR_BYTES else 1.0
         return int(size * weight * (reads if key in merged else 0 if key in job.plan.aliases else 1))
 
     costs = {key: cost(key, job.specs[key]) for key in job.plan.keys}
-    return assign_keys(costs, world_size, together=job.plan.aliases)
+    # several files: each rank hashes about its own bytes; with the sources hashed, the split
+    # of their files gives rank 0 fewer of them instead (_hashed_by)
+    if len(job.layout) == 1 and job.digests is None:
+        total = sum(nbytes(spec) for spec in job.specs.values())
+        costs = {_HASHING: int(total * reads * _HASH_WEIGHT), **costs}
+    owners = assign_keys(costs, world_size, together=job.plan.aliases)
+    owners.pop(_HASHING, None)
+    return owners
+
+
+_HASHING = "\0hashing"  # not a tensor name: rank 0's share of the hashing, first in the order
 
 
 def _merged_whole_on_every_rank(spec: MergeSpec) -> bool:
@@ -406,7 +459,8 @@ def _merge_part(
     owners: Mapping[str, int],
     collectives: Collectives,
 ) -> None:
-    """One rank's share: merge and write its own tensors (on disk on return), and share its digests."""
+    """One rank's share: merge and write its own tensors (on disk on return), hash the output files
+    it starts (:class:`OutputHashes`: rank 0 publishes without reading them again), share its digests."""
     mine = {k for k, r in owners.items() if r == collectives.rank}
     stream = start(mine)
     writer = PartWriter(tmp, job.layout, mine, output)
@@ -416,14 +470,21 @@ def _merge_part(
         writer.abort()
         raise
     writer.close()
+    hashes = OutputHashes(tmp, job.layout, owners, collectives.rank)
+    hashes.hash_heads()  # while the other ranks may still merge
+    hashes.finish(collectives)
     if job.digests is not None:
         _share_digests(job.digests, collectives)
 
 
-def _hashed_by(sources: Sequence[TensorSource], rank: int, world_size: int) -> Callable[[Path], bool]:
-    """Which source files this rank hashes for the card: runs balanced by size, like the tensors."""
+def _hashed_by(sources: Sequence[TensorSource], rank: int, world_size: int, output_bytes: int = 0) -> Callable[[Path], bool]:
+    """Which source files this rank hashes for the card: runs balanced by size, like the tensors.
+
+    ``output_bytes``: what rank 0 hashes of the output besides (a one-file output, whole), so
+    it takes that much less of the sources.
+    """
     files = {str(f): f.stat().st_size for source in sources for f in source_files(source)}
-    owners = assign_keys(files, world_size)
+    owners = assign_keys({_HASHING: output_bytes, **files}, world_size)
     return lambda f: owners.get(str(f)) == rank
 
 
@@ -553,6 +614,15 @@ class _MergedStream:
                 if isinstance(self.base, RecentTensorCache):
                     self.base.on_read = None
 
+    def _plus_base(self, key: str, tau: torch.Tensor) -> torch.Tensor:
+        """base + tau in tau's buffer, on the CPU (writers take CPU tensors) in base's dtype.
+
+        Holds base's tensor no longer than this call: its reader may then reuse its buffer for
+        the next key.
+        """
+        b = self.base.get(key)
+        return tau.add_(b.to(tau.device)).to("cpu", b.dtype)
+
     def _writes(self, key: str) -> bool:
         return self.mine is None or key in self.mine
 
@@ -565,12 +635,11 @@ class _MergedStream:
                 bar.update(first - bar.n)  # the pre-pass is over, whatever the bar had seen of it
             if not self._writes(key):
                 continue
-            b = self.base.get(key).to(tau.device)  # tau is on the merge device
             # Same arithmetic as apply_task_vector (b + lam * tau), in place in tau's buffer;
             # multiplying by 1.0 changes no bit, so that pass over the model is skipped.
             if self.lam != 1.0:
                 tau.mul_(self.lam)
-            value = tau.add_(b).to("cpu", b.dtype)  # writers take CPU tensors
+            value = self._plus_base(key, tau)
             put(key, value)
             for alias in tied.get(key, ()):
                 put(alias, value)

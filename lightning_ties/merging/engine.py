@@ -186,7 +186,7 @@ class TaskVectorMerger:
                     split_totals[key] = torch.zeros((), dtype=torch.int64, device=self.device)
                 yield key, self._empty(per_task)
                 continue
-            if budgets is not None:
+            if budgets is not None and budgets[j] is not None:  # None: the budget this rank's previous keys left
                 trim_step.tie_budget = list(budgets[j])
             result, key_sign_total, contested = self._merge_key(key, trim_step, combine, per_task)
             if spec.sign is not None and spec.scope == "per_tensor" and split:
@@ -240,7 +240,7 @@ class TaskVectorMerger:
         trim_step = ThresholdTrim(thresholds, self.compute_dtype)
         if split:
             budgets = self.finder.tie_budgets([key], [index], thresholds)
-            if budgets is not None:
+            if budgets is not None and budgets[0] is not None:
                 trim_step.tie_budget = list(budgets[0])
         return trim_step
 

@@ -317,6 +317,8 @@ class MagnitudeSelector:
         """
         if self._bracket is None or self.done:
             raise RuntimeError("add_bracket_counts needs a selector in its bracketed pass")
+        if not observed:  # a rank holding none of the keys: its counts keep the layout every rank sums
+            return
         lo, hi = self._bracket
         bins = hi - lo + 1
         if inside.numel() != bins:

@@ -61,6 +61,9 @@ class ThresholdFinder:
         #: bracket the global threshold from a sample of ``sample_size`` entries per task when at
         #: least ``min_bracketed`` entries are selected over (the module's defaults, read here)
         self.min_bracketed, self.sample_size = _MIN_BRACKETED, _SAMPLE
+        # this rank's own counts of the last CPU bracket pass (before the ranks' sum): its
+        # threshold ties, for tie_budgets, without reading the entries again
+        self._bracket_counts: _BracketCounts | None = None
 
     # ---- thresholds -----------------------------------------------------------------------
     def select(self, keys: Sequence[str], m: int, reduce: bool | None = None) -> list[MagnitudeThreshold]:
@@ -120,6 +123,9 @@ class ThresholdFinder:
                     count = functools.partial(_count_row, bits, tops, hists)
                     list(pool.map(count, range(len(selectors)))) if pool is not None else [count(i) for i in range(len(selectors))]
                     observed += bits.shape[1]
+        if self.distributed:  # this rank's own counts (before the ranks' sum), for tie_budgets
+            starts = [s.bracket_bits[0] for s in selectors]  # type: ignore[index]
+            self._bracket_counts = _BracketCounts(tuple(keys), starts, [h[1:-1] for h in hists])
         for sel, hist in zip(selectors, hists):
             sel.add_bracket_counts(hist[1:-1], hist[-1], observed)
 
@@ -198,7 +204,7 @@ class ThresholdFinder:
     # ---- ties at the threshold, in global order --------------------------------------------
     def tie_budgets(
         self, keys: Sequence[str], indices: Sequence[int], thresholds: Sequence[MagnitudeThreshold]
-    ) -> list[list[int]] | None:
+    ) -> list[list[int] | None] | None:
         """Per key of ``keys``, how many of each task's threshold ties this rank keeps (None: no task keeps part of its ties).
 
         One process keeps the first ``ties_to_keep`` entries equal to the threshold in stream
@@ -206,11 +212,18 @@ class ThresholdFinder:
         all_gather shares the counts, and each rank keeps the ones that fall within the budget
         in that same global order. ``indices`` are the keys' positions in the layout. Costs one
         read of this rank's entries, and only when a task keeps some but not all of its ties at
-        a non-zero threshold (kept zeros change nothing).
+        a non-zero threshold (kept zeros change nothing). No read when every rank holds one run
+        of whole keys (as ``merge_to`` splits them) and the threshold lies in the CPU bracket
+        pass's histogram: a row of None then means "the budget left by this rank's previous keys".
         """
         partial = [i for i, t in enumerate(thresholds) if t.value != 0.0 and 0 < t.ties_to_keep < t.n_equal]
         if not partial or not self.distributed or self.layout is None:
             return None
+        runs = self._rank_runs(indices)
+        if runs is not None:
+            budgets = self._run_budgets(keys, indices, thresholds, partial, runs)
+            if budgets is not None:
+                return budgets
         reader = self.reader
         counts = torch.zeros(len(keys), reader.n_tasks, dtype=torch.int64)
         for j, key in enumerate(keys):
@@ -219,15 +232,83 @@ class ThresholdFinder:
                     counts[j, i] += int((taus[i].abs() == thresholds[i].value).sum())
         every = self.collectives.all_gather(counts).tolist()  # [W][keys][N]
         left = [t.ties_to_keep if i in partial else 0 for i, t in enumerate(thresholds)]
-        mine = [[0] * reader.n_tasks for _ in keys]
+        mine: list[list[int] | None] = [[0] * reader.n_tasks for _ in keys]
         for j, index in enumerate(indices):
             for r in self.layout.holders(index):  # the ranks' pieces of this key, in flat order
                 for i in partial:
                     take = min(left[i], every[r][j][i])
                     left[i] -= take
                     if r == self.collectives.rank:
-                        mine[j][i] = take
+                        mine[j][i] = take  # type: ignore[index]
         return mine
+
+    def _rank_runs(self, indices: Sequence[int]) -> list[int] | None:
+        """The ranks in key order when every key lies whole on one rank and each rank's keys form one run (else None)."""
+        assert self.layout is not None
+        order: list[int] = []
+        for index in indices:
+            holders = self.layout.holders(index)
+            if len(holders) > 1:
+                return None
+            if holders and (not order or order[-1] != holders[0]):
+                if holders[0] in order:
+                    return None
+                order.append(holders[0])
+        return order
+
+    def _run_budgets(
+        self,
+        keys: Sequence[str],
+        indices: Sequence[int],
+        thresholds: Sequence[MagnitudeThreshold],
+        partial: list[int],
+        runs: list[int],
+    ) -> list[list[int] | None] | None:
+        """:meth:`tie_budgets` for ranks holding runs of whole keys, from the bracket pass's own counts.
+
+        Each rank's ties are one block of the global order, so its budget is what the ranks
+        before it (in key order) left, capped by its own tie count: one all_gather of ``[ok,
+        ties per task]``. The budget goes to this rank's first key; the engine's trim spends
+        it over the following keys in order. None on every rank when any rank lacks the counts
+        (its pass was the radix or the fused one, or the threshold lies outside its bracket):
+        the caller then counts by reading.
+        """
+        ties = [0] * self.reader.n_tasks
+        counts = self._bracket_counts
+        ok = counts is not None and counts.keys == tuple(keys)
+        if ok:
+            assert counts is not None
+            for i in partial:
+                found = counts.ties(i, thresholds[i].value, self.reader.compute_dtype)
+                ok = ok and found is not None
+                ties[i] = found or 0
+        every = self.collectives.all_gather(torch.tensor([int(ok), *ties], dtype=torch.int64)).tolist()
+        if not all(row[0] for row in every):
+            return None
+        budgets: list[list[int] | None] = [None] * len(keys)
+        left = [t.ties_to_keep if i in partial else 0 for i, t in enumerate(thresholds)]
+        rank = self.collectives.rank
+        for r in runs:
+            if r == rank:
+                assert self.layout is not None
+                first = next(j for j, index in enumerate(indices) if self.layout.holders(index) == [rank])
+                budgets[first] = [min(budget, found) for budget, found in zip(left, every[r][1:])]
+                break
+            left = [budget - min(budget, found) for budget, found in zip(left, every[r][1:])]
+        return budgets
+
+
+class _BracketCounts:
+    """One rank's histograms of a CPU bracket pass over ``keys``: per task, one bin per bit pattern from ``starts[task]``."""
+
+    def __init__(self, keys: tuple[str, ...], starts: list[int], inside: list[torch.Tensor]) -> None:
+        self.keys, self.starts, self.inside = keys, starts, inside
+
+    def ties(self, task: int, value: float, dtype: torch.dtype) -> int | None:
+        """Entries of this rank with ``|tau| == value`` for ``task`` (None: ``value`` is outside its bracket)."""
+        bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
+        index = int(torch.tensor(value, dtype=dtype).view(bits_dtype)) - self.starts[task]
+        return int(self.inside[task][index]) if 0 <= index < self.inside[task].numel() else None
 
 
 def _count_row(digits: torch.Tensor, tops: list[int], hists: list[torch.Tensor], i: int) -> None:

@@ -167,8 +167,9 @@ def test_merges_on_several_processes_equal_the_one_process_output_file_for_file(
     merge_to(single / "ties.safetensors", *models, progress=False, k=0.2)
     jobs.append(job(multi / "ties.safetensors", models, k=0.2))
 
-    # world 2: merge_to starts the group from torchrun's environment; world 3: it uses the script's group
-    proc = run_jobs(world, jobs, tmp_path, init=world == 3)
+    # world 2: merge_to starts the group from torchrun's environment; world 3: it uses the script's
+    # group, and reads every tensor over 1 KB into reused buffers
+    proc = run_jobs(world, jobs, tmp_path, init=world == 3, **({"buffer_bytes": 1000} if world == 3 else {}))
 
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len([p for p in (single / "global_ties").iterdir() if p.suffix == ".safetensors"]) >= 3  # several shards
@@ -270,3 +271,69 @@ def test_one_torch_collectives_serves_merge_to_and_the_sharded_fit():
     from lightning_ties.io.ranks import TorchCollectives as merge_to_ranks
 
     assert sharded_fits is merge_to_ranks
+
+
+@pytest.fixture(scope="module")
+def tie_models(tmp_path_factory) -> dict[str, tuple[Path, list[Path]]]:
+    """Per dtype (float32, bf16 files), a zero base and three models of magnitudes ``(1 + j/128) / 16``.
+
+    Thousands of exact ties at every threshold, on a grid narrow enough for the sampled bracket:
+    the global trim's ties are then shared out from each rank's bracket counts.
+    """
+    found = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        root = tmp_path_factory.mktemp(f"tie_models_{str(dtype)[6:]}")
+        g = torch.Generator().manual_seed(1)
+        base = {key: torch.zeros(shape, dtype=dtype) for key, shape in shapes().items() if key != "step"}
+        folders = [root / "base", *(root / f"ft{i}" for i in range(3))]
+        for i, folder in enumerate(folders):
+            folder.mkdir()
+            tensors = dict(base)
+            if i:
+                for key, b in base.items():
+                    magnitude = (1 + torch.randint(0, 12, b.shape, generator=g) / 128) / 16
+                    tensors[key] = (magnitude * (torch.rand(b.shape, generator=g) - 0.5).sign()).to(dtype)
+            save_file(tensors, str(folder / "model.safetensors"))
+        found[str(dtype)[6:]] = (folders[0], folders[1:])
+    return found
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 3])
+def test_threshold_ties_shared_from_each_rank_s_bracket_counts_give_the_one_process_output(tie_models, tmp_path, world):
+    # given inputs full of exact ties at the thresholds (float32 and bf16 files), k values whose
+    # thresholds keep part of their ties, and the sampled bracket on (as on large models)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir(), multi.mkdir()
+    jobs = []
+    for dtype, models in tie_models.items():
+        for k in (0.2, 0.5, 0.8):
+            name = f"{dtype}-{k}"
+            merge_to(single / name, *models, progress=False, k=k, max_shard_size=SHARD)
+            jobs.append(job(multi / name, models, k=k, max_shard_size=SHARD))
+
+    # when the ranks merge their runs of whole tensors
+    proc = run_jobs(world, jobs, tmp_path, bracket=[1000, 4096], ties=tmp_path / "ties")
+
+    # then every merge shared its ties from the bracket counts, and the files are the one process's
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in range(world):
+        assert json.loads((tmp_path / f"ties.rank{r}.json").read_text()) == [True] * len(jobs)
+    for name in (p.name for p in single.iterdir()):
+        assert_identical(single / name, multi / name)
+    assert leftovers(multi) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world, shard", [(2, SHARD), (3, SHARD), (2, "5GB")])
+def test_the_ranks_hash_the_files_they_wrote_and_publishing_reads_none_again(models, tmp_path, world, shard):
+    # given a folder output of several shard files (or one file every rank writes part of)
+    merge_to(tmp_path / "single", *models, progress=False, k=0.3, max_shard_size=shard)
+    # when the ranks merge it
+    proc = run_jobs(world, [job(tmp_path / "multi", models, k=0.3, max_shard_size=shard)], tmp_path, rehashed=tmp_path / "rehashed")
+    # then the manifest lists the one process's digests, and none was computed by reading a file again
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_identical(tmp_path / "single", tmp_path / "multi")  # the manifest included
+    assert json.loads((tmp_path / "rehashed.rank0.json").read_text()) == []
