@@ -33,8 +33,10 @@ _MIN_BRACKETED = 1 << 22
 _SAMPLE = 1 << 17
 # The bracket's histogram has up to MAX_BRACKET_BINS bins, a cost per observed tensor: larger chunks.
 _BRACKET_CHUNK_FACTOR = 16
+# The CPU bracket pass gathers its digits in a buffer of this many bytes per worker (see _BracketCounts).
+_DIGITS_BYTES = 32 << 20
 _SMALL_TENSOR = 1 << 16  # per-tensor thresholds below this size use one batched kthvalue
-# Spare bins on each side of a bracket's histogram (see _count_row); a power of two.
+# Spare bins on each side of a bracket's histogram (see _BracketCounts); a power of two.
 _SPARE = 1 << 12
 
 
@@ -99,31 +101,28 @@ class ThresholdFinder:
     def _bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector]) -> None:
         """The bracketed select pass on the CPU, all tasks of a chunk at once: the counts ``observe`` makes.
 
-        Per chunk ``[N, c]``, in its own buffer: |tau|'s bit patterns, mapped by :func:`_spread_row`
-        (inside the bracket -> one bin per bit pattern; below and above -> spare bins picked by
-        the low bits) and counted by one ``bincount`` per task, the tasks shared out over
-        ``torch.get_num_threads()`` threads: ``bincount`` runs on one core, and it is most of the pass.
+        Each key's columns are cut into one range per torch thread, counted side by side by
+        single-threaded ops (see :func:`.reading.single_threaded_pool`; counts do not depend on
+        the order they are made in), each worker into its own :class:`_BracketCounts`.
         """
         reader = self.reader
-        bits_dtype = torch.int64 if reader.compute_dtype == torch.float64 else torch.int32
-        inf_bits = int(torch.tensor(float("inf"), dtype=reader.compute_dtype).view(bits_dtype))
-        brackets = [s.bracket_bits for s in selectors]
-        hists = [torch.zeros(hi - lo + 1 + 2 * _SPARE, dtype=torch.int64) for lo, hi in brackets]  # type: ignore[misc]
-        observed = 0
-        spread: torch.Tensor | None = None
         threads = torch.get_num_threads()
+        work = [_BracketCounts([s.bracket_bits for s in selectors], reader) for _ in range(threads)]  # type: ignore[misc]
         with single_threaded_pool(threads) if threads > 1 else nullcontext() as pool:
             for key in keys:
-                for _, taus in reader.chunks(key, reader.chunk_size * _BRACKET_CHUNK_FACTOR):
-                    bits = taus.abs_().view(bits_dtype)  # the chunk buffer is not read again: work in place
-                    for i in torch.nonzero(bits.amax(1) >= inf_bits).flatten().tolist():
-                        selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
-                    if spread is None or spread.shape[1] < bits.shape[1]:
-                        spread = torch.empty_like(bits)
-                    count = functools.partial(_count_row, bits, spread[:, : bits.shape[1]], brackets, hists)
-                    list(pool.map(count, range(len(selectors)))) if pool is not None else [count(i) for i in range(len(selectors))]
-                    observed += bits.shape[1]
-        for sel, hist in zip(selectors, hists):
+                base, fts = reader.inputs(key)
+                n = base.numel()
+                workers = max(1, min(threads, n // reader.chunk_size))
+                cuts = [n * w // workers for w in range(workers + 1)]
+                jobs = [functools.partial(work[w].count, base, fts, cuts[w], cuts[w + 1], f"@{w}") for w in range(workers)]
+                found = [job() for job in jobs] if pool is None or workers == 1 else list(pool.map(lambda job: job(), jobs))
+                for i in sorted(set().union(*found)):
+                    selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
+        for w in work:
+            w.flush()
+        observed = sum(w.observed for w in work)
+        for i, sel in enumerate(selectors):
+            hist = functools.reduce(torch.add, [w.hists[i] for w in work])
             sel.add_bracket_counts(hist[_SPARE:-_SPARE], hist[-_SPARE:].sum(), observed)
 
     def tensor_thresholds(self, key: str, m: int, split: bool = False) -> list[MagnitudeThreshold]:
@@ -184,9 +183,11 @@ class ThresholdFinder:
         top, bottom = math.floor(expected - margin), math.ceil(expected + margin)
         if top < 1 or bottom > size:
             return [None] * reader.n_tasks
-        # kthvalue(k) is the k-th smallest (NaN above everything, as in a sort): a third of a sort's time
-        lo = samples.kthvalue(size - bottom + 1, dim=1).values
-        hi = samples.kthvalue(size - top + 1, dim=1).values
+        # the `bottom` largest (NaN above everything, as in a sort; a third of a sort's time), then
+        # both ends among them: kthvalue(k) is the k-th smallest
+        largest = samples.topk(bottom, dim=1, sorted=False).values
+        lo = largest.kthvalue(1, dim=1).values
+        hi = largest.kthvalue(bottom - top + 1, dim=1).values
         ends = torch.stack([lo, hi], dim=1).tolist()
         return [(a, b) if math.isfinite(b) else None for a, b in ends]
 
@@ -233,24 +234,54 @@ class ThresholdFinder:
         return mine
 
 
-def _count_row(
-    bits: torch.Tensor, spread: torch.Tensor, brackets: list[tuple[int, int]], hists: list[torch.Tensor], i: int
-) -> None:
-    """Count row ``i`` of ``bits`` into its histogram (one thread per row at a time; overwrites both rows).
+class _BracketCounts:
+    """One worker's counts of the bracket pass: per task ``[_SPARE below][lo..hi][_SPARE above]``.
 
-    The histogram is ``[_SPARE below][one bin per pattern lo..hi][_SPARE above]``. The ~99% of
-    entries outside the bracket are spread over the spare bins by their low bits: ``bincount``
-    adds one at a time, and a run of adds to one counter waits on each previous add (about
-    twice as slow as adds to different counters). Integer min/max instead of masks: no branches.
+    Per chunk ``[N, c]`` of task vectors (read into the worker's own buffer, L2-sized): |tau|'s
+    bit patterns minus each task's ``lo - _SPARE``, clamped between two fixed tensors: the
+    entries inside the bracket keep one bin per bit pattern, the ~99% outside it land on spare
+    bins picked by their column (``bincount`` adds one at a time, and a run of adds to one
+    counter waits on each previous add: twice as slow). The digits gather in one large buffer
+    that ``bincount`` empties per task when full: each call allocates and adds a histogram as
+    large as the bracket, too costly per chunk.
     """
-    lo, hi = brackets[i]
-    row, low = bits[i], spread[i]
-    top = _SPARE + hi - lo + 1  # first spare bin above the bracket
-    torch.bitwise_and(row, _SPARE - 1, out=low)
-    row.sub_(lo - _SPARE)  # inside -> [_SPARE, top); below -> < _SPARE; above -> >= top
-    torch.minimum(row, low.add_(top), out=row)  # above -> [top, top + _SPARE)
-    torch.maximum(row, low.sub_(top), out=row)  # below -> [0, _SPARE)
-    hists[i] += torch.bincount(row, minlength=hists[i].numel())
+
+    def __init__(self, brackets: list[tuple[int, int]], reader: TaskReader) -> None:
+        self.reader = reader
+        self.bits_dtype = torch.int64 if reader.compute_dtype == torch.float64 else torch.int32
+        self.inf_bits = int(torch.tensor(float("inf"), dtype=reader.compute_dtype).view(self.bits_dtype))
+        self.hists = [torch.zeros(hi - lo + 1 + 2 * _SPARE, dtype=torch.int64) for lo, hi in brackets]
+        self.observed = 0
+        c, n = reader.chunk_size, len(brackets)
+        self.offsets = torch.tensor([lo - _SPARE for lo, _ in brackets], dtype=self.bits_dtype).unsqueeze(1)
+        below = torch.arange(c, dtype=self.bits_dtype).bitwise_and_(_SPARE - 1)
+        tops = torch.tensor([_SPARE + hi - lo + 1 for lo, hi in brackets], dtype=self.bits_dtype).unsqueeze(1)
+        self.below, self.above = below, below + tops  # per column: its spare bin below / above the bracket
+        width = max(c, _DIGITS_BYTES // (n * below.element_size()) // c * c)
+        self.digits = torch.empty(n, width, dtype=self.bits_dtype)
+        self.fill = 0
+
+    def count(self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, tag: str) -> set[int]:
+        """Count the columns ``[begin, end)`` of one key; the tasks holding a NaN or Inf there."""
+        top = None
+        for _, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
+            c = taus.shape[1]
+            if self.fill + c > self.digits.shape[1]:
+                self.flush()
+            bits = taus.abs_().view(self.bits_dtype)  # the chunk buffer is not read again: work in place
+            top = bits.amax(1) if top is None else torch.maximum(top, bits.amax(1))
+            digits = torch.sub(bits, self.offsets, out=self.digits[:, self.fill : self.fill + c])
+            torch.clamp(digits, min=self.below[:c], max=self.above[:, :c], out=digits)
+            self.fill += c
+            self.observed += c
+        return set() if top is None else set(torch.nonzero(top >= self.inf_bits).flatten().tolist())
+
+    def flush(self) -> None:
+        """Add the digits gathered so far to the histograms (one ``bincount`` per task)."""
+        if self.fill:
+            for row, hist in zip(self.digits[:, : self.fill], self.hists):
+                hist += torch.bincount(row, minlength=hist.numel())
+            self.fill = 0
 
 
 __all__ = ["ThresholdFinder"]

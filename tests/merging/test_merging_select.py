@@ -139,18 +139,22 @@ def test_the_bracket_pass_refuses_nan_and_inf() -> None:
         sel.observe(torch.tensor([0.7, float("inf")]), name="w")
 
 
-def _bracketed_merger(base, fts, **spec):
+def _bracketed_merger(base, fts, chunk_size=None, **spec):
     from lightning_ties.merging import MergeSpec, TaskVectorMerger
 
-    merger = TaskVectorMerger(base, fts, MergeSpec(**spec))
+    merger = TaskVectorMerger(base, fts, MergeSpec(**spec), chunk_size=chunk_size)
     merger.finder.min_bracketed, merger.finder.sample_size = 1000, 512  # a sampled bracket on a small model
     return merger
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # given tie-heavy task vectors over several keys, bracketed (batched CPU pass, bincounts in threads)
+@pytest.mark.parametrize(("threads", "chunk_size"), [(1, None), (2, None), (1, 300), (3, 300)])
+def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, chunk_size, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given tie-heavy task vectors over several keys, bracketed (batched CPU pass; small chunks:
+    # each key's columns cut over the threads, the digit buffer emptied into the histograms
+    # several times per key)
     from lightning_ties.merging import MergeSpec, TaskVectorMerger, thresholds
+
+    monkeypatch.setattr(thresholds, "_DIGITS_BYTES", 3 * 4 * 700)  # 700 digits per task: 2 chunks of 300
 
     passes = []
     original = thresholds.ThresholdFinder._bracket_pass
@@ -170,7 +174,7 @@ def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, monke
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        merger = _bracketed_merger(base, fts, k=0.3)
+        merger = _bracketed_merger(base, fts, chunk_size, k=0.3)
         tau = dict(merger)
     finally:
         torch.set_num_threads(before)
@@ -179,10 +183,17 @@ def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, monke
     assert all(torch.equal(tau[k], tau_expected[k]) for k in tau)
 
 
-def test_the_batched_bracket_pass_names_the_task_and_key_of_a_nan() -> None:
+@pytest.mark.parametrize(("threads", "where"), [(1, 7), (2, 7), (2, 1900)])
+def test_the_batched_bracket_pass_names_the_task_and_key_of_a_nan(threads: int, where: int) -> None:
+    # (2 threads, small chunks: the Inf in the first or the second thread's columns of 'b')
     g = torch.Generator().manual_seed(4)
     base = {"a": torch.randn(3000, generator=g), "b": torch.randn(2000, generator=g)}
     fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
-    fts[1]["b"][7] = float("inf")
-    with pytest.raises(ValueError, match=r"task vector of model\[1\] at 'b' holds NaN or Inf values"):
-        dict(_bracketed_merger(base, fts, k=0.2))
+    fts[1]["b"][where] = float("inf")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.raises(ValueError, match=r"task vector of model\[1\] at 'b' holds NaN or Inf values"):
+            dict(_bracketed_merger(base, fts, 250 if threads > 1 else None, k=0.2))
+    finally:
+        torch.set_num_threads(before)
