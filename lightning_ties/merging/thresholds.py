@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -75,7 +75,9 @@ class ThresholdFinder:
         counts over ranks; every rank must then call this with the same keys.
         """
         reduce = self.distributed if reduce is None else reduce
-        brackets = self.sample_brackets(keys, m, gather=reduce)
+        threads = torch.get_num_threads()
+        with _one_thread(self.reader.on_cpu):
+            brackets = self.sample_brackets(keys, m, gather=reduce)
         scratch: dict[str, torch.Tensor] = {}
         summed = self.collectives.all_sum if reduce else None
         cd = self.reader.compute_dtype
@@ -84,8 +86,9 @@ class ThresholdFinder:
         if all_bracketed and self.fused is not None and self.fused.active() and self.fused.bracket_pass(keys, selectors):
             next_passes(selectors)  # a miss falls through to the radix passes below
         elif all_bracketed and self.reader.on_cpu and not any(s.gather for s in selectors):
-            self._bracket_pass(keys, selectors)
-            next_passes(selectors)
+            self._bracket_pass(keys, selectors, threads)
+            with _one_thread():
+                next_passes(selectors)
         while not all(s.done for s in selectors):
             bracketed = any(s.bracketed for s in selectors)
             size = self.reader.chunk_size
@@ -98,15 +101,14 @@ class ThresholdFinder:
             next_passes(selectors)
         return [s.result() for s in selectors]
 
-    def _bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector]) -> None:
+    def _bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector], threads: int) -> None:
         """The bracketed select pass on the CPU, all tasks of a chunk at once: the counts ``observe`` makes.
 
-        Each key's columns are cut into one range per torch thread, counted side by side by
-        single-threaded ops (see :func:`.reading.single_threaded_pool`; counts do not depend on
-        the order they are made in), each worker into its own :class:`_BracketCounts`.
+        Each key's columns are cut into one range per torch thread (``threads``), counted side
+        by side by single-threaded ops (see :func:`.reading.single_threaded_pool`; counts do
+        not depend on the order they are made in), each worker into its own :class:`_BracketCounts`.
         """
         reader = self.reader
-        threads = torch.get_num_threads()
         work = [_BracketCounts([s.bracket_bits for s in selectors], reader) for _ in range(threads)]  # type: ignore[misc]
         with single_threaded_pool(threads) if threads > 1 else nullcontext() as pool:
             for key in keys:
@@ -118,12 +120,13 @@ class ThresholdFinder:
                 found = [job() for job in jobs] if pool is None or workers == 1 else list(pool.map(lambda job: job(), jobs))
                 for i in sorted(set().union(*found)):
                     selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
-        for w in work:
-            w.flush()
-        observed = sum(w.observed for w in work)
-        for i, sel in enumerate(selectors):
-            hist = functools.reduce(torch.add, [w.hists[i] for w in work])
-            sel.add_bracket_counts(hist[_SPARE:-_SPARE], hist[-_SPARE:].sum(), observed)
+        with _one_thread():
+            for w in work:
+                w.flush()
+            observed = sum(w.observed for w in work)
+            for i, sel in enumerate(selectors):
+                hist = functools.reduce(torch.add, [w.hists[i] for w in work])
+                sel.add_bracket_counts(hist[_SPARE:-_SPARE], hist[-_SPARE:].sum(), observed)
 
     def tensor_thresholds(self, key: str, m: int, split: bool = False) -> list[MagnitudeThreshold]:
         """Per-tensor thresholds of ``key`` (m kept of its entries); ``split``: its pieces lie on several ranks."""
@@ -232,6 +235,23 @@ class ThresholdFinder:
                     if r == self.collectives.rank:
                         mine[j][i] = take
         return mine
+
+
+@contextmanager
+def _one_thread(on: bool = True) -> Iterator[None]:
+    """This thread's torch ops on one core for a while (``on``), the setting restored after.
+
+    For the sample and the counts' bookkeeping around the passes' workers: small ops gain
+    nothing from torch's OpenMP team, and on a busy machine each one waits for a descheduled
+    team thread, then leaves it spinning for milliseconds, a core taken from the workers.
+    """
+    saved = torch.get_num_threads()
+    if on and saved > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 class _BracketCounts:

@@ -197,3 +197,28 @@ def test_the_batched_bracket_pass_names_the_task_and_key_of_a_nan(threads: int, 
             dict(_bracketed_merger(base, fts, 250 if threads > 1 else None, k=0.2))
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_sample_and_the_counts_bookkeeping_run_on_one_thread_and_the_setting_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on the CPU with several torch threads the bracket pass's workers take every core; the small
+    # ops around them (the sample, closing the pass) run on this thread alone: an OpenMP team
+    # there would spin between its ops on a busy machine, a core taken from the workers
+    from lightning_ties.merging import select, thresholds
+
+    seen = []
+    sample, close = thresholds.ThresholdFinder.sample_brackets, select.MagnitudeSelector.next_pass
+    monkeypatch.setattr(thresholds.ThresholdFinder, "sample_brackets", lambda *a, **k: seen.append(torch.get_num_threads()) or sample(*a, **k))
+    monkeypatch.setattr(select.MagnitudeSelector, "next_pass", lambda *a, **k: seen.append(torch.get_num_threads()) or close(*a, **k))
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.zeros(6000)}
+    eps = torch.finfo(torch.float32).eps  # magnitudes a few bit patterns apart: a bracket the histogram holds
+    fts = [{"w": 1 + torch.randint(0, 3000, (6000,), generator=g) * 4 * eps} for _ in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        merger = _bracketed_merger(base, fts, 1000, k=0.2)
+        dict(merger)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1] and after == 3  # the sample, then one pass closed per task
