@@ -107,6 +107,7 @@ class ThresholdFinder:
         Each key's columns are cut into one range per torch thread (``threads``), counted side
         by side by single-threaded ops (see :func:`.reading.single_threaded_pool`; counts do
         not depend on the order they are made in), each worker into its own :class:`_BracketCounts`.
+        A key too small to cut goes to one worker: this thread's OpenMP team stays idle.
         """
         reader = self.reader
         work = [_BracketCounts([s.bracket_bits for s in selectors], reader) for _ in range(threads)]  # type: ignore[misc]
@@ -117,7 +118,7 @@ class ThresholdFinder:
                 workers = max(1, min(threads, n // reader.chunk_size))
                 cuts = [n * w // workers for w in range(workers + 1)]
                 jobs = [functools.partial(work[w].count, base, fts, cuts[w], cuts[w + 1], f"@{w}") for w in range(workers)]
-                found = [job() for job in jobs] if pool is None or workers == 1 else list(pool.map(lambda job: job(), jobs))
+                found = [job() for job in jobs] if pool is None else list(pool.map(lambda job: job(), jobs))
                 for i in sorted(set().union(*found)):
                     selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
         with _one_thread():
