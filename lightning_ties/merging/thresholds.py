@@ -113,6 +113,8 @@ class ThresholdFinder:
         work = [_BracketCounts([s.bracket_bits for s in selectors], reader) for _ in range(threads)]  # type: ignore[misc]
         with single_threaded_pool(threads) if threads > 1 else nullcontext() as pool:
             for key in keys:
+                if reader.local_numel(key) == 0:  # nothing of it on this rank (its source may not even hold it)
+                    continue
                 base, fts = reader.inputs(key)
                 n = base.numel()
                 workers = max(1, min(threads, n // reader.chunk_size))

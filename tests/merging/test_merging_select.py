@@ -222,3 +222,45 @@ def test_the_sample_and_the_counts_bookkeeping_run_on_one_thread_and_the_setting
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 1, 1] and after == 3  # the sample, then one pass closed per task
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bracket_pass_on_ranks_never_reads_a_key_a_rank_holds_nothing_of(threads: int) -> None:
+    # given 2 ranks where 'b' lies wholly on rank 0 and a source that cannot read what its rank
+    # does not hold (merge_to's), bracketed: the thresholds and tau_m are one process's
+    from distributed_utils import RangeSource, run_threads
+
+    from lightning_ties.merging import MergeSpec, TaskVectorMerger
+
+    class OwnRangeOnly(RangeSource):
+        def get(self, key):
+            start, stop = self.shards[key]
+            assert stop > start, f"read {key!r} on a rank holding nothing of it"
+            return super().get(key)
+
+    g = torch.Generator().manual_seed(8)
+    eps = torch.finfo(torch.float32).eps
+    base = {"a": torch.zeros(3000), "b": torch.zeros(2000)}
+    fts = [{k: (1 + torch.randint(0, 3000, v.shape, generator=g) * 4 * eps) * (torch.rand(v.shape, generator=g) - 0.5).sign() for k, v in base.items()} for _ in range(2)]
+    layout = {"a": [(0, 1300), (1300, 3000)], "b": [(0, 2000), (0, 0)]}
+
+    def rank(collectives):
+        torch.set_num_threads(threads)
+        shards = {key: ranges[collectives.rank] for key, ranges in layout.items()}
+        sources = [OwnRangeOnly(sd, shards, f"m{i}") for i, sd in enumerate([base, *fts])]
+        merger = TaskVectorMerger(sources[0], sources[1:], MergeSpec(k=0.3), collectives=collectives, shards=shards, chunk_size=400)
+        merger.finder.min_bracketed, merger.finder.sample_size = 1000, 512
+        return dict(merger), merger.thresholds, merger.finder.sample_brackets(["a", "b"], 1500, gather=True)
+
+    before = torch.get_num_threads()
+    try:
+        pieces = run_threads(2, rank)
+    finally:
+        torch.set_num_threads(before)
+    expected = TaskVectorMerger(base, fts, MergeSpec(k=0.3))
+    one = dict(expected)
+    assert all(p[2][0] is not None for p in pieces)  # bracketed
+    assert pieces[0][1] == pieces[1][1] == expected.thresholds
+    for key, ranges in layout.items():
+        for r, (start, stop) in enumerate(ranges):
+            assert torch.equal(pieces[r][0][key].reshape(-1), one[key].reshape(-1)[start:stop]), (key, r)
