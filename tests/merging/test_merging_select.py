@@ -207,8 +207,11 @@ def test_the_sample_and_the_counts_bookkeeping_run_on_one_thread_and_the_setting
 
     seen = []
     sample, close = thresholds.ThresholdFinder.sample_brackets, select.MagnitudeSelector.next_pass
-    monkeypatch.setattr(thresholds.ThresholdFinder, "sample_brackets", lambda *a, **k: seen.append(torch.get_num_threads()) or sample(*a, **k))
-    monkeypatch.setattr(select.MagnitudeSelector, "next_pass", lambda *a, **k: seen.append(torch.get_num_threads()) or close(*a, **k))
+    def noting(fn):
+        return lambda *a, **k: seen.append(torch.get_num_threads()) or fn(*a, **k)
+
+    monkeypatch.setattr(thresholds.ThresholdFinder, "sample_brackets", noting(sample))
+    monkeypatch.setattr(select.MagnitudeSelector, "next_pass", noting(close))
     g = torch.Generator().manual_seed(6)
     base = {"w": torch.zeros(6000)}
     eps = torch.finfo(torch.float32).eps  # magnitudes a few bit patterns apart: a bracket the histogram holds
@@ -241,7 +244,10 @@ def test_the_bracket_pass_on_ranks_never_reads_a_key_a_rank_holds_nothing_of(thr
     g = torch.Generator().manual_seed(8)
     eps = torch.finfo(torch.float32).eps
     base = {"a": torch.zeros(3000), "b": torch.zeros(2000)}
-    fts = [{k: (1 + torch.randint(0, 3000, v.shape, generator=g) * 4 * eps) * (torch.rand(v.shape, generator=g) - 0.5).sign() for k, v in base.items()} for _ in range(2)]
+    def dense(shape):  # magnitudes a few bit patterns apart, both signs: a bracket the histogram holds
+        return (1 + torch.randint(0, 3000, shape, generator=g) * 4 * eps) * (torch.rand(shape, generator=g) - 0.5).sign()
+
+    fts = [{k: dense(v.shape) for k, v in base.items()} for _ in range(2)]
     layout = {"a": [(0, 1300), (1300, 3000)], "b": [(0, 2000), (0, 0)]}
 
     def rank(collectives):
