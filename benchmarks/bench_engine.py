@@ -484,6 +484,8 @@ def main() -> None:
             )
         for line in checks:
             print("  " + line)
+    # the load during the run: on a shared machine wall times (and thread scaling) hold only when it is low
+    print(f"\nload average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

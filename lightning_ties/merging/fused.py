@@ -167,12 +167,11 @@ class FusedPaths:
                 def trim_sub(with_ties: bool, ties_here: dict[int, torch.Tensor] = ties_here) -> Callable[..., torch.Tensor]:
                     def apply(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
                         # ThresholdTrim's arithmetic on the gathered columns, ties given
-                        mags = torch.abs(t, out=out)
-                        for i, (row, cut) in enumerate(zip(mags, trim_step.cuts)):
-                            torch.nn.functional.threshold_(row, cut, 0.0)
+                        for i, (row, cut) in enumerate(zip(t, trim_step.cuts)):
+                            torch.hardshrink(row, cut, out=out[i])
                             if with_ties and i in ties_here:
-                                row[ties_here[i]] = trim_step.thresholds[i].value
-                        return torch.copysign(mags, t, out=mags)
+                                out[i, ties_here[i]] = row[ties_here[i]]
+                        return out
 
                     return apply
 

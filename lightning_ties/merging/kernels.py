@@ -92,11 +92,9 @@ except Exception:  # noqa: BLE001
 if triton is not None:
     @triton.jit
     def _trimmed(ft_ptr, b, offs, mask, cut):
-        # tau = ft - base in float32; kept when |tau| > cut, else a zero with tau's sign
-        # (torch's threshold_ then copysign in ThresholdTrim)
+        # tau = ft - base in float32; kept when |tau| > cut, else +0.0 (torch's hardshrink in ThresholdTrim)
         tau = tl.load(ft_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b
-        bits = tau.to(tl.int32, bitcast=True)
-        return tl.where(tl.abs(tau) > cut, tau, (bits & -0x80000000).to(tl.float32, bitcast=True))
+        return tl.where(tl.abs(tau) > cut, tau, 0.0)
 
     @triton.jit
     def _sign(x):

@@ -206,6 +206,9 @@ def single_threaded_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
     started = threading.Barrier(workers + 1)
 
     def start() -> None:
+        # A thread's first torch call copies the process default into its own setting: make
+        # that call first, else it undoes the 1 below once the caller restores its value.
+        torch.get_num_threads()
         torch.set_num_threads(1)
         started.wait()
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -33,7 +33,11 @@ _MIN_BRACKETED = 1 << 22
 _SAMPLE = 1 << 17
 # The bracket's histogram has up to MAX_BRACKET_BINS bins, a cost per observed tensor: larger chunks.
 _BRACKET_CHUNK_FACTOR = 16
+# The CPU bracket pass gathers its digits in a buffer of this many bytes per worker (see _BracketCounts).
+_DIGITS_BYTES = 32 << 20
 _SMALL_TENSOR = 1 << 16  # per-tensor thresholds below this size use one batched kthvalue
+# Spare bins on each side of a bracket's histogram (see _BracketCounts); a power of two.
+_SPARE = 1 << 12
 
 
 class ThresholdFinder:
@@ -63,7 +67,7 @@ class ThresholdFinder:
         self.min_bracketed, self.sample_size = _MIN_BRACKETED, _SAMPLE
         # this rank's own counts of the last CPU bracket pass (before the ranks' sum): its
         # threshold ties, for tie_budgets, without reading the entries again
-        self._bracket_counts: _BracketCounts | None = None
+        self._bracket_counts: _RankTieCounts | None = None
 
     # ---- thresholds -----------------------------------------------------------------------
     def select(self, keys: Sequence[str], m: int, reduce: bool | None = None) -> list[MagnitudeThreshold]:
@@ -74,7 +78,10 @@ class ThresholdFinder:
         counts over ranks; every rank must then call this with the same keys.
         """
         reduce = self.distributed if reduce is None else reduce
-        brackets = self.sample_brackets(keys, m, gather=reduce)
+        self._bracket_counts = None  # only this call's bracket pass may answer tie_budgets
+        threads = torch.get_num_threads()
+        with _one_thread(self.reader.on_cpu):
+            brackets = self.sample_brackets(keys, m, gather=reduce)
         scratch: dict[str, torch.Tensor] = {}
         summed = self.collectives.all_sum if reduce else None
         cd = self.reader.compute_dtype
@@ -83,8 +90,9 @@ class ThresholdFinder:
         if all_bracketed and self.fused is not None and self.fused.active() and self.fused.bracket_pass(keys, selectors):
             next_passes(selectors)  # a miss falls through to the radix passes below
         elif all_bracketed and self.reader.on_cpu and not any(s.gather for s in selectors):
-            self._bracket_pass(keys, selectors)
-            next_passes(selectors)
+            self._bracket_pass(keys, selectors, threads)
+            with _one_thread():
+                next_passes(selectors)
         while not all(s.done for s in selectors):
             bracketed = any(s.bracketed for s in selectors)
             size = self.reader.chunk_size
@@ -97,37 +105,40 @@ class ThresholdFinder:
             next_passes(selectors)
         return [s.result() for s in selectors]
 
-    def _bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector]) -> None:
+    def _bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector], threads: int) -> None:
         """The bracketed select pass on the CPU, all tasks of a chunk at once: the counts ``observe`` makes.
 
-        Per chunk ``[N, c]``, in its own buffer: |tau|'s bit patterns, minus each task's bracket
-        start, clamped (below -> bin 0, inside -> 1.., above -> last) and counted by one
-        ``bincount`` per task, the tasks shared out over ``torch.get_num_threads()`` threads:
-        ``bincount`` runs on one core, and it is most of the pass.
+        Each key's columns are cut into one range per torch thread (``threads``), counted side
+        by side by single-threaded ops (see :func:`.reading.single_threaded_pool`; counts do
+        not depend on the order they are made in), each worker into its own :class:`_BracketCounts`.
+        A key too small to cut goes to one worker: this thread's OpenMP team stays idle.
         """
         reader = self.reader
-        bits_dtype = torch.int64 if reader.compute_dtype == torch.float64 else torch.int32
-        inf_bits = int(torch.tensor(float("inf"), dtype=reader.compute_dtype).view(bits_dtype))
-        lo = torch.tensor([s.bracket_bits[0] for s in selectors], dtype=bits_dtype).unsqueeze(1)  # type: ignore[index]
-        tops = [s.bracket_bits[1] - s.bracket_bits[0] + 2 for s in selectors]  # type: ignore[index]
-        hists = [torch.zeros(t + 1, dtype=torch.int64) for t in tops]
-        observed = 0
-        threads = torch.get_num_threads()
+        work = [_BracketCounts([s.bracket_bits for s in selectors], reader) for _ in range(threads)]  # type: ignore[misc]
         with single_threaded_pool(threads) if threads > 1 else nullcontext() as pool:
             for key in keys:
-                for _, taus in reader.chunks(key, reader.chunk_size * _BRACKET_CHUNK_FACTOR):
-                    bits = taus.abs_().view(bits_dtype)  # the chunk buffer is not read again: work in place
-                    for i in torch.nonzero(bits.amax(1) >= inf_bits).flatten().tolist():
-                        selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
-                    bits.sub_(lo - 1)
-                    count = functools.partial(_count_row, bits, tops, hists)
-                    list(pool.map(count, range(len(selectors)))) if pool is not None else [count(i) for i in range(len(selectors))]
-                    observed += bits.shape[1]
+                if reader.local_numel(key) == 0:  # nothing of it on this rank (its source may not even hold it)
+                    continue
+                base, fts = reader.inputs(key)
+                n = base.numel()
+                workers = max(1, min(threads, n // reader.chunk_size))
+                cuts = [n * w // workers for w in range(workers + 1)]
+                jobs = [functools.partial(work[w].count, base, fts, cuts[w], cuts[w + 1], f"@{w}") for w in range(workers)]
+                found = [job() for job in jobs] if pool is None else list(pool.map(lambda job: job(), jobs))
+                for i in sorted(set().union(*found)):
+                    selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
+        with _one_thread():
+            for w in work:
+                w.flush()
+            observed = sum(w.observed for w in work)
+            inside = []
+            for i, sel in enumerate(selectors):
+                hist = functools.reduce(torch.add, [w.hists[i] for w in work])
+                inside.append(hist[_SPARE:-_SPARE])
+                sel.add_bracket_counts(inside[i], hist[-_SPARE:].sum(), observed)
         if self.distributed:  # this rank's own counts (before the ranks' sum), for tie_budgets
             starts = [s.bracket_bits[0] for s in selectors]  # type: ignore[index]
-            self._bracket_counts = _BracketCounts(tuple(keys), starts, [h[1:-1] for h in hists])
-        for sel, hist in zip(selectors, hists):
-            sel.add_bracket_counts(hist[1:-1], hist[-1], observed)
+            self._bracket_counts = _RankTieCounts(tuple(keys), starts, inside)
 
     def tensor_thresholds(self, key: str, m: int, split: bool = False) -> list[MagnitudeThreshold]:
         """Per-tensor thresholds of ``key`` (m kept of its entries); ``split``: its pieces lie on several ranks."""
@@ -187,9 +198,11 @@ class ThresholdFinder:
         top, bottom = math.floor(expected - margin), math.ceil(expected + margin)
         if top < 1 or bottom > size:
             return [None] * reader.n_tasks
-        # kthvalue(k) is the k-th smallest (NaN above everything, as in a sort): a third of a sort's time
-        lo = samples.kthvalue(size - bottom + 1, dim=1).values
-        hi = samples.kthvalue(size - top + 1, dim=1).values
+        # the `bottom` largest (NaN above everything, as in a sort; a third of a sort's time), then
+        # both ends among them: kthvalue(k) is the k-th smallest
+        largest = samples.topk(bottom, dim=1, sorted=False).values
+        lo = largest.kthvalue(1, dim=1).values
+        hi = largest.kthvalue(bottom - top + 1, dim=1).values
         ends = torch.stack([lo, hi], dim=1).tolist()
         return [(a, b) if math.isfinite(b) else None for a, b in ends]
 
@@ -298,7 +311,7 @@ class ThresholdFinder:
         return budgets
 
 
-class _BracketCounts:
+class _RankTieCounts:
     """One rank's histograms of a CPU bracket pass over ``keys``: per task, one bin per bit pattern from ``starts[task]``."""
 
     def __init__(self, keys: tuple[str, ...], starts: list[int], inside: list[torch.Tensor]) -> None:
@@ -311,9 +324,71 @@ class _BracketCounts:
         return int(self.inside[task][index]) if 0 <= index < self.inside[task].numel() else None
 
 
-def _count_row(digits: torch.Tensor, tops: list[int], hists: list[torch.Tensor], i: int) -> None:
-    """Clamp row ``i`` of ``digits`` to its histogram and count it there (one thread per row at a time)."""
-    hists[i] += torch.bincount(digits[i].clamp_(0, tops[i]), minlength=hists[i].numel())
+@contextmanager
+def _one_thread(on: bool = True) -> Iterator[None]:
+    """This thread's torch ops on one core for a while (``on``), the setting restored after.
+
+    For the sample and the counts' bookkeeping around the passes' workers: small ops gain
+    nothing from torch's OpenMP team, and on a busy machine each one waits for a descheduled
+    team thread, then leaves it spinning for milliseconds, a core taken from the workers.
+    """
+    saved = torch.get_num_threads()
+    if on and saved > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+class _BracketCounts:
+    """One worker's counts of the bracket pass: per task ``[_SPARE below][lo..hi][_SPARE above]``.
+
+    Per chunk ``[N, c]`` of task vectors (read into the worker's own buffer, L2-sized): |tau|'s
+    bit patterns minus each task's ``lo - _SPARE``, clamped between two fixed tensors: the
+    entries inside the bracket keep one bin per bit pattern, the ~99% outside it land on spare
+    bins picked by their column (``bincount`` adds one at a time, and a run of adds to one
+    counter waits on each previous add: twice as slow). The digits gather in one large buffer
+    that ``bincount`` empties per task when full: each call allocates and adds a histogram as
+    large as the bracket, too costly per chunk.
+    """
+
+    def __init__(self, brackets: list[tuple[int, int]], reader: TaskReader) -> None:
+        self.reader = reader
+        self.bits_dtype = torch.int64 if reader.compute_dtype == torch.float64 else torch.int32
+        self.inf_bits = int(torch.tensor(float("inf"), dtype=reader.compute_dtype).view(self.bits_dtype))
+        self.hists = [torch.zeros(hi - lo + 1 + 2 * _SPARE, dtype=torch.int64) for lo, hi in brackets]
+        self.observed = 0
+        c, n = reader.chunk_size, len(brackets)
+        self.offsets = torch.tensor([lo - _SPARE for lo, _ in brackets], dtype=self.bits_dtype).unsqueeze(1)
+        below = torch.arange(c, dtype=self.bits_dtype).bitwise_and_(_SPARE - 1)
+        tops = torch.tensor([_SPARE + hi - lo + 1 for lo, hi in brackets], dtype=self.bits_dtype).unsqueeze(1)
+        self.below, self.above = below, below + tops  # per column: its spare bin below / above the bracket
+        width = max(c, _DIGITS_BYTES // (n * below.element_size()) // c * c)
+        self.digits = torch.empty(n, width, dtype=self.bits_dtype)
+        self.fill = 0
+
+    def count(self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, tag: str) -> set[int]:
+        """Count the columns ``[begin, end)`` of one key; the tasks holding a NaN or Inf there."""
+        top = None
+        for _, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
+            c = taus.shape[1]
+            if self.fill + c > self.digits.shape[1]:
+                self.flush()
+            bits = taus.abs_().view(self.bits_dtype)  # the chunk buffer is not read again: work in place
+            top = bits.amax(1) if top is None else torch.maximum(top, bits.amax(1))
+            digits = torch.sub(bits, self.offsets, out=self.digits[:, self.fill : self.fill + c])
+            torch.clamp(digits, min=self.below[:c], max=self.above[:, :c], out=digits)
+            self.fill += c
+            self.observed += c
+        return set() if top is None else set(torch.nonzero(top >= self.inf_bits).flatten().tolist())
+
+    def flush(self) -> None:
+        """Add the digits gathered so far to the histograms (one ``bincount`` per task)."""
+        if self.fill:
+            for row, hist in zip(self.digits[:, : self.fill], self.hists):
+                hist += torch.bincount(row, minlength=hist.numel())
+            self.fill = 0
 
 
 __all__ = ["ThresholdFinder"]

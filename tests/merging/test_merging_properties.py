@@ -142,3 +142,20 @@ def test_several_torch_threads_merge_the_one_thread_bits(grid: bool) -> None:
             torch.set_num_threads(before)
         for key in one:
             assert torch.equal(one[key].view(torch.int32), several[key].view(torch.int32)), (grid, spec, key)
+
+
+def test_the_merge_pass_workers_run_their_torch_ops_on_one_thread() -> None:
+    # a thread's first torch call copies the process default into its own setting: the pool's
+    # workers must keep 1 after the caller restores its own value (else every worker runs its
+    # ops on all of torch's threads, and two workers ask for twice the cores)
+    from lightning_ties.merging.reading import single_threaded_pool
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with single_threaded_pool(2) as pool:
+            seen = list(pool.map(lambda _: (torch.get_num_threads(), torch.ones(4).sum().item(), torch.get_num_threads()), range(4)))
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(1, 4.0, 1)] * 4

@@ -139,18 +139,22 @@ def test_the_bracket_pass_refuses_nan_and_inf() -> None:
         sel.observe(torch.tensor([0.7, float("inf")]), name="w")
 
 
-def _bracketed_merger(base, fts, **spec):
+def _bracketed_merger(base, fts, chunk_size=None, **spec):
     from lightning_ties.merging import MergeSpec, TaskVectorMerger
 
-    merger = TaskVectorMerger(base, fts, MergeSpec(**spec))
+    merger = TaskVectorMerger(base, fts, MergeSpec(**spec), chunk_size=chunk_size)
     merger.finder.min_bracketed, merger.finder.sample_size = 1000, 512  # a sampled bracket on a small model
     return merger
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # given tie-heavy task vectors over several keys, bracketed (batched CPU pass, bincounts in threads)
+@pytest.mark.parametrize(("threads", "chunk_size"), [(1, None), (2, None), (1, 300), (3, 300)])
+def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, chunk_size, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given tie-heavy task vectors over several keys, bracketed (batched CPU pass; small chunks:
+    # each key's columns cut over the threads, the digit buffer emptied into the histograms
+    # several times per key)
     from lightning_ties.merging import MergeSpec, TaskVectorMerger, thresholds
+
+    monkeypatch.setattr(thresholds, "_DIGITS_BYTES", 3 * 4 * 700)  # 700 digits per task: 2 chunks of 300
 
     passes = []
     original = thresholds.ThresholdFinder._bracket_pass
@@ -170,7 +174,7 @@ def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, monke
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        merger = _bracketed_merger(base, fts, k=0.3)
+        merger = _bracketed_merger(base, fts, chunk_size, k=0.3)
         tau = dict(merger)
     finally:
         torch.set_num_threads(before)
@@ -179,10 +183,90 @@ def test_the_batched_bracket_pass_counts_what_observe_counts(threads: int, monke
     assert all(torch.equal(tau[k], tau_expected[k]) for k in tau)
 
 
-def test_the_batched_bracket_pass_names_the_task_and_key_of_a_nan() -> None:
+@pytest.mark.parametrize(("threads", "where"), [(1, 7), (2, 7), (2, 1900)])
+def test_the_batched_bracket_pass_names_the_task_and_key_of_a_nan(threads: int, where: int) -> None:
+    # (2 threads, small chunks: the Inf in the first or the second thread's columns of 'b')
     g = torch.Generator().manual_seed(4)
     base = {"a": torch.randn(3000, generator=g), "b": torch.randn(2000, generator=g)}
     fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
-    fts[1]["b"][7] = float("inf")
-    with pytest.raises(ValueError, match=r"task vector of model\[1\] at 'b' holds NaN or Inf values"):
-        dict(_bracketed_merger(base, fts, k=0.2))
+    fts[1]["b"][where] = float("inf")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.raises(ValueError, match=r"task vector of model\[1\] at 'b' holds NaN or Inf values"):
+            dict(_bracketed_merger(base, fts, 250 if threads > 1 else None, k=0.2))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_sample_and_the_counts_bookkeeping_run_on_one_thread_and_the_setting_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on the CPU with several torch threads the bracket pass's workers take every core; the small
+    # ops around them (the sample, closing the pass) run on this thread alone: an OpenMP team
+    # there would spin between its ops on a busy machine, a core taken from the workers
+    from lightning_ties.merging import select, thresholds
+
+    seen = []
+    sample, close = thresholds.ThresholdFinder.sample_brackets, select.MagnitudeSelector.next_pass
+    def noting(fn):
+        return lambda *a, **k: seen.append(torch.get_num_threads()) or fn(*a, **k)
+
+    monkeypatch.setattr(thresholds.ThresholdFinder, "sample_brackets", noting(sample))
+    monkeypatch.setattr(select.MagnitudeSelector, "next_pass", noting(close))
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.zeros(6000)}
+    eps = torch.finfo(torch.float32).eps  # magnitudes a few bit patterns apart: a bracket the histogram holds
+    fts = [{"w": 1 + torch.randint(0, 3000, (6000,), generator=g) * 4 * eps} for _ in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        merger = _bracketed_merger(base, fts, 1000, k=0.2)
+        dict(merger)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1] and after == 3  # the sample, then one pass closed per task
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_bracket_pass_on_ranks_never_reads_a_key_a_rank_holds_nothing_of(threads: int) -> None:
+    # given 2 ranks where 'b' lies wholly on rank 0 and a source that cannot read what its rank
+    # does not hold (merge_to's), bracketed: the thresholds and tau_m are one process's
+    from distributed_utils import RangeSource, run_threads
+
+    from lightning_ties.merging import MergeSpec, TaskVectorMerger
+
+    class OwnRangeOnly(RangeSource):
+        def get(self, key):
+            start, stop = self.shards[key]
+            assert stop > start, f"read {key!r} on a rank holding nothing of it"
+            return super().get(key)
+
+    g = torch.Generator().manual_seed(8)
+    eps = torch.finfo(torch.float32).eps
+    base = {"a": torch.zeros(3000), "b": torch.zeros(2000)}
+    def dense(shape):  # magnitudes a few bit patterns apart, both signs: a bracket the histogram holds
+        return (1 + torch.randint(0, 3000, shape, generator=g) * 4 * eps) * (torch.rand(shape, generator=g) - 0.5).sign()
+
+    fts = [{k: dense(v.shape) for k, v in base.items()} for _ in range(2)]
+    layout = {"a": [(0, 1300), (1300, 3000)], "b": [(0, 2000), (0, 0)]}
+
+    def rank(collectives):
+        torch.set_num_threads(threads)
+        shards = {key: ranges[collectives.rank] for key, ranges in layout.items()}
+        sources = [OwnRangeOnly(sd, shards, f"m{i}") for i, sd in enumerate([base, *fts])]
+        merger = TaskVectorMerger(sources[0], sources[1:], MergeSpec(k=0.3), collectives=collectives, shards=shards, chunk_size=400)
+        merger.finder.min_bracketed, merger.finder.sample_size = 1000, 512
+        return dict(merger), merger.thresholds, merger.finder.sample_brackets(["a", "b"], 1500, gather=True)
+
+    before = torch.get_num_threads()
+    try:
+        pieces = run_threads(2, rank)
+    finally:
+        torch.set_num_threads(before)
+    expected = TaskVectorMerger(base, fts, MergeSpec(k=0.3))
+    one = dict(expected)
+    assert all(p[2][0] is not None for p in pieces)  # bracketed
+    assert pieces[0][1] == pieces[1][1] == expected.thresholds
+    for key, ranges in layout.items():
+        for r, (start, stop) in enumerate(ranges):
+            assert torch.equal(pieces[r][0][key].reshape(-1), one[key].reshape(-1)[start:stop]), (key, r)
