@@ -280,7 +280,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=Path("bench_cache/learned"))
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every task (default: TASK_STEPS)")
-    parser.add_argument("--granularity", default="auto", choices=["task", "layer", "tensor", "auto"],
+    parser.add_argument("--granularity", default="tensor", choices=["task", "layer", "tensor", "auto"],
                         help="auto: per layer, then per tensor from the per-layer result; the hold-out keeps the better")
     parser.add_argument("--l2", type=float, default=L2, help="pull of the coefficients toward their start (the searched scale)")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of each task's validation data held out (stratified)")
@@ -368,7 +368,9 @@ def main() -> None:
         learned = {t: accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in states}
         learned["mean"] = sum(learned.values()) / len(states)
         start_text = start["lam"] if isinstance(start["lam"], str) else f"{start['lam']:g}"
-        label = f"learned {name} ({result.report.params['granularity']}, l2={recipe['l2']:g}, start {start_text})"
+        kept = result.report.params["granularity"]
+        granularity = f"auto: {kept}" if recipe["granularity"] == "auto" else kept
+        label = f"learned {name} ({granularity}, l2={recipe['l2']:g}, start {start_text})"
         rows[label] = learned
         runs[name] = {"result": result, "total_s": total_s, "row": label, "recipe": recipe}
 

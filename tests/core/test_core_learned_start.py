@@ -133,6 +133,7 @@ def test_layer_coefficients_expand_to_their_tensors():
 
 
 def test_the_first_phase_gets_its_share_of_epochs_and_time():
-    assert split_budget(10, 300.0) == (3, 7, 90.0)
+    assert split_budget(10, 300.0) == (2, 8, 60.0)
+    assert split_budget(10, 300.0, share=0.3) == (3, 7, 90.0)
     assert split_budget(2, None) == (1, 1, None)
-    assert split_budget(1, 10.0) == (1, 1, 3.0)  # each phase runs at least one epoch
+    assert split_budget(1, 10.0) == (1, 1, 2.0)  # each phase runs at least one epoch

@@ -16,8 +16,9 @@ from ..search import SearchResult, run_search
 StartScale = float | str | SearchResult | None
 #: ``granularity="auto"`` tries these, coarse first; each later one starts from the one before.
 AUTO_GRANULARITIES = ("layer", "tensor")
-#: The share of the epochs and of the time budget the per-layer phase of ``granularity="auto"`` gets.
-AUTO_FIRST_SHARE = 0.3
+#: The share of the epochs and of the time budget the per-layer phase of ``granularity="auto"`` gets
+#: (few coefficients: on the MiniLM benchmark its hold-out loss stopped improving after one epoch of 5).
+AUTO_FIRST_SHARE = 0.2
 
 
 def start_scale(lam: StartScale, method: str, k: float | None) -> tuple[float | str | None, float | None]:
@@ -87,7 +88,7 @@ def split_budget(max_epochs: int, max_time_s: float | None, share: float = AUTO_
 
     Example:
         >>> split_budget(10, 300.0)
-        (3, 7, 90.0)
+        (2, 8, 60.0)
     """
     first = min(max(1, round(max_epochs * share)), max(1, max_epochs - 1))
     return first, max(1, max_epochs - first), (None if max_time_s is None else max_time_s * share)
