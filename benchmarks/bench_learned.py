@@ -21,13 +21,12 @@ Needs the ``bench`` extra (``pip install -c constraints.txt -e ".[bench]"``). Ru
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_learned.py --cache-dir bench_cache/learned
 
 Fine-tuning (cached): the top three of MiniLM's six blocks and the head, batch 32, 150 steps
-(topic, language) or 60 (sentiment, gender); only those blocks are merged. Measured on the
-2-core machine (2026-11-27), test accuracy mean over the four tasks: individual 87.4,
-average 83.6, task arithmetic (lam 0.3) 84.0, TIES (k 0.2, lam 0.8) 83.5, learned (tensor
-granularity, from TIES lam 0.8, up to 800 validation examples per task, 20 epochs in 290 s,
-best hold-out epoch 14) 85.6: 54% of the gap from TIES to the individual models closed, short
-of the 67% target. With 400 validation examples per task (`--val-cap 400`) it closed 37%;
-layer granularity closed 0-22%.
+(topic, language) or 60 (sentiment, gender); only those blocks are merged. The coefficients
+start at the scale this script's search chose on all validation data (``--start search``: the
+library's own search on the hold-out, inside the budget), learn on 80% of it and keep the
+epoch with the lowest loss on the stratified 20% hold-out. ``--also-today`` runs the recipe
+measured before (per tensor, no l2) beside the new one (``--granularity``, ``--l2``) in the
+same run. Figures: benchmarks/README.md (``bench_learned.py``).
 """
 
 from __future__ import annotations
