@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--start", default="searched", choices=["searched", "search"],
                         help="searched: the lam this script's search chose on all validation data; search: learn_coefficients' "
                              "own coarse-to-fine search on the hold-out loss, inside the budget")
-    parser.add_argument("--start-lam", type=float, help="skip the start method's search and use this lam (exploration)")
+    parser.add_argument("--start-lam", type=float, help="with --method tsv: skip its search and start at this lam (exploration)")
     parser.add_argument("--also-today", action="store_true",
                         help="also run the recipe measured before (tensor granularity, no l2) in the same run, with the same budget")
     parser.add_argument("--max-minutes", type=float, default=4.8, help="coefficient training budget (the target allows 5 minutes, all in)")
