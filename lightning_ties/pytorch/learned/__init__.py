@@ -19,14 +19,15 @@ the start. Part of the data is held out (stratified by class when the labels are
 :func:`~lightning_ties.core.learned.data.holdout_indices`) to pick the final coefficients (and for
 early stopping).
 
-What closes the most of the gap (:mod:`lightning_ties.core.learned.start`): start where a search
-put the merge (``lam=search_result``, or ``lam="search"`` to walk the method's lam grid on the
-hold-out), pull toward that start (``l2=``), and let the hold-out choose per layer or per tensor
-(``granularity="auto"``: per layer first, then per tensor from the per-layer result)::
+Where to start and how finely (:mod:`lightning_ties.core.learned.start`): where a search put
+the merge (``lam=search_result``, or ``lam="search"`` to walk the method's lam grid on the
+hold-out), optionally pulled toward that start (``l2=``), per layer or per tensor as the hold-out
+prefers (``granularity="auto"``: per layer first, then per tensor from the per-layer result; on
+the MiniLM benchmark per tensor without l2 measured best)::
 
     searched = module.search(trainer, val_loaders, method="tsv", lam="paper")  # or any SearchResult
     result = learn_coefficients(base, tasks, val_loaders, method="tsv", lam=searched,
-                                granularity="auto", l2=1e-3, max_time_s=300)
+                                granularity="auto", max_time_s=300)
     result.report.params["granularity"], result.report.params["granularity_candidates"]
 
 One call (what the CLI's ``method=learned`` and the demo use)::
