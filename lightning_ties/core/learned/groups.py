@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from ...merging.plan import Patterns, compile_patterns
 
 GRANULARITIES = ("task", "layer", "tensor")
@@ -64,9 +66,29 @@ def group_keys(keys: Sequence[str], granularity: str, patterns: Patterns = None)
     return groups, [index[g] for g in labels]
 
 
-def check_granularity(granularity: str) -> None:
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+def check_granularity(granularity: str, allowed: Sequence[str] = GRANULARITIES) -> None:
+    if granularity not in allowed:
+        raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(allowed)}")
 
 
-__all__ = ["GRANULARITIES", "check_granularity", "default_group", "group_keys"]
+def expand_coefficients(coarse: torch.Tensor, coarse_index: Sequence[int], fine_index: Sequence[int]) -> torch.Tensor:
+    """Coarse coefficients ``[tasks, coarse groups]`` as finer ones: each fine group takes its coarse group's value.
+
+    ``coarse_index[i]`` / ``fine_index[i]`` are key i's group under each granularity (:func:`group_keys`);
+    every fine group must lie inside one coarse group (a tensor inside its layer, a layer inside the task).
+
+    Example:
+        >>> expand_coefficients(torch.tensor([[0.5, 2.0]]), [0, 0, 1], [0, 1, 2])
+        tensor([[0.5000, 0.5000, 2.0000]])
+    """
+    if len(coarse_index) != len(fine_index):
+        raise ValueError(f"group indices of {len(coarse_index)} and {len(fine_index)} keys: they must cover the same keys")
+    parent: dict[int, int] = {}
+    for c, f in zip(coarse_index, fine_index):
+        if parent.setdefault(f, c) != c:
+            raise ValueError(f"fine group {f} spans coarse groups {parent[f]} and {c}: it must lie inside one")
+    order = [parent[f] for f in range(len(parent))]
+    return coarse[:, order].clone()
+
+
+__all__ = ["GRANULARITIES", "check_granularity", "default_group", "expand_coefficients", "group_keys"]

@@ -15,8 +15,10 @@ from ...merging.plan import Patterns
 from .._compat import EarlyStopping, pl
 from ...core.heads import HeadsArg
 from .module import LearnedMergeModule
+from ...core.learned.groups import GRANULARITIES, check_granularity, expand_coefficients
 from ...core.learned.objectives import LossObjective
 from ...core.learned.result import LearnedMergeResult, hf_base
+from ...core.learned.start import AUTO_GRANULARITIES, StartScale, choose_granularity, split_budget, start_scale
 
 
 def learn_coefficients(
@@ -27,7 +29,7 @@ def learn_coefficients(
     heads: HeadsArg = None,
     k: float | None = None,
     method: str = "ties",
-    lam: float | None = None,
+    lam: StartScale = None,
     granularity: str = "layer",
     groups: Patterns = None,
     objective: LossObjective = "ce",
@@ -44,10 +46,17 @@ def learn_coefficients(
 ) -> LearnedMergeResult:
     """Learn merging coefficients with a ``Trainer`` and return the merged model (see module docs).
 
-    The initial coefficients are evaluated on the hold-out first, so the result is never worse
-    on the hold-out than the merge it starts from. ``include``/``exclude`` (regexes) choose the
-    merged keys as in ``ties_merge``; ``train_seconds`` counts the Trainer's work (validation of
-    the initial coefficients and fit), not the one-off computation of the components.
+    The start is evaluated on the hold-out first, so the result is never worse on the hold-out
+    than the merge it starts from. ``lam``: where every coefficient starts: a number, a search's
+    :class:`~lightning_ties.core.search.SearchResult` (its best lam and k), ``"search"`` (the
+    method's lam grid walked coarse to fine on the hold-out loss) or None (the method's default).
+    ``granularity="auto"``: per layer first (:data:`~...core.learned.start.AUTO_FIRST_SHARE` of
+    the epochs and time), then per tensor starting from the per-layer result; the granularity with
+    the lower best hold-out loss is kept (``result.report.params["granularity"]``), and
+    ``result.history`` holds both phases (each record names its granularity).
+    ``include``/``exclude`` (regexes) choose the merged keys as in ``ties_merge``;
+    ``train_seconds`` counts the Trainer's work (start search, hold-out passes and fit: what
+    ``max_time_s`` bounds), not the one-off computation of the components.
 
     Example:
         >>> import torch
@@ -65,35 +74,70 @@ def learn_coefficients(
         if not isinstance(base, nn.Module):
             raise ValueError("base is not an nn.Module: pass model= (the architecture the merged weights run in)")
         model = base
+    check_granularity(granularity, (*GRANULARITIES, "auto"))
+    lam, k = start_scale(lam, method, k)  # once: both phases of "auto" use the search's k
+    if granularity == "auto" and holdout == 0:
+        raise ValueError("granularity='auto' is chosen on the hold-out: pass holdout= a fraction > 0 or loaders")
+    common = dict(base=base, heads=heads, method=method, k=k, groups=groups, objective=objective, l2=l2,
+                  holdout=holdout, lr=lr, seed=seed, include=include, exclude=exclude)
+    fit = dict(patience=patience, trainer_kwargs=trainer_kwargs)
+    t0 = time.perf_counter()
+    if granularity != "auto":
+        module, seconds = _train_one(model, tasks, dataloaders, common, granularity, lam, max_epochs, max_time_s, seed, **fit)
+        return _result(module, seconds, base, model)
+    first_epochs, second_epochs, first_time = split_budget(max_epochs, max_time_s)
+    coarse, seconds = _train_one(model, tasks, dataloaders, common, AUTO_GRANULARITIES[0], lam, first_epochs, first_time, seed, **fit)
+    start = coarse.final_coefficients().detach().cpu()
+    left = None if max_time_s is None else max(0.0, max_time_s - (time.perf_counter() - t0))
+    fine, more = _train_one(model, tasks, dataloaders, common, AUTO_GRANULARITIES[1], start, second_epochs, left, seed,
+                            coarse=coarse, **fit)
+    best = {m.granularity: float(m.best_score) for m in (coarse, fine)}
+    chosen = coarse if choose_granularity(best) == coarse.granularity else fine
+    chosen.history = [*coarse.history, *fine.history]
+    return _result(chosen, seconds + more, base, model, candidates=best)
+
+
+def _train_one(model, tasks, dataloaders, common, granularity, lam, max_epochs, max_time_s, seed, patience, trainer_kwargs,
+               coarse: LearnedMergeModule | None = None) -> tuple[LearnedMergeModule, float]:
+    """Build one module, start it (at ``lam``; with ``coarse``: at its coefficients ``lam``, expanded), validate and fit it."""
     pl.seed_everything(seed, verbose=False)
-    module = LearnedMergeModule(
-        model, tasks, dataloaders, base=base, heads=heads, method=method, k=k, lam=lam, granularity=granularity,
-        groups=groups, objective=objective, l2=l2, holdout=holdout, lr=lr, seed=seed, include=include,
-        exclude=exclude,
-    )
+    search = isinstance(lam, str)  # "search", checked by start_scale
+    module = LearnedMergeModule(model, tasks, dataloaders, granularity=granularity,
+                                lam=None if search or coarse is not None else lam, **common)
+    if coarse is not None:
+        module.start_from(expand_coefficients(lam, coarse.key_group, module.key_group))
     kwargs: dict[str, Any] = {"max_epochs": max_epochs, "enable_checkpointing": False, "logger": False,
                               "num_sanity_val_steps": 0, **(trainer_kwargs or {})}
-    if max_time_s is not None:
-        kwargs["max_time"] = timedelta(seconds=max_time_s)
     if patience is not None and module._holdout_loaders:
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), EarlyStopping("learned/val/loss", patience=patience)]
-    trainer = pl.Trainer(**kwargs)
     t0 = time.perf_counter()  # the components are computed: from here on it is training
     with warnings.catch_warnings():
         # the frozen model is kept in eval mode on purpose (LearnedMergeModule.train)
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        validator = pl.Trainer(**kwargs)
+        if search:
+            module.search_start(validator)
         if module._holdout_loaders:
-            trainer.validate(module, verbose=False)
-        trainer.fit(module)
-    seconds = time.perf_counter() - t0
+            validator.validate(module, verbose=False)
+        if max_time_s is not None:  # what the start's hold-out passes took is part of the budget
+            kwargs["max_time"] = timedelta(seconds=max(0.0, max_time_s - (time.perf_counter() - t0)))
+        pl.Trainer(**kwargs).fit(module)
+    return module, time.perf_counter() - t0
+
+
+def _result(module: LearnedMergeModule, seconds: float, base: Any, model: nn.Module,
+            candidates: dict[str, float] | None = None) -> LearnedMergeResult:
     final = module.final_coefficients().detach().clone()
     base_folder, base_model = hf_base(base, model)
+    report = module.report()
+    if candidates is not None:
+        report.params["granularity_candidates"] = candidates  # best hold-out loss of each granularity tried
     return LearnedMergeResult(
         state_dict=module.merged_state_dict(coefficients=final),
         heads={t: module.head_state_dict(t) for t in module.tasks},
         coefficients=final, tasks=list(module.tasks), groups=list(module.groups), history=list(module.history),
-        best_epoch=module.best_epoch, epochs_run=trainer.current_epoch, train_seconds=seconds,
-        report=module.report(), initial_coefficients=module.initial_coefficients.clone(),
+        best_epoch=module.best_epoch, epochs_run=module.current_epoch, train_seconds=seconds,
+        report=report, initial_coefficients=module.initial_coefficients.clone(),
         base_folder=base_folder, base_model=base_model,
     )
 

@@ -17,8 +17,20 @@ has one entry per task and per group of parameters (``granularity``: ``"task"``,
 merged tensors and each task's own head. Objectives: cross-entropy on labelled validation
 batches (``"ce"``), the user's ``LightningModule.validation_step`` loss (``"validation_step"``),
 or AdaMerging's entropy on unlabelled inputs (``"entropy"``), plus an optional L2 pull towards
-the initial coefficients. Part of the data is held out to pick the final coefficients (and for
+the start. Part of the data is held out (stratified by class when the labels are at hand,
+:func:`~lightning_ties.core.learned.data.holdout_indices`) to pick the final coefficients (and for
 early stopping).
+
+Where to start and how finely (:mod:`lightning_ties.core.learned.start`): where a search put
+the merge (``lam=search_result``, or ``lam="search"`` to walk the method's lam grid on the
+hold-out), optionally pulled toward that start (``l2=``), per layer or per tensor as the hold-out
+prefers (``granularity="auto"``: per layer first, then per tensor from the per-layer result; on
+the MiniLM benchmark per tensor without l2 measured best)::
+
+    searched = module.search(trainer, val_loaders, method="tsv", lam="paper")  # or any SearchResult
+    result = learn_coefficients(base, tasks, val_loaders, method="tsv", lam=searched,
+                                granularity="auto", max_time_s=300)
+    result.report.params["granularity"], result.report.params["granularity_candidates"]
 
 One call (what the CLI's ``method=learned`` and the demo use)::
 

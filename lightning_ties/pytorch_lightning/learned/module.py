@@ -24,10 +24,12 @@ from ...core.keys import match_to_module
 from ...core.matching import match_sources
 from ...core.merger import module_device
 from ...core.learned.components import TaskComponents
-from ...core.learned.data import check_loaders, split_holdout
-from ...core.learned.groups import check_granularity, group_keys
+from ...core.learned.data import check_loaders, split_loaders
+from ...core.learned.checks import check_arguments, coefficient_logs
+from ...core.learned.groups import group_keys
+from ...core.learned.start import StartScale, search_start_scale, start_scale
+from ...core.search import SearchResult
 from ...core.learned.objectives import (
-    OBJECTIVES,
     LossObjective,
     StepCaller,
     cross_entropy,
@@ -35,8 +37,6 @@ from ...core.learned.objectives import (
     prediction_entropy,
     split_batch,
 )
-
-_LOG_EACH_COEFFICIENT = 64  # above this many coefficients, log one mean per task
 
 
 class LearnedMergeModule(pl.LightningModule):
@@ -71,11 +71,14 @@ class LearnedMergeModule(pl.LightningModule):
         method: registry method whose components are learned (``"ties"``, ``"task_arithmetic"``,
             any method with a linear per-task merge); ``k`` (default: the method's, 0.2 for
             TIES) and ``params`` go to it.
-        lam: initial coefficient (default: the method's, 1.0 for TIES: the first forward is
-            ``ties_merge(k, lam=1)``).
+        lam: the scale every coefficient starts at: a number, a search's :class:`SearchResult`
+            (its best lam, and its k when ``k`` is None: start where the search put the merge),
+            or None (the method's default, 1.0 for TIES: the first forward is ``ties_merge(k, lam=1)``).
+            To search it on the hold-out, call :meth:`search_start` before ``fit``.
         granularity: ``"task"``, ``"layer"`` or ``"tensor"``; ``groups``: regexes for ``"layer"``.
         objective: ``"ce"``, ``"entropy"``, ``"validation_step"`` or ``fn(output, target) -> loss``.
-        l2: weight of ``||lam - lam_init||^2`` added to the loss.
+        l2: weight of ``||lam - lam_start||^2`` added to the loss: pulls the coefficients toward
+            where they started (:meth:`start_from`).
         holdout: fraction of each task's data held out to pick the final coefficients, a dict of
             hold-out loaders, or 0 (no hold-out: the last coefficients are final).
         lr: Adam learning rate of the coefficients.
@@ -90,7 +93,7 @@ class LearnedMergeModule(pl.LightningModule):
         heads: HeadsArg = None,
         method: str = "ties",
         k: float | None = None,
-        lam: float | None = None,
+        lam: StartScale = None,
         granularity: str = "layer",
         groups: Patterns = None,
         objective: LossObjective = "ce",
@@ -103,14 +106,16 @@ class LearnedMergeModule(pl.LightningModule):
         **params: Any,
     ) -> None:
         super().__init__()
-        self._check_arguments(model, tasks, granularity, objective, l2, holdout, lr)
+        check_arguments(model, tasks, granularity, objective, l2, holdout, lr)
+        if objective == "validation_step" and not isinstance(model, pl.LightningModule):
+            raise ValueError("objective='validation_step' needs model to be a LightningModule with validation_step")
         self.tasks = list(tasks)
         self.objective = objective
         self.l2 = float(l2)
         self.lr = float(lr)
         self.granularity = granularity
         loaders = check_loaders(dataloaders, self.tasks, "dataloaders")
-        self._fit_loaders, self._holdout_loaders = self._split(loaders, holdout, seed)
+        self._fit_loaders, self._holdout_loaders = split_loaders(loaders, holdout, seed, self.tasks)
         self.strict_loading = False  # checkpoints hold the coefficients, not the frozen weights
         self.method = get_method(method)
         if not self.method.decomposes:  # before any component is computed
@@ -118,6 +123,9 @@ class LearnedMergeModule(pl.LightningModule):
                 f"method {method!r} does not split into per-task shares, so it has no coefficients to learn; "
                 f"use one that does: {', '.join(sorted(n for n, m in METHODS.items() if m.decomposes))}"
             )
+        lam, k = start_scale(lam, method, k)  # a search's result gives its best lam (and k)
+        if lam == "search":
+            raise ValueError("lam='search' is learn_coefficients'; on the module, call search_start(trainer) before fit")
         # checked once, k a named field (a method without k refuses it here, by name)
         options = MergeOptions.from_keywords(method, k=k, **params)
         self.merge_params = options.method_params
@@ -151,34 +159,6 @@ class LearnedMergeModule(pl.LightningModule):
         self._val_params: dict[str, torch.Tensor] | None = None
 
     # ---- construction helpers --------------------------------------------------------------
-    @staticmethod
-    def _check_arguments(model, tasks, granularity, objective, l2, holdout, lr) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module (the architecture to run), got {type(model).__name__}")
-        if not isinstance(tasks, Mapping) or len(tasks) < 1:
-            raise ValueError("tasks must be a dict task name -> fine-tuned model with at least one task")
-        check_granularity(granularity)
-        if not callable(objective) and objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)} or a callable")
-        if objective == "validation_step" and not isinstance(model, pl.LightningModule):
-            raise ValueError("objective='validation_step' needs model to be a LightningModule with validation_step")
-        if not (isinstance(l2, (int, float)) and l2 >= 0):
-            raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
-        if not isinstance(holdout, Mapping) and not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
-            raise ValueError(f"holdout must be a fraction in [0, 1) or a dict of loaders, got {holdout!r}")
-
-    def _split(self, loaders: dict[str, DataLoader], holdout: Any, seed: int):
-        if isinstance(holdout, Mapping):
-            return loaders, check_loaders(holdout, self.tasks, "holdout")
-        if holdout == 0:
-            return loaders, {}
-        fit, hold = {}, {}
-        for t, dl in loaders.items():
-            fit[t], hold[t] = split_holdout(dl, float(holdout), seed, t)
-        return fit, hold
-
     def _head_keys(self, model: nn.Module, base_src: Any, sources: list[Any], named: list[str]) -> list[str]:
         """User-named heads plus keys that differ across tasks (model order); each task must have them all."""
         model_keys = list(model.state_dict().keys())
@@ -268,7 +248,7 @@ class LearnedMergeModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log_dict(self._coefficient_logs())
+        self.log_dict(coefficient_logs(self.coefficients.detach(), self.tasks, self.groups))
 
     def on_validation_epoch_start(self) -> None:
         for metric in [*self.val_loss, *self.val_acc]:
@@ -289,7 +269,7 @@ class LearnedMergeModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._val_params = None
-        record: dict[str, Any] = {"epoch": self.current_epoch, "step": self.global_step,
+        record: dict[str, Any] = {"epoch": self.current_epoch, "step": self.global_step, "granularity": self.granularity,
                                   "stage": "fit" if self.trainer.state.fn == "fit" else "init"}
         losses = []
         for i, task in enumerate(self.tasks):
@@ -315,6 +295,34 @@ class LearnedMergeModule(pl.LightningModule):
             self.best_score.fill_(float(score))
             self.best_coefficients.copy_(self.coefficients.detach())
             self.best_epoch = self.current_epoch if record["stage"] == "fit" else None
+
+    # ---- where the coefficients start ------------------------------------------------------
+    @torch.no_grad()
+    def start_from(self, coefficients: torch.Tensor | float) -> None:
+        """Set the coefficients (a number, or ``[tasks, groups]``) and make them the start: the
+        l2 pull's centre and the first candidate of the hold-out's choice (no best yet)."""
+        value = torch.as_tensor(coefficients, dtype=self.coefficients.dtype).to(self.coefficients.device)
+        for tensor in (self.coefficients, self.initial_coefficients, self.best_coefficients):
+            tensor.copy_(value.expand_as(tensor))
+        self.best_score.fill_(math.inf)
+        self.best_epoch = None
+
+    def search_start(self, trainer: pl.Trainer) -> SearchResult:
+        """Start every coefficient at the scale of the method's lam grid with the lowest hold-out loss.
+
+        Each grid value the coarse-to-fine walk visits is one ``trainer.validate`` pass over the hold-out.
+        """
+        if not self._holdout_loaders:
+            raise ValueError("searching the start scale needs a hold-out: pass holdout= a fraction > 0 or loaders")
+
+        def holdout_losses(lam: float) -> dict[str, float]:
+            self.start_from(lam)
+            trainer.validate(self, verbose=False)
+            return {t: self.history[-1][f"{t}/loss"] for t in self.tasks if t in self._holdout_loaders}
+
+        searched = search_start_scale(holdout_losses, self.method.paper_lam_grid, self.method.name)
+        self.start_from(float(searched.lam))
+        return searched
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -374,13 +382,6 @@ class LearnedMergeModule(pl.LightningModule):
         return MergeReport(method="learned", params=params, sources=list(self.tasks),
                            merged_keys=list(self.plan.merge_keys), skipped=dict(self.plan.skipped),
                            thresholds=self.thresholds, lam=None)
-
-    def _coefficient_logs(self) -> dict[str, float]:
-        lam = self.coefficients.detach()
-        if lam.numel() > _LOG_EACH_COEFFICIENT:
-            return {f"learned/lam/{t}/mean": float(lam[i].mean()) for i, t in enumerate(self.tasks)}
-        return {f"learned/lam/{t}/{g.rstrip('.')}": float(lam[i, j])
-                for i, t in enumerate(self.tasks) for j, g in enumerate(self.groups)}
 
 
 @torch.no_grad()
