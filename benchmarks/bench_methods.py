@@ -42,11 +42,12 @@ mean test accuracy (%), paper default / chosen on validation:
   data: TSV-M 69%, WUDI 28%, ACE 11%. (2026-11-30, ``--grid-stride 3``: Iso-C 86.4 at 2.7,
   Iso-CTS 86.0 at 2.4, RegMean 81.5.)
 - MiniLM, ``method="auto"`` searched on validation (``--auto-only --regmean-examples 0 --threads 2
-  --auto-budget 300``, OMP_NUM_THREADS=2, load average 3-5 on the 2 cores from other jobs),
-  2026-12-05: **86.2** (TSV-M at lam 1.4, val 85.4), 38 candidates of 10 methods in 250 s, the
-  budget cut the search (the refining of TSV-M and WUDI ran, the last five registry methods got
-  no coarse pass); 67% of the TIES-to-individual gap, below the 85% target (86.9). TSV-M's first
-  candidate (tau_m) took 64 s, a lam-only one 1.4-2 s unloaded (up to 27 s under the load).
+  --auto-budget 300``, OMP_NUM_THREADS=2), 2026-12-05 on the quiet machine (load 1-2), with the
+  coarse pass following a method still rising at its window's edge: **86.0** (Iso-CTS at lam 2.4,
+  val 86.0, tied with 2.5 and 2.6), the whole schedule (59 candidates of 14 methods) in 109 s;
+  61% of the TIES-to-individual gap, below the 85% target (86.9). The best test score measured for
+  any single method on this suite is Iso-CTS at 3.0 (86.6, the grid run above). Before the edge-following (loaded machine,
+  budget cut): 86.2 (TSV-M at 1.4).
 """
 
 from __future__ import annotations
