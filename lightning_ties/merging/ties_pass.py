@@ -97,9 +97,10 @@ class TiesPass:
         found = [0] * self.reader.n_tasks
         if not needy:
             return found
-        for _, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
-            for i in needy:  # the comparison ThresholdTrim makes
-                found[i] += int((taus[i].abs() == trim_step.thresholds[i].value).sum())
+        # only the needy tasks' rows (usually one or two of N): their task vectors are computed as the merge computes them
+        for _, taus in self.reader.chunks_of(base, [fts[i] for i in needy], begin, end, buffer=f"taus{tag}"):
+            for row, i in enumerate(needy):  # the comparison ThresholdTrim makes
+                found[i] += int((taus[row].abs() == trim_step.thresholds[i].value).sum())
         return found
 
     def close(self) -> None:
