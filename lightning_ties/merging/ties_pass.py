@@ -63,16 +63,41 @@ class TiesPass:
         steps = [trim_step.restart() for _ in range(workers)]
         budget = list(trim_step.tie_budget)
         needy = [i for i, left in enumerate(budget) if left > 0]
-        counts = self._pool.map(lambda a, b, t: self._count_ties(base, fts, a, b, trim_step, needy, t), cuts[:-1], cuts[1:], tags)
-        for step, found in zip(steps, counts):  # ranges in flat order take the ties first come
-            step.tie_budget = [min(left, c) for left, c in zip(budget, found)]
+        for step, found in zip(steps, self._leading_tie_counts(base, fts, cuts, trim_step, needy)):
+            step.tie_budget = [min(left, c) for left, c in zip(budget, found)]  # ranges in flat order take the ties first come
             budget = [left - took for left, took in zip(budget, step.tie_budget)]
-        trim_step.tie_budget = budget
+        steps[-1].tie_budget = budget  # the last range takes what is left: nothing after it in this key
         parts = [Contested(contested.combine, contested.merge) for _ in range(workers)]
         totals = list(self._pool.map(self._range, [base] * workers, [fts] * workers, cuts[:-1], cuts[1:], steps, [out] * workers, parts, tags))
+        trim_step.tie_budget = list(steps[-1].tie_budget)  # what it did not spend goes on to the next keys
         for part in parts:
             contested.extend(part)
         return torch.stack(totals).sum()
+
+    def _leading_tie_counts(
+        self, base: torch.Tensor, fts: list[torch.Tensor], cuts: list[int], trim_step: ThresholdTrim, needy: list[int]
+    ) -> list[list[int]]:
+        """Per range but the last, its entries at each needy task's threshold, counted side by side.
+
+        The last range needs no count (no range after it waits on its ties), so the workers
+        share out the columns before it: pieces cut at the ranges' edges and in ``workers``
+        equal parts, each counted in its own scratch buffer.
+        """
+        workers = len(cuts) - 1
+        if not needy:
+            return [[0] * self.reader.n_tasks for _ in range(workers - 1)]
+        end = cuts[-2]
+        marks = sorted(set(cuts[:-1]) | {end * w // workers for w in range(workers + 1)})
+        pieces = [(a, b) for a, b in zip(marks[:-1], marks[1:]) if b > a]
+        found = self._pool.map(
+            lambda piece, j: (piece[0], self._count_ties(base, fts, piece[0], piece[1], trim_step, needy, f"@count{j}")),
+            pieces, range(len(pieces)),
+        )  # fmt: skip
+        counts = [[0] * self.reader.n_tasks for _ in range(workers - 1)]
+        for start, piece_counts in found:
+            r = max(w for w in range(workers - 1) if cuts[w] <= start)
+            counts[r] = [a + b for a, b in zip(counts[r], piece_counts)]
+        return counts
 
     def _range(
         self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, trim_step: ThresholdTrim,
