@@ -313,11 +313,13 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool = True, kind: K
         'search.json'
     """
     path = Path(path)
+    # exists-but-not-a-folder first: another rank may create the folder between two checks,
+    # and a folder seen missing and then present is fine (asked the other way round it is not)
+    if os.path.lexists(path.parent) and not path.parent.is_dir():
+        raise UnsafeOutputError(f"cannot write {path}: {path.parent} exists and is not a folder")
     if path.parent.is_dir():
         read_manifest(path.parent)
         refuse_unless_replaceable(path, overwrite, kind)
-    elif os.path.lexists(path.parent):
-        raise UnsafeOutputError(f"cannot write {path}: {path.parent} exists and is not a folder")
     return path
 
 

@@ -153,3 +153,25 @@ def test_a_foreign_manifest_in_the_way_is_refused_before_anything_is_placed(tmp_
     with pytest.raises(ValueError, match=r"\.lightning-ties\.json is not a lightning-ties manifest with content hashes"):
         write_text_atomic(tmp_path / "report.md", "x")
     assert not (tmp_path / "report.md").exists()
+
+
+def test_a_folder_another_rank_creates_during_the_check_is_not_taken_for_a_file(tmp_path, monkeypatch) -> None:
+    # every rank checks save_dir while rank 0 creates it: the folder may appear between two looks
+    from lightning_ties.io.errors import UnsafeOutputError
+    from lightning_ties.io.ownership import check_writable
+
+    folder = tmp_path / "save"
+    real_is_dir = Path.is_dir
+
+    def is_dir_then_created(self: Path) -> bool:
+        seen = real_is_dir(self)
+        if self == folder:
+            folder.mkdir(exist_ok=True)  # rank 0, right after this rank looked
+        return seen
+
+    monkeypatch.setattr(Path, "is_dir", is_dir_then_created)
+    assert check_writable(folder / "base.safetensors") == folder / "base.safetensors"
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UnsafeOutputError, match="exists and is not a folder"):
+        check_writable(tmp_path / "file" / "base.safetensors")
