@@ -30,7 +30,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,22 @@ class SearchResult:
     @property
     def best(self) -> Candidate | None:
         """The best candidate (first in grid order among equals), or None if nothing was evaluated."""
-        if not self.candidates:
+        return self.best_of(None)
+
+    def best_of(self, methods: Collection[str] | None) -> Candidate | None:
+        """The best candidate among those of ``methods`` (None: all), ordered and tied as :attr:`best`.
+
+        Example:
+            >>> r = SearchResult(methods=["iso_c", "tsv"], candidates=[
+            ...     Candidate(None, 2.0, {}, 0.9, "iso_c"), Candidate(None, 1.0, {}, 0.8, "tsv")])
+            >>> r.best.method, r.best_of(["tsv"]).lam, r.best_of(["ties"])
+            ('iso_c', 1.0, None)
+        """
+        kept = [c for c in self.candidates if methods is None or (c.method or self.method) in methods]
+        if not kept:
             return None
         sign = 1.0 if self.mode == "max" else -1.0
-        ordered = sorted(self.candidates, key=self._order)
+        ordered = sorted(kept, key=self._order)
         return max(ordered, key=lambda c: sign * _finite(c.objective, sign))
 
     @property

@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ties.core.learned.data import cheap_labels, holdout_indices, split_holdout
 from lightning_ties.core.learned.groups import expand_coefficients, group_keys
-from lightning_ties.core.learned.start import choose_granularity, search_start_scale, split_budget, start_scale
-from lightning_ties.core.search import SearchResult, run_search
+from lightning_ties.core.learned.start import (choose_granularity, learned_method, prefer_on_holdout, search_start_scale,
+                                               split_budget, start_scale)
+from lightning_ties.core.search import Candidate, SearchResult, run_search
 
 
 # ---- the hold-out --------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def test_a_search_result_gives_its_best_lam_and_k():
 
 
 def test_a_start_that_does_not_fit_is_refused_naming_the_value():
-    with pytest.raises(ValueError, match="best method is 'tsv', but method='ties': pass method='tsv'"):
+    with pytest.raises(ValueError, match=r"no candidate of method='ties' \(it tried \['tsv'\]\): pass method= one of those"):
         start_scale(searched("tsv", k=None), "ties", None)
     with pytest.raises(ValueError, match=r"k=0.3 differs from the k the search chose \(0.2\)"):
         start_scale(searched(), "ties", 0.3)
@@ -137,3 +138,26 @@ def test_the_first_phase_gets_its_share_of_epochs_and_time():
     assert split_budget(10, 300.0, share=0.3) == (3, 7, 90.0)
     assert split_budget(2, None) == (1, 1, None)
     assert split_budget(1, 10.0) == (1, 1, 2.0)  # each phase runs at least one epoch
+
+
+def test_a_search_over_several_methods_gives_the_best_of_the_method_learned_on_not_the_winners():
+    scores = {"a": {"acc": 0.5}}
+    auto = SearchResult(method="ties", methods=["ties", "tsv", "iso_cts"], candidates=[
+        Candidate(0.2, 1.0, scores, 0.70, "ties"), Candidate(0.1, 1.3, scores, 0.75, "ties"),
+        Candidate(None, 1.2, scores, 0.80, "tsv"), Candidate(None, 2.4, scores, 0.86, "iso_cts")])
+    assert auto.best.method == "iso_cts" and learned_method("auto", auto) == "tsv"
+    assert start_scale(auto, "tsv", None) == (1.2, None)
+    assert start_scale(auto, "ties", None) == (1.3, 0.1)  # TIES' best candidate, its k too
+    assert learned_method("ties", auto) == "ties"  # a named method is never replaced
+    tied = SearchResult(method="tsv", methods=["tsv", "ties"], candidates=[
+        Candidate(0.2, 1.0, scores, 0.8, "ties"), Candidate(None, 1.0, scores, 0.8, "tsv")])
+    assert learned_method("auto", tied) == "tsv"  # equals: the earlier method of the search
+
+
+def test_the_holdout_prefers_accuracy_then_loss_and_the_learned_coefficients_among_equals():
+    assert prefer_on_holdout({"learned": {"loss": 0.5, "acc": 0.8}, "iso_c": {"loss": 0.4, "acc": 0.8}}) == "iso_c"
+    assert prefer_on_holdout({"learned": {"loss": 0.4, "acc": 0.8}, "iso_c": {"loss": 0.4, "acc": 0.8}}) == "learned"
+    assert prefer_on_holdout({"learned": {"loss": 0.5}, "iso_c": {"loss": 0.4, "acc": 0.9}}) == "iso_c"  # loss alone
+    assert prefer_on_holdout({"learned": {"loss": 0.3}, "iso_c": {"loss": 0.4, "acc": 0.9}}) == "learned"
+    with pytest.raises(ValueError, match="nothing was scored"):
+        prefer_on_holdout({})

@@ -39,6 +39,12 @@ class LearnedMergeResult:
     base_folder: str | None = None
     #: the base's name for the card's ``base_model`` (a Hub id, or the folder's name; None: unknown)
     base_model: str | None = None
+    #: started from a search whose winner is another method: the hold-out's mean loss (and
+    #: accuracy) of ``"learned"`` (these coefficients) and of that winner (with its k and lam)
+    compared: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: what the hold-out prefers (:func:`~.start.prefer_on_holdout`): ``"learned"``, or the
+    #: search winner's method, whose merge (``module.apply_merge``/``merge_to`` at its k and lam) is then the better one
+    kept: str = "learned"
 
     def __repr__(self) -> str:
         """A few lines: method, tasks, coefficients' shape and range, epochs and the best hold-out scores.
@@ -82,7 +88,8 @@ class LearnedMergeResult:
         """JSON-ready summary (for model cards and the CLI)."""
         return {"tasks": self.tasks, "groups": self.groups, "coefficients": self.coefficient_table(),
                 "history": self.history, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
-                "train_seconds": self.train_seconds, "report": self.report.to_dict()}
+                "train_seconds": self.train_seconds, "report": self.report.to_dict(),
+                "compared": self.compared, "kept": self.kept}
 
     def save(
         self,

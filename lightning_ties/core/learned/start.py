@@ -10,6 +10,7 @@ then per tensor from the per-layer result, and keeps the one with the lower hold
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from ...merging.registry import METHODS
 from ..search import SearchResult, run_search
 
 #: What ``lam=`` of learned coefficients accepts: a number, ``"search"``, a search's result, or None (the method's default).
@@ -21,12 +22,40 @@ AUTO_GRANULARITIES = ("layer", "tensor")
 AUTO_FIRST_SHARE = 0.2
 
 
-def start_scale(lam: StartScale, method: str, k: float | None) -> tuple[float | str | None, float | None]:
-    """``(lam, k)`` to build the coefficients from: a :class:`SearchResult` gives its best lam (and k).
+def learned_method(method: str, lam: StartScale) -> str:
+    """The method whose shares are learned: ``method``, or for ``"auto"`` the best of the search ``lam`` that splits into shares.
 
-    The result must be a search of ``method`` (a search over several methods: its winner); its k
-    is used when ``k`` is None and must equal ``k`` otherwise. Numbers, ``"search"`` and None pass
-    through (None: the method's default lam).
+    ``method="auto"`` finishes a search over several methods (``method="auto"`` of the module's
+    search, the callback or the command): the winner may not split into per-task shares (Iso-C
+    and Iso-CTS do not), so the coefficients are learned on the best candidate's method among
+    those that do.
+
+    Example:
+        >>> from lightning_ties.core.search import Candidate
+        >>> r = SearchResult(methods=["iso_cts", "tsv"], candidates=[
+        ...     Candidate(None, 2.4, {}, 0.86, "iso_cts"), Candidate(None, 1.2, {}, 0.85, "tsv")])
+        >>> learned_method("auto", r), learned_method("ties", r)
+        ('tsv', 'ties')
+    """
+    if method != "auto":
+        return method
+    if not isinstance(lam, SearchResult):
+        raise ValueError("method='auto' learns on the best method of a search: pass lam= that search's result "
+                         "(e.g. module.search(trainer, loaders, method='auto'))")
+    shared = lam.best_of([m for m in METHODS if METHODS[m].decomposes])
+    if shared is None:
+        tried = sorted({c.method or lam.method for c in lam.candidates})
+        raise ValueError(f"the search in lam= tried no method that splits into per-task shares (tried: {tried}); "
+                         f"search one of {sorted(m for m in METHODS if METHODS[m].decomposes)} too")
+    return shared.method or lam.method
+
+
+def start_scale(lam: StartScale, method: str, k: float | None) -> tuple[float | str | None, float | None]:
+    """``(lam, k)`` to build the coefficients from: a :class:`SearchResult` gives ``method``'s best lam (and k).
+
+    The result must hold candidates of ``method`` (a search over several methods: the best of
+    ``method``'s, which need not be the winner's); its k is used when ``k`` is None and must
+    equal ``k`` otherwise. Numbers, ``"search"`` and None pass through (None: the method's default lam).
 
     Example:
         >>> from lightning_ties.core.search import run_search
@@ -37,14 +66,18 @@ def start_scale(lam: StartScale, method: str, k: float | None) -> tuple[float | 
         (0.7, 0.3)
     """
     if isinstance(lam, SearchResult):
-        if lam.lam is None:
+        best = lam.best_of([method])
+        if best is None and lam.candidates:
+            tried = sorted({c.method or lam.method for c in lam.candidates})
+            raise ValueError(f"lam is a search result with no candidate of method={method!r} (it tried {tried}): "
+                             f"pass method= one of those, or method='auto' for the best that splits into shares")
+        lam_best = best.lam if best is not None else (lam.chosen[1] if lam.chosen and lam.method == method else None)
+        if lam_best is None:
             raise ValueError("lam is a search result with no candidate and no chosen lam: run the search first")
-        if lam.best_method != method:
-            raise ValueError(f"lam is a search result whose best method is {lam.best_method!r}, but method={method!r}: "
-                             f"pass method={lam.best_method!r} to learn on the winner's shares")
-        if k is not None and lam.k is not None and float(k) != float(lam.k):
-            raise ValueError(f"k={k} differs from the k the search chose ({lam.k}): leave k out to use the search's")
-        return float(lam.lam), (lam.k if k is None else k)
+        k_best = best.k if best is not None else lam.chosen[0]
+        if k is not None and k_best is not None and float(k) != float(k_best):
+            raise ValueError(f"k={k} differs from the k the search chose ({k_best}): leave k out to use the search's")
+        return float(lam_best), (k_best if k is None else k)
     if isinstance(lam, str) and lam != "search":
         raise ValueError(f"lam={lam!r}: pass a number, 'search' (the best scale on the hold-out) or a search result")
     if lam is not None and not isinstance(lam, (str, int, float)):
@@ -80,6 +113,24 @@ def choose_granularity(best_losses: Mapping[str, float]) -> str:
     return min(best_losses, key=lambda g: (best_losses[g], list(best_losses).index(g)))
 
 
+def prefer_on_holdout(compared: Mapping[str, Mapping[str, float]]) -> str:
+    """The merge the hold-out prefers: the highest mean accuracy (then the lower loss) when every
+    entry has an accuracy, else the lowest loss; among equals the first (the learned coefficients).
+
+    Example:
+        >>> prefer_on_holdout({"learned": {"loss": 0.40, "acc": 0.86}, "iso_cts": {"loss": 0.45, "acc": 0.87}})
+        'iso_cts'
+        >>> prefer_on_holdout({"learned": {"loss": 0.40, "acc": 0.86}, "iso_cts": {"loss": 0.45, "acc": 0.86}})
+        'learned'
+    """
+    if not compared:
+        raise ValueError("nothing was scored on the hold-out to compare")
+    with_acc = all("acc" in v for v in compared.values())
+    names = list(compared)
+    return min(names, key=lambda n: ((-compared[n]["acc"], compared[n]["loss"]) if with_acc else (compared[n]["loss"],),
+                                     names.index(n)))
+
+
 def split_budget(max_epochs: int, max_time_s: float | None, share: float = AUTO_FIRST_SHARE) -> tuple[int, int, float | None]:
     """The epochs of the two phases of ``granularity="auto"`` and the first one's time limit.
 
@@ -94,5 +145,5 @@ def split_budget(max_epochs: int, max_time_s: float | None, share: float = AUTO_
     return first, max(1, max_epochs - first), (None if max_time_s is None else max_time_s * share)
 
 
-__all__ = ["AUTO_FIRST_SHARE", "AUTO_GRANULARITIES", "StartScale", "choose_granularity", "search_start_scale",
+__all__ = ["AUTO_FIRST_SHARE", "AUTO_GRANULARITIES", "StartScale", "choose_granularity", "learned_method", "prefer_on_holdout", "search_start_scale",
            "split_budget", "start_scale"]

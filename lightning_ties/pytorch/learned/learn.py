@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -18,7 +19,11 @@ from .module import LearnedMergeModule
 from ...core.learned.groups import GRANULARITIES, check_granularity, expand_coefficients
 from ...core.learned.objectives import LossObjective
 from ...core.learned.result import LearnedMergeResult, hf_base
-from ...core.learned.start import AUTO_GRANULARITIES, StartScale, choose_granularity, split_budget, start_scale
+from ...core.learned.start import (AUTO_GRANULARITIES, StartScale, choose_granularity, learned_method, prefer_on_holdout,
+                                   split_budget, start_scale)
+from ...core.merger import module_device
+from ...core.search import SearchResult
+from ...merging import MergeOptions, TaskVectorMerger, apply_task_vector, as_source, get_method
 
 
 def learn_coefficients(
@@ -50,6 +55,16 @@ def learn_coefficients(
     than the merge it starts from. ``lam``: where every coefficient starts: a number, a search's
     :class:`~lightning_ties.core.search.SearchResult` (its best lam and k), ``"search"`` (the
     method's lam grid walked coarse to fine on the hold-out loss) or None (the method's default).
+    ``method="auto"`` with ``lam=`` an auto search's result (a search over several methods)
+    learns on the best method of the search that splits into per-task shares (TSV-M when the
+    winner is Iso-CTS, which does not), starting at that method's best lam; the search's winner is
+    then scored on the same hold-out, and ``result.compared`` / ``result.kept`` say which of the
+    two the hold-out prefers (accuracy first, then loss)::
+
+        searched = module.search(trainer, val_loaders, method="auto", budget_s=120)
+        result = learn_coefficients(base, tasks, val_loaders, method="auto", lam=searched, max_time_s=180)
+        result.kept  # "learned", or the winner's method: then ``module.apply_merge`` keeps the search's merge
+
     ``granularity="auto"``: per layer first (:data:`~...core.learned.start.AUTO_FIRST_SHARE` of
     the epochs and time), then per tensor starting from the per-layer result; the granularity with
     the lower best hold-out loss is kept (``result.report.params["granularity"]``), and
@@ -75,6 +90,8 @@ def learn_coefficients(
             raise ValueError("base is not an nn.Module: pass model= (the architecture the merged weights run in)")
         model = base
     check_granularity(granularity, (*GRANULARITIES, "auto"))
+    searched = lam if isinstance(lam, SearchResult) else None
+    method = learned_method(method, lam)
     lam, k = start_scale(lam, method, k)  # once: both phases of "auto" use the search's k
     if granularity == "auto" and holdout == 0:
         raise ValueError("granularity='auto' is chosen on the hold-out: pass holdout= a fraction > 0 or loaders")
@@ -84,7 +101,7 @@ def learn_coefficients(
     t0 = time.perf_counter()
     if granularity != "auto":
         module, seconds = _train_one(model, tasks, dataloaders, common, granularity, lam, max_epochs, max_time_s, seed, **fit)
-        return _result(module, seconds, base, model)
+        return _compared(_result(module, seconds, base, model), module, searched, trainer_kwargs)
     first_epochs, second_epochs, first_time = split_budget(max_epochs, max_time_s)
     coarse, seconds = _train_one(model, tasks, dataloaders, common, AUTO_GRANULARITIES[0], lam, first_epochs, first_time, seed, **fit)
     start = coarse.final_coefficients().detach().cpu()
@@ -94,7 +111,43 @@ def learn_coefficients(
     best = {m.granularity: float(m.best_score) for m in (coarse, fine)}
     chosen = coarse if choose_granularity(best) == coarse.granularity else fine
     chosen.history = [*coarse.history, *fine.history]
-    return _result(chosen, seconds + more, base, model, candidates=best)
+    return _compared(_result(chosen, seconds + more, base, model, candidates=best), chosen, searched, trainer_kwargs)
+
+
+def _compared(result: LearnedMergeResult, module: LearnedMergeModule, searched: SearchResult | None,
+              trainer_kwargs: Mapping[str, Any] | None) -> LearnedMergeResult:
+    """With a search's result as the start whose winner is another method: score that winner on the hold-out too.
+
+    The winner (say Iso-CTS, which has no shares to learn) is the merge to beat; ``result.kept``
+    names what the hold-out prefers (:func:`~...core.learned.start.prefer_on_holdout`).
+    """
+    best = searched.best if searched is not None else None
+    winner = (best.method or searched.method) if best is not None else None
+    if winner is None or winner == module.method.name or not module._holdout_loaders or get_method(winner).needs_data:
+        return result
+    kwargs = {"enable_checkpointing": False, "logger": False, **(trainer_kwargs or {})}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        scores = module.holdout_scores(pl.Trainer(**kwargs), merge_of(module, winner, best.k, best.lam))
+    # the kept coefficients' record: the lowest hold-out loss of the kept granularity (the first among equals)
+    learned = min((h for h in module.history if h["granularity"] == module.granularity and h["stage"] != "compare"),
+                  key=lambda h: h["loss"])
+    result.compared = {"learned": _summary(learned), winner: {"k": best.k, "lam": best.lam, **_summary(scores)}}
+    result.kept = prefer_on_holdout(result.compared)
+    return result
+
+
+def merge_of(module: LearnedMergeModule, method: str, k: float | None, lam: float) -> dict[str, torch.Tensor]:
+    """Another registry method's merge of the module's learned keys at (k, lam): base + lam * tau_m, base's dtypes."""
+    base = module.model.state_dict()
+    merger = TaskVectorMerger(as_source(module.model, "base"), module.sources, MergeOptions.from_keywords(method, k=k),
+                              plan=module.plan, device=module_device(module.model))
+    tau = dict(merger)
+    return dict(apply_task_vector({key: base[key] for key in tau}, tau, lam))
+
+
+def _summary(record: Mapping[str, Any]) -> dict[str, float]:
+    return {name: record[name] for name in ("loss", "acc") if name in record}
 
 
 def _train_one(model, tasks, dataloaders, common, granularity, lam, max_epochs, max_time_s, seed, patience, trainer_kwargs,

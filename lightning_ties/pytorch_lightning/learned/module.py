@@ -27,7 +27,7 @@ from ...core.learned.components import TaskComponents
 from ...core.learned.data import check_loaders, split_loaders
 from ...core.learned.checks import check_arguments, coefficient_logs
 from ...core.learned.groups import group_keys
-from ...core.learned.start import StartScale, search_start_scale, start_scale
+from ...core.learned.start import StartScale, learned_method, search_start_scale, start_scale
 from ...core.search import SearchResult
 from ...core.learned.objectives import (
     LossObjective,
@@ -69,8 +69,8 @@ class LearnedMergeModule(pl.LightningModule):
             runs with its own). Keys whose shape or presence differs across tasks are heads too
             (:mod:`lightning_ties.core.heads`).
         method: registry method whose components are learned (``"ties"``, ``"task_arithmetic"``,
-            any method with a linear per-task merge); ``k`` (default: the method's, 0.2 for
-            TIES) and ``params`` go to it.
+            any method with a linear per-task merge; ``"auto"``: the best such method of the
+            search ``lam``); ``k`` (default: the method's, 0.2 for TIES) and ``params`` go to it.
         lam: the scale every coefficient starts at: a number, a search's :class:`SearchResult`
             (its best lam, and its k when ``k`` is None: start where the search put the merge),
             or None (the method's default, 1.0 for TIES: the first forward is ``ties_merge(k, lam=1)``).
@@ -117,6 +117,7 @@ class LearnedMergeModule(pl.LightningModule):
         loaders = check_loaders(dataloaders, self.tasks, "dataloaders")
         self._fit_loaders, self._holdout_loaders = split_loaders(loaders, holdout, seed, self.tasks)
         self.strict_loading = False  # checkpoints hold the coefficients, not the frozen weights
+        method = learned_method(method, lam)  # "auto": the best method of the search lam that splits into shares
         self.method = get_method(method)
         if not self.method.decomposes:  # before any component is computed
             raise ValueError(
@@ -134,7 +135,8 @@ class LearnedMergeModule(pl.LightningModule):
         model_keys = list(model.state_dict())
         base_src = match_to_module(base, model_keys, label="base") if base is not None else as_source(model, "base")
         base_src, sources, named, self.plan = match_sources(model, base_src, tasks, heads, include, exclude)
-        self.head_keys = self._head_keys(model, base_src, sources, named)
+        self.sources = sources  # read again only by learn.merge_of (another method's merge, to compare on the hold-out)
+        self.head_keys = _head_keys(self.plan, model, base_src, sources, named)
         self.groups, self.key_group = group_keys(self.plan.merge_keys, granularity, groups)
         self.model = model.requires_grad_(False).eval()
         if base is not None and base is not model:
@@ -157,18 +159,7 @@ class LearnedMergeModule(pl.LightningModule):
         self.val_loss = nn.ModuleList(MeanMetric() for _ in self.tasks)
         self.val_acc = nn.ModuleList(ArgmaxAccuracy() for _ in self.tasks)  # the package's one accuracy
         self._val_params: dict[str, torch.Tensor] | None = None
-
-    # ---- construction helpers --------------------------------------------------------------
-    def _head_keys(self, model: nn.Module, base_src: Any, sources: list[Any], named: list[str]) -> list[str]:
-        """User-named heads plus keys that differ across tasks (model order); each task must have them all."""
-        model_keys = list(model.state_dict().keys())
-        differ = set(differing_keys(self.plan, model_keys, base_keys=base_src.keys()))
-        out = [k for k in model_keys if k in differ or k in set(named)]
-        require_heads(out, sources)
-        not_in_model = [k for k in self.plan.merge_keys if k not in set(model_keys)]
-        if not_in_model:
-            raise ValueError(f"merged key(s) {not_in_model[:5]} are not in the model; pass the matching architecture")
-        return out
+        self._fixed_params: dict[str, torch.Tensor] | None = None  # holdout_scores: merged weights to score instead
 
     # ---- the merged parameters -------------------------------------------------------------
     def merged_parameters(self, coefficients: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -253,7 +244,8 @@ class LearnedMergeModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         for metric in [*self.val_loss, *self.val_acc]:
             metric.reset()  # states left by trainer.validate are inference tensors; fit may not use inference mode
-        self._val_params = {k: v.detach() for k, v in self.merged_parameters().items()}
+        fixed = self._fixed_params
+        self._val_params = fixed if fixed is not None else {k: v.detach() for k, v in self.merged_parameters().items()}
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         held = [t for t in self.tasks if t in self._holdout_loaders]
@@ -290,8 +282,10 @@ class LearnedMergeModule(pl.LightningModule):
         if accs:
             record["acc"] = sum(accs) / len(accs)
         self.log_dict({f"learned/val/{k}": v for k, v in record.items() if "/" in k or k in ("loss", "acc")})
+        if self._fixed_params is not None:  # another merge scored by holdout_scores: not a candidate
+            record["stage"] = "compare"
         self.history.append(record)
-        if float(score) < float(self.best_score):
+        if record["stage"] != "compare" and float(score) < float(self.best_score):
             self.best_score.fill_(float(score))
             self.best_coefficients.copy_(self.coefficients.detach())
             self.best_epoch = self.current_epoch if record["stage"] == "fit" else None
@@ -323,6 +317,18 @@ class LearnedMergeModule(pl.LightningModule):
         searched = search_start_scale(holdout_losses, self.method.paper_lam_grid, self.method.name)
         self.start_from(float(searched.lam))
         return searched
+
+    def holdout_scores(self, trainer: pl.Trainer, params: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The hold-out's loss (and accuracy) of fixed merged weights (another method's merge) as a history
+        record: returned, not kept in :attr:`history`, and never the best coefficients."""
+        if not self._holdout_loaders:
+            raise ValueError("scoring on the hold-out needs one: pass holdout= a fraction > 0 or loaders")
+        self._fixed_params = {k: v.detach().to(self.device) for k, v in params.items()}
+        try:
+            trainer.validate(self, verbose=False)
+        finally:
+            self._fixed_params = None
+        return self.history.pop()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -385,6 +391,18 @@ class LearnedMergeModule(pl.LightningModule):
 
 
 @torch.no_grad()
+def _head_keys(plan: Any, model: nn.Module, base_src: Any, sources: list[Any], named: list[str]) -> list[str]:
+    """User-named heads plus keys that differ across tasks (model order); each task must have them all."""
+    model_keys = list(model.state_dict().keys())
+    differ = set(differing_keys(plan, model_keys, base_keys=base_src.keys()))
+    out = [k for k in model_keys if k in differ or k in set(named)]
+    require_heads(out, sources)
+    not_in_model = [k for k in plan.merge_keys if k not in set(model_keys)]
+    if not_in_model:
+        raise ValueError(f"merged key(s) {not_in_model[:5]} are not in the model; pass the matching architecture")
+    return out
+
+
 def _write_base_into(model: nn.Module, src: Any) -> None:
     """Copy base's values into ``model``'s matching entries in place (one copy of the base)."""
     targets = model.state_dict(keep_vars=True)
