@@ -254,13 +254,23 @@ def run_minilm(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
         results["auto"] = {"method": auto, **results["methods"][auto]["paper"]}
         row(f"auto, no data (= {auto})", results["auto"]["lam"], results["auto"]["test"], "")
     if args.auto_budget > 0:
-        found, chosen, seconds = minilm_auto_search(args.auto_budget, model, base, states, data)
+        t0 = time.perf_counter()
+        search_budget = args.auto_budget * (args.finish_share if args.finish else 1.0)
+        found, chosen, seconds = minilm_auto_search(search_budget, model, base, states, data)
         label = f"auto, searched (= {found.best_method}, k={found.k})"
         row(label[:28], found.lam, chosen, f"search {seconds:.0f}s, {len(found.candidates)} candidates, "
-            f"budget {args.auto_budget:g}s{' cut' if found.budget_cut else ''}")
-        results["auto_searched"] = {"budget_s": args.auto_budget, "search_s": seconds, "test": chosen,
+            f"budget {search_budget:g}s{' cut' if found.budget_cut else ''}")
+        results["auto_searched"] = {"budget_s": search_budget, "search_s": seconds, "test": chosen,
                                     "result": found.to_dict(), "summary": found.summary}
         print(found.table, flush=True)
+        if args.finish:
+            left = args.auto_budget - (time.perf_counter() - t0)
+            learned, kept, finish = minilm_learned_finish(args, found, left, model, base, states, data)
+            row("auto + learned (learned)", None, learned, f"{finish['train_s']:.0f}s of training, on {finish['method']}'s shares")
+            total = time.perf_counter() - t0
+            final = learned if kept == "learned" else chosen
+            row("auto + learned (kept)", None, final, f"kept {kept} on the hold-out; {total:.0f}s in all of {args.auto_budget:g}s")
+            results["auto_finished"] = {**finish, "test_learned": learned, "kept": kept, "test": final, "total_s": total}
     if args.regmean_examples > 0:
         before = _reset_rss_peak()
         t0 = time.perf_counter()
@@ -324,6 +334,32 @@ def minilm_auto_search(budget_s: float, model: Any, base: dict, states: dict, da
     return found, chosen, seconds
 
 
+def minilm_learned_finish(args: argparse.Namespace, found: Any, left_s: float, model: Any, base: dict, states: dict,
+                          data: dict) -> tuple[dict, str, dict]:
+    """The auto search finished by learned coefficients in the time it left (``learn_coefficients(method="auto")``).
+
+    The coefficients learn on the best method of the search that splits into per-task shares, from
+    its best lam, on the same validation data (80% to learn, a stratified 20% hold-out); the hold-out
+    then compares them with the search's winner and keeps the better (``result.kept``).
+    """
+    import bench_learned as bl
+
+    from lightning_ties.lightning.learned import learn_coefficients
+
+    names = list(states)
+    val = {t: torch.utils.data.DataLoader(data[t]["val"].dataset, batch_size=16, collate_fn=bl._collate) for t in names}
+    result = learn_coefficients(base, states, val, model=model, heads=bl.HEAD_PATTERN, include=bl.MERGED, method="auto",
+                                lam=found, granularity=args.finish_granularity, lr=5e-2, max_epochs=60,
+                                max_time_s=max(1.0, left_s), seed=bl.SEED,
+                                trainer_kwargs={"enable_progress_bar": False, "enable_model_summary": False})
+    learned = {t: bl.accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in names}
+    print(f"learned finish on {result.report.params['base_method']}: {result.epochs_run} epochs, best {result.best_epoch}, "
+          f"{result.train_seconds:.0f}s; hold-out {result.compared or '(the winner has shares: nothing to compare)'}; "
+          f"kept {result.kept}", flush=True)
+    return learned, result.kept, {"method": result.report.params["base_method"], "train_s": result.train_seconds,
+                                  "epochs": result.epochs_run, "best_epoch": result.best_epoch, "compared": result.compared}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -343,6 +379,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--auto-only", action="store_true", help="minilm: only the searched auto row (and the references)")
     p.add_argument("--auto-budget", type=float, default=300.0,
                    help="minilm: method='auto' searched on validation within this many seconds (0: skip)")
+    p.add_argument("--finish", action="store_true",
+                   help="minilm: finish the auto search with learned coefficients inside the same --auto-budget")
+    p.add_argument("--finish-share", type=float, default=0.4, help="minilm --finish: the auto search's share of the budget")
+    p.add_argument("--finish-granularity", default="tensor", choices=["task", "layer", "tensor", "auto"])
     p.add_argument("overrides", nargs="*", help="demo config overrides (key=value)")
     args = p.parse_args(argv)
     methods = data_free_methods(args.methods)

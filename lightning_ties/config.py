@@ -134,6 +134,13 @@ class SearchGrid:
     ``method: auto`` (``lightning-ties search`` only): choose among every registry method
     (RegMean included) coarse to fine on validation data, each over its own grids (only lists in
     ``k``/``lam`` replace them), within ``budget_s`` wall seconds (``None``: the whole schedule).
+
+    ``finish`` (with ``method: auto``): learned coefficients after the search, in the time it leaves,
+    on the shares of the best method found that splits into per-task shares (TSV-M when Iso-CTS
+    wins); the hold-out keeps whichever of the learned merge and the search's winner is better
+    (``learn_coefficients(method="auto")``). ``{name: learned, share: 0.6}`` plus any option of
+    ``learn_coefficients`` (``granularity``, ``lr``, ``max_epochs``, ``holdout`` ...); ``share``:
+    the part of ``budget_s`` kept for the finish (the search gets the rest).
     """
 
     k: Any = field(default_factory=lambda: [0.1, 0.2, 0.3])
@@ -144,6 +151,11 @@ class SearchGrid:
     max_candidates: int = 10_000
     method: Optional[str] = None
     budget_s: Optional[float] = None
+    finish: Optional[Dict[str, Any]] = None
+
+
+#: The part of ``search.budget_s`` that ``search.finish`` keeps for learning when it names no ``share``.
+FINISH_SHARE = 0.6
 
 
 @dataclass
@@ -623,6 +635,8 @@ def _check_auto(grid: SearchGrid, method: Any, where: str) -> bool:
     if grid.method is None:
         if grid.budget_s is not None:
             raise ConfigError(f"{where}: search.budget_s limits search.method=auto only; set it or leave budget_s out")
+        if grid.finish is not None:
+            raise ConfigError(f"{where}: search.finish finishes search.method=auto only; set it or leave finish out")
         return False
     if grid.method != "auto":
         raise ConfigError(f"{where}: search.method={grid.method!r}: only 'auto' (name one method in method.name, "
@@ -631,7 +645,34 @@ def _check_auto(grid: SearchGrid, method: Any, where: str) -> bool:
         raise ConfigError(f"{where}: search.method=auto chooses among every registry method; leave search.methods out")
     if isinstance(method, Mapping) and method.get("name") == LEARNED:
         raise ConfigError(f"{where}: search.method=auto chooses among registry methods; leave it out with method.name=learned")
+    if grid.finish is not None:
+        finish_options(grid.finish, where)
     return True
+
+
+def finish_options(finish: Any, where: str = "config") -> tuple[float, dict[str, Any]]:
+    """``search.finish``: its ``share`` of the budget and the ``learn_coefficients`` options (checked by name).
+
+    Example:
+        >>> finish_options({"name": "learned", "share": 0.5, "granularity": "tensor"})
+        (0.5, {'granularity': 'tensor'})
+    """
+    if not isinstance(finish, Mapping) or finish.get("name") != LEARNED:
+        raise ConfigError(f"{where}: search.finish={finish!r}: expected a mapping with name: learned "
+                          "(learned coefficients after the search), e.g. {name: learned, share: 0.6}")
+    options = {k: v for k, v in finish.items() if k not in ("name", "share")}
+    share = finish.get("share", FINISH_SHARE)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise ConfigError(f"{where}: search.finish.share={share!r}: expected a number between 0 and 1 (the budget's part for learning)")
+    chosen = [k for k in ("method", "lam", "k") if k in options]
+    if chosen:
+        raise ConfigError(f"{where}: search.finish.{chosen[0]}: the search chooses it (the best method with shares, "
+                          "at its best k and lam); leave it out")
+    try:
+        check_method({"name": LEARNED, **options}, where, allow_learned=True)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("method.", "search.finish.")) from None
+    return float(share), options
 
 
 def _check_grid(grid: SearchGrid, method: Any, where: str) -> None:
@@ -719,6 +760,7 @@ __all__ = [
     "DataConfig",
     "DemoConfig",
     "EvaluateConfig",
+    "FINISH_SHARE",
     "Logger",
     "MergeConfig",
     "OnMismatch",
@@ -729,6 +771,7 @@ __all__ = [
     "TargetConfig",
     "WORKFLOWS",
     "check_method",
+    "finish_options",
     "load_config",
     "method_defaults",
     "resolve_target",

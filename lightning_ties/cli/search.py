@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import LEARNED, SearchConfig, to_dict
+from ..config import LEARNED, SearchConfig, finish_options, to_dict
 from ..io import merge_to, save_safetensors
 from ..merging import get_method
 from ..pytorch_lightning import MultiTaskMergeModule, SearchResult, learn_coefficients
@@ -56,13 +56,15 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
         report.add_row(ResultRow("fine-tuned (own task)", "finetuned", "reference", scorer.score_finetuned(eval_loaders)))
         t0 = time.perf_counter()
         if learned:
-            result = _learn(cfg, model, val)
+            result = _learn(cfg, model, val, {k: v for k, v in cfg.method.items() if k != "name"})
             scores = scorer.score_weights(eval_loaders, result.state_dict)
             report.add_row(learned_row(result, scores))
             report.extra["learned"] = result.to_dict()
             merged_state = result.state_dict
         elif cfg.search.method == "auto":
-            result = _search_auto(cfg, scorer, val, console)
+            share, finish = finish_options(cfg.search.finish) if cfg.search.finish else (0.0, None)
+            budget_s = None if cfg.search.budget_s is None else cfg.search.budget_s * (1 - share)
+            result = _search_auto(cfg, scorer, val, console, budget_s)
             name = result.method
             merged_state = None
             if get_method(name).needs_data:  # RegMean: its Gram matrices stay those of the validation data
@@ -73,6 +75,16 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
             report.add_row(ResultRow(f"{name} (auto)", name, "auto on val", scores, result.k, result.lam))
             report.extra["auto"] = {"summary": result.summary, "budget_s": result.budget_s,
                                     "budget_cut": result.budget_cut, "candidates": result.rows()}
+            if finish is not None:
+                left = None if cfg.search.budget_s is None else max(1.0, cfg.search.budget_s - (time.perf_counter() - t0))
+                learned = _learn(cfg, model, val, {**finish, "method": "auto", "lam": result, "max_time_s": left})
+                learned_scores = scorer.score_weights(eval_loaders, learned.state_dict)
+                report.add_row(learned_row(learned, learned_scores))
+                report.extra["finish"] = {"kept": learned.kept, "compared": learned.compared, "learned": learned.to_dict()}
+                console.say(f"finish: learned coefficients on {learned.report.params['base_method']}'s shares; "
+                            f"the hold-out keeps {learned.kept}")
+                if learned.kept == LEARNED:
+                    merged_state = learned.state_dict
             for m in result.methods:  # one curve per method tried, each marking its own best point
                 part = SearchResult(method=m, candidates=[c for c in result.candidates if c.method == m], mode=result.mode)
                 if part.candidates:
@@ -106,15 +118,16 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
     return 0
 
 
-def _search_auto(cfg: SearchConfig, scorer: TaskScorer, val: Mapping[str, Any], console: Console) -> SearchResult:
-    """``search.method: auto``: every registry method coarse to fine on ``val`` within ``search.budget_s``."""
+def _search_auto(cfg: SearchConfig, scorer: TaskScorer, val: Mapping[str, Any], console: Console,
+                 budget_s: float | None) -> SearchResult:
+    """``search.method: auto``: every registry method coarse to fine on ``val`` within ``budget_s``."""
     grid = cfg.search
     bar = console.progress(None, "searching auto")
     with bar:
         result = scorer.module.search(
             scorer.trainer, dict(val), method="auto", k=grid.k, lam=grid.lam, objective=grid.objective,
             normalize=grid.objective.startswith("normalized"), resume=False, on_candidate=lambda _c: bar.update(),
-            log_prefix=scorer.search_prefix, budget_s=grid.budget_s,
+            log_prefix=scorer.search_prefix, budget_s=budget_s,
         )
     console.say(f"auto: {result.summary}")
     return result
@@ -129,8 +142,7 @@ def _merged_body(module: MultiTaskMergeModule) -> dict[str, Any]:
     return state
 
 
-def _learn(cfg: SearchConfig, model: nn.Module, val: Mapping[str, Any]) -> Any:
-    options = {k: v for k, v in cfg.method.items() if k != "name"}
+def _learn(cfg: SearchConfig, model: nn.Module, val: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
     return learn_coefficients(
         cfg.base,
         dict(cfg.tasks),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -66,3 +68,47 @@ def test_search_saves_dares_merge_with_the_tasks_in_the_configs_order(tmp_path, 
     assert all(torch.equal(merged[key], value) for key, value in expected.items())
     swapped = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in reversed(order)], method=method, lam=1.0, exclude=HEAD)
     assert not all(torch.equal(merged[key], value) for key, value in swapped.items())
+
+
+def test_search_finish_is_checked_by_name_before_any_work() -> None:
+    auto = [*BASE, "search.method=auto", "search.budget_s=300"]
+    cfg = load_config(SearchConfig, overrides=[*auto, "search.finish={name: learned, share: 0.5, granularity: tensor}"])
+    assert cfg.search.finish == {"name": "learned", "share": 0.5, "granularity": "tensor"}
+    for override, words in [
+        ([*BASE, "search.finish={name: learned}"], "search.finish finishes search.method=auto only"),
+        ([*auto, "search.finish={name: ties}"], "search.finish={'name': 'ties'}: expected a mapping with name: learned"),
+        ([*auto, "search.finish={name: learned, share: 1.5}"], "search.finish.share=1.5: expected a number between 0 and 1"),
+        ([*auto, "search.finish={name: learned, lam: 1.0}"], "search.finish.lam: the search chooses it"),
+        ([*auto, "search.finish={name: learned, epochs: 3}"], "search.finish.epochs is not a parameter of method 'learned'"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(SearchConfig, overrides=override)
+        assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_search_auto_finished_by_learned_coefficients_keeps_what_the_holdout_prefers(tmp_path, checkpoints) -> None:  # noqa: F811
+    finish = {"name": "learned", "granularity": "task", "max_epochs": 2, "holdout": 0.5}
+    cfg = search_config(tmp_path, checkpoints, search={"method": "auto", "lam": [0.5, 1.0], "finish": finish})
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    out = tmp_path / "search"
+    report = RunReport.from_json((out / "report.json").read_text())
+    done = report.extra["finish"]
+    winner = report.rows[2]
+    assert winner.name.endswith("(auto)") and report.rows[3].method == "learned"
+    learned_on = done["learned"]["report"]["params"]["base_method"]
+    assert METHODS[learned_on].decomposes
+    if winner.method == learned_on:  # nothing else to beat: the learned coefficients start at the winner
+        assert done["compared"] == {} and done["kept"] == "learned"
+    else:
+        assert set(done["compared"]) == {"learned", winner.method} and done["kept"] in done["compared"]
+    params = {"k": winner.k} if winner.k is not None else {}
+    order = list(yaml.safe_load(cfg.read_text())["tasks"])
+    winners = merge(as_dict(checkpoints["base"]), [as_dict(checkpoints[t]) for t in order], method=winner.method,
+                    lam=winner.lam, exclude=HEAD, **params)
+    merged = as_dict(out / "merged.safetensors")
+    body = [key for key in winners if not re.search(HEAD, key)]  # heads: base's in one file, the model's in the other
+    same = all(torch.allclose(merged[key], winners[key], atol=1e-6) for key in body)
+    # the saved model is the one the hold-out kept; learned coefficients that never beat their start
+    # (the winner itself when it has shares) are that start
+    start_kept = done["learned"]["best_epoch"] is None and learned_on == winner.method
+    assert same == (done["kept"] != "learned" or start_kept)
