@@ -139,8 +139,9 @@ class SearchGrid:
     on the shares of the best method found that splits into per-task shares (TSV-M when Iso-CTS
     wins); the hold-out keeps whichever of the learned merge and the search's winner is better
     (``learn_coefficients(method="auto")``). ``{name: learned, share: 0.6}`` plus any option of
-    ``learn_coefficients`` (``granularity``, ``lr``, ``max_epochs``, ``holdout`` ...); ``share``:
-    the part of ``budget_s`` kept for the finish (the search gets the rest).
+    ``learn_coefficients`` (``granularity``, ``lr``, ``max_epochs``, ``holdout`` ...; unnamed ones
+    from :data:`FINISH_DEFAULTS`); ``share``: the part of ``budget_s`` kept for the finish (the
+    search gets the rest).
     """
 
     k: Any = field(default_factory=lambda: [0.1, 0.2, 0.3])
@@ -156,6 +157,9 @@ class SearchGrid:
 
 #: The part of ``search.budget_s`` that ``search.finish`` keeps for learning when it names no ``share``.
 FINISH_SHARE = 0.6
+#: ``search.finish``'s learning recipe unless it says otherwise: per-tensor coefficients at a fast
+#: rate, as many epochs as the budget allows (measured best on the MiniLM suite, benchmarks/README.md)
+FINISH_DEFAULTS: dict[str, Any] = {"granularity": "tensor", "lr": 0.1, "max_epochs": 100}
 
 
 @dataclass
@@ -651,11 +655,12 @@ def _check_auto(grid: SearchGrid, method: Any, where: str) -> bool:
 
 
 def finish_options(finish: Any, where: str = "config") -> tuple[float, dict[str, Any]]:
-    """``search.finish``: its ``share`` of the budget and the ``learn_coefficients`` options (checked by name).
+    """``search.finish``: its ``share`` of the budget and the ``learn_coefficients`` options
+    (:data:`FINISH_DEFAULTS` under the ones it names; checked by name).
 
     Example:
-        >>> finish_options({"name": "learned", "share": 0.5, "granularity": "tensor"})
-        (0.5, {'granularity': 'tensor'})
+        >>> finish_options({"name": "learned", "share": 0.5, "granularity": "layer"})
+        (0.5, {'granularity': 'layer', 'lr': 0.1, 'max_epochs': 100})
     """
     if not isinstance(finish, Mapping) or finish.get("name") != LEARNED:
         raise ConfigError(f"{where}: search.finish={finish!r}: expected a mapping with name: learned "
@@ -672,7 +677,7 @@ def finish_options(finish: Any, where: str = "config") -> tuple[float, dict[str,
         check_method({"name": LEARNED, **options}, where, allow_learned=True)
     except ConfigError as err:
         raise ConfigError(str(err).replace("method.", "search.finish.")) from None
-    return float(share), options
+    return float(share), {**FINISH_DEFAULTS, **options}
 
 
 def _check_grid(grid: SearchGrid, method: Any, where: str) -> None:
@@ -760,6 +765,7 @@ __all__ = [
     "DataConfig",
     "DemoConfig",
     "EvaluateConfig",
+    "FINISH_DEFAULTS",
     "FINISH_SHARE",
     "Logger",
     "MergeConfig",

@@ -87,7 +87,7 @@ def test_search_finish_is_checked_by_name_before_any_work() -> None:
 
 
 def test_search_auto_finished_by_learned_coefficients_keeps_what_the_holdout_prefers(tmp_path, checkpoints) -> None:  # noqa: F811
-    finish = {"name": "learned", "granularity": "task", "max_epochs": 2, "holdout": 0.5}
+    finish = {"name": "learned", "granularity": "task", "max_epochs": 2, "lr": 0.01, "holdout": 0.5}
     cfg = search_config(tmp_path, checkpoints, search={"method": "auto", "lam": [0.5, 1.0], "finish": finish})
     assert main(["search", str(cfg), "--quiet"]) == 0
     out = tmp_path / "search"
