@@ -356,10 +356,25 @@ def check_method(section: Mapping[str, Any], where: str, allow_learned: bool = F
                 f"{where}: method.{key} is not a parameter of method {name!r}; its parameters are "
                 f"{', '.join(defaults) or '(none)'}"
             )
+        if name == LEARNED and _learned_choice(key, value, where):
+            continue
         if key == "lam" and value is not None:
             _check_lam(value, "method.lam", where)
         _check_type(f"method.{key}", value, defaults[key], where)
     return section
+
+
+def _learned_choice(key: str, value: Any, where: str) -> bool:
+    """Learned coefficients' named choices: ``lam: search`` and ``granularity`` (``auto`` too); True: checked."""
+    from .core.learned.groups import GRANULARITIES
+
+    if key == "lam" and value == "search":
+        return True  # walk the method's lam grid on the hold-out for the start
+    if key == "granularity":
+        if value not in (*GRANULARITIES, "auto"):
+            raise ConfigError(f"{where}: method.granularity={value!r}: choose one of {', '.join([*GRANULARITIES, 'auto'])}")
+        return True
+    return False
 
 
 def _check_lam(value: Any, key: str, where: str) -> None:
@@ -602,7 +617,7 @@ def _check_choices(cfg: Any, where: str) -> None:
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
     method = getattr(cfg, "method", None)
-    if isinstance(method, Mapping) and method.get("lam") is not None:
+    if isinstance(method, Mapping) and method.get("lam") is not None and not (method.get("name") == LEARNED and method["lam"] == "search"):
         _check_lam(method["lam"], "method.lam", where)  # again once interpolations are resolved
     if isinstance(cfg, MergeConfig):
         if not cfg.models:

@@ -112,3 +112,29 @@ def test_search_auto_finished_by_learned_coefficients_keeps_what_the_holdout_pre
     # (the winner itself when it has shares) are that start
     start_kept = done["learned"]["best_epoch"] is None and learned_on == winner.method
     assert same == (done["kept"] != "learned" or start_kept)
+
+
+def test_learned_configs_take_a_searched_start_and_the_granularity_choice_and_name_a_bad_one() -> None:
+    cfg = load_config(SearchConfig, overrides=[*BASE, "method={name: learned, lam: search, granularity: auto}"])
+    assert cfg.method["lam"] == "search" and cfg.method["granularity"] == "auto"
+    finish = load_config(SearchConfig, overrides=[*BASE, "search.method=auto", "search.finish={name: learned, granularity: auto}"])
+    assert finish.search.finish["granularity"] == "auto"
+    for override, words in [
+        ("method={name: learned, granularity: row}", "method.granularity='row': choose one of task, layer, tensor, auto"),
+        ("method={name: learned, lam: best}", "method.lam must be a real number"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(SearchConfig, overrides=[*BASE, override])
+        assert words in str(err.value)
+    with pytest.raises(ConfigError, match="search.finish.granularity='row'"):
+        load_config(SearchConfig, overrides=[*BASE, "search.method=auto", "search.finish={name: learned, granularity: row}"])
+
+
+def test_the_command_learns_from_a_start_it_searched_on_the_holdout(tmp_path, checkpoints) -> None:  # noqa: F811
+    method = {"name": "learned", "lam": "search", "granularity": "layer", "max_epochs": 1, "lr": 0.01}
+    cfg = search_config(tmp_path, checkpoints, method=method, search={"k": [0.2]})
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    learned = RunReport.from_json((tmp_path / "search" / "report.json").read_text()).extra["learned"]
+    starts = [h for h in learned["history"] if h["stage"] == "init"]
+    assert len(starts) > 2  # the start scale was walked on the hold-out before the fit
+    assert learned["report"]["params"]["base_method"] == "ties"
