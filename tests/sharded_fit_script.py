@@ -3,7 +3,8 @@
 Usage: python sharded_fit_script.py STRATEGY DEVICES OUT TASKS_DIR [APPLY]
 
 APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored), ``auto`` (``method="auto"``) or
-``continual:<task>:<start_from>`` (ContinualTiesMerging over the store OUT/../store; the fit ends at TASKS_DIR/<task>).
+``continual:<task>:<start_from>[:search]`` (ContinualTiesMerging over the store OUT/../store; the fit ends at
+TASKS_DIR/<task>; ``:search``: k and lam searched on every stored task's validation data).
 
 STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
@@ -171,10 +172,12 @@ def main() -> None:
                               save_dir=str(out / "save"))
         if name == "single":
             merging.options = merging.options.without_data_methods()
-    elif apply.startswith("continual:"):  # continual:<task>:<start_from>; the store is OUT's sibling "store"
-        _, task, start_from = apply.split(":")
-        merging = ContinualTiesMerging(task=task, store=str(out.parent / "store"), k=K, lam=LAM, start_from=start_from,
-                                       save_dir=str(out / "save"))
+    elif apply.startswith("continual:"):  # continual:<task>:<start_from>[:search]; the store is OUT's sibling "store"
+        _, task, start_from, *search = apply.split(":")
+        grid = dict(k=[0.2, 0.3], lam=[0.5, 1.0], val_dataloaders={t: v for t, v in val.items() if t <= task}) if search else \
+            dict(k=K, lam=LAM)  # search: every task so far has validation data (tasks arrive in name order)
+        merging = ContinualTiesMerging(task=task, store=str(out.parent / "store"), start_from=start_from,
+                                       save_dir=str(out / "save"), **grid)
     else:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
     record = Record()

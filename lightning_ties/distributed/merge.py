@@ -115,7 +115,7 @@ def merge_sharded_(
     options.spec  # a method that needs data (RegMean) refuses here, before any read
     base_pieces = _base_pieces(view, base)
     base_src = view.source(base_pieces, label="base")
-    models = [_local_rows(view, task, i) for i, task in enumerate(tasks)]
+    models = [local_rows(view, task, i) for i, task in enumerate(tasks)]
     tau = merged_task_vector(
         base_src, models, options, compute_dtype=compute_dtype, method=options.method,
         params=options.method_params, device=device, collectives=view.collectives, shards=view.shards,
@@ -133,8 +133,9 @@ def _base_pieces(view: ShardedView, base: Any) -> dict[str, torch.Tensor]:
     return {key: src.get(key) for key in src.keys()}
 
 
-def _local_rows(view: ShardedView, task: Any, index: int) -> TensorSource:
-    """A task as this rank's rows: a LocalSource is used as is, anything else is read per row range."""
+def local_rows(view: ShardedView, task: Any, label: int | str) -> TensorSource:
+    """A task as this rank's rows: a LocalSource (a stored task's rows) is used as is, anything else is
+    read per row range (``label``: the task's index or name, for messages)."""
     if isinstance(task, LocalSource):
         return task
-    return RowsSource(as_source(task, f"model[{index}]"), view.rows)
+    return RowsSource(as_source(task, f"model[{label}]" if isinstance(label, int) else label), view.rows)

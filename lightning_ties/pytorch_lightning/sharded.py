@@ -34,7 +34,7 @@ from ..core.recipe import fixed_choice
 from ..core.resume import write_results
 from ..core.search import SearchResult, walk_grid
 from ..distributed.fit import ShardedFitMerge, save_full_safetensors
-from ..distributed.views import RowsSource
+from ..distributed.merge import local_rows
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
 from ._compat import pl, rank_zero_info
@@ -288,7 +288,7 @@ class ShardedMerging:
             if name == cb.task:
                 self.fit.restore(finetuned)
             else:
-                rows = RowsSource(tasks[name], view.rows)
+                rows = local_rows(view, tasks[name], name)  # a stored task's rows are this rank's already
                 present = set(rows.keys())
                 view.write_((key, rows.get(key)) for key, entry in view.entries.items()
                             if key in present and entry.spec.is_floating)

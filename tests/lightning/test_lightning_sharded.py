@@ -172,6 +172,19 @@ def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy
     assert proc.returncode != 0 and "was written by one process (whole task vectors)" in proc.stderr
 
 
+@pytest.mark.timeout(300)
+def test_a_continual_search_on_validation_data_on_shards_chooses_and_merges_as_one_process(task_files, tmp_path):
+    # tasks a then b arrive; each fit searches k x lam on the validation data of every task so far
+    for task in ("a", "b"):
+        apply = f"continual:{task}:base:search"
+        single = fit("single", task_files, tmp_path / "single" / task, apply=apply, devices=1)
+        sharded = fit("model_parallel", task_files, tmp_path / "sharded" / task, apply=apply)
+        assert sharded["chosen"][3] == single["chosen"][3] == "search"
+        assert sharded["chosen"][2] == 4  # 2 k x 2 lam, every candidate scored on every rank alike
+        assert sharded["chosen"] == single["chosen"]  # candidates, their scores and the choice
+        assert_equal(sharded["merged"], single["merged"])
+
+
 def test_a_scored_search_on_shards_applies_the_single_process_merge_of_its_choice(task_files, tmp_path):
     result = fit("model_parallel", task_files, tmp_path / "out", apply="search")
     k, lam, candidates, reason = result["chosen"][:4]
