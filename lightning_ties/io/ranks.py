@@ -321,19 +321,23 @@ def stopped_by_sigterm(rank: int) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def assign_keys(costs: Mapping[str, int], world_size: int, together: Mapping[str, str] | None = None) -> dict[str, int]:
+def assign_keys(costs: Mapping[str, int], world_size: int, together: Mapping[str, str] | None = None,
+                head_start: int = 0) -> dict[str, int]:
     """Rank of every key: contiguous runs in the given order, balanced by cost.
 
     A key goes to the rank whose share of the total cost holds its midpoint; a key named in
-    ``together`` (tied weights: alias -> first name) goes with that other key.
+    ``together`` (tied weights: alias -> first name) goes with that other key. ``head_start``:
+    work rank 0 does besides (hashing), counted before the first key, so it takes that much less.
 
     Example:
         >>> assign_keys({"a": 4, "b": 4, "c": 1, "d": 7}, 2)
         {'a': 0, 'b': 0, 'c': 1, 'd': 1}
+        >>> assign_keys({"a": 4, "b": 4, "c": 1, "d": 7}, 2, head_start=4)
+        {'a': 0, 'b': 1, 'c': 1, 'd': 1}
     """
-    total = sum(costs.values()) or 1
+    total = (sum(costs.values()) + head_start) or 1
     owner: dict[str, int] = {}
-    done = 0
+    done = head_start
     for key, cost in costs.items():
         owner[key] = min(world_size - 1, int((done + cost / 2) * world_size // total))
         done += cost

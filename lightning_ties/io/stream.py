@@ -418,15 +418,10 @@ def _owners(job: _MergeJob, world_size: int) -> dict[str, int]:
     costs = {key: cost(key, job.specs[key]) for key in job.plan.keys}
     # several files: each rank hashes about its own bytes; with the sources hashed, the split
     # of their files gives rank 0 fewer of them instead (_hashed_by)
+    hashing = 0
     if len(job.layout) == 1 and job.digests is None:
-        total = sum(nbytes(spec) for spec in job.specs.values())
-        costs = {_HASHING: int(total * reads * _HASH_WEIGHT), **costs}
-    owners = assign_keys(costs, world_size, together=job.plan.aliases)
-    owners.pop(_HASHING, None)
-    return owners
-
-
-_HASHING = "\0hashing"  # not a tensor name: rank 0's share of the hashing, first in the order
+        hashing = int(sum(nbytes(spec) for spec in job.specs.values()) * reads * _HASH_WEIGHT)
+    return assign_keys(costs, world_size, together=job.plan.aliases, head_start=hashing)
 
 
 def _merged_whole_on_every_rank(spec: MergeSpec) -> bool:
@@ -484,7 +479,7 @@ def _hashed_by(sources: Sequence[TensorSource], rank: int, world_size: int, outp
     it takes that much less of the sources.
     """
     files = {str(f): f.stat().st_size for source in sources for f in source_files(source)}
-    owners = assign_keys({_HASHING: output_bytes, **files}, world_size)
+    owners = assign_keys(files, world_size, head_start=output_bytes)
     return lambda f: owners.get(str(f)) == rank
 
 
