@@ -342,14 +342,16 @@ def minilm_learned_finish(args: argparse.Namespace, found: Any, left_s: float, m
     """
     import bench_learned as bl
 
+    from lightning_ties.core.learned.start import finish_time, learned_method
     from lightning_ties.lightning.learned import learn_coefficients
 
     names = list(states)
     val = {t: torch.utils.data.DataLoader(data[t]["val"].dataset, batch_size=16, collate_fn=bl._collate) for t in names}
     t0 = time.perf_counter()
+    train_s = finish_time(left_s, found, learned_method("auto", found))  # the shares and the comparison are in the budget
     result = learn_coefficients(base, states, val, model=model, heads=bl.HEAD_PATTERN, include=bl.MERGED, method="auto",
-                                lam=found, granularity=args.finish_granularity, lr=args.finish_lr, max_epochs=60,
-                                max_time_s=max(1.0, left_s), seed=bl.SEED,
+                                lam=found, granularity=args.finish_granularity, lr=args.finish_lr, max_epochs=100,
+                                max_time_s=train_s, seed=bl.SEED,
                                 trainer_kwargs={"enable_progress_bar": False, "enable_model_summary": False})
     wall = time.perf_counter() - t0
     learned = {t: bl.accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in names}

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..config import LEARNED, SearchConfig, finish_options, to_dict
+from ..core.learned.start import finish_time, learned_method
 from ..io import merge_to, save_safetensors
 from ..merging import get_method
 from ..pytorch_lightning import MultiTaskMergeModule, SearchResult, learn_coefficients
@@ -76,7 +77,8 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
             report.extra["auto"] = {"summary": result.summary, "budget_s": result.budget_s,
                                     "budget_cut": result.budget_cut, "candidates": result.rows()}
             if finish is not None:
-                left = None if cfg.search.budget_s is None else max(1.0, cfg.search.budget_s - (time.perf_counter() - t0))
+                left = None if cfg.search.budget_s is None else \
+                    finish_time(cfg.search.budget_s - (time.perf_counter() - t0), result, learned_method("auto", result))
                 learned = _learn(cfg, model, val, {**finish, "method": "auto", "lam": result, "max_time_s": left})
                 learned_scores = scorer.score_weights(eval_loaders, learned.state_dict)
                 report.add_row(learned_row(learned, learned_scores))

@@ -131,6 +131,28 @@ def prefer_on_holdout(compared: Mapping[str, Mapping[str, float]]) -> str:
                                      names.index(n)))
 
 
+def finish_time(left_s: float, searched: SearchResult, method: str) -> float:
+    """The training time of a learned finish that leaves ``left_s`` of a search's budget, all in.
+
+    What the finish does besides training is taken off: computing ``method``'s shares and the
+    winner's merge for the hold-out comparison, each about what that method's first candidate of
+    the search took (its tau_m and one scoring pass).
+
+    Example:
+        >>> from lightning_ties.core.search import Candidate
+        >>> r = SearchResult(methods=["iso_cts", "tsv"], candidates=[Candidate(None, 1.3, {}, 0.8, "iso_cts", 7.0),
+        ...     Candidate(None, 2.0, {}, 0.9, "iso_cts", 3.0), Candidate(None, 1.0, {}, 0.85, "tsv", 6.0)])
+        >>> finish_time(180.0, r, "tsv")
+        167.0
+    """
+    firsts: dict[str, float] = {}
+    for c in searched.candidates:
+        firsts.setdefault(c.method or searched.method, c.seconds or 0.0)
+    winner = searched.best_method
+    reserve = firsts.get(method, 0.0) + (firsts.get(winner, 0.0) if winner != method else 0.0)
+    return max(1.0, left_s - reserve)
+
+
 def split_budget(max_epochs: int, max_time_s: float | None, share: float = AUTO_FIRST_SHARE) -> tuple[int, int, float | None]:
     """The epochs of the two phases of ``granularity="auto"`` and the first one's time limit.
 
@@ -145,5 +167,5 @@ def split_budget(max_epochs: int, max_time_s: float | None, share: float = AUTO_
     return first, max(1, max_epochs - first), (None if max_time_s is None else max_time_s * share)
 
 
-__all__ = ["AUTO_FIRST_SHARE", "AUTO_GRANULARITIES", "StartScale", "choose_granularity", "learned_method", "prefer_on_holdout", "search_start_scale",
+__all__ = ["AUTO_FIRST_SHARE", "AUTO_GRANULARITIES", "StartScale", "choose_granularity", "finish_time", "learned_method", "prefer_on_holdout", "search_start_scale",
            "split_budget", "start_scale"]
