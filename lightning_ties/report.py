@@ -237,7 +237,9 @@ def _json_safe(value: Any) -> Any:
 def learned_row(result: Any, scores: dict[str, float]) -> ResultRow:
     """The table row of a learned merge (a ``LearnedMergeResult``); its k is the trim density its components used."""
     params = result.report.params
-    return ResultRow(f"learned ({params.get('granularity')})", LEARNED, "trained on val", scores, k=params.get("k"))
+    on = params.get("base_method")
+    label = f"learned on {on} ({params.get('granularity')})" if on not in (None, "ties") else f"learned ({params.get('granularity')})"
+    return ResultRow(label, LEARNED, "trained on val", scores, k=params.get("k"))
 
 
 # ---- files ----------------------------------------------------------------------------------------
