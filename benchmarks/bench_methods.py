@@ -351,7 +351,7 @@ def minilm_learned_finish(args: argparse.Namespace, found: Any, left_s: float, m
     train_s = finish_time(left_s, found, learned_method("auto", found))  # the shares and the comparison are in the budget
     result = learn_coefficients(base, states, val, model=model, heads=bl.HEAD_PATTERN, include=bl.MERGED, method="auto",
                                 lam=found, granularity=args.finish_granularity, lr=args.finish_lr, max_epochs=100,
-                                max_time_s=train_s, seed=bl.SEED,
+                                max_time_s=train_s, seed=bl.SEED, patience=args.finish_patience or None,
                                 trainer_kwargs={"enable_progress_bar": False, "enable_model_summary": False})
     wall = time.perf_counter() - t0
     learned = {t: bl.accuracy(model, result.task_state_dict(t), data[t]["test"]) for t in names}
@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--finish-share", type=float, default=0.4, help="minilm --finish: the auto search's share of the budget")
     p.add_argument("--finish-granularity", default="tensor", choices=["task", "layer", "tensor", "auto"])
     p.add_argument("--finish-lr", type=float, default=0.1, help="minilm --finish: Adam's learning rate of the coefficients")
+    p.add_argument("--finish-patience", type=int, default=3,
+                   help="minilm --finish: stop once the hold-out loss has not improved for this many epochs (0: never)")
     p.add_argument("overrides", nargs="*", help="demo config overrides (key=value)")
     args = p.parse_args(argv)
     methods = data_free_methods(args.methods)
