@@ -125,7 +125,8 @@ class TiesPass:
         # only the needy tasks' rows (usually one or two of N): their task vectors are computed as the merge computes them
         for _, taus in self.reader.chunks_of(base, [fts[i] for i in needy], begin, end, buffer=f"taus{tag}"):
             for row, i in enumerate(needy):  # the comparison ThresholdTrim makes
-                found[i] += int((taus[row].abs() == trim_step.thresholds[i].value).sum())
+                ties = trim_step.ties_in(taus[row], i, in_place=True)
+                found[i] += 0 if ties is None else ties.numel()
         return found
 
     def close(self) -> None:
