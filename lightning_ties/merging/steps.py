@@ -307,6 +307,10 @@ class ThresholdTrim:
         # each threshold's bit pattern: |tau| == value <=> the bits of |tau| xor these are all 0
         self._bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
         self._value_bits = [int(torch.tensor(t.value, dtype=dtype).view(self._bits_dtype)) for t in self.thresholds]
+        #: tasks whose threshold ties are looked for but not kept (a caller keeping its own pick of
+        #: them afterwards); each call lists in :attr:`seen` the ``(task, positions)`` it found
+        self.watch: frozenset[int] = frozenset()
+        self.seen: list[tuple[int, torch.Tensor]] = []
 
     def restart(self) -> ThresholdTrim:
         """The same thresholds with a full tie budget (to stream the same entries again)."""
@@ -334,15 +338,18 @@ class ThresholdTrim:
         +0.0 rather than -0.0; the merge's outputs make every zero +0.0 anyway).
         """
         out = torch.empty_like(taus) if out is None else out
+        self.seen = []
         for i, (row, cut) in enumerate(zip(taus, self.cuts)):
             left = self.tie_budget[i]
             # rare: more entries at the threshold than it keeps; keep the first ones seen
-            ties = self.ties_in(row, i) if left > 0 else None
+            ties = self.ties_in(row, i) if left > 0 or i in self.watch else None
             torch.hardshrink(row, cut, out=out[i])
-            if ties is not None:
+            if ties is not None and left > 0:
                 idx = ties[:left]
                 out[i, idx] = row[idx]
                 self.tie_budget[i] -= idx.numel()
+            elif ties is not None:
+                self.seen.append((i, ties))
         return out
 
 
@@ -392,4 +399,7 @@ def ties_chunk_(
     elif merge not in ("sum", "max"):
         raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGE_FNS)}")
     torch.mul(magnitude, gamma, out=out)
-    return signs.sum(dtype=torch.int64), contested
+    # The sum of the elected signs is an exact integer: summed in their float dtype while every
+    # partial sum is representable (a seventh of the time of a cast to int64 first).
+    exact = signs.numel() <= 1 << 24 or signs.dtype == torch.float64
+    return (signs.sum() if exact else signs.sum(dtype=torch.int64)).to(torch.int64), contested
