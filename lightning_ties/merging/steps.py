@@ -307,9 +307,10 @@ class ThresholdTrim:
         # each threshold's bit pattern: |tau| == value <=> the bits of |tau| xor these are all 0
         self._bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
         self._value_bits = [int(torch.tensor(t.value, dtype=dtype).view(self._bits_dtype)) for t in self.thresholds]
-        #: tasks whose threshold ties are looked for but not kept (a caller keeping its own pick of
-        #: them afterwards); each call lists in :attr:`seen` the ``(task, positions)`` it found
-        self.watch: frozenset[int] = frozenset()
+        #: task -> how many more of its threshold ties to look for without keeping them (a caller
+        #: keeping its own pick afterwards: no more than its budget can be kept from here on);
+        #: each call lists in :attr:`seen` the ``(task, positions)`` it found
+        self.watch: dict[int, int] = {}
         self.seen: list[tuple[int, torch.Tensor]] = []
 
     def restart(self) -> ThresholdTrim:
@@ -349,7 +350,11 @@ class ThresholdTrim:
                 out[i, idx] = row[idx]
                 self.tie_budget[i] -= idx.numel()
             elif ties is not None:
-                self.seen.append((i, ties))
+                found = ties[: self.watch[i]]
+                self.seen.append((i, found))
+                self.watch[i] -= found.numel()
+                if not self.watch[i]:
+                    del self.watch[i]
         return out
 
 

@@ -61,11 +61,12 @@ class TiesPass:
             self._pool_context = single_threaded_pool(workers)
             self._pool, self._pool_size = self._pool_context.__enter__(), workers
         cuts = [n * w // workers for w in range(workers + 1)]
-        # the tasks that keep some but not all of their ties (kept zeros change nothing: not looked for)
-        needy = frozenset(i for i, left in enumerate(trim_step.tie_budget) if left > 0 and trim_step.thresholds[i].value != 0.0)
+        # the tasks that keep some but not all of their ties (kept zeros change nothing: not looked
+        # for); a range looks for no more of them than the budget (the first ones are kept)
+        needy = {i: left for i, left in enumerate(trim_step.tie_budget) if left > 0 and trim_step.thresholds[i].value != 0.0}
         steps = [trim_step.restart() for _ in range(workers)]
         for step in steps:
-            step.tie_budget, step.watch = [0] * reader.n_tasks, needy
+            step.tie_budget, step.watch = [0] * reader.n_tasks, dict(needy)
         parts = [Contested(contested.combine, contested.merge) for _ in range(workers)]
         ties: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(workers)]
         tags = [f"@{w}" for w in range(workers)]

@@ -38,16 +38,21 @@ def test_ties_in_finds_the_entries_at_the_threshold_by_their_bits(dtype: torch.d
     assert trim_step.ties_in(torch.empty(0, dtype=dtype), 0) is None
 
 
-def test_a_watched_tasks_ties_are_listed_and_not_kept() -> None:
-    # given task 0 watched (no budget) and task 1 with a budget of one tie at 0.5
+def test_a_watched_tasks_ties_are_listed_and_not_kept_up_to_its_count() -> None:
+    # given task 0 watched for 3 ties (no budget) and task 1 with a budget of one tie at 0.5
     taus = torch.tensor([[0.5, 1.0, -0.5], [-0.5, 0.5, 2.0]])
     trim_step = ThresholdTrim([_threshold(0.5), _threshold(0.5)], torch.float32)
-    trim_step.tie_budget, trim_step.watch = [0, 1], frozenset({0})
+    trim_step.tie_budget, trim_step.watch = [0, 1], {0: 3}
     trimmed = trim_step(taus)
     # then task 0 keeps only |x| > 0.5 and lists its ties; task 1 keeps its first tie and spends its budget
     assert trimmed.tolist() == [[0.0, 1.0, 0.0], [-0.5, 0.0, 2.0]]
     assert [(task, pos.tolist()) for task, pos in trim_step.seen] == [(0, [0, 2])]
-    assert trim_step.tie_budget == [0, 0]
+    assert trim_step.tie_budget == [0, 0] and trim_step.watch == {0: 1}
+    # and the next chunk lists one more tie of task 0, then looks for none
+    trim_step(torch.tensor([[0.5, -0.5, 0.0], [0.0, 0.0, 0.0]]))
+    assert [(task, pos.tolist()) for task, pos in trim_step.seen] == [(0, [0])] and trim_step.watch == {}
+    trim_step(torch.tensor([[0.5, -0.5, 0.0], [0.0, 0.0, 0.0]]))
+    assert trim_step.seen == []
 
 
 def test_contested_drop_forgets_the_entries_of_the_given_columns() -> None:
