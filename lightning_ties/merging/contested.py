@@ -53,6 +53,13 @@ class Contested:
             minus = torch.full((cols.numel(),), -1.0, dtype=sub.dtype, device=sub.device)
             self.negative.append(self.combine(sub, minus, self.merge))
 
+    def drop(self, columns: torch.Tensor) -> None:
+        """Forget the entries at the flat offsets ``columns`` (columns merged again since)."""
+        for j, index in enumerate(self.index):
+            keep = ~torch.isin(index, columns)
+            if not bool(keep.all()):
+                self.index[j], self.negative[j] = index[keep], self.negative[j][keep]
+
     def extend(self, other: Contested) -> None:
         """Add the entries ``other`` recorded (same combine and merge)."""
         self.index.extend(other.index)

@@ -147,7 +147,9 @@ class MagnitudeSelector:
         self._level = 0
         self._prefix = 0  # digits found so far (high bits of the threshold's bit pattern)
         self._greater = 0  # entries known to be strictly above the prefix
-        self._hist = torch.zeros(_BINS, dtype=torch.int64)
+        # this pass's histogram: allocated when first needed (see _counts), as the tasks' selectors
+        # of one merge would zero megabytes up front that the CPU bracket pass never fills
+        self._hist = torch.zeros(0, dtype=torch.int64)
         # selectors observing one after the other may share their scratch buffers
         self._buffers: dict[str, torch.Tensor] = {} if scratch is None else scratch
         # first top-16-bit digit of +Inf; NaNs lie above it
@@ -161,9 +163,6 @@ class MagnitudeSelector:
         self._bracket_hit = False
         self._inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(self._int).item())
         self._bracket = self._bracket_bits(bracket) if m > 0 else None
-        if self._bracket is not None:
-            lo, hi = self._bracket
-            self._hist = torch.zeros(hi - lo + 3, dtype=torch.int64)
 
     def _bracket_bits(self, bracket: tuple[float, float] | None) -> tuple[int, int] | None:
         """Bit patterns of a usable bracket ``(lo, hi)`` of magnitudes, or None."""
@@ -208,7 +207,7 @@ class MagnitudeSelector:
             # integer arithmetic on every entry is cheaper than a boolean mask and a gather.
             digits.sub_((self._prefix << _DIGIT_BITS) - 1).clamp_(0, _BINS + 1)
             counts = torch.bincount(digits, minlength=_BINS + 2)[1 : _BINS + 1]
-        self._hist += counts
+        self._counts().add_(counts)
 
     def report_nonfinite(self, name: str) -> None:
         """``name`` holds a NaN or Inf: raise now, or (with reduce) when the pass closes, on every rank.
@@ -280,27 +279,36 @@ class MagnitudeSelector:
         # below the bracket -> bin 0, inside -> 1 + (bits - lo), above -> the last bin
         digits = torch.sub(bits, lo - 1, out=self._scratch("digits", bits.numel(), self._int, bits.device))
         digits.clamp_(0, hi - lo + 2)
-        self._hist += torch.bincount(digits, minlength=hi - lo + 3)
+        self._counts().add_(torch.bincount(digits, minlength=hi - lo + 3))
+
+    def _counts(self) -> torch.Tensor:
+        """This pass's histogram in its usual layout (what :meth:`pass_counts` sends): zeros until counted into."""
+        size = _BINS if self._bracket is None else self._bracket[1] - self._bracket[0] + 3
+        if self._hist.numel() != size:
+            self._hist = torch.zeros(size, dtype=torch.int64, device=self._hist.device)
+        return self._hist
 
     def _close_bracket_pass(self) -> None:
         """Read the threshold off the bracket's histogram, or fall back to the radix passes."""
         lo, _ = self._bracket
-        hist = self._hist
-        total = int(hist.sum())
-        if total < self.m:
-            raise ValueError(f"selector asked for the {self.m}-th largest of {total} entries")
-        above, inside = int(hist[-1]), hist[1:-1]
+        hist = self._counts()
+        below, above, inside = int(hist[0]), int(hist[-1]), hist[1:-1]
+        # from the bottom: cumulative[i] entries inside lie at bit patterns lo..lo + i
+        cumulative = torch.cumsum(inside, 0)
+        n_inside = int(cumulative[-1])
+        if below + n_inside + above < self.m:
+            raise ValueError(f"selector asked for the {self.m}-th largest of {below + n_inside + above} entries")
         rank = self.m - above  # the threshold is the rank-th largest entry inside the bracket
-        if 0 < rank <= int(inside.sum()):
-            from_top = torch.cumsum(inside.flip(0), 0)
-            j = int(torch.searchsorted(from_top, rank))
-            index = inside.numel() - 1 - j
+        if 0 < rank <= n_inside:
+            # the highest bin with at least `rank` entries at or above it: n_inside - rank entries lie
+            # strictly below it (cumulative[index - 1] <= n_inside - rank < cumulative[index])
+            index = int(torch.searchsorted(cumulative, n_inside - rank, right=True))
             n_equal = int(inside[index])
             value = torch.tensor(lo + index, dtype=self._int).view(self.dtype).item()
-            n_greater = above + int(from_top[j]) - n_equal
+            n_greater = above + n_inside - int(cumulative[index])
             self._result = MagnitudeThreshold(value, kept=self.m, n_greater=n_greater, n_equal=n_equal)
         self._bracket = None  # on a miss the next passes are the radix ones
-        self._hist = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
+        self._hist = hist.new_zeros(0)
 
     @property
     def bracket_bits(self) -> tuple[int, int] | None:
@@ -323,11 +331,28 @@ class MagnitudeSelector:
         bins = hi - lo + 1
         if inside.numel() != bins:
             raise ValueError(f"expected {bins} bracket bins, got {inside.numel()}")
-        if self._hist.numel() != bins + _SPARE_BINS or self._hist.device != inside.device:
-            self._hist = torch.zeros(bins + _SPARE_BINS, dtype=torch.int64, device=inside.device)
-        self._hist[:bins] += inside
+        if self._hist.numel() != bins + _SPARE_BINS or self._hist.device != inside.device:  # the first counts
+            self._hist = torch.cat([inside, inside.new_zeros(_SPARE_BINS)])
+        else:
+            self._hist[:bins] += inside
         self._above = self._above + above
         self._observed += observed
+
+    def set_bracket_counts(self, hist: torch.Tensor) -> None:
+        """This bracketed pass's counts, made elsewhere (the CPU's batched bracket pass), as the pass's histogram.
+
+        ``hist`` (int64, ``hi - lo + 3`` bins, the layout :meth:`pass_counts` sends) counts the
+        entries below the bracket, then those at each bit pattern ``lo..hi``, then those above
+        it; the caller has checked them for NaN and Inf. It is kept, not copied: :meth:`next_pass`
+        then reads it as if :meth:`observe` had counted the entries.
+        """
+        if self._bracket is None or self.done:
+            raise RuntimeError("set_bracket_counts needs a selector in its bracketed pass")
+        lo, hi = self._bracket
+        if hist.numel() != hi - lo + 3 or hist.dtype != torch.int64:
+            raise ValueError(f"expected {hi - lo + 3} int64 bracket counts, got {hist.numel()} of {hist.dtype}")
+        self._hist = hist
+        self._observed, self._above, self._nonfinite = 0, 0, []
 
     @property
     def bracketed(self) -> bool:
@@ -354,8 +379,9 @@ class MagnitudeSelector:
         """
         if self._observed or self._nonfinite:
             self._close_gather()
-        flag = torch.tensor([self._bad is not None], dtype=torch.int64, device=self._hist.device)
-        return torch.cat([self._hist, flag])
+        hist = self._counts()
+        flag = torch.tensor([self._bad is not None], dtype=torch.int64, device=hist.device)
+        return torch.cat([hist, flag])
 
     def next_pass(self, counts: torch.Tensor | None = None) -> None:
         """Close the current pass: fix one more digit of the threshold.
@@ -375,7 +401,7 @@ class MagnitudeSelector:
             self._close_bracket_pass()
             self._bracket_hit = self.done
             return
-        hist = self._hist
+        hist = self._counts()
         rank = self.m - self._greater  # we need the rank-th largest among the candidates
         total = int(hist.sum())
         if self._level == 0 and total < self.m:
@@ -389,7 +415,7 @@ class MagnitudeSelector:
         if self._level == self._levels:
             value = torch.tensor(self._prefix, dtype=self._int).view(self.dtype).item()
             self._result = MagnitudeThreshold(value, kept=self.m, n_greater=self._greater, n_equal=int(hist[digit]))
-        self._hist = torch.zeros(_BINS, dtype=torch.int64, device=hist.device)
+        self._hist = hist.new_zeros(0)
 
     def _set_counts(self, counts: torch.Tensor) -> None:
         """Take the counts of every rank (from :meth:`pass_counts`, summed): a NaN/Inf anywhere raises."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 
@@ -79,24 +81,27 @@ class ThresholdFinder:
         """
         reduce = self.distributed if reduce is None else reduce
         self._bracket_counts = None  # only this call's bracket pass may answer tie_budgets
+        on_cpu = self.reader.on_cpu
         threads = torch.get_num_threads()
-        with _one_thread(self.reader.on_cpu):
-            brackets = self.sample_brackets(keys, m, gather=reduce)
+        # The CPU's sample and bracket pass split their work over threads that each run
+        # single-threaded ops; this thread's own ops around them (building the selectors, closing
+        # the pass) are small: on one core, so that no OpenMP team spins beside the workers.
+        workers = threads if on_cpu and threads > 1 and self._bracketable(keys) else 1
         scratch: dict[str, torch.Tensor] = {}
         summed = self.collectives.all_sum if reduce else None
         cd = self.reader.compute_dtype
-        selectors = [MagnitudeSelector(m, cd, bracket, scratch, reduce=summed) for bracket in brackets]
-        all_bracketed = all(s.bracket_bits is not None for s in selectors)
-        if all_bracketed and self.fused is not None and self.fused.active() and self.fused.bracket_pass(keys, selectors):
-            next_passes(selectors)  # a miss falls through to the radix passes below
-        elif all_bracketed and self.reader.on_cpu and not any(s.gather for s in selectors):
-            self._bracket_pass(keys, selectors, threads)
-            with _one_thread():
-                next_passes(selectors)
+        with single_threaded_pool(workers) if workers > 1 else nullcontext() as pool, _one_thread(on_cpu):
+            brackets = self.sample_brackets(keys, m, gather=reduce, pool=pool)
+            selectors = [MagnitudeSelector(m, cd, bracket, scratch, reduce=summed) for bracket in brackets]
+            all_bracketed = all(s.bracket_bits is not None for s in selectors)
+            if all_bracketed and self.fused is not None and self.fused.active() and self.fused.bracket_pass(keys, selectors):
+                next_passes(selectors)  # a miss falls through to the radix passes below
+            elif all_bracketed and on_cpu and not any(s.gather for s in selectors):
+                self._bracket_pass(keys, selectors, pool, workers)  # closes the pass
         while not all(s.done for s in selectors):
             bracketed = any(s.bracketed for s in selectors)
             size = self.reader.chunk_size
-            if self.reader.on_cpu:  # off the CPU chunks are already whole tensors
+            if on_cpu:  # off the CPU chunks are already whole tensors
                 size *= _BRACKET_CHUNK_FACTOR if bracketed else _SELECT_CHUNK_FACTOR
             for key in keys:
                 for _, taus in self.reader.chunks(key, size):
@@ -105,40 +110,51 @@ class ThresholdFinder:
             next_passes(selectors)
         return [s.result() for s in selectors]
 
-    def _bracket_pass(self, keys: Sequence[str], selectors: list[MagnitudeSelector], threads: int) -> None:
+    def _bracketable(self, keys: Sequence[str]) -> bool:
+        """Whether a selection over ``keys`` starts from a sampled bracket (enough entries)."""
+        return sum(self.reader.numel(key) for key in keys) >= self.min_bracketed
+
+    def _bracket_pass(
+        self, keys: Sequence[str], selectors: list[MagnitudeSelector], pool: ThreadPoolExecutor | None, workers: int
+    ) -> None:
         """The bracketed select pass on the CPU, all tasks of a chunk at once: the counts ``observe`` makes.
 
-        Each key's columns are cut into one range per torch thread (``threads``), counted side
-        by side by single-threaded ops (see :func:`.reading.single_threaded_pool`; counts do
-        not depend on the order they are made in), each worker into its own :class:`_BracketCounts`.
-        A key too small to cut goes to one worker: this thread's OpenMP team stays idle.
+        Each key's columns are cut into one range per worker of ``pool`` (``workers`` threads,
+        see :func:`.reading.single_threaded_pool`; None: one worker, this thread), counted side
+        by side (counts do not depend on the order they are made in), each worker into its
+        own :class:`_BracketCounts`. A key too small to cut goes to the first worker.
         """
         reader = self.reader
-        work = [_BracketCounts([s.bracket_bits for s in selectors], reader) for _ in range(threads)]  # type: ignore[misc]
-        with single_threaded_pool(threads) if threads > 1 else nullcontext() as pool:
-            for key in keys:
-                if reader.local_numel(key) == 0:  # nothing of it on this rank (its source may not even hold it)
-                    continue
-                base, fts = reader.inputs(key)
-                n = base.numel()
-                workers = max(1, min(threads, n // reader.chunk_size))
-                cuts = [n * w // workers for w in range(workers + 1)]
-                jobs = [functools.partial(work[w].count, base, fts, cuts[w], cuts[w + 1], f"@{w}") for w in range(workers)]
-                found = [job() for job in jobs] if pool is None else list(pool.map(lambda job: job(), jobs))
-                for i in sorted(set().union(*found)):
-                    selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
-        with _one_thread():
-            for w in work:
-                w.flush()
-            observed = sum(w.observed for w in work)
-            inside = []
-            for i, sel in enumerate(selectors):
-                hist = functools.reduce(torch.add, [w.hists[i] for w in work])
-                inside.append(hist[_SPARE:-_SPARE])
-                sel.add_bracket_counts(inside[i], hist[-_SPARE:].sum(), observed)
+        brackets: list[tuple[int, int]] = [s.bracket_bits for s in selectors]  # type: ignore[misc]
+        work = [_BracketCounts(brackets, reader) for _ in range(workers)]
+        for key in keys:
+            if reader.local_numel(key) == 0:  # nothing of it on this rank (its source may not even hold it)
+                continue
+            base, fts = reader.inputs(key)
+            n = base.numel()
+            parts = max(1, min(workers, n // reader.chunk_size))
+            cuts = [n * w // parts for w in range(parts + 1)]
+            jobs = [functools.partial(work[w].count, base, fts, cuts[w], cuts[w + 1], f"@{w}") for w in range(parts)]
+            found = _map(pool, lambda job: job(), jobs)
+            for i in sorted(set().union(*found)):
+                selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
+        _map(pool, _BracketCounts.flush, work)  # each worker's last digits, side by side
+        reducing = any(s.reduce is not None for s in selectors)
+
+        def close(task: int) -> torch.Tensor:
+            # the task's counts (in place: no copy of the histogram); the pass closed here unless
+            # the ranks sum their counts first (one collective for every task, below)
+            hist = _BracketCounts.total(work, task)
+            selectors[task].set_bracket_counts(_BracketCounts.pass_layout(hist))
+            if not reducing:
+                selectors[task].next_pass()
+            return hist[_SPARE:-_SPARE]
+
+        inside = _map(pool, close, range(len(selectors)))
+        if reducing:
+            next_passes(selectors)
         if self.distributed:  # this rank's own counts (before the ranks' sum), for tie_budgets
-            starts = [s.bracket_bits[0] for s in selectors]  # type: ignore[index]
-            self._bracket_counts = _RankTieCounts(tuple(keys), starts, inside)
+            self._bracket_counts = _RankTieCounts(tuple(keys), [lo for lo, _ in brackets], inside)
 
     def tensor_thresholds(self, key: str, m: int, split: bool = False) -> list[MagnitudeThreshold]:
         """Per-tensor thresholds of ``key`` (m kept of its entries); ``split``: its pieces lie on several ranks."""
@@ -161,14 +177,17 @@ class ThresholdFinder:
         ]
 
     # ---- the bracket ----------------------------------------------------------------------
-    def sample_brackets(self, keys: Sequence[str], m: int, gather: bool = False) -> list[tuple[float, float] | None]:
+    def sample_brackets(
+        self, keys: Sequence[str], m: int, gather: bool = False, pool: ThreadPoolExecutor | None = None
+    ) -> list[tuple[float, float] | None]:
         """Per task, a magnitude range that holds the m-th largest |tau| with near certainty.
 
         From an evenly strided sample of the task vector over ``keys`` (strided by the global
         flat index, so each rank samples the same entries one process would): the sample's
         ranks around the expected one, +-5 binomial standard deviations. A miss costs time
         only (the selector verifies the bracket by counting). ``gather``: the ranks' samples
-        are gathered, so every rank derives the one process's bracket.
+        are gathered, so every rank derives the one process's bracket. ``pool``: threads that
+        share out the tasks (see :func:`.reading.single_threaded_pool`).
         """
         reader = self.reader
         n = sum(reader.numel(key) for key in keys)
@@ -181,29 +200,36 @@ class ThresholdFinder:
             start, stop = reader.local_range(key)
             if stop > start:
                 first = (-(offset + start)) % stride
-                # strided on the source's device, then moved: only the sample travels
-                base = reader.base.get(key).reshape(-1)[first::stride].to(reader.device, reader.compute_dtype)
-                for part, model in zip(parts, reader.models):
-                    sample = model.get(key).reshape(-1)[first::stride].to(reader.device, reader.compute_dtype)
-                    part.append((sample - base).abs_())
+
+                def strided(t: torch.Tensor, first: int = first) -> torch.Tensor:
+                    # strided on the source's device, then moved: only the sample travels
+                    return t.reshape(-1)[first::stride].to(reader.device, reader.compute_dtype)
+
+                base = strided(reader.base.get(key))
+                tensors = [model.get(key) for model in reader.models]  # read here: sources need not be thread-safe
+                for part, sample in zip(parts, _map(pool, lambda t: (strided(t) - base).abs_(), tensors)):
+                    part.append(sample)
+                del tensors
             offset += reader.numel(key)
         samples = torch.stack([torch.cat(part) if part else torch.empty(0, dtype=reader.compute_dtype, device=reader.device) for part in parts])
         if gather:
             samples = self._gather_samples(samples)
         # Every task's sample has the same size and the same ranks around the threshold: two
-        # batched selections for all tasks and one host transfer (not two syncs per task).
+        # batched selections (or one per task, on the pool's threads) and one host transfer.
         size = samples.shape[1]
         expected = m * size / n  # rank of the threshold in the sample, counted from the top
         margin = 5 * math.sqrt(expected * (1 - m / n)) + 8
         top, bottom = math.floor(expected - margin), math.ceil(expected + margin)
         if top < 1 or bottom > size:
             return [None] * reader.n_tasks
-        # the `bottom` largest (NaN above everything, as in a sort; a third of a sort's time), then
-        # both ends among them: kthvalue(k) is the k-th smallest
-        largest = samples.topk(bottom, dim=1, sorted=False).values
-        lo = largest.kthvalue(1, dim=1).values
-        hi = largest.kthvalue(bottom - top + 1, dim=1).values
-        ends = torch.stack([lo, hi], dim=1).tolist()
+
+        def ends_of(rows: torch.Tensor) -> torch.Tensor:
+            # the `bottom` largest (NaN above everything, as in a sort; a third of a sort's time),
+            # then both ends among them: kthvalue(k) is the k-th smallest
+            largest = rows.topk(bottom, dim=1, sorted=False).values
+            return torch.stack([largest.kthvalue(1, dim=1).values, largest.kthvalue(bottom - top + 1, dim=1).values], dim=1)
+
+        ends = torch.cat(_map(pool, ends_of, [samples] if pool is None else samples.split(1))).tolist()
         return [(a, b) if math.isfinite(b) else None for a, b in ends]
 
     def _gather_samples(self, samples: torch.Tensor) -> torch.Tensor:
@@ -350,14 +376,16 @@ class _BracketCounts:
     bins picked by their column (``bincount`` adds one at a time, and a run of adds to one
     counter waits on each previous add: twice as slow). The digits gather in one large buffer
     that ``bincount`` empties per task when full: each call allocates and adds a histogram as
-    large as the bracket, too costly per chunk.
+    large as the bracket, too costly per chunk. The first call's histogram is kept as the
+    task's (none is zeroed up front: megabytes per task and worker, page faults included).
     """
 
     def __init__(self, brackets: list[tuple[int, int]], reader: TaskReader) -> None:
         self.reader = reader
         self.bits_dtype = torch.int64 if reader.compute_dtype == torch.float64 else torch.int32
         self.inf_bits = int(torch.tensor(float("inf"), dtype=reader.compute_dtype).view(self.bits_dtype))
-        self.hists = [torch.zeros(hi - lo + 1 + 2 * _SPARE, dtype=torch.int64) for lo, hi in brackets]
+        self.sizes = [hi - lo + 1 + 2 * _SPARE for lo, hi in brackets]
+        self.hists: list[torch.Tensor | None] = [None] * len(brackets)
         self.observed = 0
         c, n = reader.chunk_size, len(brackets)
         self.offsets = torch.tensor([lo - _SPARE for lo, _ in brackets], dtype=self.bits_dtype).unsqueeze(1)
@@ -386,9 +414,32 @@ class _BracketCounts:
     def flush(self) -> None:
         """Add the digits gathered so far to the histograms (one ``bincount`` per task)."""
         if self.fill:
-            for row, hist in zip(self.digits[:, : self.fill], self.hists):
-                hist += torch.bincount(row, minlength=hist.numel())
+            for i, row in enumerate(self.digits[:, : self.fill]):
+                counts = torch.bincount(row, minlength=self.sizes[i])
+                known = self.hists[i]
+                self.hists[i] = counts if known is None else known.add_(counts)
             self.fill = 0
+
+    @staticmethod
+    def pass_layout(hist: torch.Tensor) -> torch.Tensor:
+        """A view of a total histogram in the selector's layout ``[below, lo..hi, above]`` (spare bins summed into its ends)."""
+        below, above = hist[:_SPARE].sum(), hist[-_SPARE:].sum()
+        counts = hist[_SPARE - 1 : hist.numel() - _SPARE + 1]
+        counts[0], counts[-1] = below, above  # spare bins, already summed
+        return counts
+
+    @staticmethod
+    def total(work: list[_BracketCounts], task: int) -> torch.Tensor:
+        """Task ``task``'s histogram over every worker of ``work`` (flushed), summed into the first one's."""
+        hists = [h for h in (w.hists[task] for w in work) if h is not None]
+        if not hists:  # nothing observed (a rank holding none of the keys): empty counts of the same layout
+            return torch.zeros(work[0].sizes[task], dtype=torch.int64)
+        return functools.reduce(torch.Tensor.add_, hists[1:], hists[0])
+
+
+def _map(pool: ThreadPoolExecutor | None, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, on the threads of ``pool`` when there is one."""
+    return [fn(x) for x in items] if pool is None else list(pool.map(fn, items))
 
 
 __all__ = ["ThresholdFinder"]

@@ -9,6 +9,7 @@ merges the ranges side by side with single-threaded ops (:func:`.reading.single_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,66 +45,47 @@ class TiesPass:
         On the CPU with several torch threads, the key's columns are cut into one range per
         thread, merged side by side by single-threaded ops (see
         :func:`.reading.single_threaded_pool`): the columns are independent, the sign sums
-        are exact integers, the contested entries are kept per range, and the threshold ties
-        a task may still keep are shared out over the ranges in flat order (each range counts
-        its ties first), so the result is the one thread's, bit for bit.
+        are exact integers and the contested entries are kept per range. The threshold ties a
+        task may still keep are kept afterwards (:meth:`_keep_ties`): the ranges merge without
+        them and note where they lie, then the first ones in flat order are kept and their
+        columns merged again, so the result is the one thread's, bit for bit.
         """
         reader = self.reader
         base, fts = reader.inputs(key)
         n = base.numel()
         workers = min(torch.get_num_threads(), n // reader.chunk_size)
         if not reader.on_cpu or workers < 2:
-            return self._range(base, fts, 0, n, trim_step, out, contested, "")
+            return self._range(base, fts, 0, n, trim_step, out, contested, "", [])
         if self._pool is None or self._pool_size != workers:
             self.close()
             self._pool_context = single_threaded_pool(workers)
             self._pool, self._pool_size = self._pool_context.__enter__(), workers
         cuts = [n * w // workers for w in range(workers + 1)]
-        tags = [f"@{w}" for w in range(workers)]
+        # the tasks that keep some but not all of their ties (kept zeros change nothing: not looked
+        # for); a range looks for no more of them than the budget (the first ones are kept)
+        needy = {i: left for i, left in enumerate(trim_step.tie_budget) if left > 0 and trim_step.thresholds[i].value != 0.0}
         steps = [trim_step.restart() for _ in range(workers)]
-        budget = list(trim_step.tie_budget)
-        needy = [i for i, left in enumerate(budget) if left > 0]
-        for step, found in zip(steps, self._leading_tie_counts(base, fts, cuts, trim_step, needy)):
-            step.tie_budget = [min(left, c) for left, c in zip(budget, found)]  # ranges in flat order take the ties first come
-            budget = [left - took for left, took in zip(budget, step.tie_budget)]
-        steps[-1].tie_budget = budget  # the last range takes what is left: nothing after it in this key
+        for step in steps:
+            step.tie_budget, step.watch = [0] * reader.n_tasks, dict(needy)
         parts = [Contested(contested.combine, contested.merge) for _ in range(workers)]
-        totals = list(self._pool.map(self._range, [base] * workers, [fts] * workers, cuts[:-1], cuts[1:], steps, [out] * workers, parts, tags))
-        trim_step.tie_budget = list(steps[-1].tie_budget)  # what it did not spend goes on to the next keys
+        ties: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(workers)]
+        tags = [f"@{w}" for w in range(workers)]
+        totals = self._pool.map(self._range, [base] * workers, [fts] * workers, cuts[:-1], cuts[1:], steps, [out] * workers, parts, tags, ties)
+        total = torch.stack(list(totals)).sum()
         for part in parts:
             contested.extend(part)
-        return torch.stack(totals).sum()
-
-    def _leading_tie_counts(
-        self, base: torch.Tensor, fts: list[torch.Tensor], cuts: list[int], trim_step: ThresholdTrim, needy: list[int]
-    ) -> list[list[int]]:
-        """Per range but the last, its entries at each needy task's threshold, counted side by side.
-
-        The last range needs no count (no range after it waits on its ties), so the workers
-        share out the columns before it: pieces cut at the ranges' edges and in ``workers``
-        equal parts, each counted in its own scratch buffer.
-        """
-        workers = len(cuts) - 1
-        if not needy:
-            return [[0] * self.reader.n_tasks for _ in range(workers - 1)]
-        end = cuts[-2]
-        marks = sorted(set(cuts[:-1]) | {end * w // workers for w in range(workers + 1)})
-        pieces = [(a, b) for a, b in zip(marks[:-1], marks[1:]) if b > a]
-        found = self._pool.map(
-            lambda piece, j: (piece[0], self._count_ties(base, fts, piece[0], piece[1], trim_step, needy, f"@count{j}")),
-            pieces, range(len(pieces)),
-        )  # fmt: skip
-        counts = [[0] * self.reader.n_tasks for _ in range(workers - 1)]
-        for start, piece_counts in found:
-            r = max(w for w in range(workers - 1) if cuts[w] <= start)
-            counts[r] = [a + b for a, b in zip(counts[r], piece_counts)]
-        return counts
+        if needy:
+            total += self._keep_ties(base, fts, trim_step, out, [found for range_ties in ties for found in range_ties], contested)
+        return total
 
     def _range(
         self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, trim_step: ThresholdTrim,
-        out: torch.Tensor, found: Contested, tag: str,
+        out: torch.Tensor, found: Contested, tag: str, ties: list[tuple[int, torch.Tensor]],
     ) -> torch.Tensor:  # fmt: skip
-        """``ties_chunk_`` over the columns ``[begin, end)``, chunk by chunk, in scratch buffers ``tag``."""
+        """``ties_chunk_`` over the columns ``[begin, end)``, chunk by chunk, in scratch buffers ``tag``.
+
+        The ties of the tasks ``trim_step`` watches go to ``ties`` as ``(task, flat positions)``, in flat order.
+        """
         total = torch.zeros((), dtype=torch.int64, device=self.reader.device)
         for start, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
             trimmed = self.reader.buffer(f"trimmed{tag}", taus.shape[1])
@@ -112,21 +94,55 @@ class TiesPass:
             total += chunk_signs
             if cols is not None:
                 found.collect_columns(start, cols, trimmed)
+            ties.extend((task, positions + start) for task, positions in trim_step.seen)
         return total
 
-    def _count_ties(
-        self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, trim_step: ThresholdTrim,
-        needy: list[int], tag: str,
-    ) -> list[int]:  # fmt: skip
-        """Per task, the entries of ``[begin, end)`` at its threshold (tasks in ``needy`` only; others 0)."""
-        found = [0] * self.reader.n_tasks
-        if not needy:
-            return found
-        # only the needy tasks' rows (usually one or two of N): their task vectors are computed as the merge computes them
-        for _, taus in self.reader.chunks_of(base, [fts[i] for i in needy], begin, end, buffer=f"taus{tag}"):
-            for row, i in enumerate(needy):  # the comparison ThresholdTrim makes
-                found[i] += int((taus[row].abs() == trim_step.thresholds[i].value).sum())
-        return found
+    def _keep_ties(
+        self, base: torch.Tensor, fts: list[torch.Tensor], trim_step: ThresholdTrim, out: torch.Tensor,
+        ties: list[tuple[int, torch.Tensor]], contested: Contested,
+    ) -> torch.Tensor:  # fmt: skip
+        """Keep the first of ``ties`` (flat order) that ``trim_step``'s budget allows; the change of the sign sum.
+
+        ``out`` was merged without any threshold tie. The columns of the kept ones are merged
+        again with them (the same arithmetic as the pass, on the gathered columns), their
+        contested entries replace those of the merge without, and the budget they did not
+        take goes on to the next keys.
+        """
+        left = list(trim_step.tie_budget)
+        kept: dict[int, list[torch.Tensor]] = {}
+        for task, positions in ties:
+            take = positions[: left[task]]
+            if take.numel():
+                kept.setdefault(task, []).append(take)
+                left[task] -= take.numel()
+        trim_step.tie_budget = left
+        if not kept:
+            return torch.zeros((), dtype=torch.int64, device=out.device)
+        cd = self.reader.compute_dtype
+        cols = torch.unique(torch.cat([p for parts in kept.values() for p in parts]))  # sorted
+        where = {task: torch.searchsorted(cols, torch.cat(parts)) for task, parts in kept.items()}
+        b = base[cols].to(cd)
+        taus = torch.stack([ft[cols].to(cd) - b for ft in fts])  # as reading.TaskReader.chunks_of computes them
+
+        def trim(with_ties: bool) -> Callable[..., torch.Tensor]:
+            def apply(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                for i, (row, cut) in enumerate(zip(t, trim_step.cuts)):  # ThresholdTrim's arithmetic
+                    torch.hardshrink(row, cut, out=out[i])
+                    if with_ties and i in where:
+                        out[i, where[i]] = row[where[i]]
+                return out
+
+            return apply
+
+        scratch = torch.empty(cols.numel(), dtype=cd, device=out.device)
+        without, _ = ties_chunk_(taus.clone(), trim(False), scratch, torch.empty_like(taus), self.sign, self.merge)  # type: ignore[arg-type]
+        trimmed = torch.empty_like(taus)
+        with_ties, found = ties_chunk_(taus, trim(True), scratch, trimmed, self.sign, self.merge)  # type: ignore[arg-type]
+        out[cols] = scratch
+        contested.drop(cols)
+        if found is not None:
+            contested.collect_columns(0, found, trimmed, index=cols)
+        return with_ties - without
 
     def close(self) -> None:
         """Stop the worker threads (if any started); the next :meth:`run` starts them again."""
