@@ -98,6 +98,13 @@ class ThresholdFinder:
                 next_passes(selectors)  # a miss falls through to the radix passes below
             elif all_bracketed and on_cpu and not any(s.gather for s in selectors):
                 self._bracket_pass(keys, selectors, pool, workers)  # closes the pass
+        # a selection too small for a bracket is many small ops: on one core (see _one_thread)
+        with _one_thread(on_cpu and not self._bracketable(keys)):
+            self._radix_passes(keys, selectors, on_cpu)
+        return [s.result() for s in selectors]
+
+    def _radix_passes(self, keys: Sequence[str], selectors: list[MagnitudeSelector], on_cpu: bool) -> None:
+        """The passes left after the bracket's (all of them without one): each narrows every selector's digit."""
         while not all(s.done for s in selectors):
             bracketed = any(s.bracketed for s in selectors)
             size = self.reader.chunk_size
@@ -108,7 +115,6 @@ class ThresholdFinder:
                     for sel, model, tau in zip(selectors, self.reader.models, taus):
                         sel.observe(tau, name=f"task vector of {model.label} at {key!r}")
             next_passes(selectors)
-        return [s.result() for s in selectors]
 
     def _bracketable(self, keys: Sequence[str]) -> bool:
         """Whether a selection over ``keys`` starts from a sampled bracket (enough entries)."""

@@ -227,6 +227,30 @@ def test_the_sample_and_the_counts_bookkeeping_run_on_one_thread_and_the_setting
     assert seen == [1, 1, 1] and after == 3  # the sample, then one pass closed per task
 
 
+def test_a_selection_too_small_for_a_bracket_runs_its_radix_passes_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a small model's thresholds are radix passes of small ops: on several torch threads each op
+    # waits for the OpenMP team (on a busy machine, a descheduled one), so they run on one
+    from lightning_ties import ties_merge
+    from lightning_ties.merging import select
+
+    seen = []
+    observe = select.MagnitudeSelector.observe
+    monkeypatch.setattr(select.MagnitudeSelector, "observe",
+                        lambda self, *a, **k: seen.append(torch.get_num_threads()) or observe(self, *a, **k))
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.zeros(64, 64)}
+    fts = [{"w": torch.randn(64, 64, generator=g)} for _ in range(3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        merged = ties_merge(base, fts, k=0.2)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1} and after == 3
+    assert torch.equal(merged["w"], ties_merge(base, fts, k=0.2)["w"])  # and the same bits as one thread gives
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_bracket_pass_on_ranks_never_reads_a_key_a_rank_holds_nothing_of(threads: int) -> None:
     # given 2 ranks where 'b' lies wholly on rank 0 and a source that cannot read what its rank
