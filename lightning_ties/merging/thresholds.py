@@ -86,7 +86,8 @@ class ThresholdFinder:
         # The CPU's sample and bracket pass split their work over threads that each run
         # single-threaded ops; this thread's own ops around them (building the selectors, closing
         # the pass) are small: on one core, so that no OpenMP team spins beside the workers.
-        workers = threads if on_cpu and threads > 1 and self._bracketable(keys) else 1
+        bracketable = self._bracketable(keys)
+        workers = threads if on_cpu and threads > 1 and bracketable else 1
         scratch: dict[str, torch.Tensor] = {}
         summed = self.collectives.all_sum if reduce else None
         cd = self.reader.compute_dtype
@@ -99,7 +100,7 @@ class ThresholdFinder:
             elif all_bracketed and on_cpu and not any(s.gather for s in selectors):
                 self._bracket_pass(keys, selectors, pool, workers)  # closes the pass
         # a selection too small for a bracket is many small ops: on one core (see _one_thread)
-        with _one_thread(on_cpu and not self._bracketable(keys)):
+        with _one_thread(on_cpu and not bracketable):
             self._radix_passes(keys, selectors, on_cpu)
         return [s.result() for s in selectors]
 

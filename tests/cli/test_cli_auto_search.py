@@ -97,6 +97,7 @@ def test_search_auto_finished_by_learned_coefficients_keeps_what_the_holdout_pre
     assert winner.name.endswith("(auto)") and report.rows[3].method == "learned"
     learned_on = done["learned"]["report"]["params"]["base_method"]
     assert METHODS[learned_on].decomposes
+    assert report.rows[3].name.startswith("learned" if learned_on == "ties" else f"learned on {learned_on} (")
     if winner.method == learned_on:  # nothing else to beat: the learned coefficients start at the winner
         assert done["compared"] == {} and done["kept"] == "learned"
     else:

@@ -167,5 +167,5 @@ def split_budget(max_epochs: int, max_time_s: float | None, share: float = AUTO_
     return first, max(1, max_epochs - first), (None if max_time_s is None else max_time_s * share)
 
 
-__all__ = ["AUTO_FIRST_SHARE", "AUTO_GRANULARITIES", "StartScale", "choose_granularity", "finish_time", "learned_method", "prefer_on_holdout", "search_start_scale",
-           "split_budget", "start_scale"]
+__all__ = ["AUTO_FIRST_SHARE", "AUTO_GRANULARITIES", "StartScale", "choose_granularity", "finish_time", "learned_method",
+           "prefer_on_holdout", "search_start_scale", "split_budget", "start_scale"]

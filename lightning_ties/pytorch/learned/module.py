@@ -388,7 +388,6 @@ class LearnedMergeModule(pl.LightningModule):
                            thresholds=self.thresholds, lam=None)
 
 
-@torch.no_grad()
 def _head_keys(plan: Any, model: nn.Module, base_src: Any, sources: list[Any], named: list[str]) -> list[str]:
     """User-named heads plus keys that differ across tasks (model order); each task must have them all."""
     model_keys = list(model.state_dict().keys())
@@ -401,6 +400,7 @@ def _head_keys(plan: Any, model: nn.Module, base_src: Any, sources: list[Any], n
     return out
 
 
+@torch.no_grad()
 def _write_base_into(model: nn.Module, src: Any) -> None:
     """Copy base's values into ``model``'s matching entries in place (one copy of the base)."""
     targets = model.state_dict(keep_vars=True)
