@@ -229,9 +229,12 @@ def check_finite_tensor(path: str | os.PathLike[str], key: str, tensor: torch.Te
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    values = tensor if tensor.element_size() > 1 else tensor.float()  # isfinite has no float8 kernels
-    bad = int((~torch.isfinite(values)).sum())
-    if bad:
+    values = tensor if tensor.element_size() > 1 else tensor.float()  # no float8 kernels for these
+    # min and max propagate NaN: both finite means every value is. No bool mask of the tensor's
+    # size is made (a fresh allocation: on a 131 MB tensor 290 ms, against 5 ms for this).
+    low, high = torch.aminmax(values.reshape(-1))
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        bad = int((~torch.isfinite(values)).sum())
         raise OverflowError(
             f"{path}: tensor {key!r} has {bad} inf/NaN value(s) in {tensor.dtype} "
             f"(largest finite: {torch.finfo(tensor.dtype).max}); a merge overflowed its dtype: use a smaller lam, "

@@ -458,7 +458,7 @@ def _merge_part(
     it starts (:class:`OutputHashes`: rank 0 publishes without reading them again), share its digests."""
     mine = {k for k, r in owners.items() if r == collectives.rank}
     stream = start(mine)
-    writer = PartWriter(tmp, job.layout, mine, output)
+    writer = PartWriter(tmp, job.layout, mine, output, check_finite=True)  # as the one-process writers
     try:
         stream.run(writer.write)
     except BaseException:

@@ -337,3 +337,28 @@ def test_the_ranks_hash_the_files_they_wrote_and_publishing_reads_none_again(mod
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_identical(tmp_path / "single", tmp_path / "multi")  # the manifest included
     assert json.loads((tmp_path / "rehashed.rank0.json").read_text()) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_an_fp16_overflow_on_one_rank_is_refused_on_every_rank_as_one_process_refuses_it(tmp_path):
+    # the last tensor overflows float16 at lam=2: on two ranks it is rank 1's (the one-process
+    # writers refused it; the ranks' writer wrote inf)
+    big = 60000.0
+    base = {f"layers.{i}.w": torch.full((64, 64), 1.0) for i in range(4)} | {"layers.4.w": torch.tensor([big, 1.0])}
+    ft = {k: v + 4000.0 if k == "layers.4.w" else v + 0.5 for k, v in base.items()}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.half() for k, v in tensors.items()}, str(tmp_path / name / "model.safetensors"))
+    models = (tmp_path / "base", [tmp_path / "ft"])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OverflowError, match="tensor 'layers.4.w' has 1 inf/NaN"):
+        merge_to(out / "one", *models, "task_arithmetic", lam=2.0, progress=False)
+
+    proc = run_jobs(2, [job(out / "merged", models, method="task_arithmetic", lam=2.0)], tmp_path)
+
+    assert proc.returncode != 0
+    assert sorted(os.listdir(out)) == []  # no output, no temporary
+    assert f"[rank1]: OverflowError: {out / 'merged'}: tensor 'layers.4.w' has 1 inf/NaN value(s) in torch.float16" in proc.stderr
+    assert "[rank0]: lightning_ties.io.ranks.RankFailedError" in proc.stderr
