@@ -45,7 +45,7 @@ from torch import nn
 
 from ..distributed.views import read_rows
 from ..io.validate import coverage_problem
-from ..merging.sources import TensorSource, TensorSpec, as_source
+from ..merging.sources import TensorSource, TensorSpec, as_source, read_strided
 
 #: Keys a source given as a dict may carry besides ``path``.
 SPEC_KEYS = ("path", "prefix", "strip")
@@ -83,6 +83,10 @@ class MatchedSource:
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of dimension 0, read per row range where the wrapped source can (sharded merges)."""
         return read_rows(self.source, self._to_source[key], start, stop)
+
+    def get_strided(self, key: str, first: int, stride: int) -> torch.Tensor:
+        """``get(key).reshape(-1)[first::stride]``, read by the wrapped source where it can (the global trim's sample)."""
+        return read_strided(self.source, self._to_source[key], first, stride)
 
     def __getattr__(self, name: str) -> Any:  # files, folder, hyper_parameters... of the wrapped source
         if name.startswith("_") or name == "source":

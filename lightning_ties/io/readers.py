@@ -66,6 +66,10 @@ class SafetensorsSource:
         """:meth:`get` into the front of ``into``, a flat uint8 buffer the caller reuses (returns a view of it)."""
         return self._where[key].get(key, into)
 
+    def get_strided(self, key: str, first: int, stride: int) -> torch.Tensor:
+        """``get(key).reshape(-1)[first::stride]``, reading only those entries (the global trim's sample)."""
+        return self._where[key].get_strided(key, first, stride)
+
 
 class TorchFileSource(StateDictSource):
     """A pickled state dict (``.pt``/``.bin``/Lightning ``.ckpt``), memory-mapped when possible.

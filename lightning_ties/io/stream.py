@@ -24,7 +24,7 @@ from ..merging import MergeOptions, MergePlan, MergeReport, TaskVectorMerger, pl
 from ..merging.collectives import SINGLE_PROCESS, Collectives
 from ..merging.spec import MergeSpec
 from ..merging.plan import Patterns
-from ..merging.sources import TensorSource, TensorSpec, as_source
+from ..merging.sources import TensorSource, TensorSpec, as_source, read_strided
 from .atomic import atomic_dir, atomic_file, atomic_open, check_output, library_version, owner_metadata
 from .card import SourceDigests, merge_model_card, source_files, write_merge_config
 from .formats import open_source
@@ -93,20 +93,26 @@ class RecentTensorCache:
         assert self._value is not None
         return self._value
 
+    def get_strided(self, key: str, first: int, stride: int) -> torch.Tensor:
+        """``get(key).reshape(-1)[first::stride]`` from the source itself (a file reads only those entries)."""
+        return read_strided(self.source, key, first, stride)
+
     def _read(self, key: str) -> torch.Tensor:
-        get_into = getattr(self.source, "get_into", None)
+        # the class's own get_into: a wrapper's __getattr__ (CommonRowsSource's) would forward
+        # the wrapped source's, which reads the wrapped rows (a vocabulary of another size)
+        get_into = getattr(type(self.source), "get_into", None)
         size = nbytes(self.source.spec(key))
         if get_into is None or size <= _REUSED_BUFFER_BYTES:
             return self.source.get(key)
         free = [i for i, b in enumerate(self._buffers) if not _held_elsewhere(b)]
         fits = [i for i in free if self._buffers[i].numel() >= size]
         if fits:
-            return get_into(key, self._buffers[fits[0]])
+            return get_into(self.source, key, self._buffers[fits[0]])
         # a free buffer too small is dropped before the new one is taken; else the smaller held one
         if free or len(self._buffers) == _BUFFERS:
             self._buffers.pop(free[0] if free else min(range(_BUFFERS), key=lambda i: self._buffers[i].numel()))
         self._buffers.append(torch.empty(size, dtype=torch.uint8))
-        return get_into(key, self._buffers[-1])
+        return get_into(self.source, key, self._buffers[-1])
 
 
 def _held_elsewhere(buffer: torch.Tensor) -> bool:

@@ -94,6 +94,24 @@ class StateDictSource:
         return self._tensors[key].detach()
 
 
+def read_strided(source: TensorSource, key: str, first: int, stride: int) -> torch.Tensor:
+    """``source.get(key).reshape(-1)[first::stride]``, on the source's device.
+
+    A source whose class defines ``get_strided(key, first, stride)`` (a safetensors file:
+    only the picked entries' pages are read) answers it itself. The class's own method,
+    never one a wrapper's ``__getattr__`` forwards: a wrapper that renames keys or
+    changes rows (``CommonRowsSource``) would hand out the wrapped source's values.
+
+    Example:
+        >>> read_strided(StateDictSource({"w": torch.arange(6.0).reshape(2, 3)}), "w", 1, 2)
+        tensor([1., 3., 5.])
+    """
+    reader = getattr(type(source), "get_strided", None)
+    if reader is not None:
+        return reader(source, key, first, stride)
+    return source.get(key).reshape(-1)[first::stride]
+
+
 PathOpener = Callable[..., TensorSource]
 _path_opener: PathOpener | None = None
 

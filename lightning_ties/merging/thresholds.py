@@ -25,6 +25,7 @@ from .collectives import SINGLE_PROCESS, Collectives, ShardLayout
 from .fused import FusedPaths
 from .reading import TaskReader, single_threaded_pool
 from .select import MagnitudeSelector, MagnitudeThreshold, next_passes
+from .sources import read_strided
 
 # The select passes do ~3 cheap ops per entry, where the per-chunk Python overhead shows: they
 # read chunks this many times larger (measured on 8 x 20M float32: 64K for the merge, 256K here).
@@ -207,16 +208,16 @@ class ThresholdFinder:
             start, stop = reader.local_range(key)
             if stop > start:
                 first = (-(offset + start)) % stride
+                # strided where the source is (a file reads only the picked entries), then moved:
+                # only the sample travels. Read here: sources need not be thread-safe.
+                base = read_strided(reader.base, key, first, stride).to(reader.device, reader.compute_dtype)
+                picked = [read_strided(model, key, first, stride) for model in reader.models]
 
-                def strided(t: torch.Tensor, first: int = first) -> torch.Tensor:
-                    # strided on the source's device, then moved: only the sample travels
-                    return t.reshape(-1)[first::stride].to(reader.device, reader.compute_dtype)
+                def tau(t: torch.Tensor) -> torch.Tensor:
+                    return (t.to(reader.device, reader.compute_dtype) - base).abs_()
 
-                base = strided(reader.base.get(key))
-                tensors = [model.get(key) for model in reader.models]  # read here: sources need not be thread-safe
-                for part, sample in zip(parts, _map(pool, lambda t: (strided(t) - base).abs_(), tensors)):
+                for part, sample in zip(parts, _map(pool, tau, picked)):
                     part.append(sample)
-                del tensors
             offset += reader.numel(key)
         samples = torch.stack([torch.cat(part) if part else torch.empty(0, dtype=reader.compute_dtype, device=reader.device) for part in parts])
         if gather:
