@@ -146,6 +146,9 @@ class ThresholdFinder:
             found = _map(pool, lambda job: job(), jobs)
             for i in sorted(set().union(*found)):
                 selectors[i].report_nonfinite(f"task vector of {reader.models[i].label} at {key!r}")
+            # let go of this key's tensors before the next is read: a file source reads into the
+            # buffer nothing else holds (held, each source took a second one of the largest size)
+            del base, fts, jobs
         _map(pool, _BracketCounts.flush, work)  # each worker's last digits, side by side
         reducing = any(s.reduce is not None for s in selectors)
 
