@@ -14,6 +14,9 @@ identical file for file.
     python benchmarks/bench_distributed.py --case merge_to            # 4 x 168M, W=2
     python benchmarks/bench_distributed.py --case merge_to --small    # a quick check
 
+Each run hashes its sources (``LIGHTNING_TIES_DIGEST_CACHE=off``); ``--warm-digests`` measures a
+repeated merge instead (the digests in a cache warmed first), ``--no-hash`` one without digests.
+
 The inputs are built in a temporary folder and deleted afterwards (``--workdir`` keeps them).
 
 ``--case callback``: a LightningModule holding an MLP of ``--layers`` square ``--width`` layers
@@ -113,6 +116,16 @@ def measure_merge_to(name: str, world: int, out: Path, inputs: list[str], root: 
     return row
 
 
+def warm_digest_cache(files: list[Path]) -> None:
+    """Hash the inputs into the digest cache ($LIGHTNING_TIES_DIGEST_CACHE), once they count as settled."""
+    from lightning_ties.io import digests
+
+    newest = max(max(f.stat().st_mtime, f.stat().st_ctime) for f in files)
+    time.sleep(max(0.0, newest + digests.SETTLED_S + 0.1 - time.time()))
+    for f in files:
+        digests.sha256_file(f)
+
+
 def same_folders(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir())
     if names != sorted(p.name for p in b.iterdir()):
@@ -129,11 +142,17 @@ def case_merge_to(args: argparse.Namespace) -> None:
         load = os.getloadavg()
         print(
             f"merge_to, TIES k={DENSITY} (global trim), {args.n_models} models, folder output "
-            f"({'with' if not args.no_hash else 'without'} the sources' sha256), 1 thread per process; "
+            f"({'without' if args.no_hash else 'with'} the sources' sha256{', from the digest cache' if args.warm_digests else ''}), "
+            "1 thread per process; "
             f"{os.cpu_count()} CPUs, load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
             flush=True,
         )
         hashing = not args.no_hash
+        # Cold by default: every merge hashes its sources. --warm-digests: both runs find them in a
+        # digest cache warmed here (a repeated merge of the same sources).
+        os.environ["LIGHTNING_TIES_DIGEST_CACHE"] = str(root / "sha256") if args.warm_digests else "off"
+        if args.warm_digests:
+            warm_digest_cache([Path(f) for folder in inputs for f in Path(folder).iterdir()])
         rows = [measure_merge_to("1 process", 1, root / "out-1", inputs, root, hashing)]
         rows.append(measure_merge_to(f"{args.world} processes", args.world, root / f"out-{args.world}", inputs, root, hashing))
         identical = same_folders(root / "out-1", root / f"out-{args.world}")
@@ -341,6 +360,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temporary folder, removed)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--no-hash", action="store_true", help="merge_to(hash_sources=False): no sha256 of the inputs in the card")
+    parser.add_argument("--warm-digests", action="store_true",
+                        help="--case merge_to: the sources' digests already cached (a repeated merge); default: hashed by each run")
     parser.add_argument("--run-merge-to", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", nargs="*", help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import os
 import shutil
 import tempfile
 from types import ModuleType
@@ -49,6 +50,8 @@ QUIET = dict(
 # which must neither land in the checkout nor carry one test's search progress into another.
 _ROOTS = tempfile.mkdtemp(prefix="lightning-ties-tests-")
 atexit.register(shutil.rmtree, _ROOTS, True)
+# Source digests are remembered there too, not in the user's ~/.cache (the ranks' processes inherit it).
+os.environ["LIGHTNING_TIES_DIGEST_CACHE"] = os.path.join(_ROOTS, "sha256")
 
 
 def _root(root) -> str:

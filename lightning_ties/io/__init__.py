@@ -15,7 +15,8 @@ Example:
 
 from ..merging import register_path_opener
 from .atomic import atomic_dir, atomic_file, atomic_open
-from .card import build_model_card, sha256_file
+from .card import build_model_card
+from .digests import sha256_file
 from .errors import CheckpointError
 from .lora import LoraSource
 from .lora_adapter import LoraMergeReport, merge_lora_adapters

@@ -12,7 +12,6 @@ Every card lightning-ties writes (``merge_to``, learned coefficients) is built b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -24,32 +23,12 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..merging.sources import TensorSource
+from .digests import sha256_file
 
 #: ``library_name`` of every card we write (the Hub shows it and filters on it).
 LIBRARY_NAME = "lightning-ties"
 #: A Hub cache folder (``.../models--org--name/snapshots/<revision>/...``): the repo id is known.
 _HUB_CACHE = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+(?:/|$)")
-
-_HASH_BLOCK = 8 << 20
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 8 MiB blocks.
-
-    Example:
-        >>> import tempfile
-        >>> path = tempfile.mkdtemp() + "/f"
-        >>> _ = open(path, "wb").write(b"abc")
-        >>> sha256_file(path)[:16]
-        'ba7816bf8f01cfea'
-    """
-    digest = hashlib.sha256()
-    buf = bytearray(_HASH_BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def source_files(source: TensorSource) -> list[Path]:

@@ -49,7 +49,8 @@ from ..merging import MergeReport, MergeSpec, TaskVectorMerger, get_method
 from ..merging.sources import TensorSpec, as_source
 from ..merging.subspace import svd
 from .atomic import atomic_dir, check_output, owner_metadata
-from .card import build_model_card, sha256_file
+from .card import build_model_card
+from .digests import sha256_file
 from .errors import CheckpointError
 from .formats import open_source
 from .hf_folder import ADAPTER_CONFIG
