@@ -192,7 +192,11 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             if os.fstat(f.fileno()).st_size < self._data_start + end:  # mapped bytes past the end would be a SIGBUS
                 raise CheckpointError(f"{self.path}: file ended early (truncated while reading?)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            try:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # a file system that cannot map files: read it whole
+                return self.get(name).reshape(-1)[first::stride].clone()
+            with mapped:
                 entries = np.frombuffer(mapped, _UNSIGNED[nbytes(TensorSpec((), spec.dtype))], spec.numel, self._data_start + start)
                 picked = entries[first::stride].copy()
                 del entries  # the mapping closes only once no array points into it

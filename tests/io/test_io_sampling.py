@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import pytest
@@ -42,6 +43,17 @@ def test_a_strided_read_of_a_file_truncated_since_its_header_was_read_is_an_erro
         f.get_strided("w", 0, 3)
     with pytest.raises(ValueError, match="stride >= 1"):
         f.get_strided("w", 0, 0)
+
+
+def test_a_file_system_that_cannot_map_files_gets_the_same_sample_from_a_whole_read(tmp_path, monkeypatch):
+    save_file({"w": torch.arange(1000.0)}, str(tmp_path / "m.safetensors"))
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+
+    def cannot_map(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap raises on a file system without it
+
+    monkeypatch.setattr(mmap, "mmap", cannot_map)
+    assert f.get_strided("w", 3, 100).tolist() == [3.0, 103.0, 203.0, 303.0, 403.0, 503.0, 603.0, 703.0, 803.0, 903.0]
 
 
 def test_wrappers_that_change_what_get_returns_are_never_bypassed(tmp_path):
