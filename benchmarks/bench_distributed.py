@@ -7,7 +7,8 @@ default) into a folder, once by ``merge_to`` in one process and once under
 ``merge_to`` call (rank 0's, which returns once every rank is done and the output is
 published), the wall time of the whole command (interpreter and launcher start included),
 the CPU seconds of each rank's ``merge_to`` (all its threads: the inputs' sha256 runs beside
-the merge) and its peak RSS, the speed-ups, a CPU-bound estimate of the speed-up on idle
+the merge; the kernel's share apart, with the minor page faults: fresh memory and page-cache
+pages are costly on some VMs) and its peak RSS, the speed-ups, a CPU-bound estimate of the speed-up on idle
 cores (the measured one depends on what else runs), and whether the two outputs are
 identical file for file.
 
@@ -64,14 +65,19 @@ def run_merge_to(out: str, inputs: list[str], record: str, hash_sources: bool) -
     from lightning_ties import merge_to
 
     start, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     merge_to(out, inputs[0], inputs[1:], "ties", k=DENSITY, progress=False, hash_sources=hash_sources)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     rank = int(os.environ.get("RANK", 0))
     record_row = {
         "rank": rank, "merge_s": seconds,
         "cpu_s": time.process_time() - cpu,  # merge_to's CPU, all threads (the sha256 thread too)
         "main_thread_cpu_s": time.thread_time() - thread,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # the kernel's share: copies from and into the page cache, and the faults of fresh memory
+        "system_cpu_s": after.ru_stime - before.ru_stime,
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+        "peak_rss_mb": after.ru_maxrss / 1024,
     }
     Path(f"{record}.rank{rank}.json").write_text(json.dumps(record_row))
 
@@ -104,6 +110,7 @@ def measure_merge_to(name: str, world: int, out: Path, inputs: list[str], root: 
     row = {
         "name": name, "world": world, "merge_s": ranks[0]["merge_s"], "wall_s": wall,
         "cpu_s": [r["cpu_s"] for r in ranks], "main_thread_cpu_s": [r["main_thread_cpu_s"] for r in ranks],
+        "system_cpu_s": [r["system_cpu_s"] for r in ranks], "minor_faults": [r["minor_faults"] for r in ranks],
         "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
     }
     rss = " / ".join(f"{mb:.0f}" for mb in row["peak_rss_mb"])
@@ -161,15 +168,17 @@ def case_merge_to(args: argparse.Namespace) -> None:
         one, many = rows
         print(
             "\n| processes | merge_to (s) | wall (s) | CPU per rank (s) | main-thread CPU per rank (s) "
-            "| peak RSS per rank (MB) | merge_to speed-up | wall speed-up |"
+            "| system CPU per rank (s) | minor faults per rank (K) | peak RSS per rank (MB) | merge_to speed-up | wall speed-up |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            rss = " / ".join(f"{mb:.0f}" for mb in r["peak_rss_mb"])
-            cpu = " / ".join(f"{s:.1f}" for s in r["cpu_s"])
-            main_cpu = " / ".join(f"{s:.1f}" for s in r["main_thread_cpu_s"])
+            def per_rank(field: str, fmt: str, scale: float = 1.0) -> str:
+                return " / ".join(format(v / scale, fmt) for v in r[field])
+
             print(
-                f"| {r['world']} | {r['merge_s']:.2f} | {r['wall_s']:.2f} | {cpu} | {main_cpu} | {rss} | "
+                f"| {r['world']} | {r['merge_s']:.2f} | {r['wall_s']:.2f} | {per_rank('cpu_s', '.1f')} | "
+                f"{per_rank('main_thread_cpu_s', '.1f')} | {per_rank('system_cpu_s', '.1f')} | "
+                f"{per_rank('minor_faults', '.0f', 1000)} | {per_rank('peak_rss_mb', '.0f')} | "
                 f"{one['merge_s'] / r['merge_s']:.2f}x | {one['wall_s'] / r['wall_s']:.2f}x |"
             )
         # On W idle cores one process runs its main thread on one and hashes on another, while
