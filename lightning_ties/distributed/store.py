@@ -12,8 +12,10 @@ Each rank writes only its own folder, through :class:`~lightning_ties.io.task_st
 vector is trimmed with the global threshold (the engine's counts all-reduced), so the pieces
 are exactly the single-process store's entries of this rank's rows, and merging them equals
 the single-process continual merge bit for bit. A store written by W ranks is read back by W
-ranks sharded the same way (checked: the world size and every rank's ranges); a store written
-by one process is refused here, as this store is refused by one process.
+ranks sharded the same way (checked: every rank's ranges); a fit on another number of ranks first
+writes its own ``rank-<r>-of-<W'>`` folders from the old ones, copying the stored entries of its
+rows (:meth:`ShardedTaskStore._reshard`). A store written by one process is refused here, as this
+store is refused by one process.
 
 Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
@@ -36,6 +38,8 @@ import torch.distributed as dist
 
 from ..io.errors import CheckpointError
 from ..io.ownership import check_writable
+from ..io.readers import SafetensorsSource
+from ..io.safetensors_file import SafetensorsFile
 from ..io.task_store import TaskVectorSource, TaskVectorStore
 from .views import LocalSource, ShardedView, UnsupportedShardingError
 
@@ -85,8 +89,14 @@ class ShardedTaskStore:
         return {key: [int(a), int(b)] for key, (a, b) in self.view.shards.items()}
 
     def check(self) -> None:
-        """Refuse a store this rank cannot continue: one written by one process, by another world size,
-        or with other row ranges (another model or sharding); then the rank's own files, headers only."""
+        """Refuse a store this rank cannot continue: one written by one process, or with other row ranges
+        (another model or sharding); then the rank's own files, headers only. A store written by another
+        number of ranks is first laid out again for this one (:meth:`_reshard`)."""
+        old = self._together(lambda: (self.index.index().get("sharded") or {}).get("world_size"))
+        if old is not None and old != self.world_size:
+            self._together(lambda: self._reshard(int(old)))
+            self._together(lambda: self.rank == 0 and self.index.update_index(sharded={"world_size": self.world_size}))
+
         def check() -> None:
             index = self.index.index()
             sharded = index.get("sharded")
@@ -94,11 +104,6 @@ class ShardedTaskStore:
                 raise CheckpointError(
                     f"{self.root} was written by one process (whole task vectors); a sharded fit cannot continue it: "
                     "continue it in one process or under DDP, or use a new store folder"
-                )
-            if sharded is not None and sharded.get("world_size") != self.world_size:
-                raise CheckpointError(
-                    f"{self.root} was written by {sharded.get('world_size')} ranks, this fit has {self.world_size}: "
-                    f"continue it with {sharded.get('world_size')} ranks, or use a new store folder"
                 )
             stored = self.local.index().get("shards")
             if stored is not None and stored != self._shards:
@@ -112,6 +117,53 @@ class ShardedTaskStore:
             self.local.check()
 
         self._together(check)
+
+    def _reshard(self, old: int) -> None:
+        """Write this rank's folder from the folders of the ``old`` ranks that wrote the store.
+
+        Its rows of the base and of every stored task are the stored entries, copied as they are
+        (trimmed once, with the global threshold: no re-trim, no base + tau - base rounding), so the
+        merges that follow are the ones the store gave before. The old ranks' folders are left as
+        they were: the store can go back to that world size while nothing was added since.
+        """
+        if self.local.has_base() or self.local.names():
+            raise CheckpointError(
+                f"{self.local.root} is left from an earlier run on {self.world_size} ranks, and the store has since "
+                f"continued on {old}: remove the folders rank-*-of-{self.world_size} of {self.root} (they are "
+                f"outdated; the store rebuilds them), or continue on {old} ranks"
+            )
+        olds = [TaskVectorStore(self.root / f"rank-{j}-of-{old}", k=None) for j in range(old)]
+        layout = [{key: tuple(r) for key, r in (o.index().get("shards") or {}).items()} for o in olds]
+        base_files = [SafetensorsFile(o.base_path) for o in olds]
+
+        def rows(key: str, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
+            # this rank's flat range of `key`, from the old ranks whose ranges cover it
+            start, stop = self.view.shards[key]
+            if start == stop:  # none of it here: an empty piece of the stored dtype
+                return read(next(j for j, ranges in enumerate(layout) if key in ranges)).reshape(-1)[:0]
+            parts, pos = [], start
+            while pos < stop:
+                j = next((j for j, ranges in enumerate(layout) if key in ranges and ranges[key][0] <= pos < ranges[key][1]), None)
+                if j is None:
+                    raise CheckpointError(
+                        f"{self.root}: no folder of the {old} ranks that wrote the store holds entry {pos} of {key!r}; "
+                        "the store is damaged (restore it, or use a new store folder)"
+                    )
+                lo, hi = layout[j][key]
+                parts.append(read(j).reshape(-1)[pos - lo : min(stop, hi) - lo])
+                pos = min(stop, hi)
+            return torch.cat(parts)
+
+        mine = [key for key in base_files[0].specs if key in self.view.shards]
+        self.local.save_base({key: rows(key, lambda j, key=key: base_files[j].get(key)) for key in mine})
+        self.local.update_index(shards=self._shards)
+        for name in self.names():
+            stored = [o.source(name, base=SafetensorsSource([o.base_path])) for o in olds]
+            tau = {key: rows(key, lambda j, key=key: stored[j].tau(key))
+                   for key in stored[0].merged_keys if key in self.view.shards}
+            full = {key: rows(key, lambda j, key=key: stored[j].get(key)).reshape(self.view.entries[key].piece().shape)
+                    for key in stored[0].keys() if key not in tau and key in self.view.shards}
+            self.local.put(name, tau, full)
 
     def names(self) -> list[str]:
         """The tasks every rank has stored, in the order they were added."""

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class TaskVectorStore:
         if sharded is not None:  # lightning_ties.distributed.store: each rank's rows in its own folder
             raise CheckpointError(
                 f"{self.root} was written by a sharded fit on {sharded.get('world_size')} ranks (each rank's rows in "
-                f"{self.root}/rank-<r>-of-<W>): continue it under the same sharded strategy and world size, "
+                f"{self.root}/rank-<r>-of-<W>): continue it under a sharded strategy (on any number of ranks), "
                 "or use a new store folder"
             )
         if not self.has_base():
@@ -221,12 +221,25 @@ class TaskVectorStore:
             MergeSpec(None, sign=None, merge="sum")
         )
         tau = merged_task_vector(base_src, [finetuned], spec, exclude=self.exclude, collectives=collectives, shards=shards)
+        if shards is not None:  # a rank's pieces are stored flat, as its base's
+            tau = {key: t.reshape(-1) for key, t in tau.items()}
         ft = as_source(finetuned, name, base=base_src)
+        full = {key: ft.get(key).detach().cpu() for key in ft.keys() if key not in tau and ft.spec(key).is_floating}
+        return self.put(name, tau, full, overwrite=overwrite)
+
+    def put(self, name: str, tau: Mapping[str, torch.Tensor], full: Mapping[str, torch.Tensor],
+            overwrite: bool = False) -> dict[str, int]:
+        """Store task ``name`` as given: its (already trimmed) task vector and its unmerged entries.
+
+        What :meth:`add` writes after the trim; a sharded store rebuilt for another world size
+        (:mod:`lightning_ties.distributed.store`) writes the stored entries again, unchanged.
+        """
+        path = self.task_path(name)
+        check_writable(path)
         tensors: dict[str, torch.Tensor] = {}
         shapes: dict[str, list[int]] = {}
         stored = numel = 0
         for key, t in tau.items():
-            t = t.reshape(-1) if shards is not None else t  # a rank's pieces are stored flat, as its base's
             flat = t.reshape(-1)
             shapes[key] = list(t.shape)
             numel += flat.numel()
@@ -237,9 +250,8 @@ class TaskVectorStore:
                 tensors[f"val/{key}"] = flat[idx].contiguous()
             else:
                 tensors[f"tau/{key}"] = t.contiguous()
-        for key in ft.keys():
-            if key not in tau and ft.spec(key).is_floating:
-                tensors[f"full/{key}"] = ft.get(key).detach().cpu().contiguous()
+        for key, value in full.items():
+            tensors[f"full/{key}"] = value.contiguous()
         meta = {"format": FORMAT, "k": json.dumps(self.k), "shapes": json.dumps(shapes)}
         with self._locked():  # another process's add between reading and writing the index would be lost
             names = self.names()

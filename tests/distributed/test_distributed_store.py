@@ -90,3 +90,56 @@ def test_a_store_under_hsdp_is_refused_naming_what_is_supported(tmp_path):
     message = run_ranks(_store_under_hsdp, 2, str(tmp_path / "store"))[0]
     assert "under HSDP (the parameters sharded over 1 of 2 ranks) is not supported" in message
     assert "FSDPStrategy" in message and not (tmp_path / "store").exists()
+
+
+def task_model(name: str) -> dict[str, torch.Tensor]:
+    base, _ = whole_models()
+    g = torch.Generator().manual_seed(ord(name))
+    return {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+
+def _continue_on_ranks(rank: int, world: int, root: str, add: list[str]) -> dict:
+    """A fit on ``world`` ranks continuing the store (whatever world size wrote it), adding ``add``."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_ties.distributed import LocalSource, ShardedTaskStore, sharded_view
+
+    base, _ = whole_models()
+    model = nn.Sequential(nn.Linear(6, 7), nn.Linear(7, 3))
+    model.load_state_dict(base)
+    fully_shard(model)
+    view = sharded_view(model)
+    store = ShardedTaskStore(root, view, k=K)
+    store.check()
+    if not store.has_base():
+        store.save_base(view.local_state())
+    for name in add:
+        rows = {key: task_model(name)[key][slice(*entry.rows)] for key, entry in view.entries.items()}
+        store.add(name, LocalSource(rows, view.specs(), name), store.base_pieces())
+    return {name: {key: store.source(name).get(key) for key in view.keys} for name in store.names()}
+
+
+def test_a_store_written_by_w_ranks_is_continued_by_another_number_of_ranks_with_the_same_tasks(tmp_path):
+    # given tasks a and b stored by 2 ranks, when 3 ranks continue the store (adding c), then 1
+    root = str(tmp_path / "store")
+    single = TaskVectorStore(tmp_path / "single", k=K)
+    single.save_base(whole_models()[0])
+    for world, add in ((2, ["a", "b"]), (3, ["c"]), (1, []), (2, ["d"])):
+        for name in add:
+            single.add(name, task_model(name))
+        if world == 2 and add == ["d"]:  # back to 2 ranks: their folders are outdated now, and refused
+            with pytest.raises(RuntimeError, match=r"rank-0-of-2 is left from an earlier run on 2 ranks.*remove the folders"):
+                run_ranks(_continue_on_ranks, world, root, add)
+            for folder in Path(root).glob("rank-*-of-2"):
+                for path in sorted(folder.rglob("*"), reverse=True):
+                    path.rmdir() if path.is_dir() else path.unlink()
+                folder.rmdir()
+        results = run_ranks(_continue_on_ranks, world, root, add)
+        # then every rank reads its rows of every task so far, as one process's store holds them
+        for name in single.names():
+            expected = single.source(name)
+            for key in whole_models()[0]:
+                assert torch.equal(torch.cat([r[name][key] for r in results]), expected.get(key)), (world, name, key)
+        assert sorted(p.name for p in Path(root).iterdir() if p.name.startswith(f"rank-") and p.name.endswith(f"of-{world}")) == [
+            f"rank-{r}-of-{world}" for r in range(world)
+        ]

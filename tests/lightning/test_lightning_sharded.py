@@ -172,6 +172,21 @@ def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy
     assert proc.returncode != 0 and "was written by one process (whole task vectors)" in proc.stderr
 
 
+@pytest.mark.timeout(400)
+def test_a_continual_store_written_on_2_ranks_is_continued_on_3_as_one_process_continues_it(task_files, continual_single,
+                                                                                          tmp_path):
+    # given tasks a and b stored by fits on 2 ranks, when task c's fit runs on 3 ranks (uneven rows)
+    _, singles = continual_single
+    for (task, start_from), devices in zip(CONTINUAL_RUNS, (2, 2, 3)):
+        sharded = fit("model_parallel", task_files, tmp_path / task, apply=f"continual:{task}:{start_from}", devices=devices)
+        assert sharded["world"] == devices
+    # then c starts from the stored merge of a and b and ends with the merge of all three, as in one process
+    assert_equal(sharded["started"], singles["c"]["started"])
+    assert_equal(sharded["merged"], singles["c"]["merged"])
+    assert sorted(p.name for p in (tmp_path / "store").iterdir() if p.name.startswith("rank-")) == [
+        "rank-0-of-2", "rank-0-of-3", "rank-1-of-2", "rank-1-of-3", "rank-2-of-3"]
+
+
 @pytest.mark.timeout(300)
 def test_a_continual_search_on_validation_data_on_shards_chooses_and_merges_as_one_process(task_files, tmp_path):
     # tasks a then b arrive; each fit searches k x lam on the validation data of every task so far
