@@ -14,8 +14,8 @@ are exactly the single-process store's entries of this rank's rows, and merging 
 the single-process continual merge bit for bit. A store written by W ranks is read back by W
 ranks sharded the same way (checked: every rank's ranges); a fit on another number of ranks first
 writes its own ``rank-<r>-of-<W'>`` folders from the old ones, copying the stored entries of its
-rows (:meth:`ShardedTaskStore._reshard`). A store written by one process is refused here, as this
-store is refused by one process.
+rows (:meth:`ShardedTaskStore._reshard`); so does a fit continuing a store one process wrote. One
+process refuses a store W ranks wrote.
 
 Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
@@ -89,22 +89,17 @@ class ShardedTaskStore:
         return {key: [int(a), int(b)] for key, (a, b) in self.view.shards.items()}
 
     def check(self) -> None:
-        """Refuse a store this rank cannot continue: one written by one process, or with other row ranges
-        (another model or sharding); then the rank's own files, headers only. A store written by another
-        number of ranks is first laid out again for this one (:meth:`_reshard`)."""
-        old = self._together(lambda: (self.index.index().get("sharded") or {}).get("world_size"))
-        if old is not None and old != self.world_size:
-            self._together(lambda: self._reshard(int(old)))
+        """Refuse a store this rank cannot continue: one with other row ranges (another model or sharding);
+        then the rank's own files, headers only. A store written by one process or by another number of
+        ranks is first laid out again for this one (:meth:`_reshard`)."""
+        index = self._together(self.index.index)
+        written_by = (index.get("sharded") or {}).get("world_size")
+        one_process = index.get("sharded") is None and bool(index.get("tasks") or self.index.has_base())
+        if one_process or (written_by is not None and written_by != self.world_size):
+            self._together(lambda: self._reshard(written_by))
             self._together(lambda: self.rank == 0 and self.index.update_index(sharded={"world_size": self.world_size}))
 
         def check() -> None:
-            index = self.index.index()
-            sharded = index.get("sharded")
-            if sharded is None and (index.get("tasks") or self.index.has_base()):
-                raise CheckpointError(
-                    f"{self.root} was written by one process (whole task vectors); a sharded fit cannot continue it: "
-                    "continue it in one process or under DDP, or use a new store folder"
-                )
             stored = self.local.index().get("shards")
             if stored is not None and stored != self._shards:
                 raise CheckpointError(
@@ -118,23 +113,30 @@ class ShardedTaskStore:
 
         self._together(check)
 
-    def _reshard(self, old: int) -> None:
-        """Write this rank's folder from the folders of the ``old`` ranks that wrote the store.
+    def _reshard(self, old: int | None) -> None:
+        """Write this rank's folder from what wrote the store: the folders of its ``old`` ranks, or (None)
+        one process's whole tensors.
 
         Its rows of the base and of every stored task are the stored entries, copied as they are
         (trimmed once, with the global threshold: no re-trim, no base + tau - base rounding), so the
-        merges that follow are the ones the store gave before. The old ranks' folders are left as
-        they were: the store can go back to that world size while nothing was added since.
+        merges that follow are the ones the store gave before. What was read is left as it was (going
+        back to that world size later asks for its folders to be removed: they may be outdated; one
+        process refuses the store from now on).
         """
         if self.local.has_base() or self.local.names():
             raise CheckpointError(
                 f"{self.local.root} is left from an earlier run on {self.world_size} ranks, and the store has since "
-                f"continued on {old}: remove the folders rank-*-of-{self.world_size} of {self.root} (they are "
-                f"outdated; the store rebuilds them), or continue on {old} ranks"
+                f"continued on {old or 'one process'}: remove the folders rank-*-of-{self.world_size} of {self.root} "
+                "(they are outdated; the store rebuilds them), or use a new store folder"
             )
-        olds = [TaskVectorStore(self.root / f"rank-{j}-of-{old}", k=None) for j in range(old)]
-        layout = [{key: tuple(r) for key, r in (o.index().get("shards") or {}).items()} for o in olds]
-        base_files = [SafetensorsFile(o.base_path) for o in olds]
+        if old is None:  # one process: a single 'rank' holding every key whole
+            olds = [self.index]
+            base_files = [SafetensorsFile(self.index.base_path)]
+            layout = [{key: (0, spec.numel) for key, spec in base_files[0].specs.items()}]
+        else:
+            olds = [TaskVectorStore(self.root / f"rank-{j}-of-{old}", k=None) for j in range(old)]
+            layout = [{key: tuple(r) for key, r in (o.index().get("shards") or {}).items()} for o in olds]
+            base_files = [SafetensorsFile(o.base_path) for o in olds]
 
         def rows(key: str, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
             # this rank's flat range of `key`, from the old ranks whose ranges cover it

@@ -96,8 +96,9 @@ class ContinualTiesMerging(TiesMerging):
 
     Under ``ModelParallelStrategy`` (FSDP2) and ``FSDPStrategy`` each rank keeps only its own rows of the base
     and of every stored task, in its own folder of the store (``rank-<r>-of-<W>``); the merge equals the
-    single-process continual merge bit for bit. Such a store is continued by the same sharded strategy and
-    world size only (one process refuses it, as a sharded fit refuses a store written by one process).
+    single-process continual merge bit for bit. A fit on another number of ranks (or a sharded fit continuing
+    a store one process wrote) first lays the stored entries out for its own ranks; one process refuses a store
+    sharded ranks wrote.
     """
 
     #: what the sharded merge of this callback is (see :func:`~.sharded.sharded_merging`)

@@ -143,3 +143,24 @@ def test_a_store_written_by_w_ranks_is_continued_by_another_number_of_ranks_with
         assert sorted(p.name for p in Path(root).iterdir() if p.name.startswith(f"rank-") and p.name.endswith(f"of-{world}")) == [
             f"rank-{r}-of-{world}" for r in range(world)
         ]
+
+
+def test_a_store_written_by_one_process_is_continued_by_ranks_and_then_refused_by_one_process(tmp_path):
+    from lightning_ties.io import CheckpointError
+
+    root = tmp_path / "store"
+    one = TaskVectorStore(root, k=K)
+    one.save_base(whole_models()[0])
+    one.add("a", task_model("a"))
+    expected_a = {key: one.source("a").get(key) for key in whole_models()[0]}
+
+    results = run_ranks(_continue_on_ranks, 2, str(root), ["b"])
+
+    single = TaskVectorStore(tmp_path / "single", k=K)
+    single.save_base(whole_models()[0])
+    for name in ("a", "b"):
+        single.add(name, task_model(name))
+        for key, value in {k: single.source(name).get(k) for k in expected_a}.items():
+            assert torch.equal(torch.cat([r[name][key] for r in results]), value), (name, key)
+    with pytest.raises(CheckpointError, match="written by a sharded fit on 2 ranks"):
+        TaskVectorStore(root, k=K).check()

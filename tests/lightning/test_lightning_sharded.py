@@ -152,7 +152,7 @@ def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy
     from lightning_ties.io import CheckpointError
     from lightning_ties.io.task_store import TaskVectorStore
 
-    single_root, singles = continual_single
+    _, singles = continual_single
     for task, start_from in CONTINUAL_RUNS:
         sharded = fit(strategy, task_files, tmp_path / task, apply=f"continual:{task}:{start_from}")
         single = singles[task]
@@ -165,11 +165,9 @@ def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy
     store = tmp_path / "store"
     assert sorted(p.name for p in store.iterdir() if p.name.startswith("rank-")) == ["rank-0-of-2", "rank-1-of-2"]
     assert TaskVectorStore(store / "rank-1-of-2", k=None).names() == ["a", "b", "c"]
-    # one process refuses the sharded store, and a sharded fit refuses the store one process wrote
+    # one process refuses the sharded store (a sharded fit continues one process's: test_distributed_store.py)
     with pytest.raises(CheckpointError, match="written by a sharded fit on 2 ranks"):
         TaskVectorStore(store, k=0.3).check()
-    proc = launch(strategy, task_files, single_root / f"d-{strategy}", apply="continual:c:base")
-    assert proc.returncode != 0 and "was written by one process (whole task vectors)" in proc.stderr
 
 
 @pytest.mark.timeout(400)
