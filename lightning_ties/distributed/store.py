@@ -138,19 +138,24 @@ class ShardedTaskStore:
             layout = [{key: tuple(r) for key, r in (o.index().get("shards") or {}).items()} for o in olds]
             base_files = [SafetensorsFile(o.base_path) for o in olds]
 
+        def holder(key: str, pos: int | None) -> int:
+            # the old rank holding entry `pos` of `key` (None: any entry)
+            for j, ranges in enumerate(layout):
+                if key in ranges and (pos is None or ranges[key][0] <= pos < ranges[key][1]):
+                    return j
+            raise CheckpointError(
+                f"{self.root}: nothing of what wrote the store ({f'{old} ranks' if old else 'one process'}) holds entry {pos or 0} of "
+                f"{key!r}; the store is damaged (restore it, or use a new store folder)"
+            )
+
         def rows(key: str, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
             # this rank's flat range of `key`, from the old ranks whose ranges cover it
             start, stop = self.view.shards[key]
             if start == stop:  # none of it here: an empty piece of the stored dtype
-                return read(next(j for j, ranges in enumerate(layout) if key in ranges)).reshape(-1)[:0]
+                return read(holder(key, None)).reshape(-1)[:0]
             parts, pos = [], start
             while pos < stop:
-                j = next((j for j, ranges in enumerate(layout) if key in ranges and ranges[key][0] <= pos < ranges[key][1]), None)
-                if j is None:
-                    raise CheckpointError(
-                        f"{self.root}: no folder of the {old} ranks that wrote the store holds entry {pos} of {key!r}; "
-                        "the store is damaged (restore it, or use a new store folder)"
-                    )
+                j = holder(key, pos)
                 lo, hi = layout[j][key]
                 parts.append(read(j).reshape(-1)[pos - lo : min(stop, hi) - lo])
                 pos = min(stop, hi)
