@@ -4,7 +4,8 @@ No Lightning here (the Lightning layer calls it): :mod:`.collectives` (sums and 
 process group), :mod:`.views` (how a rank sees its slice of an FSDP2/FSDP1 module and of each
 task's weights), :mod:`.merge` (tau_m on each rank's shards, applied in place), :mod:`.fit` (what
 the merging callbacks keep across a fit: the base's rows, the merge at fit end, gathered writes),
-:mod:`.store` (the continual task store written by W ranks, each its own rows).
+:mod:`.store` (the continual task store written by W ranks, each its own rows; :func:`gather_store` puts
+them together for one process).
 
 Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
@@ -18,7 +19,7 @@ Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 from .collectives import TorchCollectives, shard_collectives
 from .fit import ShardedFitMerge, full_state, save_full_safetensors
 from .merge import ShardedMerge, merge_sharded_
-from .store import ShardedTaskStore, StoredRows
+from .store import ShardedTaskStore, StoredRows, gather_store
 from .views import (
     LocalSource,
     RowsSource,
@@ -41,6 +42,7 @@ __all__ = [
     "UnsupportedShardingError",
     "chunk_rows",
     "full_state",
+    "gather_store",
     "merge_sharded_",
     "read_rows",
     "save_full_safetensors",

@@ -15,7 +15,10 @@ the single-process continual merge bit for bit. A store written by W ranks is re
 ranks sharded the same way (checked: every rank's ranges); a fit on another number of ranks first
 writes its own ``rank-<r>-of-<W'>`` folders from the old ones, copying the stored entries of its
 rows (:meth:`ShardedTaskStore._reshard`); so does a fit continuing a store one process wrote. One
-process refuses a store W ranks wrote.
+process continues a store W ranks wrote once :func:`gather_store` has put the rows together into
+whole tensors (``root/base.safetensors``, ``root/tasks/``), from the global shapes rank 0 records
+in the index. A layout left from an earlier world size (or one process) is written again, never
+read: the store may have grown since.
 
 Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
@@ -29,6 +32,7 @@ Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +45,7 @@ from ..io.ownership import check_writable
 from ..io.readers import SafetensorsSource
 from ..io.safetensors_file import SafetensorsFile
 from ..io.task_store import TaskVectorSource, TaskVectorStore
+from ..merging.sources import TensorSpec
 from .views import LocalSource, ShardedView, UnsupportedShardingError
 
 T = TypeVar("T")
@@ -89,15 +94,17 @@ class ShardedTaskStore:
         return {key: [int(a), int(b)] for key, (a, b) in self.view.shards.items()}
 
     def check(self) -> None:
-        """Refuse a store this rank cannot continue: one with other row ranges (another model or sharding);
-        then the rank's own files, headers only. A store written by one process or by another number of
-        ranks is first laid out again for this one (:meth:`_reshard`)."""
+        """Refuse a store this rank cannot continue: one of another model (the global shapes the index
+        records), one with other row ranges (another sharding); then the rank's own files, headers only.
+        A store written by one process or by another number of ranks is first laid out again for this
+        one (:meth:`_reshard`)."""
         index = self._together(self.index.index)
-        written_by = (index.get("sharded") or {}).get("world_size")
-        one_process = index.get("sharded") is None and bool(index.get("tasks") or self.index.has_base())
+        sharded = index.get("sharded")
+        written_by = (sharded or {}).get("world_size")
+        one_process = sharded is None and bool(index.get("tasks") or self.index.has_base())
+        self._together(lambda: self._check_shapes((sharded or {}).get("shapes")))
         if one_process or (written_by is not None and written_by != self.world_size):
             self._together(lambda: self._reshard(written_by))
-            self._together(lambda: self.rank == 0 and self.index.update_index(sharded={"world_size": self.world_size}))
 
         def check() -> None:
             stored = self.local.index().get("shards")
@@ -112,6 +119,18 @@ class ShardedTaskStore:
             self.local.check()
 
         self._together(check)
+        if one_process or (sharded is not None and sharded != self._marker()):  # a store from before shapes were recorded
+            self._together(self._mark_sharded)
+
+    def _check_shapes(self, shapes: Mapping[str, Any] | None) -> None:
+        """Refuse a store of another model: a key it recorded with another global shape than the module's."""
+        specs = self.view.specs()
+        for key, shape in (shapes or {}).items():
+            if key in specs and list(shape) != list(specs[key].shape):
+                raise CheckpointError(
+                    f"{self.root}: {key!r} is stored with shape {list(shape)}, the module's is {list(specs[key].shape)}: "
+                    "the store holds another model's weights; use a new store folder for this model"
+                )
 
     def _reshard(self, old: int | None) -> None:
         """Write this rank's folder from what wrote the store: the folders of its ``old`` ranks, or (None)
@@ -119,34 +138,22 @@ class ShardedTaskStore:
 
         Its rows of the base and of every stored task are the stored entries, copied as they are
         (trimmed once, with the global threshold: no re-trim, no base + tau - base rounding), so the
-        merges that follow are the ones the store gave before. What was read is left as it was (going
-        back to that world size later asks for its folders to be removed: they may be outdated; one
-        process refuses the store from now on).
+        merges that follow are the ones the store gave before. What was read is left as it was. A folder
+        this rank kept from an earlier run on this world size is written again (the store may have grown,
+        or replaced tasks, since): its files are ours; one changed by anyone else is refused
+        (:func:`~lightning_ties.io.ownership.check_writable`).
         """
-        if self.local.has_base() or self.local.names():
-            raise CheckpointError(
-                f"{self.local.root} is left from an earlier run on {self.world_size} ranks, and the store has since "
-                f"continued on {old or 'one process'}: remove the folders rank-*-of-{self.world_size} of {self.root} "
-                "(they are outdated; the store rebuilds them), or use a new store folder"
-            )
         if old is None:  # one process: a single 'rank' holding every key whole
             olds = [self.index]
             base_files = [SafetensorsFile(self.index.base_path)]
             layout = [{key: (0, spec.numel) for key, spec in base_files[0].specs.items()}]
         else:
-            olds = [TaskVectorStore(self.root / f"rank-{j}-of-{old}", k=None) for j in range(old)]
+            olds = _rank_stores(self.root, old)
             layout = [{key: tuple(r) for key, r in (o.index().get("shards") or {}).items()} for o in olds]
             base_files = [SafetensorsFile(o.base_path) for o in olds]
 
         def holder(key: str, pos: int | None) -> int:
-            # the old rank holding entry `pos` of `key` (None: any entry)
-            for j, ranges in enumerate(layout):
-                if key in ranges and (pos is None or ranges[key][0] <= pos < ranges[key][1]):
-                    return j
-            raise CheckpointError(
-                f"{self.root}: nothing of what wrote the store ({f'{old} ranks' if old else 'one process'}) holds entry {pos or 0} of "
-                f"{key!r}; the store is damaged (restore it, or use a new store folder)"
-            )
+            return _holder(layout, key, pos, self.root, f"{old} ranks" if old else "one process")
 
         def rows(key: str, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
             # this rank's flat range of `key`, from the old ranks whose ranges cover it
@@ -162,7 +169,7 @@ class ShardedTaskStore:
             return torch.cat(parts)
 
         mine = [key for key in base_files[0].specs if key in self.view.shards]
-        self.local.save_base({key: rows(key, lambda j, key=key: base_files[j].get(key)) for key in mine})
+        self.local.rewrite_base({key: rows(key, lambda j, key=key: base_files[j].get(key)) for key in mine})
         self.local.update_index(shards=self._shards)
         for name in self.names():
             stored = [o.source(name, base=SafetensorsSource([o.base_path])) for o in olds]
@@ -170,7 +177,17 @@ class ShardedTaskStore:
                    for key in stored[0].merged_keys if key in self.view.shards}
             full = {key: rows(key, lambda j, key=key: stored[j].get(key)).reshape(self.view.entries[key].piece().shape)
                     for key in stored[0].keys() if key not in tau and key in self.view.shards}
-            self.local.put(name, tau, full)
+            self.local.put(name, tau, full, overwrite=True)
+
+    def _marker(self) -> dict[str, Any]:
+        """The index's ``sharded`` field: the world size, and every key's global shape (what one process
+        needs to put the rows together: :func:`gather_store`)."""
+        return {"world_size": self.world_size,
+                "shapes": {key: list(spec.shape) for key, spec in self.view.specs().items()}}
+
+    def _mark_sharded(self) -> None:
+        if self.rank == 0:
+            self.index.update_index(sharded=self._marker())
 
     def names(self) -> list[str]:
         """The tasks every rank has stored, in the order they were added."""
@@ -194,7 +211,7 @@ class ShardedTaskStore:
             self.local.update_index(shards=self._shards)
 
         self._together(write)
-        self._together(lambda: self.rank == 0 and self.index.update_index(sharded={"world_size": self.world_size}))
+        self._together(self._mark_sharded)
 
     def base_pieces(self) -> dict[str, torch.Tensor]:
         """This rank's pieces of the stored base, shaped as the module's pieces."""
@@ -235,6 +252,105 @@ class ShardedTaskStore:
         return self.index.choice
 
 
+def gather_store(store: TaskVectorStore) -> None:
+    """Lay a store that W ranks wrote out for one process: whole tensors, put together from the ranks' rows.
+
+    ``root/base.safetensors`` and ``root/tasks/<name>.safetensors`` get every rank's stored entries in
+    flat order, shaped by the global shapes rank 0 recorded (no re-trim, no base + tau - base rounding:
+    the merges are the ones the ranks gave); then the index says one process holds the store, and a
+    sharded fit lays it out again from these files. Files of the store's earlier one-process layout
+    are written again (ours; one changed by anyone else is refused). A store one process holds is
+    left as it is. The one-process ``ContinualTiesMerging`` runs this at setup (rank 0, under DDP).
+
+    Example::
+
+        store = TaskVectorStore("runs/store", k=0.2)   # written by fits on 2 ranks
+        gather_store(store)
+        merged = store.merge("ties", lam=1.0)
+    """
+    sharded = store.index().get("sharded")
+    if sharded is None:
+        return
+    world, shapes = sharded.get("world_size"), sharded.get("shapes")
+    if not isinstance(shapes, dict):
+        raise CheckpointError(
+            f"{store.root / 'index.json'}: the store written by {world} ranks records no global shapes (an earlier "
+            "lightning-ties wrote it): continue it once under the sharded strategy, which records them, then here"
+        )
+    olds = _rank_stores(store.root, world)
+    layout = [{key: tuple(r) for key, r in (o.index().get("shards") or {}).items()} for o in olds]
+    what = f"{world} ranks"
+
+    def whole(key: str, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        if key not in shapes:
+            raise CheckpointError(f"{store.root / 'index.json'}: no global shape of {key!r} recorded; the store is damaged "
+                                  "(restore it, or use a new store folder)")
+        shape, parts, pos = shapes[key], [], 0
+        numel = math.prod(shape)
+        if numel == 0:
+            return read(_holder(layout, key, None, store.root, what)).reshape(shape)
+        while pos < numel:
+            j = _holder(layout, key, pos, store.root, what)
+            lo, hi = layout[j][key]
+            parts.append(read(j).reshape(-1)[pos - lo : hi - lo])
+            pos = hi
+        return torch.cat(parts).reshape(shape)
+
+    base_files = [SafetensorsFile(o.base_path) for o in olds]
+    specs = {key: TensorSpec(tuple(shapes.get(key, ())), spec.dtype) for key, spec in base_files[0].specs.items()}
+    store.rewrite_base(_Whole(specs, lambda key: whole(key, lambda j: base_files[j].get(key)), f"{store.root} base"))
+    for name in store.names():
+        if any(name not in o.names() for o in olds):
+            raise CheckpointError(f"{store.root}: task {name!r} is missing from a rank's folder; the store is damaged "
+                                  "(restore it, or use a new store folder)")
+        stored = [o.source(name, base=SafetensorsSource([o.base_path])) for o in olds]
+        tau = {key: whole(key, lambda j, key=key: stored[j].tau(key)) for key in stored[0].merged_keys}
+        full = {key: whole(key, lambda j, key=key: stored[j].get(key)) for key in stored[0].keys() if key not in tau}
+        store.put(name, tau, full, overwrite=True)
+    store.update_index(sharded=None)
+
+
+class _Whole:
+    """Whole tensors of the given specs, each put together when read (a lazy source, streamed to a file)."""
+
+    def __init__(self, specs: Mapping[str, TensorSpec], read: Callable[[str], torch.Tensor], label: str) -> None:
+        self._specs, self._read, self.label = specs, read, label
+
+    def keys(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._specs[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._read(key)
+
+
+def _rank_stores(root: Path, world: Any) -> list[TaskVectorStore]:
+    """The ``world`` rank folders of a sharded store, each checked to exist (opening one creates it)."""
+    if not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"{root / 'index.json'}: world size {world!r} is not a number of ranks; the store is damaged")
+    folders = [root / f"rank-{j}-of-{world}" for j in range(world)]
+    missing = [f.name for f in folders if not (f / "index.json").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{root}: the store was written by {world} ranks but {missing} is missing; restore it, or use a new store folder"
+        )
+    return [TaskVectorStore(f, k=None) for f in folders]
+
+
+def _holder(layout: Sequence[Mapping[str, tuple[int, int]]], key: str, pos: int | None, root: Path, what: str) -> int:
+    """The index of the old rank (in ``layout``, each rank's flat range per key) holding entry ``pos`` of
+    ``key`` (``None``: any entry)."""
+    for j, ranges in enumerate(layout):
+        if key in ranges and (pos is None or ranges[key][0] <= pos < ranges[key][1]):
+            return j
+    raise CheckpointError(
+        f"{root}: nothing of what wrote the store ({what}) holds entry {pos or 0} of {key!r}; "
+        "the store is damaged (restore it, or use a new store folder)"
+    )
+
+
 class StoredRows(LocalSource):
     """A stored task's pieces on this rank as the sharded merge reads them: global specs, local rows, lazily."""
 
@@ -250,4 +366,4 @@ class StoredRows(LocalSource):
         return self.stored.get(key).reshape(self.view.entries[key].piece().shape)
 
 
-__all__ = ["ShardedTaskStore", "StoredRows"]
+__all__ = ["ShardedTaskStore", "StoredRows", "gather_store"]

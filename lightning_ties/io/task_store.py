@@ -111,8 +111,9 @@ class TaskVectorStore:
         if sharded is not None:  # lightning_ties.distributed.store: each rank's rows in its own folder
             raise CheckpointError(
                 f"{self.root} was written by a sharded fit on {sharded.get('world_size')} ranks (each rank's rows in "
-                f"{self.root}/rank-<r>-of-<W>): continue it under a sharded strategy (on any number of ranks), "
-                "or use a new store folder"
+                f"{self.root}/rank-<r>-of-<W>): continue it under a sharded strategy (on any number of ranks), or "
+                "lay it out for one process first with lightning_ties.distributed.gather_store(store) (the one-process "
+                "ContinualTiesMerging does this itself)"
             )
         if not self.has_base():
             if names:
@@ -181,6 +182,15 @@ class TaskVectorStore:
                     f"{self.base_path}: the store {self.root} holds tasks {names}, stored relative to this base; "
                     "it cannot be replaced. Use a new store folder for another base"
                 )
+            _write(self.base_path, src, {"format": FORMAT})
+
+    def rewrite_base(self, base: Any) -> None:
+        """Write the stored base again, as it is, in another layout (a store laid out for another number
+        of processes: :mod:`lightning_ties.distributed.store`). Unlike :meth:`save_base` it is allowed
+        while the store holds tasks: the caller gives the very entries the tasks are relative to."""
+        src = as_source(base, "base")
+        check_writable(self.base_path)
+        with self._locked():
             _write(self.base_path, src, {"format": FORMAT})
 
     def base_state(self) -> dict[str, torch.Tensor]:

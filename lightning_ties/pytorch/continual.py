@@ -25,7 +25,8 @@ from ..core.merger import Merger
 from ..core.search import PAPER_DEFAULT_K, SearchResult
 from ..distributed.fit import ShardedFitMerge
 from ..distributed.merge import merge_sharded_
-from ..distributed.store import ShardedTaskStore
+from ..distributed.store import ShardedTaskStore, gather_store
+from ..io.errors import CheckpointError
 from ..io.task_store import TaskVectorStore
 from ._compat import pl
 from .callback import TiesMerging
@@ -95,8 +96,9 @@ class ContinualTiesMerging(TiesMerging):
     Under ``ModelParallelStrategy`` (FSDP2) and ``FSDPStrategy`` each rank keeps only its own rows of the base
     and of every stored task, in its own folder of the store (``rank-<r>-of-<W>``); the merge equals the
     single-process continual merge bit for bit. A fit on another number of ranks (or a sharded fit continuing
-    a store one process wrote) first lays the stored entries out for its own ranks; one process refuses a store
-    sharded ranks wrote.
+    a store one process wrote) first lays the stored entries out for its own ranks; an unsharded fit continuing
+    a store sharded ranks wrote first puts their rows together into whole tensors (global rank 0 writes them).
+    The stored entries are copied, never trimmed again: every layout gives the same merges.
     """
 
     #: what the sharded merge of this callback is (see :func:`~.sharded.sharded_merging`)
@@ -128,8 +130,25 @@ class ContinualTiesMerging(TiesMerging):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # sharded: each rank's store folder is checked at fit start, once the module is sharded
         if stage == "fit" and sharding_kind(trainer.strategy) is None:
+            self._gather_sharded_store(trainer)
             self.store.check()  # a damaged store fails here, not after every epoch has run
         super().setup(trainer, pl_module, stage)
+
+    def _gather_sharded_store(self, trainer: pl.Trainer) -> None:
+        """A store sharded fits wrote is laid out whole for this unsharded fit first (:func:`gather_store`):
+        global rank 0 writes it, the other ranks (DDP) get its outcome in one broadcast, so a failure there
+        stops every rank instead of leaving them waiting."""
+        error: Exception | None = None
+        if trainer.is_global_zero:
+            try:
+                gather_store(self.store)
+            except Exception as err:  # noqa: BLE001 - raised below, after the other ranks hear of it
+                error = err
+        outcome = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise CheckpointError(f"{self.store_dir}: global rank 0 could not lay the task store out for this fit: {outcome}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

@@ -8,6 +8,7 @@ rank raises (none waits for it) and the store does not list the task.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,21 +120,34 @@ def _continue_on_ranks(rank: int, world: int, root: str, add: list[str]) -> dict
     return {name: {key: store.source(name).get(key) for key in view.keys} for name in store.names()}
 
 
-def test_a_store_written_by_w_ranks_is_continued_by_another_number_of_ranks_with_the_same_tasks(tmp_path):
-    # given tasks a and b stored by 2 ranks, when 3 ranks continue the store (adding c), then 1
+def assert_same_store(root: Path, single: TaskVectorStore) -> None:
+    """A store one process holds (after :func:`gather_store`) is file for file the one-process store."""
+    store = TaskVectorStore(root, k=K)
+    store.check()
+    assert store.names() == single.names() and store.index().get("sharded") is None
+    assert store.base_path.read_bytes() == single.base_path.read_bytes()
+    for name in single.names():
+        assert store.task_path(name).read_bytes() == single.task_path(name).read_bytes(), name
+
+
+def test_a_store_is_continued_on_any_number_of_ranks_and_by_one_process_with_the_same_tasks(tmp_path):
+    # given tasks a and b stored by 2 ranks, when 3 ranks continue the store (adding c), then 1, then one process
+    # (adding e), then 2 ranks again (whose folders are outdated now: written again) and one process again
+    from lightning_ties.distributed import gather_store
+
     root = str(tmp_path / "store")
     single = TaskVectorStore(tmp_path / "single", k=K)
     single.save_base(whole_models()[0])
-    for world, add in ((2, ["a", "b"]), (3, ["c"]), (1, []), (2, ["d"])):
+    for world, add in ((2, ["a", "b"]), (3, ["c"]), (1, []), (None, ["e"]), (2, ["d"]), (None, [])):
         for name in add:
             single.add(name, task_model(name))
-        if world == 2 and add == ["d"]:  # back to 2 ranks: their folders are outdated now, and refused
-            with pytest.raises(RuntimeError, match=r"rank-0-of-2 is left from an earlier run on 2 ranks.*remove the folders"):
-                run_ranks(_continue_on_ranks, world, root, add)
-            for folder in Path(root).glob("rank-*-of-2"):
-                for path in sorted(folder.rglob("*"), reverse=True):
-                    path.rmdir() if path.is_dir() else path.unlink()
-                folder.rmdir()
+        if world is None:  # one process: the ranks' rows put together, file for file the one-process store
+            store = TaskVectorStore(root, k=K)
+            gather_store(store)
+            for name in add:
+                store.add(name, task_model(name))
+            assert_same_store(Path(root), single)
+            continue
         results = run_ranks(_continue_on_ranks, world, root, add)
         # then every rank reads its rows of every task so far, as one process's store holds them
         for name in single.names():
@@ -145,14 +159,14 @@ def test_a_store_written_by_w_ranks_is_continued_by_another_number_of_ranks_with
         ]
 
 
-def test_a_store_written_by_one_process_is_continued_by_ranks_and_then_refused_by_one_process(tmp_path):
+def test_a_store_written_by_one_process_is_continued_by_ranks_and_then_by_one_process_again(tmp_path):
+    from lightning_ties.distributed import gather_store
     from lightning_ties.io import CheckpointError
 
     root = tmp_path / "store"
     one = TaskVectorStore(root, k=K)
     one.save_base(whole_models()[0])
     one.add("a", task_model("a"))
-    expected_a = {key: one.source("a").get(key) for key in whole_models()[0]}
 
     results = run_ranks(_continue_on_ranks, 2, str(root), ["b"])
 
@@ -160,7 +174,56 @@ def test_a_store_written_by_one_process_is_continued_by_ranks_and_then_refused_b
     single.save_base(whole_models()[0])
     for name in ("a", "b"):
         single.add(name, task_model(name))
-        for key, value in {k: single.source(name).get(k) for k in expected_a}.items():
+        for key, value in {k: single.source(name).get(k) for k in whole_models()[0]}.items():
             assert torch.equal(torch.cat([r[name][key] for r in results]), value), (name, key)
-    with pytest.raises(CheckpointError, match="written by a sharded fit on 2 ranks"):
+    # the store as it is now is the ranks': read directly by one process, it is refused, naming what to do
+    with pytest.raises(CheckpointError, match=r"written by a sharded fit on 2 ranks.*gather_store"):
         TaskVectorStore(root, k=K).check()
+    # a file of the store's one-process layout that someone changed since is refused, not replaced
+    (root / "tasks" / "a.safetensors").write_bytes(b"edited by someone")
+    with pytest.raises(Exception, match=r"tasks/a\.safetensors"):
+        gather_store(TaskVectorStore(root, k=K))
+    (root / "tasks" / "a.safetensors").write_bytes(single.task_path("a").read_bytes())
+    # then laid out for one process: the one-process store's files, rewritten where they are ours
+    gather_store(TaskVectorStore(root, k=K))
+    assert_same_store(root, single)
+
+
+def test_one_process_names_what_is_missing_from_a_damaged_sharded_store(tmp_path):
+    from lightning_ties.distributed import gather_store
+    from lightning_ties.io import CheckpointError
+
+    root = tmp_path / "store"
+    run_ranks(_continue_on_ranks, 2, str(root), ["a"])
+    index = json.loads((root / "index.json").read_text())
+    assert index["sharded"] == {"world_size": 2, "shapes": {k: list(v.shape) for k, v in whole_models()[0].items()}}
+    # a rank's folder gone: named
+    (root / "rank-1-of-2").rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match=r"written by 2 ranks but \['rank-1-of-2'\] is missing"):
+        gather_store(TaskVectorStore(root, k=K))
+    (tmp_path / "moved").rename(root / "rank-1-of-2")
+    # an index without the global shapes (as an earlier lightning-ties wrote it): what to do
+    (root / "index.json").write_text(json.dumps({**index, "sharded": {"world_size": 2}}))
+    with pytest.raises(CheckpointError, match="records no global shapes.*continue it once under the sharded strategy"):
+        gather_store(TaskVectorStore(root, k=K))
+    assert not (root / "base.safetensors").exists()  # nothing was written
+
+
+def _continue_with_another_model(rank: int, world: int, root: str) -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_ties.distributed import ShardedTaskStore, sharded_view
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))  # the store holds Linear(6, 7) weights
+    fully_shard(model)
+    with pytest.raises(Exception) as err:
+        ShardedTaskStore(root, sharded_view(model), k=K).check()
+    return str(err.value)
+
+
+def test_a_sharded_store_of_another_model_is_refused_naming_the_key_and_both_shapes(tmp_path):
+    root = str(tmp_path / "store")
+    run_ranks(_continue_on_ranks, 2, root, ["a"])
+    message = run_ranks(_continue_with_another_model, 2, root)[0]
+    assert "'0.weight' is stored with shape [7, 6], the module's is [5, 6]" in message
+    assert "use a new store folder" in message

@@ -163,3 +163,35 @@ def test_continual_merging_with_tsv_equals_tsv_of_the_fine_tuned_models(tmp_path
     oracle = merge(base, finetuned, method="tsv", lam=1.0)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, oracle[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_rank_0_lays_out_a_sharded_store_and_every_ddp_rank_stops_when_it_cannot(tmp_path):
+    # given a store marked as written by 2 ranks whose rank folders are gone
+    from lightning_ties.io import CheckpointError
+
+    store = TaskVectorStore(tmp_path, k=0.2)
+    store.update_index(sharded={"world_size": 2, "shapes": {"w": [2]}})
+    said = []
+
+    class Strategy:  # DDP's broadcast: rank 0's object reaches every rank
+        def __init__(self, rank0_says=None):
+            self.rank0_says = rank0_says
+
+        def broadcast(self, obj):
+            said.append(obj)
+            return obj if self.rank0_says is None else self.rank0_says
+
+    class Rank0:
+        is_global_zero, strategy = True, Strategy()
+
+    class Rank1:
+        is_global_zero, strategy = False, Strategy(rank0_says="CheckpointError: rank-0-of-2 is missing")
+
+    merging = ContinualTiesMerging(task="c", store=str(tmp_path))
+    # then rank 0 raises what went wrong after telling the others, and the others raise what rank 0 said
+    with pytest.raises(CheckpointError, match=r"written by 2 ranks but \['rank-0-of-2', 'rank-1-of-2'\] is missing"):
+        merging._gather_sharded_store(Rank0())
+    assert said[0].startswith("CheckpointError: ") and "rank-1-of-2" in said[0]
+    with pytest.raises(CheckpointError, match="global rank 0 could not lay the task store out for this fit: CheckpointError: rank-0"):
+        merging._gather_sharded_store(Rank1())
+    assert said[1] is None  # rank 1 had nothing to say

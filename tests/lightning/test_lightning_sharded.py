@@ -9,6 +9,7 @@ bit, and the DCP checkpoint the Trainer saves afterwards reads back (as a source
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,7 +150,7 @@ def continual_single(task_files, tmp_path_factory) -> tuple[Path, dict]:
 @pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
 def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy, task_files, continual_single,
                                                                         tmp_path):
-    from lightning_ties.io import CheckpointError
+    from lightning_ties.distributed import gather_store
     from lightning_ties.io.task_store import TaskVectorStore
 
     _, singles = continual_single
@@ -165,24 +166,39 @@ def test_continual_merging_on_shards_equals_one_process_task_after_task(strategy
     store = tmp_path / "store"
     assert sorted(p.name for p in store.iterdir() if p.name.startswith("rank-")) == ["rank-0-of-2", "rank-1-of-2"]
     assert TaskVectorStore(store / "rank-1-of-2", k=None).names() == ["a", "b", "c"]
-    # one process refuses the sharded store (a sharded fit continues one process's: test_distributed_store.py)
-    with pytest.raises(CheckpointError, match="written by a sharded fit on 2 ranks"):
-        TaskVectorStore(store, k=0.3).check()
+    # put together for one process, the store is file for file the one-process fits' store
+    single_root, _ = continual_single
+    gather_store(TaskVectorStore(store, k=0.3))
+    for name in ("base.safetensors", "tasks/a.safetensors", "tasks/b.safetensors", "tasks/c.safetensors"):
+        assert (store / name).read_bytes() == (single_root / "store" / name).read_bytes(), name
 
 
-@pytest.mark.timeout(400)
-def test_a_continual_store_written_on_2_ranks_is_continued_on_3_as_one_process_continues_it(task_files, continual_single,
-                                                                                          tmp_path):
-    # given tasks a and b stored by fits on 2 ranks, when task c's fit runs on 3 ranks (uneven rows)
+@pytest.fixture(scope="module")
+def stored_on_2_ranks(task_files, tmp_path_factory) -> Path:
+    """A store after tasks a and b, each fit on 2 ranks (the folder ROOT/store)."""
+    root = tmp_path_factory.mktemp("continual-2-ranks")
+    for task, start_from in CONTINUAL_RUNS[:2]:
+        fit("model_parallel", task_files, root / task, apply=f"continual:{task}:{start_from}", devices=2)
+    return root / "store"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("last", [("model_parallel", 3), ("single", 1)], ids=["on-3-ranks", "unsharded"])
+def test_a_continual_store_written_on_2_ranks_is_continued_on_3_or_unsharded_as_one_process_continues_it(
+        last, task_files, continual_single, stored_on_2_ranks, tmp_path):
+    # given tasks a and b stored by fits on 2 ranks, when task c's fit runs on 3 ranks (uneven rows) or in one
+    # process (the ranks' rows put together first)
     _, singles = continual_single
-    for (task, start_from), devices in zip(CONTINUAL_RUNS, (2, 2, 3)):
-        sharded = fit("model_parallel", task_files, tmp_path / task, apply=f"continual:{task}:{start_from}", devices=devices)
-        assert sharded["world"] == devices
+    shutil.copytree(stored_on_2_ranks, tmp_path / "store")
+    strategy, devices = last
+    continued = fit(strategy, task_files, tmp_path / "c", apply="continual:c:merged", devices=devices)
+    assert continued["world"] == devices
     # then c starts from the stored merge of a and b and ends with the merge of all three, as in one process
-    assert_equal(sharded["started"], singles["c"]["started"])
-    assert_equal(sharded["merged"], singles["c"]["merged"])
+    assert_equal(continued["started"], singles["c"]["started"])
+    assert_equal(continued["merged"], singles["c"]["merged"])
     assert sorted(p.name for p in (tmp_path / "store").iterdir() if p.name.startswith("rank-")) == [
-        "rank-0-of-2", "rank-0-of-3", "rank-1-of-2", "rank-1-of-3", "rank-2-of-3"]
+        "rank-0-of-2", *(["rank-0-of-3"] if devices == 3 else []), "rank-1-of-2",
+        *(["rank-1-of-3", "rank-2-of-3"] if devices == 3 else [])]
 
 
 @pytest.mark.timeout(300)
