@@ -2,9 +2,11 @@
 
 Usage: python sharded_fit_script.py STRATEGY DEVICES OUT TASKS_DIR [APPLY]
 
-APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored), ``auto`` (``method="auto"``) or
+APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored), ``auto`` (``method="auto"``),
 ``continual:<task>:<start_from>[:search]`` (ContinualTiesMerging over the store OUT/../store; the fit ends at
-TASKS_DIR/<task>; ``:search``: k and lam searched on every stored task's validation data).
+TASKS_DIR/<task>; ``:search``: k and lam searched on every stored task's validation data) or
+``resume[:<checkpoint>[:perturbed]]`` (the fit ends at TASKS_DIR/c; without a checkpoint it saves one at step 2 in
+OUT/ckpts, with one it resumes from it, the module built with other weights when ``perturbed``).
 
 STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
@@ -33,6 +35,7 @@ from lightning_ties.distributed.fit import full_state  # noqa: E402
 K, LAM = 0.3, 0.8
 #: the ``bf16_cuda`` strategy: FSDP2 computes in bf16 over fp32 sharded parameters
 BF16 = len(sys.argv) > 1 and sys.argv[1] == "bf16_cuda"
+RESUME = len(sys.argv) > 5 and sys.argv[5].startswith("resume")
 
 
 def make_net() -> nn.Sequential:
@@ -41,9 +44,12 @@ def make_net() -> nn.Sequential:
 
 
 class Net(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, perturbed: bool = False) -> None:
         super().__init__()
         self.model = make_net()
+        if perturbed:  # built from other weights than the first fit's (one entry off)
+            with torch.no_grad():
+                self.model[0].bias[0] += 1.0
 
     def configure_model(self) -> None:
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -65,7 +71,8 @@ class Net(pl.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(self.model(x), y), sync_dist=True)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
+        # resume: FSDPStrategy cannot restore an empty optimizer state (plain SGD keeps none): momentum keeps one
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9 if RESUME else 0.0)
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -178,16 +185,24 @@ def main() -> None:
             dict(k=K, lam=LAM)  # search: every task so far has validation data (tasks arrive in name order)
         merging = ContinualTiesMerging(task=task, store=str(out.parent / "store"), start_from=start_from,
                                        save_dir=str(out / "save"), **grid)
+    elif apply.startswith("resume"):  # both fits share save_dir: the callback's state key is the same
+        merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, save_dir=str(out.parent / "save"))
     else:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
+    mode, *args = apply.split(":")
+    ckpt_path = args[0] if mode == "resume" and args else None
+    perturbed = mode == "resume" and args[-1:] == ["perturbed"]
     record = Record()
-    end = {"auto": "c"}.get(apply) or (apply.split(":")[1] if apply.startswith("continual:") else None)
+    end = "c" if mode in ("auto", "resume") else (args[0] if mode == "continual" else None)
     end_at = [EndAt(tasks_dir / f"{end}.safetensors")] if end else []
+    if apply == "resume":  # the first fit: a checkpoint at step 2 to resume from
+        end_at.append(pl.callbacks.ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=2, save_top_k=-1))
     accelerator = "cuda" if name.endswith("_cuda") else "cpu"
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy_of(name), max_steps=3,
-                         callbacks=[*end_at, record, merging], logger=False, default_root_dir=out, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Net(), data, data if apply in ("search", "auto") else None)
+                         callbacks=[*end_at, record, merging], logger=False, default_root_dir=out,
+                         enable_checkpointing=apply == "resume", enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Net(perturbed=perturbed), data, data if apply in ("search", "auto") else None,
+                ckpt_path=ckpt_path)
     merged = full_state(_sharded(trainer))
     trainer.save_checkpoint(out / ("ckpt.ckpt" if "full" in name else "ckpt"))  # full: one file
     if trainer.is_global_zero:

@@ -12,10 +12,15 @@ Example (on every rank; ``module`` sharded by ``fully_shard``)::
     ...                                     # training
     merged = fit.merge({"a": source_a}, "b", MergeOptions("ties", k=0.2, lam=1.0))  # on_fit_end
     merged.apply_(0.9)                      # another lam, the same tau_m
+
+A resumed fit captures the base again at fit start (Lightning restores a sharded checkpoint after
+``on_fit_start``), so :attr:`ShardedFitMerge.base_fingerprint`, an exact identity of the whole base
+that is the same on any number of ranks, lets the callback prove it is the base the first fit took.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +45,8 @@ class ShardedFitMerge:
         self.module = module
         self.base_device = torch.device(base_device)
         self.base: dict[str, torch.Tensor] | None = None
+        #: :func:`rows_fingerprint` of the captured base (every rank alike)
+        self.base_fingerprint: str | None = None
 
     def view(self) -> ShardedView:
         """A fresh view of the module (FSDP1's sharded state dict is a copy: rebuilt at every use)."""
@@ -55,9 +62,10 @@ class ShardedFitMerge:
         view = self.view()
         if source is None:
             self.base = view.local_state(self.base_device)
-            return
-        rows = RowsSource(source, view.rows)
-        self.base = {k: rows.get(k).to(self.base_device) for k in rows.keys()}
+        else:
+            rows = RowsSource(source, view.rows)
+            self.base = {k: rows.get(k).to(self.base_device) for k in rows.keys()}
+        self.base_fingerprint = rows_fingerprint(view, self.base)
 
     def finetuned(self) -> dict[str, torch.Tensor]:
         """A CPU copy of this rank's rows of the module as it is now (the fine-tuned weights)."""
@@ -85,6 +93,45 @@ class ShardedFitMerge:
     def restore(self, state: Mapping[str, torch.Tensor]) -> None:
         """Write this rank's rows (e.g. :meth:`finetuned`'s copy) back into the module."""
         self.view().write_(state)
+
+
+#: A prime below 2**31: a product of two residues fits in int64, and so does a sum of 2**24 of them.
+_PRIME = 2**31 - 1
+_CHUNK = 1 << 24
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def rows_fingerprint(view: ShardedView, pieces: Mapping[str, torch.Tensor]) -> str:
+    """An exact identity of the whole tensors whose rows this rank holds in ``pieces``, the same on any number
+    of ranks (collective: every rank calls it).
+
+    Per key, sum over the entries of ``bits(x_i) * (i + 1)`` modulo a prime, ``i`` the entry's global flat
+    index (so the value depends on neither the split nor the order of addition: integers, all-reduced);
+    any changed bit or moved entry changes it. Returns the sha256 of every key's sum (hex, 32 characters).
+
+    Example (in one process: one rank holding everything)::
+
+        rows_fingerprint(sharded_view(model), sharded_view(model).local_state())
+    """
+    keys = [key for key in view.keys if key in pieces]
+    sums = torch.tensor([_residue(pieces[key], view.entries[key].flat[0]) for key in keys], dtype=torch.int64)
+    total = view.collectives.all_sum(sums).remainder(_PRIME)
+    text = ";".join(f"{key}={int(v)}" for key, v in zip(keys, total))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _residue(piece: torch.Tensor, start: int) -> int:
+    """``sum(bits(x_i) * (start + i + 1)) mod p`` over the flat ``piece`` (its bit patterns as integers)."""
+    flat = piece.detach().reshape(-1).contiguous().cpu()
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.int8)
+    bits = flat.view(_SAME_WIDTH_INT[flat.element_size()])
+    total = 0
+    for lo in range(0, bits.numel(), _CHUNK):
+        chunk = bits[lo : lo + _CHUNK].to(torch.int64).remainder_(_PRIME)
+        weight = torch.arange(start + lo + 1, start + lo + 1 + chunk.numel(), dtype=torch.int64).remainder_(_PRIME)
+        total = (total + int(chunk.mul_(weight).remainder_(_PRIME).sum())) % _PRIME
+    return total
 
 
 def full_state(module: nn.Module, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -384,6 +384,7 @@ class TiesMerging(Callback):
         return {
             "base": self._base_state if keep_tensors else None,
             "base_ref": dict(self._base_ref) if self._base_ref is not None else None,
+            "base_fingerprint": self._sharded.base_fingerprint if self._sharded is not None else None,
             "sources": self._fingerprints,
             "merged_at_step": self._merged_at_step,
             "progress": progress.to_dict() if progress is not None else None,
@@ -401,6 +402,8 @@ class TiesMerging(Callback):
             check_fingerprints(state_dict["sources"], self._fingerprints, "the checkpoint's TiesMerging search")
         if state_dict.get("base") is not None:
             self._base_state = dict(state_dict["base"])
+        if self._sharded is not None:  # the base was captured again at fit start (restored after it): the same?
+            self._sharded.check_resumed_base(state_dict.get("base_fingerprint"))
         self._merged_at_step = state_dict.get("merged_at_step")
         if state_dict.get("progress"):
             self._progress = SearchResult.from_dict(state_dict["progress"])

@@ -180,13 +180,15 @@ class ShardedMerging:
     ``save_dir``: ``merged.ckpt``) and ``apply="keep"`` (``merged.safetensors`` gathered one tensor at a
     time by rank 0), ``method="auto"`` over the data-free methods. Refused with a message: methods that need
     data (RegMean) named by the user, ``every_n_val_epochs``,
-    heads given as modules, resuming without ``base=`` as a file. A search's progress is not persisted
-    (an interrupted search starts over).
+    heads given as modules. Resuming re-captures the base, checked against the checkpoint's fingerprint of it
+    (:meth:`capture_base`). A search's progress is not persisted (an interrupted search starts over).
     """
 
     def __init__(self, callback: Any) -> None:
         self.callback = callback
         self.fit: Any = None
+        #: the base fingerprint a restored checkpoint holds (checked once the base is captured)
+        self._resumed_fingerprint: str | None = None
         #: the callback's search options, less the methods a sharded module cannot merge (set by :meth:`check`)
         self.options = callback.options
 
@@ -201,18 +203,37 @@ class ShardedMerging:
             raise ValueError(f"heads given as modules are not supported under {name} (sharded): name them by regex")
 
     def capture_base(self, trainer: pl.Trainer) -> None:
-        """At fit start: this rank's rows of the base (the module's shards, or ``base=``'s rows)."""
+        """At fit start: this rank's rows of the base (the module's shards, or ``base=``'s rows).
+
+        A resumed fit captures them again: these strategies restore the checkpoint after ``on_fit_start``, so the
+        module still holds the weights it was built with, and :meth:`check_resumed_base` proves they are the base
+        the first fit captured.
+        """
         cb = self.callback
-        if cb.base is None and trainer.ckpt_path is not None:
-            raise ValueError(
-                f"resuming a fit under {type(trainer.strategy).__name__} needs TiesMerging(base=<the pretrained "
-                "weights' file>): each rank captured only its shards of the base, and the checkpoint does not hold them"
-            )
         self.fit = ShardedFitMerge(sharded_module(trainer))
         base = match_to_module(cb.base, self.fit.keys, label="base") if cb.base is not None else None
         self.fit.capture_base(base)
         if cb._base_ref is None:
             cb._base_ref = cb._record_base(trainer)  # a base file is referenced; a captured one is not written
+        self.check_resumed_base(self._resumed_fingerprint)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """The captured base's exact identity, the same on any number of ranks (what checkpoints keep)."""
+        return self.fit.base_fingerprint if self.fit is not None else None
+
+    def check_resumed_base(self, fingerprint: str | None) -> None:
+        """A restored checkpoint's base fingerprint must be the captured base's: else the merge would start
+        from other weights than the first fit's (a module built differently this time)."""
+        self._resumed_fingerprint = fingerprint
+        if fingerprint is None or self.base_fingerprint is None or fingerprint == self.base_fingerprint:
+            return
+        raise ValueError(
+            "resuming: the module's weights at fit start are not the base the checkpoint's fit captured (their "
+            f"fingerprints differ: {self.base_fingerprint} now, {fingerprint} then), so the merge would start from "
+            "other weights. Build the module as the first fit did (the same pretrained weights), or pass "
+            "TiesMerging(base=<the pretrained weights' file>)"
+        )
 
     def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: Mapping[str, Any]) -> SearchResult:
         """At fit end (collective): merge on every rank's shards (a scored search when every task has

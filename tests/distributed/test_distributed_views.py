@@ -251,3 +251,33 @@ def test_a_source_matched_to_the_modules_keys_is_still_read_per_row_range(tmp_pa
     matched = match_to_module(str(tmp_path / "m.safetensors"), ["model.0.weight"], label="task")
     monkeypatch.setattr(SafetensorsSource, "get", lambda *a: pytest.fail("read the whole tensor"))
     assert RowsSource(matched, {"model.0.weight": (3, 4)}).get("model.0.weight").tolist() == [[9.0, 10.0, 11.0]]
+
+
+def _fingerprints(rank: int, world: int) -> list[str]:
+    """The base fingerprint of Tiny sharded over ``world`` ranks: as built, one bit flipped, two entries swapped."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_ties.distributed import sharded_view
+    from lightning_ties.distributed.fit import rows_fingerprint
+
+    out = []
+    for change in ("none", "bit", "swap"):
+        model = tiny()
+        with torch.no_grad():
+            w = model.hidden.weight
+            if change == "bit":  # the lowest mantissa bit of one entry
+                w.view(-1)[7:8].view(torch.int32).bitwise_xor_(1)
+            if change == "swap":  # the same values, two of them in each other's place
+                w.view(-1)[[2, 11]] = w.view(-1)[[11, 2]].clone()
+        fully_shard(model)
+        view = sharded_view(model)
+        out.append(rows_fingerprint(view, view.local_state()))
+    return out
+
+
+def test_the_base_fingerprint_is_the_same_on_any_number_of_ranks_and_sees_one_bit_and_one_swap():
+    on = {world: run_ranks(_fingerprints, world) for world in (1, 2, 3)}
+    # every rank of every world size agrees on each fingerprint
+    assert len({tuple(r) for results in on.values() for r in results}) == 1
+    same, bit, swap = on[1][0]
+    assert len({same, bit, swap}) == 3

@@ -315,3 +315,23 @@ def test_on_the_gpu_deepspeed_stage_3_is_refused_with_the_message(task_files, tm
     pytest.importorskip("deepspeed")
     proc = launch("deepspeed3_cuda", task_files, tmp_path / "out", devices=1)
     assert proc.returncode != 0 and "TiesMerging does not support DeepSpeedStrategy" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
+def test_a_resumed_sharded_fit_merges_onto_the_first_fits_base_and_refuses_a_module_built_otherwise(
+        strategy, task_files, tmp_path):
+    # given a fit on 2 ranks that saved a checkpoint at step 2 and merged at its end
+    first = fit(strategy, task_files, tmp_path / "first", apply="resume")
+    saved = sorted((tmp_path / "first" / "ckpts").iterdir())
+    assert [p.name for p in saved] == ["epoch=0-step=2.ckpt"]
+    # when a fit resumes from that checkpoint (Lightning restores it after fit start: the base is captured again)
+    resumed = fit(strategy, task_files, tmp_path / "resumed", apply=f"resume:{saved[0]}")
+    # then it merges onto the same base as the first fit, as one process does
+    assert_equal(resumed["merged"], first["merged"])
+    assert_equal(resumed["merged"], oracle(first, task_files))
+    # and a module built from other weights is refused on every rank, naming what to do (no rank hangs)
+    proc = launch(strategy, task_files, tmp_path / "perturbed", apply=f"resume:{saved[0]}:perturbed")
+    assert proc.returncode != 0
+    assert "the module's weights at fit start are not the base the checkpoint's fit captured" in proc.stderr
+    assert "TiesMerging(base=<the pretrained weights' file>)" in proc.stderr
