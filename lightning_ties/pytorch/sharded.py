@@ -13,6 +13,8 @@ module only finds the strategy and calls it from :class:`~lightning_ties.pytorch
 from __future__ import annotations
 
 import contextlib
+import json
+import warnings
 from functools import partial
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,15 +25,16 @@ from torch import nn
 
 from ..core.inputs import MERGED_CHECKPOINT
 from ..io.atomic import atomic_dir
+from ..io.errors import CheckpointError
 from ..core.keys import match_to_module
 from ..core.merger import takes_task
 from ..core.auto import auto_search
 from ..core.metrics import TaskMetrics
 from ..core.options import SearchOptions
 from ..core.recipe import fixed_choice
-from ..core.resume import write_results
+from ..core.resume import PROGRESS_FILE, read_progress, write_progress, write_results
 from ..core.search import SearchResult, walk_grid
-from ..distributed.fit import ShardedFitMerge, save_full_safetensors
+from ..distributed.fit import ShardedFitMerge, rows_fingerprint, save_full_safetensors
 from ..distributed.merge import local_rows
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
@@ -179,7 +182,8 @@ class ShardedMerging:
     time by rank 0), ``method="auto"`` over the data-free methods. Refused with a message: methods that need
     data (RegMean) named by the user, ``every_n_val_epochs``,
     heads given as modules. Resuming re-captures the base, checked against the checkpoint's fingerprint of it
-    (:meth:`capture_base`). A search's progress is not persisted (an interrupted search starts over).
+    (:meth:`capture_base`); a search keeps its finished candidates in ``save_dir`` as one process does, and an
+    interrupted one resumes from them (:meth:`_stored_progress`).
     """
 
     def __init__(self, callback: Any) -> None:
@@ -269,9 +273,10 @@ class ShardedMerging:
         finetuned = self.fit.finetuned()  # this run's shards: the module holds candidates from now on
         lists = {task: list(v) if isinstance(v, (list, tuple)) else [v] for task, v in loaders.items()}
         scorer = _Scorer(pl_module, cb, lists)
-        result = SearchResult(method=options.methods[0], methods=list(options.methods))
-        if options.normalize:
+        result = self._stored_progress(trainer, tasks, finetuned)
+        if options.normalize and set(result.reference) != {*tasks, cb.task}:
             result.reference = self._references(scorer, tasks, finetuned)
+            self._save_progress(trainer, result)
         merged: dict[str, Any] = {}
 
         def prepare(method: str, k: float | None) -> None:  # tau_m once per (method, k), sharded
@@ -285,11 +290,14 @@ class ShardedMerging:
             merged["now"].apply_(lam)
             return scorer.score()
 
+        def saved(_: Any) -> None:
+            self._save_progress(trainer, result)
+
         if options.auto:  # the budget's decisions are rank 0's, broadcast: every rank scores the same candidates
-            auto_search(evaluate, options.auto_grids(), options.objective, options.mode, result, options.budget_s)
+            auto_search(evaluate, options.auto_grids(), options.objective, options.mode, result, options.budget_s, saved)
         for method, (ks, lams) in ({} if options.auto else options.grids(cb.ks[0])).items():
             walk_grid(partial(evaluate, method), ks, lams, options.strategy, options.objective, options.mode, result,
-                      None, partial(prepare, method), method)
+                      saved, partial(prepare, method), method)
         result.method = result.best_method
         result.reason = "search" if options.searching else "fixed k and lam"
         best = self.fit.merge(tasks, cb.task, self._options(result.method, result.k, result.lam), finetuned=finetuned,
@@ -297,6 +305,48 @@ class ShardedMerging:
         if cb.apply == "keep":
             self.fit.restore(finetuned)
         return best, result
+
+    def _stored_progress(self, trainer: pl.Trainer, tasks: Mapping[str, Any], finetuned: Mapping[str, Any]) -> SearchResult:
+        """The search's progress in ``save_dir`` when it is this search's (the same options, tasks, step and
+        fine-tuned weights: their exact fingerprint, the same on any number of ranks), else a new one.
+
+        Global rank 0 reads the file and every rank gets its content (one broadcast), so every rank resumes
+        alike, or every rank raises when it is unreadable."""
+        cb, options = self.callback, self.options
+        fingerprint = json.dumps({
+            "sharded": True, "methods": list(options.methods), "objective": options.objective if isinstance(options.objective, str) else
+            getattr(options.objective, "__qualname__", "callable"),
+            "mode": options.mode, "normalize": options.normalize, "params": {k: repr(v) for k, v in sorted(cb.method_params.items())},
+            "tasks": [[name, getattr(src, "label", name)] for name, src in tasks.items()] + [[cb.task, "this run"]],
+            "step": trainer.global_step, "weights": rows_fingerprint(self.fit.view(), finetuned),
+        }, sort_keys=True)
+        stored: Any = None
+        if trainer.is_global_zero:
+            try:
+                progress = read_progress(cb.output_dir)
+                stored = progress.to_dict() if progress is not None else None
+            except Exception as err:  # noqa: BLE001 - every rank raises it, below
+                stored = f"{type(err).__name__}: {err}"
+        stored = trainer.strategy.broadcast(stored)
+        if isinstance(stored, str):
+            raise CheckpointError(f"{Path(cb.output_dir) / PROGRESS_FILE}: the search progress is unreadable ({stored}); "
+                                  "remove it to start the search over")
+        if stored is not None and stored.get("fingerprint") == fingerprint:
+            result = SearchResult.from_dict(stored)
+            rank_zero_info(f"TiesMerging: {len(result.candidates)} candidate(s) of this search resumed from {cb.output_dir}")
+            return result
+        return SearchResult(method=options.methods[0], methods=list(options.methods), fingerprint=fingerprint)
+
+    def _save_progress(self, trainer: pl.Trainer, result: SearchResult) -> None:
+        """Rank 0 writes the finished candidates to ``save_dir`` (atomically); a failure to write is a warning,
+        not an error: the search goes on (no rank is left waiting), only its resume point is older."""
+        if not trainer.is_global_zero:
+            return
+        try:
+            write_progress(self.callback.output_dir, result)
+        except Exception as err:  # noqa: BLE001 - progress is a resume point, not the result
+            warnings.warn(f"TiesMerging: the search progress could not be saved ({type(err).__name__}: {err}); "
+                          "an interrupted search would score those candidates again", stacklevel=2)
 
     def _references(self, scorer: _Scorer, tasks: Mapping[str, Any], finetuned: dict[str, Any]) -> dict[str, Any]:
         """Each task's fine-tuned score on its own data: its rows written into the shards, scored, restored."""

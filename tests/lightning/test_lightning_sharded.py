@@ -41,7 +41,7 @@ def task_files(tmp_path_factory) -> Path:
 
 
 def launch(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> subprocess.CompletedProcess:
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
@@ -335,3 +335,33 @@ def test_a_resumed_sharded_fit_merges_onto_the_first_fits_base_and_refuses_a_mod
     assert proc.returncode != 0
     assert "the module's weights at fit start are not the base the checkpoint's fit captured" in proc.stderr
     assert "TiesMerging(base=<the pretrained weights' file>)" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupted_sharded_search_resumes_from_its_progress_and_scores_only_what_is_left(task_files, tmp_path):
+    from lightning_ties.core.resume import read_progress, write_progress
+
+    # given a search on 2 ranks that scored its 4 candidates, and a copy of its save_dir holding only the first
+    # two of them as progress (the first given an objective no candidate reaches: proof it is not scored again)
+    first = fit("model_parallel", task_files, tmp_path / "first", apply="search")
+    assert first["chosen"][2] == 4
+    shutil.copytree(tmp_path / "first" / "save", tmp_path / "resumed" / "save")
+    progress = read_progress(tmp_path / "resumed" / "save")
+    assert len(progress.candidates) == 4 and progress.reference  # every candidate and the references were saved
+    progress.candidates = progress.candidates[:2]
+    progress.candidates[0].objective = 99.0
+    write_progress(tmp_path / "resumed" / "save", progress)
+    # when the same fit runs again (the same fine-tuned weights), then it keeps those two, scores the other two
+    resumed = fit("model_parallel", task_files, tmp_path / "resumed", apply="search")
+    assert resumed["chosen"][5] == first["chosen"][5]  # the same candidates, in the same order
+    assert resumed["chosen"][6][0] == 99.0 and resumed["chosen"][6][1:] == first["chosen"][6][1:]
+    forged = first["chosen"][5][0]
+    assert (resumed["chosen"][0], resumed["chosen"][1]) == forged[1:]  # the forged best is chosen and applied
+    assert_equal(resumed["merged"], ties_merge(first["base"], [*(open_source(task_files / f"{t}.safetensors")
+                                                                for t in ("a", "b")), first["finetuned"]],
+                                               k=forged[1], lam=forged[2]))
+    # and progress of another search (here: other fine-tuned weights, as after more training) is not reused
+    progress.fingerprint = progress.fingerprint.replace('"step": 3', '"step": 2')
+    write_progress(tmp_path / "resumed" / "save", progress)
+    again = fit("model_parallel", task_files, tmp_path / "resumed", apply="search")
+    assert again["chosen"][6] == first["chosen"][6]
