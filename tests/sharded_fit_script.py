@@ -6,7 +6,8 @@ APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored), ``auto`` (``
 ``continual:<task>:<start_from>[:search]`` (ContinualTiesMerging over the store OUT/../store; the fit ends at
 TASKS_DIR/<task>; ``:search``: k and lam searched on every stored task's validation data) or
 ``resume[:<checkpoint>[:perturbed]]`` (the fit ends at TASKS_DIR/c; without a checkpoint it saves one at step 2 in
-OUT/ckpts, with one it resumes from it, the module built with other weights when ``perturbed``).
+OUT/ckpts, with one it resumes from it, the module built with other weights when ``perturbed``) or ``every``
+(``every_n_val_epochs=1``: one validation epoch, at step 2, where the module holds TASKS_DIR/c's weights).
 
 STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
@@ -112,6 +113,17 @@ class Record(pl.Callback):
         self.finetuned = full_state(_sharded(trainer))
 
 
+class AfterValidation(pl.Callback):
+    """After TiesMerging's validation epoch end: the module's weights, gathered (the inline merge restored them?)."""
+
+    state = logged = None
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if isinstance(pl_module, Net):  # the fit's validation (one process scores the fit-end merge in its own)
+            self.state = full_state(_sharded(trainer))
+            self.logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("merge")}
+
+
 class EndAt(pl.Callback):
     """At train end (before the merge): the module holds the weights of ``path``, whatever the world size trained.
 
@@ -171,6 +183,11 @@ def main() -> None:
     tasks = {t: str(tasks_dir / f"{t}.safetensors") for t in ("a", "b")}
     val = {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
            for i, t in enumerate(("a", "b"))}
+    own_val = data
+    if apply == "every":  # three classes, labels the merge gets partly right: scores that tell merges apart
+        val, own_val = ({t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, i : i + 3].argmax(1)),
+                                                        batch_size=8) for i, t in enumerate(("a", "b", "c"))},) * 2
+        val, own_val = {t: v for t, v in val.items() if t != "c"}, val["c"]
     if apply == "search":  # every task has validation data: k and lam are searched on every rank alike
         merging = TiesMerging(tasks=tasks, task="c", k=[0.2, 0.5], lam=[0.5, 1.0], val_dataloaders=val,
                               save_dir=str(out / "save"))
@@ -185,6 +202,9 @@ def main() -> None:
             dict(k=K, lam=LAM)  # search: every task so far has validation data (tasks arrive in name order)
         merging = ContinualTiesMerging(task=task, store=str(out.parent / "store"), start_from=start_from,
                                        save_dir=str(out / "save"), **grid)
+    elif apply == "every":
+        merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, every_n_val_epochs=1, val_dataloaders=val,
+                              save_dir=str(out / "save"))
     elif apply.startswith("resume"):  # both fits share save_dir: the callback's state key is the same
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, save_dir=str(out.parent / "save"))
     else:
@@ -195,13 +215,20 @@ def main() -> None:
     record = Record()
     end = "c" if mode in ("auto", "resume") else (args[0] if mode == "continual" else None)
     end_at = [EndAt(tasks_dir / f"{end}.safetensors")] if end else []
+    after = AfterValidation()
+    if apply == "every":  # the inline merge scores TASKS_DIR/c's weights as this run's, whatever the world size
+        at_validation = EndAt(tasks_dir / "c.safetensors")
+        at_validation.on_validation_epoch_start = lambda trainer, pl_module: (
+            isinstance(pl_module, Net) and at_validation.on_train_end(trainer, pl_module))
+        end_at = [at_validation]
     if apply == "resume":  # the first fit: a checkpoint at step 2 to resume from
         end_at.append(pl.callbacks.ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=2, save_top_k=-1))
     accelerator = "cuda" if name.endswith("_cuda") else "cpu"
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy_of(name), max_steps=3,
-                         callbacks=[*end_at, record, merging], logger=False, default_root_dir=out,
-                         enable_checkpointing=apply == "resume", enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Net(perturbed=perturbed), data, data if apply in ("search", "auto") else None,
+                         callbacks=[*end_at, record, merging, after], logger=False, default_root_dir=out,
+                         enable_checkpointing=apply == "resume", enable_progress_bar=False, enable_model_summary=False,
+                         limit_train_batches=2 if apply == "every" else None, num_sanity_val_steps=0)
+    trainer.fit(Net(perturbed=perturbed), data, own_val if apply in ("search", "auto", "every") else None,
                 ckpt_path=ckpt_path)
     merged = full_state(_sharded(trainer))
     trainer.save_checkpoint(out / ("ckpt.ckpt" if "full" in name else "ckpt"))  # full: one file
@@ -210,7 +237,8 @@ def main() -> None:
         chosen = [r.k, r.lam, len(r.candidates), r.reason, r.method, [(c.method, c.k, c.lam) for c in r.candidates],
                   [c.objective for c in r.candidates], r.reference]
         torch.save({"base": record.base, "started": record.started, "finetuned": record.finetuned, "merged": merged,
-                    "chosen": chosen,
+                    "chosen": chosen, "after_validation": after.state,
+                    "logged": after.logged,
                     "world": int(os.environ.get("WORLD_SIZE", devices))}, out / "result.pt")
 
 

@@ -33,7 +33,7 @@ from ..core.metrics import TaskMetrics
 from ..core.options import SearchOptions
 from ..core.recipe import fixed_choice
 from ..core.resume import PROGRESS_FILE, read_progress, write_progress, write_results
-from ..core.search import SearchResult, walk_grid
+from ..core.search import PAPER_DEFAULT_K, SearchResult, walk_grid
 from ..distributed.fit import ShardedFitMerge, rows_fingerprint, save_full_safetensors
 from ..distributed.merge import local_rows
 from ..evaluation.batches import move_to_device, predict_and_target
@@ -179,9 +179,8 @@ class ShardedMerging:
     a search has no validation data, a scored method/k/lam search (every rank scores the same candidate;
     tau_m is computed once per (method, k) and re-applied in place per lam), ``apply="merged"`` (with
     ``save_dir``: ``merged.ckpt``) and ``apply="keep"`` (``merged.safetensors`` gathered one tensor at a
-    time by rank 0), ``method="auto"`` over the data-free methods. Refused with a message: methods that need
-    data (RegMean) named by the user, ``every_n_val_epochs``,
-    heads given as modules. Resuming re-captures the base, checked against the checkpoint's fingerprint of it
+    time by rank 0), ``method="auto"`` over the data-free methods, ``every_n_val_epochs`` (:meth:`score_inline`).
+    Refused with a message: methods that need data (RegMean) named by the user, heads given as modules. Resuming re-captures the base, checked against the checkpoint's fingerprint of it
     (:meth:`capture_base`); a search keeps its finished candidates in ``save_dir`` as one process does, and an
     interrupted one resumes from them (:meth:`_stored_progress`).
     """
@@ -199,8 +198,6 @@ class ShardedMerging:
         cb = self.callback
         name = type(trainer.strategy).__name__
         self.options = sharded_search_options(cb.options, name)
-        if cb.every_n_val_epochs is not None:
-            raise ValueError(f"every_n_val_epochs is not supported under {name} (sharded); leave it None")
         if cb.heads is not None and not all(isinstance(h, str) for h in _as_list(cb.heads)):
             raise ValueError(f"heads given as modules are not supported under {name} (sharded): name them by regex")
 
@@ -252,6 +249,23 @@ class ShardedMerging:
                                     apply=cb.apply == "merged")
         self._finish(trainer, merged, result)
         return result
+
+    def score_inline(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: Mapping[str, Any]) -> Any:
+        """``every_n_val_epochs``: the merge at the first k and the method's lam, scored on every rank alike,
+        then this rank's fine-tuned rows written back (collective). None before the base is captured."""
+        if self.fit is None or self.fit.base is None or not loaders:
+            return None
+        cb = self.callback
+        method = self.options.methods[0]
+        k = cb.ks[0] if cb.ks[0] is not None else PAPER_DEFAULT_K
+        finetuned = self.fit.finetuned()
+        try:
+            self.fit.merge(self.task_sources(trainer), cb.task, self._options(method, k, get_method(method).default_lam),
+                           finetuned=finetuned)
+            lists = {task: list(v) if isinstance(v, (list, tuple)) else [v] for task, v in loaders.items()}
+            return _Scorer(pl_module, cb, lists).score()
+        finally:
+            self.fit.restore(finetuned)
 
     def task_sources(self, trainer: pl.Trainer) -> dict[str, Any]:
         """The other tasks to merge with this run, name -> source with the module's keys (read per rows)."""

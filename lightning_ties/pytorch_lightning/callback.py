@@ -432,17 +432,22 @@ class _MergeInProgress(NamedTuple):
 def _score_merge_inline(callback: TiesMerging, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """``every_n_val_epochs``: score the merge (first k, the method's lam) in a plain loop, then restore the weights."""
     loaders = callback._dataloaders(trainer)
-    if callback._base_state is None or not loaders:
-        return
-    finetuned = clone_state(pl_module)
-    tasks = callback._task_sources(trainer, finetuned, add_this_run=False)
-    merger = Merger(**callback._merger_args(pl_module, tasks))
-    merger.merge_device = trainer.strategy.root_device
-    try:
-        merger.apply_merge(callback.ks[0], None)
-        scores = merger.score(merger.check_dataloaders(loaders))
-    finally:
-        copy_into(pl_module, finetuned)
+    if callback._sharded is not None:  # each rank merges and restores its own shards
+        scores = callback._sharded.score_inline(trainer, pl_module, loaders)
+        if scores is None:
+            return
+    else:
+        if callback._base_state is None or not loaders:
+            return
+        finetuned = clone_state(pl_module)
+        tasks = callback._task_sources(trainer, finetuned, add_this_run=False)
+        merger = Merger(**callback._merger_args(pl_module, tasks))
+        merger.merge_device = trainer.strategy.root_device
+        try:
+            merger.apply_merge(callback.ks[0], None)
+            scores = merger.score(merger.check_dataloaders(loaders))
+        finally:
+            copy_into(pl_module, finetuned)
     for name, value in summarize(scores).items():
         pl_module.log(name, value, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")  # same on every rank
 

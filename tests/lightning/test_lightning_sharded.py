@@ -250,7 +250,6 @@ def test_auto_leaves_out_regmean_under_sharding_but_a_named_regmean_is_refused()
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(method="regmean"), r"method\(s\) \['regmean'\] need each task's data"),
-    (dict(every_n_val_epochs=1), "every_n_val_epochs is not supported under ModelParallelStrategy"),
     (dict(heads=[torch.nn.Linear(1, 1)]), "heads given as modules are not supported"),
 ])
 def test_what_the_sharded_merge_cannot_do_is_refused_at_setup(kwargs, message):
@@ -365,3 +364,16 @@ def test_an_interrupted_sharded_search_resumes_from_its_progress_and_scores_only
     write_progress(tmp_path / "resumed" / "save", progress)
     again = fit("model_parallel", task_files, tmp_path / "resumed", apply="search")
     assert again["chosen"][6] == first["chosen"][6]
+
+
+@pytest.mark.timeout(300)
+def test_every_n_val_epochs_on_shards_logs_the_one_process_scores_and_restores_the_shards(task_files, tmp_path):
+    # given a validation epoch at step 2 where the module holds c's weights, one process and 2 ranks
+    single = fit("single", task_files, tmp_path / "single", apply="every", devices=1)
+    sharded = fit("model_parallel", task_files, tmp_path / "sharded", apply="every")
+    # then the merge of a, b and c is scored and logged, the same on shards as in one process
+    assert sorted(single["logged"]) == ["merge/a/acc", "merge/b/acc", "merge/c/acc", "merge/mean/acc"]
+    assert sharded["logged"] == single["logged"] and 0 < single["logged"]["merge/mean/acc"] < 1
+    # and the module holds c's weights again after it (each rank restored its own shards)
+    c = open_source(task_files / "c.safetensors")
+    assert_equal(sharded["after_validation"], {k: c.get(k) for k in c.keys()})
