@@ -6,8 +6,9 @@ APPLY: ``merged`` (default), ``keep``, ``search`` (k x lam scored), ``auto`` (``
 ``continual:<task>:<start_from>[:search]`` (ContinualTiesMerging over the store OUT/../store; the fit ends at
 TASKS_DIR/<task>; ``:search``: k and lam searched on every stored task's validation data) or
 ``resume[:<checkpoint>[:perturbed]]`` (the fit ends at TASKS_DIR/c; without a checkpoint it saves one at step 2 in
-OUT/ckpts, with one it resumes from it, the module built with other weights when ``perturbed``) or ``every``
-(``every_n_val_epochs=1``: one validation epoch, at step 2, where the module holds TASKS_DIR/c's weights).
+OUT/ckpts, with one it resumes from it, the module built with other weights when ``perturbed``), ``every``
+(``every_n_val_epochs=1``: one validation epoch, at step 2, where the module holds TASKS_DIR/c's weights) or
+``heads`` (the last Linear given as the head submodule; the fit ends at TASKS_DIR/c).
 
 STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
@@ -202,6 +203,9 @@ def main() -> None:
             dict(k=K, lam=LAM)  # search: every task so far has validation data (tasks arrive in name order)
         merging = ContinualTiesMerging(task=task, store=str(out.parent / "store"), start_from=start_from,
                                        save_dir=str(out / "save"), **grid)
+    elif apply == "heads":  # the last Linear is a per-task head, given as the submodule itself
+        net = Net()
+        merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, heads=net.model[2], save_dir=str(out / "save"))
     elif apply == "every":
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, every_n_val_epochs=1, val_dataloaders=val,
                               save_dir=str(out / "save"))
@@ -213,7 +217,7 @@ def main() -> None:
     ckpt_path = args[0] if mode == "resume" and args else None
     perturbed = mode == "resume" and args[-1:] == ["perturbed"]
     record = Record()
-    end = "c" if mode in ("auto", "resume") else (args[0] if mode == "continual" else None)
+    end = "c" if mode in ("auto", "resume", "heads") else (args[0] if mode == "continual" else None)
     end_at = [EndAt(tasks_dir / f"{end}.safetensors")] if end else []
     after = AfterValidation()
     if apply == "every":  # the inline merge scores TASKS_DIR/c's weights as this run's, whatever the world size
@@ -228,7 +232,7 @@ def main() -> None:
                          callbacks=[*end_at, record, merging, after], logger=False, default_root_dir=out,
                          enable_checkpointing=apply == "resume", enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=2 if apply == "every" else None, num_sanity_val_steps=0)
-    trainer.fit(Net(perturbed=perturbed), data, own_val if apply in ("search", "auto", "every") else None,
+    trainer.fit(net if apply == "heads" else Net(perturbed=perturbed), data, own_val if apply in ("search", "auto", "every") else None,
                 ckpt_path=ckpt_path)
     merged = full_state(_sharded(trainer))
     trainer.save_checkpoint(out / ("ckpt.ckpt" if "full" in name else "ckpt"))  # full: one file

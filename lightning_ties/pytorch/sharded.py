@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.heads import head_patterns
 from ..core.inputs import MERGED_CHECKPOINT
 from ..io.atomic import atomic_dir
 from ..io.errors import CheckpointError
@@ -180,7 +181,7 @@ class ShardedMerging:
     tau_m is computed once per (method, k) and re-applied in place per lam), ``apply="merged"`` (with
     ``save_dir``: ``merged.ckpt``) and ``apply="keep"`` (``merged.safetensors`` gathered one tensor at a
     time by rank 0), ``method="auto"`` over the data-free methods, ``every_n_val_epochs`` (:meth:`score_inline`).
-    Refused with a message: methods that need data (RegMean) named by the user, heads given as modules. Resuming re-captures the base, checked against the checkpoint's fingerprint of it
+    Refused with a message: methods that need data (RegMean) named by the user. Resuming re-captures the base, checked against the checkpoint's fingerprint of it
     (:meth:`capture_base`); a search keeps its finished candidates in ``save_dir`` as one process does, and an
     interrupted one resumes from them (:meth:`_stored_progress`).
     """
@@ -192,14 +193,17 @@ class ShardedMerging:
         self._resumed_fingerprint: str | None = None
         #: the callback's search options, less the methods a sharded module cannot merge (set by :meth:`check`)
         self.options = callback.options
+        #: the callback's heads as regexes of the module's keys (set by :meth:`check`)
+        self.heads: list[str] = []
 
     def check(self, trainer: pl.Trainer) -> None:
         """Refuse at setup what the sharded merge does not do (before any training step)."""
         cb = self.callback
         name = type(trainer.strategy).__name__
         self.options = sharded_search_options(cb.options, name)
-        if cb.heads is not None and not all(isinstance(h, str) for h in _as_list(cb.heads)):
-            raise ValueError(f"heads given as modules are not supported under {name} (sharded): name them by regex")
+        # heads given as submodules become the regexes of their key prefixes now, before the strategy wraps or
+        # shards the module (the names stay the state dict's: FSDP2 keeps them, FSDP1's state dicts clean them)
+        self.heads = head_patterns(trainer.lightning_module, cb.heads)
 
     def capture_base(self, trainer: pl.Trainer) -> None:
         """At fit start: this rank's rows of the base (the module's shards, or ``base=``'s rows).
@@ -275,7 +279,7 @@ class ShardedMerging:
     def _options(self, method: str, k: float | None, lam: float | None) -> MergeOptions:
         cb = self.callback
         params = dict(cb.method_params) if method == cb.methods[0] else {}  # params are written for the first method
-        exclude = [*_as_list(cb.exclude), *_as_list(cb.heads)]  # named heads stay each task's own, as unsharded
+        exclude = [*_as_list(cb.exclude), *self.heads]  # named heads stay each task's own, as unsharded
         return MergeOptions(method, k=k, lam=lam, params=params, include=cb.include, exclude=exclude or None)
 
     def _search(

@@ -45,7 +45,7 @@ class ShardedContinualMerging(ShardedMerging):
         """At fit start: the store's base rows (its first run: the module's, or ``base=``'s, written to the store)."""
         cb = self.callback
         self.fit = ShardedFitMerge(sharded_module(trainer))
-        self.store = ShardedTaskStore(cb.store_dir, self.fit.view(), k=cb.store.k, exclude=cb.heads)
+        self.store = ShardedTaskStore(cb.store_dir, self.fit.view(), k=cb.store.k, exclude=self.heads or None)
         self.store.check()
         if self.store.has_base():
             self.fit.base = self.store.base_pieces()

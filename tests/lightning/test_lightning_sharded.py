@@ -250,7 +250,7 @@ def test_auto_leaves_out_regmean_under_sharding_but_a_named_regmean_is_refused()
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(method="regmean"), r"method\(s\) \['regmean'\] need each task's data"),
-    (dict(heads=[torch.nn.Linear(1, 1)]), "heads given as modules are not supported"),
+    (dict(heads=[torch.nn.Linear(1, 1)]), "heads: the Linear given is not a submodule of the model"),
 ])
 def test_what_the_sharded_merge_cannot_do_is_refused_at_setup(kwargs, message):
     import pytorch_lightning as pl
@@ -259,6 +259,7 @@ def test_what_the_sharded_merge_cannot_do_is_refused_at_setup(kwargs, message):
 
     class FakeTrainer:
         strategy = pl.strategies.ModelParallelStrategy()
+        lightning_module = torch.nn.Sequential(torch.nn.Linear(1, 1))
 
     merging = TiesMerging(tasks={"a": "a.safetensors"}, task="c", **kwargs)
     with pytest.raises(ValueError, match=message):
@@ -377,3 +378,15 @@ def test_every_n_val_epochs_on_shards_logs_the_one_process_scores_and_restores_t
     # and the module holds c's weights again after it (each rank restored its own shards)
     c = open_source(task_files / "c.safetensors")
     assert_equal(sharded["after_validation"], {k: c.get(k) for k in c.keys()})
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
+def test_a_head_given_as_a_submodule_stays_this_runs_own_on_shards_as_in_one_process(strategy, task_files, tmp_path):
+    single = fit("single", task_files, tmp_path / "single", apply="heads", devices=1)
+    sharded = fit(strategy, task_files, tmp_path / "sharded", apply="heads")
+    assert_equal(sharded["merged"], single["merged"])
+    # the head (the last Linear) is this run's (c's), every other key merged
+    c = open_source(task_files / "c.safetensors")
+    for key in single["merged"]:
+        assert torch.equal(single["merged"][key], c.get(key)) == key.startswith("model.2."), key
