@@ -107,14 +107,7 @@ class TaskVectorStore:
             >>> store.check()
         """
         names = self.names()
-        sharded = self._index().get("sharded")
-        if sharded is not None:  # lightning_ties.distributed.store: each rank's rows in its own folder
-            raise CheckpointError(
-                f"{self.root} was written by a sharded fit on {sharded.get('world_size')} ranks (each rank's rows in "
-                f"{self.root}/rank-<r>-of-<W>): continue it under a sharded strategy (on any number of ranks), or "
-                "lay it out for one process first with lightning_ties.distributed.gather_store(store) (the one-process "
-                "ContinualTiesMerging does this itself)"
-            )
+        self._refuse_sharded()
         if not self.has_base():
             if names:
                 raise CheckpointError(f"{self.base_path} is missing but the store holds tasks {names}; restore it")
@@ -126,6 +119,18 @@ class TaskVectorStore:
             if not path.exists():
                 raise CheckpointError(f"{path}: task {name!r} is in {self.root / 'index.json'} but its file is missing")
             TaskVectorSource(path, base_source, label=f"{self.root}/{name}")
+
+    def _refuse_sharded(self) -> None:
+        """A store sharded ranks wrote holds its tensors in their folders: read or added to here, it would look
+        empty or be torn apart (a task in no rank's folder)."""
+        sharded = self._index().get("sharded")
+        if sharded is not None:  # lightning_ties.distributed.store: each rank's rows in its own folder
+            raise CheckpointError(
+                f"{self.root} was written by a sharded fit on {sharded.get('world_size')} ranks (each rank's rows in "
+                f"{self.root}/rank-<r>-of-<W>): continue it under a sharded strategy (on any number of ranks), or "
+                "lay it out for one process first with lightning_ties.distributed.gather_store(store) (the one-process "
+                "ContinualTiesMerging does this itself)"
+            )
 
     def _write_index(self, **changes: Any) -> None:
         data = {**self._index(), **changes}
@@ -173,6 +178,7 @@ class TaskVectorStore:
         replacing it would silently change every one of them. Tied parameters (one tensor under
         two names) are written once per name, streamed tensor by tensor.
         """
+        self._refuse_sharded()
         src = as_source(base, "base")
         check_writable(self.base_path)  # a file of another tool at that name is refused before any work
         with self._locked():
@@ -194,6 +200,7 @@ class TaskVectorStore:
             _write(self.base_path, src, {"format": FORMAT})
 
     def base_state(self) -> dict[str, torch.Tensor]:
+        self._refuse_sharded()
         if not self.has_base():
             raise FileNotFoundError(f"{self.base_path} does not exist; call save_base(base) first")
         base = _open_file(self.base_path)
@@ -221,6 +228,7 @@ class TaskVectorStore:
         Returns:
             ``{"numel": merged entries, "stored": non-zero entries kept, "bytes": file size}``.
         """
+        self._refuse_sharded()
         path = self.task_path(name)
         names = self.names()
         if name in names and not overwrite:
@@ -274,6 +282,7 @@ class TaskVectorStore:
 
     def source(self, name: str, base: Any = None) -> TaskVectorSource:
         """Task ``name`` as fine-tuned weights (base + stored tau), read lazily one key at a time."""
+        self._refuse_sharded()
         if name not in self.names():
             raise KeyError(f"task {name!r} is not in the store {self.root}; stored: {self.names()}")
         return TaskVectorSource(self.task_path(name), self._base(base), label=f"{self.root}/{name}")
@@ -287,6 +296,7 @@ class TaskVectorStore:
 
     def merge(self, method: str = "ties", lam: float | None = None, base: Any = None, **params: Any) -> MergeResult:
         """Merge every stored task (``method``, ``lam`` and parameters as :func:`lightning_ties.merge`)."""
+        self._refuse_sharded()
         names = self.names()
         if not names:
             raise ValueError(f"the store {self.root} holds no task yet")

@@ -177,8 +177,12 @@ def test_a_store_written_by_one_process_is_continued_by_ranks_and_then_by_one_pr
         for key, value in {k: single.source(name).get(k) for k in whole_models()[0]}.items():
             assert torch.equal(torch.cat([r[name][key] for r in results]), value), (name, key)
     # the store as it is now is the ranks': read directly by one process, it is refused, naming what to do
-    with pytest.raises(CheckpointError, match=r"written by a sharded fit on 2 ranks.*gather_store"):
-        TaskVectorStore(root, k=K).check()
+    as_is = TaskVectorStore(root, k=K)
+    for use in (as_is.check, lambda: as_is.source("a"), lambda: as_is.merge(), as_is.base_state,
+                lambda: as_is.add("c", task_model("c")), lambda: as_is.save_base(whole_models()[0])):
+        with pytest.raises(CheckpointError, match=r"written by a sharded fit on 2 ranks.*gather_store"):
+            use()
+    assert as_is.names() == ["a", "b"]  # nothing was added to the sharded store's index
     # a file of the store's one-process layout that someone changed since is refused, not replaced
     (root / "tasks" / "a.safetensors").write_bytes(b"edited by someone")
     with pytest.raises(Exception, match=r"tasks/a\.safetensors"):
