@@ -10,7 +10,7 @@ OUT/ckpts, with one it resumes from it, the module built with other weights when
 (``every_n_val_epochs=1``: one validation epoch, at step 2, where the module holds TASKS_DIR/c's weights) or
 ``heads`` (the last Linear given as the head submodule; the fit ends at TASKS_DIR/c).
 
-STRATEGY: ``single`` (one process, unsharded: the reference), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
+STRATEGY: ``single`` (one process, unsharded: the reference), ``ddp`` (unsharded, every rank whole), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
 user's subclass of ModelParallelStrategy) or ``deepspeed`` (refused). Lightning re-launches this script for
 the other ranks. Rank 0 writes OUT/result.pt: the base, the fine-tuned weights (gathered before the merge),
@@ -160,6 +160,8 @@ def strategy_of(name: str):
         return FSDPStrategy(state_dict_type="full", use_orig_params=True)
     if name == "single":  # the unsharded reference: one process, the whole module
         return "auto"
+    if name == "ddp":  # unsharded on several processes: every rank holds the whole module
+        return pl.strategies.DDPStrategy()
     if name == "deepspeed3_cuda":  # the real one (needs `import deepspeed`): refused at setup
         from pytorch_lightning.strategies import DeepSpeedStrategy
 

@@ -183,11 +183,11 @@ def stored_on_2_ranks(task_files, tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("last", [("model_parallel", 3), ("single", 1)], ids=["on-3-ranks", "unsharded"])
+@pytest.mark.parametrize("last", [("model_parallel", 3), ("single", 1), ("ddp", 2)], ids=["on-3-ranks", "unsharded", "ddp"])
 def test_a_continual_store_written_on_2_ranks_is_continued_on_3_or_unsharded_as_one_process_continues_it(
         last, task_files, continual_single, stored_on_2_ranks, tmp_path):
-    # given tasks a and b stored by fits on 2 ranks, when task c's fit runs on 3 ranks (uneven rows) or in one
-    # process (the ranks' rows put together first)
+    # given tasks a and b stored by fits on 2 ranks, when task c's fit runs on 3 ranks (uneven rows), in one
+    # process or under DDP (the ranks' rows put together first, by global rank 0)
     _, singles = continual_single
     shutil.copytree(stored_on_2_ranks, tmp_path / "store")
     strategy, devices = last
