@@ -322,9 +322,8 @@ class TiesMerging(Callback):
     # ---- inputs ---------------------------------------------------------------------------------
     def _dataloaders(self, trainer: pl.Trainer) -> dict[str, Any]:
         loaders = dict(self.val_dataloaders)
-        own = trainer.val_dataloaders
-        if own is not None and self.task not in loaders:
-            loaders[self.task] = own
+        if trainer.val_dataloaders is not None:  # the fit's own validation data is this run's task's
+            loaders.setdefault(self.task, trainer.val_dataloaders)
         return loaders
 
     def _check_data(self, trainer: pl.Trainer) -> None:
@@ -380,9 +379,8 @@ class TiesMerging(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Small, as ``WeightAveraging``'s: progress, result, the base's file (its tensors only when no file holds it)."""
         progress = self._live_progress()
-        keep_tensors = self._base_ref is None and self.base is None
         return {
-            "base": self._base_state if keep_tensors else None,
+            "base": self._base_state if self._base_ref is None and self.base is None else None,  # no file holds it
             "base_ref": dict(self._base_ref) if self._base_ref is not None else None,
             "base_fingerprint": self._sharded.base_fingerprint if self._sharded is not None else None,
             "sources": self._fingerprints,
