@@ -142,8 +142,9 @@ class _Scorer:
     over ranks in ``compute``, so every rank gets the same scores.
     """
 
-    def __init__(self, module: pl.LightningModule, callback: Any, loaders: Mapping[str, list[Any]]) -> None:
-        self.module, self.loaders = module, loaders
+    def __init__(self, module: pl.LightningModule, callback: Any, loaders: Mapping[str, Any]) -> None:
+        self.module = module
+        self.loaders = {task: list(v) if isinstance(v, (list, tuple)) else [v] for task, v in loaders.items()}
         self.forward_fn = callback.forward_fn
         self.metrics = TaskMetrics(list(loaders), callback.metrics)
 
@@ -180,10 +181,11 @@ class ShardedMerging:
     a search has no validation data, a scored method/k/lam search (every rank scores the same candidate;
     tau_m is computed once per (method, k) and re-applied in place per lam), ``apply="merged"`` (with
     ``save_dir``: ``merged.ckpt``) and ``apply="keep"`` (``merged.safetensors`` gathered one tensor at a
-    time by rank 0), ``method="auto"`` over the data-free methods, ``every_n_val_epochs`` (:meth:`score_inline`).
-    Refused with a message: methods that need data (RegMean) named by the user. Resuming re-captures the base, checked against the checkpoint's fingerprint of it
-    (:meth:`capture_base`); a search keeps its finished candidates in ``save_dir`` as one process does, and an
-    interrupted one resumes from them (:meth:`_stored_progress`).
+    time by rank 0), ``method="auto"`` over the data-free methods, ``every_n_val_epochs`` (:meth:`score_inline`),
+    heads as regexes or submodules. Resuming re-captures the base, checked against the checkpoint's fingerprint
+    of it (:meth:`capture_base`); a search keeps its finished candidates in ``save_dir`` as one process does,
+    and an interrupted one resumes from them (:meth:`_stored_progress`). Refused with a message: methods that
+    need data (RegMean) named by the user.
     """
 
     def __init__(self, callback: Any) -> None:
@@ -266,8 +268,7 @@ class ShardedMerging:
         try:
             self.fit.merge(self.task_sources(trainer), cb.task, self._options(method, k, get_method(method).default_lam),
                            finetuned=finetuned)
-            lists = {task: list(v) if isinstance(v, (list, tuple)) else [v] for task, v in loaders.items()}
-            return _Scorer(pl_module, cb, lists).score()
+            return _Scorer(pl_module, cb, loaders).score()
         finally:
             self.fit.restore(finetuned)
 
@@ -289,8 +290,7 @@ class ShardedMerging:
         cb = self.callback
         options = self.options
         finetuned = self.fit.finetuned()  # this run's shards: the module holds candidates from now on
-        lists = {task: list(v) if isinstance(v, (list, tuple)) else [v] for task, v in loaders.items()}
-        scorer = _Scorer(pl_module, cb, lists)
+        scorer = _Scorer(pl_module, cb, loaders)
         result = self._stored_progress(trainer, tasks, finetuned)
         if options.normalize and set(result.reference) != {*tasks, cb.task}:
             result.reference = self._references(scorer, tasks, finetuned)
@@ -331,10 +331,11 @@ class ShardedMerging:
         Global rank 0 reads the file and every rank gets its content (one broadcast), so every rank resumes
         alike, or every rank raises when it is unreadable."""
         cb, options = self.callback, self.options
+        objective = options.objective
         fingerprint = json.dumps({
-            "sharded": True, "methods": list(options.methods), "objective": options.objective if isinstance(options.objective, str) else
-            getattr(options.objective, "__qualname__", "callable"),
-            "mode": options.mode, "normalize": options.normalize, "params": {k: repr(v) for k, v in sorted(cb.method_params.items())},
+            "sharded": True, "methods": list(options.methods), "mode": options.mode, "normalize": options.normalize,
+            "objective": objective if isinstance(objective, str) else getattr(objective, "__qualname__", "callable"),
+            "params": {k: repr(v) for k, v in sorted(cb.method_params.items())},
             "tasks": [[name, getattr(src, "label", name)] for name, src in tasks.items()] + [[cb.task, "this run"]],
             "step": trainer.global_step, "weights": rows_fingerprint(self.fit.view(), finetuned),
         }, sort_keys=True)
