@@ -95,9 +95,9 @@ class ShardedFitMerge:
         self.view().write_(state)
 
 
-#: A prime below 2**31: a product of two residues fits in int64, and so does a sum of 2**24 of them.
-_PRIME = 2**31 - 1
-_CHUNK = 1 << 24
+#: Entries per step of :func:`_residue` (32 MB of int64 temporaries, on the piece's device).
+_CHUNK = 1 << 22
+_MASK = (1 << 64) - 1
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -105,33 +105,37 @@ def rows_fingerprint(view: ShardedView, pieces: Mapping[str, torch.Tensor]) -> s
     """An exact identity of the whole tensors whose rows this rank holds in ``pieces``, the same on any number
     of ranks (collective: every rank calls it).
 
-    Per key, sum over the entries of ``bits(x_i) * (i + 1)`` modulo a prime, ``i`` the entry's global flat
-    index (so the value depends on neither the split nor the order of addition: integers, all-reduced);
-    any changed bit or moved entry changes it. Returns the sha256 of every key's sum (hex, 32 characters).
+    Per key, the sum over the entries of ``bits(x_i) * (i + 1)`` modulo 2**64 (``i``: the entry's global flat
+    index): integer sums, so neither the split nor the order of addition changes them, and all-reduced; any
+    changed bit or moved entry changes them. Returns the sha256 of every key's sum (hex, 32 characters).
 
     Example (in one process: one rank holding everything)::
 
         rows_fingerprint(sharded_view(model), sharded_view(model).local_state())
     """
     keys = [key for key in view.keys if key in pieces]
-    sums = torch.tensor([_residue(pieces[key], view.entries[key].flat[0]) for key in keys], dtype=torch.int64)
-    total = view.collectives.all_sum(sums).remainder(_PRIME)
-    text = ";".join(f"{key}={int(v)}" for key, v in zip(keys, total))
+    sums = [_residue(pieces[key], view.entries[key].flat[0]) for key in keys]
+    signed = torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in sums], dtype=torch.int64)
+    total = view.collectives.all_sum(signed)  # int64 adds wrap: the sum modulo 2**64
+    text = ";".join(f"{key}={int(v) & _MASK}" for key, v in zip(keys, total))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _residue(piece: torch.Tensor, start: int) -> int:
-    """``sum(bits(x_i) * (start + i + 1)) mod p`` over the flat ``piece`` (its bit patterns as integers)."""
-    flat = piece.detach().reshape(-1).contiguous().cpu()
+    """``sum(bits(x_i) * (start + i + 1)) mod 2**64`` over the flat ``piece`` (its bit patterns as integers).
+
+    Per step of ``n`` entries at offset ``o``: ``sum(b_j * (j + 1)) + (start + o) * sum(b_j)``, with one weight
+    vector for every step; torch's int64 products and sums wrap, i.e. are exact modulo 2**64.
+    """
+    flat = piece.detach().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.int8)
-    bits = flat.view(_SAME_WIDTH_INT[flat.element_size()])
+    weights = torch.arange(1, min(_CHUNK, flat.numel()) + 1, dtype=torch.int64, device=flat.device)
     total = 0
-    for lo in range(0, bits.numel(), _CHUNK):
-        chunk = bits[lo : lo + _CHUNK].to(torch.int64).remainder_(_PRIME)
-        weight = torch.arange(start + lo + 1, start + lo + 1 + chunk.numel(), dtype=torch.int64).remainder_(_PRIME)
-        total = (total + int(chunk.mul_(weight).remainder_(_PRIME).sum())) % _PRIME
-    return total
+    for lo in range(0, flat.numel(), _CHUNK):
+        bits = flat[lo : lo + _CHUNK].contiguous().view(_SAME_WIDTH_INT[flat.element_size()]).to(torch.int64)
+        total += int((bits * weights[: bits.numel()]).sum()) + (start + lo) * int(bits.sum())
+    return total & _MASK
 
 
 def full_state(module: nn.Module, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -193,7 +193,7 @@ def test_a_store_written_by_one_process_is_continued_by_ranks_and_then_by_one_pr
     assert_same_store(root, single)
 
 
-def test_one_process_names_what_is_missing_from_a_damaged_sharded_store(tmp_path):
+def test_one_process_names_what_is_missing_from_a_damaged_sharded_store_and_ranks_record_the_shapes(tmp_path):
     from lightning_ties.distributed import gather_store
     from lightning_ties.io import CheckpointError
 
@@ -207,10 +207,15 @@ def test_one_process_names_what_is_missing_from_a_damaged_sharded_store(tmp_path
         gather_store(TaskVectorStore(root, k=K))
     (tmp_path / "moved").rename(root / "rank-1-of-2")
     # an index without the global shapes (as an earlier lightning-ties wrote it): what to do
-    (root / "index.json").write_text(json.dumps({**index, "sharded": {"world_size": 2}}))
+    TaskVectorStore(root, k=K).update_index(sharded={"world_size": 2})  # as we wrote it then
     with pytest.raises(CheckpointError, match="records no global shapes.*continue it once under the sharded strategy"):
         gather_store(TaskVectorStore(root, k=K))
     assert not (root / "base.safetensors").exists()  # nothing was written
+    # continued once on ranks, the store records them, and one process can take it over
+    run_ranks(_continue_on_ranks, 2, str(root), [])
+    assert json.loads((root / "index.json").read_text())["sharded"] == index["sharded"]
+    gather_store(TaskVectorStore(root, k=K))
+    assert TaskVectorStore(root, k=K).names() == ["a"]
 
 
 def _continue_with_another_model(rank: int, world: int, root: str) -> str:
