@@ -120,7 +120,7 @@ def sharded_search_options(options: SearchOptions, strategy: str) -> SearchOptio
     if not needs_data:
         return options
     if not options.auto:
-        raise ValueError(
+        raise ValueError(  # RegMean's Gram matrices (in x in per linear layer and task) would be whole on every rank
             f"method(s) {needs_data} need each task's data on whole weights, which no rank holds under {strategy}; "
             "choose a data-free method (ties, task_arithmetic, dare_ties, tsv...) or method='auto'"
         )
