@@ -380,10 +380,17 @@ def test_every_n_val_epochs_on_shards_logs_the_one_process_scores_and_restores_t
     assert_equal(sharded["after_validation"], {k: c.get(k) for k in c.keys()})
 
 
+@pytest.fixture(scope="module")
+def heads_single(task_files, tmp_path_factory) -> dict:
+    """The reference: the head given as a submodule, in one process."""
+    return fit("single", task_files, tmp_path_factory.mktemp("heads-single"), apply="heads", devices=1)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
-def test_a_head_given_as_a_submodule_stays_this_runs_own_on_shards_as_in_one_process(strategy, task_files, tmp_path):
-    single = fit("single", task_files, tmp_path / "single", apply="heads", devices=1)
+def test_a_head_given_as_a_submodule_stays_this_runs_own_on_shards_as_in_one_process(strategy, task_files, heads_single,
+                                                                                     tmp_path):
+    single = heads_single
     sharded = fit(strategy, task_files, tmp_path / "sharded", apply="heads")
     assert_equal(sharded["merged"], single["merged"])
     # the head (the last Linear) is this run's (c's), every other key merged
