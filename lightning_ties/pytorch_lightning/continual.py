@@ -53,11 +53,12 @@ class ShardedContinualMerging(ShardedMerging):
         self.fit.capture_base(match_to_module(cb.base, self.fit.keys, label="base") if cb.base is not None else None)
         self.store.save_base(self.fit.base)
 
-    def task_sources(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """This run's rows join the store (trimmed globally); the other tasks, then the stored ones, in the
-        order one process merges them."""
+    def task_sources(self, trainer: pl.Trainer, add_this_run: bool = True) -> dict[str, Any]:
+        """This run's rows join the store (trimmed globally; not when the merge is only scored mid-fit); the other
+        tasks, then the stored ones, in the order one process merges them."""
         cb = self.callback
-        self.store.add(cb.task, self.fit.view().source(label=cb.task), self.fit.base)
+        if add_this_run:
+            self.store.add(cb.task, self.fit.view().source(label=cb.task), self.fit.base)
         tasks = super().task_sources(trainer)
         for name in self.store.names():
             if name != cb.task and name not in tasks:

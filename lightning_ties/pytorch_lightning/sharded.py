@@ -268,14 +268,16 @@ class ShardedMerging:
         k = cb.ks[0] if cb.ks[0] is not None else PAPER_DEFAULT_K
         finetuned = self.fit.finetuned()
         try:
-            self.fit.merge(self.task_sources(trainer), cb.task, self._options(method, k, get_method(method).default_lam),
-                           finetuned=finetuned)
+            self.fit.merge(self.task_sources(trainer, add_this_run=False), cb.task,
+                           self._options(method, k, get_method(method).default_lam), finetuned=finetuned)
             return _Scorer(pl_module, cb, loaders).score()
         finally:
             self.fit.restore(finetuned)
 
-    def task_sources(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """The other tasks to merge with this run, name -> source with the module's keys (read per rows)."""
+    def task_sources(self, trainer: pl.Trainer, add_this_run: bool = True) -> dict[str, Any]:
+        """The other tasks to merge with this run, name -> source with the module's keys (read per rows).
+
+        ``add_this_run``: whether this run's weights are final (a continual store keeps them), or only scored."""
         keys = self.fit.keys
         return {name: match_to_module(value, keys, label=name) for name, value in self.callback.tasks.items()}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 import subprocess
 import sys
 from pathlib import Path
@@ -397,3 +398,31 @@ def test_a_head_given_as_a_submodule_stays_this_runs_own_on_shards_as_in_one_pro
     c = open_source(task_files / "c.safetensors")
     for key in single["merged"]:
         assert torch.equal(single["merged"][key], c.get(key)) == key.startswith("model.2."), key
+
+
+def test_scoring_a_continual_merge_mid_fit_on_shards_adds_nothing_to_the_store():
+    # every_n_val_epochs scores the merge of the weights as they are mid-fit: they must not join the store
+    from lightning_ties.pytorch_lightning.continual import ContinualTiesMerging, ShardedContinualMerging
+
+    merging = ShardedContinualMerging(ContinualTiesMerging(task="c", store="unused"))
+
+    class Store:
+        def names(self):
+            return ["a", "c"]
+
+        def source(self, name):
+            return f"stored {name}"
+
+        def add(self, *args, **kwargs):
+            raise AssertionError("a mid-fit score added this run to the store")
+
+    class Fit:  # this rank's view and base rows, as far as adding to the store reads them
+        keys, base = [], {}
+
+        def view(self):
+            return types.SimpleNamespace(source=lambda label: f"{label}'s rows")
+
+    merging.store, merging.fit = Store(), Fit()
+    assert merging.task_sources(None, add_this_run=False) == {"a": "stored a"}  # c: this run's live weights
+    with pytest.raises(AssertionError, match="added this run"):
+        merging.task_sources(None)  # at fit end it does join
