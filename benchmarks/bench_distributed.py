@@ -305,7 +305,8 @@ def run_callback(world: int, layers: int, width: int, tasks: list[str], record: 
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[MergeStart(), merging, MergeEnd()])
+                         callbacks=[MergeStart(), merging, MergeEnd()],
+                         default_root_dir=Path(record).parent)  # the callback's outputs go to the workdir, not here
     trainer.fit(Net(), data)
     sampler.stop()
     rank = trainer.global_rank
