@@ -376,13 +376,12 @@ class PartWriter:
 
     ``close`` checks every key of ``mine`` was written and fsyncs, so an exchange after it
     reports data on disk. An OS error (a full disk) becomes an :class:`OutputWriteError`
-    naming ``output``, the path the user asked for. ``check_finite`` refuses inf/NaN as the
+    naming ``output``, the path the user asked for. An inf/NaN tensor is refused as the
     one-process writers do (:func:`~lightning_ties.io.safetensors_file.check_finite_tensor`).
     """
 
-    def __init__(self, root: Path, layout: Layout, mine: set[str], output: Path | None = None, check_finite: bool = False) -> None:
+    def __init__(self, root: Path, layout: Layout, mine: set[str], output: Path | None = None) -> None:
         self.output = output or root
-        self.check_finite = check_finite
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._fds: list[int] = []
         self._missing = set(mine)
@@ -404,8 +403,7 @@ class PartWriter:
         fd, offset, spec = self._where[key]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(f"{key!r} is {tuple(tensor.shape)} {tensor.dtype}, the layout says {spec.shape} {spec.dtype}")
-        if self.check_finite:
-            check_finite_tensor(self.output, key, tensor)
+        check_finite_tensor(self.output, key, tensor)
         with self._naming_output():
             _pwrite_all(fd, memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
         self._missing.discard(key)

@@ -464,7 +464,7 @@ def _merge_part(
     it starts (:class:`OutputHashes`: rank 0 publishes without reading them again), share its digests."""
     mine = {k for k, r in owners.items() if r == collectives.rank}
     stream = start(mine)
-    writer = PartWriter(tmp, job.layout, mine, output, check_finite=True)  # as the one-process writers
+    writer = PartWriter(tmp, job.layout, mine, output)
     try:
         stream.run(writer.write)
     except BaseException:
