@@ -152,27 +152,16 @@ class ShardedTaskStore:
             layout = [{key: tuple(r) for key, r in (o.index().get("shards") or {}).items()} for o in olds]
             base_files = [SafetensorsFile(o.base_path) for o in olds]
 
-        def holder(key: str, pos: int | None) -> int:
-            return _holder(layout, key, pos, self.root, f"{old} ranks" if old else "one process")
+        what = f"{old} ranks" if old else "one process"
 
-        def rows(key: str, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
-            # this rank's flat range of `key`, from the old ranks whose ranges cover it
-            start, stop = self.view.shards[key]
-            if start == stop:  # none of it here: an empty piece of the stored dtype
-                return read(holder(key, None)).reshape(-1)[:0]
-            parts, pos = [], start
-            while pos < stop:
-                j = holder(key, pos)
-                lo, hi = layout[j][key]
-                parts.append(read(j).reshape(-1)[pos - lo : min(stop, hi) - lo])
-                pos = min(stop, hi)
-            return torch.cat(parts)
+        def rows(key: str, read: Callable[[int], torch.Tensor]) -> torch.Tensor:  # this rank's flat range of `key`
+            return _assemble(layout, key, *self.view.shards[key], read, self.root, what)
 
         mine = [key for key in base_files[0].specs if key in self.view.shards]
         self.local.rewrite_base({key: rows(key, lambda j, key=key: base_files[j].get(key)) for key in mine})
         self.local.update_index(shards=self._shards)
         for name in self.names():
-            stored = [o.source(name, base=SafetensorsSource([o.base_path])) for o in olds]
+            stored = _stored_tasks(olds, name, self.root)
             tau = {key: rows(key, lambda j, key=key: stored[j].tau(key))
                    for key in stored[0].merged_keys if key in self.view.shards}
             full = {key: rows(key, lambda j, key=key: stored[j].get(key)).reshape(self.view.entries[key].piece().shape)
@@ -285,25 +274,13 @@ def gather_store(store: TaskVectorStore) -> None:
         if key not in shapes:
             raise CheckpointError(f"{store.root / 'index.json'}: no global shape of {key!r} recorded; the store is damaged "
                                   "(restore it, or use a new store folder)")
-        shape, parts, pos = shapes[key], [], 0
-        numel = math.prod(shape)
-        if numel == 0:
-            return read(_holder(layout, key, None, store.root, what)).reshape(shape)
-        while pos < numel:
-            j = _holder(layout, key, pos, store.root, what)
-            lo, hi = layout[j][key]
-            parts.append(read(j).reshape(-1)[pos - lo : hi - lo])
-            pos = hi
-        return torch.cat(parts).reshape(shape)
+        return _assemble(layout, key, 0, math.prod(shapes[key]), read, store.root, what).reshape(shapes[key])
 
     base_files = [SafetensorsFile(o.base_path) for o in olds]
     specs = {key: TensorSpec(tuple(shapes.get(key, ())), spec.dtype) for key, spec in base_files[0].specs.items()}
     store.rewrite_base(_Whole(specs, lambda key: whole(key, lambda j: base_files[j].get(key)), f"{store.root} base"))
     for name in store.names():
-        if any(name not in o.names() for o in olds):
-            raise CheckpointError(f"{store.root}: task {name!r} is missing from a rank's folder; the store is damaged "
-                                  "(restore it, or use a new store folder)")
-        stored = [o.source(name, base=SafetensorsSource([o.base_path])) for o in olds]
+        stored = _stored_tasks(olds, name, store.root)
         tau = {key: whole(key, lambda j, key=key: stored[j].tau(key)) for key in stored[0].merged_keys}
         full = {key: whole(key, lambda j, key=key: stored[j].get(key)) for key in stored[0].keys() if key not in tau}
         store.put(name, tau, full, overwrite=True)
@@ -337,6 +314,29 @@ def _rank_stores(root: Path, world: Any) -> list[TaskVectorStore]:
             f"{root}: the store was written by {world} ranks but {missing} is missing; restore it, or use a new store folder"
         )
     return [TaskVectorStore(f, k=None) for f in folders]
+
+
+def _stored_tasks(olds: Sequence[TaskVectorStore], name: str, root: Path) -> list[TaskVectorSource]:
+    """Task ``name`` as each old rank (or one process) stored it, each against its own stored base."""
+    if any(name not in o.names() for o in olds):
+        raise CheckpointError(f"{root}: task {name!r} is missing from a rank's folder; the store is damaged "
+                              "(restore it, or use a new store folder)")
+    return [o.source(name, base=SafetensorsSource([o.base_path])) for o in olds]
+
+
+def _assemble(layout: Sequence[Mapping[str, tuple[int, int]]], key: str, start: int, stop: int,
+              read: Callable[[int], torch.Tensor], root: Path, what: str) -> torch.Tensor:
+    """Entries ``[start, stop)`` of ``key``'s flat tensor from the old ranks whose ranges in ``layout`` cover them
+    (``read(j)``: rank ``j``'s stored piece); an empty range keeps the stored dtype."""
+    if start == stop:
+        return read(_holder(layout, key, None, root, what)).reshape(-1)[:0]
+    parts, pos = [], start
+    while pos < stop:
+        j = _holder(layout, key, pos, root, what)
+        lo, hi = layout[j][key]
+        parts.append(read(j).reshape(-1)[pos - lo : min(stop, hi) - lo])
+        pos = min(stop, hi)
+    return torch.cat(parts)
 
 
 def _holder(layout: Sequence[Mapping[str, tuple[int, int]]], key: str, pos: int | None, root: Path, what: str) -> int:
