@@ -31,18 +31,26 @@ def whole_models() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return dict(base), {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
 
 
-def _store_on_ranks(rank: int, world: int, root: str) -> dict:
+def _checked_store(root: str) -> tuple:
+    """The base model sharded by ``fully_shard`` over this process group, and its checked store at ``root``."""
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_ties.distributed import LocalSource, ShardedTaskStore, sharded_view
+    from lightning_ties.distributed import ShardedTaskStore, sharded_view
 
-    base, finetuned = whole_models()
     model = nn.Sequential(nn.Linear(6, 7), nn.Linear(7, 3))
-    model.load_state_dict(base)
+    model.load_state_dict(whole_models()[0])
     fully_shard(model)
     view = sharded_view(model)
     store = ShardedTaskStore(root, view, k=K)
     store.check()
+    return view, store
+
+
+def _store_on_ranks(rank: int, world: int, root: str) -> dict:
+    from lightning_ties.distributed import LocalSource
+
+    _, finetuned = whole_models()
+    view, store = _checked_store(root)
     assert not store.has_base()
     store.save_base(view.local_state())
     rows = {key: finetuned[key][slice(*entry.rows)] for key, entry in view.entries.items()}
@@ -101,17 +109,9 @@ def task_model(name: str) -> dict[str, torch.Tensor]:
 
 def _continue_on_ranks(rank: int, world: int, root: str, add: list[str]) -> dict:
     """A fit on ``world`` ranks continuing the store (whatever world size wrote it), adding ``add``."""
-    from torch.distributed.fsdp import fully_shard
+    from lightning_ties.distributed import LocalSource
 
-    from lightning_ties.distributed import LocalSource, ShardedTaskStore, sharded_view
-
-    base, _ = whole_models()
-    model = nn.Sequential(nn.Linear(6, 7), nn.Linear(7, 3))
-    model.load_state_dict(base)
-    fully_shard(model)
-    view = sharded_view(model)
-    store = ShardedTaskStore(root, view, k=K)
-    store.check()
+    view, store = _checked_store(root)
     if not store.has_base():
         store.save_base(view.local_state())
     for name in add:
