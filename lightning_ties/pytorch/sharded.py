@@ -16,9 +16,9 @@ import contextlib
 import json
 import warnings
 from functools import partial
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -41,6 +41,8 @@ from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
 from ._compat import pl, rank_zero_info
 from .checkpoints import save_checkpoint_atomically
+
+T = TypeVar("T")
 
 #: Why DeepSpeed is refused: its ZeRO-3 partitions are flat slices of flattened parameter groups, and its
 #: optimizer keeps fp32 master copies that the next step (or a checkpoint) writes back over the module; a merge
@@ -125,6 +127,24 @@ def sharded_search_options(options: SearchOptions, strategy: str) -> SearchOptio
     rank_zero_info(f"TiesMerging: method='auto' under {strategy} (sharded) searches the data-free methods only, "
                    f"without {needs_data} (they need each task's data on whole weights)")
     return options.without_data_methods()
+
+
+def on_rank_zero(trainer: pl.Trainer, fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on global rank 0 only; every rank returns its value, or raises when it failed (one broadcast),
+    so no rank waits in a collective for a rank that raised. ``what``: the other ranks' error begins with it."""
+    value: Any = None
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001 - raised below, once the other ranks know
+            error = err
+    value, failed = trainer.strategy.broadcast((value, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise CheckpointError(f"{what}: global rank 0 failed: {failed}")
+    return value
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -330,8 +350,8 @@ class ShardedMerging:
         """The search's progress in ``save_dir`` when it is this search's (the same options, tasks, step and
         fine-tuned weights: their exact fingerprint, the same on any number of ranks), else a new one.
 
-        Global rank 0 reads the file and every rank gets its content (one broadcast), so every rank resumes
-        alike, or every rank raises when it is unreadable."""
+        Global rank 0 reads the file and every rank gets its content (:func:`on_rank_zero`), so every rank
+        resumes alike, or every rank raises when it is unreadable."""
         cb, options = self.callback, self.options
         objective = options.objective
         fingerprint = json.dumps({
@@ -341,17 +361,17 @@ class ShardedMerging:
             "tasks": [[name, getattr(src, "label", name)] for name, src in tasks.items()] + [[cb.task, "this run"]],
             "step": trainer.global_step, "weights": rows_fingerprint(self.fit.view(), finetuned),
         }, sort_keys=True)
-        stored: Any = None
-        if trainer.is_global_zero:
+        path = Path(cb.output_dir) / PROGRESS_FILE
+
+        def read() -> dict[str, Any] | None:
             try:
                 progress = read_progress(cb.output_dir)
-                stored = progress.to_dict() if progress is not None else None
-            except Exception as err:  # noqa: BLE001 - every rank raises it, below
-                stored = f"{type(err).__name__}: {err}"
-        stored = trainer.strategy.broadcast(stored)
-        if isinstance(stored, str):
-            raise CheckpointError(f"{Path(cb.output_dir) / PROGRESS_FILE}: the search progress is unreadable ({stored}); "
-                                  "remove it to start the search over")
+            except Exception as err:  # noqa: BLE001 - any damage: say which file, and what to do
+                raise CheckpointError(f"{path}: the search progress is unreadable ({type(err).__name__}: {err}); "
+                                      "remove it to start the search over") from err
+            return progress.to_dict() if progress is not None else None
+
+        stored = on_rank_zero(trainer, read, str(path))
         if stored is not None and stored.get("fingerprint") == fingerprint:
             result = SearchResult.from_dict(stored)
             rank_zero_info(f"TiesMerging: {len(result.candidates)} candidate(s) of this search resumed from {cb.output_dir}")

@@ -28,11 +28,10 @@ from ..core.search import PAPER_DEFAULT_K, SearchResult
 from ..distributed.fit import ShardedFitMerge
 from ..distributed.merge import merge_sharded_
 from ..distributed.store import ShardedTaskStore, gather_store
-from ..io.errors import CheckpointError
 from ..io.task_store import TaskVectorStore
 from ._compat import pl
 from .callback import TiesMerging
-from .sharded import ShardedMerging, sharded_module, sharding_kind
+from .sharded import ShardedMerging, on_rank_zero, sharded_module, sharding_kind
 
 
 class ShardedContinualMerging(ShardedMerging):
@@ -139,19 +138,8 @@ class ContinualTiesMerging(TiesMerging):
 
     def _gather_sharded_store(self, trainer: pl.Trainer) -> None:
         """A store sharded fits wrote is laid out whole for this unsharded fit first (:func:`gather_store`):
-        global rank 0 writes it, the other ranks (DDP) get its outcome in one broadcast, so a failure there
-        stops every rank instead of leaving them waiting."""
-        error: Exception | None = None
-        if trainer.is_global_zero:
-            try:
-                gather_store(self.store)
-            except Exception as err:  # noqa: BLE001 - raised below, after the other ranks hear of it
-                error = err
-        outcome = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}")
-        if error is not None:
-            raise error
-        if outcome is not None:
-            raise CheckpointError(f"{self.store_dir}: global rank 0 could not lay the task store out for this fit: {outcome}")
+        global rank 0 writes it; under DDP a failure there stops every rank instead of leaving them waiting."""
+        on_rank_zero(trainer, lambda: gather_store(self.store), f"{self.store_dir}: laying the task store out for this fit")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

@@ -185,13 +185,13 @@ def test_rank_0_lays_out_a_sharded_store_and_every_ddp_rank_stops_when_it_cannot
         is_global_zero, strategy = True, Strategy()
 
     class Rank1:
-        is_global_zero, strategy = False, Strategy(rank0_says="CheckpointError: rank-0-of-2 is missing")
+        is_global_zero, strategy = False, Strategy(rank0_says=(None, "CheckpointError: rank-0-of-2 is missing"))
 
     merging = ContinualTiesMerging(task="c", store=str(tmp_path))
     # then rank 0 raises what went wrong after telling the others, and the others raise what rank 0 said
     with pytest.raises(CheckpointError, match=r"written by 2 ranks but \['rank-0-of-2', 'rank-1-of-2'\] is missing"):
         merging._gather_sharded_store(Rank0())
-    assert said[0].startswith("CheckpointError: ") and "rank-1-of-2" in said[0]
-    with pytest.raises(CheckpointError, match="global rank 0 could not lay the task store out for this fit: CheckpointError: rank-0"):
+    assert said[0][1].startswith("CheckpointError: ") and "rank-1-of-2" in said[0][1]
+    with pytest.raises(CheckpointError, match="laying the task store out for this fit: global rank 0 failed: CheckpointError: rank-0"):
         merging._gather_sharded_store(Rank1())
-    assert said[1] is None  # rank 1 had nothing to say
+    assert said[1] == (None, None)  # rank 1 had nothing to say

@@ -361,6 +361,16 @@ def test_an_interrupted_sharded_search_resumes_from_its_progress_and_scores_only
     assert_equal(resumed["merged"], ties_merge(first["base"], [*(open_source(task_files / f"{t}.safetensors")
                                                                 for t in ("a", "b")), first["finetuned"]],
                                                k=forged[1], lam=forged[2]))
+    # and an unreadable progress file stops every rank, naming it and what to do
+    from lightning_ties.io import atomic_open
+
+    (tmp_path / "broken" / "save").mkdir(parents=True)
+    with atomic_open(tmp_path / "broken" / "save" / "search_progress.json") as f:  # ours, damaged (cut short)
+        f.write(b'{"candidates": [')
+    proc = launch("model_parallel", task_files, tmp_path / "broken", apply="search")
+    assert proc.returncode != 0
+    assert "search_progress.json: the search progress is unreadable" in proc.stderr
+    assert "remove it to start the search over" in proc.stderr
     # and progress of another search (here: other fine-tuned weights, as after more training) is not reused
     progress.fingerprint = progress.fingerprint.replace('"step": 3', '"step": 2')
     write_progress(tmp_path / "resumed" / "save", progress)
