@@ -13,12 +13,14 @@ OUT/ckpts, with one it resumes from it, the module built with other weights when
 STRATEGY: ``single`` (one process, unsharded: the reference), ``ddp`` (unsharded, every rank whole), ``model_parallel`` (ModelParallelStrategy + fully_shard in configure_model), ``fsdp`` (a test-only
 FSDPStrategy subclass that wraps with device_id=cpu, since Lightning refuses FSDP on the CPU), ``my_mp`` (a
 user's subclass of ModelParallelStrategy) or ``deepspeed`` (refused). Lightning re-launches this script for
-the other ranks. Rank 0 writes OUT/result.pt: the base, the fine-tuned weights (gathered before the merge),
+the other ranks. ``LIGHTNING_TIES_BACKEND=lightning`` runs it on the unified ``lightning`` package;
+``LT_TEST_PROGRESS_WRITE_FAILS=1`` makes rank 0's search-progress writes fail as on a full disk. Rank 0 writes OUT/result.pt: the base, the fine-tuned weights (gathered before the merge),
 the merged weights (gathered after it), and OUT/ckpt (a DCP checkpoint saved by the Trainer after the merge).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -26,10 +28,14 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy  # noqa: E402
 from torch import nn  # noqa: E402
+
+if os.environ.get("LIGHTNING_TIES_BACKEND") == "lightning":  # the unified package (its layer: lightning_ties.pytorch)
+    import lightning.pytorch as pl  # noqa: E402
+else:
+    import pytorch_lightning as pl  # noqa: E402
+FSDPStrategy, ModelParallelStrategy = pl.strategies.FSDPStrategy, pl.strategies.ModelParallelStrategy
 
 from lightning_ties import ContinualTiesMerging, TiesMerging  # noqa: E402
 from lightning_ties.distributed.fit import full_state  # noqa: E402
@@ -163,13 +169,9 @@ def strategy_of(name: str):
     if name == "ddp":  # unsharded on several processes: every rank holds the whole module
         return pl.strategies.DDPStrategy()
     if name == "deepspeed3_cuda":  # the real one (needs `import deepspeed`): refused at setup
-        from pytorch_lightning.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(stage=3)
+        return pl.strategies.DeepSpeedStrategy(stage=3)
     if name == "deepspeed":
-        from pytorch_lightning.strategies import DeepSpeedStrategy
-
-        class CPUDeepSpeed(DeepSpeedStrategy):  # never gets to run: refused at setup
+        class CPUDeepSpeed(pl.strategies.DeepSpeedStrategy):  # never gets to run: refused at setup
             def __init__(self):
                 pl.strategies.DDPStrategy.__init__(self)
 
@@ -215,6 +217,11 @@ def main() -> None:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, save_dir=str(out.parent / "save"))
     else:
         merging = TiesMerging(tasks=tasks, task="c", k=K, lam=LAM, apply=apply, save_dir=str(out / "save"))
+    if os.environ.get("LT_TEST_PROGRESS_WRITE_FAILS"):  # save_dir's disk is full: rank 0's progress write fails
+        def full_disk(save_dir, progress):
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(save_dir) / "search_progress.json"))
+
+        sys.modules[type(merging).__module__.rsplit(".", 1)[0] + ".checkpoints"].write_progress = full_disk
     mode, *args = apply.split(":")
     ckpt_path = args[0] if mode == "resume" and args else None
     perturbed = mode == "resume" and args[-1:] == ["perturbed"]
@@ -245,7 +252,8 @@ def main() -> None:
         torch.save({"base": record.base, "started": record.started, "finetuned": record.finetuned, "merged": merged,
                     "chosen": chosen, "after_validation": after.state,
                     "logged": after.logged,
-                    "world": int(os.environ.get("WORLD_SIZE", devices))}, out / "result.pt")
+                    "world": int(os.environ.get("WORLD_SIZE", devices)), "layer": type(merging).__module__},
+                   out / "result.pt")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 - :func:`save_checkpoint_atomically`: ``trainer.save_checkpoint`` beside the target, renamed over it;
 - :func:`resave_last_checkpoints`: ``ModelCheckpoint(save_last=True)``'s ``last.ckpt`` rewritten
   with the search's progress (without ``save_dir`` the checkpoint is its only record);
+- :func:`on_rank_zero`: a step on global rank 0 whose value, or failure, every rank gets;
 - :func:`save_progress`: a search's progress after each candidate, in ``save_dir`` or ``last.ckpt``;
 - :func:`keep_finetuned_in_checkpoint`: a checkpoint taken mid-merge holds the fine-tuned weights;
 - :func:`fit_has_val_data`: whether ``fit`` was given validation data, before its loop loads it;
@@ -15,17 +16,20 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from ..core.resume import write_progress
+from ..core.resume import PROGRESS_FILE, write_progress
 from ..io.atomic import atomic_file
+from ..io.errors import CheckpointError
 from ..io.tempfiles import create_temp_dir
 from ..core.search import SearchResult
 from ._compat import TrainerFn, pl
+
+T = TypeVar("T")
 
 
 def save_checkpoint_atomically(trainer: pl.Trainer, path: Path, weights_only: bool = False) -> None:
@@ -78,6 +82,24 @@ def save_in_private_temporary(trainer: pl.Trainer, path: Path) -> None:
             shutil.rmtree(private, ignore_errors=True)
 
 
+def on_rank_zero(trainer: pl.Trainer, fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on global rank 0 only; every rank returns its value, or raises when it failed (one broadcast),
+    so no rank waits in a collective for a rank that raised. ``what``: the other ranks' error begins with it."""
+    value: Any = None
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001 - raised below, once the other ranks know
+            error = err
+    value, failed = trainer.strategy.broadcast((value, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise CheckpointError(f"{what}: global rank 0 failed: {failed}")
+    return value
+
+
 def save_progress(trainer: pl.Trainer, progress: SearchResult, save_dir: str | None, in_fit_loop: bool) -> None:
     """Record a search's finished candidates: in ``save_dir`` when there is one, else in the Trainer's ``last.ckpt``.
 
@@ -85,9 +107,8 @@ def save_progress(trainer: pl.Trainer, progress: SearchResult, save_dir: str | N
     before the fit-end search started, so a crash now would resume with no candidate finished
     unless it is rewritten. A merge asked for mid-fit leaves ``last.ckpt`` to ``ModelCheckpoint``.
     """
-    if save_dir is not None:
-        if trainer.is_global_zero:
-            write_progress(save_dir, progress)
+    if save_dir is not None:  # a failed write stops every rank (no rank left waiting in the next collective)
+        on_rank_zero(trainer, lambda: write_progress(save_dir, progress), str(Path(save_dir) / PROGRESS_FILE))
     elif not in_fit_loop:
         resave_last_checkpoints(trainer)
 
@@ -132,5 +153,5 @@ def reconnect(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.state.fn = TrainerFn.FITTING
 
 
-__all__ = ["fit_has_val_data", "keep_finetuned_in_checkpoint", "reconnect", "resave_last_checkpoints",
+__all__ = ["fit_has_val_data", "keep_finetuned_in_checkpoint", "on_rank_zero", "reconnect", "resave_last_checkpoints",
            "save_checkpoint_atomically", "save_progress"]

@@ -31,7 +31,8 @@ from ..distributed.store import ShardedTaskStore, gather_store
 from ..io.task_store import TaskVectorStore
 from ._compat import pl
 from .callback import TiesMerging
-from .sharded import ShardedMerging, on_rank_zero, sharded_module, sharding_kind
+from .checkpoints import on_rank_zero
+from .sharded import ShardedMerging, sharded_module, sharding_kind
 
 
 class ShardedContinualMerging(ShardedMerging):

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,16 +34,15 @@ from ..core.auto import auto_search
 from ..core.metrics import TaskMetrics
 from ..core.options import SearchOptions
 from ..core.recipe import fixed_choice
-from ..core.resume import PROGRESS_FILE, read_progress, write_progress, write_results
+from ..core.resume import PROGRESS_FILE, read_progress, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult, walk_grid
 from ..distributed.fit import ShardedFitMerge, rows_fingerprint, save_full_safetensors
 from ..distributed.merge import local_rows
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
 from ._compat import pl, rank_zero_info
-from .checkpoints import save_checkpoint_atomically
+from .checkpoints import on_rank_zero, save_checkpoint_atomically, save_progress
 
-T = TypeVar("T")
 
 #: Why DeepSpeed is refused: its ZeRO-3 partitions are flat slices of flattened parameter groups, and its
 #: optimizer keeps fp32 master copies that the next step (or a checkpoint) writes back over the module; a merge
@@ -129,24 +127,6 @@ def sharded_search_options(options: SearchOptions, strategy: str) -> SearchOptio
     rank_zero_info(f"TiesMerging: method='auto' under {strategy} (sharded) searches the data-free methods only, "
                    f"without {needs_data} (they need each task's data on whole weights)")
     return options.without_data_methods()
-
-
-def on_rank_zero(trainer: pl.Trainer, fn: Callable[[], T], what: str) -> T:
-    """``fn()`` on global rank 0 only; every rank returns its value, or raises when it failed (one broadcast),
-    so no rank waits in a collective for a rank that raised. ``what``: the other ranks' error begins with it."""
-    value: Any = None
-    error: Exception | None = None
-    if trainer.is_global_zero:
-        try:
-            value = fn()
-        except Exception as err:  # noqa: BLE001 - raised below, once the other ranks know
-            error = err
-    value, failed = trainer.strategy.broadcast((value, None if error is None else f"{type(error).__name__}: {error}"))
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise CheckpointError(f"{what}: global rank 0 failed: {failed}")
-    return value
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -381,15 +361,9 @@ class ShardedMerging:
         return SearchResult(method=options.methods[0], methods=list(options.methods), fingerprint=fingerprint)
 
     def _save_progress(self, trainer: pl.Trainer, result: SearchResult) -> None:
-        """Rank 0 writes the finished candidates to ``save_dir`` (atomically); a failure to write is a warning,
-        not an error: the search goes on (no rank is left waiting), only its resume point is older."""
-        if not trainer.is_global_zero:
-            return
-        try:
-            write_progress(self.callback.output_dir, result)
-        except Exception as err:  # noqa: BLE001 - progress is a resume point, not the result
-            warnings.warn(f"TiesMerging: the search progress could not be saved ({type(err).__name__}: {err}); "
-                          "an interrupted search would score those candidates again", stacklevel=2)
+        """Rank 0 writes the finished candidates to ``save_dir`` (atomically); a failed write stops every rank
+        (:func:`~.checkpoints.save_progress`)."""
+        save_progress(trainer, result, self.callback.output_dir, in_fit_loop=False)
 
     def _references(self, scorer: _Scorer, tasks: Mapping[str, Any], finetuned: dict[str, Any]) -> dict[str, Any]:
         """Each task's fine-tuned score on its own data: its rows written into the shards, scored, restored."""

@@ -41,16 +41,18 @@ def task_files(tmp_path_factory) -> Path:
     return folder
 
 
-def launch(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> subprocess.CompletedProcess:
+def launch(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {}),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks), apply],
                           capture_output=True, text=True, timeout=150, env=env, cwd=SCRIPT.parent)
 
 
-def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2) -> dict:
-    proc = launch(strategy, tasks, out, apply, devices)
+def fit(strategy: str, tasks: Path, out: Path, apply: str = "merged", devices: int = 2,
+        env: dict[str, str] | None = None) -> dict:
+    proc = launch(strategy, tasks, out, apply, devices, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=True)
 
@@ -72,6 +74,7 @@ def assert_equal(actual: dict, expected: dict) -> None:
 def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, devices, task_files, tmp_path):
     result = fit(strategy, task_files, tmp_path / "out", devices=devices)
     assert result["world"] == devices
+    assert result["layer"] == "lightning_ties.pytorch_lightning.callback"
     assert any(not torch.equal(result["finetuned"][k], result["base"][k]) for k in result["base"])  # it trained
     assert_equal(result["merged"], oracle(result, task_files))
     # the Trainer's checkpoint after fit, and the callback's save_dir/merged.ckpt: DCP folders read whole here
@@ -81,6 +84,15 @@ def test_fit_end_merge_on_shards_equals_the_single_process_merge(strategy, devic
     for path in (tmp_path / "out" / ("ckpt.ckpt" if full else "ckpt"), tmp_path / "out" / "save" / "merged.ckpt"):
         saved = open_source(path)
         assert_equal({k: saved.get(k) for k in saved.keys()}, result["merged"])
+
+
+@pytest.mark.parametrize("strategy", ["model_parallel", "fsdp"])
+def test_the_unified_lightning_package_merges_on_shards_as_one_process_does(strategy, task_files, tmp_path):
+    # given the same fit on ``lightning.pytorch``: the callback comes from the layer the other one is generated from
+    result = fit(strategy, task_files, tmp_path / "out", env={"LIGHTNING_TIES_BACKEND": "lightning"})
+    assert result["layer"] == "lightning_ties.pytorch.callback"
+    assert result["world"] == 2
+    assert_equal(result["merged"], oracle(result, task_files))
 
 
 def test_a_subclass_of_model_parallel_is_sharded_too_and_apply_keep_writes_the_merge(task_files, tmp_path):
@@ -371,6 +383,11 @@ def test_an_interrupted_sharded_search_resumes_from_its_progress_and_scores_only
     assert proc.returncode != 0
     assert "search_progress.json: the search progress is unreadable" in proc.stderr
     assert "remove it to start the search over" in proc.stderr
+    # and a progress write that fails (a full disk under save_dir) stops every rank, naming the file: no rank waits
+    proc = launch("model_parallel", task_files, tmp_path / "full", apply="search", env={"LT_TEST_PROGRESS_WRITE_FAILS": "1"})
+    assert proc.returncode != 0
+    assert "No space left on device" in proc.stderr  # rank 0's own error
+    assert f"{tmp_path / 'full' / 'save' / 'search_progress.json'}: global rank 0 failed: OSError" in proc.stderr  # rank 1's
     # and progress of another search (here: other fine-tuned weights, as after more training) is not reused
     progress.fingerprint = progress.fingerprint.replace('"step": 3', '"step": 2')
     write_progress(tmp_path / "resumed" / "save", progress)
