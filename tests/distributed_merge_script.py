@@ -100,7 +100,7 @@ if plan.get("rehashed"):
         if not isinstance(path, int) and str(path).endswith(".safetensors"):
             fd = os.open(path, os.O_RDONLY)
             try:
-                known = ownership._identity(fd) in ownership._DIGESTS
+                known = ownership.file_identity(fd) in ownership._DIGESTS
             finally:
                 os.close(fd)
             if not known:

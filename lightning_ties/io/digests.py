@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 #: The environment variable naming the cache folder (``off``: no cache).
 ENV = "LIGHTNING_TIES_DIGEST_CACHE"
@@ -60,30 +60,43 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         'ba7816bf8f01cfea'
     """
     with open(path, "rb", buffering=0) as f:
-        identity = _identity(f.fileno())
+        identity = file_identity(f.fileno())
         folder = cache_dir()
         entry = folder / _entry_name(identity) if folder is not None else None
         known = _read_entry(entry, identity) if entry is not None else None
         if known is not None:
             return known
         started = time.time_ns()
-        sha256 = _hash_file(f)
+        sha256 = _hash_file(f.fileno(), identity[2])
         settled = started - max(identity[3], identity[4]) > SETTLED_S * 1e9
-        if entry is not None and settled and _identity(f.fileno()) == identity:
+        if entry is not None and settled and file_identity(f.fileno()) == identity:
             _write_entry(entry, identity, sha256, Path(path))
     return sha256
 
 
-def _hash_file(f: BinaryIO) -> str:
+def _hash_file(fd: int, size: int) -> str:
     digest = hashlib.sha256()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    while n := f.readinto(buf):
-        digest.update(view[:n])
+    hash_range(fd, digest, 0, size)
     return digest.hexdigest()
 
 
-def _identity(fd: int) -> tuple[int, int, int, int, int]:
+def hash_range(fd: int, h: Any, start: int, stop: int) -> None:
+    """Feed bytes ``[start, stop)`` of an open file to the hash object ``h``, through one reused buffer
+    (``pread``: the file's position is left alone, so a file can be hashed in pieces, in order)."""
+    buf = bytearray(min(_BLOCK, max(stop - start, 1)))
+    view = memoryview(buf)
+    offset = start
+    while offset < stop:
+        n = os.preadv(fd, [view[: min(len(buf), stop - offset)]], offset)
+        if not n:
+            raise OSError(f"file ended at byte {offset} while hashing up to {stop}")
+        h.update(view[:n])
+        offset += n
+
+
+def file_identity(fd: int) -> tuple[int, int, int, int, int]:
+    """Device, inode, size, modification and change times: any write changes the change time, which
+    cannot be set back, so an unchanged identity means unchanged bytes."""
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 

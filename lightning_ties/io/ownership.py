@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from .digests import file_identity, hash_range
 from .errors import UnsafeOutputError
 from .jsonsafe import JSONNestingError, loads
 from .locks import locked
@@ -44,7 +45,6 @@ from .tempfiles import LOCK_SUFFIX, TEMP, create_temp_file, fsync_dir
 MANIFEST = ".lightning-ties.json"
 #: The top-level key of a manifest (and of single-file metadata, informational only).
 OWNER_KEY = "lightning_ties"
-_CHUNK = 1 << 22
 Kind = Literal["file", "folder"]
 
 
@@ -74,39 +74,21 @@ def digest(path: str | os.PathLike[str] | int) -> dict[str, Any]:
     """
     fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
-        key = _identity(fd)
+        key = file_identity(fd)
         if key not in _DIGESTS:
-            h, offset = hashlib.sha256(), 0
-            while chunk := os.pread(fd, _CHUNK, offset):
-                h.update(chunk)
-                offset += len(chunk)
-            _remember(key, {"size": offset, "sha256": h.hexdigest()})
+            h = hashlib.sha256()
+            hash_range(fd, h, 0, key[2])
+            _remember(key, {"size": key[2], "sha256": h.hexdigest()})
         return dict(_DIGESTS[key])
     finally:
         if not isinstance(path, int):
             os.close(fd)
 
 
-def _identity(fd: int) -> tuple[int, ...]:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def _remember(key: tuple[int, ...], entry: dict[str, Any]) -> None:
     if len(_DIGESTS) > 4096:
         _DIGESTS.clear()
     _DIGESTS[key] = entry
-
-
-def hash_range(fd: int, h: Any, start: int, stop: int) -> None:
-    """Feed bytes ``[start, stop)`` of an open file to the hash object ``h`` (a file hashed in pieces, in order)."""
-    offset = start
-    while offset < stop:
-        chunk = os.pread(fd, min(_CHUNK, stop - offset), offset)
-        if not chunk:
-            raise OSError(f"file ended at byte {offset} while hashing up to {stop}")
-        h.update(chunk)
-        offset += len(chunk)
 
 
 def remember_digest(path: Path, sha256: str) -> None:
@@ -117,7 +99,7 @@ def remember_digest(path: Path, sha256: str) -> None:
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
-        key = _identity(fd)
+        key = file_identity(fd)
         _remember(key, {"size": key[2], "sha256": sha256})
     finally:
         os.close(fd)

@@ -45,8 +45,9 @@ import torch
 import torch.distributed as dist
 
 from ..merging.sources import TensorSpec
+from .digests import hash_range
 from .errors import OutputWriteError
-from .ownership import hash_range, remember_digest
+from .ownership import remember_digest
 from .safetensors_file import check_finite_tensor, layout_header, nbytes
 from .tempfiles import TEMP, clean_stale
 
