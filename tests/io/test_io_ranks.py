@@ -69,21 +69,38 @@ def free_port() -> int:
 
 
 def torchrun(world: int, args: list[str], tmp_path: Path, timeout: float = 90, timeout_s: int = 30) -> subprocess.CompletedProcess:
+    return torchrun_hosts(1, world, args, tmp_path, timeout, timeout_s)[0]
+
+
+def torchrun_hosts(hosts: int, per_host: int, args: list[str], tmp_path: Path, timeout: float = 90,
+                   timeout_s: int = 30) -> list[subprocess.CompletedProcess]:
+    """``torchrun`` on ``hosts`` launchers at once (``--nnodes``/``--node_rank``, as on several hosts sharing a
+    file system; here all on this one), each starting ``per_host`` ranks; one result per launcher."""
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
         "LIGHTNING_TIES_DIST_TIMEOUT": str(timeout_s),
     }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: nothing outlives the test
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{stderr[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    port = free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={per_host}", f"--master_port={port}",
+             *([f"--nnodes={hosts}", f"--node_rank={node}", "--master_addr=127.0.0.1"] if hosts > 1 else []), *args]
+            for node in range(hosts)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                              start_new_session=True) for cmd in cmds]
+    deadline = time.monotonic() + timeout
+    results = []
+    for cmd, proc in zip(cmds, procs):
+        try:
+            stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for other in procs:  # every launcher and its workers: nothing outlives the test
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun did not finish within {timeout} s:\n{stderr[-4000:]}")
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    return results
 
 
 def run_jobs(world: int, jobs: list[dict], tmp_path: Path, init: bool = False, timeout_s: int = 30, **plan_keys):
@@ -215,6 +232,27 @@ def test_the_merge_command_under_torchrun_writes_what_one_process_writes(models,
         manifests.append(_without_config(json.loads(manifest.read_text())))
         manifest.unlink()
     assert manifests[0] == manifests[1]
+    assert_identical(tmp_path / "single", tmp_path / "multi")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_the_merge_command_on_two_hosts_sharing_a_file_system_writes_what_one_process_writes(models, tmp_path):
+    # given the README's multi-host command: one launcher per host (here two on this one), one rank each, so the
+    # second host's rank has LOCAL_RANK 0 and RANK 1
+    base, fts = models
+    config = {"base": str(base), "models": [str(m) for m in fts], "output": str(tmp_path / "multi"),
+              "method": {"name": "ties", "k": 0.25}, "max_shard_size": SHARD}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "merge.yaml"), f"output={tmp_path / 'single'}", "--quiet"]) == 0
+    # when both launchers run the same command
+    hosts = torchrun_hosts(2, 1, ["-m", "lightning_ties", "merge", str(tmp_path / "merge.yaml")], tmp_path, timeout=120)
+    # then both ranks merge their parts and rank 0 (host 0) alone reports and publishes the one-process output
+    assert [h.returncode for h in hosts] == [0, 0], hosts[0].stderr[-3000:] + hosts[1].stderr[-3000:]
+    assert [h.stdout.count("merged 3 model(s)") for h in hosts] == [1, 0]
+    for run in ("single", "multi"):
+        (tmp_path / run / "config.yaml").unlink()  # the resolved config names its own output
+        (tmp_path / run / MANIFEST).unlink()
     assert_identical(tmp_path / "single", tmp_path / "multi")
 
 
