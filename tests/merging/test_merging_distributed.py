@@ -40,7 +40,7 @@ LAYOUTS = {
         "d": [(0, 50), (50, 300), (300, 480)],
     },
 }
-#: name -> options or spec; the TIES family exactly, the SVD methods through the gathered tensor
+#: name -> options or spec; the TIES family exactly, the SVD and closed-form methods through the gathered tensor
 CASES = {
     "ties": MergeOptions("ties", k=0.3),
     "ties_count_max": MergeOptions("ties", k=0.2, params={"sign": "count", "merge": "max"}),
@@ -52,7 +52,15 @@ CASES = {
     "task_arithmetic": MergeOptions("task_arithmetic"),
     "tsv": MergeOptions("tsv"),
     "iso_c": MergeOptions("iso_c"),
+    "iso_cts": MergeOptions("iso_cts"),
+    "wudi": MergeOptions("wudi"),
+    "ace": MergeOptions("ace"),
+    "average": MergeOptions("average"),
+    "ties_no_elect": MergeOptions("ties_no_elect", k=0.3),
+    "ties_plain_mean": MergeOptions("ties_plain_mean", k=0.3),
 }
+#: registered methods no case above merges across ranks, and why
+NOT_ACROSS_RANKS = {"regmean": "needs each task's data on whole weights: the sharded callback refuses it, naming it"}
 
 
 def grid_models(seed: int, n_tasks: int = 3, dtype: torch.dtype = torch.float32):
@@ -304,6 +312,12 @@ def test_shards_are_required_on_several_ranks_and_must_match_what_sources_return
 
     with pytest.raises(ValueError, match=r"base returned 3000 entries for 'a', but its shard is the flat range \[\d+, \d+\)"):
         run_threads(2, whole_sources)
+
+
+def test_every_registered_method_is_checked_across_ranks_or_said_why_not() -> None:
+    from lightning_ties.merging.registry import METHODS
+
+    assert set(METHODS) == {options.method for options in CASES.values()} | set(NOT_ACROSS_RANKS)
 
 
 def test_norm_based_signs_are_refused_where_their_float_sums_would_depend_on_the_split() -> None:
