@@ -33,7 +33,7 @@ Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -281,10 +281,32 @@ def gather_store(store: TaskVectorStore) -> None:
     store.rewrite_base(_Whole(specs, lambda key: whole(key, lambda j: base_files[j].get(key)), f"{store.root} base"))
     for name in store.names():
         stored = _stored_tasks(olds, name, store.root)
-        tau = {key: whole(key, lambda j, key=key: stored[j].tau(key)) for key in stored[0].merged_keys}
+        # each key put together when the store reads it (twice, one key at a time): never a whole task in memory
+        tau = _OnDemand(stored[0].merged_keys, lambda key, stored=stored: whole(key, lambda j: stored[j].tau(key)))
         full = {key: whole(key, lambda j, key=key: stored[j].get(key)) for key in stored[0].keys() if key not in tau}
         store.put(name, tau, full, overwrite=True)
     store.update_index(sharded=None)
+
+
+class _OnDemand(Mapping[str, torch.Tensor]):
+    """A mapping whose values are made when asked (not kept): a task's keys, each put together from the ranks."""
+
+    def __init__(self, keys: Sequence[str], make: Callable[[str], torch.Tensor]) -> None:
+        self._keys, self._known, self._make = list(keys), set(keys), make
+
+    def __contains__(self, key: object) -> bool:  # without making the value (Mapping's own would)
+        return key in self._known
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        return self._make(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class _Whole:

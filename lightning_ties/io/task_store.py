@@ -249,33 +249,48 @@ class TaskVectorStore:
             overwrite: bool = False) -> dict[str, int]:
         """Store task ``name`` as given: its (already trimmed) task vector and its unmerged entries.
 
-        What :meth:`add` writes after the trim; a sharded store rebuilt for another world size
+        What :meth:`add` writes after the trim; a sharded store laid out for another world size
         (:mod:`lightning_ties.distributed.store`) writes the stored entries again, unchanged.
+        ``tau`` is read twice, one key at a time (its non-zero counts fix the file's layout, then
+        each key is encoded and written), so a mapping that makes each value when asked keeps
+        one key in memory: a key with few non-zeros is stored as int32 indices and values.
         """
         path = self.task_path(name)
         check_writable(path)
-        tensors: dict[str, torch.Tensor] = {}
         shapes: dict[str, list[int]] = {}
+        specs: dict[str, TensorSpec] = {}
         stored = numel = 0
-        for key, t in tau.items():
-            flat = t.reshape(-1)
+        for key in tau:  # first read: the layout
+            t = tau[key]
             shapes[key] = list(t.shape)
-            numel += flat.numel()
-            idx = torch.nonzero(flat).squeeze(1)
-            stored += idx.numel()
-            if idx.numel() * 2 < flat.numel() and flat.numel() < 2**31:  # int32 index + value beats dense
-                tensors[f"idx/{key}"] = idx.to(torch.int32)
-                tensors[f"val/{key}"] = flat[idx].contiguous()
+            numel += t.numel()
+            nnz = int(torch.count_nonzero(t))
+            stored += nnz
+            if _sparse(nnz, t.numel()):
+                specs[f"idx/{key}"] = TensorSpec((nnz,), torch.int32)
+                specs[f"val/{key}"] = TensorSpec((nnz,), t.dtype)
             else:
-                tensors[f"tau/{key}"] = t.contiguous()
+                specs[f"tau/{key}"] = TensorSpec(tuple(t.shape), t.dtype)
+            del t
         for key, value in full.items():
-            tensors[f"full/{key}"] = value.contiguous()
+            specs[f"full/{key}"] = TensorSpec(tuple(value.shape), value.dtype)
         meta = {"format": FORMAT, "k": json.dumps(self.k), "shapes": json.dumps(shapes)}
         with self._locked():  # another process's add between reading and writing the index would be lost
             names = self.names()
             if name in names and not overwrite:
                 raise FileExistsError(f"task {name!r} was added to the store {self.root} meanwhile; pass overwrite=True")
-            _write(path, as_source(tensors, name), meta)
+            with atomic_open(path) as f, SafetensorsWriter(f, specs, meta, check_finite=True) as writer:
+                for key in tau:  # second read: each key encoded and written, then let go
+                    flat = tau[key].reshape(-1)
+                    if f"tau/{key}" in specs:
+                        writer.write(f"tau/{key}", flat.reshape(shapes[key]).contiguous())
+                    else:
+                        idx = torch.nonzero(flat).squeeze(1)
+                        writer.write(f"idx/{key}", idx.to(torch.int32))
+                        writer.write(f"val/{key}", flat[idx].contiguous())
+                    del flat
+                for key, value in full.items():
+                    writer.write(f"full/{key}", value.contiguous())
             if name not in names:
                 self._write_index(tasks=[*names, name])
         return {"numel": numel, "stored": stored, "bytes": path.stat().st_size}
@@ -391,6 +406,11 @@ class _HeaderOnly:
 
     def spec(self, key: str) -> TensorSpec:
         return self._file.specs[key]
+
+
+def _sparse(nnz: int, numel: int) -> bool:
+    """Whether a key's stored entries take less room as int32 indices + values than dense."""
+    return nnz * 2 < numel and numel < 2**31
 
 
 def _write(path: Path, source: TensorSource, metadata: dict[str, str]) -> None:

@@ -183,3 +183,40 @@ def test_a_callback_with_a_damaged_store_fails_at_setup_before_any_training_step
     with pytest.raises(CheckpointError, match="a.safetensors|truncated|corrupt"):
         quiet_trainer(max_epochs=1, callbacks=[merging]).fit(CountSteps(), task_data(0))
     assert CountSteps.steps == 0
+
+
+def test_put_reads_a_task_made_on_demand_one_key_at_a_time_and_writes_what_a_dict_gives(tmp_path):
+    import gc
+    import weakref
+    from collections.abc import Mapping
+
+    # given a task with a sparse key, a dense key and an all-zero key, stored from a dict
+    g = torch.Generator().manual_seed(0)
+    tau = {"a": torch.where(torch.rand(400, generator=g) < 0.1, torch.randn(400, generator=g), 0.0),
+           "b": torch.randn(5, 6, generator=g), "c": torch.zeros(3)}
+    full = {"step": torch.tensor([7])}
+    TaskVectorStore(tmp_path / "dict", k=0.1).put("t", tau, full)
+
+    class OnDemand(Mapping):  # each value made when asked, as gather_store's: none may outlive the next
+        def __init__(self):
+            self.alive = []
+
+        def __getitem__(self, key):
+            gc.collect()
+            assert all(ref() is None for ref in self.alive), "a key made earlier is still held"
+            value = tau[key].clone()
+            self.alive.append(weakref.ref(value))
+            return value
+
+        def __iter__(self):
+            return iter(tau)
+
+        def __len__(self):
+            return len(tau)
+
+    # when the same task is stored from a mapping that makes each key on demand
+    counts = TaskVectorStore(tmp_path / "lazy", k=0.1).put("t", OnDemand(), full)
+    # then the file is the same, byte for byte, and the counts are the task's
+    assert (tmp_path / "lazy" / "tasks" / "t.safetensors").read_bytes() == \
+        (tmp_path / "dict" / "tasks" / "t.safetensors").read_bytes()
+    assert counts["numel"] == 433 and counts["stored"] == int((tau["a"] != 0).sum()) + 30
