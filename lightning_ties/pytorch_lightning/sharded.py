@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from functools import partial
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
