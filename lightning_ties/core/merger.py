@@ -27,16 +27,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..distributed.merge import ShardedMerge
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergedTaskVector, MergeOptions, apply_task_vector, as_source, get_method, method_task_vector
 from ..merging.sources import TensorSource
@@ -45,9 +45,11 @@ from .keys import match_to_module
 from .matching import match_sources
 from .metrics import MetricsArg, Scores, TaskMetrics
 from .options import SearchOptions
+from .progress import preparation_progress
 from .regmean import regmean_task_vector
 from .auto import auto_search
 from .search import Candidate, SearchResult, walk_grid
+from .sharded_model import ShardedModel
 
 #: ``forward_fn(model, batch, task) -> (preds, target)``; a two-argument ``forward_fn(model, batch)`` works too.
 ForwardFn = Callable[..., tuple[torch.Tensor, Any]]
@@ -144,6 +146,8 @@ class Merger:
         self._tau: tuple[tuple[str, float | None], MergedTaskVector] | None = None
         #: the task whose head is in ``model`` (``None``: unknown, the next :meth:`use_task` swaps)
         self.head_task: str | None = None
+        #: ``model`` sharded over ranks (:meth:`use_shards`): merges run on each rank's rows; None: whole
+        self.sharded: ShardedModel | None = None
 
     def _check_model_keys(self) -> None:
         targets = self.model.state_dict()
@@ -161,6 +165,12 @@ class Merger:
         if wrong:
             raise ValueError("base and model shapes differ: " + "; ".join(wrong[:5]))
 
+    def use_shards(self, view_of: Callable[[], Any]) -> None:
+        """From now on ``model`` is sharded (FSDP2; ``view_of()``: this rank's view of it): merges, task weights and
+        heads run on each rank's rows (:class:`~.sharded_model.ShardedModel`), collectively, as one process would."""
+        self.sharded = ShardedModel(view_of, self.base_source, dict(zip(self.tasks, self.task_sources)), self.head_keys)
+        self._tau, self._base_merged, self.current, self.head_task = None, None, None, None
+
     # ---- merging -----------------------------------------------------------------------------
     @property
     def searches_k(self) -> bool:
@@ -172,8 +182,8 @@ class Merger:
         """Where tau_m is computed and kept: ``merge_device``, else the model's device."""
         return self.merge_device if self.merge_device is not None else module_device(self.model)
 
-    def task_vector(self, k: float | None = None) -> MergedTaskVector:
-        """tau_m of the current method for ``k`` (computed once per (method, k) and cached)."""
+    def task_vector(self, k: float | None = None) -> MergedTaskVector | ShardedMerge:
+        """tau_m of the current method for ``k`` (once per (method, k), cached; sharded: this rank's rows of it)."""
         k = (self.k if k is None else k) if self.searches_k else None
         key = (self.method, k)
         if self._tau is not None and self._tau[0] == key:
@@ -183,12 +193,15 @@ class Merger:
         if self.method != self._params_method:
             accepted = get_method(self.method).parameters()
             params = {name: v for name, v in params.items() if name in accepted}
-        if get_method(self.method).needs_data:  # RegMean: Gram matrices from each task's own dataloader
+        if get_method(self.method).needs_data and self.sharded is None:  # RegMean: Gram matrices from each task's data
             tau = regmean_task_vector(self, self.data_loaders, params)
         else:
             given_k = params.pop("k", None)  # a k among method_params yields to the searched one
             options = MergeOptions(self.method, k=given_k if k is None else k, scope=params.pop("scope", None),
                                    params=params, include=self.include, exclude=self._exclude)
+            if self.sharded is not None:  # this rank's rows (a method that needs data refuses in there)
+                self._tau = (key, self.sharded.merge(options, self.compute_device))
+                return self._tau[1]
             with warnings.catch_warnings(), preparation_progress(self.base_source, options, self.plan.merge_keys) as base:
                 warnings.filterwarnings("ignore", message=_MISMATCH_WARNING)  # heads are reported by the merger
                 tau = method_task_vector(base, self.task_sources, options, device=self.compute_device)
@@ -206,9 +219,11 @@ class Merger:
         if lam is None:
             lam = get_method(self.method).default_lam if self.lam is None else self.lam
         tau = self.task_vector(k)
-        if self._base_merged is None:
-            self._base_merged = {key: self.base_source.get(key) for key in self.plan.merge_keys}
-        apply_task_vector(self._base_merged, tau, float(lam), out=self.model, device=module_device(self.model))
+        if self.sharded is not None:
+            tau.apply_(float(lam))  # this rank's rows, into its shards
+        else:  # the base's merged tensors are read once
+            base = self._base_merged = self._base_merged or {k: self.base_source.get(k) for k in self.plan.merge_keys}
+            apply_task_vector(base, tau, float(lam), out=self.model, device=module_device(self.model))
         self.current = ((self.k if k is None else k) if self.searches_k else None, float(lam))
 
     def use_method(self, method: str) -> None:
@@ -219,10 +234,13 @@ class Merger:
     def load_task(self, task: str) -> None:
         """Put task ``task``'s own fine-tuned weights (merged keys and head) into ``model``."""
         src = self.task_sources[self.task_index(task)]
-        targets = self.model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for key in self.plan.merge_keys:
-                targets[key].data.copy_(src.get(key))
+        if self.sharded is not None:
+            self.sharded.write_task(task, self.plan.merge_keys)
+        else:
+            targets = self.model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for key in self.plan.merge_keys:
+                    targets[key].data.copy_(src.get(key))
         self.current = None
         self.head_task = None
         self.use_task(task)
@@ -232,7 +250,10 @@ class Merger:
         if not self.head_keys or self.head_task == task:
             return
         self.task_index(task)  # an unknown task is a KeyError naming the tasks
-        self.head_store.swap_into(self.model, task)
+        if self.sharded is not None:
+            self.sharded.use_head(task)
+        else:
+            self.head_store.swap_into(self.model, task)
         self.head_task = task
 
     def task_index(self, task: str) -> int:
@@ -386,51 +407,6 @@ class Merger:
         self.use_method(result.method)
         self.apply_merge(result.k, result.lam)
         return result
-
-
-class _ReadProgress:
-    """``source``, advancing ``bar`` by each tensor's bytes as the engine reads it (once per key
-    in a per-tensor method's pass)."""
-
-    def __init__(self, source: TensorSource, bar: Any) -> None:
-        self.source, self.bar, self.label = source, bar, source.label
-
-    def __getattr__(self, name: str) -> Any:  # keys, spec, aliases, files... of the wrapped source
-        return getattr(self.__dict__["source"], name)
-
-    def keys(self) -> Sequence[str]:
-        return self.source.keys()
-
-    def spec(self, key: str) -> Any:
-        return self.source.spec(key)
-
-    def get(self, key: str) -> torch.Tensor:
-        value = self.source.get(key)
-        self.bar.update(value.numel() * value.element_size())
-        return value
-
-
-@contextlib.contextmanager
-def preparation_progress(base: TensorSource, options: MergeOptions, keys: Sequence[str]) -> Iterator[Any]:
-    """``base`` as the engine should read it: for per-tensor (SVD, closed-form) methods, whose
-    preparation factors every tensor before the first candidate (minutes on a large model), a
-    tqdm bar over the bytes of the merged tensors (shown on a terminal); others read it as is.
-
-    Example:
-        >>> src = as_source({"w": torch.zeros(2)})
-        >>> with preparation_progress(src, MergeOptions("ties"), ["w"]) as read:
-        ...     read is src
-        True
-    """
-    if options.spec.tensor_fn is None:
-        yield base
-        return
-    from tqdm.auto import tqdm
-
-    total = sum(base.spec(k).numel * torch.empty((), dtype=base.spec(k).dtype).element_size() for k in keys)
-    with tqdm(total=total, desc=f"preparing {options.method}", unit="B", unit_scale=True, unit_divisor=1024,
-              leave=False, disable=None) as bar:
-        yield _ReadProgress(base, bar)
 
 
 def check_task_names(tasks: Mapping[str, Any]) -> list[str]:

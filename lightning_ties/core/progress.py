@@ -17,12 +17,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from ..merging import MergeOptions, as_source
+from ..merging.sources import TensorSource
 from .search import Candidate, SearchResult
 
 
@@ -104,4 +108,47 @@ class SearchProgress:
             self._silenced = None
 
 
-__all__ = ["SearchProgress", "describe_candidate"]
+class _ReadProgress:
+    """``source``, advancing ``bar`` by each tensor's bytes as the engine reads it (once per key
+    in a per-tensor method's pass)."""
+
+    def __init__(self, source: TensorSource, bar: Any) -> None:
+        self.source, self.bar, self.label = source, bar, source.label
+
+    def __getattr__(self, name: str) -> Any:  # keys, spec, aliases, files... of the wrapped source
+        return getattr(self.__dict__["source"], name)
+
+    def keys(self) -> Sequence[str]:
+        return self.source.keys()
+
+    def spec(self, key: str) -> Any:
+        return self.source.spec(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        value = self.source.get(key)
+        self.bar.update(value.numel() * value.element_size())
+        return value
+
+
+@contextlib.contextmanager
+def preparation_progress(base: TensorSource, options: MergeOptions, keys: Sequence[str]) -> Iterator[Any]:
+    """``base`` as the engine should read it: for per-tensor (SVD, closed-form) methods, whose
+    preparation factors every tensor before the first candidate (minutes on a large model), a
+    tqdm bar over the bytes of the merged tensors (shown on a terminal); others read it as is.
+
+    Example:
+        >>> src = as_source({"w": torch.zeros(2)})
+        >>> with preparation_progress(src, MergeOptions("ties"), ["w"]) as read:
+        ...     read is src
+        True
+    """
+    if options.spec.tensor_fn is None:
+        yield base
+        return
+    total = sum(base.spec(k).numel * torch.empty((), dtype=base.spec(k).dtype).element_size() for k in keys)
+    with tqdm(total=total, desc=f"preparing {options.method}", unit="B", unit_scale=True, unit_divisor=1024,
+              leave=False, disable=None) as bar:
+        yield _ReadProgress(base, bar)
+
+
+__all__ = ["SearchProgress", "describe_candidate", "preparation_progress"]

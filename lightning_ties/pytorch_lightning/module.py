@@ -12,6 +12,7 @@ Entry points (also what the CLI calls; no user-written LightningModule needed)::
         metrics=None,              # Metric / MetricCollection template, or {task: metric}; default accuracy
         method="ties", k=0.2, lam=None, method_params=None, include=None, exclude=None,
         forward_fn=None,           # (model, batch, task) -> (preds, target); default handles (x, y) and dicts
+        shard_fn=None,             # ModelParallelStrategy: (model, mesh) -> None shards it (default: block by block)
     )
     scores = module.evaluate(trainer, dataloaders={"a": dl_a, ...}, k=0.2, lam=1.0)   # -> {task: {metric: v}}
     result = module.search(trainer, dataloaders={...}, method=None, k=None, lam="paper",
@@ -22,6 +23,10 @@ Entry points (also what the CLI calls; no user-written LightningModule needed)::
 
 ``trainer.validate(module, dataloaders={"a": dl_a, ...})`` also works directly: the dict's keys name
 the tasks, and the module's default merge (k, lam) is applied first if none is in place.
+
+Sharded: under ``ModelParallelStrategy(data_parallel_size=W, tensor_parallel_size=1)`` the module shards
+``model`` with FSDP2 in ``configure_model`` and every merge runs on each rank's rows (bit for bit the
+one-process merge; see :class:`~.sharded.ShardsItsModel`).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from ..core.search import Candidate, SearchResult
 from ..merging import MergedTaskVector
 from ..merging.grids import MAX_CANDIDATES
 from ._compat import pl, rank_zero_info
-from .sharded import refuse_sharded
+from .sharded import ShardsItsModel, refuse_sharded
 
 
 def _merger_state(name: str, doc: str, settable: bool = False) -> property:
@@ -57,7 +62,7 @@ def _merger_state(name: str, doc: str, settable: bool = False) -> property:
     return property(get, set_ if settable else None, doc=doc)
 
 
-class MultiTaskMergeModule(pl.LightningModule):
+class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
     """Merge task checkpoints into one model and score it per task in Lightning's validation loop.
 
     Shared-output models (one output serves every task) are evaluated as they are. Per-task
@@ -93,6 +98,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         forward_fn: ForwardFn | None = None,
+        shard_fn: Callable[[nn.Module, Any], None] | None = None,
     ) -> None:
         super().__init__()
         #: the merge itself (Lightning-free): sources, plan, heads, tau_m cache, search loop
@@ -109,6 +115,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         self._measuring_reference = False
         self._log_steps: dict[str, int] = {}  # next logger step of each prefix: one step per pass
         self._candidate_step: int | None = None  # a search logs candidate i at step i
+        self.shard_fn = shard_fn  # see ShardsItsModel
 
     tasks = _merger_state("tasks", "The task names, in order.")
     method = _merger_state("method", "The merge method applied (a search ends on the chosen one).", settable=True)
@@ -183,9 +190,10 @@ class MultiTaskMergeModule(pl.LightningModule):
             self._pending = None
 
     def setup(self, stage: str) -> None:
-        refuse_sharded(self.trainer, "MultiTaskMergeModule")
+        refuse_sharded(self.trainer, "MultiTaskMergeModule", fsdp2=True)
 
     def on_validation_start(self) -> None:
+        self.merge_on_shards()
         # ``trainer.validate(module, dataloaders={"a": dl_a, ...})`` names the tasks by the dict's keys
         loaders = self.trainer.val_dataloaders
         if isinstance(loaders, Mapping):
@@ -352,6 +360,7 @@ class MultiTaskMergeModule(pl.LightningModule):
         """
         options = SearchOptions.build(self.method if method is None else method, k, lam, objective, mode, strategy,
                                       normalize, max_candidates=max_candidates, budget_s=budget_s)
+        options = self.searchable_on(trainer, options)  # sharded: RegMean needs whole weights
         return self.search_with(trainer, dataloaders, options, resume, on_candidate, log_prefix)
 
     def search_with(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 from functools import partial
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from ..core.resume import PROGRESS_FILE, read_progress, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult, walk_grid
 from ..distributed.fit import ShardedFitMerge, rows_fingerprint, save_full_safetensors
 from ..distributed.merge import local_rows
+from ..distributed.shard import is_fully_sharded, shard_blocks
+from ..distributed.views import sharded_view
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
 from ._compat import pl, rank_zero_info
@@ -70,19 +72,54 @@ def sharding_kind(strategy: Any) -> str | None:
     return None
 
 
-def refuse_sharded(trainer: pl.Trainer, who: str) -> None:
-    """``who`` (a module that merges whole tensors) refuses a strategy that shards the module, DeepSpeed included.
+def refuse_sharded(trainer: pl.Trainer, who: str, fsdp2: bool = False) -> None:
+    """``who`` (a module that merges whole tensors) refuses a strategy that shards the module, DeepSpeed included;
+    with ``fsdp2``, ``ModelParallelStrategy`` (whose ``configure_model`` the module implements) is accepted.
 
     Raised at the module's ``setup``, before the strategy splits the weights it would read whole.
     """
     strategies = pl.strategies
+    if fsdp2 and isinstance(trainer.strategy, strategies.ModelParallelStrategy):
+        return
     sharding = (strategies.DeepSpeedStrategy, strategies.ModelParallelStrategy, strategies.FSDPStrategy)
     if isinstance(trainer.strategy, sharding):
+        supported = ("; it merges on each rank's shards under ModelParallelStrategy(data_parallel_size=W, "
+                     "tensor_parallel_size=1) (FSDP2)") if fsdp2 else ""
         raise ValueError(
             f"{who} does not support the sharded strategy {type(trainer.strategy).__name__}: it merges whole "
-            "tensors, which a sharded module does not hold. Run it on one device or under DDP (strategy='ddp'); "
-            "to merge at the end of a sharded fit, use the TiesMerging callback (it merges each rank's shards)"
+            f"tensors, which a sharded module does not hold{supported}. Run it on one device or under DDP "
+            "(strategy='ddp'); to merge at the end of a sharded fit, use the TiesMerging callback (it merges each "
+            "rank's shards)"
         )
+
+
+class ShardsItsModel:
+    """What a merge module (a LightningModule with a :class:`~lightning_ties.core.merger.Merger` as ``merger``
+    and its ``model``) adds to merge on shards under ``ModelParallelStrategy(data_parallel_size=W,
+    tensor_parallel_size=1)``: its ``configure_model`` shards ``model`` with FSDP2, once, by ``shard_fn(model,
+    mesh)`` when set, else :func:`~lightning_ties.distributed.shard.shard_blocks` (each block of every
+    ``nn.ModuleList``, then the model); :meth:`merge_on_shards` then hands the merger this rank's view of it.
+    Each rank holds its rows of the model, the base and tau_m, and reads its rows of every task (about 1/W of
+    one process each); every task's head must have the model's shape (shards cannot change shape).
+    """
+
+    shard_fn: Callable[[nn.Module, Any], None] | None = None
+
+    def configure_model(self) -> None:
+        if sharding_kind(self.trainer.strategy) != "fsdp2" or is_fully_sharded(self.model):
+            return
+        (self.shard_fn or shard_blocks)(self.model, self.device_mesh["data_parallel"])
+
+    def searchable_on(self, trainer: pl.Trainer | None, options: SearchOptions) -> SearchOptions:
+        """``options`` less the methods that need whole weights (RegMean) when ``trainer`` shards the model."""
+        if trainer is None or sharding_kind(trainer.strategy) != "fsdp2":
+            return options
+        return sharded_search_options(options, type(trainer.strategy).__name__, type(self).__name__)
+
+    def merge_on_shards(self) -> None:
+        """Before a merge: once ``model`` is sharded, the merger merges on this rank's rows of it (collective)."""
+        if self.merger.sharded is None and is_fully_sharded(self.model):
+            self.merger.use_shards(lambda: sharded_view(self.model))
 
 
 def sharded_module(trainer: pl.Trainer) -> nn.Module | None:
@@ -107,7 +144,7 @@ def sharded_merging(callback: Any, trainer: pl.Trainer) -> ShardedMerging | None
     return merging
 
 
-def sharded_search_options(options: SearchOptions, strategy: str) -> SearchOptions:
+def sharded_search_options(options: SearchOptions, strategy: str, who: str = "TiesMerging") -> SearchOptions:
     """``options`` as a sharded merge can search them: ``method="auto"`` less the methods that need each task's
     data (RegMean, said in the log); methods that need data named by the user are refused.
 
@@ -124,7 +161,7 @@ def sharded_search_options(options: SearchOptions, strategy: str) -> SearchOptio
             f"method(s) {needs_data} need each task's data on whole weights, which no rank holds under {strategy}; "
             "choose a data-free method (ties, task_arithmetic, dare_ties, tsv...) or method='auto'"
         )
-    rank_zero_info(f"TiesMerging: method='auto' under {strategy} (sharded) searches the data-free methods only, "
+    rank_zero_info(f"{who}: method='auto' under {strategy} (sharded) searches the data-free methods only, "
                    f"without {needs_data} (they need each task's data on whole weights)")
     return options.without_data_methods()
 

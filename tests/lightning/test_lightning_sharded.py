@@ -281,7 +281,7 @@ def test_what_the_sharded_merge_cannot_do_is_refused_at_setup(kwargs, message):
 
 
 @pytest.mark.parametrize("module_kind", ["MultiTaskMergeModule", "LearnedMergeModule"])
-def test_the_merge_modules_refuse_a_sharded_strategy_at_setup(module_kind, tiny):
+def test_the_merge_modules_refuse_the_sharded_strategies_they_do_not_merge_on_at_setup(module_kind, tiny):
     import pytorch_lightning as pl
 
     from lightning_ties.lightning import LearnedMergeModule, MultiTaskMergeModule
@@ -294,14 +294,18 @@ def test_the_merge_modules_refuse_a_sharded_strategy_at_setup(module_kind, tiny)
                                                   batch_size=2) for t in tasks}
         module = LearnedMergeModule(model, tasks, loaders, base=base, k=0.2, holdout=0.0)
 
-    class FakeTrainer:
-        strategy = pl.strategies.ModelParallelStrategy()
-
-    module._trainer = FakeTrainer()
-    with pytest.raises(ValueError, match=f"{module_kind} does not support the sharded strategy ModelParallelStrategy"):
+    def under(strategy):
+        module._trainer = type("FakeTrainer", (), {"strategy": strategy})()
         module.setup("validate")
-    module._trainer = type("Whole", (), {"strategy": pl.strategies.DDPStrategy()})()
-    module.setup("validate")  # unsharded: accepted
+
+    if module_kind == "MultiTaskMergeModule":  # FSDP2: merged on each rank's shards (test_lightning_sharded_module.py)
+        under(pl.strategies.ModelParallelStrategy())
+        refused = pl.strategies.FSDPStrategy()
+    else:
+        refused = pl.strategies.ModelParallelStrategy()
+    with pytest.raises(ValueError, match=f"{module_kind} does not support the sharded strategy {type(refused).__name__}"):
+        under(refused)
+    under(pl.strategies.DDPStrategy())  # unsharded: accepted
 
 
 # ---- on a GPU (benchmarks/gpu_check.sh runs them; skipped without CUDA) -------------------------------------

@@ -1,0 +1,78 @@
+"""MultiTaskMergeModule under ModelParallelStrategy on the CPU (2 gloo processes, launched by Lightning).
+
+Given base and task checkpoints as files, a model with per-task heads and uneven row shards, when the module
+shards its model with FSDP2 in ``configure_model`` (block by block, or by the user's ``shard_fn``) and evaluates
+(normalized), searches two methods over k x lam, and is asked for RegMean, then every score, reference, candidate
+and the chosen merge equal one process's, the merged weights (gathered) equal one process's bit for bit after each
+step, each rank holds only its rows of the base and of tau_m, and RegMean is refused with its reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ties.io import save_safetensors
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+
+SCRIPT = Path(__file__).parents[1] / "sharded_module_script.py"
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from sharded_module_script import Tiny
+
+    folder = tmp_path_factory.mktemp("tasks")
+    base = Tiny().state_dict()
+    save_safetensors(base, folder / "base.safetensors")
+    g = torch.Generator().manual_seed(5)
+    for t in ("a", "b"):
+        save_safetensors({k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                         folder / f"{t}.safetensors")
+    return folder
+
+
+def run(strategy: str, devices: int, tasks: Path, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks)],
+                          capture_output=True, text=True, timeout=200, cwd=str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(task_files, tmp_path_factory) -> dict:
+    return run("single", 1, task_files, tmp_path_factory.mktemp("single"))
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.mark.parametrize("strategy", ["model_parallel", "model_parallel_fn"])
+def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(strategy, task_files, single, tmp_path):
+    sharded = run(strategy, 2, task_files, tmp_path)
+    assert sharded["sharded"] and not single["sharded"]
+    assert sharded["eval"] == single["eval"]
+    assert sharded["reference"] == single["reference"]  # each task's own weights and head written into the shards
+    assert_same_weights(sharded["eval_weights"], single["eval_weights"])
+    assert sharded["candidates"] == single["candidates"]
+    assert len({c[3] for c in single["candidates"]}) > 1  # the candidates' scores tell them apart
+    assert sharded["chosen"] == single["chosen"]
+    assert_same_weights(sharded["search_weights"], single["search_weights"])
+    assert "['regmean'] need each task's data" in sharded["regmean"] and "ModelParallelStrategy" in sharded["regmean"]
+    assert "'regmean' needs each task's data" in sharded["regmean_module"] and "sharded" in sharded["regmean_module"]
+    assert "regmean" not in single and "regmean_module" not in single  # one process runs RegMean
+    # each rank holds its own rows of the base and of tau_m, none twice: together one model, about half each
+    held = [torch.load(tmp_path / f"held{r}.pt") for r in range(2)]
+    total = sum(v.numel() for k, v in single["search_weights"].items() if not k.startswith("head."))
+    assert sum(h["base"] for h in held) == sum(h["tau"] for h in held) == total
+    assert max(h["tau"] for h in held) <= 0.6 * total

@@ -1,0 +1,110 @@
+"""MultiTaskMergeModule evaluated and searched under a sharded strategy on the CPU (run by test_lightning_sharded_module.py).
+
+Usage: python sharded_module_script.py STRATEGY DEVICES OUT TASKS_DIR
+
+STRATEGY: ``single`` (one process, the reference), ``model_parallel`` (ModelParallelStrategy: the module shards its
+model with FSDP2 in ``configure_model``, block by block), ``model_parallel_fn`` (the same with a user's ``shard_fn``
+sharding the model as one group) or ``fsdp`` (FSDPStrategy: refused at setup). Lightning re-launches this script for
+the other ranks. The model has per-task heads of one shape (``heads="^head\\."``), its blocks in an ``nn.ModuleList``
+(7 and 5 rows: uneven shards). Every rank runs, in one Trainer: ``evaluate`` with normalized scores (each task's
+fine-tuned weights written into the shards and scored), a two-method k x lam ``search``, then a ``search`` naming
+RegMean and a module whose method is RegMean (both refused). Rank 0 writes OUT/result.pt: the scores, the
+references, the candidates, the chosen merge, the whole merged weights after each step (gathered) and the refusals'
+messages; every rank writes OUT/held<rank>.pt: how many entries of the base and of tau_m it holds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_ties.distributed import full_state  # noqa: E402
+from lightning_ties.distributed.shard import is_fully_sharded  # noqa: E402
+from lightning_ties.pytorch_lightning import MultiTaskMergeModule  # noqa: E402
+
+TASKS = ("a", "b")
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Linear(6, 7), nn.Linear(7, 5)])
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.head(x)
+
+
+def loaders() -> dict[str, torch.utils.data.DataLoader]:
+    """32 examples per task (16 per rank at W=2: no padding), three classes the merge gets partly right."""
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
+    return {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, i : i + 3].argmax(1)), batch_size=8)
+            for i, t in enumerate(TASKS)}
+
+
+def shard_as_one_group(model: nn.Module, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=mesh)
+
+
+def strategy_of(name: str, devices: int):
+    if name in ("model_parallel", "model_parallel_fn"):
+        return pl.strategies.ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    return "auto"
+
+
+def weights(module: MultiTaskMergeModule) -> dict[str, torch.Tensor]:
+    """The whole weights of the module's model (gathered one tensor at a time when sharded: collective)."""
+    if is_fully_sharded(module.model):
+        return full_state(module.model)
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def main() -> None:
+    name, devices, out, tasks_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    module = MultiTaskMergeModule(str(tasks_dir / "base.safetensors"), {t: str(tasks_dir / f"{t}.safetensors") for t in TASKS},
+                                  model=Tiny(), heads=r"^head\.", k=0.3, lam=0.8,
+                                  shard_fn=shard_as_one_group if name == "model_parallel_fn" else None)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name, devices), logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    record: dict = {"eval": module.evaluate(trainer, loaders(), k=0.3, lam=0.8, normalize=True)}
+    record["reference"] = dict(module.reference)
+    record["sharded"] = is_fully_sharded(module.model)
+    record["eval_weights"] = weights(module)
+    result = module.search(trainer, loaders(), method=["ties", "tsv"], k=[0.2, 0.5], lam=[0.5, 1.0])
+    record["candidates"] = [(c.method, c.k, c.lam, c.objective, c.scores) for c in result.candidates]
+    record["chosen"] = (result.method, result.k, result.lam)
+    record["search_weights"] = weights(module)
+    sharded = module.merger.sharded
+    held = {"base": sum(v.numel() for v in sharded.base.values()),  # this rank's rows only
+            "tau": sum(v.numel() for v in module.merger.task_vector(result.k).tau.values())} if sharded else None
+    try:
+        module.search(trainer, loaders(), method="regmean", lam=[1.0], normalize=False)
+    except ValueError as err:
+        record["regmean"] = str(err)
+    regmean = MultiTaskMergeModule(str(tasks_dir / "base.safetensors"),
+                                   {t: str(tasks_dir / f"{t}.safetensors") for t in TASKS}, model=Tiny(), method="regmean")
+    try:
+        regmean.evaluate(trainer, loaders())
+    except ValueError as err:
+        record["regmean_module"] = str(err)
+    torch.save(held, out / f"held{trainer.global_rank}.pt")
+    if trainer.is_global_zero:
+        torch.save(record, out / "result.pt")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
