@@ -10,7 +10,8 @@ the other ranks. The model has per-task heads of one shape (``heads="^head\\."``
 fine-tuned weights written into the shards and scored), a two-method k x lam ``search``, then a ``search`` naming
 RegMean and a module whose method is RegMean (both refused). Rank 0 writes OUT/result.pt: the scores, the
 references, the candidates, the chosen merge, the whole merged weights after each step (gathered) and the refusals'
-messages; every rank writes OUT/held<rank>.pt: how many entries of the base and of tau_m it holds.
+messages; every rank writes OUT/held<rank>.pt: how many entries of the base and of tau_m it holds. Then the same
+for a tiny ``BertForSequenceClassification`` (dict batches, ``classifier`` heads): scores, candidates, weights.
 """
 
 from __future__ import annotations
@@ -51,6 +52,27 @@ def loaders() -> dict[str, torch.utils.data.DataLoader]:
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
     return {t: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, i : i + 3].argmax(1)), batch_size=8)
             for i, t in enumerate(TASKS)}
+
+
+def bert() -> nn.Module:
+    """A Hugging Face model from a tiny config: its layers (an nn.ModuleList) are the blocks shard_blocks shards."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=16, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+def bert_loaders() -> dict[str, torch.utils.data.DataLoader]:
+    """Dict batches (``input_ids``, ``attention_mask``, ``labels``): the default forward calls ``model(**batch)``."""
+    g = torch.Generator().manual_seed(4)
+    out = {}
+    for t in TASKS:
+        ids, y = torch.randint(0, 32, (16, 6), generator=g), torch.randint(0, 3, (16,), generator=g)
+        rows = [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": y[i]} for i in range(16)]
+        out[t] = torch.utils.data.DataLoader(rows, batch_size=4)
+    return out
 
 
 def shard_as_one_group(model: nn.Module, mesh) -> None:
@@ -100,6 +122,14 @@ def main() -> None:
         regmean.evaluate(trainer, loaders())
     except ValueError as err:
         record["regmean_module"] = str(err)
+    folder = tasks_dir / "bert"
+    hf = MultiTaskMergeModule(str(folder / "base.safetensors"), {t: str(folder / f"{t}.safetensors") for t in TASKS},
+                              model=bert(), heads=r"^classifier\.", k=0.3, lam=0.8,
+                              shard_fn=shard_as_one_group if name == "model_parallel_fn" else None)
+    record["bert_eval"] = hf.evaluate(trainer, bert_loaders(), normalize=True)
+    result = hf.search(trainer, bert_loaders(), k=[0.2, 0.5], lam=[0.5, 1.5])
+    record["bert_candidates"] = [(c.k, c.lam, c.objective) for c in result.candidates]
+    record["bert_weights"] = weights(hf)
     torch.save(held, out / f"held{trainer.global_rank}.pt")
     if trainer.is_global_zero:
         torch.save(record, out / "result.pt")

@@ -335,8 +335,9 @@ def _fsdp2_view(module: nn.Module, collectives: Any) -> ShardedView:
     from torch.distributed.tensor import DTensor
 
     state = module.state_dict(keep_vars=True)
-    groups: set[tuple[int, int]] = set()  # (id of the mesh, shard dimension) of every sharded parameter
-    meshes: dict[tuple[int, int], Any] = {}
+    # (mesh, shard dimension) of every sharded parameter; meshes compare by their ranks and names, not identity:
+    # equal meshes built apart (e.g. each access of a parent mesh's submesh) shard over the same ranks
+    groups: set[tuple[Any, int]] = set()
     entries: dict[str, LocalEntry] = {}
     for key, value in state.items():
         if isinstance(value, DTensor):
@@ -347,8 +348,7 @@ def _fsdp2_view(module: nn.Module, collectives: Any) -> ShardedView:
                 entries[key] = _replicated_entry(value.shape, value.dtype, local)
                 continue
             mesh = value.device_mesh
-            groups.add((id(mesh), dim))
-            meshes[(id(mesh), dim)] = mesh
+            groups.add((mesh, dim))
             rows = value.shape[0]
             span = chunk_rows(rows, mesh.size(dim), mesh.get_local_rank(dim))
             expected = (span[1] - span[0], *value.shape[1:])
@@ -367,8 +367,7 @@ def _fsdp2_view(module: nn.Module, collectives: Any) -> ShardedView:
         )
     if collectives is None:
         if groups:
-            (mesh_id, dim), = groups
-            mesh = meshes[(mesh_id, dim)]
+            (mesh, dim), = groups
             collectives = TorchCollectives(mesh.get_group(dim))
         else:
             collectives = _default_collectives()

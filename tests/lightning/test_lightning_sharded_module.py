@@ -4,7 +4,8 @@ Given base and task checkpoints as files, a model with per-task heads and uneven
 shards its model with FSDP2 in ``configure_model`` (block by block, or by the user's ``shard_fn``) and evaluates
 (normalized), searches two methods over k x lam, and is asked for RegMean, then every score, reference, candidate
 and the chosen merge equal one process's, the merged weights (gathered) equal one process's bit for bit after each
-step, each rank holds only its rows of the base and of tau_m, and RegMean is refused with its reason.
+step, each rank holds only its rows of the base and of tau_m, and RegMean is refused with its reason; and a tiny
+Hugging Face BERT classifier (dict batches, ``classifier`` heads) scores, searches and merges as one process too.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ SCRIPT = Path(__file__).parents[1] / "sharded_module_script.py"
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory) -> Path:
     sys.path.insert(0, str(SCRIPT.parent))
-    from sharded_module_script import Tiny
+    from sharded_module_script import Tiny, bert
 
     folder = tmp_path_factory.mktemp("tasks")
-    base = Tiny().state_dict()
-    save_safetensors(base, folder / "base.safetensors")
     g = torch.Generator().manual_seed(5)
-    for t in ("a", "b"):
-        save_safetensors({k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in base.items()},
-                         folder / f"{t}.safetensors")
+    for where, model in ((folder, Tiny()), (folder / "bert", bert())):
+        where.mkdir(exist_ok=True)
+        base = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_safetensors(base, where / "base.safetensors")
+        for t in ("a", "b"):
+            save_safetensors({k: v + 0.2 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                              for k, v in base.items()}, where / f"{t}.safetensors")
     return folder
 
 
@@ -76,3 +79,7 @@ def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(st
     total = sum(v.numel() for k, v in single["search_weights"].items() if not k.startswith("head."))
     assert sum(h["base"] for h in held) == sum(h["tau"] for h in held) == total
     assert max(h["tau"] for h in held) <= 0.6 * total
+    # a Hugging Face model (its layers sharded as blocks, dict batches): the same scores, candidates and weights
+    assert sharded["bert_eval"] == single["bert_eval"]
+    assert sharded["bert_candidates"] == single["bert_candidates"]
+    assert_same_weights(sharded["bert_weights"], single["bert_weights"])
