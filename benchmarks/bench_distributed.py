@@ -36,6 +36,14 @@ Every process runs on one thread.
 
     python benchmarks/bench_distributed.py --case callback            # 16 x 2048, W=2
     python benchmarks/bench_distributed.py --case callback --small    # a quick check
+
+``--case module``: ``MultiTaskMergeModule`` over the same MLP (its layers in an ``nn.ModuleList``), the base
+and two task checkpoints as safetensors files, ``evaluate`` at k=0.2, lam=1.0 on a few batches per task: in one
+process, then under ``ModelParallelStrategy`` on W processes (the module shards its model block by block in
+``configure_model`` and merges on each rank's rows). Printed per rank as for the callback: peak RSS, RSS when
+the evaluation starts (the model built whole, then sharded), and the evaluation's peak, increase and seconds.
+
+    python benchmarks/bench_distributed.py --case module              # 16 x 2048, W=2
 """
 
 from __future__ import annotations
@@ -315,9 +323,9 @@ def run_callback(world: int, layers: int, width: int, tasks: list[str], record: 
     Path(f"{record}.rank{rank}.json").write_text(json.dumps(row))
 
 
-def measure_callback(world: int, layers: int, width: int, tasks: list[str], root: Path) -> dict:
-    name = f"callback_w{world}"
-    cmd = [sys.executable, os.path.abspath(__file__), "--run-callback", str(world), "--layers", str(layers),
+def measure_callback(world: int, layers: int, width: int, tasks: list[str], root: Path, case: str = "callback") -> dict:
+    name = f"{case}_w{world}"
+    cmd = [sys.executable, os.path.abspath(__file__), f"--run-{case}", str(world), "--layers", str(layers),
            "--width", str(width), "--record", str(root / name), "--inputs", *tasks]
     # glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which freed
     # tensors stay in the heap and RSS stops following live memory; a fixed 1 MB threshold keeps the two
@@ -338,32 +346,102 @@ def measure_callback(world: int, layers: int, width: int, tasks: list[str], root
     return {"world": world, "ranks": ranks}
 
 
+class _Blocks:
+    """The benchmark's MLP as a module whose layers sit in an ``nn.ModuleList`` (the blocks ``shard_blocks`` shards)."""
+
+    @staticmethod
+    def build(layers: int, width: int):
+        from torch import nn
+
+        class Blocks(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layers = nn.ModuleList(callback_net(layers, width))
+
+            def forward(self, x):
+                for layer in self.layers:
+                    x = layer(x)
+                return x
+
+        return Blocks()
+
+
+def build_module_inputs(root: Path, layers: int, width: int) -> list[str]:
+    """The base and two task checkpoints (base + noise) with the module's keys; returns their paths, base first."""
+    import torch
+
+    from lightning_ties.io import save_safetensors
+
+    base = _Blocks.build(layers, width).state_dict()
+    save_safetensors(base, root / "base.safetensors")
+    paths = [str(root / "base.safetensors")]
+    for t in range(2):
+        g = torch.Generator().manual_seed(100 + t)
+        save_safetensors({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                         root / f"task{t}.safetensors")
+        paths.append(str(root / f"task{t}.safetensors"))
+    return paths
+
+
+def run_module(world: int, layers: int, width: int, inputs: list[str], record: str) -> None:
+    """One process's part of ``--case module`` (Lightning launches the other ranks by running this script again)."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    from lightning_ties import MultiTaskMergeModule
+
+    torch.set_num_threads(1)
+    sampler = RssSampler().start()
+    x = torch.randn(16, width)
+    loaders = {f"t{i}": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
+               for i in range(2)}
+    module = MultiTaskMergeModule(inputs[0], {f"t{i}": p for i, p in enumerate(inputs[1:])},
+                                  model=_Blocks.build(layers, width))
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=Path(record).parent)
+    marks = {"before_merge_mb": sampler.now()}
+    sampler.reset()
+    start = time.perf_counter()
+    module.evaluate(trainer, loaders, k=CALLBACK_K, lam=CALLBACK_LAM)
+    marks.update(merge_s=time.perf_counter() - start, merge_peak_mb=sampler.peak)
+    sampler.stop()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    row = {"rank": trainer.global_rank, "peak_rss_mb": usage.ru_maxrss / 1024, **marks}
+    Path(f"{record}.rank{trainer.global_rank}.json").write_text(json.dumps(row))
+
+
 def main_callback(args: argparse.Namespace) -> None:
     import torch
 
     layers, width = (4, 512) if args.small else (args.layers, args.width)
     params = layers * (width * width + width)
-    print(f"callback merge: {layers} x {width} MLP ({params / 1e6:.1f}M float32 parameters, "
-          f"{params * 4 / 2**20:.0f} MB), 2 tasks + this run, k={CALLBACK_K}, lam={CALLBACK_LAM}; "
+    what = "callback merge" if args.case == "callback" else "MultiTaskMergeModule.evaluate"
+    tasks_of = "2 tasks + this run" if args.case == "callback" else "base + 2 tasks (files)"
+    print(f"{what}: {layers} x {width} MLP ({params / 1e6:.1f}M float32 parameters, "
+          f"{params * 4 / 2**20:.0f} MB), {tasks_of}, k={CALLBACK_K}, lam={CALLBACK_LAM}; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread per process")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
-        tasks = build_callback_inputs(root, layers, width)
-        one = measure_callback(1, layers, width, tasks, root)
-        many = measure_callback(args.world, layers, width, tasks, root)
+        build = build_callback_inputs if args.case == "callback" else build_module_inputs
+        tasks = build(root, layers, width)
+        one = measure_callback(1, layers, width, tasks, root, args.case)
+        many = measure_callback(args.world, layers, width, tasks, root, args.case)
     single = one["ranks"][0]
     worst_peak = max(r["peak_rss_mb"] for r in many["ranks"])
     worst_increase = max(r["merge_increase_mb"] for r in many["ranks"])
     print(f"peak RSS per rank, W={args.world} / one process: {worst_peak / single['peak_rss_mb']:.2f}x "
           f"(worst rank {worst_peak:.0f} MB vs {single['peak_rss_mb']:.0f} MB)")
-    print(f"merge's memory increase per rank, W={args.world} / one process: "
+    label = "merge's" if args.case == "callback" else "evaluation's"
+    print(f"{label} memory increase per rank, W={args.world} / one process: "
           f"{worst_increase / max(single['merge_increase_mb'], 1e-9):.2f}x "
           f"({worst_increase:.0f} MB vs {single['merge_increase_mb']:.0f} MB)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=["merge_to", "callback"], default="merge_to", help="what to measure")
+    parser.add_argument("--case", choices=["merge_to", "callback", "module"], default="merge_to", help="what to measure")
     parser.add_argument("--small", action="store_true", help="a tiny model, for a quick check")
     parser.add_argument("--n-models", type=int, default=4)
     parser.add_argument("--world", type=int, default=2, help="processes of the multi-process run")
@@ -375,12 +453,16 @@ def main() -> None:
     parser.add_argument("--run-merge-to", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--layers", type=int, default=16, help="--case callback: MLP depth")
-    parser.add_argument("--width", type=int, default=2048, help="--case callback: MLP width")
+    parser.add_argument("--layers", type=int, default=16, help="--case callback/module: MLP depth")
+    parser.add_argument("--width", type=int, default=2048, help="--case callback/module: MLP width")
     parser.add_argument("--run-callback", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--run-module", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_callback is not None:
         run_callback(args.run_callback, args.layers, args.width, args.inputs, args.record)
+        return
+    if args.run_module is not None:
+        run_module(args.run_module, args.layers, args.width, args.inputs, args.record)
         return
     if args.run_merge_to:
         run_merge_to(args.run_merge_to, args.inputs, args.record, not args.no_hash)

@@ -169,7 +169,7 @@ class Merger:
         """From now on ``model`` is sharded (FSDP2; ``view_of()``: this rank's view of it): merges, task weights and
         heads run on each rank's rows (:class:`~.sharded_model.ShardedModel`), collectively, as one process would."""
         self.sharded = ShardedModel(view_of, self.base_source, dict(zip(self.tasks, self.task_sources)), self.head_keys)
-        self._tau, self._base_merged, self.current, self.head_task = None, None, None, None
+        self._tau, self._base_merged = None, None  # whole tensors; the weights in place (current, head) stay valid
 
     # ---- merging -----------------------------------------------------------------------------
     @property
@@ -190,21 +190,21 @@ class Merger:
             return self._tau[1]
         self._tau = None  # free the previous tau_m before computing the next one
         params = dict(self.method_params)
-        if self.method != self._params_method:
-            accepted = get_method(self.method).parameters()
-            params = {name: v for name, v in params.items() if name in accepted}
+        if self.method != self._params_method:  # parameters written for another method: only those this one has
+            params = {name: v for name, v in params.items() if name in get_method(self.method).parameters()}
         if get_method(self.method).needs_data and self.sharded is None:  # RegMean: Gram matrices from each task's data
             tau = regmean_task_vector(self, self.data_loaders, params)
         else:
             given_k = params.pop("k", None)  # a k among method_params yields to the searched one
             options = MergeOptions(self.method, k=given_k if k is None else k, scope=params.pop("scope", None),
                                    params=params, include=self.include, exclude=self._exclude)
-            if self.sharded is not None:  # this rank's rows (a method that needs data refuses in there)
-                self._tau = (key, self.sharded.merge(options, self.compute_device))
-                return self._tau[1]
-            with warnings.catch_warnings(), preparation_progress(self.base_source, options, self.plan.merge_keys) as base:
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_MISMATCH_WARNING)  # heads are reported by the merger
-                tau = method_task_vector(base, self.task_sources, options, device=self.compute_device)
+                if self.sharded is not None:  # this rank's rows (a method that needs data refuses in there)
+                    tau = self.sharded.merge(options, self.compute_device)
+                else:
+                    with preparation_progress(self.base_source, options, self.plan.merge_keys) as base:
+                        tau = method_task_vector(base, self.task_sources, options, device=self.compute_device)
         self._tau = (key, tau)  # on the compute device: a lam search applies it there, in place
         return tau
 
