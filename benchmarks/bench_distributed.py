@@ -340,7 +340,7 @@ def measure_callback(world: int, layers: int, width: int, tasks: list[str], root
     ranks = [json.loads((root / f"{name}.rank{r}.json").read_text()) for r in range(world)]
     for r in ranks:
         r["merge_increase_mb"] = r["merge_peak_mb"] - r["before_merge_mb"]
-        print(f"  W={world} rank {r['rank']}: peak RSS {r['peak_rss_mb']:.0f} MB; merge: starts at "
+        print(f"  W={world} rank {r['rank']}: peak RSS {r['peak_rss_mb']:.0f} MB; {'merge' if case == 'callback' else 'evaluate'}: starts at "
               f"{r['before_merge_mb']:.0f} MB, peaks at {r['merge_peak_mb']:.0f} MB (+{r['merge_increase_mb']:.0f} MB), "
               f"{r['merge_s']:.2f} s")
     return {"world": world, "ranks": ranks}
