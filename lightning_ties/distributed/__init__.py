@@ -5,7 +5,7 @@ process group), :mod:`.views` (how a rank sees its slice of an FSDP2/FSDP1 modul
 task's weights), :mod:`.merge` (tau_m on each rank's shards, applied in place), :mod:`.fit` (what
 the merging callbacks keep across a fit: the base's rows, the merge at fit end, gathered writes),
 :mod:`.store` (the continual task store written by W ranks, each its own rows; :func:`gather_store` puts
-them together for one process).
+them together for one process), :mod:`.shard` (FSDP2 ``fully_shard`` block by block, as a ``configure_model`` would).
 
 Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 
@@ -19,6 +19,7 @@ Example (on every rank, inside a process group, after ``fully_shard(model)``)::
 from .collectives import TorchCollectives, shard_collectives
 from .fit import ShardedFitMerge, full_state, save_full_safetensors
 from .merge import ShardedMerge, merge_sharded_
+from .shard import is_fully_sharded, shard_blocks
 from .store import ShardedTaskStore, StoredRows, gather_store
 from .views import (
     LocalSource,
@@ -43,9 +44,11 @@ __all__ = [
     "chunk_rows",
     "full_state",
     "gather_store",
+    "is_fully_sharded",
     "merge_sharded_",
     "read_rows",
     "save_full_safetensors",
+    "shard_blocks",
     "shard_collectives",
     "sharded_view",
 ]
