@@ -82,7 +82,7 @@ def shard_as_one_group(model: nn.Module, mesh) -> None:
 
 
 def strategy_of(name: str, devices: int):
-    if name in ("model_parallel", "model_parallel_fn"):
+    if name in ("model_parallel", "model_parallel_fn", "model_parallel_cuda"):
         return pl.strategies.ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     return "auto"
 
@@ -99,8 +99,9 @@ def main() -> None:
     module = MultiTaskMergeModule(str(tasks_dir / "base.safetensors"), {t: str(tasks_dir / f"{t}.safetensors") for t in TASKS},
                                   model=Tiny(), heads=r"^head\.", k=0.3, lam=0.8,
                                   shard_fn=shard_as_one_group if name == "model_parallel_fn" else None)
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy_of(name, devices), logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(accelerator="cuda" if name.endswith("_cuda") else "cpu", devices=devices,
+                         strategy=strategy_of(name, devices), logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
     record: dict = {"eval": module.evaluate(trainer, loaders(), k=0.3, lam=0.8, normalize=True)}
     record["reference"] = dict(module.reference)
     record["sharded"] = is_fully_sharded(module.model)

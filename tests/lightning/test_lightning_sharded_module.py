@@ -83,3 +83,14 @@ def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(st
     assert sharded["bert_eval"] == single["bert_eval"]
     assert sharded["bert_candidates"] == single["bert_candidates"]
     assert_same_weights(sharded["bert_weights"], single["bert_weights"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_merge_module_on_shards_merges_as_one_cpu_process(task_files, single, tmp_path):
+    # NCCL at world size 1, the merge computed on the GPU: the weights are the CPU's bit for bit (the scores of a
+    # GPU forward are not compared: its float sums may differ in the last bits from the CPU's)
+    on_gpu = run("model_parallel_cuda", 1, task_files, tmp_path)
+    assert on_gpu["sharded"]
+    assert_same_weights({k: v.cpu() for k, v in on_gpu["eval_weights"].items()}, single["eval_weights"])
+
