@@ -42,6 +42,7 @@ takes the sampled-bracket path, that the GPU output equals the CPU engine's bit 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -54,7 +55,10 @@ from pathlib import Path
 
 import torch
 
-COMPETITORS = ("paper", "ours-global", "peft", "ours-per-tensor")
+COMPETITORS = ("paper", "ours-global", "ours-torch-count", "peft", "ours-per-tensor")
+#: the engine with the CPU bracket pass counted by torch's ops (LIGHTNING_TIES_NUMBA=0), beside ours-global
+#: counted by the compiled loop (lightning_ties/merging/cpu_count.py; run only when numba is installed)
+TORCH_COUNT = "ours-torch-count"
 SCALE = 0.02  # weight scale of the synthetic base model; fine-tuning moves it by ~SCALE / 2
 
 
@@ -130,7 +134,7 @@ def run_competitor(name: str, base, fts, k: float) -> dict[str, torch.Tensor]:
         return paper_path(base, fts, k)
     if name == "peft":
         return peft_per_tensor(base, fts, k)
-    return ours(base, fts, k, "global" if name == "ours-global" else "per_tensor")
+    return ours(base, fts, k, "per_tensor" if name == "ours-per-tensor" else "global")
 
 
 # ---- measuring ----------------------------------------------------------------------------
@@ -152,6 +156,7 @@ def worker(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
     warm_up = [{k: v[:16] for k, v in sd.items()} for sd in (base, *fts)]  # imports and first calls
     run_competitor(args.worker, warm_up[0], warm_up[1:], args.k)
+    load_s = compiled_count_load() if args.worker == "ours-global" else None
     times, cpu_times = [], []
     rss_before = _status_kb("VmRSS")
     _reset_peak_rss()
@@ -171,8 +176,28 @@ def worker(args: argparse.Namespace) -> None:
     for label, tensors in outputs.items():
         torch.save({k: v.contiguous() for k, v in tensors.items()}, Path(args.out) / f"{label}.pt")
     inputs_mb = sum(v.numel() * v.element_size() for sd in [base, *fts] for v in sd.values()) / 2**20
-    result = {"name": args.worker, "seconds": min(times), "cpu_seconds": min(cpu_times), "peak_mb": peak_mb}
+    result = {"name": args.worker, "seconds": min(times), "cpu_seconds": min(cpu_times), "peak_mb": peak_mb,
+              "count_load_s": load_s}
     print(json.dumps({**result, "inputs_mb": inputs_mb, "extra_ties": extra_ties}))
+
+
+def compiled_count_load() -> float | None:
+    """Load the compiled bracket count now, as any merge large enough for it does once per process (from
+    numba's cache on disk; the first run on a machine compiles it): its seconds, or None when it is not used."""
+    from lightning_ties.merging import cpu_count
+
+    start = time.perf_counter()
+    count = cpu_count.bracket_counter(force=True)
+    if count is None:
+        return None
+    one = torch.ones(4)  # the first call loads (or compiles) the loop for these argument types
+    count(one, one, 0, 1, torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    return time.perf_counter() - start
+
+
+def compiled_count_available() -> bool:
+    """Whether numba imports here (the compiled count exists): only then does ours-torch-count differ from ours-global."""
+    return importlib.util.find_spec("numba") is not None and os.environ.get("LIGHTNING_TIES_NUMBA", "1") != "0"
 
 
 def threshold_ties(base, fts, k: float) -> int:
@@ -190,7 +215,8 @@ def spawn(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--out", str(out_dir), "--case", args.case]
     cmd += ["--params", str(args.params), "--tasks", str(args.tasks), "--k", str(args.k)]
     cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = {**os.environ, **({"LIGHTNING_TIES_NUMBA": "0"} if name == TORCH_COUNT else {})}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -198,11 +224,16 @@ def compare(out_dir: Path, extra_ties: int) -> list[str]:
     load = lambda label: torch.load(out_dir / f"{label}.pt", weights_only=True)  # noqa: E731
     paper, aligned, ours_g = load("paper"), load("paper-aligned"), load("ours-global")
     peft_out, ours_t = load("peft"), load("ours-per-tensor")
+    lines = []
+    if (out_dir / f"{TORCH_COUNT}.pt").exists():
+        torch_count = load(TORCH_COUNT)
+        same = all(torch.equal(torch_count[k], ours_g[k]) for k in ours_g)
+        lines.append(f"ours-global (compiled count) vs {TORCH_COUNT}: " + ("bit-identical" if same else "DIFFER"))
     differ = sum(int((paper[k] != ours_g[k]).sum()) for k in paper)
     differ_aligned = sum(int((aligned[k] != ours_g[k]).sum()) for k in aligned)
     max_diff = max(float((peft_out[k] - ours_t[k]).abs().max()) for k in peft_out)
     differ_t = sum(int((peft_out[k] != ours_t[k]).sum()) for k in peft_out)
-    return [
+    return lines + [
         f"ours-global vs paper (paper keeps int(k*P)+1 per task): {differ} differing entries",
         "ours-global vs paper with the count aligned to int(k*P): "
         + ("bit-identical" if differ_aligned == 0 else f"{differ_aligned} differing entries")
@@ -484,20 +515,22 @@ def main() -> None:
     print(
         f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, "
         f"{args.threads} thread(s), torch {torch.__version__}\nCPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}; "
-        f"torch.bincount {bincount_ns_per_entry():.2f} ns per entry"
+        f"torch.bincount {bincount_ns_per_entry():.2f} ns per entry; bracket count: "
+        + ("compiled loop (numba), beside ours-torch-count" if compiled_count_available() else "torch ops (numba not installed)")
     )
+    competitors = [c for c in COMPETITORS if c != TORCH_COUNT or compiled_count_available()]
     for case in cases:
         args.case = case
         n_tensors = len(model_shapes(int(args.params), case))
         with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
-            results = {name: spawn(name, args, Path(tmp)) for name in COMPETITORS}
+            results = {name: spawn(name, args, Path(tmp)) for name in competitors}
             checks = compare(Path(tmp), results["paper"]["extra_ties"])
         inputs_mb = results["paper"]["inputs_mb"]
         print(f"\n[{case}: {n_tensors} tensor(s); inputs {inputs_mb:,.0f} MB]")
         header = ("wall s", 8), ("speed-up", 10), ("CPU s", 8), ("CPU ratio", 11), ("peak MB over inputs", 21)
         print(f"{'competitor':<17}" + "".join(f"{title:>{width}}" for title, width in header) + f"{'memory ratio':>14}")
-        for name in COMPETITORS:
-            ref = results["paper" if name in ("paper", "ours-global") else "peft"]
+        for name in competitors:
+            ref = results["paper" if name in ("paper", "ours-global", TORCH_COUNT) else "peft"]
             r = results[name]
             speed = ref["seconds"] / r["seconds"]
             cpu = ref["cpu_seconds"] / r["cpu_seconds"]
@@ -506,6 +539,9 @@ def main() -> None:
                 f"{name:<17}{r['seconds']:>8.2f}{speed:>9.1f}x{r['cpu_seconds']:>8.2f}{cpu:>10.1f}x"
                 f"{r['peak_mb']:>21,.0f}{memory:>13.1f}x"
             )
+        load_s = results["ours-global"].get("count_load_s")
+        if load_s is not None:
+            print(f"  ours-global loaded the compiled count once before its timed merges: {load_s:.2f} s")
         for line in checks:
             print("  " + line)
     # the load during the run: on a shared machine wall times (and thread scaling) hold only when it is low

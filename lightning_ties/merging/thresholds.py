@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .collectives import SINGLE_PROCESS, Collectives, ShardLayout
+from .cpu_count import Counter, bracket_counter
 from .fused import FusedPaths
 from .reading import TaskReader, single_threaded_pool
 from .select import MagnitudeSelector, MagnitudeThreshold, next_passes
@@ -134,7 +135,9 @@ class ThresholdFinder:
         """
         reader = self.reader
         brackets: list[tuple[int, int]] = [s.bracket_bits for s in selectors]  # type: ignore[misc]
-        work = [_BracketCounts(brackets, reader) for _ in range(workers)]
+        entries = sum(reader.local_numel(key) for key in keys) * len(selectors)
+        counter = bracket_counter(entries) if reader.compute_dtype == torch.float32 else None
+        work = [_BracketCounts(brackets, reader, counter) for _ in range(workers)]
         for key in keys:
             if reader.local_numel(key) == 0:  # nothing of it on this rank (its source may not even hold it)
                 continue
@@ -389,10 +392,13 @@ class _BracketCounts:
     that ``bincount`` empties per task when full: each call allocates and adds a histogram as
     large as the bracket, too costly per chunk. The first call's histogram is kept as the
     task's (none is zeroed up front: megabytes per task and worker, page faults included).
+    With ``counter`` (the compiled loop of :mod:`.cpu_count`), keys in float32 are counted by it
+    instead, straight into the same histograms (the entries below and above in the spare bins' ends).
     """
 
-    def __init__(self, brackets: list[tuple[int, int]], reader: TaskReader) -> None:
+    def __init__(self, brackets: list[tuple[int, int]], reader: TaskReader, counter: Counter | None = None) -> None:
         self.reader = reader
+        self.brackets, self.counter = brackets, counter
         self.bits_dtype = torch.int64 if reader.compute_dtype == torch.float64 else torch.int32
         self.inf_bits = int(torch.tensor(float("inf"), dtype=reader.compute_dtype).view(self.bits_dtype))
         self.sizes = [hi - lo + 1 + 2 * _SPARE for lo, hi in brackets]
@@ -409,6 +415,8 @@ class _BracketCounts:
 
     def count(self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, tag: str) -> set[int]:
         """Count the columns ``[begin, end)`` of one key; the tasks holding a NaN or Inf there."""
+        if self.counter is not None and all(t.dtype == torch.float32 for t in (base, *fts)):
+            return self._count_compiled(base, fts, begin, end)
         top = None
         for _, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
             c = taus.shape[1]
@@ -421,6 +429,24 @@ class _BracketCounts:
             self.fill += c
             self.observed += c
         return set() if top is None else set(torch.nonzero(top >= self.inf_bits).flatten().tolist())
+
+    def _count_compiled(self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int) -> set[int]:
+        """:meth:`count` by the compiled loop (:mod:`.cpu_count`), task by task, straight into the histograms."""
+        bad = set()
+        counts = torch.zeros(3, dtype=torch.int64)
+        base = base.detach()[begin:end].contiguous()
+        for i, ((lo, hi), ft) in enumerate(zip(self.brackets, fts)):
+            hist = self.hists[i]
+            if hist is None:
+                hist = self.hists[i] = torch.zeros(self.sizes[i], dtype=torch.int64)
+            counts.zero_()
+            self.counter(base, ft.detach()[begin:end].contiguous(), lo, hi, hist[_SPARE:-_SPARE], counts)
+            hist[0] += counts[0]  # the spare bins below and above: pass_layout sums them
+            hist[-1] += counts[1]
+            if counts[2]:
+                bad.add(i)
+        self.observed += end - begin
+        return bad
 
     def flush(self) -> None:
         """Add the digits gathered so far to the histograms (one ``bincount`` per task)."""
