@@ -57,7 +57,7 @@ import torch
 
 COMPETITORS = ("paper", "ours-global", "ours-torch-count", "peft", "ours-per-tensor")
 #: the engine with the CPU bracket pass counted by torch's ops (LIGHTNING_TIES_NUMBA=0), beside ours-global
-#: counted by the compiled loop (lightning_ties/merging/cpu_count.py; run only when numba is installed)
+#: counted by the compiled loop (lightning_ties/merging/cpu_kernels.py; run only when numba is installed)
 TORCH_COUNT = "ours-torch-count"
 SCALE = 0.02  # weight scale of the synthetic base model; fine-tuning moves it by ~SCALE / 2
 
@@ -184,10 +184,10 @@ def worker(args: argparse.Namespace) -> None:
 def compiled_count_load() -> float | None:
     """Load the compiled bracket count now, as any merge large enough for it does once per process (from
     numba's cache on disk; the first run on a machine compiles it): its seconds, or None when it is not used."""
-    from lightning_ties.merging import cpu_count
+    from lightning_ties.merging import cpu_kernels
 
     start = time.perf_counter()
-    count = cpu_count.bracket_counter(force=True)
+    count = cpu_kernels.bracket_counter(force=True)
     if count is None:
         return None
     one = torch.ones(4)  # the first call loads (or compiles) the loop for these argument types

@@ -110,7 +110,8 @@ class TaskVectorMerger:
         self.finder = ThresholdFinder(self.reader, collectives, self.layout, self.fused)
         self.thresholds: list[MagnitudeThreshold] | None = None
         self._norms: torch.Tensor | None = None
-        self.ties_pass = TiesPass(self.reader, self.spec.sign or "mass", self.spec.merge)
+        self.ties_pass = TiesPass(self.reader, self.spec.sign or "mass", self.spec.merge,
+                                  entries=self.plan.numel * len(self.models))
 
     def _layout(self, shards: Mapping[str, tuple[int, int]] | None) -> ShardLayout | None:
         """Every rank's ranges (one all_gather), checked; the refusals that need them."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .collectives import SINGLE_PROCESS, Collectives, ShardLayout
-from .cpu_count import Counter, bracket_counter
+from .cpu_kernels import Counter, bracket_counter
 from .fused import FusedPaths
 from .reading import TaskReader, single_threaded_pool
 from .select import MagnitudeSelector, MagnitudeThreshold, next_passes
@@ -392,7 +392,7 @@ class _BracketCounts:
     that ``bincount`` empties per task when full: each call allocates and adds a histogram as
     large as the bracket, too costly per chunk. The first call's histogram is kept as the
     task's (none is zeroed up front: megabytes per task and worker, page faults included).
-    With ``counter`` (the compiled loop of :mod:`.cpu_count`), keys in float32 are counted by it
+    With ``counter`` (the compiled loop of :mod:`.cpu_kernels`), keys in float32 are counted by it
     instead, straight into the same histograms (the entries below and above in the spare bins' ends).
     """
 
@@ -431,7 +431,7 @@ class _BracketCounts:
         return set() if top is None else set(torch.nonzero(top >= self.inf_bits).flatten().tolist())
 
     def _count_compiled(self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int) -> set[int]:
-        """:meth:`count` by the compiled loop (:mod:`.cpu_count`), task by task, straight into the histograms."""
+        """:meth:`count` by the compiled loop (:mod:`.cpu_kernels`), task by task, straight into the histograms."""
         bad = set()
         counts = torch.zeros(3, dtype=torch.int64)
         base = base.detach()[begin:end].contiguous()

@@ -15,8 +15,12 @@ from typing import Any
 import torch
 
 from .contested import Contested
+from .cpu_kernels import ties_merger
 from .reading import TaskReader, single_threaded_pool
 from .steps import ThresholdTrim, ties_chunk_
+
+# The compiled loop's chunks are this many of the reader's: fewer calls; a chunk handed back is rare
+_COMPILED_CHUNK_FACTOR = 4
 
 
 class TiesPass:
@@ -33,8 +37,11 @@ class TiesPass:
         (0, tensor([ 0., -2.,  3.]))
     """
 
-    def __init__(self, reader: TaskReader, sign: str, merge: str) -> None:
+    def __init__(self, reader: TaskReader, sign: str, merge: str, entries: int = 0) -> None:
         self.reader, self.sign, self.merge = reader, sign, merge
+        # the compiled loop of .cpu_kernels for TIES's default recipe on float32 CPU inputs (None: torch ops)
+        compiled = sign == "mass" and merge == "mean" and reader.on_cpu and reader.compute_dtype == torch.float32
+        self._compiled = ties_merger(entries) if compiled else None
         self._pool: Any = None
         self._pool_size = 0
         self._pool_context: Any = None
@@ -86,6 +93,15 @@ class TiesPass:
 
         The ties of the tasks ``trim_step`` watches go to ``ties`` as ``(task, flat positions)``, in flat order.
         """
+        if self._compiled is not None and all(t.dtype == torch.float32 for t in (base, *fts)):
+            return self._range_compiled(base, fts, begin, end, trim_step, out, found, tag, ties)
+        return self._range_torch(base, fts, begin, end, trim_step, out, found, tag, ties)
+
+    def _range_torch(
+        self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, trim_step: ThresholdTrim,
+        out: torch.Tensor, found: Contested, tag: str, ties: list[tuple[int, torch.Tensor]],
+    ) -> torch.Tensor:  # fmt: skip
+        """:meth:`_range` by ``ties_chunk_``'s torch ops."""
         total = torch.zeros((), dtype=torch.int64, device=self.reader.device)
         for start, taus in self.reader.chunks_of(base, fts, begin, end, buffer=f"taus{tag}"):
             trimmed = self.reader.buffer(f"trimmed{tag}", taus.shape[1])
@@ -96,6 +112,27 @@ class TiesPass:
                 found.collect_columns(start, cols, trimmed)
             ties.extend((task, positions + start) for task, positions in trim_step.seen)
         return total
+
+    def _range_compiled(
+        self, base: torch.Tensor, fts: list[torch.Tensor], begin: int, end: int, trim_step: ThresholdTrim,
+        out: torch.Tensor, found: Contested, tag: str, ties: list[tuple[int, torch.Tensor]],
+    ) -> torch.Tensor:  # fmt: skip
+        """:meth:`_range` by the compiled loop, chunk by chunk; a chunk it hands back (a tie some task keeps only
+        in part, a contested entry) is merged again by the torch ops, which keep, note and collect them."""
+        total = 0
+        size = self.reader.chunk_size * _COMPILED_CHUNK_FACTOR
+        base, fts = base.detach(), [ft.detach() for ft in fts]
+        for start in range(begin, end, size):
+            stop = min(end, start + size)
+            # the tasks keeping some but not all of their (non-zero) threshold ties here: their ties go back
+            tie_values = [t.value if (left > 0 or i in trim_step.watch) and t.value != 0.0 else 0.0
+                          for i, (t, left) in enumerate(zip(trim_step.thresholds, trim_step.tie_budget))]
+            signs, handed_back = self._compiled(base[start:stop], [ft[start:stop] for ft in fts], trim_step.cuts,
+                                                tie_values, out[start:stop])
+            if handed_back:
+                signs = int(self._range_torch(base, fts, start, stop, trim_step, out, found, tag, ties))
+            total += signs
+        return torch.tensor(total, dtype=torch.int64, device=self.reader.device)
 
     def _keep_ties(
         self, base: torch.Tensor, fts: list[torch.Tensor], trim_step: ThresholdTrim, out: torch.Tensor,
