@@ -56,8 +56,8 @@ from pathlib import Path
 import torch
 
 COMPETITORS = ("paper", "ours-global", "ours-torch-count", "peft", "ours-per-tensor")
-#: the engine with the CPU bracket pass counted by torch's ops (LIGHTNING_TIES_NUMBA=0), beside ours-global
-#: counted by the compiled loop (lightning_ties/merging/cpu_kernels.py; run only when numba is installed)
+#: the engine on torch's ops alone (LIGHTNING_TIES_NUMBA=0), beside ours-global with the compiled loops of the
+#: count and the merge (lightning_ties/merging/cpu_kernels.py; run only when numba is installed)
 TORCH_COUNT = "ours-torch-count"
 SCALE = 0.02  # weight scale of the synthetic base model; fine-tuning moves it by ~SCALE / 2
 
@@ -156,7 +156,7 @@ def worker(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
     warm_up = [{k: v[:16] for k, v in sd.items()} for sd in (base, *fts)]  # imports and first calls
     run_competitor(args.worker, warm_up[0], warm_up[1:], args.k)
-    load_s = compiled_count_load() if args.worker == "ours-global" else None
+    load_s = compiled_loops_load(args.tasks) if args.worker in ("ours-global", "ours-per-tensor") else None
     times, cpu_times = [], []
     rss_before = _status_kb("VmRSS")
     _reset_peak_rss()
@@ -181,17 +181,19 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({**result, "inputs_mb": inputs_mb, "extra_ties": extra_ties}))
 
 
-def compiled_count_load() -> float | None:
-    """Load the compiled bracket count now, as any merge large enough for it does once per process (from
-    numba's cache on disk; the first run on a machine compiles it): its seconds, or None when it is not used."""
+def compiled_loops_load(n_tasks: int) -> float | None:
+    """Load the compiled loops now (lightning_ties/merging/cpu_kernels.py), as any merge large enough for them does
+    once per process (from numba's cache on disk; the first run on a machine, or for a new number of tasks,
+    compiles them): their seconds, or None when they are not used."""
     from lightning_ties.merging import cpu_kernels
 
     start = time.perf_counter()
-    count = cpu_kernels.bracket_counter(force=True)
-    if count is None:
+    count, merge = cpu_kernels.bracket_counter(force=True), cpu_kernels.ties_merger(force=True)
+    if count is None or merge is None:
         return None
-    one = torch.ones(4)  # the first call loads (or compiles) the loop for these argument types
+    one = torch.ones(4)  # the first calls load (or compile) the loops for these argument types
     count(one, one, 0, 1, torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    merge(one, [one] * n_tasks, [0.5] * n_tasks, [0.0] * n_tasks, torch.empty(4))
     return time.perf_counter() - start
 
 
@@ -228,7 +230,7 @@ def compare(out_dir: Path, extra_ties: int) -> list[str]:
     if (out_dir / f"{TORCH_COUNT}.pt").exists():
         torch_count = load(TORCH_COUNT)
         same = all(torch.equal(torch_count[k], ours_g[k]) for k in ours_g)
-        lines.append(f"ours-global (compiled count) vs {TORCH_COUNT}: " + ("bit-identical" if same else "DIFFER"))
+        lines.append(f"ours-global (compiled loops) vs {TORCH_COUNT}: " + ("bit-identical" if same else "DIFFER"))
     differ = sum(int((paper[k] != ours_g[k]).sum()) for k in paper)
     differ_aligned = sum(int((aligned[k] != ours_g[k]).sum()) for k in aligned)
     max_diff = max(float((peft_out[k] - ours_t[k]).abs().max()) for k in peft_out)
@@ -515,8 +517,8 @@ def main() -> None:
     print(
         f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, "
         f"{args.threads} thread(s), torch {torch.__version__}\nCPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}; "
-        f"torch.bincount {bincount_ns_per_entry():.2f} ns per entry; bracket count: "
-        + ("compiled loop (numba), beside ours-torch-count" if compiled_count_available() else "torch ops (numba not installed)")
+        f"torch.bincount {bincount_ns_per_entry():.2f} ns per entry; CPU loops: "
+        + ("compiled loops (numba), beside ours-torch-count" if compiled_count_available() else "torch ops (numba not installed)")
     )
     competitors = [c for c in COMPETITORS if c != TORCH_COUNT or compiled_count_available()]
     for case in cases:
@@ -541,7 +543,7 @@ def main() -> None:
             )
         load_s = results["ours-global"].get("count_load_s")
         if load_s is not None:
-            print(f"  ours-global loaded the compiled count once before its timed merges: {load_s:.2f} s")
+            print(f"  ours-global loaded the compiled loops once before its timed merges: {load_s:.2f} s")
         for line in checks:
             print("  " + line)
     # the load during the run: on a shared machine wall times (and thread scaling) hold only when it is low
