@@ -145,8 +145,10 @@ def preparation_progress(base: TensorSource, options: MergeOptions, keys: Sequen
     if options.spec.tensor_fn is None:
         yield base
         return
+    from tqdm import auto  # looked up when called (as tqdm.auto.tqdm): what a caller patched is what shows
+
     total = sum(base.spec(k).numel * torch.empty((), dtype=base.spec(k).dtype).element_size() for k in keys)
-    with tqdm(total=total, desc=f"preparing {options.method}", unit="B", unit_scale=True, unit_divisor=1024,
+    with auto.tqdm(total=total, desc=f"preparing {options.method}", unit="B", unit_scale=True, unit_divisor=1024,
               leave=False, disable=None) as bar:
         yield _ReadProgress(base, bar)
 
