@@ -40,10 +40,10 @@ from typing import Any
 import torch
 
 #: Entries (over every task) a merge must hold before the loops are loaded in a process: importing numba and
-#: loading them from its cache took 0.4-0.9 s on a first-generation EPYC (compiling them, once per machine, a
-#: few seconds), and they save several ns per entry there: 2^27 entries repay it. Once loaded, every pass of at
-#: least :data:`MIN_LOADED_ENTRIES` uses them.
-MIN_ENTRIES = 1 << 27
+#: loading both loops from its cache took 0.8-1.4 s on a first-generation EPYC (compiling them, once per machine
+#: and number of tasks, a few seconds more), and they saved ~6 ns per entry there (8 x 20M float32: 1.94 s ->
+#: 1.01 s): 2^28 entries repay it. Once loaded, every pass of at least :data:`MIN_LOADED_ENTRIES` uses them.
+MIN_ENTRIES = 1 << 28
 MIN_LOADED_ENTRIES = 1 << 20
 # Entries kept between a loop's passes over a block: L1-sized, so the later passes read them from cache.
 _BLOCK = 4096

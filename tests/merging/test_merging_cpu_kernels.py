@@ -2,7 +2,7 @@
 
 Given tie-heavy task vectors (exact ties, zeros of both signs, denormals, one key whose sums over tasks round)
 over several keys, sampled into a bracket on a small model, when the compiled loops count and merge (forced on:
-they normally wait for 2^27 entries) on 1, 2 or 3 worker threads, for 1 to 4 tasks, global and per-tensor trims,
+they normally wait for 2^28 entries) on 1, 2 or 3 worker threads, for 1 to 4 tasks, global and per-tensor trims,
 then the thresholds and tau_m equal the torch path's (numba off) bit for bit, the chunks the merge loop hands
 back (threshold ties a task keeps in part, contested entries) included; a NaN or Inf is refused with the torch
 path's message; other recipes (sign "count", merge "max") and dtypes (bf16 checkpoints) keep the torch ops; and
@@ -17,6 +17,14 @@ import torch
 pytest.importorskip("numba")
 
 from lightning_ties.merging import MergeSpec, TaskVectorMerger, cpu_kernels, thresholds, ties_pass  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _unloaded_afterwards():
+    """Leave the process as if the loops were never loaded: later tests' merges keep the torch ops."""
+    yield
+    cpu_kernels._count_loop.cache_clear()
+    cpu_kernels._merge_loop.cache_clear()
 
 
 def _merge(base, fts, compiled: bool, monkeypatch: pytest.MonkeyPatch, threads: int = 1, **spec):
