@@ -197,8 +197,8 @@ def compiled_loops_load(n_tasks: int) -> float | None:
     return time.perf_counter() - start
 
 
-def compiled_count_available() -> bool:
-    """Whether numba imports here (the compiled count exists): only then does ours-torch-count differ from ours-global."""
+def compiled_loops_available() -> bool:
+    """Whether numba imports here (the compiled loops exist): only then does ours-torch-count differ from ours-global."""
     return importlib.util.find_spec("numba") is not None and os.environ.get("LIGHTNING_TIES_NUMBA", "1") != "0"
 
 
@@ -518,9 +518,9 @@ def main() -> None:
         f"TIES k={args.k}, {args.tasks} tasks x {int(args.params):,} float32 params, "
         f"{args.threads} thread(s), torch {torch.__version__}\nCPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f}; "
         f"torch.bincount {bincount_ns_per_entry():.2f} ns per entry; CPU loops: "
-        + ("compiled loops (numba), beside ours-torch-count" if compiled_count_available() else "torch ops (numba not installed)")
+        + ("compiled loops (numba), beside ours-torch-count" if compiled_loops_available() else "torch ops (numba not installed)")
     )
-    competitors = [c for c in COMPETITORS if c != TORCH_COUNT or compiled_count_available()]
+    competitors = [c for c in COMPETITORS if c != TORCH_COUNT or compiled_loops_available()]
     for case in cases:
         args.case = case
         n_tensors = len(model_shapes(int(args.params), case))

@@ -5,7 +5,7 @@ Usage: python sharded_module_script.py STRATEGY DEVICES OUT TASKS_DIR
 STRATEGY: ``single`` (one process, the reference), ``model_parallel`` (ModelParallelStrategy: the module shards its
 model with FSDP2 in ``configure_model``, block by block), ``model_parallel_fn`` (the same with a user's ``shard_fn``
 sharding the model as one group) or ``fsdp`` (FSDPStrategy: refused at setup). Lightning re-launches this script for
-the other ranks. The model has per-task heads of one shape (``heads="^head\\."``), its blocks in an ``nn.ModuleList``
+the other ranks; ``LIGHTNING_TIES_BACKEND=lightning`` runs it on the unified ``lightning`` package. The model has per-task heads of one shape (``heads="^head\\."``), its blocks in an ``nn.ModuleList``
 (7 and 5 rows: uneven shards). Every rank runs, in one Trainer: ``evaluate`` with normalized scores (each task's
 fine-tuned weights written into the shards and scored), a two-method k x lam ``search``, then a ``search`` naming
 RegMean and a module whose method is RegMean (both refused). Rank 0 writes OUT/result.pt: the scores, the
@@ -23,13 +23,19 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+if os.environ.get("LIGHTNING_TIES_BACKEND") == "lightning":  # the unified package (its layer: lightning_ties.pytorch)
+    import lightning.pytorch as pl  # noqa: E402
+
+    from lightning_ties.pytorch import MultiTaskMergeModule  # noqa: E402
+else:
+    import pytorch_lightning as pl  # noqa: E402
+
+    from lightning_ties.pytorch_lightning import MultiTaskMergeModule  # noqa: E402
 from lightning_ties.distributed import full_state  # noqa: E402
 from lightning_ties.distributed.shard import is_fully_sharded  # noqa: E402
-from lightning_ties.pytorch_lightning import MultiTaskMergeModule  # noqa: E402
 
 TASKS = ("a", "b")
 
@@ -102,7 +108,8 @@ def main() -> None:
     trainer = pl.Trainer(accelerator="cuda" if name.endswith("_cuda") else "cpu", devices=devices,
                          strategy=strategy_of(name, devices), logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
-    record: dict = {"eval": module.evaluate(trainer, loaders(), k=0.3, lam=0.8, normalize=True)}
+    record: dict = {"eval": module.evaluate(trainer, loaders(), k=0.3, lam=0.8, normalize=True),
+                    "layer": type(module).__module__}
     record["reference"] = dict(module.reference)
     record["sharded"] = is_fully_sharded(module.model)
     record["eval_weights"] = weights(module)

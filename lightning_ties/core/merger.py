@@ -233,11 +233,11 @@ class Merger:
 
     def load_task(self, task: str) -> None:
         """Put task ``task``'s own fine-tuned weights (merged keys and head) into ``model``."""
-        src = self.task_sources[self.task_index(task)]
+        index = self.task_index(task)  # an unknown task is a KeyError naming the tasks
         if self.sharded is not None:
             self.sharded.write_task(task, self.plan.merge_keys)
         else:
-            targets = self.model.state_dict(keep_vars=True)
+            src, targets = self.task_sources[index], self.model.state_dict(keep_vars=True)
             with torch.no_grad():
                 for key in self.plan.merge_keys:
                     targets[key].data.copy_(src.get(key))

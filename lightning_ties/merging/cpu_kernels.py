@@ -54,10 +54,15 @@ Counter = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor, torch.Te
 Merger = Callable[[torch.Tensor, Sequence[torch.Tensor], Sequence[float], Sequence[float], torch.Tensor], tuple[int, bool]]
 
 
-def _wanted(entries: int, force: bool, loaded: bool) -> bool:
+def _loop(loader: Any, entries: int, force: bool) -> Any:
+    """``loader``'s compiled loop when numba imports, it is not turned off and the pass repays loading it
+    (:data:`MIN_ENTRIES`, :data:`MIN_LOADED_ENTRIES` once loaded; ``force``: whatever ``entries``), else None."""
     if os.environ.get("LIGHTNING_TIES_NUMBA", "1") == "0":
-        return False
-    return force or entries >= (MIN_LOADED_ENTRIES if loaded else MIN_ENTRIES)
+        return None
+    loaded = loader.cache_info().currsize > 0
+    if not force and entries < (MIN_LOADED_ENTRIES if loaded else MIN_ENTRIES):
+        return None
+    return loader()
 
 
 def bracket_counter(entries: int = 0, force: bool = False) -> Counter | None:
@@ -68,9 +73,7 @@ def bracket_counter(entries: int = 0, force: bool = False) -> Counter | None:
     view of |tau|); ``hist`` (int64, ``hi - lo + 1``) and ``counts`` (int64 ``[below, above, nonfinite]``)
     are added to. A NaN or Inf counts above the bracket and as nonfinite (the caller then refuses the task).
     """
-    if not _wanted(entries, force, _count_loop.cache_info().currsize > 0):
-        return None
-    kernel = _count_loop()
+    kernel = _loop(_count_loop, entries, force)
     if kernel is None:
         return None
 
@@ -89,9 +92,7 @@ def ties_merger(entries: int = 0, force: bool = False) -> Merger | None:
     some of its ties. ``out`` gets tau_m, unless the chunk is handed back (True): a tie of such a task, or
     an entry whose score is zero while some value agrees with +1 (contested), which the torch path resolves.
     """
-    if not _wanted(entries, force, _merge_loop.cache_info().currsize > 0):
-        return None
-    kernel = _merge_loop()
+    kernel = _loop(_merge_loop, entries, force)
     if kernel is None:
         return None
 

@@ -1,6 +1,6 @@
 """MultiTaskMergeModule under ModelParallelStrategy on the CPU (2 gloo processes, launched by Lightning).
 
-Given base and task checkpoints as files, a model with per-task heads and uneven row shards, when the module
+Given base and task checkpoints as files, on either Lightning package, a model with per-task heads and uneven row shards, when the module
 shards its model with FSDP2 in ``configure_model`` (block by block, or by the user's ``shard_fn``) and evaluates
 (normalized), searches two methods over k x lam, and is asked for RegMean, then every score, reference, candidate
 and the chosen merge equal one process's, the merged weights (gathered) equal one process's bit for bit after each
@@ -10,6 +10,7 @@ Hugging Face BERT classifier (dict batches, ``classifier`` heads) scores, search
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,11 @@ def task_files(tmp_path_factory) -> Path:
     return folder
 
 
-def run(strategy: str, devices: int, tasks: Path, out: Path) -> dict:
+def run(strategy: str, devices: int, tasks: Path, out: Path, backend: str = "pytorch_lightning") -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LIGHTNING_TIES_BACKEND": backend}
     proc = subprocess.run([sys.executable, str(SCRIPT), strategy, str(devices), str(out), str(tasks)],
-                          capture_output=True, text=True, timeout=200, cwd=str(out))
+                          capture_output=True, text=True, timeout=200, cwd=str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out / "result.pt", weights_only=False)
 
@@ -60,9 +62,13 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[key], expected[key]), key
 
 
-@pytest.mark.parametrize("strategy", ["model_parallel", "model_parallel_fn"])
-def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(strategy, task_files, single, tmp_path):
-    sharded = run(strategy, 2, task_files, tmp_path)
+# each Lightning package once (the module from its own layer), each way of sharding once
+@pytest.mark.parametrize(("strategy", "backend"), [("model_parallel", "pytorch_lightning"), ("model_parallel_fn", "lightning")])
+def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(strategy, backend, task_files, single,
+                                                                              tmp_path):
+    sharded = run(strategy, 2, task_files, tmp_path, backend)
+    assert sharded["layer"] == ("lightning_ties.pytorch.module" if backend == "lightning"
+                                else "lightning_ties.pytorch_lightning.module")
     assert sharded["sharded"] and not single["sharded"]
     assert sharded["eval"] == single["eval"]
     assert sharded["reference"] == single["reference"]  # each task's own weights and head written into the shards
