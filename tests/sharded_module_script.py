@@ -3,7 +3,8 @@
 Usage: python sharded_module_script.py STRATEGY DEVICES OUT TASKS_DIR
 
 STRATEGY: ``single`` (one process, the reference), ``model_parallel`` (ModelParallelStrategy: the module shards its
-model with FSDP2 in ``configure_model``, block by block), ``model_parallel_fn`` (the same with a user's ``shard_fn``
+model with FSDP2 in ``configure_model``, block by block; the models are given as factories, so they are built on
+the meta device and each rank fills its own rows from the base), ``model_parallel_fn`` (the same with a user's ``shard_fn``
 sharding the model as one group) or ``fsdp`` (FSDPStrategy: refused at setup). Lightning re-launches this script for
 the other ranks; ``LIGHTNING_TIES_BACKEND=lightning`` runs it on the unified ``lightning`` package. The model has per-task heads of one shape (``heads="^head\\."``), its blocks in an ``nn.ModuleList``
 (7 and 5 rows: uneven shards). Every rank runs, in one Trainer: ``evaluate`` with normalized scores (each task's
@@ -102,14 +103,18 @@ def weights(module: MultiTaskMergeModule) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     name, devices, out, tasks_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    # ``model_parallel`` passes factories: the models are built on the meta device and each rank fills its own rows
+    lazy = name == "model_parallel"
     module = MultiTaskMergeModule(str(tasks_dir / "base.safetensors"), {t: str(tasks_dir / f"{t}.safetensors") for t in TASKS},
-                                  model=Tiny(), heads=r"^head\.", k=0.3, lam=0.8,
+                                  model=Tiny if lazy else Tiny(), heads=r"^head\.", k=0.3, lam=0.8,
+                                  exclude=r"^blocks\.0\.bias$",  # never merged: its values are the base's
                                   shard_fn=shard_as_one_group if name == "model_parallel_fn" else None)
+    built_on_meta = all(p.is_meta for p in module.model.parameters())
     trainer = pl.Trainer(accelerator="cuda" if name.endswith("_cuda") else "cpu", devices=devices,
                          strategy=strategy_of(name, devices), logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     record: dict = {"eval": module.evaluate(trainer, loaders(), k=0.3, lam=0.8, normalize=True),
-                    "layer": type(module).__module__}
+                    "layer": type(module).__module__, "built_on_meta": built_on_meta}
     record["reference"] = dict(module.reference)
     record["sharded"] = is_fully_sharded(module.model)
     record["eval_weights"] = weights(module)
@@ -132,8 +137,10 @@ def main() -> None:
         record["regmean_module"] = str(err)
     folder = tasks_dir / "bert"
     hf = MultiTaskMergeModule(str(folder / "base.safetensors"), {t: str(folder / f"{t}.safetensors") for t in TASKS},
-                              model=bert(), heads=r"^classifier\.", k=0.3, lam=0.8,
+                              model=bert if lazy else bert(), heads=r"^classifier\.", k=0.3, lam=0.8,
+                              exclude=r"^bert\.embeddings\.LayerNorm\.",
                               shard_fn=shard_as_one_group if name == "model_parallel_fn" else None)
+    record["bert_built_on_meta"] = all(p.is_meta for p in hf.model.parameters())
     record["bert_eval"] = hf.evaluate(trainer, bert_loaders(), normalize=True)
     result = hf.search(trainer, bert_loaders(), k=[0.2, 0.5], lam=[0.5, 1.5])
     record["bert_candidates"] = [(c.k, c.lam, c.objective) for c in result.candidates]

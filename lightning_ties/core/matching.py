@@ -64,4 +64,22 @@ def match_sources(
     return MatchedSources(base, sources, named, plan)
 
 
-__all__ = ["MatchedSources", "match_sources"]
+def check_model_keys(model: nn.Module, base: TensorSource, plan: MergePlan) -> None:
+    """Raise, naming keys and shapes, when ``model`` lacks a key the merge writes or holds it in another shape."""
+    targets = model.state_dict()
+    missing = [k for k in plan.merge_keys if k not in targets]
+    if missing:
+        raise ValueError(
+            f"base has {len(missing)} key(s) the model lacks, e.g. {missing[:5]}; base and model must "
+            f"share key names (model keys start with {sorted(targets)[:5]})"
+        )
+    wrong = [
+        f"{k}: base {base.spec(k).shape} vs model {tuple(targets[k].shape)}"
+        for k in plan.merge_keys
+        if tuple(targets[k].shape) != tuple(base.spec(k).shape)
+    ]
+    if wrong:
+        raise ValueError("base and model shapes differ: " + "; ".join(wrong[:5]))
+
+
+__all__ = ["MatchedSources", "check_model_keys", "match_sources"]

@@ -42,7 +42,8 @@ from ..merging import MergedTaskVector, MergeOptions, apply_task_vector, as_sour
 from ..merging.sources import TensorSource
 from .heads import HeadsArg, HeadStore, differing_keys, exact_patterns
 from .keys import match_to_module
-from .matching import match_sources
+from .matching import check_model_keys, match_sources
+from .meta_init import build_on_meta, check_fillable, fill_from_base, is_on_meta
 from .metrics import MetricsArg, Scores, TaskMetrics
 from .options import SearchOptions
 from .progress import preparation_progress
@@ -71,7 +72,9 @@ class Merger:
             same LightningModule as is, an inner model's ``save_pretrained`` folder under its attribute
             (``model.``); ``{"path": ..., "prefix": "model."}`` chooses by hand.
         model: the module to run; default ``base`` when it is an ``nn.Module``. Its weights are
-            overwritten by the merge; ``base``'s values are snapshotted first.
+            overwritten by the merge; ``base``'s values are snapshotted first. Given a function that builds it
+            (``lambda: Net(config)``), it is built on the meta device and gets the base's values where it runs
+            (:meth:`materialize`; each rank its rows once sharded: never whole, :mod:`.meta_init`).
         heads: regexes (or one regex) naming head keys, or submodules of ``model``, in addition to
             the detected ones (keys whose shape or presence differs across tasks).
         metrics: ``None`` (arg-max accuracy), a template metric cloned per task, or ``{task: metric}``.
@@ -92,7 +95,7 @@ class Merger:
         self,
         base: Any,
         tasks: Mapping[str, Any],
-        model: nn.Module | None = None,
+        model: nn.Module | Callable[[], nn.Module] | None = None,
         heads: HeadsArg = None,
         metrics: MetricsArg = None,
         method: str = "ties",
@@ -107,10 +110,12 @@ class Merger:
         if model is None:
             if not isinstance(base, nn.Module):
                 raise ValueError(
-                    "base is not a module, so pass model= (the architecture to evaluate; its weights are replaced)"
+                    "base is not a module, so pass model= (the architecture to evaluate, or a function of no "
+                    "arguments that builds it; its weights are replaced)"
                 )
             model = base
-        self.model = model
+        # a factory builds it on the meta device: no parameter memory until materialize()
+        self.model = model = model if isinstance(model, nn.Module) else build_on_meta(model)
         get_method(method)
         self.method, self.k, self.lam = method, k, lam
         self.method_params = dict(method_params or {})
@@ -126,7 +131,8 @@ class Merger:
         detected = differing_keys(self.plan, list(model.state_dict()))
         self.head_keys = sorted(set(matched.named_heads) | set(detected))
         self._exclude = exact_patterns(self.head_keys, exclude)
-        self._check_model_keys()
+        check_model_keys(model, base_src, self.plan)
+        check_fillable(model, base_src, self.head_keys, dict(zip(self.tasks, self.task_sources)))  # if on meta
         self.metrics = TaskMetrics(self.tasks, metrics)
         # each task's head, read on first use and kept where its source gives it (no device memory)
         self.head_store = HeadStore(self.head_keys, dict(zip(self.tasks, self.task_sources)))
@@ -149,21 +155,12 @@ class Merger:
         #: ``model`` sharded over ranks (:meth:`use_shards`): merges run on each rank's rows; None: whole
         self.sharded: ShardedModel | None = None
 
-    def _check_model_keys(self) -> None:
-        targets = self.model.state_dict()
-        missing = [k for k in self.plan.merge_keys if k not in targets]
-        if missing:
-            raise ValueError(
-                f"base has {len(missing)} key(s) the model lacks, e.g. {missing[:5]}; base and model must "
-                f"share key names (model keys start with {sorted(targets)[:5]})"
-            )
-        wrong = [
-            f"{k}: base {self.base_source.spec(k).shape} vs model {tuple(targets[k].shape)}"
-            for k in self.plan.merge_keys
-            if tuple(targets[k].shape) != tuple(self.base_source.spec(k).shape)
-        ]
-        if wrong:
-            raise ValueError("base and model shapes differ: " + "; ".join(wrong[:5]))
+    def materialize(self, device: torch.device | str = "cpu") -> None:
+        """Give a model built on the meta device (``model=`` a factory) memory on ``device`` and the base's values
+        (once FSDP2 has sharded it, each rank its own rows: collective); a model with its weights is left as it is.
+        The merge entry points call it on the CPU when nothing did before (Lightning: ``configure_model``)."""
+        if is_on_meta(self.model):
+            fill_from_base(self.model, self.base_source, torch.device(device))
 
     def use_shards(self, view_of: Callable[[], Any]) -> None:
         """From now on ``model`` is sharded (FSDP2; ``view_of()``: this rank's view of it): merges, task weights and
@@ -184,6 +181,7 @@ class Merger:
 
     def task_vector(self, k: float | None = None) -> MergedTaskVector | ShardedMerge:
         """tau_m of the current method for ``k`` (once per (method, k), cached; sharded: this rank's rows of it)."""
+        self.materialize()
         k = (self.k if k is None else k) if self.searches_k else None
         key = (self.method, k)
         if self._tau is not None and self._tau[0] == key:
@@ -234,6 +232,7 @@ class Merger:
     def load_task(self, task: str) -> None:
         """Put task ``task``'s own fine-tuned weights (merged keys and head) into ``model``."""
         index = self.task_index(task)  # an unknown task is a KeyError naming the tasks
+        self.materialize()
         if self.sharded is not None:
             self.sharded.write_task(task, self.plan.merge_keys)
         else:
@@ -250,6 +249,7 @@ class Merger:
         if not self.head_keys or self.head_task == task:
             return
         self.task_index(task)  # an unknown task is a KeyError naming the tasks
+        self.materialize()
         if self.sharded is not None:
             self.sharded.use_head(task)
         else:
@@ -292,6 +292,7 @@ class Merger:
 
         For use where a Trainer's loop cannot run (inside a running fit) and without Lightning.
         """
+        self.materialize()
         device = next(self.model.parameters()).device
         self.metrics.to(device)
         self.metrics.reset()

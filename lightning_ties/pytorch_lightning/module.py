@@ -7,7 +7,8 @@ Entry points (also what the CLI calls; no user-written LightningModule needed)::
     module = MultiTaskMergeModule(
         base,                      # nn.Module, state dict, path or TensorSource (theta_init)
         tasks={"a": src_a, ...},   # name -> fine-tuned model (module, state dict, path, source)
-        model=None,                # the architecture to run (default: ``base`` when it is a module)
+        model=None,                # the architecture to run (default: ``base`` when it is a module), or a
+                                   # factory (lambda: Net(cfg)): built on the meta device, filled from base
         heads=None,                # regexes naming per-task head keys; keys that differ are heads anyway
         metrics=None,              # Metric / MetricCollection template, or {task: metric}; default accuracy
         method="ties", k=0.2, lam=None, method_params=None, include=None, exclude=None,
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -88,7 +90,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         self,
         base: Any,
         tasks: Mapping[str, Any],
-        model: nn.Module | None = None,
+        model: nn.Module | Callable[[], nn.Module] | None = None,
         heads: HeadsArg = None,
         metrics: MetricsArg = None,
         method: str = "ties",
@@ -106,7 +108,8 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
                              forward_fn)
         self.model = self.merger.model  # submodules of this module: the Trainer moves them and logs them
         self.task_metrics = self.merger.metrics
-        self._pending: tuple[float | None, float | None] | None = None
+        #: what the next validation run writes into ``model`` first (a merge, a task's weights)
+        self._pending: Callable[[], None] | None = None
         self.last_scores: Scores = {}
         self.tasks_by_index: list[str] = list(self.tasks)
         #: where validation passes are logged: ``<log_prefix>/<task>/<metric>``, ``<log_prefix>/mean/<metric>``,
@@ -174,16 +177,16 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.merger.update_metrics(self.tasks_by_index[dataloader_idx], batch)
 
-    def merge_then_validate(
-        self, trainer: pl.Trainer | None, loaders: Mapping[str, list[Any]], k: float | None, lam: float | None
+    def write_then_validate(
+        self, trainer: pl.Trainer | None, loaders: Mapping[str, list[Any]], write: Callable[[], None]
     ) -> Scores:
-        """Score the merge (k, lam). With a trainer the merge is applied in ``on_validation_start``,
-        once Lightning has moved the model to its device, so it is computed there."""
+        """``write()`` the weights to score (a merge, a task's own), then one validation pass. With a trainer, it runs
+        in ``on_validation_start``, after ``configure_model`` (sharded, filled) and on the model's device."""
         if trainer is None:
-            self.apply_merge(k, lam)
+            write()
         else:
             self.merge_device = trainer.strategy.root_device
-            self._pending = (k, lam)
+            self._pending = write
         try:
             return self.validate(trainer, loaders)
         finally:
@@ -200,9 +203,8 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
             routed = self.check_dataloaders(loaders, require_all=False)
             self.tasks_by_index = [t for t in loaders if t in routed for _ in routed[t]]
         if self._pending is not None:
-            k, lam = self._pending
-            self._pending = None
-            self.apply_merge(k, lam)
+            write, self._pending = self._pending, None
+            write()
         elif self.current is None and not self._measuring_reference:
             self.apply_merge()  # a direct ``trainer.validate`` scores the default merge
 
@@ -272,8 +274,8 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         try:
             for task, dls in loaders.items():
                 if task not in self.reference:
-                    self.load_task(task)
-                    self.reference[task] = measured[task] = self.validate(trainer, {task: dls})[task]
+                    scores = self.write_then_validate(trainer, {task: dls}, partial(self.load_task, task))
+                    self.reference[task] = measured[task] = scores[task]
         finally:
             self._measuring_reference = False
         if measured:
@@ -303,7 +305,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         with _logging_under(self, log_prefix):
             if normalize:
                 self.measure_finetuned(trainer, dataloaders)
-            return self.merge_then_validate(trainer, loaders, k, lam)
+            return self.write_then_validate(trainer, loaders, partial(self.apply_merge, k, lam))
 
     def search(
         self,
@@ -387,7 +389,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
             def evaluate(kv: float | None, lv: float) -> Scores:
                 self._candidate_step = len(result.candidates)  # candidate i is logged at step i
                 try:
-                    return self.merge_then_validate(trainer, loaders, kv, lv)
+                    return self.write_then_validate(trainer, loaders, partial(self.apply_merge, kv, lv))
                 finally:
                     self._candidate_step = None
 

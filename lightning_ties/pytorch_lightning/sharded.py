@@ -99,6 +99,8 @@ class ShardsItsModel:
     tensor_parallel_size=1)``: its ``configure_model`` shards ``model`` with FSDP2, once, by ``shard_fn(model,
     mesh)`` when set, else :func:`~lightning_ties.distributed.shard.shard_blocks` (each block of every
     ``nn.ModuleList``, then the model); :meth:`merge_on_shards` then hands the merger this rank's view of it.
+    A model built on the meta device (``model=`` a factory) is sharded without memory, then each rank fills
+    its own rows from the base (:meth:`~lightning_ties.core.merger.Merger.materialize`): no rank builds it whole.
     Each rank holds its rows of the model, the base and tau_m, and reads its rows of every task (about 1/W of
     one process each); every task's head must have the model's shape (shards cannot change shape).
     """
@@ -106,9 +108,11 @@ class ShardsItsModel:
     shard_fn: Callable[[nn.Module, Any], None] | None = None
 
     def configure_model(self) -> None:
-        if sharding_kind(self.trainer.strategy) != "fsdp2" or is_fully_sharded(self.model):
-            return
-        (self.shard_fn or shard_blocks)(self.model, self.device_mesh["data_parallel"])
+        if sharding_kind(self.trainer.strategy) == "fsdp2" and not is_fully_sharded(self.model):
+            (self.shard_fn or shard_blocks)(self.model, self.device_mesh["data_parallel"])
+        # a model built on the meta device (model= a factory) gets its memory and the base's values here, on the
+        # strategy's device: each rank's own rows once sharded, so no rank ever holds it whole
+        self.merger.materialize(self.trainer.strategy.root_device)
 
     def searchable_on(self, trainer: pl.Trainer | None, options: SearchOptions) -> SearchOptions:
         """``options`` less the methods that need whole weights (RegMean) when ``trainer`` shards the model."""

@@ -1,7 +1,8 @@
 """MultiTaskMergeModule under ModelParallelStrategy on the CPU (2 gloo processes, launched by Lightning).
 
 Given base and task checkpoints as files, on either Lightning package, a model with per-task heads and uneven row shards, when the module
-shards its model with FSDP2 in ``configure_model`` (block by block, or by the user's ``shard_fn``) and evaluates
+shards its model with FSDP2 in ``configure_model`` (block by block, the model given as a factory and so built on the
+meta device and filled per rank from the base; or built, by the user's ``shard_fn``) and evaluates
 (normalized), searches two methods over k x lam, and is asked for RegMean, then every score, reference, candidate
 and the chosen merge equal one process's, the merged weights (gathered) equal one process's bit for bit after each
 step, each rank holds only its rows of the base and of tau_m, and RegMean is refused with its reason; and a tiny
@@ -70,6 +71,8 @@ def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(st
     assert sharded["layer"] == ("lightning_ties.pytorch.module" if backend == "lightning"
                                 else "lightning_ties.pytorch_lightning.module")
     assert sharded["sharded"] and not single["sharded"]
+    # block by block, the models are given as factories: built without weights, each rank filled its rows
+    assert sharded["built_on_meta"] == sharded["bert_built_on_meta"] == (strategy == "model_parallel")
     assert sharded["eval"] == single["eval"]
     assert sharded["reference"] == single["reference"]  # each task's own weights and head written into the shards
     assert_same_weights(sharded["eval_weights"], single["eval_weights"])
@@ -83,7 +86,8 @@ def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(st
     # each rank holds its own rows of the base and of tau_m, none twice: together one model, about half each
     held = [torch.load(tmp_path / f"held{r}.pt") for r in range(2)]
     total = sum(v.numel() for k, v in single["search_weights"].items() if not k.startswith("head."))
-    assert sum(h["base"] for h in held) == sum(h["tau"] for h in held) == total
+    excluded = single["search_weights"]["blocks.0.bias"].numel()  # never merged: no tau_m rows
+    assert sum(h["base"] for h in held) == total and sum(h["tau"] for h in held) == total - excluded
     assert max(h["tau"] for h in held) <= 0.6 * total
     # a Hugging Face model (its layers sharded as blocks, dict batches): the same scores, candidates and weights
     assert sharded["bert_eval"] == single["bert_eval"]

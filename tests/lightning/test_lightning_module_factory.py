@@ -1,0 +1,69 @@
+"""MultiTaskMergeModule given its model as a factory, in one process, through a real Trainer of each package.
+
+Given a base and task checkpoints as files and ``model=`` a function that builds the model, when the module is built,
+then the model holds no parameter memory; when a Trainer evaluates (normalized: each task's own weights first) and
+searches it, then Lightning's ``configure_model`` fills it from the base on the Trainer's device, and every score,
+candidate and merged weight equals those of the module given the model built with its weights. Under
+``ModelParallelStrategy`` each rank fills only its rows: tests/lightning/test_lightning_sharded_module.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ties.io import save_safetensors
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 6), nn.Linear(6, 5)])
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.head(x)
+
+
+def _files(folder) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in Net().state_dict().items()}
+    save_safetensors(base, folder / "base.safetensors")
+    tasks = {}
+    for t in ("a", "b"):
+        save_safetensors({k: v + 0.4 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+                         folder / f"{t}.safetensors")
+        tasks[t] = str(folder / f"{t}.safetensors")
+    return str(folder / "base.safetensors"), tasks, base
+
+
+def _loaders() -> dict[str, DataLoader]:
+    x = torch.randn(24, 4, generator=torch.Generator().manual_seed(5))
+    return {t: DataLoader(TensorDataset(x, x[:, i : i + 3].argmax(1)), batch_size=8) for i, t in enumerate("ab")}
+
+
+def test_a_factorys_model_is_filled_by_the_trainer_and_merges_as_the_built_one(lightning_package, tmp_path):
+    pl, layer = lightning_package
+    base_file, tasks, base = _files(tmp_path)
+    built_net = Net()
+    built_net.load_state_dict(base)
+    options = dict(heads=r"^head\.", k=0.3, lam=0.8, exclude=r"^blocks\.0\.bias$")  # one key the merge leaves alone
+    lazy = layer.MultiTaskMergeModule(base_file, tasks, model=Net, **options)
+    built = layer.MultiTaskMergeModule(base_file, tasks, model=built_net, **options)
+    assert all(p.is_meta for p in lazy.model.parameters())
+    runs = {}
+    for name, module in (("lazy", lazy), ("built", built)):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False)
+        scores = module.evaluate(trainer, _loaders(), normalize=True)
+        result = module.search(trainer, _loaders(), k=[0.2, 0.5], lam=[0.5, 1.0])
+        runs[name] = (scores, module.reference, [(c.k, c.lam, c.objective) for c in result.candidates],
+                      {k: v.clone() for k, v in module.model.state_dict().items()})
+    assert runs["lazy"][:3] == runs["built"][:3]
+    assert len({c[2] for c in runs["built"][2]}) > 1  # the candidates' scores tell them apart
+    for key, value in runs["built"][3].items():
+        assert torch.equal(runs["lazy"][3][key], value), key
+    assert torch.equal(lazy.model.blocks[0].bias, base["blocks.0.bias"])
