@@ -41,7 +41,9 @@ Every process runs on one thread.
 and two task checkpoints as safetensors files, ``evaluate`` at k=0.2, lam=1.0 on a few batches per task: in one
 process, then under ``ModelParallelStrategy`` on W processes (the module shards its model block by block in
 ``configure_model`` and merges on each rank's rows). Printed per rank as for the callback: peak RSS, RSS when
-the evaluation starts (the model built whole, then sharded), and the evaluation's peak, increase and seconds.
+the evaluation starts (the model built whole, then sharded), and the evaluation's peak, increase and seconds;
+then the same W ranks given ``model=`` as a factory (built on the meta device; each rank fills its own rows from
+the base in ``configure_model``, so no rank builds it whole).
 
     python benchmarks/bench_distributed.py --case module              # 16 x 2048, W=2
 """
@@ -60,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from bench_files import FULL, SMALL, build_checkpoints
@@ -85,9 +88,17 @@ def run_merge_to(out: str, inputs: list[str], record: str, hash_sources: bool) -
         # the kernel's share: copies from and into the page cache, and the faults of fresh memory
         "system_cpu_s": after.ru_stime - before.ru_stime,
         "minor_faults": after.ru_minflt - before.ru_minflt,
-        "peak_rss_mb": after.ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     Path(f"{record}.rank{rank}.json").write_text(json.dumps(record_row))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``, MB). Not ``getrusage``'s ``ru_maxrss``: Linux carries that
+    over ``execve`` from the process that forked this one, so a rank started by the benchmark (which built the
+    checkpoints) would report the benchmark's own peak when its own is lower."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _free_port() -> int:
@@ -318,15 +329,15 @@ def run_callback(world: int, layers: int, width: int, tasks: list[str], record: 
     trainer.fit(Net(), data)
     sampler.stop()
     rank = trainer.global_rank
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    row = {"rank": rank, "peak_rss_mb": usage.ru_maxrss / 1024, **marks}
+    row = {"rank": rank, "peak_rss_mb": peak_rss_mb(), **marks}
     Path(f"{record}.rank{rank}.json").write_text(json.dumps(row))
 
 
-def measure_callback(world: int, layers: int, width: int, tasks: list[str], root: Path, case: str = "callback") -> dict:
-    name = f"{case}_w{world}"
+def measure_callback(world: int, layers: int, width: int, tasks: list[str], root: Path, case: str = "callback",
+                     factory: bool = False) -> dict:
+    name = f"{case}_w{world}{'_factory' if factory else ''}"
     cmd = [sys.executable, os.path.abspath(__file__), f"--run-{case}", str(world), "--layers", str(layers),
-           "--width", str(width), "--record", str(root / name), "--inputs", *tasks]
+           "--width", str(width), "--record", str(root / name), "--inputs", *tasks, *(["--factory"] if factory else [])]
     # glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which freed
     # tensors stay in the heap and RSS stops following live memory; a fixed 1 MB threshold keeps the two
     # runs comparable (both get it).
@@ -340,7 +351,7 @@ def measure_callback(world: int, layers: int, width: int, tasks: list[str], root
     ranks = [json.loads((root / f"{name}.rank{r}.json").read_text()) for r in range(world)]
     for r in ranks:
         r["merge_increase_mb"] = r["merge_peak_mb"] - r["before_merge_mb"]
-        print(f"  W={world} rank {r['rank']}: peak RSS {r['peak_rss_mb']:.0f} MB; {'merge' if case == 'callback' else 'evaluate'}: starts at "
+        print(f"  W={world}{' (model= a factory)' if factory else ''} rank {r['rank']}: peak RSS {r['peak_rss_mb']:.0f} MB; {'merge' if case == 'callback' else 'evaluate'}: starts at "
               f"{r['before_merge_mb']:.0f} MB, peaks at {r['merge_peak_mb']:.0f} MB (+{r['merge_increase_mb']:.0f} MB), "
               f"{r['merge_s']:.2f} s")
     return {"world": world, "ranks": ranks}
@@ -383,8 +394,9 @@ def build_module_inputs(root: Path, layers: int, width: int) -> list[str]:
     return paths
 
 
-def run_module(world: int, layers: int, width: int, inputs: list[str], record: str) -> None:
-    """One process's part of ``--case module`` (Lightning launches the other ranks by running this script again)."""
+def run_module(world: int, layers: int, width: int, inputs: list[str], record: str, factory: bool = False) -> None:
+    """One process's part of ``--case module`` (Lightning launches the other ranks by running this script again);
+    ``factory``: ``model=`` a function that builds the model (built on the meta device, each rank fills its rows)."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.strategies import ModelParallelStrategy
@@ -397,7 +409,7 @@ def run_module(world: int, layers: int, width: int, inputs: list[str], record: s
     loaders = {f"t{i}": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, i] > 0).long()), batch_size=8)
                for i in range(2)}
     module = MultiTaskMergeModule(inputs[0], {f"t{i}": p for i, p in enumerate(inputs[1:])},
-                                  model=_Blocks.build(layers, width))
+                                  model=partial(_Blocks.build, layers, width) if factory else _Blocks.build(layers, width))
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=Path(record).parent)
@@ -407,8 +419,7 @@ def run_module(world: int, layers: int, width: int, inputs: list[str], record: s
     module.evaluate(trainer, loaders, k=CALLBACK_K, lam=CALLBACK_LAM)
     marks.update(merge_s=time.perf_counter() - start, merge_peak_mb=sampler.peak)
     sampler.stop()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    row = {"rank": trainer.global_rank, "peak_rss_mb": usage.ru_maxrss / 1024, **marks}
+    row = {"rank": trainer.global_rank, "peak_rss_mb": peak_rss_mb(), **marks}
     Path(f"{record}.rank{trainer.global_rank}.json").write_text(json.dumps(row))
 
 
@@ -427,16 +438,19 @@ def main_callback(args: argparse.Namespace) -> None:
         build = build_callback_inputs if args.case == "callback" else build_module_inputs
         tasks = build(root, layers, width)
         one = measure_callback(1, layers, width, tasks, root, args.case)
-        many = measure_callback(args.world, layers, width, tasks, root, args.case)
+        runs = {"": measure_callback(args.world, layers, width, tasks, root, args.case)}
+        if args.case == "module":  # the model built whole on every rank, then the same given as a factory
+            runs[", model= a factory"] = measure_callback(args.world, layers, width, tasks, root, args.case, factory=True)
     single = one["ranks"][0]
-    worst_peak = max(r["peak_rss_mb"] for r in many["ranks"])
-    worst_increase = max(r["merge_increase_mb"] for r in many["ranks"])
-    print(f"peak RSS per rank, W={args.world} / one process: {worst_peak / single['peak_rss_mb']:.2f}x "
-          f"(worst rank {worst_peak:.0f} MB vs {single['peak_rss_mb']:.0f} MB)")
     label = "merge's" if args.case == "callback" else "evaluation's"
-    print(f"{label} memory increase per rank, W={args.world} / one process: "
-          f"{worst_increase / max(single['merge_increase_mb'], 1e-9):.2f}x "
-          f"({worst_increase:.0f} MB vs {single['merge_increase_mb']:.0f} MB)")
+    for variant, many in runs.items():
+        worst_peak = max(r["peak_rss_mb"] for r in many["ranks"])
+        worst_increase = max(r["merge_increase_mb"] for r in many["ranks"])
+        print(f"peak RSS per rank, W={args.world}{variant} / one process: {worst_peak / single['peak_rss_mb']:.2f}x "
+              f"(worst rank {worst_peak:.0f} MB vs {single['peak_rss_mb']:.0f} MB)")
+        print(f"{label} memory increase per rank, W={args.world}{variant} / one process: "
+              f"{worst_increase / max(single['merge_increase_mb'], 1e-9):.2f}x "
+              f"({worst_increase:.0f} MB vs {single['merge_increase_mb']:.0f} MB)")
 
 
 def main() -> None:
@@ -457,12 +471,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048, help="--case callback/module: MLP width")
     parser.add_argument("--run-callback", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--run-module", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--factory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_callback is not None:
         run_callback(args.run_callback, args.layers, args.width, args.inputs, args.record)
         return
     if args.run_module is not None:
-        run_module(args.run_module, args.layers, args.width, args.inputs, args.record)
+        run_module(args.run_module, args.layers, args.width, args.inputs, args.record, args.factory)
         return
     if args.run_merge_to:
         run_merge_to(args.run_merge_to, args.inputs, args.record, not args.no_hash)
