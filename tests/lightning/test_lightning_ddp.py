@@ -1,4 +1,5 @@
-"""DDP on CPU (2 processes, gloo): the search picks what one process picks and every rank holds the same weights."""
+"""DDP on CPU (2 processes, gloo): the search picks what one process picks and every rank holds the same weights
+(the module's model built, or given as a factory and filled from the base on each rank: the same)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ SCRIPT = textwrap.dedent(
     # 1. no training: merge and search
     module = MultiTaskMergeModule(pretrained(), tasks)
     result = module.search(pl.Trainer(**trainer_args), loaders, k=[0.1, 0.3], lam=[0.6, 1.0, 1.4])
+    # the same with model= a factory: built on the meta device, filled whole from the base on each rank
+    lazy = MultiTaskMergeModule(base, tasks, model=pretrained)
+    lazy_result = lazy.search(pl.Trainer(**trainer_args), loaders, k=[0.1, 0.3], lam=[0.6, 1.0, 1.4])
 
     # 2. the callback at fit end (task c trains here)
     torch.manual_seed(3)
@@ -47,6 +51,8 @@ SCRIPT = textwrap.dedent(
     record = {
         "search": [result.k, result.lam, [c.objective for c in result.candidates]],
         "search_weights": sum(float(v.double().sum()) for v in module.model.state_dict().values()),
+        "lazy_search": [lazy_result.k, lazy_result.lam, [c.objective for c in lazy_result.candidates]],
+        "lazy_weights": sum(float(v.double().sum()) for v in lazy.model.state_dict().values()),
         "fit": [merging.result.k, merging.result.lam, [c.objective for c in merging.result.candidates]],
         "fit_weights": sum(float(v.double().sum()) for v in model.state_dict().values()),
         "sync_warnings": [w for w in sync_warnings if "merge/" in w or "finetuned/" in w],
@@ -79,6 +85,7 @@ def test_ddp_search_and_fit_end_merge_match_a_single_process(tmp_path):
         assert rank["search"][:2] == single["search"][:2]
         assert rank["search"][2] == pytest.approx(single["search"][2], abs=1e-6)  # metrics reduced across ranks
         assert rank["search_weights"] == ranks[0]["search_weights"]  # every rank holds the same merge
+        assert rank["lazy_search"] == rank["search"] and rank["lazy_weights"] == rank["search_weights"]
         assert rank["fit"] == ranks[0]["fit"] and rank["fit_weights"] == ranks[0]["fit_weights"]
     assert ranks[0]["search_weights"] == pytest.approx(single["search_weights"], rel=1e-6)
     assert ranks[0]["sync_warnings"] == []  # issue 19: our own merge/... logs do not ask for sync_dist
