@@ -126,12 +126,17 @@ def fill_from_base(model: nn.Module, base: TensorSource, device: torch.device) -
     from ..distributed.shard import is_fully_sharded  # imports torch.distributed.fsdp only when used
 
     built = dict(model.named_buffers())  # the constructor's values (the tensors survive to_empty)
+    sharded = is_fully_sharded(model)
+    tied = [] if sharded else _tied_parameters(model)  # FSDP2 keeps its shared parameters shared itself
     model.to_empty(device=device)
+    for (owner, name), *others in tied:  # to_empty gives each module its own copy: tie them again
+        for module, other in others:
+            setattr(module, other, getattr(owner, name))
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if not built[name].is_meta:
                 buffer.copy_(built[name])
-        if is_fully_sharded(model):
+        if sharded:
             _fill_shards(model, base)
         else:
             targets = model.state_dict(keep_vars=True)
@@ -149,6 +154,16 @@ def _fill_shards(model: nn.Module, base: TensorSource) -> None:
     rows = RowsSource(base, view.rows)
     held = set(base.keys())
     view.write_((key, rows.get(key)) for key in view.keys if key in held)
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter held under more than one (module, name) of ``model`` (tied weights): where it is held."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():  # a module held twice is one module: to_empty keeps it whole
+        for name, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, name))
+    return [where for where in holders.values() if len(where) > 1]
 
 
 def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:

@@ -91,6 +91,10 @@ def test_hugging_face_models_keep_their_non_persistent_buffers_and_tied_weights(
         for name, buffer in on_meta.named_buffers():  # position ids, token types, rotary inverse frequencies
             assert torch.equal(buffer, built[name]), name
     assert on_meta.lm_head.weight is on_meta.model.embed_tokens.weight  # tied: one parameter, as built
+    fill_from_base(on_meta, as_source(plain.state_dict(), "base"), torch.device("cpu"))
+    assert on_meta.lm_head.weight is on_meta.model.embed_tokens.weight  # still one once filled
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(on_meta.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
 
 
 def test_a_parameter_registered_under_two_names_stays_one() -> None:
@@ -102,6 +106,8 @@ def test_a_parameter_registered_under_two_names_stays_one() -> None:
 
     twice = build_on_meta(Twice)
     assert twice.a.is_meta and twice.a is twice.b
+    fill_from_base(twice, as_source({"a": torch.ones(3)}, "base"), torch.device("cpu"))
+    assert twice.a is twice.b and torch.equal(twice.b, torch.ones(3))
 
 
 @pytest.mark.parametrize("method", ["ties", "tsv"])
