@@ -4,7 +4,8 @@ Usage: python sharded_module_script.py STRATEGY DEVICES OUT TASKS_DIR
 
 STRATEGY: ``single`` (one process, the reference), ``model_parallel`` (ModelParallelStrategy: the module shards its
 model with FSDP2 in ``configure_model``, block by block; the models are given as factories, so they are built on
-the meta device and each rank fills its own rows from the base), ``model_parallel_fn`` (the same with a user's ``shard_fn``
+the meta device and each rank fills its own rows from the base; ``model_parallel_cuda`` likewise on GPUs),
+``model_parallel_fn`` (the same with a user's ``shard_fn``
 sharding the model as one group) or ``fsdp`` (FSDPStrategy: refused at setup). Lightning re-launches this script for
 the other ranks; ``LIGHTNING_TIES_BACKEND=lightning`` runs it on the unified ``lightning`` package. The model has per-task heads of one shape (``heads="^head\\."``), its blocks in an ``nn.ModuleList``
 (7 and 5 rows: uneven shards). Every rank runs, in one Trainer: ``evaluate`` with normalized scores (each task's
@@ -104,7 +105,7 @@ def weights(module: MultiTaskMergeModule) -> dict[str, torch.Tensor]:
 def main() -> None:
     name, devices, out, tasks_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     # ``model_parallel`` passes factories: the models are built on the meta device and each rank fills its own rows
-    lazy = name == "model_parallel"
+    lazy = name in ("model_parallel", "model_parallel_cuda")
     module = MultiTaskMergeModule(str(tasks_dir / "base.safetensors"), {t: str(tasks_dir / f"{t}.safetensors") for t in TASKS},
                                   model=Tiny if lazy else Tiny(), heads=r"^head\.", k=0.3, lam=0.8,
                                   exclude=r"^blocks\.0\.bias$",  # never merged: its values are the base's

@@ -101,6 +101,6 @@ def test_on_the_gpu_the_merge_module_on_shards_merges_as_one_cpu_process(task_fi
     # NCCL at world size 1, the merge computed on the GPU: the weights are the CPU's bit for bit (the scores of a
     # GPU forward are not compared: its float sums may differ in the last bits from the CPU's)
     on_gpu = run("model_parallel_cuda", 1, task_files, tmp_path)
-    assert on_gpu["sharded"]
+    assert on_gpu["sharded"] and on_gpu["built_on_meta"]  # given as a factory: filled from the base on the GPU
     assert_same_weights({k: v.cpu() for k, v in on_gpu["eval_weights"].items()}, single["eval_weights"])
 
