@@ -156,9 +156,8 @@ class Merger:
         self.sharded: ShardedModel | None = None
 
     def materialize(self, device: torch.device | str = "cpu") -> None:
-        """Give a model built on the meta device (``model=`` a factory) memory on ``device`` and the base's values
-        (once FSDP2 has sharded it, each rank its own rows: collective); a model with its weights is left as it is.
-        The merge entry points call it on the CPU when nothing did before (Lightning: ``configure_model``)."""
+        """Fill a model built on the meta device (``model=`` a factory) from the base on ``device`` (sharded by FSDP2:
+        each rank its rows, collective); the entry points call it on the CPU if nothing did (Lightning: ``configure_model``)."""
         if is_on_meta(self.model):
             fill_from_base(self.model, self.base_source, torch.device(device))
 
@@ -379,14 +378,15 @@ class Merger:
         score: Callable[[float | None, float], Scores],
         on_candidate: Callable[[Candidate], None] | None = None,
         agree: Callable[[bool], bool] | None = None,
+        before_k: Callable[[float | None], Any] | None = None,
     ) -> SearchResult:
         """Score every candidate of ``options`` not yet in ``result`` with ``score(k, lam)``; apply the best.
 
         tau_m is computed once per (method, k) (before the first new candidate of each k); the
         best over every method is applied at the end and :attr:`method` becomes its method.
         ``options.auto``: the budgeted schedule of :func:`~.auto.auto_search`, whose budget
-        decision every rank takes from ``agree`` (default: rank 0's, broadcast over the process group).
-        """
+        decision every rank takes from ``agree`` (default: rank 0's, broadcast over the process group);
+        ``before_k(k)`` runs before each k's first candidate (default: compute its tau_m)."""
         if options.auto:
             def evaluate(method: str, k: float | None, lam: float) -> Scores:
                 self.use_method(method)
@@ -399,7 +399,7 @@ class Merger:
             self.use_method(method)
             walk_grid(
                 score, ks, lams, options.strategy, options.objective, options.mode, result, on_candidate,
-                before_k=self.task_vector, method=method,
+                before_k=before_k or self.task_vector, method=method,
             )
         return self._apply_best(result)
 

@@ -48,7 +48,7 @@ def parameters_on_meta() -> Iterator[None]:
     twins: dict[int, tuple[weakref.ref[nn.Parameter], nn.Parameter]] = {}
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
+        if param is not None and not param.is_meta and not isinstance(param, nn.parameter.UninitializedParameter):
             seen = twins.get(id(param))
             if seen is not None and seen[0]() is param:
                 param = seen[1]
@@ -67,8 +67,22 @@ def parameters_on_meta() -> Iterator[None]:
 
 def build_on_meta(factory: Callable[[], Any]) -> nn.Module:
     """``factory()`` built inside :func:`parameters_on_meta`: the module, with no parameter memory."""
-    with parameters_on_meta():
-        model = factory()
+    if not callable(factory):
+        raise TypeError(
+            f"model= must be an nn.Module or a function of no arguments that builds one (e.g. model=lambda: "
+            f"Net(config)), got {type(factory).__name__} {factory!r}"
+        )
+    try:
+        with parameters_on_meta():
+            model = factory()
+    except (RuntimeError, NotImplementedError) as err:
+        if "meta" not in str(err):
+            raise
+        raise type(err)(
+            f"model=: the factory failed with its parameters on the meta device ({err}); its constructor reads a "
+            "parameter's value, which a model built without weights does not have. Pass the model built (an "
+            "nn.Module with its weights)"
+        ) from err
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"model= was called as a factory (it is not an nn.Module) and returned {type(model).__name__}; pass an "
@@ -95,23 +109,27 @@ def check_fillable(
     """
     if not is_on_meta(model):
         return
-    held = set(base.keys())
+    state = model.state_dict(keep_vars=True)
+    fits = _fitting_keys(base, {k: tuple(t.shape) for k, t in state.items()})
     held_by_tasks = set.intersection(*(set(s.keys()) for s in tasks.values())) if tasks else set()
-    missing = [k for k, t in model.state_dict(keep_vars=True).items()
-               if t.is_meta and k not in held and not (k in heads and k in held_by_tasks)]
+    missing = [k for k, t in state.items() if t.is_meta and k not in fits and not (k in heads and k in held_by_tasks)]
     if missing:
+        held = set(base.keys())
+        shapes = [f"{k}: base {tuple(base.spec(k).shape)} vs model {tuple(state[k].shape)}" for k in missing if k in held]
         raise ValueError(
             f"the model was built on the meta device (no weights), but the base {base.label!r} lacks {len(missing)} "
-            f"of its key(s), e.g. {missing[:5]}: nothing would fill them. Give a base with every key of the model "
-            "(a head may instead be held by every task), or pass the model built (an nn.Module with its weights)"
+            f"of its key(s), e.g. {missing[:5]}{' (other shapes: ' + '; '.join(shapes[:5]) + ')' if shapes else ''}: "
+            "nothing would fill them. Give a base with every key of the model in its shape (a head may instead be "
+            "held by every task), or pass the model built (an nn.Module with its weights)"
         )
-    persistent = set(model.state_dict())
+    persistent = set(state)
     lost = [name for name, buf in model.named_buffers() if buf.is_meta and name not in persistent]
     if lost:
         raise ValueError(
-            f"the model's non-persistent buffer(s) {lost[:5]} are on the meta device: no checkpoint holds them. "
-            "Pass model= as a factory (e.g. model=lambda: Net(config)): its parameters are then built on the meta "
-            "device and its buffers computed by the constructor"
+            f"the model's non-persistent buffer(s) {lost[:5]} are on the meta device, and no checkpoint holds them. "
+            "Pass model= as a factory (e.g. model=lambda: Net(config)) so that its constructor computes them; a "
+            "buffer computed from a parameter's value cannot be computed without weights: then pass the model built "
+            "(an nn.Module with its weights)"
         )
 
 
@@ -119,51 +137,57 @@ def fill_from_base(model: nn.Module, base: TensorSource, device: torch.device) -
     """Give ``model`` (on the meta device) memory on ``device`` and the base's values, in place.
 
     A model that FSDP2 has sharded gets this rank's rows of the base only (collective: every rank calls it);
-    otherwise the whole base. Buffers built by the constructor keep their values (the base overwrites the
-    persistent ones). Keys the base lacks (heads, see :func:`check_fillable`) stay unset until a task's are
-    written in.
+    otherwise the whole base. Tensors that had values (buffers the constructor computed, a parameter built for
+    real) keep them, and the base overwrites those it holds; tensors held twice (tied weights, a shared
+    buffer) stay shared. Keys the base lacks or holds in another shape (heads, see :func:`check_fillable`) stay
+    unset until a task's are written in.
     """
     from ..distributed.shard import is_fully_sharded  # imports torch.distributed.fsdp only when used
 
-    built = dict(model.named_buffers())  # the constructor's values (the tensors survive to_empty)
     sharded = is_fully_sharded(model)
-    tied = [] if sharded else _tied_parameters(model)  # FSDP2 keeps its shared parameters shared itself
+    before = _holders(model)  # every tensor and where it is held (the tensors survive to_empty)
     model.to_empty(device=device)
-    for (owner, name), *others in tied:  # to_empty gives each module its own copy: tie them again
-        for module, other in others:
-            setattr(module, other, getattr(owner, name))
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if not built[name].is_meta:
-                buffer.copy_(built[name])
+        for tensor, ((module, slot, name), *others) in before:
+            after = getattr(module, slot)[name]
+            for other, other_slot, other_name in others:  # to_empty gives each holder its own copy: share it again
+                if not (sharded and other_slot == "_parameters"):  # FSDP2 keeps its shared parameters shared itself
+                    getattr(other, other_slot)[other_name] = after
+            if not tensor.is_meta:
+                after.copy_(tensor)  # the values before: a detached alias of the old storage
         if sharded:
             _fill_shards(model, base)
         else:
             targets = model.state_dict(keep_vars=True)
-            held = set(base.keys())
-            for key, target in targets.items():
-                if key in held:
-                    target.data.copy_(base.get(key))
+            for key in _fitting_keys(base, {k: tuple(t.shape) for k, t in targets.items()}):
+                targets[key].data.copy_(base.get(key))
 
 
 def _fill_shards(model: nn.Module, base: TensorSource) -> None:
-    """This rank's rows of every key ``base`` holds, written into ``model``'s shards (collective)."""
+    """This rank's rows of every key ``base`` holds in the model's shape, written into its shards (collective)."""
     from ..distributed.views import RowsSource, sharded_view
 
     view = sharded_view(model)
     rows = RowsSource(base, view.rows)
-    held = set(base.keys())
-    view.write_((key, rows.get(key)) for key in view.keys if key in held)
+    fits = _fitting_keys(base, {k: tuple(spec.shape) for k, spec in view.specs().items()})
+    view.write_((key, rows.get(key)) for key in view.keys if key in fits)
 
 
-def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """Every parameter held under more than one (module, name) of ``model`` (tied weights): where it is held."""
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+def _fitting_keys(base: TensorSource, shapes: Mapping[str, tuple[int, ...]]) -> set[str]:
+    """The keys of ``shapes`` that ``base`` holds in that shape (a head of another shape comes from each task)."""
+    return {k for k in base.keys() if k in shapes and tuple(base.spec(k).shape) == shapes[k]}
+
+
+def _holders(model: nn.Module) -> list[tuple[torch.Tensor, list[tuple[nn.Module, str, str]]]]:
+    """Every parameter and buffer of ``model`` (an alias of its values now) with the (module,
+    ``_parameters``/``_buffers``, name) holding it."""
+    holders: dict[int, tuple[torch.Tensor, list[tuple[nn.Module, str, str]]]] = {}
     for module in model.modules():  # a module held twice is one module: to_empty keeps it whole
-        for name, param in module._parameters.items():
-            if param is not None:
-                holders.setdefault(id(param), []).append((module, name))
-    return [where for where in holders.values() if len(where) > 1]
+        for slot in ("_parameters", "_buffers"):
+            for name, tensor in getattr(module, slot).items():
+                if tensor is not None:  # detached: to_empty swaps a real parameter's storage in place
+                    holders.setdefault(id(tensor), (tensor.detach(), []))[1].append((module, slot, name))
+    return list(holders.values())
 
 
 def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:

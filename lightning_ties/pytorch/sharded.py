@@ -28,6 +28,7 @@ from ..io.atomic import atomic_dir
 from ..io.errors import CheckpointError
 from ..core.keys import match_to_module
 from ..core.merger import takes_task
+from ..core.meta_init import is_on_meta
 from ..core.auto import auto_search
 from ..core.metrics import TaskMetrics
 from ..core.options import SearchOptions
@@ -117,6 +118,23 @@ class ShardsItsModel:
         if trainer is None or sharding_kind(trainer.strategy) != "fsdp2":
             return options
         return sharded_search_options(options, type(trainer.strategy).__name__, type(self).__name__)
+
+    def set_up_for(self, trainer: pl.Trainer | None) -> bool:
+        """Whether a merge now would run where ``trainer`` puts the model: not before ``configure_model`` has
+        sharded it (FSDP2) or filled it (a model built on the meta device); without a trainer, always."""
+        if trainer is None or self.merger.sharded is not None:
+            return True
+        return sharding_kind(trainer.strategy) != "fsdp2" and not is_on_meta(self.model)
+
+    def tau_ahead(self, trainer: pl.Trainer | None) -> Callable[[float | None], None]:
+        """A search's ``before_k``: each k's tau_m computed ahead of its first candidate only once the model is
+        set up (:meth:`set_up_for`); before that, the candidate's validation pass computes it where it runs."""
+
+        def before_k(k: float | None) -> None:
+            if self.set_up_for(trainer):
+                self.merger.task_vector(k)
+
+        return before_k
 
     def merge_on_shards(self) -> None:
         """Before a merge: once ``model`` is sharded, the merger merges on this rank's rows of it (collective)."""

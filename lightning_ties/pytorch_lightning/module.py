@@ -399,7 +399,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
                     on_candidate(candidate)
 
             with progress:
-                self.merger.search(options, result, evaluate, finished)
+                self.merger.search(options, result, evaluate, finished, before_k=self.tau_ahead(trainer))
         return result
 
     # ---- checkpoints ---------------------------------------------------------------------------

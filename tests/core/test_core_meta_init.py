@@ -148,6 +148,53 @@ def test_heads_the_base_lacks_come_from_each_task() -> None:
         assert torch.equal(lazy.model.head.weight, tasks[task]["head.weight"])
 
 
+def test_a_buffer_shared_by_two_blocks_stays_shared_and_a_real_parameter_keeps_its_values() -> None:
+    class Block(nn.Module):
+        def __init__(self, mask: torch.Tensor) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("mask", mask, persistent=False)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            mask = torch.tril(torch.ones(4, 4))  # one causal mask for every block
+            self.blocks = nn.ModuleList([Block(mask), Block(mask)])
+            with torch.device("meta"):
+                self.proj = nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.full((2,), 2.0), requires_grad=False)  # in no checkpoint
+
+    plain = Shared()
+    state = {k: v for k, v in plain.state_dict().items() if not k.startswith(("proj.", "scale"))}
+    state.update({"proj.weight": torch.ones(2, 4), "proj.bias": torch.zeros(2)})
+    built_by_user = Shared()  # partly on the meta device: proj; scale is real
+    fill_from_base(built_by_user, as_source(state, "base"), torch.device("cpu"))
+    assert torch.equal(built_by_user.scale, torch.full((2,), 2.0)) and torch.equal(built_by_user.proj.weight, torch.ones(2, 4))
+    assert built_by_user.blocks[0].mask is built_by_user.blocks[1].mask
+    assert torch.equal(built_by_user.blocks[1].mask, torch.tril(torch.ones(4, 4)))
+
+
+def test_a_head_the_base_holds_in_another_shape_comes_from_each_task() -> None:
+    # a pretrained 2-label head in the base, tasks with 3 labels: the model's head is each task's
+    class Labels(nn.Module):
+        def __init__(self, labels: int = 3) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, labels)
+
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(v.shape, generator=g) for k, v in Labels(2).state_dict().items()}
+    tasks = {t: {k: torch.randn(v.shape, generator=g) for k, v in Labels(3).state_dict().items()} for t in "ab"}
+    lazy, built = Merger(base, tasks, model=Labels, heads=r"^head\."), Merger(base, tasks, model=Labels(), heads=r"^head\.")
+    for merger in (lazy, built):
+        merger.apply_merge(k=0.5, lam=1.0)
+        merger.use_task("b")
+    for key, value in built.model.state_dict().items():
+        assert torch.equal(lazy.model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match=r"other shapes: head.weight: base \(2, 4\) vs model \(3, 4\)"):
+        Merger(base, {t: {k: v for k, v in s.items() if k != "head.weight"} for t, s in tasks.items()}, model=Labels)
+
+
 def test_what_nothing_would_fill_is_refused_at_construction() -> None:
     base, tasks = _checkpoints()
     def without(state):
@@ -163,6 +210,16 @@ def test_what_nothing_would_fill_is_refused_at_construction() -> None:
         Merger(headless, one_head, model=Net, heads=r"^head\.")
     with pytest.raises(TypeError, match="returned dict; pass an nn.Module or a function of no arguments"):
         Merger(base, tasks, model=lambda: base)
+    with pytest.raises(TypeError, match="model= must be an nn.Module or a function .* got str 'model.ckpt'"):
+        Merger(base, tasks, model="model.ckpt")
+
+    class ReadsItsWeights(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = float(self.head.weight.abs().max())  # a value: nothing to read on the meta device
+
+    with pytest.raises(RuntimeError, match="factory failed with its parameters on the meta device .* Pass the model built"):
+        Merger(base, tasks, model=ReadsItsWeights)
     with torch.device("meta"):
         on_meta = Net()  # built by the user on the meta device: its non-persistent buffer has no values
     with pytest.raises(ValueError, match=r"non-persistent buffer\(s\) \['scale'\] are on the meta device"):

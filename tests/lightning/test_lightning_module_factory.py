@@ -67,3 +67,22 @@ def test_a_factorys_model_is_filled_by_the_trainer_and_merges_as_the_built_one(l
     for key, value in runs["built"][3].items():
         assert torch.equal(runs["lazy"][3][key], value), key
     assert torch.equal(lazy.model.blocks[0].bias, base["blocks.0.bias"])
+
+
+def test_a_search_first_waits_for_configure_model_to_fill_the_model(lightning_package, tmp_path):
+    # search without references as the first call: tau_m of the first k is not computed (nor the model filled,
+    # whole on the CPU) before the Trainer has set the model up (under ModelParallelStrategy: sharded it)
+    pl, layer = lightning_package
+    base_file, tasks, _ = _files(tmp_path)
+    seen = []
+
+    class Spy(layer.MultiTaskMergeModule):
+        def configure_model(self) -> None:
+            seen.append(all(p.is_meta for p in self.model.parameters()))
+            super().configure_model()
+
+    module = Spy(base_file, tasks, model=Net, heads=r"^head\.")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    result = module.search(trainer, _loaders(), k=[0.2, 0.5], lam=[1.0], normalize=False)
+    assert seen[0] is True and len(result.candidates) == 2
