@@ -13,7 +13,8 @@ fine-tuned weights written into the shards and scored), a two-method k x lam ``s
 RegMean and a module whose method is RegMean (both refused). Rank 0 writes OUT/result.pt: the scores, the
 references, the candidates, the chosen merge, the whole merged weights after each step (gathered) and the refusals'
 messages; every rank writes OUT/held<rank>.pt: how many entries of the base and of tau_m it holds. Then the same
-for a tiny ``BertForSequenceClassification`` (dict batches, ``classifier`` heads): scores, candidates, weights.
+for a tiny ``BertForSequenceClassification`` (dict batches, ``classifier`` heads): scores, candidates, weights; and
+for a tiny ``LlamaForCausalLM`` with tied embeddings (its checkpoints without ``lm_head.weight``): scores, weights.
 """
 
 from __future__ import annotations
@@ -83,6 +84,29 @@ def bert_loaders() -> dict[str, torch.utils.data.DataLoader]:
     return out
 
 
+def llama() -> nn.Module:
+    """A causal LM with tied embeddings (``lm_head.weight`` is ``model.embed_tokens.weight``), rotary buffers."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                                      tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config)
+
+
+def llama_loaders() -> dict[str, torch.utils.data.DataLoader]:
+    g = torch.Generator().manual_seed(6)
+    return {t: torch.utils.data.DataLoader([{"input_ids": ids, "labels": y} for ids, y in zip(
+        torch.randint(0, 32, (16, 6), generator=g), torch.randint(0, 32, (16,), generator=g))], batch_size=4)
+        for t in TASKS}
+
+
+def next_token(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prediction of the token after each sequence, against its label."""
+    return model(input_ids=batch["input_ids"]).logits[:, -1], batch["labels"]
+
+
 def shard_as_one_group(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -146,6 +170,13 @@ def main() -> None:
     result = hf.search(trainer, bert_loaders(), k=[0.2, 0.5], lam=[0.5, 1.5])
     record["bert_candidates"] = [(c.k, c.lam, c.objective) for c in result.candidates]
     record["bert_weights"] = weights(hf)
+    folder = tasks_dir / "llama"  # tied weights: the checkpoints hold one name of them, as tied ones are saved
+    lm = MultiTaskMergeModule(str(folder / "base.safetensors"), {t: str(folder / f"{t}.safetensors") for t in TASKS},
+                              model=llama if lazy else llama(), k=0.3, lam=0.8, forward_fn=next_token,
+                              shard_fn=shard_as_one_group if name == "model_parallel_fn" else None)
+    record["llama_eval"] = lm.evaluate(trainer, llama_loaders(), normalize=True)
+    record["llama_tied"] = lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    record["llama_weights"] = weights(lm)
     torch.save(held, out / f"held{trainer.global_rank}.pt")
     if trainer.is_global_zero:
         torch.save(record, out / "result.pt")

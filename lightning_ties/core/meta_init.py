@@ -101,8 +101,9 @@ def check_fillable(
 ) -> None:
     """Raise, naming the keys, when ``model`` (on the meta device) cannot get all its values from ``base``.
 
-    Every key of its state dict on the meta device must be in the base, or be a head that every task holds (each
-    task's head is swapped in before its batches); a buffer on the meta device must be in its state dict (a
+    Every key of its state dict on the meta device must be in the base (or share its tensor with a key there: a
+    checkpoint of tied weights may hold one name), or be a head that every task holds (each task's head is
+    swapped in before its batches); a buffer on the meta device must be in its state dict (a
     non-persistent one is in no checkpoint: build the model with a factory, whose buffers the constructor computes).
     Buffers with values keep them where the base lacks them, as a model built with its weights would. A model
     with all its memory passes.
@@ -111,8 +112,10 @@ def check_fillable(
         return
     state = model.state_dict(keep_vars=True)
     fits = _fitting_keys(base, {k: tuple(t.shape) for k, t in state.items()})
+    filled = {id(state[k]) for k in fits}  # a tied key is filled through the key it shares its tensor with
     held_by_tasks = set.intersection(*(set(s.keys()) for s in tasks.values())) if tasks else set()
-    missing = [k for k, t in state.items() if t.is_meta and k not in fits and not (k in heads and k in held_by_tasks)]
+    missing = [k for k, t in state.items()
+               if t.is_meta and id(t) not in filled and not (k in heads and k in held_by_tasks)]
     if missing:
         held = set(base.keys())
         shapes = [f"{k}: base {tuple(base.spec(k).shape)} vs model {tuple(state[k].shape)}" for k in missing if k in held]

@@ -6,7 +6,8 @@ meta device and filled per rank from the base; or built, by the user's ``shard_f
 (normalized), searches two methods over k x lam, and is asked for RegMean, then every score, reference, candidate
 and the chosen merge equal one process's, the merged weights (gathered) equal one process's bit for bit after each
 step, each rank holds only its rows of the base and of tau_m, and RegMean is refused with its reason; and a tiny
-Hugging Face BERT classifier (dict batches, ``classifier`` heads) scores, searches and merges as one process too.
+Hugging Face BERT classifier (dict batches, ``classifier`` heads) scores, searches and merges as one process too, as
+does a tiny Llama causal LM with tied embeddings whose checkpoints hold one name of them (it stays tied).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ SCRIPT = Path(__file__).parents[1] / "sharded_module_script.py"
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory) -> Path:
     sys.path.insert(0, str(SCRIPT.parent))
-    from sharded_module_script import Tiny, bert
+    from sharded_module_script import Tiny, bert, llama
 
     folder = tmp_path_factory.mktemp("tasks")
     g = torch.Generator().manual_seed(5)
-    for where, model in ((folder, Tiny()), (folder / "bert", bert())):
+    for where, model in ((folder, Tiny()), (folder / "bert", bert()), (folder / "llama", llama())):
         where.mkdir(exist_ok=True)
-        base = {k: v.contiguous() for k, v in model.state_dict().items()}
+        base = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: one name
         save_safetensors(base, where / "base.safetensors")
         for t in ("a", "b"):
             save_safetensors({k: v + 0.2 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
@@ -93,6 +94,9 @@ def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(st
     assert sharded["bert_eval"] == single["bert_eval"]
     assert sharded["bert_candidates"] == single["bert_candidates"]
     assert_same_weights(sharded["bert_weights"], single["bert_weights"])
+    # a causal LM with tied embeddings, filled and merged through one of its two names: still tied, the same merge
+    assert sharded["llama_eval"] == single["llama_eval"] and sharded["llama_tied"] and single["llama_tied"]
+    assert_same_weights(sharded["llama_weights"], single["llama_weights"])
 
 
 @pytest.mark.cuda
