@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -93,7 +94,7 @@ def build_on_meta(factory: Callable[[], Any]) -> nn.Module:
 
 def is_on_meta(model: nn.Module) -> bool:
     """Whether any of ``model``'s parameters or buffers has no memory yet (the meta device)."""
-    return any(t.is_meta for t in _tensors(model))
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def check_fillable(
@@ -191,11 +192,6 @@ def _holders(model: nn.Module) -> list[tuple[torch.Tensor, list[tuple[nn.Module,
                 if tensor is not None:  # detached: to_empty swaps a real parameter's storage in place
                     holders.setdefault(id(tensor), (tensor.detach(), []))[1].append((module, slot, name))
     return list(holders.values())
-
-
-def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    yield from model.parameters()
-    yield from model.buffers()
 
 
 __all__ = ["build_on_meta", "check_fillable", "fill_from_base", "is_on_meta", "parameters_on_meta"]

@@ -35,6 +35,9 @@ _SELECT_CHUNK_FACTOR = 4
 # per task: its quantiles bracket the threshold, so one exact pass usually replaces two.
 _MIN_BRACKETED = 1 << 22
 _SAMPLE = 1 << 17
+# A key's sample smaller than this is taken on the calling thread: the hand-off to the pool costs more than it
+# (82 model-shaped tensors at 2 threads: the sample pass 0.074 -> ~0.04 s).
+_POOL_SAMPLE = 1 << 14
 # The bracket's histogram has up to MAX_BRACKET_BINS bins, a cost per observed tensor: larger chunks.
 _BRACKET_CHUNK_FACTOR = 16
 # The CPU bracket pass gathers its digits in a buffer of this many bytes per worker (see _BracketCounts).
@@ -473,11 +476,6 @@ class _BracketCounts:
         if not hists:  # nothing observed (a rank holding none of the keys): empty counts of the same layout
             return torch.zeros(work[0].sizes[task], dtype=torch.int64)
         return functools.reduce(torch.Tensor.add_, hists[1:], hists[0])
-
-
-#: a key's sample smaller than this is taken on the calling thread: the hand-off to the pool costs more than it
-#: (82 model-shaped tensors at 2 threads: the sample pass 0.074 -> ~0.04 s)
-_POOL_SAMPLE = 1 << 14
 
 
 def _map(pool: ThreadPoolExecutor | None, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
