@@ -379,14 +379,14 @@ class Merger:
         on_candidate: Callable[[Candidate], None] | None = None,
         agree: Callable[[bool], bool] | None = None,
         before_k: Callable[[float | None], Any] | None = None,
+        apply_best: Callable[[float | None, float], Any] | None = None,
     ) -> SearchResult:
         """Score every candidate of ``options`` not yet in ``result`` with ``score(k, lam)``; apply the best.
 
-        tau_m is computed once per (method, k) (before the first new candidate of each k); the
-        best over every method is applied at the end and :attr:`method` becomes its method.
-        ``options.auto``: the budgeted schedule of :func:`~.auto.auto_search`, whose budget
-        decision every rank takes from ``agree`` (default: rank 0's, broadcast over the process group);
-        ``before_k(k)`` runs before each k's first candidate (default: compute its tau_m)."""
+        ``before_k(k)`` runs before each (method, k)'s first new candidate (default: compute its tau_m); the best
+        over every method is written by ``apply_best(k, lam)`` (default: :meth:`apply_merge`) and :attr:`method`
+        becomes its method. ``options.auto``: the budgeted schedule of :func:`~.auto.auto_search`, whose budget
+        decision every rank takes from ``agree`` (default: rank 0's, broadcast over the process group)."""
         if options.auto:
             def evaluate(method: str, k: float | None, lam: float) -> Scores:
                 self.use_method(method)
@@ -394,19 +394,19 @@ class Merger:
 
             auto_search(evaluate, options.auto_grids(), options.objective, options.mode, result, options.budget_s,
                         on_candidate, agree=agree)
-            return self._apply_best(result)
+            return self._apply_best(result, apply_best or self.apply_merge)
         for method, (ks, lams) in options.grids(self.k).items():
             self.use_method(method)
             walk_grid(
                 score, ks, lams, options.strategy, options.objective, options.mode, result, on_candidate,
                 before_k=before_k or self.task_vector, method=method,
             )
-        return self._apply_best(result)
+        return self._apply_best(result, apply_best or self.apply_merge)
 
-    def _apply_best(self, result: SearchResult) -> SearchResult:
+    def _apply_best(self, result: SearchResult, apply: Callable[[float | None, float], Any]) -> SearchResult:
         result.method = result.best_method
         self.use_method(result.method)
-        self.apply_merge(result.k, result.lam)
+        apply(result.k, result.lam)
         return result
 
 

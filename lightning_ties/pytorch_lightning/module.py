@@ -23,7 +23,9 @@ Entry points (also what the CLI calls; no user-written LightningModule needed)::
     module.measure_finetuned(trainer, dataloaders)  # each task's own score, cached in ``reference``
 
 ``trainer.validate(module, dataloaders={"a": dl_a, ...})`` also works directly: the dict's keys name
-the tasks, and the module's default merge (k, lam) is applied first if none is in place.
+the tasks, and the module's default merge (k, lam) is applied first if none is in place. The scores are
+then ``module.last_scores`` (and ``trainer.callback_metrics``): the module sends them to the loggers
+itself, at steps of its own, so the list ``trainer.validate`` returns holds empty dicts.
 
 Sharded: under ``ModelParallelStrategy(data_parallel_size=W, tensor_parallel_size=1)`` the module shards
 ``model`` with FSDP2 in ``configure_model`` and every merge runs on each rank's rows (bit for bit the
@@ -115,7 +117,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         #: where validation passes are logged: ``<log_prefix>/<task>/<metric>``, ``<log_prefix>/mean/<metric>``,
         #: ``<log_prefix>/k``, ``<log_prefix>/lam`` (``evaluate``/``search`` take their own ``log_prefix``)
         self.log_prefix = "merge"
-        self._measuring_reference = False
+        self._unlogged = False  # passes whose scores are not logged here (see _unlogged)
         self._log_steps: dict[str, int] = {}  # next logger step of each prefix: one step per pass
         self._candidate_step: int | None = None  # a search logs candidate i at step i
         self.shard_fn = shard_fn  # see ShardsItsModel
@@ -205,7 +207,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         if self._pending is not None:
             write, self._pending = self._pending, None
             write()
-        elif self.current is None and not self._measuring_reference:
+        elif self.current is None and not self._unlogged:
             self.apply_merge()  # a direct ``trainer.validate`` scores the default merge
 
     def on_validation_epoch_start(self) -> None:
@@ -214,17 +216,11 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.last_scores = self.task_metrics.compute(dict.fromkeys(self.tasks_by_index))
         self.task_metrics.reset()
-        if self._measuring_reference:
-            return  # measure_finetuned logs every task's reference once, with the mean over tasks
-        prefix = self.log_prefix
-        values = summarize(self.last_scores, self.reference or None, prefix)
-        if self.current is not None:
-            if self.current[0] is not None:
-                values[f"{prefix}/k"] = self.current[0]
-            values[f"{prefix}/lam"] = self.current[1]
-        step = self._candidate_step
-        for name, value in self.log_values(self.trainer, values, prefix, step).items():
-            # callback_metrics only (trainer.validate's return, monitors; loggers got them): same on every rank
+        if self._unlogged:
+            return
+        values = pass_values(self.last_scores, self.reference, self.current, self.log_prefix)
+        for name, value in self.log_values(self.trainer, values, self.log_prefix, self._candidate_step).items():
+            # callback_metrics only (monitors, callbacks; the loggers got them above): the same on every rank
             self.log(name, value, add_dataloader_idx=False, logger=False, sync_dist=True, reduce_fx="max")
 
     def log_values(
@@ -232,10 +228,8 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
     ) -> dict[str, float]:
         """Send ``values`` to the trainer's loggers as clean Python floats at one step of their own.
 
-        Lightning's ``self.log`` would store float32 tensors (k=0.3 logged as 0.30000001192...) at the
-        Trainer's global step, which ``trainer.validate`` never advances: every pass would share step 0.
-        Each pass logged under ``prefix`` gets the next step instead (a search passes the candidate's
-        index), so a logger plots scores against the candidates.
+        ``self.log`` would log float32 tensors (k=0.3 as 0.30000001192...) at the global step, which ``validate``
+        never advances; each pass under ``prefix`` gets the next step instead (a search: the candidate's index).
         """
         clean = {name: clean_number(v) for name, v in values.items()}
         if step is None:
@@ -257,7 +251,10 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         if trainer is None:
             self.last_scores = self.merger.score(loaders)
             return self.last_scores
+        self.last_scores = {}
         trainer.validate(self, dataloaders=[dl for ls in loaders.values() for dl in ls], verbose=False)
+        if self._pending is not None:  # Lightning skipped the loop: nothing was written, nothing scored
+            raise RuntimeError(_no_batches(trainer, loaders))
         return self.last_scores
 
     def measure_finetuned(
@@ -270,14 +267,11 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         """
         loaders = self.check_dataloaders(dataloaders, require_all=False)
         measured: Scores = {}
-        self._measuring_reference = True
-        try:
+        with _unlogged(self):  # logged below, every task's reference in one step with their mean
             for task, dls in loaders.items():
                 if task not in self.reference:
                     scores = self.write_then_validate(trainer, {task: dls}, partial(self.load_task, task))
                     self.reference[task] = measured[task] = scores[task]
-        finally:
-            self._measuring_reference = False
         if measured:
             prefix = reference_prefix(self.log_prefix if log_prefix is None else log_prefix)
             self.log_values(trainer, summarize(measured, prefix=prefix), prefix)
@@ -393,13 +387,21 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
                 finally:
                     self._candidate_step = None
 
+            def apply_best(kv: float | None, lv: float) -> None:
+                if self.set_up_for(trainer):
+                    return self.apply_merge(kv, lv)
+                # a search resumed whole scored nothing here: one (unlogged) pass lets the Trainer set the model up
+                with _unlogged(self):
+                    self.write_then_validate(trainer, loaders, partial(self.apply_merge, kv, lv))
+
             def finished(candidate: Candidate) -> None:
                 progress.update(result, candidate)
                 if on_candidate is not None:
                     on_candidate(candidate)
 
             with progress:
-                self.merger.search(options, result, evaluate, finished, before_k=self.tau_ahead(trainer))
+                self.merger.search(options, result, evaluate, finished, before_k=self.tau_ahead(trainer),
+                                   apply_best=apply_best)
         return result
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -418,6 +420,33 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
 
 
 @contextmanager
+def _unlogged(module: MultiTaskMergeModule) -> Iterator[None]:
+    """The module's validation passes in the block log nothing (their scores are logged elsewhere, or were)."""
+    module._unlogged = True
+    try:
+        yield
+    finally:
+        module._unlogged = False
+
+
+def _no_batches(trainer: pl.Trainer, loaders: Mapping[str, list[Any]]) -> str:
+    """Why a pass scored nothing: Lightning ran no validation batch (``limit_val_batches=0``, empty dataloaders)."""
+    sizes = {t: [_length(dl) for dl in dls] for t, dls in loaders.items()}
+    return (
+        f"MultiTaskMergeModule: the Trainer ran no validation batch (limit_val_batches={trainer.limit_val_batches!r}, "
+        f"batches in each task's dataloaders: {sizes}), so nothing was merged or scored. The module merges and "
+        "scores in Lightning's validation loop: give it a Trainer with limit_val_batches > 0 and non-empty dataloaders"
+    )
+
+
+def _length(dataloader: Any) -> int | str:
+    try:
+        return len(dataloader)
+    except TypeError:  # an iterable dataset's loader has no length
+        return "unknown"
+
+
+@contextmanager
 def _logging_under(module: MultiTaskMergeModule, log_prefix: str | None) -> Iterator[None]:
     """``module.log_prefix`` set to ``log_prefix`` (``None``: unchanged) for the block."""
     previous = module.log_prefix
@@ -426,6 +455,23 @@ def _logging_under(module: MultiTaskMergeModule, log_prefix: str | None) -> Iter
         yield
     finally:
         module.log_prefix = previous
+
+
+def pass_values(scores: Scores, reference: Scores, current: tuple[float | None, float] | None,
+                prefix: str) -> dict[str, float]:
+    """What one validation pass logs under ``prefix``: every score (normalized too, given references), the mean
+    over tasks, and the (k, lam) scored.
+
+    Example:
+        >>> pass_values({"a": {"acc": 0.5}}, {}, (0.2, 1.0), "merge")
+        {'merge/a/acc': 0.5, 'merge/mean/acc': 0.5, 'merge/k': 0.2, 'merge/lam': 1.0}
+    """
+    values = summarize(scores, reference or None, prefix)
+    if current is not None:
+        if current[0] is not None:
+            values[f"{prefix}/k"] = current[0]
+        values[f"{prefix}/lam"] = current[1]
+    return values
 
 
 def clean_number(value: float) -> float:
@@ -450,4 +496,4 @@ def reference_prefix(log_prefix: str) -> str:
     return f"{log_prefix}/finetuned"
 
 
-__all__ = ["MultiTaskMergeModule", "clean_number", "reference_prefix"]
+__all__ = ["MultiTaskMergeModule", "clean_number", "pass_values", "reference_prefix"]

@@ -9,6 +9,7 @@ candidate and merged weight equals those of the module given the model built wit
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -86,3 +87,53 @@ def test_a_search_first_waits_for_configure_model_to_fill_the_model(lightning_pa
                          enable_model_summary=False, enable_checkpointing=False)
     result = module.search(trainer, _loaders(), k=[0.2, 0.5], lam=[1.0], normalize=False)
     assert seen[0] is True and len(result.candidates) == 2
+
+
+def _trainer(pl, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, **kwargs)
+
+
+def test_a_search_resumed_whole_lets_the_trainer_set_the_model_up_before_writing_the_best(lightning_package,
+                                                                                           tmp_path):
+    # every candidate already scored (a checkpoint's search): no candidate's pass runs, yet the best must be written
+    # where the Trainer puts the model (under ModelParallelStrategy: into its shards), not filled whole beforehand
+    pl, layer = lightning_package
+    base_file, tasks, _ = _files(tmp_path)
+    first = layer.MultiTaskMergeModule(base_file, tasks, model=Net, heads=r"^head\.")
+    done = first.search(_trainer(pl), _loaders(), k=[0.2, 0.5], lam=[0.5, 1.0], normalize=False)
+    seen = []
+
+    class Spy(layer.MultiTaskMergeModule):
+        def configure_model(self) -> None:
+            seen.append(all(p.is_meta for p in self.model.parameters()))
+            super().configure_model()
+
+    resumed = Spy(base_file, tasks, model=Net, heads=r"^head\.")
+    resumed.search_result = done
+    scored = []
+    result = resumed.search(_trainer(pl), _loaders(), k=[0.2, 0.5], lam=[0.5, 1.0], normalize=False,
+                            on_candidate=scored.append)
+    assert scored == [] and len(result.candidates) == 4  # nothing scored again
+    assert seen == [True]  # the Trainer set the model up (filled it) before the best was written
+    assert resumed.current == first.current == (result.k, result.lam)
+    assert resumed.last_scores == result.best.scores
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_a_trainer_that_runs_no_validation_batch_is_an_error_not_the_last_passs_scores(lightning_package, tmp_path):
+    pl, layer = lightning_package
+    base_file, tasks, _ = _files(tmp_path)
+    module = layer.MultiTaskMergeModule(base_file, tasks, model=Net, heads=r"^head\.")
+    before = module.evaluate(_trainer(pl), _loaders(), k=0.2, lam=1.0)
+    weights = {k: v.clone() for k, v in module.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"no validation batch \(limit_val_batches=0.*'a': \[3\]"):
+        module.evaluate(_trainer(pl, limit_val_batches=0), _loaders(), k=0.5, lam=0.3)
+    assert module.current == (0.2, 1.0) and module.last_scores == {}  # the merge in place is still the last scored
+    assert all(torch.equal(module.model.state_dict()[k], v) for k, v in weights.items())
+    empty = {t: DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), batch_size=8)
+             for t in "ab"}
+    with pytest.raises(RuntimeError, match=r"'a': \[0\], 'b': \[0\]"):
+        module.evaluate(_trainer(pl), empty, k=0.5, lam=0.3)
+    assert module.evaluate(_trainer(pl), _loaders(), k=0.2, lam=1.0) == before
