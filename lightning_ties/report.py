@@ -262,8 +262,13 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, overwrite: bool =
     return path
 
 
-def write_report(report: RunReport, out_dir: str | os.PathLike[str], plots: bool = True) -> list[Path]:
+def write_report(
+    report: RunReport, out_dir: str | os.PathLike[str], plots: bool = True, overwrite: bool = True
+) -> list[Path]:
     """Write report.json, report.md, results.csv and the PNG plots into ``out_dir``; return the paths.
+
+    ``overwrite=False`` refuses any of them that exists (checked again just before each rename: a run that
+    wrote it meanwhile is never replaced); ``True`` replaces only files lightning-ties wrote, unchanged since.
 
     Example:
         >>> import tempfile
@@ -273,19 +278,19 @@ def write_report(report: RunReport, out_dir: str | os.PathLike[str], plots: bool
     """
     out = Path(out_dir)
     paths = [
-        write_text_atomic(out / "report.json", report.to_json()),
-        write_text_atomic(out / "report.md", report.markdown()),
-        write_text_atomic(out / "results.csv", report.csv()),
+        write_text_atomic(out / "report.json", report.to_json(), overwrite),
+        write_text_atomic(out / "report.md", report.markdown(), overwrite),
+        write_text_atomic(out / "results.csv", report.csv(), overwrite),
     ]
     if plots:
         if report.searches:
-            paths.append(plot_search(report, out / "search.png"))
+            paths.append(plot_search(report, out / "search.png", overwrite))
         if report.rows:
-            paths.append(plot_per_task(report, out / "per_task.png"))
+            paths.append(plot_per_task(report, out / "per_task.png", overwrite))
         if learned_coefficients(report):
             from .evaluation.plots import plot_coefficients
 
-            paths.append(plot_coefficients(learned_coefficients(report), out / "coefficients.png"))
+            paths.append(plot_coefficients(learned_coefficients(report), out / "coefficients.png", overwrite))
     return paths
 
 
@@ -298,15 +303,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def _save_figure(fig: Any, path: Path, overwrite: bool = True) -> Path:
     from .io.atomic import atomic_file
 
-    with atomic_file(path) as tmp:
+    with atomic_file(path, overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
-def plot_search(report: RunReport, path: str | os.PathLike[str]) -> Path:
+def plot_search(report: RunReport, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
     """Mean validation score vs lam, one line per k, one panel per searched method; chosen point starred."""
     plt = _pyplot()
     curves = report.searches
@@ -335,12 +340,12 @@ def plot_search(report: RunReport, path: str | os.PathLike[str]) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     try:
-        return _save_figure(fig, Path(path))
+        return _save_figure(fig, Path(path), overwrite)
     finally:
         plt.close(fig)
 
 
-def plot_per_task(report: RunReport, path: str | os.PathLike[str]) -> Path:
+def plot_per_task(report: RunReport, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
     """Grouped bars: one group per task (and the mean), one bar per row of the table."""
     plt = _pyplot()
     groups = [*report.tasks, "mean"]
@@ -361,7 +366,7 @@ def plot_per_task(report: RunReport, path: str | os.PathLike[str]) -> Path:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     try:
-        return _save_figure(fig, Path(path))
+        return _save_figure(fig, Path(path), overwrite)
     finally:
         plt.close(fig)
 

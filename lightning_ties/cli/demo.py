@@ -19,7 +19,7 @@ def run_demo_command(cfg: DemoConfig, console: Console, config_path: str | None)
     out = prepare_output_dir(
         cfg.output_dir, cfg.overwrite, [f"checkpoints/{t}.safetensors" for t in ("base", *cfg.tasks)]
     )
-    save_resolved_config(cfg, out / RESOLVED_CONFIG)
+    save_resolved_config(cfg, out / RESOLVED_CONFIG, cfg.overwrite)
     if cfg.continual:
         report = run_continual(cfg, out, logger=logger, say=console.say)
     else:
@@ -27,7 +27,7 @@ def run_demo_command(cfg: DemoConfig, console: Console, config_path: str | None)
         with bar:
             report = run_demo(cfg, out, logger=logger, say=console.say, tick=bar.update)
     report.config = {"file": config_path or "(embedded default)", **to_dict(cfg)}
-    paths = write_report(report, out)
+    paths = write_report(report, out, overwrite=cfg.overwrite)
     log_report(report, logger)
     show_report(report, paths)
     return 0

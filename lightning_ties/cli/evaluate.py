@@ -28,7 +28,7 @@ def run_evaluate(cfg: EvaluateConfig, console: Console, config_path: str) -> int
     loaders = build_loaders(cfg, cfg.split)
     logger = make_logger(cfg.logger, Path(cfg.output_dir))
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite)  # only once the inputs are known to be good
-    save_resolved_config(cfg, out / RESOLVED_CONFIG)
+    save_resolved_config(cfg, out / RESOLVED_CONFIG, cfg.overwrite)
     with quiet_lightning():
         pl.seed_everything(cfg.seed, verbose=False)
         scorer = TaskScorer(module_for(cfg, model), make_trainer(logger), cfg.tasks, eval_prefix=f"merge/{cfg.split}")
@@ -40,7 +40,7 @@ def run_evaluate(cfg: EvaluateConfig, console: Console, config_path: str) -> int
             console.say(f"evaluating {name}: {path}")
             report.add_row(ResultRow(name, "checkpoint", path, scorer.score_weights(loaders, path)))
     report.fill_normalized()
-    paths = write_report(report, out)
+    paths = write_report(report, out, overwrite=cfg.overwrite)
     log_report(report, logger)
     show_report(report, paths)
     return 0

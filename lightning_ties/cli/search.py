@@ -40,7 +40,7 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
     test = build_loaders(cfg, cfg.data.test_split) if cfg.data.test_split else None
     logger = make_logger(cfg.logger, Path(cfg.output_dir))
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite, [str(cfg.save_model)] if cfg.save_model else [])  # only once the inputs are known to be good
-    save_resolved_config(cfg, out / RESOLVED_CONFIG)
+    save_resolved_config(cfg, out / RESOLVED_CONFIG, cfg.overwrite)
     name, _, _ = method_args(cfg.method)
     with quiet_lightning():
         pl.seed_everything(cfg.seed, verbose=False)
@@ -114,7 +114,7 @@ def run_search_command(cfg: SearchConfig, console: Console, config_path: str) ->
     saved = _save_best(cfg, out, module, name, result, merged_state) if cfg.save_model else None
     if saved is not None:
         report.extra["model"] = str(saved)
-    paths = write_report(report, out)
+    paths = write_report(report, out, overwrite=cfg.overwrite)
     log_report(report, logger)
     show_report(report, paths, saved)
     return 0
@@ -165,7 +165,7 @@ def _save_best(
     """The chosen merge as a file: streamed from the checkpoints by ``merge_to`` (heads come from base)."""
     path = out / str(cfg.save_model)
     if merged_state is not None:  # learned coefficients: the weights exist only in memory
-        return save_safetensors(merged_state, path)
+        return save_safetensors(merged_state, path, overwrite=cfg.overwrite)
     configured, _, params = method_args(cfg.method)
     if method != configured:  # a method chosen from search.methods: method.name's parameters it has
         accepted = get_method(method).parameters()
@@ -184,7 +184,7 @@ def _save_best(
         exclude=exclude or None,
         on_mismatch="base",
         progress=False,
-        overwrite=True,
+        overwrite=cfg.overwrite,
         **params,
     )
     return path

@@ -18,13 +18,14 @@ import hashlib
 import importlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io.ownership import check_folder_outputs
+from ..io.errors import UnsafeOutputError
+from ..io.ownership import check_folder_outputs, check_not_an_input
 from ..io.provenance import fingerprint_sources
 from ..merging.plan import compile_patterns
 from .base_state import BASE_FILE, check_base_device
@@ -91,8 +92,12 @@ def default_save_dir(root: str | os.PathLike[str], task: str, state_key: str) ->
     return Path(root) / "ties_merging" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}-{digest}"
 
 
-def prepare_output_dir(folder: str | os.PathLike[str] | None, apply: str, is_global_zero: bool) -> None:
-    """Refuse a user's file where the merge will write (before training), and create the folder (on rank zero).
+def prepare_output_dir(
+    folder: str | os.PathLike[str] | None, apply: str, is_global_zero: bool, base: Any = None,
+    tasks: Iterable[Any] = (),
+) -> None:
+    """Refuse a user's file where the merge will write, or a file it will write that is one of its inputs (``base``,
+    ``tasks``: e.g. an earlier run's ``merged.safetensors`` merged again), before training; create the folder.
 
     Example:
         >>> import tempfile
@@ -100,7 +105,16 @@ def prepare_output_dir(folder: str | os.PathLike[str] | None, apply: str, is_glo
     """
     if folder is None:
         return
-    check_folder_outputs(folder, save_dir_files(apply))
+    names = save_dir_files(apply)
+    check_folder_outputs(folder, names)
+    inputs = [split_spec(source)[0] for source in (base, *tasks)]
+    for name in names:
+        if name != BASE_FILE or base is None:  # a base given is read, not written: only a captured one is saved
+            try:
+                check_not_an_input(Path(folder) / name, inputs)
+            except UnsafeOutputError as err:
+                raise UnsafeOutputError(f"save_dir={str(folder)!r}: the merge writes {name} there, but {err} "
+                                        "(another save_dir), or pass a copy of that input kept elsewhere") from None
     if is_global_zero:
         Path(folder).mkdir(parents=True, exist_ok=True)
 

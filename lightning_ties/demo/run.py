@@ -100,14 +100,15 @@ def train_models(
 
 
 def save_checkpoints(
-    out_dir: Path, base: DigitsNet, finetuned: Mapping[str, Mapping[str, torch.Tensor]]
+    out_dir: Path, base: DigitsNet, finetuned: Mapping[str, Mapping[str, torch.Tensor]], overwrite: bool = True
 ) -> dict[str, str]:
-    """Write base and fine-tuned weights as .safetensors (what merge/search/evaluate configs read)."""
+    """Write base and fine-tuned weights as .safetensors (what merge/search/evaluate configs read); ``overwrite``
+    as :func:`~lightning_ties.io.save_safetensors`'s."""
     folder = out_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"base": str(save_safetensors(base.state_dict(), folder / "base.safetensors"))}
+    paths = {"base": str(save_safetensors(base.state_dict(), folder / "base.safetensors", overwrite=overwrite))}
     for name, state in finetuned.items():
-        paths[name] = str(save_safetensors(dict(state), folder / f"{name}.safetensors"))
+        paths[name] = str(save_safetensors(dict(state), folder / f"{name}.safetensors", overwrite=overwrite))
     return paths
 
 
@@ -168,7 +169,7 @@ def run_demo(
     suite = make_suite(cfg)
     with quiet_lightning(), torch_threads(1):
         base, finetuned, timings = train_models(cfg, suite, say)
-        ckpts = save_checkpoints(Path(out_dir), base, finetuned) if out_dir is not None else {}
+        ckpts = save_checkpoints(Path(out_dir), base, finetuned, cfg.overwrite) if out_dir is not None else {}
         val = {t: suite.dataloader(t, "val") for t in cfg.tasks}
         test = {t: suite.dataloader(t, "test") for t in cfg.tasks}
         report = RunReport(

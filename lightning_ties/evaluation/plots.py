@@ -13,7 +13,9 @@ from pathlib import Path
 from ..io.atomic import atomic_file
 
 
-def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str]) -> Path:
+def plot_coefficients(
+    table: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str], overwrite: bool = True
+) -> Path:
     """Draw the coefficients ``{task: {group: lam}}`` as a heat map, groups down and tasks across, atomically.
 
     The package's one coefficient plot (the learned-coefficients result and the run report's ``coefficients.png``):
@@ -44,7 +46,7 @@ def plot_coefficients(table: Mapping[str, Mapping[str, float]], path: str | os.P
     fig.colorbar(image, ax=ax, label="lam")
     fig.tight_layout()
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, overwrite) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ..merging import MergeOptions, MergePlan, MergeReport, TaskVectorMerger, plan_merge
 from ..merging.collectives import SINGLE_PROCESS, Collectives
+from ..merging.engine import check_model_list
 from ..merging.spec import MergeSpec
-from ..merging.plan import Patterns
+from ..merging.plan import Patterns, compile_patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source, read_strided
 from .atomic import atomic_dir, atomic_file, atomic_open, check_output, library_version, owner_metadata
 from .card import SourceDigests, merge_model_card, source_files, write_merge_config
@@ -189,6 +190,11 @@ def _yaml_value(value: Any) -> Any:
     return repr(value)
 
 
+def _pattern_list(patterns: Patterns, what: str) -> list[str] | None:
+    """``include``/``exclude`` as the config holds them, a list of regexes: given as one string, compiled, or a list."""
+    return None if patterns is None else [p.pattern for p in compile_patterns(patterns, what)]
+
+
 def merge_to(
     output: str | os.PathLike[str],
     base: Any,
@@ -258,6 +264,7 @@ def merge_to(
         >>> open_source(out).get("w")
         tensor([ 0., -2.,  0.,  3.])
     """
+    check_model_list(models)  # before its items are taken for paths to check
     options = MergeOptions.from_keywords(method, lam, include, exclude, **params)  # every keyword checked once
     options.spec  # noqa: B018  (a method that needs data, RegMean, refuses here: before any file is opened)
     lam = options.lam
@@ -289,8 +296,6 @@ def merge_to(
         """Open, check and plan from the headers (every rank the same; no collectives)."""
         base_src = _open(base, "base", None, prefix, trust_pickle)
         model_srcs = [_open(m, f"model[{i}]", base_src, prefix, trust_pickle) for i, m in enumerate(models)]
-        if not model_srcs:
-            raise ValueError("no models to merge: pass at least one fine-tuned model")
         if common_rows:
             model_srcs = [CommonRowsSource(m, base_src) for m in model_srcs]
         if on_mismatch == "error":
@@ -527,7 +532,8 @@ def _recipe(
             "base": as_given(args["base"], base),
             "models": [as_given(m, src) for m, src in zip(args["models"], models)],
         },
-        "options": {k: _yaml_value(args[k]) for k in _CONFIG_OPTIONS},
+        "options": {k: _pattern_list(args[k], k) if k in ("include", "exclude") else _yaml_value(args[k])
+                    for k in _CONFIG_OPTIONS},
         "sources": {"base": describe(base), "models": [describe(m) for m in models]},
         "counts": {"merged": len(plan.merge_keys), "from_base": len(plan.keys) - len(plan.merge_keys)},
     }

@@ -22,6 +22,7 @@ sign are agreed by a few small collectives; nothing else crosses ranks.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -56,6 +57,29 @@ def _recipe(
     if include is not None or exclude is not None:
         raise ValueError("pass include/exclude inside MergeOptions, not beside it")
     return spec.spec, spec.include, spec.exclude
+
+
+def check_model_list(models: Any) -> None:
+    """Refuse ``models`` that is not a non-empty list of fine-tuned models, naming what was given.
+
+    One path, state dict or module in place of the list would be iterated into nonsense (a path's characters,
+    a state dict's keys) and fail later with an error about something else.
+
+    Example:
+        >>> check_model_list("ft.safetensors")
+        Traceback (most recent call last):
+        ...
+        ValueError: models must be a non-empty list of fine-tuned models (modules, state dicts or paths), got the single path 'ft.safetensors': pass ['ft.safetensors']
+    """
+    what = "models must be a non-empty list of fine-tuned models (modules, state dicts or paths)"
+    if isinstance(models, (str, os.PathLike)):
+        raise ValueError(f"{what}, got the single path {os.fspath(models)!r}: pass [{os.fspath(models)!r}]")
+    if isinstance(models, (Mapping, nn.Module)):
+        raise ValueError(f"{what}, got one {type(models).__name__}: pass it in a list, [model]")
+    if not isinstance(models, Sequence):
+        raise ValueError(f"{what}, got {type(models).__name__} {models!r}"[:300])
+    if not models:
+        raise ValueError(f"no models to merge: {what}; pass at least one fine-tuned model")
 
 
 class TaskVectorMerger:
@@ -96,8 +120,7 @@ class TaskVectorMerger:
         collectives: Collectives = SINGLE_PROCESS,
         shards: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
-        if isinstance(models, (Mapping, nn.Module, str)) or not isinstance(models, Sequence) or not models:
-            raise ValueError("models must be a non-empty list of fine-tuned models (modules, state dicts or paths)")
+        check_model_list(models)
         self.spec, include, exclude = _recipe(spec, include, exclude)
         self.base = as_source(base, "base")
         self.models = [as_source(m, f"model[{i}]", base=self.base) for i, m in enumerate(models)]
@@ -421,4 +444,4 @@ def merged_task_vector(
     return tau
 
 
-__all__ = ["TaskVectorMerger", "merged_task_vector"]
+__all__ = ["TaskVectorMerger", "check_model_list", "merged_task_vector"]

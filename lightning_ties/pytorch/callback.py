@@ -194,7 +194,7 @@ class TiesMerging(Callback):
         self._sharded = sharded_merging(self, trainer)  # None: the module is whole
         _check_siblings(trainer)
         self.output_dir = self.save_dir or default_save_dir(trainer.default_root_dir, self.task, self.state_key)
-        prepare_output_dir(self.output_dir, self.apply, trainer.is_global_zero)
+        prepare_output_dir(self.output_dir, self.apply, trainer.is_global_zero, self.base, self.tasks.values())
         self.val_dataloaders.update(datamodule_loaders(self.val_datamodules, trainer.local_rank, trainer.global_rank, trainer.strategy.barrier))
         self._check_data(trainer)
         self._check_sources(pl_module)

@@ -59,3 +59,14 @@ def test_a_rerun_without_output_asks_for_one_before_any_work(inputs, capsys):
     merge_to("merged", "base.safetensors", ["ft1.safetensors", "ft2.safetensors"], k=0.5, progress=False)
     assert main(["merge", "merged/merge_config.yaml", "--quiet"]) == 2
     assert "missing required value for key 'output'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exclude", [r"\.bias$", [r"\.bias$"], __import__("re").compile(r"\.bias$")])
+def test_include_and_exclude_given_as_a_string_or_compiled_are_written_as_the_commands_list(inputs, exclude):
+    merge_to("merged", "base.safetensors", ["ft1.safetensors", "ft2.safetensors"], k=0.5, exclude=exclude,
+             include=r"^layer\.", progress=False)
+    written = yaml.safe_load(Path("merged/merge_config.yaml").read_text())
+    assert written["exclude"] == [r"\.bias$"] and written["include"] == [r"^layer\."]
+    assert main(["merge", "merged/merge_config.yaml", "output=again", "--quiet"]) == 0
+    a, b = folder_tensors(Path("merged")), folder_tensors(Path("again"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and torch.equal(a["layer.bias"], load_file("base.safetensors")["layer.bias"])

@@ -175,3 +175,60 @@ def test_a_folder_another_rank_creates_during_the_check_is_not_taken_for_a_file(
     (tmp_path / "file").write_text("x")
     with pytest.raises(UnsafeOutputError, match="exists and is not a folder"):
         check_writable(tmp_path / "file" / "base.safetensors")
+
+
+def test_a_run_without_overwrite_never_replaces_what_another_run_wrote_meanwhile(tmp_path, monkeypatch, capsys):
+    # the up-front check passes on an empty folder; another run then finishes into it (its files in the manifest,
+    # ours to replace only with overwrite): with overwrite=false every write checks again and refuses
+    from lightning_ties.cli import common
+    from lightning_ties.cli import evaluate as workflow
+    from lightning_ties.demo.models import DigitsNet
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    net = DigitsNet(num_classes=2, hidden=8, depth=1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, "base.safetensors")
+    for t in ("parity", "ge5"):
+        save_file({k: (v + 0.01 * torch.randn_like(v)).contiguous() for k, v in net.state_dict().items()},
+                  f"{t}.safetensors")
+    config = {
+        "base": "base.safetensors", "tasks": {t: f"{t}.safetensors" for t in ("parity", "ge5")},
+        "model": {"target": "lightning_ties.demo.models:DigitsNet", "args": {"num_classes": 2, "hidden": 8, "depth": 1}},
+        "data": {"target": "lightning_ties.demo.data:dataloaders", "args": {"tasks": ["parity", "ge5"], "seed": 0}},
+        "heads": [r"^head\."], "split": "test", "output_dir": "out", "overwrite": False, "logger": "none",
+    }
+    Path("evaluate.yaml").write_text(yaml.safe_dump(config))
+
+    def check_then_another_run_finishes(*args, **kwargs):
+        out = common.prepare_output_dir(*args, **kwargs)
+        write_text_atomic(out / "config.yaml", "the other run\n", overwrite=False)
+        write_text_atomic(out / "report.json", "{}\n", overwrite=False)
+        return out
+
+    monkeypatch.setattr(workflow, "prepare_output_dir", check_then_another_run_finishes)
+    assert main(["evaluate", "evaluate.yaml", "--quiet"]) == 1
+    assert "config.yaml already exists" in capsys.readouterr().err
+    assert Path("out/config.yaml").read_text() == "the other run\n" and Path("out/report.json").read_text() == "{}\n"
+
+
+def test_reports_plots_and_the_demos_checkpoints_written_without_overwrite_refuse_an_existing_file(tmp_path):
+    from lightning_ties.demo.models import DigitsNet
+    from lightning_ties.demo.run import save_checkpoints
+    from lightning_ties.report import ResultRow, RunReport, write_report
+
+    report = RunReport("t", ["a"], [ResultRow("base", "base", "reference", {"a": 0.5})])
+    write_report(report, tmp_path, plots=True)  # ours: replaced with overwrite, refused without
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert "per_task.png" in before
+    with pytest.raises(FileExistsError, match="report.json already exists"):
+        write_report(report, tmp_path, plots=True, overwrite=False)
+    (tmp_path / "report.json").unlink()
+    (tmp_path / "report.md").unlink()
+    (tmp_path / "results.csv").unlink()
+    with pytest.raises(FileExistsError, match="per_task.png already exists"):
+        write_report(report, tmp_path, plots=True, overwrite=False)
+    assert (tmp_path / "per_task.png").read_bytes() == before["per_task.png"]
+    net = DigitsNet(num_classes=2, hidden=8, depth=1)
+    save_checkpoints(tmp_path, net, {"a": net.state_dict()})
+    with pytest.raises(FileExistsError, match="base.safetensors already exists"):
+        save_checkpoints(tmp_path, net, {"a": net.state_dict()}, overwrite=False)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from lightning_ties import TiesMerging
 from lightning_ties.core.keys import KeyMatchError, match_to_module
 from lightning_ties.core.resume import read_progress
+from lightning_ties.io.errors import UnsafeOutputError
 from lightning_ties.io.jsonsafe import JSONNestingError
 from lightning_ties.io.ownership import read_manifest
 from lightning_ties.io.provenance import StaleResultError
@@ -59,6 +60,23 @@ def test_a_users_file_in_save_dir_refuses_the_fit_at_setup(tmp_path, task_files)
         fit([TiesMerging(tasks=task_files, task="c", save_dir=str(save_dir)), steps], tmp_path)
     assert (save_dir / "search.json").read_text() == "my own notes"
     assert steps.count == 0  # refused before any step
+
+
+@pytest.mark.parametrize("apply, name", [("keep", "merged.safetensors"), ("merged", "merged.ckpt")])
+def test_an_earlier_runs_merge_in_save_dir_merged_again_is_never_written_over(tmp_path, task_files, apply, name):
+    # the first run's merge is ours and unchanged, so the ownership rule alone would let the second replace it:
+    # but the second reads it as a task, and writing its own merge there would destroy one of its inputs
+    save_dir = tmp_path / "out"
+    fit([TiesMerging(tasks=task_files, task="c", save_dir=str(save_dir), apply=apply)], tmp_path)
+    earlier = (save_dir / name).read_bytes()
+    tasks = {**task_files, "earlier": str(save_dir / name)}
+    steps = CountSteps()
+    with pytest.raises(UnsafeOutputError, match=rf"save_dir=.*writes {name} there.*is the input"):
+        fit([TiesMerging(tasks=tasks, task="d", save_dir=str(save_dir), apply=apply), steps], tmp_path)
+    assert (save_dir / name).read_bytes() == earlier and steps.count == 0
+    # a task given as a folder (a Hugging Face folder, a DCP checkpoint) that holds save_dir: refused too
+    with pytest.raises(UnsafeOutputError, match=r"writes search.json there.*lies inside the input folder"):
+        fit([TiesMerging(tasks={**task_files, "all": str(tmp_path)}, task="d", save_dir=str(save_dir))], tmp_path)
 
 
 def test_merged_ckpt_enters_the_manifest_and_a_rerun_may_replace_it(tmp_path, task_files):

@@ -236,6 +236,24 @@ def test_empty_model_list_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("models", "message"),
+    [("ft.safetensors", r"got the single path 'ft.safetensors': pass \['ft.safetensors'\]"),
+     ({"w": torch.ones(2)}, r"got one dict: pass it in a list"), (3, "got int 3")],
+)
+def test_one_model_in_place_of_the_list_is_refused_naming_it(tmp_path, models, message) -> None:
+    # a path would be iterated into its characters, a state dict into its keys: an error about something else
+    from lightning_ties.io import merge_to
+
+    with pytest.raises(ValueError, match=message):
+        ties_merge({"w": torch.zeros(2)}, models)
+    with pytest.raises(ValueError, match=message):
+        average_merge(models)
+    with pytest.raises(ValueError, match=message):
+        merge_to(tmp_path / "out.safetensors", {"w": torch.zeros(2)}, models, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"sign": "majority"}, "method 'ties': unknown sign 'majority'; choose one of 'mass', 'count'"),
