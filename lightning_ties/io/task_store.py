@@ -48,7 +48,7 @@ from .jsonsafe import loads as load_json
 from .safetensors_file import SafetensorsFile, SafetensorsWriter
 
 FORMAT = "lightning-ties-task-store"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # fullmatch: "$" would let a trailing newline through
 
 
 class TaskVectorStore:
@@ -87,7 +87,7 @@ class TaskVectorStore:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise CheckpointError(f"{index} is not a {FORMAT} index (format={found!r}); is {self.root} a task store?")
         tasks = data.get("tasks")
-        if not isinstance(tasks, list) or not all(isinstance(t, str) and _NAME.match(t) for t in tasks):
+        if not isinstance(tasks, list) or not all(isinstance(t, str) and _NAME.fullmatch(t) for t in tasks):
             raise CheckpointError(
                 f"{index}: corrupt task list {tasks!r}; restore it from a backup, or delete the store folder to start over"
             )
@@ -211,7 +211,7 @@ class TaskVectorStore:
 
     # ---- tasks -----------------------------------------------------------------------------------
     def task_path(self, name: str) -> Path:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"task name {name!r} must be letters, digits, '_', '-' or '.'")
         return self.root / "tasks" / f"{name}.safetensors"
 

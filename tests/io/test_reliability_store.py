@@ -53,6 +53,14 @@ def test_a_garbage_index_is_named_at_open(store):
         TaskVectorStore(store.root)
 
 
+@pytest.mark.parametrize("name", ["a\n", "a/b", "", "a b", "\u00e9"])
+def test_a_task_name_that_is_not_a_plain_file_name_is_refused_before_anything_is_written(store, name):
+    files = sorted(store.root.rglob("*"))
+    with pytest.raises(ValueError, match="must be letters, digits"):
+        store.add(name, {"w": torch.ones(8), "v": torch.ones(2, 2)})
+    assert sorted(store.root.rglob("*")) == files and store.names() == ["a", "b"]
+
+
 def test_a_truncated_task_file_is_named(store):
     path = store.task_path("a")
     truncate(path, 4)
