@@ -56,6 +56,7 @@ from .ownership import (
     library_version,
     read_manifest,
     record,
+    refuse_reserved_name,
     refuse_unless_replaceable,
     write_folder_manifest,
 )
@@ -123,6 +124,7 @@ def _removed_on_error(tmp: Path, path: Path) -> Iterator[None]:
 def _writing(path: Path) -> Iterator[None]:
     """What every writer does first: create missing parent folders (as ``mkdir -p``, only the
     output's own ancestors), clean the folder's stale temporaries, hold the output's lock."""
+    refuse_reserved_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_in(path.parent)
     with locked(path):

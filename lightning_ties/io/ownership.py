@@ -110,6 +110,23 @@ def _ours_only(name: str) -> bool:
     return name == MANIFEST or TEMP.fullmatch(name) is not None or name.endswith(LOCK_SUFFIX)
 
 
+def refuse_reserved_name(path: Path) -> None:
+    """Refuse an output named as our bookkeeping: a manifest, temporary or lock file of that name would be clobbered
+    by it, or (the manifest's lock is the output's lock) wait on itself for ever.
+
+    Example:
+        >>> refuse_reserved_name(Path("out/.lightning-ties.json"))
+        Traceback (most recent call last):
+        ...
+        lightning_ties.io.errors.UnsafeOutputError: cannot write out/.lightning-ties.json: lightning-ties keeps the name '.lightning-ties.json' for its own bookkeeping (manifests, temporaries, locks); choose another name
+    """
+    if _ours_only(path.name):
+        raise UnsafeOutputError(
+            f"cannot write {path}: lightning-ties keeps the name {path.name!r} for its own bookkeeping (manifests, "
+            "temporaries, locks); choose another name"
+        )
+
+
 # ---- reading and writing manifests -----------------------------------------------------------------
 class ManifestError(UnsafeOutputError):
     """A ``.lightning-ties.json`` exists but is not a manifest we can read (named in the message)."""
@@ -295,6 +312,7 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool = True, kind: K
         'search.json'
     """
     path = Path(path)
+    refuse_reserved_name(path)
     # exists-but-not-a-folder first: another rank may create the folder between two checks,
     # and a folder seen missing and then present is fine (asked the other way round it is not)
     if os.path.lexists(path.parent) and not path.parent.is_dir():
@@ -334,6 +352,7 @@ __all__ = [
     "library_version",
     "read_manifest",
     "record",
+    "refuse_reserved_name",
     "refuse_unless_replaceable",
     "write_folder_manifest",
 ]

@@ -232,3 +232,15 @@ def test_reports_plots_and_the_demos_checkpoints_written_without_overwrite_refus
     save_checkpoints(tmp_path, net, {"a": net.state_dict()})
     with pytest.raises(FileExistsError, match="base.safetensors already exists"):
         save_checkpoints(tmp_path, net, {"a": net.state_dict()}, overwrite=False)
+
+
+@pytest.mark.parametrize("name", [".lightning-ties.json", ".m.safetensors.lightning-ties.lock"])
+def test_an_output_named_as_our_bookkeeping_is_refused_before_any_write(tmp_path, name):
+    # the manifest's lock is the lock of an output named .lightning-ties.json: its writer waited on itself for ever
+    from lightning_ties.io.errors import UnsafeOutputError
+
+    for write in (lambda p: save_safetensors({"w": torch.ones(2)}, p), lambda p: write_text_atomic(p, "x"),
+                  lambda p: merge_to(p, {"w": torch.ones(2)}, [{"w": torch.zeros(2)}], progress=False)):
+        with pytest.raises(UnsafeOutputError, match=f"keeps the name '{name}' for its own bookkeeping"):
+            write(tmp_path / "fresh" / name)
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
