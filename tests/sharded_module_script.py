@@ -5,9 +5,11 @@ Usage: python sharded_module_script.py STRATEGY DEVICES OUT TASKS_DIR
 STRATEGY: ``single`` (one process, the reference), ``model_parallel`` (ModelParallelStrategy: the module shards its
 model with FSDP2 in ``configure_model``, block by block; the models are given as factories, so they are built on
 the meta device and each rank fills its own rows from the base; ``model_parallel_cuda`` likewise on GPUs),
-``model_parallel_fn`` (the same with a user's ``shard_fn``
-sharding the model as one group) or ``fsdp`` (FSDPStrategy: refused at setup). Lightning re-launches this script for
-the other ranks; ``LIGHTNING_TIES_BACKEND=lightning`` runs it on the unified ``lightning`` package. The model has per-task heads of one shape (``heads="^head\\."``), its blocks in an ``nn.ModuleList``
+``model_parallel_fn`` (the same with a user's ``shard_fn`` sharding the model as one group) or ``fsdp``
+(FSDPStrategy, a test-only subclass that wraps on the CPU: the strategy wraps the whole module, FSDP1; the models are
+given built, and a model given as a factory is refused at setup, before anything builds it). Lightning re-launches
+this script for the other ranks; ``LIGHTNING_TIES_BACKEND=lightning`` runs it on the unified ``lightning`` package.
+The model has per-task heads of one shape (``heads="^head\\."``), its blocks in an ``nn.ModuleList``
 (7 and 5 rows: uneven shards). Every rank runs, in one Trainer: ``evaluate`` with normalized scores (each task's
 fine-tuned weights written into the shards and scored), a two-method k x lam ``search``, then a ``search`` naming
 RegMean and a module whose method is RegMean (both refused). Rank 0 writes OUT/result.pt: the scores, the
@@ -37,8 +39,7 @@ else:
     import pytorch_lightning as pl  # noqa: E402
 
     from lightning_ties.pytorch_lightning import MultiTaskMergeModule  # noqa: E402
-from lightning_ties.distributed import full_state  # noqa: E402
-from lightning_ties.distributed.shard import is_fully_sharded  # noqa: E402
+from lightning_ties.distributed.fit import gather_entry  # noqa: E402
 
 TASKS = ("a", "b")
 
@@ -113,16 +114,31 @@ def shard_as_one_group(model: nn.Module, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
+class CPUFSDPStrategy(pl.strategies.FSDPStrategy):
+    """Test only: Lightning refuses ``strategy="fsdp"`` on the CPU; FSDP1 itself runs there with device_id=cpu. A module
+    already wrapped is kept, as Lightning's own ``_setup_model`` keeps it."""
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return model
+        return FullyShardedDataParallel(module=model, device_id=torch.device("cpu"), **self.kwargs)
+
+
 def strategy_of(name: str, devices: int):
     if name in ("model_parallel", "model_parallel_fn", "model_parallel_cuda"):
         return pl.strategies.ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    if name == "fsdp":
+        return CPUFSDPStrategy()
     return "auto"
 
 
 def weights(module: MultiTaskMergeModule) -> dict[str, torch.Tensor]:
     """The whole weights of the module's model (gathered one tensor at a time when sharded: collective)."""
-    if is_fully_sharded(module.model):
-        return full_state(module.model)
+    if module.merger.sharded is not None:  # the merger's own view: the model's keys, under FSDP1 too
+        view = module.merger.sharded.view_of()
+        return {key: gather_entry(entry, view.collectives) for key, entry in view.entries.items()}
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
 
@@ -141,7 +157,7 @@ def main() -> None:
     record: dict = {"eval": module.evaluate(trainer, loaders(), k=0.3, lam=0.8, normalize=True),
                     "layer": type(module).__module__, "built_on_meta": built_on_meta}
     record["reference"] = dict(module.reference)
-    record["sharded"] = is_fully_sharded(module.model)
+    record["sharded"] = module.merger.sharded is not None
     record["eval_weights"] = weights(module)
     result = module.search(trainer, loaders(), method=["ties", "tsv"], k=[0.2, 0.5], lam=[0.5, 1.0])
     record["candidates"] = [(c.method, c.k, c.lam, c.objective, c.scores) for c in result.candidates]
@@ -177,6 +193,13 @@ def main() -> None:
     record["llama_eval"] = lm.evaluate(trainer, llama_loaders(), normalize=True)
     record["llama_tied"] = lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
     record["llama_weights"] = weights(lm)
+    if name == "fsdp":  # a factory: FSDP1 would build it whole on every rank, so it is refused before anything does
+        lazy_lm = MultiTaskMergeModule(str(folder / "base.safetensors"), {t: str(folder / f"{t}.safetensors") for t in TASKS},
+                                       model=llama, forward_fn=next_token)
+        try:
+            lazy_lm.evaluate(trainer, llama_loaders())
+        except ValueError as err:
+            record["factory"] = (str(err), all(p.is_meta for p in lazy_lm.model.parameters()))
     torch.save(held, out / f"held{trainer.global_rank}.pt")
     if trainer.is_global_zero:
         torch.save(record, out / "result.pt")

@@ -162,7 +162,7 @@ class Merger:
             fill_from_base(self.model, self.base_source, torch.device(device))
 
     def use_shards(self, view_of: Callable[[], Any]) -> None:
-        """From now on ``model`` is sharded (FSDP2; ``view_of()``: this rank's view of it): merges, task weights and
+        """From now on ``model`` is sharded (FSDP2, FSDP1; ``view_of()``: this rank's view): merges, task weights and
         heads run on each rank's rows (:class:`~.sharded_model.ShardedModel`), collectively, as one process would."""
         self.sharded = ShardedModel(view_of, self.base_source, dict(zip(self.tasks, self.task_sources)), self.head_keys)
         self._tau, self._base_merged = None, None  # whole tensors; the weights in place (current, head) stay valid

@@ -1,4 +1,5 @@
-"""A :class:`~.merger.Merger`'s model sharded over W ranks (FSDP2 ``fully_shard``): the merge on each rank's rows.
+"""A :class:`~.merger.Merger`'s model sharded over W ranks (FSDP2 ``fully_shard``, or inside an FSDP1 wrapper of its
+parent: :class:`WrappedModelView`): the merge on each rank's rows.
 
 Once the strategy has sharded the model, :meth:`Merger.use_shards <.merger.Merger.use_shards>` hands its
 merges to :class:`ShardedModel`: each rank reads its own rows of the base and of every task (per row range
@@ -21,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from ..distributed.merge import ShardedMerge, merge_sharded_
-from ..distributed.views import RowsSource, ShardedView
+from ..distributed.views import RowsSource, ShardedView, sharded_view
 from ..merging.options import MergeOptions
 from ..merging.sources import TensorSource
 
@@ -83,6 +85,29 @@ class ShardedModel:
         view.write_((key, heads[key]) for key in view.keys if key in heads)
 
 
+class WrappedModelView:
+    """A ``view_of`` for :class:`ShardedModel` when FSDP1 wraps the model's parent (Lightning's ``FSDPStrategy`` wraps
+    the whole LightningModule): this rank's view of the wrapper's entries under ``prefix`` (the model's attribute,
+    ``"model."``), named as the model's own keys; the parent's other entries are left out, and written back as they are.
+
+    Example (on every rank, after ``FullyShardedDataParallel(lightning_module)``)::
+
+        merger.use_shards(WrappedModelView(wrapper, "model."))
+    """
+
+    def __init__(self, wrapper: nn.Module, prefix: str) -> None:
+        self.wrapper = wrapper
+        self.prefix = prefix
+
+    def __call__(self) -> ShardedView:
+        view = sharded_view(self.wrapper)
+        cut = len(self.prefix)
+        view.entries = {key[cut:]: entry for key, entry in view.entries.items() if key.startswith(self.prefix)}
+        view.aliases = {key[cut:]: first[cut:] for key, first in view.aliases.items()
+                        if key.startswith(self.prefix) and first.startswith(self.prefix)}
+        return view
+
+
 def _check_head_shapes(view: ShardedView, tasks: Mapping[str, TensorSource], head_keys: Sequence[str]) -> None:
     """A head of another shape than the model's cannot be swapped into fixed shards: say which, before any merge."""
     specs = view.specs()
@@ -98,4 +123,4 @@ def _check_head_shapes(view: ShardedView, tasks: Mapping[str, TensorSource], hea
                 )
 
 
-__all__ = ["ShardedModel"]
+__all__ = ["ShardedModel", "WrappedModelView"]

@@ -26,8 +26,8 @@ then ``module.last_scores`` (and ``trainer.callback_metrics``): the module sends
 itself, at steps of its own, so the list ``trainer.validate`` returns holds empty dicts.
 
 Sharded: under ``ModelParallelStrategy(data_parallel_size=W, tensor_parallel_size=1)`` the module shards
-``model`` with FSDP2 in ``configure_model`` and every merge runs on each rank's rows (bit for bit the
-one-process merge; see :class:`~.sharded.ShardsItsModel`).
+``model`` with FSDP2 in ``configure_model``, under ``FSDPStrategy`` (FSDP1) the strategy wraps it; either way
+every merge runs on each rank's rows (bit for bit the one-process merge; see :class:`~.sharded.ShardsItsModel`).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
             self._pending = None
 
     def setup(self, stage: str) -> None:
-        refuse_sharded(self.trainer, "MultiTaskMergeModule", fsdp2=True)
+        refuse_sharded(self.trainer, "MultiTaskMergeModule", shards_of=self.model)
 
     def on_validation_start(self) -> None:
         self.merge_on_shards()

@@ -35,6 +35,7 @@ from ..core.options import SearchOptions
 from ..core.recipe import fixed_choice
 from ..core.resume import PROGRESS_FILE, read_progress, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult, walk_grid
+from ..core.sharded_model import WrappedModelView
 from ..distributed.fit import ShardedFitMerge, rows_fingerprint, save_full_safetensors
 from ..distributed.merge import local_rows
 from ..distributed.shard import is_fully_sharded, shard_blocks
@@ -56,6 +57,14 @@ DEEPSPEED_REFUSAL = (
 )
 
 
+#: Why FSDP1 refuses a factory: it wraps after ``configure_model``, building each unit whole first (``param_init_fn``)
+FSDP1_META_REFUSAL = (
+    "model= a factory (built on the meta device) is not supported under FSDPStrategy (FSDP1): it would build the "
+    "model whole on every rank before sharding it. Pass the model built (model=Net(cfg)), or use "
+    "ModelParallelStrategy(data_parallel_size=W, tensor_parallel_size=1) (FSDP2), where each rank fills only its rows"
+)
+
+
 def sharding_kind(strategy: Any) -> str | None:
     """``"fsdp2"``, ``"fsdp1"`` for the sharded strategies the merge supports, None for unsharded ones.
 
@@ -71,19 +80,22 @@ def sharding_kind(strategy: Any) -> str | None:
     return None
 
 
-def refuse_sharded(trainer: pl.Trainer, who: str, fsdp2: bool = False) -> None:
+def refuse_sharded(trainer: pl.Trainer, who: str, shards_of: nn.Module | None = None) -> None:
     """``who`` (a module that merges whole tensors) refuses a strategy that shards the module, DeepSpeed included;
-    with ``fsdp2``, ``ModelParallelStrategy`` (whose ``configure_model`` the module implements) is accepted.
+    given ``shards_of`` (the model it merges on each rank's shards of), ``ModelParallelStrategy`` and ``FSDPStrategy``
+    are accepted, the latter only for a model already built (see :data:`FSDP1_META_REFUSAL`).
 
     Raised at the module's ``setup``, before the strategy splits the weights it would read whole.
     """
     strategies = pl.strategies
-    if fsdp2 and isinstance(trainer.strategy, strategies.ModelParallelStrategy):
+    merged_on = (strategies.ModelParallelStrategy, strategies.FSDPStrategy)
+    if shards_of is not None and isinstance(trainer.strategy, merged_on):
+        if isinstance(trainer.strategy, strategies.FSDPStrategy) and is_on_meta(shards_of):
+            raise ValueError(f"{who}: {FSDP1_META_REFUSAL} ({type(trainer.strategy).__name__})")
         return
-    sharding = (strategies.DeepSpeedStrategy, strategies.ModelParallelStrategy, strategies.FSDPStrategy)
-    if isinstance(trainer.strategy, sharding):
+    if isinstance(trainer.strategy, (strategies.DeepSpeedStrategy, *merged_on)):
         supported = ("; it merges on each rank's shards under ModelParallelStrategy(data_parallel_size=W, "
-                     "tensor_parallel_size=1) (FSDP2)") if fsdp2 else ""
+                     "tensor_parallel_size=1) (FSDP2) and FSDPStrategy (FSDP1)") if shards_of is not None else ""
         raise ValueError(
             f"{who} does not support the sharded strategy {type(trainer.strategy).__name__}: it merges whole "
             f"tensors, which a sharded module does not hold{supported}. Run it on one device or under DDP "
@@ -93,13 +105,15 @@ def refuse_sharded(trainer: pl.Trainer, who: str, fsdp2: bool = False) -> None:
 
 
 class ShardsItsModel:
-    """What a merge module (a LightningModule with a :class:`~lightning_ties.core.merger.Merger` as ``merger``
-    and its ``model``) adds to merge on shards under ``ModelParallelStrategy(data_parallel_size=W,
+    """What a merge module (a LightningModule with a :class:`~lightning_ties.core.merger.Merger` as ``merger``,
+    its ``model``, ``tasks_by_index``) adds to merge on shards under ``ModelParallelStrategy(data_parallel_size=W,
     tensor_parallel_size=1)``: its ``configure_model`` shards ``model`` with FSDP2, once, by ``shard_fn(model,
     mesh)`` when set, else :func:`~lightning_ties.distributed.shard.shard_blocks` (each block of every
     ``nn.ModuleList``, then the model); :meth:`merge_on_shards` then hands the merger this rank's view of it.
     A model built on the meta device (``model=`` a factory) is sharded without memory, then each rank fills
     its own rows from the base (:meth:`~lightning_ties.core.merger.Merger.materialize`): no rank builds it whole.
+    Under ``FSDPStrategy`` (FSDP1) the strategy wraps the whole module, once: the merger gets this rank's view of
+    ``model``'s entries in that wrapper (:class:`~lightning_ties.core.sharded_model.WrappedModelView`).
     Each rank holds its rows of the model, the base and tau_m, and reads its rows of every task (about 1/W of
     one process each); every task's head must have the model's shape (shards cannot change shape).
     """
@@ -107,24 +121,28 @@ class ShardsItsModel:
     shard_fn: Callable[[nn.Module, Any], None] | None = None
 
     def configure_model(self) -> None:
-        if sharding_kind(self.trainer.strategy) == "fsdp2" and not is_fully_sharded(self.model):
+        kind = sharding_kind(self.trainer.strategy)
+        if kind == "fsdp2" and not is_fully_sharded(self.model):
             (self.shard_fn or shard_blocks)(self.model, self.device_mesh["data_parallel"])
+        wrapped = getattr(self.merger.sharded, "view_of", None)  # FSDP1's wrapper of an earlier run: handed back,
+        if kind == "fsdp1" and isinstance(wrapped, WrappedModelView):  # the strategy keeps it (wrapping the module
+            self.trainer.strategy.model = wrapped.wrapper  # again would shard its shards and break the old wrapper)
         # a model built on the meta device (model= a factory) gets its memory and the base's values here, on the
         # strategy's device: each rank's own rows once sharded, so no rank ever holds it whole
         self.merger.materialize(self.trainer.strategy.root_device)
 
     def searchable_on(self, trainer: pl.Trainer | None, options: SearchOptions) -> SearchOptions:
         """``options`` less the methods that need whole weights (RegMean) when ``trainer`` shards the model."""
-        if trainer is None or sharding_kind(trainer.strategy) != "fsdp2":
+        if trainer is None or sharding_kind(trainer.strategy) is None:
             return options
         return sharded_search_options(options, type(trainer.strategy).__name__, type(self).__name__)
 
     def set_up_for(self, trainer: pl.Trainer | None) -> bool:
-        """Whether a merge now would run where ``trainer`` puts the model: not before ``configure_model`` has
-        sharded it (FSDP2) or filled it (a model built on the meta device); without a trainer, always."""
+        """Whether a merge now would run where ``trainer`` puts the model: not before the strategy shards it (FSDP2
+        in ``configure_model``, FSDP1 in its setup, after) or fills it (built on meta); without a trainer, always."""
         if trainer is None or self.merger.sharded is not None:
             return True
-        return sharding_kind(trainer.strategy) != "fsdp2" and not is_on_meta(self.model)
+        return sharding_kind(trainer.strategy) is None and not is_on_meta(self.model)
 
     def tau_ahead(self, trainer: pl.Trainer | None) -> Callable[[float | None], None]:
         """A search's ``before_k``: each k's tau_m computed ahead of its first candidate only once the model is
@@ -136,10 +154,19 @@ class ShardsItsModel:
 
         return before_k
 
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # the task's head goes in here: FSDP1 runs validation_step in its forward, where shards cannot be written
+        self.merger.use_task(self.tasks_by_index[dataloader_idx])
+
     def merge_on_shards(self) -> None:
         """Before a merge: once ``model`` is sharded, the merger merges on this rank's rows of it (collective)."""
-        if self.merger.sharded is None and is_fully_sharded(self.model):
+        if self.merger.sharded is not None:
+            return
+        if is_fully_sharded(self.model):
             self.merger.use_shards(lambda: sharded_view(self.model))
+        elif sharding_kind(self.trainer.strategy) == "fsdp1":  # the wrapper's keys name the model by its attribute
+            prefix = next(f"{name}." for name, child in self.named_children() if child is self.model)
+            self.merger.use_shards(WrappedModelView(self.trainer.strategy.model, prefix))
 
 
 def sharded_module(trainer: pl.Trainer) -> nn.Module | None:

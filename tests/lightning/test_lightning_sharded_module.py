@@ -1,13 +1,15 @@
-"""MultiTaskMergeModule under ModelParallelStrategy on the CPU (2 gloo processes, launched by Lightning).
+"""MultiTaskMergeModule under ModelParallelStrategy and FSDPStrategy on the CPU (2 gloo processes, launched by Lightning).
 
 Given base and task checkpoints as files, on either Lightning package, a model with per-task heads and uneven row shards, when the module
 shards its model with FSDP2 in ``configure_model`` (block by block, the model given as a factory and so built on the
-meta device and filled per rank from the base; or built, by the user's ``shard_fn``) and evaluates
+meta device and filled per rank from the base; or built, by the user's ``shard_fn``), or FSDPStrategy wraps the whole
+module (FSDP1, once for all its validation runs; the model given built), and evaluates
 (normalized), searches two methods over k x lam, and is asked for RegMean, then every score, reference, candidate
 and the chosen merge equal one process's, the merged weights (gathered) equal one process's bit for bit after each
 step, each rank holds only its rows of the base and of tau_m, and RegMean is refused with its reason; and a tiny
 Hugging Face BERT classifier (dict batches, ``classifier`` heads) scores, searches and merges as one process too, as
-does a tiny Llama causal LM with tied embeddings whose checkpoints hold one name of them (it stays tied).
+does a tiny Llama causal LM with tied embeddings whose checkpoints hold one name of them (it stays tied). Under FSDP1 a
+model given as a factory is refused at setup, before anything builds it.
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[key], expected[key]), key
 
 
-# each Lightning package once (the module from its own layer), each way of sharding once
-@pytest.mark.parametrize(("strategy", "backend"), [("model_parallel", "pytorch_lightning"), ("model_parallel_fn", "lightning")])
+# each Lightning package once per strategy (the module from its own layer), each way of sharding once
+@pytest.mark.parametrize(("strategy", "backend"), [("model_parallel", "pytorch_lightning"), ("model_parallel_fn", "lightning"),
+                                                   ("fsdp", "lightning"), ("fsdp", "pytorch_lightning")])
 def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(strategy, backend, task_files, single,
                                                                               tmp_path):
     sharded = run(strategy, 2, task_files, tmp_path, backend)
@@ -81,7 +84,8 @@ def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(st
     assert len({c[3] for c in single["candidates"]}) > 1  # the candidates' scores tell them apart
     assert sharded["chosen"] == single["chosen"]
     assert_same_weights(sharded["search_weights"], single["search_weights"])
-    assert "['regmean'] need each task's data" in sharded["regmean"] and "ModelParallelStrategy" in sharded["regmean"]
+    named = "CPUFSDPStrategy" if strategy == "fsdp" else "ModelParallelStrategy"  # the strategy's class, subclass or not
+    assert "['regmean'] need each task's data" in sharded["regmean"] and named in sharded["regmean"]
     assert "'regmean' needs each task's data" in sharded["regmean_module"] and "sharded" in sharded["regmean_module"]
     assert "regmean" not in single and "regmean_module" not in single  # one process runs RegMean
     # each rank holds its own rows of the base and of tau_m, none twice: together one model, about half each
@@ -97,6 +101,11 @@ def test_the_merge_module_on_shards_scores_searches_and_merges_as_one_process(st
     # a causal LM with tied embeddings, filled and merged through one of its two names: still tied, the same merge
     assert sharded["llama_eval"] == single["llama_eval"] and sharded["llama_tied"] and single["llama_tied"]
     assert_same_weights(sharded["llama_weights"], single["llama_weights"])
+    if strategy == "fsdp":  # FSDP1 would build a factory's model whole on every rank: refused, and nothing built it
+        message, still_on_meta = sharded["factory"]
+        assert "model= a factory" in message and "not supported under FSDPStrategy (FSDP1)" in message and still_on_meta
+        assert "Pass the model built" in message and "ModelParallelStrategy" in message
+    assert "factory" not in single
 
 
 @pytest.mark.cuda
