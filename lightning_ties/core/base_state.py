@@ -28,23 +28,30 @@ from torch import nn
 from ..io.card import sha256_file
 from ..io.sinks import save_safetensors
 from ..merging.reading import check_device
-from .keys import match_to_module
+from ..merging.sources import copy_state
+from .keys import match_to_module, module_ties, with_ties
 
 #: The captured base (module weights at fit start), written once under ``save_dir`` and referenced by checkpoints.
 BASE_FILE = "base.safetensors"
 
 
 def clone_state(module: nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """A copy of the module's state on ``device`` (CPU by default: the copy costs no GPU memory)."""
-    return {k: v.detach().to(device, copy=True) for k, v in module.state_dict().items()}
+    """A copy of the module's state on ``device`` (CPU by default: the copy costs no GPU memory); tied weights stay
+    one tensor (:func:`~lightning_ties.merging.sources.copy_state`), so the merge counts them once."""
+    return copy_state(module.state_dict(), device)
 
 
 def capture_base(base: Any, module: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
     """The base's weights on ``device`` under ``module``'s keys: ``base`` (path, state dict, ...) when given, else the module's."""
     if base is None:
         return clone_state(module, device)
-    src = match_to_module(base, list(module.state_dict()), label="base")
-    return {k: src.get(k).detach().to(device, copy=True) for k in src.keys()}
+    src = with_ties(match_to_module(base, list(module.state_dict()), label="base"), module_ties(module))
+    aliases = getattr(src, "aliases", None) or {}  # tied weights (the module's, the base's): one copy for both names
+    captured: dict[str, torch.Tensor] = {}
+    for key in src.keys():
+        first = aliases.get(key)
+        captured[key] = captured[first] if first in captured else src.get(key).detach().to(device, copy=True)
+    return captured
 
 
 def base_reference(

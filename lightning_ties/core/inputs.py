@@ -18,7 +18,7 @@ import hashlib
 import importlib
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,19 @@ from ..io.provenance import fingerprint_sources
 from ..merging.plan import compile_patterns
 from .base_state import BASE_FILE, check_base_device
 from .keys import split_spec
-from .options import check_choice
+from .options import check_choice, check_method_params
 from .resume import PROGRESS_FILE
 
 #: The checkpoint written after an ``apply="merged"`` merge: the merged weights in ``state_dict``.
 MERGED_CHECKPOINT = "merged.ckpt"
 
-def check_arguments(heads: Any, apply: str, save_dir: str | None, every_n_val_epochs: int | None, base_device: str) -> None:
+def check_arguments(
+    heads: Any, apply: str, save_dir: str | None, every_n_val_epochs: int | None, base_device: str,
+    methods: Sequence[str] = (), method_params: Mapping[str, Any] | None = None,
+) -> None:
     """The callback's other arguments, checked when it is built (a typo fails before any training step)."""
     check_choice("apply", apply, ("merged", "keep"))
+    check_method_params(methods, method_params or {})  # each of ``methods`` gets the names it has
     if heads is not None and not isinstance(heads, torch.nn.Module):  # a malformed regex fails now
         compile_patterns([h for h in ([heads] if isinstance(heads, str) else heads) if isinstance(h, str)], "heads")
     if apply == "keep" and save_dir is None:

@@ -65,14 +65,26 @@ class MatchedSource:
         (module key = ``prefix`` + source key without ``strip``).
     """
 
-    def __init__(self, source: TensorSource, mapping: Mapping[str, str], strip: str = "", prefix: str = "") -> None:
+    def __init__(
+        self, source: TensorSource, mapping: Mapping[str, str], strip: str = "", prefix: str = "",
+        ties: Mapping[str, str] | None = None,
+    ) -> None:
         self.source = source
         self.label = source.label
         self.strip, self.prefix = strip, prefix
         self._to_source = dict(mapping)
+        self._ties = dict(ties or {})  # tied weights the module knows of (see with_ties)
 
     def keys(self) -> Sequence[str]:
         return list(self._to_source)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """The wrapped source's tied weights (second name -> first), under the module's names."""
+        to_module = {source_key: key for key, source_key in self._to_source.items()}
+        wrapped = getattr(self.source, "aliases", None) or {}
+        own = {to_module[k]: to_module[first] for k, first in wrapped.items() if k in to_module and first in to_module}
+        return {**self._ties, **own}
 
     def spec(self, key: str) -> TensorSpec:
         return self.source.spec(self._to_source[key])
@@ -92,6 +104,48 @@ class MatchedSource:
         if name.startswith("_") or name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
+
+
+def module_ties(module: nn.Module) -> dict[str, str]:
+    """The module's tied weights: each later state-dict name of a parameter or buffer -> its first name.
+
+    By object (``state_dict(keep_vars=True)``), so a module on the meta device, whose tensors have no storage,
+    is read right.
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(4, 2), nn.Linear(2, 4, bias=False))
+        >>> net[1].weight = net[0].weight
+        >>> module_ties(net)
+        {'1.weight': '0.weight'}
+    """
+    first: dict[int, str] = {}
+    ties = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            ties[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+    return ties
+
+
+def with_ties(source: TensorSource, ties: Mapping[str, str]) -> TensorSource:
+    """``source`` (with the module's key names) whose tied weights include the module's ``ties`` it holds both names
+    of: a file stores a tied tensor under each name, and the merge must still merge it once, as the module holds it.
+
+    Example:
+        >>> from lightning_ties.merging import as_source
+        >>> src = with_ties(as_source({"emb": torch.ones(2), "out": torch.ones(2)}), {"out": "emb"})
+        >>> src.aliases
+        {'out': 'emb'}
+    """
+    held = set(source.keys())
+    own = getattr(source, "aliases", None) or {}
+    extra = {k: first for k, first in ties.items() if k in held and first in held and own.get(k) != first}
+    if not extra:
+        return source
+    if isinstance(source, MatchedSource):
+        return MatchedSource(source.source, source._to_source, source.strip, source.prefix, {**source._ties, **extra})
+    return MatchedSource(source, {k: k for k in source.keys()}, ties=extra)
 
 
 def module_keys_of(module: nn.Module | Mapping[str, Any] | Iterable[str]) -> list[str]:
@@ -279,4 +333,5 @@ def _samples(keys: Sequence[str], module_keys: Sequence[str]) -> str:
     return f"source keys look like {sorted(keys)[:4]}; module keys look like {sorted(module_keys)[:4]}"
 
 
-__all__ = ["KeyMatchError", "MatchedSource", "match_to_module", "module_keys_of", "split_spec"]
+__all__ = ["KeyMatchError", "MatchedSource", "match_to_module", "module_keys_of", "module_ties", "split_spec",
+           "with_ties"]

@@ -39,13 +39,13 @@ from torch import nn
 from ..distributed.merge import ShardedMerge
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergedTaskVector, MergeOptions, apply_task_vector, as_source, get_method, method_task_vector
-from ..merging.sources import TensorSource
+from ..merging.sources import TensorSource, copy_state
 from .heads import HeadsArg, HeadStore, differing_keys, exact_patterns
-from .keys import match_to_module
+from .keys import match_to_module, module_ties, with_ties
 from .matching import check_model_keys, match_sources
 from .meta_init import build_on_meta, check_fillable, fill_from_base, is_on_meta
 from .metrics import MetricsArg, Scores, TaskMetrics
-from .options import SearchOptions
+from .options import SearchOptions, params_for
 from .progress import preparation_progress
 from .regmean import regmean_task_vector
 from .auto import auto_search
@@ -119,13 +119,14 @@ class Merger:
         get_method(method)
         self.method, self.k, self.lam = method, k, lam
         self.method_params = dict(method_params or {})
-        # method_params are written for this method; a search over other methods passes each only
-        # the parameters it has (``scope`` reaches TIES, not TSV-M)
-        self._params_method = method
+        #: the method ``method_params`` are written for (a name it lacks is an error); others get only the names they
+        #: have (``scope`` reaches TIES, not TSV-M); None: every method (the caller checked them: ``TiesMerging``)
+        self.params_method: str | None = method
         self.include = include
         self.forward_fn = forward_fn
         self._forward_takes_task = takes_task(forward_fn) if forward_fn is not None else False
-        base_src = match_to_module(_snapshot_source(base), list(model.state_dict()), label="base")
+        base_src = with_ties(match_to_module(_snapshot_source(base), list(model.state_dict()), label="base"),
+                             module_ties(model))  # a file holds a tied tensor under each name: merged once
         matched = match_sources(model, base_src, tasks, heads, include, exclude)
         self.base_source, self.task_sources, self.plan = base_src, matched.tasks, matched.plan
         detected = differing_keys(self.plan, list(model.state_dict()))
@@ -134,8 +135,7 @@ class Merger:
         check_model_keys(model, base_src, self.plan)
         check_fillable(model, base_src, self.head_keys, dict(zip(self.tasks, self.task_sources)))  # if on meta
         self.metrics = TaskMetrics(self.tasks, metrics)
-        # each task's head, read on first use and kept where its source gives it (no device memory)
-        self.head_store = HeadStore(self.head_keys, dict(zip(self.tasks, self.task_sources)))
+        self.head_store = HeadStore(self.head_keys, dict(zip(self.tasks, self.task_sources)))  # read on first use
         #: where tau_m is computed and kept (the Trainer's device when one runs the evaluation); None: the model's
         self.merge_device: torch.device | None = None
         #: the (k, lam) in ``model`` now; ``None``: not a merge (the base, or a task's own weights)
@@ -187,8 +187,8 @@ class Merger:
             return self._tau[1]
         self._tau = None  # free the previous tau_m before computing the next one
         params = dict(self.method_params)
-        if self.method != self._params_method:  # parameters written for another method: only those this one has
-            params = {name: v for name, v in params.items() if name in get_method(self.method).parameters()}
+        if self.method != self.params_method:  # written for another method, or for every one: the names this one has
+            params = params_for(self.method, params)
         if get_method(self.method).needs_data and self.sharded is None:  # RegMean: Gram matrices from each task's data
             tau = regmean_task_vector(self, self.data_loaders, params)
         else:
@@ -433,11 +433,11 @@ def takes_task(fn: Callable[..., Any]) -> bool:
 
 
 def _snapshot_source(base: Any) -> TensorSource:
-    """Base as a source; a module's values are copied (the model is written over in place)."""
+    """Base as a source; a module's values are copied (the model is written over in place), tied weights as one."""
     if isinstance(base, nn.Module):
-        return as_source({k: v.detach().clone() for k, v in base.state_dict().items()}, "base")
+        return as_source(copy_state(base.state_dict()), "base")
     if isinstance(base, Mapping):  # may alias the model's own tensors (model.state_dict())
-        return as_source({k: v.detach().clone() for k, v in base.items()}, "base")
+        return as_source(copy_state(base), "base")
     return as_source(base, "base")
 
 

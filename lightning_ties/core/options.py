@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from ..merging import METHODS, get_method
+from ..merging import METHODS, MergeOptions, get_method
 from ..merging.grids import DEFAULT_K_GRID, MAX_CANDIDATES, check_k_grid, check_lam_grid, grid_size_problem
 from ..merging.registry import AUTO_METHOD
 from .metrics import SearchObjective
@@ -273,6 +273,37 @@ class SearchOptions:
         )
 
 
+def params_for(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``params`` that ``method`` has (one ``method_params`` serves every method of a search).
+
+    Example:
+        >>> params_for("tsv", {"sign": "count"}), params_for("ties", {"sign": "count"})
+        ({}, {'sign': 'count'})
+    """
+    accepted = get_method(method).parameters()
+    return {name: value for name, value in params.items() if name in accepted}
+
+
+def check_method_params(methods: Sequence[str], params: Mapping[str, Any]) -> None:
+    """Refuse, before any work, a ``method_params`` name that none of ``methods`` has (a typo), or a value one of
+    them refuses; each method later gets the names it has (:func:`params_for`), in any order of ``methods``.
+
+    Example:
+        >>> check_method_params(["tsv", "ties"], {"sign": "count"})
+        >>> check_method_params(["ties", "tsv"], {"sigm": "count"})
+        Traceback (most recent call last):
+        ...
+        ValueError: method_params ['sigm']: no method of ['ties', 'tsv'] has them; their parameters: ties ['k', 'merge', 'scope', 'sign'], tsv [] (and lam)
+    """
+    unknown = [name for name in params if not any(name in get_method(m).parameters() for m in methods)]
+    if unknown:
+        known = ", ".join(f"{m} {sorted(get_method(m).parameters())}" for m in methods)
+        raise ValueError(f"method_params {unknown}: no method of {list(methods)} has them; their parameters: {known} "
+                         "(and lam)")
+    for method in methods:
+        MergeOptions.from_keywords(method, **params_for(method, params))  # the method names a value it refuses
+
+
 __all__ = [
     "AUTO_FIRST",
     "AutoGrid",
@@ -282,8 +313,10 @@ __all__ = [
     "STRATEGIES",
     "SearchOptions",
     "check_choice",
+    "check_method_params",
     "check_methods",
     "check_objective",
     "k_grid",
     "lam_grid",
+    "params_for",
 ]

@@ -54,6 +54,37 @@ class TensorSource(Protocol):
     def get(self, key: str) -> torch.Tensor: ...
 
 
+def tensor_identity(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What makes two entries of a state dict one tensor (tied weights): the same storage seen the same way; None
+    for an empty tensor (empty tensors may all share a null pointer without being tied)."""
+    if t.numel() == 0:
+        return None
+    return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def copy_state(state: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of ``state`` (on ``device``; None: where each tensor is) that keeps tied weights tied: every
+    name of one tensor gets the same copy, so a merge of the copy still merges that tensor once.
+
+    Example:
+        >>> w = torch.ones(2)
+        >>> copy = copy_state({"emb": w, "out": w, "b": torch.zeros(1)})
+        >>> copy["emb"] is copy["out"], copy["emb"] is w
+        (True, False)
+    """
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+    out = {}
+    for key, t in state.items():
+        identity = tensor_identity(t)
+        copy = copies.get(identity) if identity is not None else None
+        if copy is None:
+            copy = t.detach().to(t.device if device is None else device, copy=True)
+            if identity is not None:
+                copies[identity] = copy
+        out[key] = copy
+    return out
+
+
 class StateDictSource:
     """A source over an in-memory mapping name -> tensor (a state dict).
 
@@ -73,9 +104,9 @@ class StateDictSource:
         self.aliases: dict[str, str] = {}
         first: dict[tuple[Any, ...], str] = {}
         for key, t in self._tensors.items():
-            if t.numel() == 0:  # empty tensors may all share a null pointer without being tied
+            identity = tensor_identity(t)
+            if identity is None:
                 continue
-            identity = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
             if identity in first:
                 self.aliases[key] = first[identity]
             else:

@@ -187,6 +187,7 @@ class ContinualTiesMerging(TiesMerging):
             self._base_state, tasks, model=pl_module, heads=self.heads, method=self.method, k=k,
             method_params=self.method_params, include=self.include, exclude=self.exclude,
         )
+        merger.params_method = None  # method_params serve every method (checked against them)
         merger.apply_merge(k, choice.get("lam"))
 
     def _record_base(self, trainer: pl.Trainer) -> dict[str, Any] | None:

@@ -89,10 +89,9 @@ class TiesMerging(Callback):
         every_n_val_epochs: also score the merge every n validation epochs during fit.
         apply: ``"merged"`` (the module ends holding the merge; ``save_dir/merged.ckpt`` too) or ``"keep"``
             (the fine-tuned weights stay; the merge goes to ``save_dir/merged.safetensors``).
-        save_dir: where results (``search.json``, ``search.csv``), progress, the captured base
-            (``base.safetensors``, which checkpoints reference) and the merged model go; by default
-            ``<Trainer default_root_dir>/ties_merging/<task>-<hash>`` (all but ``merged.ckpt``).
-        method_params, include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
+        save_dir: where results (``search.json``/``.csv``), progress, the captured base (``base.safetensors``) and
+            the merge go; by default ``<default_root_dir>/ties_merging/<task>-<hash>`` (all but ``merged.ckpt``).
+        method_params: each method gets the names it has; include, exclude, forward_fn: as in :class:`MultiTaskMergeModule`.
         base_device: where the base is kept until the merge: ``"cpu"`` (default: no GPU memory spent on a
             second copy), a torch device, or ``"module"``. The merge runs on the Trainer's device.
         max_candidates: larger search grids (method x k x lam) are refused; pass the grid's size to confirm.
@@ -134,7 +133,7 @@ class TiesMerging(Callback):
         # the default k=0.2 is ignored, not refused, when no method trims
         self.options = SearchOptions.build(method, k, lam, objective, mode, search_strategy, normalize, strict_k=False,
                                            max_candidates=max_candidates, budget_s=budget_s)
-        check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device)
+        check_arguments(heads, apply, save_dir, every_n_val_epochs, base_device, self.options.methods, method_params)
         self.tasks, self.task = dict(tasks or {}), task
         if task in self.tasks:
             raise ValueError(f"task {task!r} is this run's task; it cannot also be in tasks ({sorted(self.tasks)})")
@@ -304,6 +303,7 @@ class TiesMerging(Callback):
     def _evaluator(self, pl_module: pl.LightningModule, tasks: Mapping[str, Any]) -> MultiTaskMergeModule:
         """The module the Trainer validates the candidates of (its ``Merger`` holds the merge)."""
         evaluator = MultiTaskMergeModule(**self._merger_args(pl_module, tasks))
+        evaluator.merger.params_method = None  # method_params serve every method (checked against them)
         if pl_module._trainer is not None:  # after fit Lightning has moved the module to CPU: merge where it ran
             evaluator.merge_device = pl_module.trainer.strategy.root_device
         return evaluator
@@ -440,7 +440,7 @@ def _score_merge_inline(callback: TiesMerging, trainer: pl.Trainer, pl_module: p
         finetuned = clone_state(pl_module)
         tasks = callback._task_sources(trainer, finetuned, add_this_run=False)
         merger = Merger(**callback._merger_args(pl_module, tasks))
-        merger.merge_device = trainer.strategy.root_device
+        merger.merge_device, merger.params_method = trainer.strategy.root_device, None
         try:
             merger.apply_merge(callback.ks[0], None)
             scores = merger.score(merger.check_dataloaders(loaders))

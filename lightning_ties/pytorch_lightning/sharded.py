@@ -33,7 +33,7 @@ from ..core.merger import takes_task
 from ..core.meta_init import is_on_meta
 from ..core.auto import auto_search
 from ..core.metrics import TaskMetrics
-from ..core.options import SearchOptions
+from ..core.options import SearchOptions, params_for
 from ..core.recipe import fixed_choice
 from ..core.resume import PROGRESS_FILE, read_progress, write_results
 from ..core.search import PAPER_DEFAULT_K, SearchResult, walk_grid
@@ -369,7 +369,7 @@ class ShardedMerging:
 
     def _options(self, method: str, k: float | None, lam: float | None) -> MergeOptions:
         cb = self.callback
-        params = dict(cb.method_params) if method == cb.methods[0] else {}  # params are written for the first method
+        params = params_for(method, cb.method_params)  # checked against every method at construction
         exclude = [*_as_list(cb.exclude), *self.heads]  # named heads stay each task's own, as unsharded
         return MergeOptions(method, k=k, lam=lam, params=params, include=cb.include, exclude=exclude or None)
 

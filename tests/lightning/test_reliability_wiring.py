@@ -126,6 +126,32 @@ def test_a_metrics_dict_naming_an_unknown_task_fails_at_construction(task_files)
         TiesMerging(tasks=task_files, task="c", metrics={"typo": None})
 
 
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [("ties", {"sigm": "mass"}, r"method_params \['sigm'\]: no method of \['ties'\] has them"),
+     ("ties", {"sign": "mas"}, "unknown sign 'mas'"),
+     (["tsv", "ties"], {"sigm": "count"}, r"no method of \['tsv', 'ties'\] has them.*ties \['k', 'merge'"),
+     (["tsv", "ties"], {"sign": "mas"}, "unknown sign 'mas'")],
+)
+def test_a_misspelled_method_params_key_or_value_fails_at_construction(task_files, method, params, message):
+    with pytest.raises(ValueError, match=message):  # before: at fit end, after every training step
+        TiesMerging(tasks=task_files, task="c", method=method, method_params=params)
+
+
+def test_method_params_reach_the_methods_that_have_them_in_any_order_of_the_list(task_files, tmp_path):
+    # before: the first method got every parameter, so ["tsv", "ties"] with sign="count" failed after training
+    results = {}
+    for methods in (["ties", "tsv"], ["tsv", "ties"]):
+        merging = TiesMerging(tasks=task_files, task="c", method=methods, k=0.2, lam=[0.5, 1.0],
+                              method_params={"sign": "count"}, val_dataloaders={"a": task_data(1), "b": task_data(2)})
+        model = fit([merging], tmp_path)
+        by_candidate = {(c.method, c.k, c.lam): c.objective for c in merging.result.candidates}
+        results[tuple(methods)] = (by_candidate, {k: v.clone() for k, v in model.state_dict().items()})
+    (first, weights), (second, again) = results.values()
+    assert first == second and len(first) == 4
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_cuda_devices_without_cuda_fail_clearly(task_files):
     with pytest.raises(ValueError, match="base_device='cuda:0'.*0 CUDA"):
