@@ -504,8 +504,9 @@ def load_config(
     overrides: Sequence[str] = (),
     presets: Sequence[tuple[str, Mapping[str, Any]]] = (),
     allow_env: bool = False,
+    under_file: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> Any:
-    """Build a checked config object: schema defaults, then the YAML file, ``presets``, the overrides.
+    """Build a checked config object: schema defaults, ``under_file``, the YAML file, ``presets``, the overrides.
 
     Args:
         schema: one of the workflow dataclasses (e.g. :class:`SearchConfig`).
@@ -515,6 +516,8 @@ def load_config(
         allow_env: resolve ``${oc.env:NAME}`` interpolations. Off by default, so a config from
             elsewhere cannot read secrets from the environment into output names; when on, the saved
             config (:func:`to_yaml`, :func:`to_dict`) keeps the ``${oc.env:...}`` form, not the value.
+        under_file: named layers applied before the file (the demo's ``fast`` mode that a file asks
+            for itself: the file's own values beat it).
 
     Returns:
         An instance of ``schema`` (``method`` is a plain dict, validated against the registry).
@@ -530,7 +533,7 @@ def load_config(
     has_method = "method" in cfg
     method: dict[str, Any] = method_defaults(cfg.method["name"]) if has_method else {}
     config_dir = Path(path).parent if path is not None else None
-    layers: list[tuple[str, Any]] = []
+    layers: list[tuple[str, Any]] = list(under_file)
     if path is not None:
         raw = _load_yaml(Path(path))
         if raw is None:
@@ -576,6 +579,33 @@ def load_config(
         obj._unresolved = OmegaConf.to_container(cfg, resolve=False)
     _check_choices(obj, sources)
     return obj
+
+
+def load_demo_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    fast: bool = False,
+    allow_env: bool = False,
+) -> DemoConfig:
+    """The demo's config, with the fast mode (:data:`DEMO_FAST`) where it is asked for.
+
+    ``fast`` (``--fast``) or a ``fast=true`` override: the mode beats the file, the overrides beat
+    both. A file that says ``fast: true`` itself keeps its own values over the mode's (the mode
+    fills what it leaves out): the resolved ``config.yaml`` a fast run saves holds the mode's values
+    and the command line's together, so re-running it repeats that run rather than applying the mode
+    over them again.
+
+    Example:
+        >>> load_demo_config(overrides=["search.lam=[0.6,1.4]"], fast=True).search.lam
+        [0.6, 1.4]
+    """
+    cfg = load_config(DemoConfig, path, overrides, allow_env=allow_env)
+    if not (fast or cfg.fast):
+        return cfg
+    mode = [("fast mode", DEMO_FAST)]
+    if fast or any("fast" in _parse_override(o) for o in overrides):
+        return load_config(DemoConfig, path, overrides, presets=mode, allow_env=allow_env)
+    return load_config(DemoConfig, path, overrides, allow_env=allow_env, under_file=mode)
 
 
 def _check_misplaced_method_keys(cfg: DictConfig, layer: Mapping[str, Any], method: Mapping[str, Any], where: str) -> None:
@@ -795,6 +825,7 @@ __all__ = [
     "check_method",
     "finish_options",
     "load_config",
+    "load_demo_config",
     "method_defaults",
     "resolve_target",
     "to_dict",

@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from ..config import DEMO_FAST, LEARNED, ConfigError, DemoConfig, EvaluateConfig, MergeConfig, SearchConfig, load_config
+from ..config import LEARNED, ConfigError, EvaluateConfig, MergeConfig, SearchConfig, load_config, load_demo_config
 from ..merging import describe_methods
 from .common import Console
 
@@ -138,9 +138,7 @@ def dispatch(ns: argparse.Namespace) -> int:
         from . import demo
 
         config, overrides = _split_demo_args(ns.args)
-        cfg = load_config(DemoConfig, config, overrides, allow_env=allow_env)
-        if ns.fast or cfg.fast:  # the reduced mode's settings, under the command line's own overrides
-            cfg = load_config(DemoConfig, config, overrides, presets=[("fast mode", DEMO_FAST)], allow_env=allow_env)
+        cfg = load_demo_config(config, overrides, fast=ns.fast, allow_env=allow_env)
         return demo.run_demo_command(cfg, console, config)
     if ns.command == "merge":
         cfg = load_config(MergeConfig, ns.config, ns.overrides, allow_env=allow_env)

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..core.heads import exact_patterns
+from ..core.keys import match_to_module, module_ties
 from ..merging import get_method
 from ._compat import pl
 from .module import MultiTaskMergeModule
@@ -144,7 +145,12 @@ class TaskScorer:
 
         The weights become the base of a second module over the same tasks, scored at lam = 0,
         so they run through the same validation loop and head swapping as every merge.
+
+        Raises:
+            ValueError: the weights lack a key of the model outside its heads, or hold one in another
+                shape (see :func:`check_weights`).
         """
+        check_weights(self.module, weights)
         # its own copy of the architecture: the main module tracks which head its model holds
         module = MultiTaskMergeModule(
             weights,
@@ -187,4 +193,47 @@ class TaskScorer:
         )
 
 
-__all__ = ["TaskScorer", "make_trainer", "quiet_lightning"]
+def check_weights(module: MultiTaskMergeModule, weights: Any, label: str = "weights to score") -> None:
+    """Refuse weights that lack a key of ``module``'s model outside its heads, or hold one in another shape.
+
+    Reads key names and shapes only (of a safetensors file, its header). Scored as the base of a
+    module over the same tasks, such keys would differ across its checkpoints, and keys that differ
+    are per-task heads: each task would run with its own fine-tuned value of them, and the weights
+    would score as they are not.
+
+    Args:
+        module: the module whose model, base and per-task heads the weights must fit.
+        weights: a path, state dict or source (keys as saved, matched to the model's as the base's are).
+        label: how the error names the weights (``checkpoints.ties='runs/merged.safetensors'``).
+
+    Raises:
+        ValueError: naming the weights, the first keys that are missing or of another shape (with
+            both shapes), and what to do.
+    """
+    model_state = module.model.state_dict()
+    source = match_to_module(weights, list(model_state), label=label)
+    held = set(source.keys())
+    for key, first in module_ties(module.model).items():  # a tied weight is held under either name
+        if key in held or first in held:
+            held |= {key, first}
+    base_keys = set(module.merger.base_source.keys())
+    heads = set(module.head_keys)
+    wrong = []
+    for key, tensor in model_state.items():
+        if key not in base_keys or key in heads:
+            continue
+        shape = tuple(tensor.shape)
+        if key not in held:
+            wrong.append(f"{key!r} {shape} missing")
+        elif (held_shape := tuple(source.spec(key).shape)) != shape:
+            wrong.append(f"{key!r} is {held_shape}, the model's is {shape}")
+    if wrong:
+        raise ValueError(
+            f"{label}: {len(wrong)} key(s) of the model outside its per-task heads are missing or of another "
+            f"shape ({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}); give weights of this architecture "
+            "holding every key the base holds (only per-task heads may be absent or differ), or name the keys in "
+            "heads if each task should run with its own"
+        )
+
+
+__all__ = ["TaskScorer", "check_weights", "make_trainer", "quiet_lightning"]

@@ -255,6 +255,24 @@ def test_fast_mode_beats_the_file_and_the_command_line_beats_fast_mode(tmp_path,
     assert flag_fast.fast and flag_fast.search.k == [0.2] and flag_fast.model.hidden == 16
 
 
+def test_the_config_a_fast_run_saves_reruns_that_run(tmp_path, monkeypatch):
+    # config.yaml holds the mode's values and the command line's together (fast: true); applying
+    # the mode over that file again turned search.lam=[0.6,1.4] back into the mode's [0.4,1.0]
+    import lightning_ties.cli.demo as demo_command
+
+    seen = []
+    monkeypatch.setattr(demo_command, "run_demo_command", lambda cfg, console, path: seen.append(cfg) or 0)
+    assert main(["demo", "--fast", "search.lam=[0.6,1.4]"]) == 0
+    saved = write(tmp_path / "config.yaml", to_yaml(seen[0]))  # what the run saves beside its outputs
+    assert main(["demo", str(saved)]) == 0
+    assert seen[1] == seen[0] and seen[1].fast and seen[1].search.lam == [0.6, 1.4]
+    # a file's own fast: true fills what the file leaves out; fast=true on the command line beats the file
+    assert main(["demo", str(write(tmp_path / "small.yaml", "fast: true\npretrain: {epochs: 5}\n"))]) == 0
+    assert (seen[2].pretrain.epochs, seen[2].finetune.epochs, seen[2].model.hidden) == (5, 2, 16)
+    assert main(["demo", str(saved), "fast=true"]) == 0
+    assert seen[3].search.lam == [0.4, 1.0]
+
+
 def test_the_command_starts_without_lightning_until_a_workflow_needs_it():
     import subprocess
     import sys

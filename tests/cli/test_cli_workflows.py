@@ -17,6 +17,8 @@ from lightning_ties.cli import main
 from lightning_ties.config import SearchConfig, load_config
 from lightning_ties.demo.models import DigitsNet
 from lightning_ties.io import open_source, save_safetensors
+from lightning_ties.pytorch_lightning import MultiTaskMergeModule
+from lightning_ties.pytorch_lightning.scoring import TaskScorer, make_trainer, quiet_lightning
 from lightning_ties.report import RunReport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,6 +222,48 @@ def test_evaluate_scores_the_saved_merge_like_the_search_did(searched, checkpoin
     searched_report = RunReport.from_json((out / "report.json").read_text())
     assert evaluated.rows[2].scores == pytest.approx(searched_report.rows[2].scores)
     assert evaluated.rows[1].scores == pytest.approx(searched_report.rows[1].scores)  # fine-tuned reference
+
+
+def evaluate_config(tmp: Path, ckpts: dict[str, Path], checkpoints: dict[str, Path]) -> Path:
+    cfg = yaml.safe_load(search_config(tmp, ckpts).read_text())
+    for key in ("method", "search"):
+        cfg.pop(key)
+    cfg.update(checkpoints={n: str(p) for n, p in checkpoints.items()}, output_dir=str(tmp / "eval"), logger="none")
+    path = tmp / "evaluate.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_evaluate_refuses_a_checkpoint_that_does_not_fit_the_model_before_any_work(tmp_path, checkpoints, capsys):
+    # lacking body.0.*, a checkpoint was scored with each task's own fine-tuned body.0 (keys it lacks
+    # became per-task heads); one of another architecture failed only after the scoring, naming the tasks' files
+    base = as_dict(checkpoints["base"])
+    headless = save_safetensors(body(base), tmp_path / "headless.safetensors")  # per-task heads may be absent
+    partial = save_safetensors({k: v for k, v in base.items() if "body.0." not in k}, tmp_path / "p.safetensors")
+    wide = save_safetensors(DigitsNet(num_classes=10, hidden=HIDDEN + 4).state_dict(), tmp_path / "w.safetensors")
+    cfg = str(evaluate_config(tmp_path, checkpoints, {"headless": headless}))
+    shape = tuple(base["body.0.weight"].shape)
+    for name, path, problem in [
+        ("partial", partial, f"'body.0.weight' {shape} missing"),
+        ("wide", wide, f"'body.0.weight' is {(HIDDEN + 4, shape[1])}, the model's is {shape}"),
+    ]:
+        assert main(["evaluate", cfg, f"checkpoints.{name}={path}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"checkpoints.{name}={str(path)!r}" in err and problem in err, err
+        assert not (tmp_path / "eval").exists()  # refused before any scoring or output
+    assert main(["evaluate", cfg, "--quiet"]) == 0
+    rows = RunReport.from_json((tmp_path / "eval" / "report.json").read_text()).rows
+    assert rows[2].scores == rows[0].scores  # the base's body, each task with its own head: the base's scores
+
+
+def test_the_scorer_refuses_weights_lacking_a_key_outside_the_heads(checkpoints):
+    tasks = {t: str(checkpoints[t]) for t in TASKS}
+    partial = {k: v for k, v in as_dict(checkpoints["base"]).items() if not k.startswith("body.0.")}
+    with quiet_lightning():
+        module = MultiTaskMergeModule(str(checkpoints["base"]), tasks, model=DigitsNet(hidden=HIDDEN), heads=HEAD)
+        scorer = TaskScorer(module, make_trainer(), tasks)
+        with pytest.raises(ValueError, match=r"weights to score: 2 key\(s\) of the model outside its per-task heads"):
+            scorer.score_weights({}, partial)
 
 
 def test_search_config_errors_are_named_before_any_work(tmp_path, checkpoints, capsys):

@@ -419,3 +419,34 @@ def test_a_method_without_per_task_shares_is_refused_before_any_work():
     loader = DataLoader(TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), batch_size=2)
     with pytest.raises(ValueError, match="iso_c.*no coefficients to learn.*tsv"):
         LearnedMergeModule(base, {"a": base.state_dict()}, {"a": loader}, method="iso_c", holdout=0.0)
+
+
+def test_tied_embeddings_saved_under_one_name_are_learned_from_not_refused_as_a_missing_head(tmp_path):
+    # save_pretrained keeps one name of a tied weight (no lm_head.weight in the files): the other entry points merge
+    # such folders; the learned path took the absent name for a head every task lacks and refused them
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path / "base")
+    tasks = {}
+    for name in "ab":
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / name)
+        tasks[name] = str(tmp_path / name)
+    x = torch.randint(0, 64, (8, 6), generator=torch.Generator().manual_seed(1))
+    loaders = {t: DataLoader([{"input_ids": row, "labels": row % 3} for row in x], batch_size=4) for t in tasks}
+    module = LearnedMergeModule(LlamaForCausalLM(config), tasks, loaders, base=str(tmp_path / "base"), k=0.2,
+                                granularity="task", objective="entropy", holdout=0.0)
+    assert module.head_keys == []
+    expected = ties_merge(str(tmp_path / "base"), list(tasks.values()), k=0.2, lam=1.0)
+    merged = module.merged_state_dict()
+    for key in module.plan.merge_keys:
+        torch.testing.assert_close(merged[key], expected[key], atol=1e-6, rtol=0)
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])

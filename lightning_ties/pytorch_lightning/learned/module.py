@@ -20,7 +20,7 @@ from ...merging.plan import Patterns
 from .._compat import pl
 from ..sharded import refuse_sharded
 from ...core.heads import HeadsArg, HeadStore, differing_keys, require_heads
-from ...core.keys import match_to_module
+from ...core.keys import match_to_module, module_ties
 from ...core.matching import match_sources
 from ...core.merger import module_device
 from ...core.learned.components import TaskComponents
@@ -356,17 +356,16 @@ class LearnedMergeModule(pl.LightningModule):
 
     @torch.no_grad()
     def merged_state_dict(self, task: str | None = None, coefficients: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The merged model's state dict (model's keys and dtypes); with ``task``, that task's head.
-
-        Without ``task``, head keys hold the model's (base) values; use ``task=`` for a model
-        that runs a task, or :meth:`head_state_dict` for the heads alone.
-        """
+        """The merged model's state dict (model's keys and dtypes); with ``task``, that task's head (without, head keys
+        hold the model's base values; use ``task=`` for a model that runs a task, :meth:`head_state_dict` for heads)."""
         if task is not None and task not in self.tasks:
             raise ValueError(f"unknown task {task!r}; the tasks are {self.tasks}")
         lam = self.final_coefficients() if coefficients is None else coefficients
         merged = self.merged_parameters(lam)
         out = {k: merged[k].detach().clone() if k in merged else v.detach().clone()
                for k, v in self.model.state_dict().items()}
+        for key, first in module_ties(self.model).items():  # a tied weight merged under one name: both get it
+            out[key] = out[first] = out[key if key in merged else first]
         if task is not None:
             out.update({k: v.clone() for k, v in self.heads.of(task).items()})
         return out
@@ -393,7 +392,11 @@ class LearnedMergeModule(pl.LightningModule):
 def _head_keys(plan: Any, model: nn.Module, base_src: Any, sources: list[Any], named: list[str]) -> list[str]:
     """User-named heads plus keys that differ across tasks (model order); each task must have them all."""
     model_keys = list(model.state_dict().keys())
-    differ = set(differing_keys(plan, model_keys, base_keys=base_src.keys()))
+    held = set(base_src.keys())  # a tied key is held under either name (save_pretrained keeps only one)
+    for key, first in module_ties(model).items():
+        if key in held or first in held:
+            held |= {key, first}
+    differ = set(differing_keys(plan, model_keys, base_keys=held))
     out = [k for k in model_keys if k in differ or k in set(named)]
     require_heads(out, sources)
     not_in_model = [k for k in plan.merge_keys if k not in set(model_keys)]
