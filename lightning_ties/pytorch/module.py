@@ -240,11 +240,8 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
 
     # ---- evaluation entry points ---------------------------------------------------------------
     def validate(self, trainer: pl.Trainer | None, loaders: Mapping[str, list[Any]]) -> Scores:
-        """One validation pass over ``loaders`` with the weights in place; returns the per-task scores.
-
-        With a trainer, Lightning's validation loop runs it (loggers, progress, DDP); with
-        ``None``, a plain loop on this process (for use inside a running fit).
-        """
+        """One validation pass over ``loaders`` with the weights in place; returns the per-task scores. With a trainer,
+        Lightning's validation loop runs it (loggers, progress, DDP); with ``None``, a plain loop (inside a running fit)."""
         self.tasks_by_index = [t for t, ls in loaders.items() for _ in ls]
         if trainer is None:
             self.last_scores = self.merger.score(loaders)
@@ -405,7 +402,8 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         search = self.search_result.to_dict() if self.search_result is not None else None
-        checkpoint["ties_merging"] = {"search": search, "reference": self.reference, "current": self.current}
+        checkpoint["ties_merging"] = {"search": search, "reference": self.reference, "current": self.current,
+                                      "method": self.method}  # the method ``current`` is a merge of
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ties_merging")
@@ -414,6 +412,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         self.search_result = SearchResult.from_dict(state["search"]) if state["search"] else None
         self.reference = dict(state["reference"])
         self.current = tuple(state["current"]) if state["current"] else None  # type: ignore[assignment]
+        self.method = state.get("method", self.method)  # checkpoints of earlier versions hold no method
 
 
 

@@ -62,6 +62,23 @@ def test_module_search_chooses_across_methods_and_applies_the_chosen_merge(packa
     assert "method" in result.to_csv().splitlines()[0] and "tsv" in result.table
 
 
+def test_a_checkpoint_restores_the_method_its_merge_is_of() -> None:
+    # the restored (k, lam) is a merge of the chosen method: read under the module's own method it was another merge
+    import copy
+
+    base, _, tasks = tiny_tasks()
+    module = MultiTaskMergeModule(base, tasks, model=copy.deepcopy(base))
+    result = module.search(None, {"a": data(0), "b": data(1)}, method=["tsv", "task_arithmetic"], lam=[0.3, 1.0])
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    restored = MultiTaskMergeModule(base, tasks, model=copy.deepcopy(base))
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.method == result.method != "ties" and restored.current == module.current
+    restored.apply_merge(*restored.current)
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[key], value), key
+
+
 def test_lam_paper_gives_each_method_its_own_grid_and_the_fingerprint_names_the_methods() -> None:
     base, _, tasks = tiny_tasks()
     module = MultiTaskMergeModule(base, tasks)
