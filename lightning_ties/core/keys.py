@@ -78,6 +78,10 @@ class MatchedSource:
     def keys(self) -> Sequence[str]:
         return list(self._to_source)
 
+    def tied(self, ties: Mapping[str, str]) -> MatchedSource:
+        """This source with ``ties`` (module names, second -> first) added to the tied weights it knows of."""
+        return MatchedSource(self.source, self._to_source, self.strip, self.prefix, {**self._ties, **ties})
+
     @property
     def aliases(self) -> dict[str, str]:
         """The wrapped source's tied weights (second name -> first), under the module's names."""
@@ -140,11 +144,12 @@ def with_ties(source: TensorSource, ties: Mapping[str, str]) -> TensorSource:
     """
     held = set(source.keys())
     own = getattr(source, "aliases", None) or {}
-    extra = {k: first for k, first in ties.items() if k in held and first in held and own.get(k) != first}
+    named = set(own) | set(own.values())  # a tie the source knows already, in either order: never a second one
+    extra = {k: first for k, first in ties.items() if {k, first} <= held and not {k, first} & named}
     if not extra:
         return source
     if isinstance(source, MatchedSource):
-        return MatchedSource(source.source, source._to_source, source.strip, source.prefix, {**source._ties, **extra})
+        return source.tied(extra)
     return MatchedSource(source, {k: k for k in source.keys()}, ties=extra)
 
 

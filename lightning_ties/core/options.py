@@ -293,13 +293,13 @@ def check_method_params(methods: Sequence[str], params: Mapping[str, Any]) -> No
         >>> check_method_params(["ties", "tsv"], {"sigm": "count"})
         Traceback (most recent call last):
         ...
-        ValueError: method_params ['sigm']: no method of ['ties', 'tsv'] has them; their parameters: ties ['k', 'merge', 'scope', 'sign'], tsv [] (and lam)
+        ValueError: method_params ['sigm']: no method of ['ties', 'tsv'] has them; their parameters: ties ['k', 'merge', 'scope', 'sign'], tsv [] (lam is an argument of its own, not a method parameter)
     """
     unknown = [name for name in params if not any(name in get_method(m).parameters() for m in methods)]
     if unknown:
         known = ", ".join(f"{m} {sorted(get_method(m).parameters())}" for m in methods)
-        raise ValueError(f"method_params {unknown}: no method of {list(methods)} has them; their parameters: {known} "
-                         "(and lam)")
+        raise ValueError(f"method_params {unknown}: no method of {list(methods)} has them; their parameters: {known}"
+                         " (lam is an argument of its own, not a method parameter)")
     for method in methods:
         MergeOptions.from_keywords(method, **params_for(method, params))  # the method names a value it refuses
 

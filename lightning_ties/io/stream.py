@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..merging import MergeOptions, MergePlan, MergeReport, TaskVectorMerger, plan_merge
 from ..merging.collectives import SINGLE_PROCESS, Collectives
-from ..merging.engine import check_model_list
+from ..merging.engine import model_list
 from ..merging.spec import MergeSpec
 from ..merging.plan import Patterns, compile_patterns
 from ..merging.sources import TensorSource, TensorSpec, as_source, read_strided
@@ -264,7 +264,7 @@ def merge_to(
         >>> open_source(out).get("w")
         tensor([ 0., -2.,  0.,  3.])
     """
-    check_model_list(models)  # before its items are taken for paths to check
+    models = model_list(models)  # before its items are taken for paths to check
     options = MergeOptions.from_keywords(method, lam, include, exclude, **params)  # every keyword checked once
     options.spec  # noqa: B018  (a method that needs data, RegMean, refuses here: before any file is opened)
     lam = options.lam

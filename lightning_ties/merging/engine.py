@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -59,14 +59,17 @@ def _recipe(
     return spec.spec, spec.include, spec.exclude
 
 
-def check_model_list(models: Any) -> None:
-    """Refuse ``models`` that is not a non-empty list of fine-tuned models, naming what was given.
+def model_list(models: Any) -> list[Any]:
+    """``models`` (a list, tuple, ``dict.values()``, any iterable of fine-tuned models) as a list, refusing what is
+    not a non-empty collection of models and naming what was given.
 
     One path, state dict or module in place of the list would be iterated into nonsense (a path's characters,
     a state dict's keys) and fail later with an error about something else.
 
     Example:
-        >>> check_model_list("ft.safetensors")
+        >>> len(model_list({"a": {}, "b": {}}.values()))
+        2
+        >>> model_list("ft.safetensors")
         Traceback (most recent call last):
         ...
         ValueError: models must be a non-empty list of fine-tuned models (modules, state dicts or paths), got the single path 'ft.safetensors': pass ['ft.safetensors']
@@ -76,10 +79,12 @@ def check_model_list(models: Any) -> None:
         raise ValueError(f"{what}, got the single path {os.fspath(models)!r}: pass [{os.fspath(models)!r}]")
     if isinstance(models, (Mapping, nn.Module)):
         raise ValueError(f"{what}, got one {type(models).__name__}: pass it in a list, [model]")
-    if not isinstance(models, Sequence):
-        raise ValueError(f"{what}, got {type(models).__name__} {models!r}"[:300])
-    if not models:
+    if not isinstance(models, Iterable):
+        raise ValueError(f"{what}, got {type(models).__name__}")
+    listed = list(models)
+    if not listed:
         raise ValueError(f"no models to merge: {what}; pass at least one fine-tuned model")
+    return listed
 
 
 class TaskVectorMerger:
@@ -120,7 +125,7 @@ class TaskVectorMerger:
         collectives: Collectives = SINGLE_PROCESS,
         shards: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
-        check_model_list(models)
+        models = model_list(models)
         self.spec, include, exclude = _recipe(spec, include, exclude)
         self.base = as_source(base, "base")
         self.models = [as_source(m, f"model[{i}]", base=self.base) for i, m in enumerate(models)]
@@ -444,4 +449,4 @@ def merged_task_vector(
     return tau
 
 
-__all__ = ["TaskVectorMerger", "check_model_list", "merged_task_vector"]
+__all__ = ["TaskVectorMerger", "merged_task_vector", "model_list"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .engine import check_model_list, merged_task_vector
+from .engine import merged_task_vector, model_list
 from .options import MergeOptions
 from .plan import Patterns
 from .reading import DeviceLike
@@ -176,7 +176,7 @@ def average_merge(
         >>> average_merge([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])["w"]
         tensor([0.5000, 0.5000])
     """
-    check_model_list(models)
+    models = model_list(models)
     return merge(models[0], models, "average", None, include, exclude, device=device)
 
 

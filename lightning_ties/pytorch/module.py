@@ -115,7 +115,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         #: where validation passes are logged: ``<log_prefix>/<task>/<metric>``, ``<log_prefix>/mean/<metric>``,
         #: ``<log_prefix>/k``, ``<log_prefix>/lam`` (``evaluate``/``search`` take their own ``log_prefix``)
         self.log_prefix = "merge"
-        self._unlogged = False  # passes whose scores are not logged here (see _unlogged)
+        self._unlogged = False  # passes whose scores are not logged here (see _passes_unlogged)
         self._log_steps: dict[str, int] = {}  # next logger step of each prefix: one step per pass
         self._candidate_step: int | None = None  # a search logs candidate i at step i
         self.shard_fn = shard_fn  # see ShardsItsModel
@@ -262,7 +262,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
         """
         loaders = self.check_dataloaders(dataloaders, require_all=False)
         measured: Scores = {}
-        with _unlogged(self):  # logged below, every task's reference in one step with their mean
+        with _passes_unlogged(self):  # logged below, every task's reference in one step with their mean
             for task, dls in loaders.items():
                 if task not in self.reference:
                     scores = self.write_then_validate(trainer, {task: dls}, partial(self.load_task, task))
@@ -386,7 +386,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
                 if self.set_up_for(trainer):
                     return self.apply_merge(kv, lv)
                 # a search resumed whole scored nothing here: one (unlogged) pass lets the Trainer set the model up
-                with _unlogged(self):
+                with _passes_unlogged(self):
                     self.write_then_validate(trainer, loaders, partial(self.apply_merge, kv, lv))
 
             def finished(candidate: Candidate) -> None:
@@ -417,7 +417,7 @@ class MultiTaskMergeModule(ShardsItsModel, pl.LightningModule):
 
 
 @contextmanager
-def _unlogged(module: MultiTaskMergeModule) -> Iterator[None]:
+def _passes_unlogged(module: MultiTaskMergeModule) -> Iterator[None]:
     """The module's validation passes in the block log nothing (their scores are logged elsewhere, or were)."""
     module._unlogged = True
     try:

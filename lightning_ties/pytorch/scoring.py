@@ -210,10 +210,12 @@ def check_weights(module: MultiTaskMergeModule, weights: Any, label: str = "weig
     """
     model_state = module.model.state_dict()
     source = match_to_module(weights, list(model_state), label=label)
-    held = set(source.keys())
+    held = {key: key for key in source.keys()}  # model key -> the name the weights hold it under
     for key, first in module_ties(module.model).items():  # a tied weight is held under either name
         if key in held or first in held:
-            held |= {key, first}
+            name = held.get(key, held.get(first))
+            held.setdefault(key, name)
+            held.setdefault(first, name)
     base_keys = set(module.merger.base_source.keys())
     heads = set(module.head_keys)
     wrong = []
@@ -223,7 +225,7 @@ def check_weights(module: MultiTaskMergeModule, weights: Any, label: str = "weig
         shape = tuple(tensor.shape)
         if key not in held:
             wrong.append(f"{key!r} {shape} missing")
-        elif (held_shape := tuple(source.spec(key).shape)) != shape:
+        elif (held_shape := tuple(source.spec(held[key]).shape)) != shape:
             wrong.append(f"{key!r} is {held_shape}, the model's is {shape}")
     if wrong:
         raise ValueError(

@@ -44,6 +44,7 @@ from ..distributed.shard import is_fully_sharded, shard_blocks
 from ..distributed.views import sharded_view
 from ..evaluation.batches import move_to_device, predict_and_target
 from ..merging import MergeOptions, get_method
+from ..merging.plan import compile_patterns
 from ._compat import pl, rank_zero_info
 from .checkpoints import on_rank_zero, save_checkpoint_atomically, save_progress
 
@@ -126,9 +127,9 @@ class ShardsItsModel:
         kind = sharding_kind(self.trainer.strategy)
         if kind == "fsdp2" and not is_fully_sharded(self.model):
             (self.shard_fn or shard_blocks)(self.model, self.device_mesh["data_parallel"])
-        wrapped = getattr(self.merger.sharded, "view_of", None)  # FSDP1's wrapper of an earlier run: handed back,
-        if kind == "fsdp1" and isinstance(wrapped, WrappedModelView):  # the strategy keeps it (wrapping the module
-            self.trainer.strategy.model = wrapped.wrapper  # again would shard its shards and break the old wrapper)
+        wrapped = getattr(self.merger.sharded, "view_of", None)
+        if kind == "fsdp1" and isinstance(wrapped, WrappedModelView):  # FSDP1's wrapper of an earlier run, handed back:
+            self.trainer.strategy.model = wrapped.wrapper  # wrapping again would shard the shards, break the old one
         # a model built on the meta device (model= a factory) gets its memory and the base's values here, on the
         # strategy's device: each rank's own rows once sharded, so no rank ever holds it whole
         self.merger.materialize(self.trainer.strategy.root_device)
@@ -213,12 +214,6 @@ def sharded_search_options(options: SearchOptions, strategy: str, who: str = "Ti
     rank_zero_info(f"{who}: method='auto' under {strategy} (sharded) searches the data-free methods only, "
                    f"without {needs_data} (they need each task's data on whole weights)")
     return options.without_data_methods()
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) or not isinstance(value, (list, tuple)) else list(value)
 
 
 class _Scorer:
@@ -369,9 +364,11 @@ class ShardedMerging:
 
     def _options(self, method: str, k: float | None, lam: float | None) -> MergeOptions:
         cb = self.callback
-        params = params_for(method, cb.method_params)  # checked against every method at construction
-        exclude = [*_as_list(cb.exclude), *self.heads]  # named heads stay each task's own, as unsharded
-        return MergeOptions(method, k=k, lam=lam, params=params, include=cb.include, exclude=exclude or None)
+        params = params_for(method, cb.method_params)  # k and scope are fields of MergeOptions (as Merger passes them)
+        given_k, scope = params.pop("k", None), params.pop("scope", None)
+        exclude = [*compile_patterns(cb.exclude, "exclude"), *self.heads]  # named heads stay each task's own
+        return MergeOptions(method, k=given_k if k is None else k, lam=lam, scope=scope, params=params,
+                            include=cb.include, exclude=exclude or None)
 
     def _search(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, tasks: Mapping[str, Any], loaders: Mapping[str, Any]

@@ -450,3 +450,4 @@ def test_tied_embeddings_saved_under_one_name_are_learned_from_not_refused_as_a_
     for key in module.plan.merge_keys:
         torch.testing.assert_close(merged[key], expected[key], atol=1e-6, rtol=0)
     assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
+    assert merged["lm_head.weight"] is not merged["model.embed_tokens.weight"]  # a state dict safetensors can save

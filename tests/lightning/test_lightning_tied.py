@@ -9,6 +9,7 @@ code before) counted the embedding twice and gave another merge (up to 1.08 apar
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -101,3 +102,32 @@ def test_a_base_read_back_from_its_file_on_resume_is_tied_as_the_module(lightnin
     save_safetensors(captured, tmp_path / "base.safetensors")
     read = capture_base(str(tmp_path / "base.safetensors"), module, torch.device("cpu"))
     assert read["out.weight"] is read["emb.weight"] and torch.equal(read["emb.weight"], module.emb.weight)
+
+
+def test_a_base_listing_a_tied_tensor_in_another_order_than_the_module_is_merged_once(lightning_package):
+    # the base's own tie (second name in sorted order) and the module's (other order) once named each other: both
+    # names were skipped as "tied", and the tensor was never merged
+    pl, layer = lightning_package
+    tied = _tied_class(pl)
+    base, a, b = tied(), _tuned(pl, tied, 1), _tuned(pl, tied, 2)
+    want = ties_merge(base, [a, b], k=0.2, lam=1.0)
+    reordered = dict(sorted(base.state_dict().items()))  # out.weight after emb.weight... and body before both
+    reordered = {"out.weight": reordered.pop("out.weight"), **reordered}
+    module = layer.MultiTaskMergeModule(reordered, {"a": a, "b": b}, model=tied())
+    module.apply_merge(0.2, 1.0)
+    assert not torch.equal(module.model.emb.weight, base.emb.weight)
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(value, want[key]), key
+
+
+def test_weights_to_score_may_hold_a_tied_tensor_under_one_name(lightning_package, tmp_path):
+    from lightning_ties.pytorch.scoring import check_weights
+
+    pl, layer = lightning_package
+    tied = _tied_class(pl)
+    base, a = tied(), _tuned(pl, tied, 1)
+    module = layer.MultiTaskMergeModule(base.state_dict(), {"a": a}, model=tied())
+    one_name = {k: v for k, v in a.state_dict().items() if k != "out.weight"}  # as save_pretrained writes it
+    check_weights(module, one_name)
+    with pytest.raises(ValueError, match=r"'emb.weight' \(32, 8\) missing"):
+        check_weights(module, {k: v for k, v in one_name.items() if k != "emb.weight"})

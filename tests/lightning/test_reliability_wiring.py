@@ -138,6 +138,17 @@ def test_a_misspelled_method_params_key_or_value_fails_at_construction(task_file
         TiesMerging(tasks=task_files, task="c", method=method, method_params=params)
 
 
+def test_method_params_k_and_scope_reach_the_sharded_merge_as_merge_options_fields(task_files):
+    from lightning_ties.pytorch_lightning.sharded import ShardedMerging
+
+    merging = TiesMerging(tasks=task_files, task="c", method=["tsv", "ties"], method_params={"scope": "per_tensor", "k": 0.3})
+    sharded = ShardedMerging(merging)
+    sharded.heads = []
+    options = sharded._options("ties", None, 1.0)
+    assert (options.scope, options.k) == ("per_tensor", 0.3) and sharded._options("ties", 0.2, 1.0).k == 0.2
+    assert sharded._options("tsv", None, 1.0).params == {}
+
+
 def test_method_params_reach_the_methods_that_have_them_in_any_order_of_the_list(task_files, tmp_path):
     # before: the first method got every parameter, so ["tsv", "ties"] with sign="count" failed after training
     results = {}

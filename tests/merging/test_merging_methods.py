@@ -238,7 +238,7 @@ def test_empty_model_list_is_refused() -> None:
 @pytest.mark.parametrize(
     ("models", "message"),
     [("ft.safetensors", r"got the single path 'ft.safetensors': pass \['ft.safetensors'\]"),
-     ({"w": torch.ones(2)}, r"got one dict: pass it in a list"), (3, "got int 3")],
+     ({"w": torch.ones(2)}, r"got one dict: pass it in a list"), (3, "got int$")],
 )
 def test_one_model_in_place_of_the_list_is_refused_naming_it(tmp_path, models, message) -> None:
     # a path would be iterated into its characters, a state dict into its keys: an error about something else
@@ -251,6 +251,17 @@ def test_one_model_in_place_of_the_list_is_refused_naming_it(tmp_path, models, m
     with pytest.raises(ValueError, match=message):
         merge_to(tmp_path / "out.safetensors", {"w": torch.zeros(2)}, models, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_any_collection_of_models_is_a_model_list(tmp_path) -> None:
+    from lightning_ties.io import merge_to, open_source
+
+    base, tasks = {"w": torch.zeros(4)}, {"a": {"w": torch.tensor([1.0, -2.0, 0.5, 3.0])}, "b": {"w": torch.ones(4)}}
+    want = ties_merge(base, list(tasks.values()), k=0.5)["w"]
+    assert torch.equal(ties_merge(base, tasks.values(), k=0.5)["w"], want)
+    assert torch.equal(ties_merge(base, (m for m in tasks.values()), k=0.5)["w"], want)
+    merge_to(tmp_path / "m.safetensors", base, tasks.values(), k=0.5, progress=False)  # worked before the list check
+    assert torch.equal(open_source(tmp_path / "m.safetensors").get("w"), want)
 
 
 @pytest.mark.parametrize(

@@ -363,7 +363,8 @@ class LearnedMergeModule(pl.LightningModule):
         out = {k: merged[k].detach().clone() if k in merged else v.detach().clone()
                for k, v in self.model.state_dict().items()}
         for key, first in module_ties(self.model).items():  # a tied weight merged under one name: both get it
-            out[key] = out[first] = out[key if key in merged else first]
+            value = out[key if key in merged else first]
+            out[first], out[key] = value, value.clone()  # each name its own tensor, as a state dict holds them
         if task is not None:
             out.update({k: v.clone() for k, v in self.heads.of(task).items()})
         return out
