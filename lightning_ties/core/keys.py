@@ -132,6 +132,23 @@ def module_ties(module: nn.Module) -> dict[str, str]:
     return ties
 
 
+def held_names(names: Iterable[str], ties: Mapping[str, str]) -> dict[str, str]:
+    """Each key held in ``names``, and each key tied to one held (``ties``: second name -> first), -> the name it
+    is held under: a checkpoint of tied weights may hold one name only (``save_pretrained`` drops ``lm_head``).
+
+    Example:
+        >>> held_names(["emb", "body"], {"out": "emb"})
+        {'emb': 'emb', 'body': 'body', 'out': 'emb'}
+    """
+    held = {name: name for name in names}
+    for key, first in ties.items():
+        name = held.get(key, held.get(first))
+        if name is not None:
+            held.setdefault(key, name)
+            held.setdefault(first, name)
+    return held
+
+
 def with_ties(source: TensorSource, ties: Mapping[str, str]) -> TensorSource:
     """``source`` (with the module's key names) whose tied weights include the module's ``ties`` it holds both names
     of: a file stores a tied tensor under each name, and the merge must still merge it once, as the module holds it.
@@ -338,5 +355,5 @@ def _samples(keys: Sequence[str], module_keys: Sequence[str]) -> str:
     return f"source keys look like {sorted(keys)[:4]}; module keys look like {sorted(module_keys)[:4]}"
 
 
-__all__ = ["KeyMatchError", "MatchedSource", "match_to_module", "module_keys_of", "module_ties", "split_spec",
-           "with_ties"]
+__all__ = ["KeyMatchError", "MatchedSource", "held_names", "match_to_module", "module_keys_of", "module_ties",
+           "split_spec", "with_ties"]

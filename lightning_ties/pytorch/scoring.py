@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..core.heads import exact_patterns
-from ..core.keys import match_to_module, module_ties
+from ..core.keys import held_names, match_to_module, module_ties
 from ..merging import get_method
 from ._compat import pl
 from .module import MultiTaskMergeModule
@@ -210,12 +210,7 @@ def check_weights(module: MultiTaskMergeModule, weights: Any, label: str = "weig
     """
     model_state = module.model.state_dict()
     source = match_to_module(weights, list(model_state), label=label)
-    held = {key: key for key in source.keys()}  # model key -> the name the weights hold it under
-    for key, first in module_ties(module.model).items():  # a tied weight is held under either name
-        if key in held or first in held:
-            name = held.get(key, held.get(first))
-            held.setdefault(key, name)
-            held.setdefault(first, name)
+    held = held_names(source.keys(), module_ties(module.model))  # model key -> the name the weights hold it under
     base_keys = set(module.merger.base_source.keys())
     heads = set(module.head_keys)
     wrong = []

@@ -18,7 +18,7 @@ from ...merging.plan import Patterns
 from .._compat import pl
 from ..sharded import refuse_sharded
 from ...core.heads import HeadsArg, HeadStore, differing_keys, require_heads
-from ...core.keys import match_to_module, module_ties
+from ...core.keys import held_names, match_to_module, module_ties
 from ...core.matching import match_sources
 from ...core.merger import module_device
 from ...core.learned.components import TaskComponents
@@ -391,10 +391,7 @@ class LearnedMergeModule(pl.LightningModule):
 def _head_keys(plan: Any, model: nn.Module, base_src: Any, sources: list[Any], named: list[str]) -> list[str]:
     """User-named heads plus keys that differ across tasks (model order); each task must have them all."""
     model_keys = list(model.state_dict().keys())
-    held = set(base_src.keys())  # a tied key is held under either name (save_pretrained keeps only one)
-    for key, first in module_ties(model).items():
-        if key in held or first in held:
-            held |= {key, first}
+    held = held_names(base_src.keys(), module_ties(model))  # a tied key is held under either name
     differ = set(differing_keys(plan, model_keys, base_keys=held))
     out = [k for k in model_keys if k in differ or k in set(named)]
     require_heads(out, sources)
